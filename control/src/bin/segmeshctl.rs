@@ -1,0 +1,184 @@
+//! `segmeshctl`: the segmesh command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use segmesh_control::files::read_sources;
+use segmesh_control::offline::{self, FlowSpec};
+use segmesh_control::style::Style;
+use segmesh_policy::{Address, CaseEnd, Engine, NamespacePath, PortRange, TagSet};
+
+/// Exit code for failing test cases.
+const EXIT_FAILED: u8 = 1;
+/// Exit code for invalid input (files, flags).
+const EXIT_INVALID: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "segmeshctl", version, about = "segmesh command line")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Evaluate the PolicyTest cases in the files against the policies in the files;
+    /// exit 1 on any failing case, 2 on invalid input.
+    Test {
+        /// Files or folders (searched recursively for *.yaml, *.yml).
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Print the decision path of one flow at each enforcing end.
+    Explain {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// The client's tags, comma separated (`app=web,env=prod`); repeatable.
+        #[arg(long, conflicts_with_all = ["from_ip", "from_domain"])]
+        from: Vec<String>,
+        /// The client is an address outside the mesh.
+        #[arg(long)]
+        from_ip: Option<std::net::IpAddr>,
+        #[arg(long)]
+        from_domain: Option<String>,
+        /// The server's tags, comma separated; repeatable.
+        #[arg(long, conflicts_with_all = ["to_ip", "to_domain"])]
+        to: Vec<String>,
+        #[arg(long)]
+        to_ip: Option<std::net::IpAddr>,
+        #[arg(long)]
+        to_domain: Option<String>,
+        /// The destination port, `tcp/N`.
+        #[arg(long)]
+        port: String,
+        /// Namespace of both ends (default `/`).
+        #[arg(long, default_value = "/")]
+        namespace: String,
+        #[arg(long)]
+        from_namespace: Option<String>,
+        #[arg(long)]
+        to_namespace: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+fn end(tags: &[String], ip: Option<std::net::IpAddr>, domain: Option<String>, what: &str) -> anyhow::Result<CaseEnd> {
+    if ip.is_some() || domain.is_some() {
+        return Ok(CaseEnd::Address(Address { ip, domain }));
+    }
+    if tags.is_empty() {
+        anyhow::bail!("--{what} (tags), --{what}-ip or --{what}-domain is required");
+    }
+    let set = TagSet::parse(tags.iter().flat_map(|t| t.split(',')).filter(|t| !t.is_empty()))
+        .map_err(|e| anyhow::anyhow!("--{what}: {e}"))?;
+    Ok(if set.is_external() {
+        CaseEnd::External(set)
+    } else {
+        CaseEnd::Pu(set)
+    })
+}
+
+fn load_engine(files: &[PathBuf]) -> Result<(Engine, Vec<segmesh_policy::TestCase>), ExitCode> {
+    let sources = read_sources(files).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_INVALID)
+    })?;
+    let loaded = offline::load_files(&sources).map_err(|e| {
+        eprintln!("{} error(s) in the input; nothing was evaluated:", e.diagnostics.len());
+        for d in &e.diagnostics {
+            eprintln!("error: {d}");
+        }
+        ExitCode::from(EXIT_INVALID)
+    })?;
+    Ok((Engine::compile(loaded.set), loaded.tests))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let style = Style::detect();
+    match cli.command {
+        Command::Test { files, output } => {
+            let (engine, cases) = match load_engine(&files) {
+                Ok(x) => x,
+                Err(code) => return code,
+            };
+            if cases.is_empty() {
+                eprintln!("error: no PolicyTest cases in the input");
+                return ExitCode::from(EXIT_INVALID);
+            }
+            let report = offline::run_tests(&engine, &cases);
+            match output {
+                Output::Table => print!("{}", offline::render_table(&report, style)),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serializes")
+                ),
+            }
+            if report.failed > 0 {
+                ExitCode::from(EXIT_FAILED)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Command::Explain {
+            files,
+            from,
+            from_ip,
+            from_domain,
+            to,
+            to_ip,
+            to_domain,
+            port,
+            namespace,
+            from_namespace,
+            to_namespace,
+            output,
+        } => {
+            let flow = (|| -> anyhow::Result<FlowSpec> {
+                let ns: NamespacePath = namespace.parse()?;
+                let from_end = end(&from, from_ip, from_domain, "from")?;
+                let to_end = end(&to, to_ip, to_domain, "to")?;
+                if !from_end.is_pu() && !to_end.is_pu() {
+                    anyhow::bail!("at least one end must be a processing unit");
+                }
+                Ok(FlowSpec {
+                    from: from_end,
+                    to: to_end,
+                    port: PortRange::single(&port)?,
+                    from_namespace: from_namespace.map_or(Ok(ns.clone()), |s| s.parse())?,
+                    to_namespace: to_namespace.map_or(Ok(ns.clone()), |s| s.parse())?,
+                })
+            })();
+            let flow = match flow {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_INVALID);
+                }
+            };
+            let (engine, _) = match load_engine(&files) {
+                Ok(x) => x,
+                Err(code) => return code,
+            };
+            let (text, outcome) = offline::explain_flow(&engine, &flow, style);
+            match output {
+                Output::Table => print!("{text}"),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&outcome).expect("outcome serializes")
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}

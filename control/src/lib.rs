@@ -1,0 +1,10 @@
+//! segmesh's console (control plane) and the `segmeshctl` command line.
+//!
+//! # Layout
+//! - [`files`]: reading policy files and folders for offline commands.
+//! - [`offline`]: `segmeshctl test` and `segmeshctl explain` on files.
+//! - [`style`]: terminal colors, off unless stdout is a terminal and `NO_COLOR` is unset.
+
+pub mod files;
+pub mod offline;
+pub mod style;

@@ -2,11 +2,11 @@
 
 use std::fmt::Write;
 
-use serde::Serialize;
 use segmesh_policy::{
-    CaseEnd, CaseOutcome, Engine, EndResult, Loaded, NamespacePath, PolicySet, Source, TestCase,
+    CaseEnd, CaseOutcome, EndResult, Engine, Loaded, NamespacePath, PolicySet, Source, TestCase,
     Verdict, evaluate, explain, load,
 };
+use serde::Serialize;
 
 use crate::files::SourceFile;
 use crate::style::Style;
@@ -93,7 +93,13 @@ pub fn run_tests(engine: &Engine, cases: &[TestCase]) -> TestReport {
 
 /// The table `segmeshctl test` prints.
 pub fn render_table(r: &TestReport, style: Style) -> String {
-    let w = r.cases.iter().map(|c| c.name.len()).max().unwrap_or(4).max(4);
+    let w = r
+        .cases
+        .iter()
+        .map(|c| c.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     let mut out = String::new();
     let _ = writeln!(
         out,

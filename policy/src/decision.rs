@@ -96,7 +96,9 @@ impl Peer {
     /// `[$identity=externalnetwork]`.
     pub fn external(networks: Vec<TagSet>) -> Self {
         if networks.is_empty() {
-            Peer::External(vec![std::iter::once(tag::known(IDENTITY_EXTERNAL)).collect()])
+            Peer::External(vec![
+                std::iter::once(tag::known(IDENTITY_EXTERNAL)).collect(),
+            ])
         } else {
             Peer::External(networks)
         }
@@ -121,7 +123,10 @@ impl Peer {
 
 impl Decision {
     /// The staged (`enforce: false`) policies that matched, with what they would have done.
-    pub fn staged<'a>(&'a self, set: &'a PolicySet) -> impl Iterator<Item = (PolicyId, Action)> + 'a {
+    pub fn staged<'a>(
+        &'a self,
+        set: &'a PolicySet,
+    ) -> impl Iterator<Item = (PolicyId, Action)> + 'a {
         self.matched.iter().filter_map(move |&id| {
             let p = set.policy(id);
             (!p.enforce).then_some((id, p.action))
@@ -130,7 +135,10 @@ impl Decision {
 
     /// Names of the deciding policies (`<namespace>:<name>`).
     pub fn policy_names(&self, set: &PolicySet) -> Vec<String> {
-        self.policies.iter().map(|&id| set.policy(id).qualified_name()).collect()
+        self.policies
+            .iter()
+            .map(|&id| set.policy(id).qualified_name())
+            .collect()
     }
 }
 

@@ -13,11 +13,15 @@
 //! network counts, not just the longest) and by domain name.
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::net::IpAddr;
 
 use crate::decision::{Decision, Direction, Peer, Pu, Reason, Verdict};
 use crate::namespace::NamespacePath;
 use crate::network::{Address, DomainPattern, Entry};
+#[cfg(test)]
+use crate::policy::NetworkPolicy;
 use crate::policy::{Action, Mode, PolicyId, Tier};
 use crate::ports::Ports;
 use crate::selector::Selector;
@@ -28,8 +32,10 @@ use crate::tag::{IDENTITY_EXTERNAL, Tag, TagPattern, TagSet};
 #[derive(Debug)]
 pub struct Engine {
     set: PolicySet,
-    tag_ids: HashMap<Tag, u32>,
-    key_ids: HashMap<String, u32>,
+    // FxHash: keys are our own interned strings, hashed on every peer preparation; no
+    // untrusted input chooses them at compile time, and lookups of peer tags only read.
+    tag_ids: FxHashMap<Tag, u32>,
+    key_ids: FxHashMap<String, u32>,
     ns_ids: HashMap<NamespacePath, u32>,
     policies: Vec<CPolicy>,
     /// Indexed by `Direction as usize`.
@@ -90,11 +96,23 @@ struct CPolicy {
     object: Box<[Clause]>,
 }
 
+/// One posting: a policy's clause, with the policy's namespace, port bounds and one tag
+/// the peer must carry copied in, so that most candidates are dismissed without touching
+/// the policy (20 bytes; a posting list is scanned sequentially, the policies are not).
 #[derive(Debug, Clone, Copy)]
 struct Cand {
     policy: u32,
-    clause: u32,
+    clause: u16,
+    propagate: bool,
+    ns: u32,
+    port_lo: u16,
+    port_hi: u16,
+    /// A tag id every PU peer the policy can match carries (the peer-side selector has a
+    /// single clause that requires it), or `NO_HINT`.
+    peer_hint: u32,
 }
+
+const NO_HINT: u32 = u32::MAX;
 
 #[derive(Debug, Default)]
 struct DirIndex {
@@ -111,11 +129,60 @@ struct ExtIndex {
 }
 
 fn mask4(ip: u32, len: u8) -> u32 {
-    if len == 0 { 0 } else { ip & (u32::MAX << (32 - len)) }
+    if len == 0 {
+        0
+    } else {
+        ip & (u32::MAX << (32 - len))
+    }
 }
 
 fn mask6(ip: u128, len: u8) -> u128 {
-    if len == 0 { 0 } else { ip & (u128::MAX << (128 - len)) }
+    if len == 0 {
+        0
+    } else {
+        ip & (u128::MAX << (128 - len))
+    }
+}
+
+/// The policies a decision found: on the stack up to 16 (the common case), then on the
+/// heap, so a decision allocates only what its result holds.
+#[derive(Default)]
+struct Found {
+    inline: [u32; 16],
+    len: usize,
+    spill: Vec<u32>,
+}
+
+impl Found {
+    fn push(&mut self, id: u32) {
+        if self.len < self.inline.len() {
+            self.inline[self.len] = id;
+            self.len += 1;
+        } else {
+            self.spill.push(id);
+        }
+    }
+
+    /// Sorted and deduplicated.
+    fn sorted(&mut self) -> &[u32] {
+        if self.spill.is_empty() {
+            let s = &mut self.inline[..self.len];
+            s.sort_unstable();
+            let mut n = 0;
+            for i in 0..s.len() {
+                if n == 0 || s[i] != s[n - 1] {
+                    s[n] = s[i];
+                    n += 1;
+                }
+            }
+            &self.inline[..n]
+        } else {
+            self.spill.extend_from_slice(&self.inline[..self.len]);
+            self.spill.sort_unstable();
+            self.spill.dedup();
+            &self.spill
+        }
+    }
 }
 
 // === impl IdSet ===
@@ -138,8 +205,8 @@ impl Engine {
     pub fn compile(set: PolicySet) -> Engine {
         let mut e = Engine {
             set: PolicySet::default(),
-            tag_ids: HashMap::new(),
-            key_ids: HashMap::new(),
+            tag_ids: FxHashMap::default(),
+            key_ids: FxHashMap::default(),
             ns_ids: HashMap::new(),
             policies: Vec::new(),
             index: [DirIndex::default(), DirIndex::default()],
@@ -269,15 +336,17 @@ impl Engine {
     }
 
     fn own_side(p: &CPolicy, dir: Direction) -> Option<&[Clause]> {
-        let fits = match (dir, p.mode) {
-            (_, Mode::Bidirectional) => true,
-            (Direction::Outgoing, Mode::Outgoing) | (Direction::Incoming, Mode::Incoming) => true,
-            _ => false,
-        };
-        fits.then(|| match dir {
+        let fits = matches!(
+            (dir, p.mode),
+            (_, Mode::Bidirectional)
+                | (Direction::Outgoing, Mode::Outgoing)
+                | (Direction::Incoming, Mode::Incoming)
+        );
+        let side = match dir {
             Direction::Outgoing => &*p.subject,
             Direction::Incoming => &*p.object,
-        })
+        };
+        fits.then_some(side)
     }
 
     fn build_index(&self, dir: Direction) -> DirIndex {
@@ -295,9 +364,34 @@ impl Engine {
         };
         for (pi, p) in self.policies.iter().enumerate() {
             for (ci, c) in Self::own_side(p, dir).unwrap_or(&[]).iter().enumerate() {
+                let (port_lo, port_hi) = match &p.ports {
+                    Ports::Any => (0, u16::MAX),
+                    Ports::Ranges(rs) => (
+                        rs.first().map_or(0, |r| r.start),
+                        rs.last().map_or(u16::MAX, |r| r.end),
+                    ),
+                };
+                let peer_side = match dir {
+                    Direction::Outgoing => &p.object,
+                    Direction::Incoming => &p.subject,
+                };
+                let peer_hint = match &**peer_side {
+                    [only] => only
+                        .exact
+                        .iter()
+                        .copied()
+                        .min_by_key(|&t| tag_freq[t as usize])
+                        .unwrap_or(NO_HINT),
+                    _ => NO_HINT,
+                };
                 let cand = Cand {
+                    peer_hint,
                     policy: pi as u32,
-                    clause: ci as u32,
+                    clause: u16::try_from(ci).expect("fewer than 65536 clauses in a selector"),
+                    propagate: p.propagate,
+                    ns: p.ns,
+                    port_lo,
+                    port_hi,
                 };
                 // File the clause under its rarest exact tag; a wildcard-only clause
                 // under its rarest key.
@@ -349,7 +443,9 @@ impl Engine {
     pub fn prepare_peer(&self, peer: &Peer) -> PreparedPeer {
         match peer {
             Peer::Pu(t) => PreparedPeer::Pu(self.id_set(t)),
-            Peer::External(alts) => PreparedPeer::Sets(alts.iter().map(|t| self.id_set(t)).collect()),
+            Peer::External(alts) => {
+                PreparedPeer::Sets(alts.iter().map(|t| self.id_set(t)).collect())
+            }
         }
     }
 
@@ -406,18 +502,34 @@ impl Engine {
         }
     }
 
-    fn applies(&self, c: Cand, dir: Direction, pu: &PreparedPu, peer: &PreparedPeer, port: u16) -> bool {
-        let p = &self.policies[c.policy as usize];
-        let external = !matches!(peer, PreparedPeer::Pu(_));
-        if p.mode == Mode::Bidirectional && external {
+    fn applies(
+        &self,
+        c: Cand,
+        dir: Direction,
+        pu: &PreparedPu,
+        peer: &PreparedPeer,
+        port: u16,
+    ) -> bool {
+        // Cheap checks on the posting itself first.
+        if port < c.port_lo || port > c.port_hi {
             return false;
         }
-        let covered = if p.propagate {
-            pu.ancestors.contains(&p.ns)
+        let covered = if c.propagate {
+            pu.ancestors.contains(&c.ns)
         } else {
-            pu.ns == Some(p.ns)
+            pu.ns == Some(c.ns)
         };
-        if !covered || !p.ports.contains(port) {
+        if !covered {
+            return false;
+        }
+        if let PreparedPeer::Pu(peer) = peer {
+            if c.peer_hint != NO_HINT && peer.tags.binary_search(&c.peer_hint).is_err() {
+                return false;
+            }
+        }
+        let p = &self.policies[c.policy as usize];
+        let external = !matches!(peer, PreparedPeer::Pu(_));
+        if (p.mode == Mode::Bidirectional && external) || !p.ports.contains(port) {
             return false;
         }
         let (own, other) = match dir {
@@ -428,9 +540,15 @@ impl Engine {
     }
 
     /// Decides one flow at one enforcer.
-    pub fn decide(&self, dir: Direction, pu: &PreparedPu, peer: &PreparedPeer, port: u16) -> Decision {
+    pub fn decide(
+        &self,
+        dir: Direction,
+        pu: &PreparedPu,
+        peer: &PreparedPeer,
+        port: u16,
+    ) -> Decision {
         let idx = &self.index[dir as usize];
-        let mut found: Vec<u32> = Vec::new();
+        let mut found = Found::default();
         for &t in &pu.set.tags {
             for &c in &idx.by_tag[t as usize] {
                 if self.applies(c, dir, pu, peer, port) {
@@ -445,8 +563,7 @@ impl Engine {
                 }
             }
         }
-        found.sort_unstable();
-        found.dedup();
+        let found = found.sorted();
         let tier = found
             .iter()
             .map(|&i| &self.policies[i as usize])
@@ -456,8 +573,16 @@ impl Engine {
         let matched: Vec<PolicyId> = found.iter().map(|&i| PolicyId(i)).collect();
         let Some(tier) = tier else {
             return Decision {
-                verdict: if pu.discovery { Verdict::Allow } else { Verdict::Reject },
-                reason: if pu.discovery { Reason::Discovery } else { Reason::Default },
+                verdict: if pu.discovery {
+                    Verdict::Allow
+                } else {
+                    Verdict::Reject
+                },
+                reason: if pu.discovery {
+                    Reason::Discovery
+                } else {
+                    Reason::Default
+                },
                 tier: None,
                 policies: Vec::new(),
                 matched,
@@ -466,13 +591,10 @@ impl Engine {
             };
         };
         let deciding = |action: Option<Action>| {
-            found
-                .iter()
-                .copied()
-                .filter(move |&i| {
-                    let p = &self.policies[i as usize];
-                    p.enforce && p.tier == tier && action.is_none_or(|a| p.action == a)
-                })
+            found.iter().copied().filter(move |&i| {
+                let p = &self.policies[i as usize];
+                p.enforce && p.tier == tier && action.is_none_or(|a| p.action == a)
+            })
         };
         let rejects: Vec<PolicyId> = deciding(Some(Action::Reject)).map(PolicyId).collect();
         if !rejects.is_empty() {
@@ -502,5 +624,57 @@ impl Engine {
     /// the prepared forms).
     pub fn decide_flow(&self, dir: Direction, pu: &Pu, peer: &Peer, port: u16) -> Decision {
         self.decide(dir, &self.prepare_pu(pu), &self.prepare_peer(peer), port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn found_sorts_and_dedups_inline_and_spilled() {
+        let mut f = Found::default();
+        for id in [5, 3, 5, 1, 3] {
+            f.push(id);
+        }
+        assert_eq!(f.sorted(), &[1, 3, 5]);
+        let mut f = Found::default();
+        for id in (0..40).rev().chain(0..40) {
+            f.push(id);
+        }
+        assert_eq!(f.sorted(), (0..40).collect::<Vec<_>>().as_slice());
+    }
+
+    /// A decision that matches more policies than fit inline agrees with the naive
+    /// evaluator.
+    #[test]
+    fn many_matches_spill() {
+        let policies = (0..40)
+            .map(|i| NetworkPolicy {
+                name: format!("p{i:02}"),
+                namespace: NamespacePath::root(),
+                action: Action::Allow,
+                mode: Mode::Bidirectional,
+                subject: Selector(vec![vec!["a=1".parse().unwrap()]]),
+                object: Selector(vec![vec!["b=*".parse().unwrap()]]),
+                ports: Ports::Any,
+                tier: Tier::Application,
+                propagate: true,
+                enforce: true,
+                encrypt: i % 2 == 0,
+                log: false,
+                origin: None,
+            })
+            .collect();
+        let set = PolicySet::new(policies, vec![], vec![]).unwrap();
+        let engine = Engine::compile(set.clone());
+        let pu = Pu::with_automatic_tags(NamespacePath::root(), TagSet::parse(["a=1"]).unwrap());
+        let peer = Peer::Pu(TagSet::parse(["b=2"]).unwrap());
+        let fast = engine.decide_flow(Direction::Outgoing, &pu, &peer, 1);
+        assert_eq!(fast.policies.len(), 40);
+        assert_eq!(
+            fast,
+            crate::naive::decide(&set, Direction::Outgoing, &pu, &peer, 1)
+        );
     }
 }

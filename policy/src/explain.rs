@@ -57,7 +57,11 @@ pub fn render_end(set: &PolicySet, end: &EndResult) -> String {
             } else {
                 "enforced".to_owned()
             };
-            let origin = p.origin.as_ref().map(|o| format!("  ({o})")).unwrap_or_default();
+            let origin = p
+                .origin
+                .as_ref()
+                .map(|o| format!("  ({o})"))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
                 "    {:<15} {:<6} {:<13} {} [{}]{}",
@@ -84,7 +88,11 @@ fn why(set: &PolicySet, end: &EndResult, d: &Decision) -> String {
         (Reason::Policy, Verdict::Allow) => format!(
             "ALLOW: tier {} is the first with an enforced match, and it holds only Allow ({names}); data plane {}",
             d.tier.map_or("?", Tier::as_str),
-            if d.encrypt { "encrypted" } else { "authenticated-only" }
+            if d.encrypt {
+                "encrypted"
+            } else {
+                "authenticated-only"
+            }
         ),
         (Reason::Discovery, _) => format!(
             "ALLOW (discovered): no enforced policy matched and namespace {} is in discovery mode",
@@ -97,7 +105,11 @@ fn why(set: &PolicySet, end: &EndResult, d: &Decision) -> String {
                     format!(
                         "{} would {}",
                         set.policy(id).qualified_name(),
-                        if a == Action::Allow { "allow" } else { "reject" }
+                        if a == Action::Allow {
+                            "allow"
+                        } else {
+                            "reject"
+                        }
                     )
                 })
                 .collect();

@@ -10,6 +10,7 @@ use std::fmt;
 
 use serde::Serialize;
 
+use crate::decision::Verdict;
 use crate::namespace::{Namespace, NamespacePath};
 use crate::network::{Address, Entry, ExternalNetwork};
 use crate::policy::{Action, Location, Mode, NetworkPolicy, Tier};
@@ -19,7 +20,6 @@ use crate::set::PolicySet;
 use crate::tag::{Tag, TagPattern, TagSet};
 use crate::testcase::{CaseEnd, TestCase};
 use crate::yaml::{self, Kind, Node, Pos};
-use crate::decision::Verdict;
 
 /// One input file: its name (for messages) and its text.
 #[derive(Debug, Clone, Copy)]
@@ -156,7 +156,10 @@ impl Loader {
                 self.err(
                     k.pos,
                     Some(&fpath),
-                    format!("unknown field `{key}`, expected one of: {}", allowed.join(", ")),
+                    format!(
+                        "unknown field `{key}`, expected one of: {}",
+                        allowed.join(", ")
+                    ),
                 );
             } else if out.pairs.iter().any(|(n, _)| n == key) {
                 self.err(k.pos, Some(&fpath), format!("duplicate field `{key}`"));
@@ -411,7 +414,10 @@ impl Loader {
             self.err(
                 doc.pos,
                 None,
-                format!("expected a document (a mapping with `kind`), found {}", doc.kind_name()),
+                format!(
+                    "expected a document (a mapping with `kind`), found {}",
+                    doc.kind_name()
+                ),
             );
             return;
         };
@@ -443,8 +449,20 @@ impl Loader {
 
     fn network_policy(&mut self, doc: &Node) {
         const FIELDS: &[&str] = &[
-            "kind", "name", "description", "namespace", "action", "mode", "subject", "object",
-            "ports", "tier", "propagate", "enforce", "encrypt", "log",
+            "kind",
+            "name",
+            "description",
+            "namespace",
+            "action",
+            "mode",
+            "subject",
+            "object",
+            "ports",
+            "tier",
+            "propagate",
+            "enforce",
+            "encrypt",
+            "log",
         ];
         let Some(f) = self.fields(doc, "", FIELDS) else {
             return;
@@ -452,9 +470,13 @@ impl Loader {
         let before = self.diagnostics.len();
         let name = self.name(&f);
         let namespace = self.namespace(&f, "namespace");
-        let action = self
-            .required(&f, "action")
-            .and_then(|n| self.choice(n, "action", &[("Allow", Action::Allow), ("Reject", Action::Reject)]));
+        let action = self.required(&f, "action").and_then(|n| {
+            self.choice(
+                n,
+                "action",
+                &[("Allow", Action::Allow), ("Reject", Action::Reject)],
+            )
+        });
         let mode = self.required(&f, "mode").and_then(|n| {
             self.choice(
                 n,
@@ -484,8 +506,16 @@ impl Loader {
         if self.diagnostics.len() != before {
             return;
         }
-        let (Some(name), Some(namespace), Some(action), Some(mode), Some(subject), Some(object), Some(ports), Ok(tier)) =
-            (name, namespace, action, mode, subject, object, ports, tier)
+        let (
+            Some(name),
+            Some(namespace),
+            Some(action),
+            Some(mode),
+            Some(subject),
+            Some(object),
+            Some(ports),
+            Ok(tier),
+        ) = (name, namespace, action, mode, subject, object, ports, tier)
         else {
             return;
         };
@@ -537,7 +567,15 @@ impl Loader {
     }
 
     fn external_network(&mut self, doc: &Node) {
-        const FIELDS: &[&str] = &["kind", "name", "description", "namespace", "tags", "entries", "ports"];
+        const FIELDS: &[&str] = &[
+            "kind",
+            "name",
+            "description",
+            "namespace",
+            "tags",
+            "entries",
+            "ports",
+        ];
         let Some(f) = self.fields(doc, "", FIELDS) else {
             return;
         };
@@ -549,9 +587,15 @@ impl Loader {
             Some(n) => self.tags(n, "tags"),
         };
         if let Some(t) = &tags {
-            if t.iter().any(|t| t.key() == "$identity" || t.key() == crate::tag::EXT_NAME_KEY) {
+            if t.iter()
+                .any(|t| t.key() == "$identity" || t.key() == crate::tag::EXT_NAME_KEY)
+            {
                 let pos = f.get("tags").map_or(f.pos, |n| n.pos);
-                self.err(pos, Some("tags"), "`$identity` and `ext:name` are set automatically");
+                self.err(
+                    pos,
+                    Some("tags"),
+                    "`$identity` and `ext:name` are set automatically",
+                );
             }
         }
         let mut port_specs = match f.get("ports") {
@@ -562,7 +606,11 @@ impl Loader {
         if let Some(node) = self.required(&f, "entries") {
             if let Some(items) = self.seq(node, "entries", "CIDRs, IPs, domain names or ports") {
                 if items.is_empty() {
-                    self.err(node.pos, Some("entries"), "an external network needs at least one entry");
+                    self.err(
+                        node.pos,
+                        Some("entries"),
+                        "an external network needs at least one entry",
+                    );
                 }
                 for (i, item) in items.iter().enumerate() {
                     let path = format!("entries[{i}]");
@@ -570,7 +618,11 @@ impl Loader {
                         continue;
                     };
                     // proto/port pairs among the entries narrow the network's ports.
-                    if s.contains('/') && s.split('/').next().is_some_and(|p| p.chars().all(|c| c.is_ascii_alphabetic())) {
+                    if s.contains('/')
+                        && s.split('/')
+                            .next()
+                            .is_some_and(|p| p.chars().all(|c| c.is_ascii_alphabetic()))
+                    {
                         match s.parse::<PortSpec>() {
                             Ok(p) => {
                                 if let Some(v) = port_specs.as_mut() {
@@ -587,14 +639,20 @@ impl Loader {
                     }
                 }
                 if !items.is_empty() && entries.is_empty() && self.diagnostics.len() == before {
-                    self.err(node.pos, Some("entries"), "an external network needs at least one address or domain entry");
+                    self.err(
+                        node.pos,
+                        Some("entries"),
+                        "an external network needs at least one address or domain entry",
+                    );
                 }
             }
         }
         if self.diagnostics.len() != before {
             return;
         }
-        let (Some(name), Some(namespace), Some(tags), Some(specs)) = (name, namespace, tags, port_specs) else {
+        let (Some(name), Some(namespace), Some(tags), Some(specs)) =
+            (name, namespace, tags, port_specs)
+        else {
             return;
         };
         let loc = self.loc(f.pos);
@@ -612,10 +670,27 @@ impl Loader {
 
     fn ruleset(&mut self, doc: &Node) {
         const FIELDS: &[&str] = &[
-            "kind", "name", "description", "namespace", "subject", "outgoingRules",
-            "incomingRules", "propagate", "tier", "enforce",
+            "kind",
+            "name",
+            "description",
+            "namespace",
+            "subject",
+            "outgoingRules",
+            "incomingRules",
+            "propagate",
+            "tier",
+            "enforce",
         ];
-        const RULE: &[&str] = &["action", "object", "ports", "tier", "enforce", "encrypt", "log", "description"];
+        const RULE: &[&str] = &[
+            "action",
+            "object",
+            "ports",
+            "tier",
+            "enforce",
+            "encrypt",
+            "log",
+            "description",
+        ];
         let Some(f) = self.fields(doc, "", FIELDS) else {
             return;
         };
@@ -633,12 +708,20 @@ impl Loader {
             ("incomingRules", "in", Mode::Incoming),
         ] {
             let Some(node) = f.get(key) else { continue };
-            let Some(rules) = self.seq(node, key, "rules") else { continue };
+            let Some(rules) = self.seq(node, key, "rules") else {
+                continue;
+            };
             for (i, rule) in rules.iter().enumerate() {
                 let path = format!("{key}[{i}]");
-                let Some(rf) = self.fields(rule, &path, RULE) else { continue };
+                let Some(rf) = self.fields(rule, &path, RULE) else {
+                    continue;
+                };
                 let action = self.required(&rf, "action").and_then(|n| {
-                    self.choice(n, &rf.path("action"), &[("Allow", Action::Allow), ("Reject", Action::Reject)])
+                    self.choice(
+                        n,
+                        &rf.path("action"),
+                        &[("Allow", Action::Allow), ("Reject", Action::Reject)],
+                    )
                 });
                 let onode = self.required(&rf, "object");
                 let object = onode.and_then(|n| self.selector(n, &rf.path("object")));
@@ -647,23 +730,42 @@ impl Loader {
                 let renforce = self.bool(&rf, "enforce", enforce);
                 let encrypt = self.bool(&rf, "encrypt", true);
                 let log = self.bool(&rf, "log", false);
-                if let (Some(o), Some(on), Some(s), Some(sn)) = (&object, onode, &subject, subject_node) {
+                if let (Some(o), Some(on), Some(s), Some(sn)) =
+                    (&object, onode, &subject, subject_node)
+                {
                     // Outgoing: the ruleset's PUs are the subject. Incoming: the rule's
                     // object is the initiator (subject) and the ruleset's PUs the object.
                     match mode {
-                        Mode::Outgoing => self.check_mode(mode, sn, s, on, o, "subject", &rf.path("object")),
+                        Mode::Outgoing => {
+                            self.check_mode(mode, sn, s, on, o, "subject", &rf.path("object"))
+                        }
                         _ => self.check_mode(mode, on, o, sn, s, &rf.path("object"), "subject"),
                     }
                 }
-                if let (Some(action), Some(object), Some(ports), Ok(rtier)) = (action, object, ports, rtier) {
-                    out.push((format!("{dir}/{i}"), mode, action, object, ports, rtier, renforce, encrypt, log, rule.pos));
+                if let (Some(action), Some(object), Some(ports), Ok(rtier)) =
+                    (action, object, ports, rtier)
+                {
+                    out.push((
+                        format!("{dir}/{i}"),
+                        mode,
+                        action,
+                        object,
+                        ports,
+                        rtier,
+                        renforce,
+                        encrypt,
+                        log,
+                        rule.pos,
+                    ));
                 }
             }
         }
         if self.diagnostics.len() != before {
             return;
         }
-        let (Some(name), Some(namespace), Some(subject), Ok(tier)) = (name, namespace, subject, tier) else {
+        let (Some(name), Some(namespace), Some(subject), Ok(tier)) =
+            (name, namespace, subject, tier)
+        else {
             return;
         };
         for (suffix, mode, action, object, ports, rtier, enforce, encrypt, log, pos) in out {
@@ -699,8 +801,12 @@ impl Loader {
             return;
         };
         let before = self.diagnostics.len();
-        let path = self.required(&f, "name").and_then(|n| self.namespace_at(n, "name"));
-        let discovery = f.get("discovery").map(|_| self.bool(&f, "discovery", false));
+        let path = self
+            .required(&f, "name")
+            .and_then(|n| self.namespace_at(n, "name"));
+        let discovery = f
+            .get("discovery")
+            .map(|_| self.bool(&f, "discovery", false));
         let default_tier = match f.get("defaultTier") {
             None => Ok(None),
             Some(n) => {
@@ -742,7 +848,11 @@ impl Loader {
                     match s.parse() {
                         Ok(ip) => addr.ip = Some(ip),
                         Err(_) => {
-                            self.err(n.pos, Some(&f.path("ip")), format!("`{s}` is not an IP address"));
+                            self.err(
+                                n.pos,
+                                Some(&f.path("ip")),
+                                format!("`{s}` is not an IP address"),
+                            );
                             return None;
                         }
                     }
@@ -760,7 +870,10 @@ impl Loader {
                 self.err(
                     node.pos,
                     Some(field),
-                    format!("expected a list of tags or {{ip: …}}, found {}", node.kind_name()),
+                    format!(
+                        "expected a list of tags or {{ip: …}}, found {}",
+                        node.kind_name()
+                    ),
                 );
                 None
             }
@@ -770,36 +883,61 @@ impl Loader {
     fn policy_test(&mut self, doc: &Node) {
         const FIELDS: &[&str] = &["kind", "name", "description", "cases"];
         const CASE: &[&str] = &[
-            "name", "description", "from", "to", "port", "expect", "namespace",
-            "from_namespace", "to_namespace",
+            "name",
+            "description",
+            "from",
+            "to",
+            "port",
+            "expect",
+            "namespace",
+            "from_namespace",
+            "to_namespace",
         ];
         let Some(f) = self.fields(doc, "", FIELDS) else {
             return;
         };
-        let Some(node) = self.required(&f, "cases") else { return };
-        let Some(cases) = self.seq(node, "cases", "test cases") else { return };
+        let Some(node) = self.required(&f, "cases") else {
+            return;
+        };
+        let Some(cases) = self.seq(node, "cases", "test cases") else {
+            return;
+        };
         for (i, c) in cases.iter().enumerate() {
             let path = format!("cases[{i}]");
-            let Some(cf) = self.fields(c, &path, CASE) else { continue };
+            let Some(cf) = self.fields(c, &path, CASE) else {
+                continue;
+            };
             let before = self.diagnostics.len();
             let name = self
                 .required(&cf, "name")
                 .and_then(|n| self.scalar(n, &cf.path("name")))
                 .map(str::to_owned);
-            let from = self.required(&cf, "from").and_then(|n| self.case_end(n, &cf.path("from")));
-            let to = self.required(&cf, "to").and_then(|n| self.case_end(n, &cf.path("to")));
+            let from = self
+                .required(&cf, "from")
+                .and_then(|n| self.case_end(n, &cf.path("from")));
+            let to = self
+                .required(&cf, "to")
+                .and_then(|n| self.case_end(n, &cf.path("to")));
             let port = self.required(&cf, "port").and_then(|n| {
                 let s = self.scalar(n, &cf.path("port"))?;
                 match PortRange::single(s) {
                     Ok(p) => Some(p),
                     Err(_) => {
-                        self.err(n.pos, Some(&cf.path("port")), format!("expected a single port `tcp/N`, found `{s}`"));
+                        self.err(
+                            n.pos,
+                            Some(&cf.path("port")),
+                            format!("expected a single port `tcp/N`, found `{s}`"),
+                        );
                         None
                     }
                 }
             });
             let expect = self.required(&cf, "expect").and_then(|n| {
-                self.choice(n, &cf.path("expect"), &[("allow", Verdict::Allow), ("reject", Verdict::Reject)])
+                self.choice(
+                    n,
+                    &cf.path("expect"),
+                    &[("allow", Verdict::Allow), ("reject", Verdict::Reject)],
+                )
             });
             let ns = self.namespace(&cf, "namespace");
             let from_ns = match cf.get("from_namespace") {
@@ -818,8 +956,15 @@ impl Loader {
             if self.diagnostics.len() != before {
                 continue;
             }
-            if let (Some(name), Some(from), Some(to), Some(port), Some(expect), Some(from_namespace), Some(to_namespace)) =
-                (name, from, to, port, expect, from_ns, to_ns)
+            if let (
+                Some(name),
+                Some(from),
+                Some(to),
+                Some(port),
+                Some(expect),
+                Some(from_namespace),
+                Some(to_namespace),
+            ) = (name, from, to, port, expect, from_ns, to_ns)
             {
                 let location = self.loc(cf.pos);
                 self.tests.push(TestCase {
@@ -846,7 +991,10 @@ impl Loader {
                 self.diagnostics.push(Diagnostic {
                     location: loc,
                     field: Some("name".into()),
-                    message: format!("duplicate policy `{}` in namespace {} (first defined at {first})", p.name, p.namespace),
+                    message: format!(
+                        "duplicate policy `{}` in namespace {} (first defined at {first})",
+                        p.name, p.namespace
+                    ),
                 });
             } else {
                 seen.insert(key, loc);
@@ -883,7 +1031,10 @@ impl Loader {
                 self.diagnostics.push(Diagnostic {
                     location: t.location.clone(),
                     field: Some("name".into()),
-                    message: format!("duplicate test case `{}` (first defined at {first})", t.name),
+                    message: format!(
+                        "duplicate test case `{}` (first defined at {first})",
+                        t.name
+                    ),
                 });
             } else {
                 seen.insert(&t.name, &t.location);
@@ -903,7 +1054,8 @@ impl Loader {
             .policies
             .into_iter()
             .map(|(mut p, tier)| {
-                p.tier = tier.unwrap_or_else(|| crate::set::default_tier(&namespaces, &p.namespace));
+                p.tier =
+                    tier.unwrap_or_else(|| crate::set::default_tier(&namespaces, &p.namespace));
                 p
             })
             .collect();

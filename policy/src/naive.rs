@@ -80,8 +80,16 @@ pub fn decide(set: &PolicySet, dir: Direction, own: &Pu, peer: &Peer, port: u16)
     }
     let discovery = set.discovery(&own.namespace);
     Decision {
-        verdict: if discovery { Verdict::Allow } else { Verdict::Reject },
-        reason: if discovery { Reason::Discovery } else { Reason::Default },
+        verdict: if discovery {
+            Verdict::Allow
+        } else {
+            Verdict::Reject
+        },
+        reason: if discovery {
+            Reason::Discovery
+        } else {
+            Reason::Default
+        },
         tier: None,
         policies: Vec::new(),
         matched,

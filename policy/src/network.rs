@@ -227,13 +227,28 @@ mod tests {
 
     #[test]
     fn rejects_bad_wildcards_and_garbage() {
-        for bad in ["*", "googleapis*.com", "googleapis.*", "*.*.com", "a.*.com", "*example.com"] {
+        for bad in [
+            "*",
+            "googleapis*.com",
+            "googleapis.*",
+            "*.*.com",
+            "a.*.com",
+            "*example.com",
+        ] {
             assert!(
                 matches!(bad.parse::<Entry>(), Err(EntryError::Wildcard(_))),
                 "{bad}"
             );
         }
-        for bad in ["10.0.0.300", "10.0.0.0/33", "not a name", "-a.com", "localhost", "fd00::/129", "*.com1.123"] {
+        for bad in [
+            "10.0.0.300",
+            "10.0.0.0/33",
+            "not a name",
+            "-a.com",
+            "localhost",
+            "fd00::/129",
+            "*.com1.123",
+        ] {
             assert!(
                 matches!(bad.parse::<Entry>(), Err(EntryError::Invalid(_))),
                 "{bad}"

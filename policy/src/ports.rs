@@ -215,7 +215,10 @@ mod tests {
         }
         assert_eq!(Ports::from_specs([]), Ports::Any);
         assert_eq!(
-            Ports::from_specs([PortSpec::Range(PortRange { start: 1, end: 1 }), PortSpec::Any]),
+            Ports::from_specs([
+                PortSpec::Range(PortRange { start: 1, end: 1 }),
+                PortSpec::Any
+            ]),
             Ports::Any
         );
     }

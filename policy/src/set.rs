@@ -11,9 +11,15 @@ use crate::policy::{NetworkPolicy, PolicyId, Tier};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SetError {
     #[error("duplicate policy `{name}` in namespace {namespace}")]
-    DuplicatePolicy { namespace: NamespacePath, name: String },
+    DuplicatePolicy {
+        namespace: NamespacePath,
+        name: String,
+    },
     #[error("duplicate external network `{name}` in namespace {namespace}")]
-    DuplicateExternal { namespace: NamespacePath, name: String },
+    DuplicateExternal {
+        namespace: NamespacePath,
+        name: String,
+    },
     #[error("duplicate namespace {0}")]
     DuplicateNamespace(NamespacePath),
     #[error("more than {} policies", u32::MAX)]
@@ -113,7 +119,10 @@ impl PolicySet {
 }
 
 /// The tier of a policy that names none: the nearest namespace setting, else application.
-pub(crate) fn default_tier(namespaces: &BTreeMap<NamespacePath, Namespace>, ns: &NamespacePath) -> Tier {
+pub(crate) fn default_tier(
+    namespaces: &BTreeMap<NamespacePath, Namespace>,
+    ns: &NamespacePath,
+) -> Tier {
     ns.self_and_ancestors()
         .iter()
         .find_map(|p| namespaces.get(p).and_then(|n| n.default_tier))

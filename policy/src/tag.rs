@@ -215,7 +215,10 @@ impl TagSet {
 
     /// The value of the first tag with this key.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|t| t.key == key).map(|t| t.value.as_str())
+        self.0
+            .iter()
+            .find(|t| t.key == key)
+            .map(|t| t.value.as_str())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Tag> {
@@ -282,10 +285,19 @@ mod tests {
 
     #[test]
     fn rejects_bad_tags() {
-        assert!(matches!("app".parse::<Tag>(), Err(TagError::MissingEquals(_))));
+        assert!(matches!(
+            "app".parse::<Tag>(),
+            Err(TagError::MissingEquals(_))
+        ));
         assert!(matches!("=web".parse::<Tag>(), Err(TagError::EmptyKey(_))));
-        assert!(matches!("app=".parse::<Tag>(), Err(TagError::EmptyValue(_))));
-        assert!(matches!("app=w b".parse::<Tag>(), Err(TagError::Whitespace(_))));
+        assert!(matches!(
+            "app=".parse::<Tag>(),
+            Err(TagError::EmptyValue(_))
+        ));
+        assert!(matches!(
+            "app=w b".parse::<Tag>(),
+            Err(TagError::Whitespace(_))
+        ));
         assert!(matches!(
             "app=*".parse::<Tag>(),
             Err(TagError::WildcardNotAllowed(_))

@@ -90,7 +90,10 @@ fn decide_end(
         CaseEnd::Address(addr) => {
             let ids = engine.resolve_address(&prepared, addr, port);
             let nets = ids.iter().map(|&i| &set.externals()[i as usize]);
-            let networks = nets.clone().map(|e| format!("{}:{}", e.namespace, e.name)).collect();
+            let networks = nets
+                .clone()
+                .map(|e| format!("{}:{}", e.namespace, e.name))
+                .collect();
             let p = Peer::external(nets.map(|e| e.effective_tags()).collect());
             (p, PreparedPeer::Networks(ids), networks)
         }

@@ -16,7 +16,10 @@ pub struct Pos {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kind {
     /// `plain` is false for quoted and block scalars: `"true"` is a string, `true` a bool.
-    Scalar { value: String, plain: bool },
+    Scalar {
+        value: String,
+        plain: bool,
+    },
     Seq(Vec<Node>),
     Map(Vec<(Node, Node)>),
 }

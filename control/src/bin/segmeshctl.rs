@@ -27,6 +27,8 @@ enum Output {
     Json,
 }
 
+// Parsed once per run; boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Evaluate the PolicyTest cases in the files against the policies in the files;
@@ -72,15 +74,24 @@ enum Command {
     },
 }
 
-fn end(tags: &[String], ip: Option<std::net::IpAddr>, domain: Option<String>, what: &str) -> anyhow::Result<CaseEnd> {
+fn end(
+    tags: &[String],
+    ip: Option<std::net::IpAddr>,
+    domain: Option<String>,
+    what: &str,
+) -> anyhow::Result<CaseEnd> {
     if ip.is_some() || domain.is_some() {
         return Ok(CaseEnd::Address(Address { ip, domain }));
     }
     if tags.is_empty() {
         anyhow::bail!("--{what} (tags), --{what}-ip or --{what}-domain is required");
     }
-    let set = TagSet::parse(tags.iter().flat_map(|t| t.split(',')).filter(|t| !t.is_empty()))
-        .map_err(|e| anyhow::anyhow!("--{what}: {e}"))?;
+    let set = TagSet::parse(
+        tags.iter()
+            .flat_map(|t| t.split(','))
+            .filter(|t| !t.is_empty()),
+    )
+    .map_err(|e| anyhow::anyhow!("--{what}: {e}"))?;
     Ok(if set.is_external() {
         CaseEnd::External(set)
     } else {
@@ -94,7 +105,10 @@ fn load_engine(files: &[PathBuf]) -> Result<(Engine, Vec<segmesh_policy::TestCas
         ExitCode::from(EXIT_INVALID)
     })?;
     let loaded = offline::load_files(&sources).map_err(|e| {
-        eprintln!("{} error(s) in the input; nothing was evaluated:", e.diagnostics.len());
+        eprintln!(
+            "{} error(s) in the input; nothing was evaluated:",
+            e.diagnostics.len()
+        );
         for d in &e.diagnostics {
             eprintln!("error: {d}");
         }

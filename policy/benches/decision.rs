@@ -72,14 +72,14 @@ fn generate() -> World {
     let mut rng = Rng(0x5EED_1234_ABCD_0001);
     let mut policies = Vec::with_capacity(POLICIES);
     let push = |policies: &mut Vec<NetworkPolicy>,
-                    ns: String,
-                    tier: Tier,
-                    action: Action,
-                    mode: Mode,
-                    subject: Selector,
-                    object: Selector,
-                    ports: Ports,
-                    enforce: bool| {
+                ns: String,
+                tier: Tier,
+                action: Action,
+                mode: Mode,
+                subject: Selector,
+                object: Selector,
+                ports: Ports,
+                enforce: bool| {
         let name = format!("p{}", policies.len());
         policies.push(NetworkPolicy {
             name,

@@ -1,10 +1,12 @@
 //! segmesh's console (control plane) and the `segmeshctl` command line.
 //!
 //! # Layout
+//! - [`ca_cli`]: `segmeshctl ca init|issue|inspect`, an offline CA.
 //! - [`files`]: reading policy files and folders for offline commands.
 //! - [`offline`]: `segmeshctl test` and `segmeshctl explain` on files.
 //! - [`style`]: terminal colors, off unless stdout is a terminal and `NO_COLOR` is unset.
 
+pub mod ca_cli;
 pub mod files;
 pub mod offline;
 pub mod style;

@@ -101,3 +101,31 @@ impl WorkloadIdentity {
         self.not_before + life.mul_f64(fraction.clamp(0.0, 1.0))
     }
 }
+
+/// What `segmeshctl ca inspect` shows of any certificate.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub subject: String,
+    pub issuer: String,
+    pub serial: String,
+    pub is_ca: bool,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// For a workload certificate: its identity, or why it is not one.
+    pub workload: Result<WorkloadIdentity, String>,
+}
+
+/// Describes a certificate without verifying it.
+pub fn summarize(der: &[u8]) -> Result<Summary, IdentityError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    Ok(Summary {
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        serial: cert.raw_serial_as_string(),
+        is_ca: cert.is_ca(),
+        not_before: time(cert.validity().not_before),
+        not_after: time(cert.validity().not_after),
+        workload: WorkloadIdentity::from_cert(der).map_err(|e| e.to_string()),
+    })
+}

@@ -22,6 +22,60 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum Algorithm {
+    /// ECDSA P-256 (default).
+    P256,
+    Ed25519,
+}
+
+impl From<Algorithm> for segmesh_identity::KeyAlgorithm {
+    fn from(a: Algorithm) -> Self {
+        match a {
+            Algorithm::P256 => segmesh_identity::KeyAlgorithm::EcdsaP256,
+            Algorithm::Ed25519 => segmesh_identity::KeyAlgorithm::Ed25519,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a CA: DIR/ca.crt, DIR/ca.key (0600), DIR/bundle.crt.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = segmesh_identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// A root that signs an intermediate; the intermediate signs workloads and the
+        /// root key (DIR/root.key) can go offline.
+        #[arg(long)]
+        intermediate: bool,
+        #[arg(long, value_enum, default_value = "p256")]
+        algorithm: Algorithm,
+    },
+    /// Issue a workload certificate: OUT.crt, OUT.key (0600), OUT.bundle.crt.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "/")]
+        namespace: String,
+        /// A tag `key=value`; repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Lifetime (`1h`, `30m`, `7d`); at most 30 days.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+        #[arg(long, value_enum, default_value = "p256")]
+        algorithm: Algorithm,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the identity, tags and validity of the certificates in a PEM file.
+    Inspect { file: PathBuf },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Output {
     Table,
     Json,
@@ -31,6 +85,9 @@ enum Output {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
+    /// An offline certificate authority (host mode, labs, tests).
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Evaluate the PolicyTest cases in the files against the policies in the files;
     /// exit 1 on any failing case, 2 on invalid input.
     Test {
@@ -121,6 +178,45 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let style = Style::detect();
     match cli.command {
+        Command::Ca(cmd) => {
+            use segmesh_control::ca_cli;
+            let result = match cmd {
+                CaCommand::Init {
+                    dir,
+                    trust_domain,
+                    intermediate,
+                    algorithm,
+                } => ca_cli::init(&dir, &trust_domain, intermediate, algorithm.into()),
+                CaCommand::Issue {
+                    dir,
+                    name,
+                    namespace,
+                    tags,
+                    ttl,
+                    algorithm,
+                    out,
+                } => ca_cli::issue(
+                    &dir,
+                    &namespace,
+                    &name,
+                    &tags,
+                    ttl.into(),
+                    algorithm.into(),
+                    &out,
+                ),
+                CaCommand::Inspect { file } => ca_cli::inspect(&file),
+            };
+            match result {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_INVALID)
+                }
+            }
+        }
         Command::Test { files, output } => {
             let (engine, cases) = match load_engine(&files) {
                 Ok(x) => x,

@@ -1,0 +1,149 @@
+//! Applying, checking and removing the rules on the live system, with `iptables-save`,
+//! `iptables-restore --noflush` (one atomic commit per table), and `ip rule` / `ip
+//! route` for TPROXY's policy routing.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::rules::{self, Config, Family, Live};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("cannot run `{0}`: {1}")]
+    Spawn(String, #[source] std::io::Error),
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+fn tools(f: Family) -> (&'static str, &'static str) {
+    match f {
+        Family::V4 => ("iptables-save", "iptables-restore"),
+        Family::V6 => ("ip6tables-save", "ip6tables-restore"),
+    }
+}
+
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ApplyError> {
+    let shown = format!("{program} {}", args.join(" "));
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| ApplyError::Spawn(shown.clone(), e))?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(input.as_bytes())
+            .map_err(|e| ApplyError::Spawn(shown.clone(), e))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| ApplyError::Spawn(shown.clone(), e))?;
+    if !out.status.success() {
+        return Err(ApplyError::Failed {
+            command: shown,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Our chains and rules as they are live.
+pub fn live(f: Family) -> Result<Live, ApplyError> {
+    let (save, _) = tools(f);
+    let mut text = run(save, &["-t", "nat"], None)?;
+    text.push_str(&run(save, &["-t", "mangle"], None)?);
+    Ok(rules::parse_save(&text))
+}
+
+fn ip_rule_present(cfg: &Config, f: Family) -> Result<bool, ApplyError> {
+    let flag = if f == Family::V4 { "-4" } else { "-6" };
+    let out = run("ip", &[flag, "rule", "show"], None)?;
+    let want = format!("fwmark 0x{:x} lookup {}", cfg.tproxy_mark, cfg.route_table);
+    Ok(out.lines().any(|l| l.contains(&want)))
+}
+
+fn ip_route_present(cfg: &Config, f: Family) -> Result<bool, ApplyError> {
+    let flag = if f == Family::V4 { "-4" } else { "-6" };
+    // `show table N` fails while the table does not exist: list all tables instead.
+    let out = run("ip", &[flag, "route", "show", "table", "all"], None)?;
+    let table = format!("table {}", cfg.route_table);
+    Ok(out.lines().any(|l| {
+        l.starts_with("local")
+            && l.contains("dev lo")
+            && l.split(' ')
+                .collect::<Vec<_>>()
+                .windows(2)
+                .any(|w| w.join(" ") == table)
+    }))
+}
+
+/// Installs (or refreshes) the rules of one family. Idempotent.
+pub fn apply(cfg: &Config, f: Family) -> Result<(), ApplyError> {
+    let (add, _) = rules::route_commands(cfg, f);
+    if !ip_rule_present(cfg, f)? {
+        run("ip", &add[0].split(' ').collect::<Vec<_>>(), None)?;
+    }
+    run("ip", &add[1].split(' ').collect::<Vec<_>>(), None)?;
+    let payload = rules::install_payload(&cfg.rules(f), &live(f)?);
+    let (_, restore) = tools(f);
+    run(restore, &["-w", "5", "--noflush"], Some(&payload))?;
+    Ok(())
+}
+
+/// Problems found by `--check` for one family (empty: all as configured).
+pub fn check(cfg: &Config, f: Family) -> Result<Vec<String>, ApplyError> {
+    let (missing, unexpected) = rules::diff(&cfg.rules(f), &live(f)?);
+    let mut problems: Vec<String> = missing
+        .into_iter()
+        .map(|m| format!("missing {m}"))
+        .collect();
+    problems.extend(unexpected.into_iter().map(|u| format!("unexpected {u}")));
+    if !ip_rule_present(cfg, f)? {
+        problems.push(format!(
+            "missing ip rule: fwmark 0x{:x} lookup {}",
+            cfg.tproxy_mark, cfg.route_table
+        ));
+    }
+    if !ip_route_present(cfg, f)? {
+        problems.push(format!(
+            "missing local default route in table {}",
+            cfg.route_table
+        ));
+    }
+    Ok(problems)
+}
+
+/// Removes everything of ours of one family. Idempotent.
+pub fn cleanup(cfg: &Config, f: Family) -> Result<(), ApplyError> {
+    let payload = rules::cleanup_payload(&live(f)?);
+    if !payload.is_empty() {
+        let (_, restore) = tools(f);
+        run(restore, &["-w", "5", "--noflush"], Some(&payload))?;
+    }
+    let (_, del) = rules::route_commands(cfg, f);
+    while ip_rule_present(cfg, f)? {
+        run("ip", &del[0].split(' ').collect::<Vec<_>>(), None)?;
+    }
+    if ip_route_present(cfg, f)? {
+        run("ip", &del[1].split(' ').collect::<Vec<_>>(), None)?;
+    }
+    Ok(())
+}
+
+/// Whether the kernel has IPv6 at all (if not, nothing can bypass through it).
+pub fn ipv6_available() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
+}

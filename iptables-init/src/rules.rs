@@ -1,0 +1,361 @@
+//! The capture rules, generated as `iptables-restore` lines with no I/O.
+//!
+//! Outbound (nat `OUTPUT`): every TCP connection a local process opens is REDIRECTed to
+//! the enforcer's outbound port, except the enforcer's own (by uid, optionally gid and
+//! mark), loopback, and configured ports and destination CIDRs.
+//!
+//! Inbound (mangle `PREROUTING`): every new TCP connection arriving from outside is
+//! TPROXYed to the enforcer's inbound port with a mark that policy routing delivers
+//! locally (kernel `Documentation/networking/tproxy.rst`), except established traffic,
+//! the tunnel and admin ports, and configured ports and source CIDRs. Packets of an
+//! already-diverted connection (a transparent socket) keep their mark.
+//!
+//! Every rule lives in the project's own chains, so removal is exact. Lines are written
+//! in the form `iptables-save` prints, so `--check` compares them textually.
+
+use std::fmt::Write;
+
+use ipnet::IpNet;
+
+pub const CHAIN_OUTPUT: &str = "SEGMESH_OUTPUT";
+pub const CHAIN_INBOUND: &str = "SEGMESH_INBOUND";
+pub const CHAIN_DIVERT: &str = "SEGMESH_DIVERT";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Inside a workload's own network namespace (a pod): capture everything.
+    Sidecar,
+    /// On a host, for the host's own processes: inbound only for local addresses, so
+    /// forwarded traffic (containers, routing) is left alone.
+    Host,
+}
+
+/// What to capture and what to leave alone.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mode: Mode,
+    /// The enforcer's uid: its own connections are never captured. Default 1337.
+    pub proxy_uid: u32,
+    /// Also exclude this gid.
+    pub proxy_gid: Option<u32>,
+    /// Also exclude packets carrying this mark (set by the enforcer with SO_MARK).
+    pub proxy_mark: Option<u32>,
+    /// Outbound capture port. Default 15001.
+    pub outbound_port: u16,
+    /// Inbound capture port. Default 15006.
+    pub inbound_port: u16,
+    /// Mesh tunnel port, never captured inbound. Default 15008.
+    pub tunnel_port: u16,
+    /// Admin port, never captured inbound. Default 15020.
+    pub admin_port: u16,
+    pub exclude_outbound_ports: Vec<u16>,
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Destinations never captured outbound.
+    pub exclude_outbound_cidrs: Vec<IpNet>,
+    /// Sources never captured inbound (e.g. an admin network's SSH in host mode).
+    pub exclude_inbound_cidrs: Vec<IpNet>,
+    /// Mark TPROXY puts on diverted packets, and the routing table that delivers them.
+    /// Defaults 0x539 and 133.
+    pub tproxy_mark: u32,
+    pub route_table: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mode: Mode::Sidecar,
+            proxy_uid: 1337,
+            proxy_gid: None,
+            proxy_mark: None,
+            outbound_port: 15001,
+            inbound_port: 15006,
+            tunnel_port: 15008,
+            admin_port: 15020,
+            exclude_outbound_ports: Vec::new(),
+            exclude_inbound_ports: Vec::new(),
+            exclude_outbound_cidrs: Vec::new(),
+            exclude_inbound_cidrs: Vec::new(),
+            tproxy_mark: 0x539,
+            route_table: 133,
+        }
+    }
+}
+
+/// The rules of one family, by table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    pub family: Family,
+    /// Rules in our nat chain.
+    pub nat: Vec<String>,
+    /// Rules in our mangle chains.
+    pub mangle: Vec<String>,
+    /// The jumps from the built-in chains into ours: (table, rule).
+    pub jumps: Vec<(&'static str, String)>,
+}
+
+fn in_family(net: &IpNet, f: Family) -> bool {
+    matches!(
+        (net, f),
+        (IpNet::V4(_), Family::V4) | (IpNet::V6(_), Family::V6)
+    )
+}
+
+/// Ports sorted and deduplicated, so the rules do not depend on flag order.
+fn sorted(ports: &[u16]) -> Vec<u16> {
+    let mut p = ports.to_vec();
+    p.sort_unstable();
+    p.dedup();
+    p
+}
+
+pub fn jump_output() -> String {
+    format!("-A OUTPUT -p tcp -j {CHAIN_OUTPUT}")
+}
+
+pub fn jump_inbound() -> String {
+    format!("-A PREROUTING -p tcp -j {CHAIN_INBOUND}")
+}
+
+impl Config {
+    pub fn rules(&self, family: Family) -> Rules {
+        let (loopback, any) = match family {
+            Family::V4 => ("127.0.0.0/8", "0.0.0.0"),
+            Family::V6 => ("::1/128", "::"),
+        };
+        let mark = format!("0x{:x}/0xffffffff", self.tproxy_mark);
+
+        let mut nat = vec![format!(
+            "-A {CHAIN_OUTPUT} -m owner --uid-owner {} -j RETURN",
+            self.proxy_uid
+        )];
+        if let Some(gid) = self.proxy_gid {
+            nat.push(format!(
+                "-A {CHAIN_OUTPUT} -m owner --gid-owner {gid} -j RETURN"
+            ));
+        }
+        if let Some(m) = self.proxy_mark {
+            nat.push(format!(
+                "-A {CHAIN_OUTPUT} -m mark --mark 0x{m:x} -j RETURN"
+            ));
+        }
+        nat.push(format!("-A {CHAIN_OUTPUT} -d {loopback} -j RETURN"));
+        nat.push(format!("-A {CHAIN_OUTPUT} -o lo -j RETURN"));
+        for net in self
+            .exclude_outbound_cidrs
+            .iter()
+            .filter(|n| in_family(n, family))
+        {
+            nat.push(format!("-A {CHAIN_OUTPUT} -d {} -j RETURN", net.trunc()));
+        }
+        for p in sorted(&self.exclude_outbound_ports) {
+            nat.push(format!(
+                "-A {CHAIN_OUTPUT} -p tcp -m tcp --dport {p} -j RETURN"
+            ));
+        }
+        nat.push(format!(
+            "-A {CHAIN_OUTPUT} -p tcp -j REDIRECT --to-ports {}",
+            self.outbound_port
+        ));
+
+        let mut mangle = vec![
+            format!("-A {CHAIN_DIVERT} -j MARK --set-xmark {mark}"),
+            format!("-A {CHAIN_DIVERT} -j ACCEPT"),
+            format!("-A {CHAIN_INBOUND} -p tcp -m socket --transparent -j {CHAIN_DIVERT}"),
+            format!("-A {CHAIN_INBOUND} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"),
+            format!("-A {CHAIN_INBOUND} -i lo -j RETURN"),
+        ];
+        if self.mode == Mode::Host {
+            mangle.push(format!(
+                "-A {CHAIN_INBOUND} -m addrtype ! --dst-type LOCAL -j RETURN"
+            ));
+        }
+        for net in self
+            .exclude_inbound_cidrs
+            .iter()
+            .filter(|n| in_family(n, family))
+        {
+            mangle.push(format!("-A {CHAIN_INBOUND} -s {} -j RETURN", net.trunc()));
+        }
+        let mut skip = vec![self.tunnel_port, self.admin_port];
+        skip.extend(&self.exclude_inbound_ports);
+        for p in sorted(&skip) {
+            mangle.push(format!(
+                "-A {CHAIN_INBOUND} -p tcp -m tcp --dport {p} -j RETURN"
+            ));
+        }
+        mangle.push(format!(
+            "-A {CHAIN_INBOUND} -p tcp -j TPROXY --on-port {} --on-ip {any} --tproxy-mark {mark}",
+            self.inbound_port
+        ));
+        Rules {
+            family,
+            nat,
+            mangle,
+            jumps: vec![("nat", jump_output()), ("mangle", jump_inbound())],
+        }
+    }
+}
+
+/// The policy routing TPROXY needs: marked packets are delivered locally.
+pub fn route_commands(cfg: &Config, family: Family) -> (Vec<String>, Vec<String>) {
+    let (flag, any) = match family {
+        Family::V4 => ("-4", "0.0.0.0/0"),
+        Family::V6 => ("-6", "::/0"),
+    };
+    let rule = format!(
+        "rule add fwmark 0x{:x} lookup {}",
+        cfg.tproxy_mark, cfg.route_table
+    );
+    let route = format!("route replace local {any} dev lo table {}", cfg.route_table);
+    (
+        vec![format!("{flag} {rule}"), format!("{flag} {route}")],
+        vec![
+            format!(
+                "{flag} rule del fwmark 0x{:x} lookup {}",
+                cfg.tproxy_mark, cfg.route_table
+            ),
+            format!("{flag} route flush table {}", cfg.route_table),
+        ],
+    )
+}
+
+/// What the live tables hold of ours, parsed from `iptables-save` output.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Live {
+    pub chains: Vec<(String, String)>,
+    /// (table, rule) for rules in our chains and jumps into them.
+    pub rules: Vec<(String, String)>,
+}
+
+pub fn parse_save(save: &str) -> Live {
+    let mut live = Live::default();
+    let mut table = String::new();
+    for line in save.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.to_owned();
+        } else if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or_default();
+            if name.starts_with("SEGMESH_") {
+                live.chains.push((table.clone(), name.to_owned()));
+            }
+        } else if line.starts_with("-A ") && line.contains("SEGMESH_") {
+            live.rules.push((table.clone(), line.to_owned()));
+        }
+    }
+    live
+}
+
+/// The `iptables-restore --noflush` payload installing `rules` over what is live:
+/// declaring our chains flushes them, then they are refilled, and the jumps are added
+/// only where missing; each table commits atomically.
+pub fn install_payload(rules: &Rules, live: &Live) -> String {
+    let mut out = String::new();
+    for (table, chains, body) in [
+        ("nat", vec![CHAIN_OUTPUT], &rules.nat),
+        ("mangle", vec![CHAIN_DIVERT, CHAIN_INBOUND], &rules.mangle),
+    ] {
+        let _ = writeln!(out, "*{table}");
+        for c in &chains {
+            let _ = writeln!(out, ":{c} - [0:0]");
+        }
+        for r in body {
+            let _ = writeln!(out, "{r}");
+        }
+        for (t, jump) in rules.jumps.iter().filter(|(t, _)| *t == table) {
+            if !live.rules.iter().any(|(lt, lr)| lt == t && lr == jump) {
+                let _ = writeln!(out, "{jump}");
+            }
+        }
+        let _ = writeln!(out, "COMMIT");
+    }
+    out
+}
+
+/// The payload removing everything of ours that is live (and nothing else).
+pub fn cleanup_payload(live: &Live) -> String {
+    let mut out = String::new();
+    for table in ["nat", "mangle"] {
+        let jumps: Vec<&String> = live
+            .rules
+            .iter()
+            .filter(|(t, r)| t == table && !r.starts_with("-A SEGMESH_"))
+            .map(|(_, r)| r)
+            .collect();
+        let chains: Vec<&String> = live
+            .chains
+            .iter()
+            .filter(|(t, _)| t == table)
+            .map(|(_, c)| c)
+            .collect();
+        if jumps.is_empty() && chains.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "*{table}");
+        for j in jumps {
+            let _ = writeln!(out, "{}", j.replacen("-A ", "-D ", 1));
+        }
+        for c in &chains {
+            let _ = writeln!(out, "-F {c}");
+        }
+        for c in &chains {
+            let _ = writeln!(out, "-X {c}");
+        }
+        let _ = writeln!(out, "COMMIT");
+    }
+    out
+}
+
+/// Differences between what `rules` wants and what is live: (missing, unexpected).
+pub fn diff(rules: &Rules, live: &Live) -> (Vec<String>, Vec<String>) {
+    let mut want: Vec<(String, String)> = rules
+        .nat
+        .iter()
+        .map(|r| ("nat".to_owned(), r.clone()))
+        .collect();
+    want.extend(
+        rules
+            .mangle
+            .iter()
+            .map(|r| ("mangle".to_owned(), r.clone())),
+    );
+    want.extend(rules.jumps.iter().map(|(t, r)| (t.to_string(), r.clone())));
+    let missing: Vec<String> = want
+        .iter()
+        .filter(|w| !live.rules.contains(w))
+        .map(|(t, r)| format!("{t}: {r}"))
+        .collect();
+    let mut unexpected: Vec<String> = live
+        .rules
+        .iter()
+        .filter(|l| !want.contains(l))
+        .map(|(t, r)| format!("{t}: {r}"))
+        .collect();
+    // Order matters inside a chain.
+    for chain in [CHAIN_OUTPUT, CHAIN_DIVERT, CHAIN_INBOUND] {
+        let prefix = format!("-A {chain} ");
+        let live_order: Vec<&String> = live
+            .rules
+            .iter()
+            .map(|(_, r)| r)
+            .filter(|r| r.starts_with(&prefix))
+            .collect();
+        let want_order: Vec<&String> = want
+            .iter()
+            .map(|(_, r)| r)
+            .filter(|r| r.starts_with(&prefix))
+            .collect();
+        if live_order != want_order && missing.is_empty() && unexpected.is_empty() {
+            unexpected.push(format!("rules of {chain} are out of order"));
+        }
+    }
+    (missing, unexpected)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,199 @@
+use super::*;
+
+fn cfg() -> Config {
+    Config {
+        exclude_outbound_ports: vec![5432, 22, 22],
+        exclude_inbound_ports: vec![9090],
+        exclude_outbound_cidrs: vec![
+            "10.96.0.0/12".parse().unwrap(),
+            "fd00:96::/64".parse().unwrap(),
+        ],
+        exclude_inbound_cidrs: vec!["192.0.2.0/24".parse().unwrap()],
+        ..Config::default()
+    }
+}
+
+#[test]
+fn sidecar_v4_rules() {
+    let r = cfg().rules(Family::V4);
+    assert_eq!(
+        r.nat,
+        vec![
+            "-A SEGMESH_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+            "-A SEGMESH_OUTPUT -d 127.0.0.0/8 -j RETURN",
+            "-A SEGMESH_OUTPUT -o lo -j RETURN",
+            "-A SEGMESH_OUTPUT -d 10.96.0.0/12 -j RETURN",
+            "-A SEGMESH_OUTPUT -p tcp -m tcp --dport 22 -j RETURN",
+            "-A SEGMESH_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN",
+            "-A SEGMESH_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+        ]
+    );
+    assert_eq!(
+        r.mangle,
+        vec![
+            "-A SEGMESH_DIVERT -j MARK --set-xmark 0x539/0xffffffff",
+            "-A SEGMESH_DIVERT -j ACCEPT",
+            "-A SEGMESH_INBOUND -p tcp -m socket --transparent -j SEGMESH_DIVERT",
+            "-A SEGMESH_INBOUND -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+            "-A SEGMESH_INBOUND -i lo -j RETURN",
+            "-A SEGMESH_INBOUND -s 192.0.2.0/24 -j RETURN",
+            "-A SEGMESH_INBOUND -p tcp -m tcp --dport 9090 -j RETURN",
+            "-A SEGMESH_INBOUND -p tcp -m tcp --dport 15008 -j RETURN",
+            "-A SEGMESH_INBOUND -p tcp -m tcp --dport 15020 -j RETURN",
+            "-A SEGMESH_INBOUND -p tcp -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff",
+        ]
+    );
+}
+
+#[test]
+fn v6_rules_use_v6_addresses_only() {
+    let r = cfg().rules(Family::V6);
+    assert!(
+        r.nat
+            .contains(&"-A SEGMESH_OUTPUT -d ::1/128 -j RETURN".to_owned())
+    );
+    assert!(
+        r.nat
+            .contains(&"-A SEGMESH_OUTPUT -d fd00:96::/64 -j RETURN".to_owned())
+    );
+    assert!(!r.nat.iter().any(|l| l.contains("10.96.")));
+    assert!(!r.mangle.iter().any(|l| l.contains("192.0.2.")));
+    assert!(r.mangle.last().unwrap().contains("--on-ip :: "));
+}
+
+#[test]
+fn host_mode_only_captures_local_destinations_and_excludes_gid_and_mark() {
+    let c = Config {
+        mode: Mode::Host,
+        proxy_gid: Some(1337),
+        proxy_mark: Some(0x2a),
+        ..Config::default()
+    };
+    let r = c.rules(Family::V4);
+    assert!(
+        r.mangle
+            .contains(&"-A SEGMESH_INBOUND -m addrtype ! --dst-type LOCAL -j RETURN".to_owned())
+    );
+    assert!(
+        r.nat
+            .contains(&"-A SEGMESH_OUTPUT -m owner --gid-owner 1337 -j RETURN".to_owned())
+    );
+    assert!(
+        r.nat
+            .contains(&"-A SEGMESH_OUTPUT -m mark --mark 0x2a -j RETURN".to_owned())
+    );
+    assert!(
+        !Config::default()
+            .rules(Family::V4)
+            .mangle
+            .iter()
+            .any(|l| l.contains("addrtype"))
+    );
+}
+
+#[test]
+fn install_adds_jumps_only_when_missing() {
+    let r = cfg().rules(Family::V4);
+    let fresh = install_payload(&r, &Live::default());
+    assert!(fresh.starts_with("*nat\n:SEGMESH_OUTPUT - [0:0]\n"));
+    assert!(fresh.contains("-A OUTPUT -p tcp -j SEGMESH_OUTPUT\nCOMMIT\n*mangle\n:SEGMESH_DIVERT - [0:0]\n:SEGMESH_INBOUND - [0:0]\n"));
+    assert!(fresh.ends_with("-A PREROUTING -p tcp -j SEGMESH_INBOUND\nCOMMIT\n"));
+    let live = parse_save(&format!(
+        "*nat\n:OUTPUT ACCEPT [0:0]\n:SEGMESH_OUTPUT - [0:0]\n{}\nCOMMIT\n",
+        jump_output()
+    ));
+    let again = install_payload(&r, &live);
+    assert!(
+        !again.contains("-A OUTPUT -p tcp -j SEGMESH_OUTPUT"),
+        "{again}"
+    );
+    assert!(again.contains("-A PREROUTING -p tcp -j SEGMESH_INBOUND"));
+}
+
+fn save_of(r: &Rules) -> String {
+    let mut s = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:SEGMESH_OUTPUT - [0:0]\n-A OUTPUT -p tcp -m owner --uid-owner 1 -j ACCEPT\n",
+    );
+    s.push_str(&format!("{}\n", jump_output()));
+    for l in &r.nat {
+        s.push_str(l);
+        s.push('\n');
+    }
+    s.push_str("COMMIT\n*mangle\n:PREROUTING ACCEPT [0:0]\n:SEGMESH_DIVERT - [0:0]\n:SEGMESH_INBOUND - [0:0]\n");
+    s.push_str(&format!("{}\n", jump_inbound()));
+    for l in &r.mangle {
+        s.push_str(l);
+        s.push('\n');
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+#[test]
+fn check_compares_rules_and_order() {
+    let r = cfg().rules(Family::V4);
+    let live = parse_save(&save_of(&r));
+    assert_eq!(diff(&r, &live), (vec![], vec![]));
+    assert!(
+        !live.rules.iter().any(|(_, l)| l.contains("--uid-owner 1 ")),
+        "others' rules are not ours"
+    );
+    // A missing rule, an extra rule, a reordering: each is reported.
+    let mut missing = r.clone();
+    missing
+        .nat
+        .push("-A SEGMESH_OUTPUT -d 1.2.3.4/32 -j RETURN".into());
+    assert_eq!(
+        diff(&missing, &live).0,
+        vec!["nat: -A SEGMESH_OUTPUT -d 1.2.3.4/32 -j RETURN"]
+    );
+    let mut fewer = r.clone();
+    fewer.nat.remove(1);
+    assert_eq!(
+        diff(&fewer, &live).1,
+        vec!["nat: -A SEGMESH_OUTPUT -d 127.0.0.0/8 -j RETURN"]
+    );
+    let mut swapped = r.clone();
+    swapped.nat.swap(1, 2);
+    assert_eq!(
+        diff(&swapped, &live).1,
+        vec!["rules of SEGMESH_OUTPUT are out of order"]
+    );
+    // Nothing live: everything is missing.
+    assert_eq!(
+        diff(&r, &Live::default()).0.len(),
+        r.nat.len() + r.mangle.len() + 2
+    );
+}
+
+#[test]
+fn cleanup_removes_exactly_ours() {
+    let r = cfg().rules(Family::V4);
+    let live = parse_save(&save_of(&r));
+    let p = cleanup_payload(&live);
+    assert_eq!(
+        p,
+        "*nat\n-D OUTPUT -p tcp -j SEGMESH_OUTPUT\n-F SEGMESH_OUTPUT\n-X SEGMESH_OUTPUT\nCOMMIT\n\
+         *mangle\n-D PREROUTING -p tcp -j SEGMESH_INBOUND\n-F SEGMESH_DIVERT\n-F SEGMESH_INBOUND\n-X SEGMESH_DIVERT\n-X SEGMESH_INBOUND\nCOMMIT\n"
+    );
+    assert_eq!(cleanup_payload(&Live::default()), "");
+}
+
+#[test]
+fn route_commands_per_family() {
+    let (add, del) = route_commands(&Config::default(), Family::V6);
+    assert_eq!(
+        add,
+        vec![
+            "-6 rule add fwmark 0x539 lookup 133",
+            "-6 route replace local ::/0 dev lo table 133"
+        ]
+    );
+    assert_eq!(
+        del,
+        vec![
+            "-6 rule del fwmark 0x539 lookup 133",
+            "-6 route flush table 133"
+        ]
+    );
+}

@@ -1,0 +1,64 @@
+//! Wire types shared by the enforcer and the console. Serde only.
+//!
+//! # Layout
+//! - [`FlowRecord`]: one connection as an enforcer saw it (JSON lines, and to the
+//!   console).
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// One side of a flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowEndpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// `<namespace>:<name>` when this end is a processing unit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pu: Option<String>,
+    /// The external networks (`<namespace>:<name>`) the address fell in, when it is not
+    /// a processing unit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external: Vec<String>,
+}
+
+/// A staged policy that matched, and what it would have done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedResult {
+    pub policy: String,
+    /// `allow` or `reject`.
+    pub action: String,
+}
+
+/// One connection as an enforcer saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    /// When the connection was captured (RFC 3339, UTC).
+    pub time: String,
+    /// `outgoing` (our PU connects) or `incoming` (our PU accepts).
+    pub direction: String,
+    pub source: FlowEndpoint,
+    pub destination: FlowEndpoint,
+    /// `allow` or `reject`.
+    pub verdict: String,
+    /// `policy`, `default`, `discovered`, or why the enforcer refused before any
+    /// policy (`no-snapshot`, `overload`, `registered-pu`, `loop`).
+    pub reason: String,
+    /// The deciding policies (`<namespace>:<name>`).
+    pub policies: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub staged: Vec<StagedResult>,
+    pub encrypt: bool,
+    /// How the bytes moved: `spliced` (zero-copy) or `copied`; absent when rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_path: Option<String>,
+    /// Bytes from source to destination, and back.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration_ms: u64,
+    /// `closed`, `reset`, `idle`, `connect-failed`, `connect-timeout`, `policy`,
+    /// `rejected`, `error`.
+    pub close_reason: String,
+}

@@ -1,0 +1,215 @@
+//! The enforcer's local configuration file (`--local-config`): the PU, its identity
+//! files, the workload registry and the policy files. Relative paths are relative to the
+//! file. The console later supplies the same content as a snapshot.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}: {1}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("{0}: {1}")]
+    Yaml(PathBuf, #[source] serde_norway::Error),
+    #[error("{0}")]
+    Policy(#[from] segmesh_policy::LoadError),
+    #[error("pu: {0}")]
+    Pu(String),
+    #[error("registry: {0}")]
+    Registry(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PuConfig {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundle: PathBuf,
+}
+
+/// A PU this enforcer may meet. No tags: a peer's tags come only from its certificate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryEntry {
+    pub name: String,
+    pub namespace: String,
+    pub ips: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listeners {
+    /// Outbound capture (REDIRECT target). Default 15001.
+    #[serde(default = "d_outbound")]
+    pub outbound: u16,
+    /// Inbound capture (TPROXY target). Default 15006.
+    #[serde(default = "d_inbound")]
+    pub inbound: u16,
+    /// Mesh tunnel. Default 15008.
+    #[serde(default = "d_tunnel")]
+    pub tunnel: u16,
+    /// Admin (`/healthz`, `/ready`, `/metrics`, `/config`). Default 15020.
+    #[serde(default = "d_admin")]
+    pub admin: u16,
+}
+
+fn d_outbound() -> u16 {
+    15001
+}
+fn d_inbound() -> u16 {
+    15006
+}
+fn d_tunnel() -> u16 {
+    15008
+}
+fn d_admin() -> u16 {
+    15020
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Listeners {
+            outbound: 15001,
+            inbound: 15006,
+            tunnel: 15008,
+            admin: 15020,
+        }
+    }
+}
+
+/// Limits of the data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Concurrent proxied connections; more are refused with an RST. Default 16384.
+    #[serde(default = "d_max")]
+    pub max_connections: usize,
+    /// Close a connection idle this long in both directions. Default 1 h.
+    #[serde(default = "d_idle", with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Give up connecting to a destination after this long. Default 5 s.
+    #[serde(default = "d_connect", with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+}
+
+fn d_max() -> usize {
+    16384
+}
+fn d_idle() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_connect() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: d_max(),
+            idle_timeout: d_idle(),
+            connect_timeout: d_connect(),
+        }
+    }
+}
+
+/// Durations written as `5s`, `1h`, `250ms`.
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    pub pu: PuConfig,
+    /// Certificate, key and trust bundle (used by the mesh tunnel).
+    #[serde(default)]
+    pub identity: Option<IdentityFiles>,
+    #[serde(default)]
+    pub registry: Vec<RegistryEntry>,
+    /// Policy files or folders (the YAML `segmeshctl` reads).
+    #[serde(default)]
+    pub policies: Vec<PathBuf>,
+    #[serde(default)]
+    pub listeners: Listeners,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Where flow records go: a path, or `-` for stdout. Default: none.
+    #[serde(default)]
+    pub flow_log: Option<String>,
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    }
+}
+
+impl LocalConfig {
+    /// Reads the file and makes its paths absolute.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+        let mut cfg: LocalConfig =
+            serde_norway::from_str(&text).map_err(|e| ConfigError::Yaml(path.to_owned(), e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.policies = cfg.policies.iter().map(|p| resolve(base, p)).collect();
+        if let Some(id) = cfg.identity.as_mut() {
+            id.cert = resolve(base, &id.cert);
+            id.key = resolve(base, &id.key);
+            id.bundle = resolve(base, &id.bundle);
+        }
+        if let Some(f) = cfg.flow_log.as_mut().filter(|f| f.as_str() != "-") {
+            *f = resolve(base, Path::new(f.as_str())).display().to_string();
+        }
+        Ok(cfg)
+    }
+
+    /// Every file whose change should trigger a reload: the config and the policy files.
+    pub fn watched_files(&self, config: &Path) -> Vec<PathBuf> {
+        let mut out = vec![config.to_owned()];
+        for p in &self.policies {
+            if p.is_dir() {
+                collect_yaml(p, &mut out);
+            } else {
+                out.push(p.clone());
+            }
+        }
+        out
+    }
+}
+
+/// Policy files below a folder, sorted, recursively.
+pub fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            collect_yaml(&p, out);
+        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            out.push(p);
+        }
+    }
+}

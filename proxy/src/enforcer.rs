@@ -1,0 +1,611 @@
+//! The enforcer: binds the capture and admin listeners, decides each captured connection
+//! with the current snapshot, relays allowed ones, refuses the rest with an RST, and
+//! reloads its configuration on SIGHUP or when a file changes (atomically; a broken
+//! configuration keeps the previous one). With no valid configuration it rejects
+//! everything (fail closed).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use segmesh_api::{FlowEndpoint, FlowRecord, StagedResult};
+use segmesh_policy::{Address, Decision, Direction, PreparedPeer, Reason, Verdict};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::config::{Limits, Listeners};
+use crate::flows::FlowLog;
+use crate::metrics::{
+    ConnLabels, Dir, DirLabels, ErrorKind, ErrorLabels, Metrics, ReloadLabels, VerdictLabel,
+};
+use crate::snapshot::Snapshot;
+use crate::socket;
+use crate::splice::{self, Close, DataPath, Progress};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+    #[error("cannot open the flow log: {0}")]
+    FlowLog(#[source] std::io::Error),
+}
+
+/// State shared by every task of the enforcer.
+pub struct Shared {
+    snapshot: RwLock<Arc<Snapshot>>,
+    pub metrics: Metrics,
+    flows: FlowLog,
+    permits: Arc<Semaphore>,
+    limits: Limits,
+    listeners: Listeners,
+    config_path: PathBuf,
+    bound: AtomicBool,
+}
+
+impl Shared {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().expect("lock poisoned").clone()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.bound.load(Ordering::Relaxed) && !self.snapshot().is_fail_closed()
+    }
+
+    fn record(&self, r: FlowRecord) {
+        if !self.flows.record(r) {
+            self.metrics.flow_records_dropped.inc();
+        }
+    }
+
+    fn error(&self, kind: ErrorKind) {
+        self.metrics
+            .errors
+            .get_or_create(&ErrorLabels { kind })
+            .inc();
+    }
+
+    /// Loads the configuration again; keeps the current one if the new one is broken.
+    pub fn reload(&self, why: &str) -> bool {
+        match Snapshot::load(&self.config_path) {
+            Ok(s) => {
+                if let Some(cfg) = &s.config {
+                    if cfg.listeners != self.listeners || cfg.limits != self.limits {
+                        tracing::warn!("listener ports and limits change only on restart");
+                    }
+                }
+                tracing::info!(version = %s.version, policies = s.policy_count, reason = why, "configuration loaded");
+                *self.snapshot.write().expect("lock poisoned") = Arc::new(s);
+                self.metrics
+                    .reloads
+                    .get_or_create(&ReloadLabels { result: "ok" })
+                    .inc();
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, reason = why, "configuration rejected; still enforcing the previous one");
+                self.metrics
+                    .reloads
+                    .get_or_create(&ReloadLabels { result: "error" })
+                    .inc();
+                false
+            }
+        }
+    }
+}
+
+/// A running enforcer. Dropping it stops every listener (open connections finish on
+/// their own).
+pub struct Enforcer {
+    pub shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+    pub admin_addr: SocketAddr,
+}
+
+impl Drop for Enforcer {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn ipv6_available() -> bool {
+    Path::new("/proc/net/if_inet6").exists()
+}
+
+impl Enforcer {
+    /// Loads the configuration (failing closed if it is broken) and binds every listener.
+    pub async fn start(config_path: &Path) -> Result<Enforcer, Error> {
+        let initial = match Snapshot::load(config_path) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "no valid configuration: rejecting every connection until one loads");
+                Snapshot::fail_closed()
+            }
+        };
+        let (listeners, limits, flow_log) = match &initial.config {
+            Some(c) => (c.listeners, c.limits, c.flow_log.clone()),
+            None => (Listeners::default(), Limits::default(), None),
+        };
+        let (flows, _writer) = FlowLog::open(flow_log.as_deref()).map_err(Error::FlowLog)?;
+        let shared = Arc::new(Shared {
+            snapshot: RwLock::new(Arc::new(initial)),
+            metrics: Metrics::default(),
+            flows,
+            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+            listeners,
+            config_path: config_path.to_owned(),
+            bound: AtomicBool::new(false),
+        });
+
+        let v6 = ipv6_available();
+        let bind = |addr: SocketAddr, transparent: bool| {
+            socket::listener(addr, transparent, 1024).map_err(|e| Error::Bind(addr, e))
+        };
+        let mut tasks = Vec::new();
+        let mut capture = vec![
+            (
+                bind(
+                    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listeners.outbound),
+                    false,
+                )?,
+                Dir::Outbound,
+            ),
+            (
+                bind(
+                    SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), listeners.inbound),
+                    true,
+                )?,
+                Dir::Inbound,
+            ),
+        ];
+        if v6 {
+            capture.push((
+                bind(
+                    SocketAddr::new(Ipv6Addr::LOCALHOST.into(), listeners.outbound),
+                    false,
+                )?,
+                Dir::Outbound,
+            ));
+            capture.push((
+                bind(
+                    SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), listeners.inbound),
+                    true,
+                )?,
+                Dir::Inbound,
+            ));
+        }
+        for (l, dir) in capture {
+            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), direction = ?dir, "listener established");
+            tasks.push(tokio::spawn(accept_loop(l, dir, shared.clone())));
+        }
+        let admin_addr = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), listeners.admin);
+        let admin = bind(admin_addr, false)?;
+        let admin_addr = admin.local_addr().map_err(|e| Error::Bind(admin_addr, e))?;
+        tasks.push(tokio::spawn(crate::admin::serve(admin, shared.clone())));
+        tasks.push(tokio::spawn(watch(shared.clone())));
+        shared.bound.store(true, Ordering::Relaxed);
+        Ok(Enforcer {
+            shared,
+            tasks,
+            admin_addr,
+        })
+    }
+}
+
+/// Accepts until the task is aborted; an accept error backs off and never stops it.
+async fn accept_loop(listener: TcpListener, dir: Dir, shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    match dir {
+                        Dir::Outbound => outbound(shared, stream, peer).await,
+                        Dir::Inbound => inbound(shared, stream, peer).await,
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Watches for SIGHUP and for changes of the configuration and policy files.
+async fn watch(shared: Arc<Shared>) {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let fingerprint = |s: &Shared| -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+        let files = match &s.snapshot().config {
+            Some(c) => c.watched_files(&s.config_path),
+            None => vec![s.config_path.clone()],
+        };
+        files
+            .into_iter()
+            .map(|f| {
+                let m = std::fs::metadata(&f).ok();
+                let (t, n) = (
+                    m.as_ref().and_then(|m| m.modified().ok()),
+                    m.map_or(0, |m| m.len()),
+                );
+                (f, t, n)
+            })
+            .collect()
+    };
+    let mut last = fingerprint(&shared);
+    loop {
+        let signalled = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await.is_some(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            true = signalled => {
+                let s = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || s.reload("SIGHUP")).await;
+                last = fingerprint(&shared);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                let now = fingerprint(&shared);
+                if now != last {
+                    let s = shared.clone();
+                    let _ = tokio::task::spawn_blocking(move || s.reload("file changed")).await;
+                    last = fingerprint(&shared);
+                }
+            }
+        }
+    }
+}
+
+/// What one connection looked like, for its flow record.
+struct Flow {
+    started: Instant,
+    time: String,
+    dir: Dir,
+    source: FlowEndpoint,
+    destination: FlowEndpoint,
+}
+
+fn endpoint(addr: SocketAddr) -> FlowEndpoint {
+    FlowEndpoint {
+        ip: addr.ip().to_canonical(),
+        port: addr.port(),
+        pu: None,
+        external: Vec::new(),
+    }
+}
+
+fn record(
+    shared: &Shared,
+    snap: &Snapshot,
+    flow: Flow,
+    d: Option<&Decision>,
+    reason: &str,
+    relayed: Option<(u64, u64, DataPath)>,
+    close: &str,
+) {
+    let set = snap.engine.set();
+    let (verdict, policies, tier, staged, encrypt) = match d {
+        Some(d) => (
+            // A policy allow refused for another reason (overload) is recorded as a reject.
+            if d.verdict == Verdict::Allow && close != "rejected" {
+                "allow"
+            } else {
+                "reject"
+            },
+            d.policy_names(set),
+            d.tier.map(|t| t.to_string()),
+            d.staged(set)
+                .map(|(id, a)| StagedResult {
+                    policy: set.policy(id).qualified_name(),
+                    action: a.to_string().to_lowercase(),
+                })
+                .collect(),
+            d.encrypt,
+        ),
+        None => ("reject", Vec::new(), None, Vec::new(), false),
+    };
+    let (sent, received, path) = relayed.map_or((0, 0, None), |(f, b, p)| (f, b, Some(p)));
+    shared.record(FlowRecord {
+        time: flow.time,
+        direction: match flow.dir {
+            Dir::Outbound => "outgoing",
+            Dir::Inbound => "incoming",
+        }
+        .into(),
+        source: flow.source,
+        destination: flow.destination,
+        verdict: verdict.into(),
+        reason: reason.into(),
+        policies,
+        tier,
+        staged,
+        encrypt,
+        data_path: path.map(|p| match p {
+            DataPath::Spliced => "spliced".into(),
+            DataPath::Copied => "copied".into(),
+        }),
+        bytes_sent: sent,
+        bytes_received: received,
+        duration_ms: flow.started.elapsed().as_millis() as u64,
+        close_reason: close.into(),
+    });
+}
+
+fn reason_str(d: &Decision) -> &'static str {
+    match d.reason {
+        Reason::Policy => "policy",
+        Reason::Default => "default",
+        Reason::Discovery => "discovered",
+    }
+}
+
+/// Refuses a connection at once (RST) and records why.
+fn refuse(
+    shared: &Shared,
+    snap: &Snapshot,
+    stream: TcpStream,
+    flow: Flow,
+    d: Option<&Decision>,
+    reason: &str,
+) {
+    socket::reset(stream);
+    shared
+        .metrics
+        .connections
+        .get_or_create(&ConnLabels {
+            direction: flow.dir,
+            verdict: VerdictLabel::Reject,
+        })
+        .inc();
+    tracing::debug!(source = %flow.source.ip, destination = %flow.destination.ip, port = flow.destination.port, reason, "rejected");
+    record(shared, snap, flow, d, reason, None, "rejected");
+}
+
+/// Decides against the external networks the peer address falls in.
+fn decide_external(
+    snap: &Snapshot,
+    dir: Direction,
+    ip: IpAddr,
+    port: u16,
+    metrics: &Metrics,
+) -> (Decision, Vec<String>) {
+    let t = Instant::now();
+    let ids = snap.engine.resolve_address(
+        &snap.prepared,
+        &Address {
+            ip: Some(ip),
+            domain: None,
+        },
+        port,
+    );
+    let d = snap.engine.decide(
+        dir,
+        &snap.prepared,
+        &PreparedPeer::Networks(ids.clone()),
+        port,
+    );
+    metrics.decision_seconds.observe(t.elapsed().as_secs_f64());
+    let names = ids
+        .iter()
+        .map(|&i| {
+            let e = &snap.engine.set().externals()[i as usize];
+            format!("{}:{}", e.namespace, e.name)
+        })
+        .collect();
+    (d, names)
+}
+
+/// Connects to the destination and relays; records and counts.
+async fn forward(
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    stream: TcpStream,
+    target: SocketAddr,
+    flow: Flow,
+    d: Decision,
+) {
+    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+        shared.error(ErrorKind::Overload);
+        return refuse(&shared, &snap, stream, flow, Some(&d), "overload");
+    };
+    let upstream =
+        match tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(target)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, %target, "connect failed");
+                shared.error(ErrorKind::ConnectFailed);
+                socket::reset(stream);
+                return record(
+                    &shared,
+                    &snap,
+                    flow,
+                    Some(&d),
+                    reason_str(&d),
+                    None,
+                    "connect-failed",
+                );
+            }
+            Err(_) => {
+                shared.error(ErrorKind::ConnectTimeout);
+                socket::reset(stream);
+                return record(
+                    &shared,
+                    &snap,
+                    flow,
+                    Some(&d),
+                    reason_str(&d),
+                    None,
+                    "connect-timeout",
+                );
+            }
+        };
+    let _ = upstream.set_nodelay(true);
+    let m = &shared.metrics;
+    m.connections
+        .get_or_create(&ConnLabels {
+            direction: flow.dir,
+            verdict: VerdictLabel::Allow,
+        })
+        .inc();
+    let open = m
+        .open
+        .get_or_create(&DirLabels {
+            direction: flow.dir,
+        })
+        .clone();
+    open.inc();
+    let progress = Progress::default();
+    let out = splice::relay(
+        stream,
+        upstream,
+        shared.limits.idle_timeout,
+        false,
+        &progress,
+    )
+    .await;
+    open.dec();
+    drop(permit);
+    let total = out.forward + out.backward;
+    m.bytes
+        .get_or_create(&DirLabels {
+            direction: flow.dir,
+        })
+        .inc_by(total);
+    match out.path {
+        DataPath::Spliced => {
+            m.spliced_bytes.inc_by(total);
+        }
+        DataPath::Copied => {
+            m.copied_bytes.inc_by(total);
+            m.copy_fallbacks.inc();
+        }
+    }
+    match out.close {
+        Close::Reset => shared.error(ErrorKind::Reset),
+        Close::Idle => shared.error(ErrorKind::Idle),
+        Close::Error => shared.error(ErrorKind::Io),
+        Close::Closed => {}
+    }
+    if d.log {
+        record(
+            &shared,
+            &snap,
+            flow,
+            Some(&d),
+            reason_str(&d),
+            Some((out.forward, out.backward, out.path)),
+            out.close.as_str(),
+        );
+    }
+}
+
+/// A connection our PU opened, REDIRECTed to us.
+async fn outbound(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let snap = shared.snapshot();
+    let started = Instant::now();
+    let target = match socket::original_dst(&stream) {
+        Ok(t) => SocketAddr::new(t.ip().to_canonical(), t.port()),
+        Err(e) => {
+            tracing::debug!(error = %e, "no original destination (connected to the capture port directly?)");
+            shared.error(ErrorKind::OriginalDst);
+            return socket::reset(stream);
+        }
+    };
+    let mut source = endpoint(peer);
+    source.pu = Some(snap.pu_qualified());
+    let mut flow = Flow {
+        started,
+        time: now_rfc3339(),
+        dir: Dir::Outbound,
+        source,
+        destination: endpoint(target),
+    };
+    if snap.is_fail_closed() {
+        return refuse(&shared, &snap, stream, flow, None, "no-snapshot");
+    }
+    if target.ip().is_loopback() && target.port() == shared.listeners.outbound {
+        return refuse(&shared, &snap, stream, flow, None, "loop");
+    }
+    if let Some(r) = snap.registry.get(&target.ip()) {
+        // PU to PU goes through the mesh tunnel (not in this build): refuse rather than
+        // let plaintext through unauthenticated.
+        flow.destination.pu = Some(r.qualified());
+        return refuse(&shared, &snap, stream, flow, None, "registered-pu");
+    }
+    let (d, networks) = decide_external(
+        &snap,
+        Direction::Outgoing,
+        target.ip(),
+        target.port(),
+        &shared.metrics,
+    );
+    flow.destination.external = networks;
+    if d.verdict == Verdict::Reject {
+        return refuse(&shared, &snap, stream, flow, Some(&d), reason_str(&d));
+    }
+    forward(shared.clone(), snap, stream, target, flow, d).await;
+}
+
+/// A connection to our PU from outside, TPROXYed to us: the local address is the
+/// original destination.
+async fn inbound(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let snap = shared.snapshot();
+    let started = Instant::now();
+    let target = match stream.local_addr() {
+        Ok(t) => SocketAddr::new(t.ip().to_canonical(), t.port()),
+        Err(_) => {
+            shared.error(ErrorKind::OriginalDst);
+            return socket::reset(stream);
+        }
+    };
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let mut destination = endpoint(target);
+    destination.pu = Some(snap.pu_qualified());
+    let mut flow = Flow {
+        started,
+        time: now_rfc3339(),
+        dir: Dir::Inbound,
+        source: endpoint(peer),
+        destination,
+    };
+    if snap.is_fail_closed() {
+        return refuse(&shared, &snap, stream, flow, None, "no-snapshot");
+    }
+    if target.port() == shared.listeners.inbound {
+        return refuse(&shared, &snap, stream, flow, None, "loop");
+    }
+    if let Some(r) = snap.registry.get(&peer.ip()) {
+        // A registered PU must come through the tunnel with its certificate.
+        flow.source.pu = Some(r.qualified());
+        return refuse(&shared, &snap, stream, flow, None, "registered-pu");
+    }
+    let (d, networks) = decide_external(
+        &snap,
+        Direction::Incoming,
+        peer.ip(),
+        target.port(),
+        &shared.metrics,
+    );
+    flow.source.external = networks;
+    if d.verdict == Verdict::Reject {
+        return refuse(&shared, &snap, stream, flow, Some(&d), reason_str(&d));
+    }
+    forward(shared.clone(), snap, stream, target, flow, d).await;
+}

@@ -1,0 +1,19 @@
+//! The segmesh enforcer: a transparent L4 proxy for one workload (or one host).
+//!
+//! # Layout
+//! - [`config`]: the local configuration file.
+//! - [`snapshot`]: what is enforced (PU, compiled policies, registry), swapped whole.
+//! - [`enforcer`]: listeners, per-connection decisions, reloads.
+//! - [`splice`]: the zero-copy data plane (splice through pipes; copy fallback).
+//! - [`socket`]: socket options and syscalls (original destination, transparency, RST).
+//! - [`flows`]: flow records as JSON lines.
+//! - [`metrics`], [`admin`]: Prometheus metrics and the admin endpoints.
+
+pub mod admin;
+pub mod config;
+pub mod enforcer;
+pub mod flows;
+pub mod metrics;
+pub mod snapshot;
+pub mod socket;
+pub mod splice;

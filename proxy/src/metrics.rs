@@ -1,0 +1,146 @@
+//! Prometheus metrics of the enforcer (text exposition on the admin port's `/metrics`).
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Dir {
+    Outbound,
+    Inbound,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum VerdictLabel {
+    Allow,
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ErrorKind {
+    ConnectFailed,
+    ConnectTimeout,
+    Reset,
+    Idle,
+    Overload,
+    OriginalDst,
+    Io,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub direction: Dir,
+    pub verdict: VerdictLabel,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirLabels {
+    pub direction: Dir,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: ErrorKind,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections: Family<ConnLabels, Counter>,
+    pub open: Family<DirLabels, Gauge>,
+    pub bytes: Family<DirLabels, Counter>,
+    pub spliced_bytes: Counter,
+    pub copied_bytes: Counter,
+    pub copy_fallbacks: Counter,
+    pub decision_seconds: Histogram,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub flow_records_dropped: Counter,
+    pub reloads: Family<ReloadLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("segmesh");
+        let m = Metrics {
+            connections: Family::default(),
+            open: Family::default(),
+            bytes: Family::default(),
+            spliced_bytes: Counter::default(),
+            copied_bytes: Counter::default(),
+            copy_fallbacks: Counter::default(),
+            // 100 ns .. ~3.3 ms.
+            decision_seconds: Histogram::new(exponential_buckets(1e-7, 2.0, 16)),
+            errors: Family::default(),
+            flow_records_dropped: Counter::default(),
+            reloads: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Connections decided, by direction and verdict",
+            m.connections.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Connections being relayed now",
+            m.open.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Bytes relayed (both ways), by direction",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "spliced_bytes",
+            "Bytes moved with splice(2), never copied to user space",
+            m.spliced_bytes.clone(),
+        );
+        registry.register(
+            "copied_bytes",
+            "Bytes moved through a user-space buffer",
+            m.copied_bytes.clone(),
+        );
+        registry.register(
+            "copy_fallbacks",
+            "Connections that could not be spliced and were copied",
+            m.copy_fallbacks.clone(),
+        );
+        registry.register(
+            "decision_seconds",
+            "Time to decide one flow",
+            m.decision_seconds.clone(),
+        );
+        registry.register(
+            "connection_errors",
+            "Connections that ended in an error, by kind",
+            m.errors.clone(),
+        );
+        registry.register(
+            "flow_records_dropped",
+            "Flow records dropped because the writer fell behind",
+            m.flow_records_dropped.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result",
+            m.reloads.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

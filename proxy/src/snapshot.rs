@@ -1,0 +1,141 @@
+//! What the enforcer enforces: its PU, the compiled policies, and the registry of the
+//! PUs it may meet, built whole and swapped atomically.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use segmesh_policy::{Engine, NamespacePath, PolicySet, PreparedPu, Pu, Source, Tag, TagSet};
+
+use crate::config::{ConfigError, LocalConfig, collect_yaml};
+
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub name: String,
+    pub namespace: String,
+}
+
+impl Registered {
+    pub fn qualified(&self) -> String {
+        format!("{}:{}", self.namespace, self.name)
+    }
+}
+
+pub struct Snapshot {
+    /// A fingerprint of the inputs, shown by `/config`.
+    pub version: String,
+    pub pu: Pu,
+    pub pu_name: String,
+    pub engine: Engine,
+    pub prepared: PreparedPu,
+    pub registry: HashMap<IpAddr, Registered>,
+    pub config: Option<LocalConfig>,
+    pub policy_count: usize,
+}
+
+impl Snapshot {
+    /// Rejects everything: what the enforcer enforces before any valid configuration.
+    pub fn fail_closed() -> Snapshot {
+        let engine = Engine::compile(PolicySet::default());
+        let pu = Pu::with_automatic_tags(NamespacePath::root(), TagSet::new());
+        let prepared = engine.prepare_pu(&pu);
+        Snapshot {
+            version: "none".into(),
+            pu,
+            pu_name: String::new(),
+            engine,
+            prepared,
+            registry: HashMap::new(),
+            config: None,
+            policy_count: 0,
+        }
+    }
+
+    pub fn is_fail_closed(&self) -> bool {
+        self.config.is_none()
+    }
+
+    /// Loads the configuration file and everything it names, or nothing.
+    pub fn load(path: &Path) -> Result<Snapshot, ConfigError> {
+        let cfg = LocalConfig::load(path)?;
+        let namespace: NamespacePath = cfg
+            .pu
+            .namespace
+            .parse()
+            .map_err(|e| ConfigError::Pu(format!("{e}")))?;
+        let mut tags = TagSet::parse(&cfg.pu.tags).map_err(|e| ConfigError::Pu(format!("{e}")))?;
+        if let Ok(t) = Tag::new("$name", &cfg.pu.name) {
+            tags.insert(t);
+        }
+        let pu = Pu::with_automatic_tags(namespace, tags);
+
+        let mut files = Vec::new();
+        for p in &cfg.policies {
+            if p.is_dir() {
+                collect_yaml(p, &mut files);
+            } else {
+                files.push(p.clone());
+            }
+        }
+        let texts = files
+            .iter()
+            .map(|f| {
+                std::fs::read_to_string(f)
+                    .map(|t| (f.display().to_string(), t))
+                    .map_err(|e| ConfigError::Read(f.clone(), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let sources: Vec<Source<'_>> = texts
+            .iter()
+            .map(|(n, t)| Source { name: n, text: t })
+            .collect();
+        let loaded = segmesh_policy::load(&sources)?;
+        let policy_count = loaded.set.policies().len();
+
+        let mut registry = HashMap::new();
+        for r in &cfg.registry {
+            for ip in &r.ips {
+                let prev = registry.insert(
+                    ip.to_canonical(),
+                    Registered {
+                        name: r.name.clone(),
+                        namespace: r.namespace.clone(),
+                    },
+                );
+                if let Some(prev) = prev {
+                    return Err(ConfigError::Registry(format!(
+                        "{ip} is registered to both {} and {}:{}",
+                        prev.qualified(),
+                        r.namespace,
+                        r.name
+                    )));
+                }
+            }
+        }
+        let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&texts, &mut fingerprint);
+        std::hash::Hash::hash(
+            &std::fs::read_to_string(path).unwrap_or_default(),
+            &mut fingerprint,
+        );
+        let version = format!("{:016x}", std::hash::Hasher::finish(&fingerprint));
+
+        let engine = Engine::compile(loaded.set);
+        let prepared = engine.prepare_pu(&pu);
+        Ok(Snapshot {
+            version,
+            pu,
+            pu_name: cfg.pu.name.clone(),
+            engine,
+            prepared,
+            registry,
+            config: Some(cfg),
+            policy_count,
+        })
+    }
+
+    /// `<namespace>:<name>` of our PU.
+    pub fn pu_qualified(&self) -> String {
+        format!("{}:{}", self.pu.namespace, self.pu_name)
+    }
+}

@@ -1,0 +1,122 @@
+//! Socket options and syscalls the enforcer needs. socket2 and nix cover most of them;
+//! the one `unsafe` block (IPV6_TRANSPARENT, which neither wraps) is here, commented and
+//! tested.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+
+/// The destination a REDIRECTed connection was going to (`SO_ORIGINAL_DST` /
+/// `IP6T_SO_ORIGINAL_DST`, netfilter's conntrack lookup).
+pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
+    let sock = SockRef::from(stream);
+    let addr = match stream.local_addr()? {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "original destination is not an IP address",
+        )
+    })
+}
+
+/// Sets `IPV6_TRANSPARENT` (ipv6(7)): the socket may accept connections TPROXY diverts to
+/// it for addresses that are not its own.
+pub fn set_ipv6_transparent(sock: &Socket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // Safety: `sock` owns a valid descriptor for the duration of the call; the option
+    // value points to a live c_int and its exact size is passed, as setsockopt(2) needs.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_IPV6,
+            libc::IPV6_TRANSPARENT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A listening socket. `transparent`: IP_TRANSPARENT / IPV6_TRANSPARENT, for TPROXY.
+pub fn listener(
+    addr: SocketAddr,
+    transparent: bool,
+    backlog: i32,
+) -> io::Result<tokio::net::TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    if transparent {
+        match addr {
+            SocketAddr::V4(_) => sock.set_ip_transparent_v4(true)?,
+            SocketAddr::V6(_) => set_ipv6_transparent(&sock)?,
+        }
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(backlog)?;
+    tokio::net::TcpListener::from_std(sock.into())
+}
+
+/// Closes with an RST instead of a FIN (SO_LINGER with a zero timeout, socket(7)).
+pub fn reset(stream: tokio::net::TcpStream) {
+    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// Sends a FIN: no more data in this direction (shutdown(2) with SHUT_WR).
+pub fn shutdown_write(stream: &tokio::net::TcpStream) -> io::Result<()> {
+    SockRef::from(stream).shutdown(std::net::Shutdown::Write)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// IPV6_TRANSPARENT needs CAP_NET_ADMIN. Its effect is visible: a transparent
+    /// socket may bind an address that is not local (RFC 3849 documentation prefix),
+    /// an ordinary one may not. Without the capability the kernel's EPERM is reported.
+    #[test]
+    fn ipv6_transparent_allows_binding_foreign_addresses() {
+        let foreign: SocketAddr = "[2001:db8::1]:0".parse().unwrap();
+        let plain = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+        if plain.bind(&foreign.into()).is_ok() {
+            // This kernel allows non-local binds anyway (ip_nonlocal_bind): nothing to tell.
+            return;
+        }
+        let sock = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+        match set_ipv6_transparent(&sock) {
+            Ok(()) => sock
+                .bind(&foreign.into())
+                .expect("a transparent socket binds a foreign address"),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn reset_sends_rst() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        reset(s);
+        let mut b = [0u8; 1];
+        let err = tokio::io::AsyncReadExt::read(&mut c, &mut b)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+}

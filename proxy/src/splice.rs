@@ -1,0 +1,274 @@
+//! The data plane of an allowed flow: bytes move between the two sockets with
+//! `splice(2)` through a pipe in each direction, never through user space. A FIN in one
+//! direction is passed on with `shutdown(SHUT_WR)` while the other direction keeps
+//! flowing; a reset is passed on as a reset; a connection idle in both directions past
+//! the timeout is closed. Copying through a buffer is the fallback only when splicing is
+//! impossible (no pipe could be made, or the kernel refuses splice for these
+//! descriptors); it is counted.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use crate::socket;
+
+/// Pipe capacity asked for (fcntl F_SETPIPE_SZ); the kernel may grant less.
+const PIPE_SIZE: i32 = 1 << 20;
+const COPY_BUF: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    Spliced,
+    Copied,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// Both directions ended with a FIN.
+    Closed,
+    /// One side reset; the other was reset too.
+    Reset,
+    /// No bytes either way for the idle timeout.
+    Idle,
+    /// Another I/O error.
+    Error,
+}
+
+impl Close {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Close::Closed => "closed",
+            Close::Reset => "reset",
+            Close::Idle => "idle",
+            Close::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    /// Bytes from the first stream to the second, and back.
+    pub forward: u64,
+    pub backward: u64,
+    pub path: DataPath,
+    pub close: Close,
+}
+
+/// Byte counters the relay updates as it goes (for metrics and idle detection).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub forward: AtomicU64,
+    pub backward: AtomicU64,
+}
+
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+fn pipe() -> io::Result<Pipe> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    // A larger pipe means fewer splice calls per megabyte; failing to grow it is fine.
+    let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+    Ok(Pipe { r, w })
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+/// Moves bytes from `src` to `dst` until EOF (then sends a FIN on `dst`).
+async fn pump_splice(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    counter: &AtomicU64,
+) -> io::Result<()> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        src.readable().await?;
+        let n = match src.try_io(Interest::READABLE, || {
+            splice(
+                src.as_fd(),
+                None,
+                pipe.w.as_fd(),
+                None,
+                PIPE_SIZE as usize,
+                flags,
+            )
+            .map_err(io::Error::from)
+        }) {
+            Ok(0) => {
+                socket::shutdown_write(dst)?;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut left = n;
+        while left > 0 {
+            dst.writable().await?;
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.r.as_fd(), None, dst.as_fd(), None, left, flags)
+                    .map_err(io::Error::from)
+            }) {
+                Ok(m) => {
+                    left -= m;
+                    counter.fetch_add(m as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The same through a user-space buffer.
+async fn pump_copy(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        src.readable().await?;
+        let n = match src.try_read(&mut buf) {
+            Ok(0) => {
+                socket::shutdown_write(dst)?;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut off = 0;
+        while off < n {
+            dst.writable().await?;
+            match dst.try_write(&buf[off..n]) {
+                Ok(m) => {
+                    off += m;
+                    counter.fetch_add(m as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Whether the kernel splices between these descriptors: a zero-length splice checks
+/// the descriptor types without moving data (EINVAL when unsupported).
+fn splice_supported(s: &TcpStream, p: &Pipe) -> bool {
+    !matches!(
+        splice(
+            s.as_fd(),
+            None,
+            p.w.as_fd(),
+            None,
+            0,
+            SpliceFFlags::SPLICE_F_NONBLOCK
+        ),
+        Err(Errno::EINVAL) | Err(Errno::ENOSYS)
+    )
+}
+
+/// Relays until both directions end, one side resets, or both stay idle past `idle`.
+/// `force_copy` selects the copy path (tests and benchmarks of the fallback).
+pub async fn relay(
+    a: TcpStream,
+    b: TcpStream,
+    idle: Duration,
+    force_copy: bool,
+    progress: &Progress,
+) -> Outcome {
+    let pipes = if force_copy {
+        None
+    } else {
+        pipe().and_then(|p| Ok((p, pipe()?))).ok()
+    };
+    let pipes = pipes.filter(|(p, q)| splice_supported(&a, p) && splice_supported(&b, q));
+    let path = if pipes.is_some() {
+        DataPath::Spliced
+    } else {
+        DataPath::Copied
+    };
+
+    // The pumps borrow both streams; they end with this block, before the resets.
+    let close = {
+        let fwd = async {
+            match &pipes {
+                Some((p, _)) => pump_splice(&a, &b, p, &progress.forward).await,
+                None => pump_copy(&a, &b, &progress.forward).await,
+            }
+        };
+        let bwd = async {
+            match &pipes {
+                Some((_, q)) => pump_splice(&b, &a, q, &progress.backward).await,
+                None => pump_copy(&b, &a, &progress.backward).await,
+            }
+        };
+        let watchdog = async {
+            let mut last = (0, 0);
+            let mut since = Instant::now();
+            loop {
+                tokio::time::sleep(
+                    idle.min(Duration::from_secs(1))
+                        .max(Duration::from_millis(10)),
+                )
+                .await;
+                let now = (
+                    progress.forward.load(Ordering::Relaxed),
+                    progress.backward.load(Ordering::Relaxed),
+                );
+                if now != last {
+                    last = now;
+                    since = Instant::now();
+                } else if since.elapsed() >= idle {
+                    return;
+                }
+            }
+        };
+
+        tokio::pin!(fwd, bwd, watchdog);
+        let (mut fwd_done, mut bwd_done) = (false, false);
+        let mut close = Close::Closed;
+        while !(fwd_done && bwd_done) {
+            tokio::select! {
+                r = &mut fwd, if !fwd_done => {
+                    fwd_done = true;
+                    if let Err(e) = r { close = if is_reset(&e) { Close::Reset } else { Close::Error }; break; }
+                }
+                r = &mut bwd, if !bwd_done => {
+                    bwd_done = true;
+                    if let Err(e) = r { close = if is_reset(&e) { Close::Reset } else { Close::Error }; break; }
+                }
+                _ = &mut watchdog => { close = Close::Idle; break; }
+            }
+        }
+        close
+    };
+    let outcome = Outcome {
+        forward: progress.forward.load(Ordering::Relaxed),
+        backward: progress.backward.load(Ordering::Relaxed),
+        path,
+        close,
+    };
+    // Pass a reset on as a reset; an idle or failed connection is reset too, so that
+    // neither application waits on a half-dead peer.
+    if close != Close::Closed {
+        socket::reset(a);
+        socket::reset(b);
+    }
+    outcome
+}
+
+#[cfg(test)]
+mod tests;

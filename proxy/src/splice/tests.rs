@@ -1,0 +1,112 @@
+use super::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A connected pair of streams on loopback.
+async fn pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (s, _) = l.accept().await.unwrap();
+    (c, s)
+}
+
+/// client <-> [a relay b] <-> server; returns the app ends and the relay's outcome.
+async fn setup(
+    force_copy: bool,
+    idle: Duration,
+) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Outcome>) {
+    let (client, a) = pair().await;
+    let (b, server) = pair().await;
+    let h = tokio::spawn(async move { relay(a, b, idle, force_copy, &Progress::default()).await });
+    (client, server, h)
+}
+
+fn stream(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn both_ways(force_copy: bool) {
+    let (mut client, mut server, h) = setup(force_copy, Duration::from_secs(30)).await;
+    let up = stream(1, 8 << 20);
+    let down = stream(2, 3 << 20);
+    let (up2, down2) = (up.clone(), down.clone());
+    let c = tokio::spawn(async move {
+        let (mut r, mut w) = client.split();
+        let send = async {
+            w.write_all(&up2).await.unwrap();
+            w.shutdown().await.unwrap(); // half-close: we are done sending
+        };
+        let mut got = Vec::new();
+        let recv = r.read_to_end(&mut got);
+        let ((), n) = tokio::join!(send, recv);
+        n.unwrap();
+        got
+    });
+    let s = tokio::spawn(async move {
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap(); // the client's FIN arrived...
+        server.write_all(&down2).await.unwrap(); // ...and we can still answer
+        server.shutdown().await.unwrap();
+        got
+    });
+    assert!(s.await.unwrap() == up, "upstream bytes intact");
+    assert!(c.await.unwrap() == down, "downstream bytes intact");
+    let o = h.await.unwrap();
+    assert_eq!(
+        (o.forward, o.backward, o.close),
+        (up.len() as u64, down.len() as u64, Close::Closed)
+    );
+    assert_eq!(
+        o.path,
+        if force_copy {
+            DataPath::Copied
+        } else {
+            DataPath::Spliced
+        }
+    );
+}
+
+#[tokio::test]
+async fn splices_both_ways_with_half_close() {
+    both_ways(false).await;
+}
+
+#[tokio::test]
+async fn copy_fallback_moves_the_same_bytes() {
+    both_ways(true).await;
+}
+
+#[tokio::test]
+async fn reset_is_passed_on() {
+    let (client, mut server, h) = setup(false, Duration::from_secs(30)).await;
+    socket::reset(client);
+    let mut b = [0u8; 1];
+    let e = server.read(&mut b).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    assert_eq!(h.await.unwrap().close, Close::Reset);
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let (mut client, _server, h) = setup(false, Duration::from_millis(300)).await;
+    let start = Instant::now();
+    let o = tokio::time::timeout(Duration::from_secs(5), h)
+        .await
+        .expect("bounded")
+        .unwrap();
+    assert_eq!(o.close, Close::Idle);
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    let mut b = [0u8; 1];
+    assert!(
+        client.read(&mut b).await.is_err(),
+        "the client sees the connection reset"
+    );
+}

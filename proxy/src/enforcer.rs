@@ -230,10 +230,11 @@ async fn accept_loop(listener: TcpListener, dir: Dir, shared: Arc<Shared>) {
 async fn watch(shared: Arc<Shared>) {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let fingerprint = |s: &Shared| -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-        let files = match &s.snapshot().config {
-            Some(c) => c.watched_files(&s.config_path),
-            None => vec![s.config_path.clone()],
-        };
+        // The files the configuration names, even when the last load failed on one of
+        // them: fixing that file must trigger a reload.
+        let files = crate::config::LocalConfig::load(&s.config_path)
+            .map(|c| c.watched_files(&s.config_path))
+            .unwrap_or_else(|_| vec![s.config_path.clone()]);
         files
             .into_iter()
             .map(|f| {
@@ -255,17 +256,19 @@ async fn watch(shared: Arc<Shared>) {
             }
         };
         tokio::select! {
+            // The fingerprint is taken before loading: a write that lands during the
+            // load (a torn read) changes it again and triggers another reload.
             true = signalled => {
+                last = fingerprint(&shared);
                 let s = shared.clone();
                 let _ = tokio::task::spawn_blocking(move || s.reload("SIGHUP")).await;
-                last = fingerprint(&shared);
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 let now = fingerprint(&shared);
                 if now != last {
+                    last = now;
                     let s = shared.clone();
                     let _ = tokio::task::spawn_blocking(move || s.reload("file changed")).await;
-                    last = fingerprint(&shared);
                 }
             }
         }

@@ -112,8 +112,11 @@ impl Snapshot {
                 }
             }
         }
+        // Contents only (not paths), so the same configuration has the same version.
         let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
-        std::hash::Hash::hash(&texts, &mut fingerprint);
+        for (_, t) in &texts {
+            std::hash::Hash::hash(t, &mut fingerprint);
+        }
         std::hash::Hash::hash(
             &std::fs::read_to_string(path).unwrap_or_default(),
             &mut fingerprint,

@@ -165,6 +165,10 @@ impl Drop for Scratch {
 }
 
 fn write_config(dir: &Scratch, topo: &Topology) -> PathBuf {
+    write_config_with(dir, topo, "")
+}
+
+fn write_config_with(dir: &Scratch, topo: &Topology, extra: &str) -> PathBuf {
     let (ext, bad) = (topo.host("ext"), topo.host("bad"));
     let policies = format!(
         r#"
@@ -185,7 +189,7 @@ action: Allow
 mode: Outgoing
 subject: [[app=work]]
 object: [[ext:name=partner]]
-ports: [tcp/7000]
+ports: [tcp/7000-7002]
 log: true
 ---
 kind: NetworkPolicy
@@ -213,7 +217,9 @@ log: true
         b6 = bad.ip6
     );
     std::fs::write(dir.0.join("policies.yaml"), policies).unwrap();
-    let cfg = "pu: {name: work, namespace: /lab, tags: [app=work]}\npolicies: [policies.yaml]\nflow_log: flows.jsonl\n";
+    let cfg = format!(
+        "pu: {{name: work, namespace: /lab, tags: [app=work]}}\npolicies: [policies.yaml]\nflow_log: flows.jsonl\n{extra}"
+    );
     let path = dir.0.join("enforcer.yaml");
     std::fs::write(&path, cfg).unwrap();
     path
@@ -308,7 +314,7 @@ fn scenario(v6: bool) {
     start_enforcer(&topo, &config);
 
     // Servers: a bulk peer on ext:7000; greeters on bad:7000 and bad:7777 (reachable if
-    // anything bypassed the enforcer), on ext:7001, and the workload's own on work:8000.
+    // anything bypassed the enforcer), on ext:7003 (a port no policy lists), and the workload's own on work:8000.
     let bulk = in_ns(&ext, bulk_server(SocketAddr::new(ip(&ext, v6), 7000)));
     let bad_seen = Arc::new(AtomicUsize::new(0));
     for port in [7000, 7777] {
@@ -320,7 +326,7 @@ fn scenario(v6: bool) {
     let ext_seen = Arc::new(AtomicUsize::new(0));
     let _ = in_ns(
         &ext,
-        greeter(SocketAddr::new(ip(&ext, v6), 7001), ext_seen.clone()),
+        greeter(SocketAddr::new(ip(&ext, v6), 7003), ext_seen.clone()),
     );
     let work_seen = Arc::new(AtomicUsize::new(0));
     let _ = in_ns(
@@ -359,7 +365,7 @@ fn scenario(v6: bool) {
         refused_fast(in_ns(&work, attempt(to)).join().unwrap());
     }
     refused_fast(
-        in_ns(&work, attempt(SocketAddr::new(ip(&ext, v6), 7001)))
+        in_ns(&work, attempt(SocketAddr::new(ip(&ext, v6), 7003)))
             .join()
             .unwrap(),
     );
@@ -479,4 +485,98 @@ fn netns_enforcer_stopped_fails_closed() {
         1,
         "with the enforcer gone nothing goes around it"
     );
+}
+
+#[test]
+fn netns_enforcer_limits_timeouts_and_registered_pus() {
+    if !netns_enabled() {
+        return;
+    }
+    let topo = Topology::new(&["work", "ext", "bad"]);
+    let (work, ext) = (topo.host("work").clone(), topo.host("ext").clone());
+    let dir = Scratch::new("limits");
+    let extra = "registry:\n  - {name: api, namespace: /lab, ips: [10.77.0.99]}\nlimits: {max_connections: 1, connect_timeout: 500ms}\n";
+    let config = write_config_with(&dir, &topo, extra);
+    capture(&work);
+    start_enforcer(&topo, &config);
+    let seen = Arc::new(AtomicUsize::new(0));
+    let _ = in_ns(
+        &ext,
+        greeter(SocketAddr::new(ext.ip4.into(), 7000), seen.clone()),
+    );
+    // Port 7002 swallows SYNs: the enforcer's connect times out.
+    ext.exec_ok(&[
+        "iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "7002", "-j", "DROP",
+    ]);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // One connection held open uses the only permit; the next is refused at once.
+    let to = SocketAddr::new(ext.ip4.into(), 7000);
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let holder = in_ns(&work, async move {
+        let mut s = TcpStream::connect(to).await.unwrap();
+        let mut b = [0u8; 6];
+        s.read_exact(&mut b).await.unwrap();
+        let _ = tokio::task::spawn_blocking(move || held_rx.recv_timeout(Duration::from_secs(30)))
+            .await;
+        drop(s);
+    });
+    wait_until("the held connection", Duration::from_secs(10), || {
+        seen.load(Ordering::SeqCst) == 1
+    });
+    refused_fast(in_ns(&work, attempt(to)).join().unwrap());
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        1,
+        "the second connection never reached the server"
+    );
+    held_tx.send(()).unwrap();
+    holder.join().unwrap();
+    wait_until("the permit is back", Duration::from_secs(10), || {
+        in_ns(&work, attempt(to)).join().unwrap() == Attempt::Greeted
+    });
+
+    // A destination that never answers: reset after the connect timeout.
+    match in_ns(&work, attempt(SocketAddr::new(ext.ip4.into(), 7002)))
+        .join()
+        .unwrap()
+    {
+        Attempt::Refused(t) => assert!(
+            t >= Duration::from_millis(400) && t < Duration::from_secs(3),
+            "{t:?}"
+        ),
+        other => panic!("expected a reset after the connect timeout, got {other:?}"),
+    }
+
+    // A registered PU is not reachable in plaintext (that is the tunnel's job).
+    refused_fast(
+        in_ns(&work, attempt("10.77.0.99:8080".parse().unwrap()))
+            .join()
+            .unwrap(),
+    );
+
+    wait_until("flow records", Duration::from_secs(10), || {
+        flow_records(&dir).len() >= 3
+    });
+    let records = flow_records(&dir);
+    let reason_of = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        records
+            .iter()
+            .find(|r| pred(r))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        reason_of(&|r| r["reason"] == "overload")["verdict"],
+        "reject",
+        "{records:#?}"
+    );
+    assert_eq!(
+        reason_of(&|r| r["destination"]["port"] == 7002)["close_reason"],
+        "connect-timeout",
+        "{records:#?}"
+    );
+    let reg = reason_of(&|r| r["reason"] == "registered-pu");
+    assert_eq!(reg["destination"]["pu"], "/lab:api", "{records:#?}");
+    assert!(metric(&work, "segmesh_connection_errors_total{kind=\"Overload\"}") >= 1.0);
 }

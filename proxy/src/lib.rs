@@ -5,6 +5,7 @@
 //! - [`snapshot`]: what is enforced (PU, compiled policies, registry), swapped whole.
 //! - [`enforcer`]: listeners, per-connection decisions, reloads.
 //! - [`splice`]: the zero-copy data plane (splice through pipes; copy fallback).
+//! - [`tunnel`]: the mesh tunnel's wire format (request, response, reason codes).
 //! - [`socket`]: socket options and syscalls (original destination, transparency, RST).
 //! - [`flows`]: flow records as JSON lines.
 //! - [`metrics`], [`admin`]: Prometheus metrics and the admin endpoints.
@@ -17,3 +18,4 @@ pub mod metrics;
 pub mod snapshot;
 pub mod socket;
 pub mod splice;
+pub mod tunnel;

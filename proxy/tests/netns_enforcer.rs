@@ -536,7 +536,11 @@ fn netns_enforcer_limits_timeouts_and_registered_pus() {
         in_ns(&work, attempt(to)).join().unwrap() == Attempt::Greeted
     });
 
-    // A destination that never answers: reset after the connect timeout.
+    // A destination that never answers: reset after the connect timeout (once the last
+    // relayed connection has given its permit back).
+    wait_until("no open connection", Duration::from_secs(10), || {
+        metric(&work, "segmesh_open_connections{direction=\"Outbound\"}") == 0.0
+    });
     match in_ns(&work, attempt(SocketAddr::new(ext.ip4.into(), 7002)))
         .join()
         .unwrap()

@@ -51,7 +51,8 @@ pub struct FlowRecord {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub staged: Vec<StagedResult>,
     pub encrypt: bool,
-    /// How the bytes moved: `spliced` (zero-copy) or `copied`; absent when rejected.
+    /// How the bytes moved: `spliced` (zero-copy), `copied`, or `tls` (encrypted in the
+    /// tunnel, rustls in user space); absent when rejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_path: Option<String>,
     /// Bytes from source to destination, and back.
@@ -61,4 +62,19 @@ pub struct FlowRecord {
     /// `closed`, `reset`, `idle`, `connect-failed`, `connect-timeout`, `policy`,
     /// `rejected`, `error`.
     pub close_reason: String,
+    /// The peer's SPIFFE ID, from its certificate (mesh tunnel flows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_identity: Option<String>,
+    /// Which enforcer refused the flow: `client` or `server` (mesh tunnel flows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_by: Option<String>,
+    /// What the other enforcer answered (`accepted`, `policy`, `default`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_reason: Option<String>,
+    /// The modes (`Incoming`, `Outgoing`, `Bidirectional`) of the deciding policies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modes: Vec<String>,
+    /// Whether the tunnel's TLS session was resumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<bool>,
 }

@@ -20,6 +20,10 @@ pub enum ConfigError {
     Pu(String),
     #[error("registry: {0}")]
     Registry(String),
+    #[error("identity: {0}")]
+    Identity(#[from] segmesh_identity::IdentityError),
+    #[error("identity: the certificate names {found}, but the configuration's PU is {expected}")]
+    IdentityMismatch { expected: String, found: String },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -102,6 +106,16 @@ pub struct Limits {
     /// Give up connecting to a destination after this long. Default 5 s.
     #[serde(default = "d_connect", with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
+    /// A tunnel's TLS handshake and request/response must finish within this. Default 5 s.
+    #[serde(default = "d_connect", with = "humantime_serde_compat")]
+    pub handshake_timeout: Duration,
+    /// Tunnel handshakes in flight (both roles); more are refused. Default 256.
+    #[serde(default = "d_handshakes")]
+    pub max_handshakes: usize,
+}
+
+fn d_handshakes() -> usize {
+    256
 }
 
 fn d_max() -> usize {
@@ -120,6 +134,8 @@ impl Default for Limits {
             max_connections: d_max(),
             idle_timeout: d_idle(),
             connect_timeout: d_connect(),
+            handshake_timeout: d_connect(),
+            max_handshakes: d_handshakes(),
         }
     }
 }
@@ -187,6 +203,9 @@ impl LocalConfig {
     /// Every file whose change should trigger a reload: the config and the policy files.
     pub fn watched_files(&self, config: &Path) -> Vec<PathBuf> {
         let mut out = vec![config.to_owned()];
+        if let Some(id) = &self.identity {
+            out.extend([id.cert.clone(), id.key.clone(), id.bundle.clone()]);
+        }
         for p in &self.policies {
             if p.is_dir() {
                 collect_yaml(p, &mut out);

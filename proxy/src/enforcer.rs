@@ -38,9 +38,10 @@ pub struct Shared {
     snapshot: RwLock<Arc<Snapshot>>,
     pub metrics: Metrics,
     flows: FlowLog,
-    permits: Arc<Semaphore>,
-    limits: Limits,
-    listeners: Listeners,
+    pub(crate) permits: Arc<Semaphore>,
+    pub(crate) handshakes: Arc<Semaphore>,
+    pub(crate) limits: Limits,
+    pub(crate) listeners: Listeners,
     config_path: PathBuf,
     bound: AtomicBool,
 }
@@ -54,13 +55,13 @@ impl Shared {
         self.bound.load(Ordering::Relaxed) && !self.snapshot().is_fail_closed()
     }
 
-    fn record(&self, r: FlowRecord) {
+    pub(crate) fn record(&self, r: FlowRecord) {
         if !self.flows.record(r) {
             self.metrics.flow_records_dropped.inc();
         }
     }
 
-    fn error(&self, kind: ErrorKind) {
+    pub(crate) fn error(&self, kind: ErrorKind) {
         self.metrics
             .errors
             .get_or_create(&ErrorLabels { kind })
@@ -69,7 +70,7 @@ impl Shared {
 
     /// Loads the configuration again; keeps the current one if the new one is broken.
     pub fn reload(&self, why: &str) -> bool {
-        match Snapshot::load(&self.config_path) {
+        match Snapshot::load(&self.config_path, Some(&self.snapshot())) {
             Ok(s) => {
                 if let Some(cfg) = &s.config {
                     if cfg.listeners != self.listeners || cfg.limits != self.limits {
@@ -112,7 +113,7 @@ impl Drop for Enforcer {
     }
 }
 
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
@@ -123,7 +124,7 @@ fn ipv6_available() -> bool {
 impl Enforcer {
     /// Loads the configuration (failing closed if it is broken) and binds every listener.
     pub async fn start(config_path: &Path) -> Result<Enforcer, Error> {
-        let initial = match Snapshot::load(config_path) {
+        let initial = match Snapshot::load(config_path, None) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "no valid configuration: rejecting every connection until one loads");
@@ -140,6 +141,7 @@ impl Enforcer {
             metrics: Metrics::default(),
             flows,
             permits: Arc::new(Semaphore::new(limits.max_connections)),
+            handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
             limits,
             listeners,
             config_path: config_path.to_owned(),
@@ -187,6 +189,20 @@ impl Enforcer {
             tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), direction = ?dir, "listener established");
             tasks.push(tokio::spawn(accept_loop(l, dir, shared.clone())));
         }
+        let mut tunnel = vec![bind(
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), listeners.tunnel),
+            false,
+        )?];
+        if v6 {
+            tunnel.push(bind(
+                SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), listeners.tunnel),
+                false,
+            )?);
+        }
+        for l in tunnel {
+            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tunnel listener established");
+            tasks.push(tokio::spawn(tunnel_loop(l, shared.clone())));
+        }
         let admin_addr = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), listeners.admin);
         let admin = bind(admin_addr, false)?;
         let admin_addr = admin.local_addr().map_err(|e| Error::Bind(admin_addr, e))?;
@@ -219,6 +235,25 @@ async fn accept_loop(listener: TcpListener, dir: Dir, shared: Arc<Shared>) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Accepts mesh tunnel connections from peer enforcers.
+async fn tunnel_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(crate::mesh::serve(shared.clone(), stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "tunnel accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
@@ -276,15 +311,15 @@ async fn watch(shared: Arc<Shared>) {
 }
 
 /// What one connection looked like, for its flow record.
-struct Flow {
-    started: Instant,
-    time: String,
-    dir: Dir,
-    source: FlowEndpoint,
-    destination: FlowEndpoint,
+pub(crate) struct Flow {
+    pub(crate) started: Instant,
+    pub(crate) time: String,
+    pub(crate) dir: Dir,
+    pub(crate) source: FlowEndpoint,
+    pub(crate) destination: FlowEndpoint,
 }
 
-fn endpoint(addr: SocketAddr) -> FlowEndpoint {
+pub(crate) fn endpoint(addr: SocketAddr) -> FlowEndpoint {
     FlowEndpoint {
         ip: addr.ip().to_canonical(),
         port: addr.port(),
@@ -293,15 +328,14 @@ fn endpoint(addr: SocketAddr) -> FlowEndpoint {
     }
 }
 
-fn record(
-    shared: &Shared,
+pub(crate) fn flow_record(
     snap: &Snapshot,
     flow: Flow,
     d: Option<&Decision>,
     reason: &str,
     relayed: Option<(u64, u64, DataPath)>,
     close: &str,
-) {
+) -> FlowRecord {
     let set = snap.engine.set();
     let (verdict, policies, tier, staged, encrypt) = match d {
         Some(d) => (
@@ -324,7 +358,7 @@ fn record(
         None => ("reject", Vec::new(), None, Vec::new(), false),
     };
     let (sent, received, path) = relayed.map_or((0, 0, None), |(f, b, p)| (f, b, Some(p)));
-    shared.record(FlowRecord {
+    FlowRecord {
         time: flow.time,
         direction: match flow.dir {
             Dir::Outbound => "outgoing",
@@ -347,10 +381,34 @@ fn record(
         bytes_received: received,
         duration_ms: flow.started.elapsed().as_millis() as u64,
         close_reason: close.into(),
-    });
+        peer_identity: None,
+        rejected_by: None,
+        peer_reason: None,
+        modes: d
+            .map(|d| {
+                d.policies
+                    .iter()
+                    .map(|&id| set.policy(id).mode.to_string())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        resumed: None,
+    }
 }
 
-fn reason_str(d: &Decision) -> &'static str {
+fn record(
+    shared: &Shared,
+    snap: &Snapshot,
+    flow: Flow,
+    d: Option<&Decision>,
+    reason: &str,
+    relayed: Option<(u64, u64, DataPath)>,
+    close: &str,
+) {
+    shared.record(flow_record(snap, flow, d, reason, relayed, close));
+}
+
+pub(crate) fn reason_str(d: &Decision) -> &'static str {
     match d.reason {
         Reason::Policy => "policy",
         Reason::Default => "default",
@@ -359,7 +417,7 @@ fn reason_str(d: &Decision) -> &'static str {
 }
 
 /// Refuses a connection at once (RST) and records why.
-fn refuse(
+pub(crate) fn refuse(
     shared: &Shared,
     snap: &Snapshot,
     stream: TcpStream,
@@ -415,7 +473,7 @@ fn decide_external(
 }
 
 /// Connects to the destination and relays; records and counts.
-async fn forward(
+pub(crate) async fn forward(
     shared: Arc<Shared>,
     snap: Arc<Snapshot>,
     stream: TcpStream,
@@ -546,11 +604,10 @@ async fn outbound(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     if target.ip().is_loopback() && target.port() == shared.listeners.outbound {
         return refuse(&shared, &snap, stream, flow, None, "loop");
     }
-    if let Some(r) = snap.registry.get(&target.ip()) {
-        // PU to PU goes through the mesh tunnel (not in this build): refuse rather than
-        // let plaintext through unauthenticated.
+    if let Some(r) = snap.registry.get(&target.ip()).cloned() {
+        // PU to PU: through the mesh tunnel, decided on the peer's certificate.
         flow.destination.pu = Some(r.qualified());
-        return refuse(&shared, &snap, stream, flow, None, "registered-pu");
+        return crate::mesh::connect(shared, snap, stream, target, r, flow).await;
     }
     let (d, networks) = decide_external(
         &snap,

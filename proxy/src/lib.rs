@@ -5,6 +5,7 @@
 //! - [`snapshot`]: what is enforced (PU, compiled policies, registry), swapped whole.
 //! - [`enforcer`]: listeners, per-connection decisions, reloads.
 //! - [`splice`]: the zero-copy data plane (splice through pipes; copy fallback).
+//! - [`mesh`]: the mesh tunnel between enforcers (mTLS, decisions at both ends, data modes).
 //! - [`tunnel`]: the mesh tunnel's wire format (request, response, reason codes).
 //! - [`socket`]: socket options and syscalls (original destination, transparency, RST).
 //! - [`flows`]: flow records as JSON lines.
@@ -14,6 +15,7 @@ pub mod admin;
 pub mod config;
 pub mod enforcer;
 pub mod flows;
+pub mod mesh;
 pub mod metrics;
 pub mod snapshot;
 pub mod socket;

@@ -46,6 +46,19 @@ pub struct ErrorLabels {
     pub kind: ErrorKind,
 }
 
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Role {
+    Client,
+    Server,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub role: Role,
+    /// `ok`, `resumed`, or why the peer was refused (`unknown_issuer`, `expired`, ...).
+    pub result: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: &'static str,
@@ -63,6 +76,8 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     pub flow_records_dropped: Counter,
     pub reloads: Family<ReloadLabels, Counter>,
+    pub handshakes: Family<HandshakeLabels, Counter>,
+    pub tls_bytes: Counter,
 }
 
 impl Default for Metrics {
@@ -80,6 +95,8 @@ impl Default for Metrics {
             errors: Family::default(),
             flow_records_dropped: Counter::default(),
             reloads: Family::default(),
+            handshakes: Family::default(),
+            tls_bytes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -131,6 +148,16 @@ impl Default for Metrics {
             "config_reloads",
             "Configuration reloads, by result",
             m.reloads.clone(),
+        );
+        registry.register(
+            "tunnel_handshakes",
+            "Mesh tunnel TLS handshakes by role and result (resumed ones counted as `resumed`)",
+            m.handshakes.clone(),
+        );
+        registry.register(
+            "tls_bytes",
+            "Bytes moved encrypted through the mesh tunnel (rustls in user space)",
+            m.tls_bytes.clone(),
         );
         Metrics { registry, ..m }
     }

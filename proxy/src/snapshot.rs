@@ -4,6 +4,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
+
+use segmesh_identity::TlsConfigs;
 
 use segmesh_policy::{Engine, NamespacePath, PolicySet, PreparedPu, Pu, Source, Tag, TagSet};
 
@@ -31,6 +34,10 @@ pub struct Snapshot {
     pub registry: HashMap<IpAddr, Registered>,
     pub config: Option<LocalConfig>,
     pub policy_count: usize,
+    /// Our TLS configurations (mesh tunnel), when the configuration names an identity.
+    pub tls: Option<Arc<TlsConfigs>>,
+    /// A hash of the identity files the TLS configurations came from.
+    tls_fingerprint: u64,
 }
 
 impl Snapshot {
@@ -48,6 +55,8 @@ impl Snapshot {
             registry: HashMap::new(),
             config: None,
             policy_count: 0,
+            tls: None,
+            tls_fingerprint: 0,
         }
     }
 
@@ -55,8 +64,10 @@ impl Snapshot {
         self.config.is_none()
     }
 
-    /// Loads the configuration file and everything it names, or nothing.
-    pub fn load(path: &Path) -> Result<Snapshot, ConfigError> {
+    /// Loads the configuration file and everything it names, or nothing. TLS
+    /// configurations of `previous` are kept when the identity files did not change, so
+    /// resumption survives unrelated reloads.
+    pub fn load(path: &Path, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigError> {
         let cfg = LocalConfig::load(path)?;
         let namespace: NamespacePath = cfg
             .pu
@@ -123,6 +134,42 @@ impl Snapshot {
         );
         let version = format!("{:016x}", std::hash::Hasher::finish(&fingerprint));
 
+        let (tls, tls_fingerprint) = match &cfg.identity {
+            None => (None, 0),
+            Some(files) => {
+                let read = |p: &Path| {
+                    std::fs::read_to_string(p).map_err(|e| ConfigError::Read(p.to_owned(), e))
+                };
+                let (cert, key, bundle) =
+                    (read(&files.cert)?, read(&files.key)?, read(&files.bundle)?);
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(&(&cert, &key, &bundle), &mut h);
+                let fp = std::hash::Hasher::finish(&h);
+                match previous.filter(|p| p.tls_fingerprint == fp && p.tls.is_some()) {
+                    Some(p) => (p.tls.clone(), fp),
+                    None => {
+                        let chain = segmesh_identity::ca::certs_from_pem(&cert)?;
+                        let own = segmesh_identity::WorkloadIdentity::from_cert(&chain[0])?;
+                        if own.name != cfg.pu.name || own.namespace != pu.namespace.as_str() {
+                            return Err(ConfigError::IdentityMismatch {
+                                expected: format!("{}:{}", pu.namespace, cfg.pu.name),
+                                found: own.spiffe_id().to_string(),
+                            });
+                        }
+                        let sessions = segmesh_identity::Sessions::new()?;
+                        let configs = TlsConfigs::from_pem(
+                            &cert,
+                            &key,
+                            &bundle,
+                            &own.trust_domain,
+                            &sessions,
+                        )?;
+                        (Some(Arc::new(configs)), fp)
+                    }
+                }
+            }
+        };
+
         let engine = Engine::compile(loaded.set);
         let prepared = engine.prepare_pu(&pu);
         Ok(Snapshot {
@@ -134,6 +181,8 @@ impl Snapshot {
             registry,
             config: Some(cfg),
             policy_count,
+            tls,
+            tls_fingerprint,
         })
     }
 

@@ -2,167 +2,18 @@
 //! enforcer runs as uid 1337, the workload's own processes as root), an allowed
 //! external host `ext` and a blocked one `bad`.
 
-use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use segmesh_iptables_init::apply;
-use segmesh_iptables_init::rules::{Config as CaptureConfig, Family};
-use segmesh_testkit::{Host, Topology, netns_enabled, wait_until};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-const MB: usize = 1 << 20;
-const BULK: usize = 100 * MB;
-const LIMIT: Duration = Duration::from_secs(60);
-
-/// Runs a future on a current-thread runtime on a thread inside `h`'s namespace.
-fn in_ns<T: Send + 'static>(
-    h: &Host,
-    f: impl std::future::Future<Output = T> + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    h.thread(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
-    })
-}
-
-/// The bulk stream: 1 MiB chunks of one random block, each stamped with its index, so
-/// loss, duplication, reordering and corruption are all detected.
-fn chunk(seed: u64, k: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut c: Vec<u8> = (0..MB)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    c[..8].copy_from_slice(&(k as u64).to_le_bytes());
-    c
-}
-
-async fn send_bulk(w: &mut (impl AsyncWriteExt + Unpin), seed: u64) -> std::io::Result<()> {
-    for k in 0..BULK / MB {
-        w.write_all(&chunk(seed, k)).await?;
-    }
-    w.shutdown().await
-}
-
-/// Reads to EOF and checks every byte; returns the count.
-async fn recv_bulk(r: &mut (impl AsyncReadExt + Unpin), seed: u64) -> std::io::Result<usize> {
-    let mut buf = vec![0u8; MB];
-    let mut k = 0;
-    loop {
-        let mut filled = 0;
-        while filled < MB {
-            let n = r.read(&mut buf[filled..]).await?;
-            if n == 0 {
-                assert_eq!(filled, 0, "stream ended inside a chunk");
-                return Ok(k * MB);
-            }
-            filled += n;
-        }
-        assert!(buf == chunk(seed, k), "chunk {k} differs");
-        k += 1;
-    }
-}
-
-/// Accepts one connection and exchanges BULK bytes each way (half-close aware).
-async fn bulk_server(addr: SocketAddr) -> usize {
-    let l = TcpListener::bind(addr).await.unwrap();
-    let (s, _) = tokio::time::timeout(LIMIT, l.accept())
-        .await
-        .expect("bulk connection arrives")
-        .unwrap();
-    let (mut r, mut w) = s.into_split();
-    let (got, sent) = tokio::join!(recv_bulk(&mut r, 1), send_bulk(&mut w, 2));
-    sent.unwrap();
-    got.unwrap()
-}
-
-/// Greets every connection; counts them. Runs for `LIMIT`.
-async fn greeter(addr: SocketAddr, seen: Arc<AtomicUsize>) {
-    let l = TcpListener::bind(addr).await.unwrap();
-    let until = tokio::time::Instant::now() + LIMIT;
-    while let Ok(Ok((mut s, _))) = tokio::time::timeout_at(until, l.accept()).await {
-        seen.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(async move {
-            let _ = s.write_all(b"hello\n").await;
-            let mut b = [0u8; 64];
-            while let Ok(n) = s.read(&mut b).await {
-                if n == 0 || s.write_all(&b[..n]).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-}
-
-#[derive(Debug, PartialEq)]
-enum Attempt {
-    /// The greeting arrived: the connection reached a server.
-    Greeted,
-    /// Reset (after the local handshake with the capture port) or refused.
-    Refused(Duration),
-    Other(String),
-}
-
-async fn attempt(to: SocketAddr) -> Attempt {
-    let start = Instant::now();
-    let r = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut s = TcpStream::connect(to).await?;
-        let mut b = [0u8; 6];
-        s.read_exact(&mut b).await?;
-        Ok::<_, std::io::Error>(b)
-    })
-    .await;
-    match r {
-        Ok(Ok(b)) if &b == b"hello\n" => Attempt::Greeted,
-        Ok(Err(e))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            Attempt::Refused(start.elapsed())
-        }
-        other => Attempt::Other(format!("{other:?}")),
-    }
-}
-
-fn refused_fast(a: Attempt) {
-    match a {
-        Attempt::Refused(t) => assert!(t < Duration::from_secs(2), "refused, but only after {t:?}"),
-        other => panic!("expected an immediate RST, got {other:?}"),
-    }
-}
-
-/// A scratch folder the enforcer (uid 1337) can write to.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let d = std::env::temp_dir().join(format!("segmesh-enforcer-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
-        Scratch(d)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use segmesh_testkit::{Topology, netns_enabled, wait_until};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
 fn write_config(dir: &Scratch, topo: &Topology) -> PathBuf {
     write_config_with(dir, topo, "")
@@ -225,82 +76,6 @@ log: true
     path
 }
 
-/// Starts the enforcer in `work` as uid 1337 with the capabilities TPROXY needs.
-fn start_enforcer(topo: &Topology, config: &PathBuf) -> u32 {
-    let work = topo.host("work");
-    let mut cmd = work.command("setpriv");
-    cmd.args([
-        "--reuid=1337",
-        "--regid=1337",
-        "--clear-groups",
-        "--inh-caps=+net_admin,+net_raw",
-        "--ambient-caps=+net_admin,+net_raw",
-        "--",
-        env!("CARGO_BIN_EXE_segmesh-proxy"),
-        "--local-config",
-    ]);
-    cmd.arg(config);
-    let pid = topo.spawn(cmd);
-    wait_until("the enforcer is ready", Duration::from_secs(20), || {
-        http_get(work, "/ready").0 == 200
-    });
-    pid
-}
-
-/// GET on the enforcer's admin port from inside `work`.
-fn http_get(work: &Host, path: &'static str) -> (u16, String) {
-    in_ns(work, async move {
-        let Ok(mut s) = TcpStream::connect("127.0.0.1:15020").await else {
-            return (0, String::new());
-        };
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        if s.write_all(req.as_bytes()).await.is_err() {
-            return (0, String::new());
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out).await;
-        let status = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        (status, out)
-    })
-    .join()
-    .unwrap()
-}
-
-fn metric(work: &Host, name: &str) -> f64 {
-    let (_, body) = http_get(work, "/metrics");
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-fn flow_records(dir: &Scratch) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.0.join("flows.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("flow records are JSON lines"))
-        .collect()
-}
-
-fn capture(work: &Host) {
-    work.thread(|| {
-        let cfg = CaptureConfig::default();
-        apply::apply(&cfg, Family::V4).expect("IPv4 capture rules");
-        apply::apply(&cfg, Family::V6).expect("IPv6 capture rules");
-    })
-    .join()
-    .unwrap();
-}
-
-fn ip(h: &Host, v6: bool) -> IpAddr {
-    if v6 { h.ip6.into() } else { h.ip4.into() }
-}
-
 fn scenario(v6: bool) {
     let topo = Topology::new(&["work", "ext", "bad"]);
     let (work, ext, bad) = (
@@ -311,7 +86,7 @@ fn scenario(v6: bool) {
     let dir = Scratch::new(if v6 { "v6" } else { "v4" });
     let config = write_config(&dir, &topo);
     capture(&work);
-    start_enforcer(&topo, &config);
+    start_enforcer(&topo, "work", &config);
 
     // Servers: a bulk peer on ext:7000; greeters on bad:7000 and bad:7777 (reachable if
     // anything bypassed the enforcer), on ext:7003 (a port no policy lists), and the workload's own on work:8000.
@@ -456,7 +231,7 @@ fn netns_enforcer_stopped_fails_closed() {
     let dir = Scratch::new("stop");
     let config = write_config(&dir, &topo);
     capture(&work);
-    let pid = start_enforcer(&topo, &config);
+    let pid = start_enforcer(&topo, "work", &config);
     let seen = Arc::new(AtomicUsize::new(0));
     let _ = in_ns(
         &ext,
@@ -498,7 +273,7 @@ fn netns_enforcer_limits_timeouts_and_registered_pus() {
     let extra = "registry:\n  - {name: api, namespace: /lab, ips: [10.77.0.99]}\nlimits: {max_connections: 1, connect_timeout: 500ms}\n";
     let config = write_config_with(&dir, &topo, extra);
     capture(&work);
-    start_enforcer(&topo, &config);
+    start_enforcer(&topo, "work", &config);
     let seen = Arc::new(AtomicUsize::new(0));
     let _ = in_ns(
         &ext,

@@ -1,0 +1,597 @@
+//! The mesh tunnel between enforcers, for flows from one PU to another.
+//!
+//! Client (the enforcer of the PU that connects): TCP to `<peer ip>:15008`, TLS 1.3 with
+//! our workload certificate; the server's certificate must name the PU registered at
+//! that IP (else: impersonation); we decide as outgoing on the *certificate's* tags, then
+//! send the request (target port, our encrypt wish) and read the server's answer.
+//! Server: decides as incoming on the client's certificate tags and answers with a
+//! reason code. A reject at either end becomes an RST to the connecting application.
+//!
+//! Data after an accept: encrypted through TLS when either decision asks for it;
+//! otherwise both ends leave TLS and splice plaintext. Leaving TLS loses and duplicates
+//! nothing because neither side can read the other's plaintext into its TLS buffer:
+//! the server sends its answer and `close_notify`, then nothing until it has read the
+//! client's `close_notify`; the client reads the server's `close_notify`, sends its own,
+//! and sends no plaintext until it has read the raw [`GO`](crate::tunnel::GO) byte the
+//! server sends after that. Kernel TLS would carry the encrypted case without user-space
+//! copies; this build detects it ([`ktls_available`]) and uses rustls when absent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::ServerName;
+use segmesh_api::FlowRecord;
+use segmesh_identity::{IdentityError, WorkloadIdentity, peer_identity};
+use segmesh_policy::{Decision, Direction, PreparedPeer, Tag, TagSet, Verdict};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::enforcer::{Flow, Shared, endpoint, flow_record, now_rfc3339, reason_str, refuse};
+use crate::metrics::{ConnLabels, Dir, DirLabels, ErrorKind, HandshakeLabels, Role, VerdictLabel};
+use crate::snapshot::{Registered, Snapshot};
+use crate::socket;
+use crate::splice::{self, Close, DataPath, Progress};
+use crate::tunnel::{GO, MAX_EXT, REQUEST_LEN, RESPONSE_LEN, Reason, Request, Response};
+
+/// Whether the kernel offers the `tls` upper-layer protocol (kernel TLS).
+pub fn ktls_available() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .is_ok_and(|s| s.split_whitespace().any(|u| u == "tls"))
+}
+
+/// The policy tags of a peer: its certificate's tags plus the automatic ones its SPIFFE
+/// ID proves. Nothing the peer says in the tunnel header is used.
+fn peer_tags(id: &WorkloadIdentity) -> TagSet {
+    let mut tags: TagSet = id
+        .tags
+        .iter()
+        .filter_map(|t| t.parse::<Tag>().ok())
+        .collect();
+    for (k, v) in [
+        ("$identity", "processingunit"),
+        ("$namespace", id.namespace.as_str()),
+        ("$name", id.name.as_str()),
+    ] {
+        if let Ok(t) = Tag::new(k, v) {
+            tags.insert(t);
+        }
+    }
+    tags
+}
+
+fn decide(
+    snap: &Snapshot,
+    dir: Direction,
+    id: &WorkloadIdentity,
+    port: u16,
+    shared: &Shared,
+) -> Decision {
+    let t = std::time::Instant::now();
+    let peer = PreparedPeer::Pu(snap.engine.id_set(&peer_tags(id)));
+    let d = snap.engine.decide(dir, &snap.prepared, &peer, port);
+    shared
+        .metrics
+        .decision_seconds
+        .observe(t.elapsed().as_secs_f64());
+    d
+}
+
+fn handshake_result(shared: &Shared, role: Role, result: &'static str) {
+    shared
+        .metrics
+        .handshakes
+        .get_or_create(&HandshakeLabels { role, result })
+        .inc();
+}
+
+fn rejection_of(e: &std::io::Error) -> &'static str {
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+        .and_then(IdentityError::from_rustls)
+        .map_or("tls_error", |r| r.as_str())
+}
+
+/// Reads until the peer's `close_notify` (EOF of the TLS stream); any data is a
+/// protocol violation.
+async fn read_close_notify<S: AsyncRead + Unpin>(tls: &mut S) -> std::io::Result<()> {
+    let mut b = [0u8; 1];
+    match tls.read(&mut b).await? {
+        0 => Ok(()),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "data after the tunnel answer",
+        )),
+    }
+}
+
+/// Relays through TLS (encrypted mode); returns (app→peer, peer→app, close).
+async fn relay_tls<S: AsyncRead + AsyncWrite + Unpin>(
+    app: &mut TcpStream,
+    tls: &mut S,
+) -> (u64, u64, Close) {
+    match tokio::io::copy_bidirectional_with_sizes(app, tls, 64 * 1024, 64 * 1024).await {
+        Ok((a, b)) => (a, b, Close::Closed),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            (0, 0, Close::Reset)
+        }
+        Err(_) => (0, 0, Close::Error),
+    }
+}
+
+fn count(shared: &Shared, dir: Dir, bytes: u64, path: DataPath, tls: bool) {
+    let m = &shared.metrics;
+    m.bytes
+        .get_or_create(&DirLabels { direction: dir })
+        .inc_by(bytes);
+    if tls {
+        m.tls_bytes.inc_by(bytes);
+    } else if path == DataPath::Spliced {
+        m.spliced_bytes.inc_by(bytes);
+    } else {
+        m.copied_bytes.inc_by(bytes);
+        m.copy_fallbacks.inc();
+    }
+}
+
+/// Client role: our PU connects to a registered PU.
+pub(crate) async fn connect(
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    app: TcpStream,
+    target: SocketAddr,
+    reg: Registered,
+    flow: Flow,
+) {
+    let Some(tls) = snap.tls.clone() else {
+        return refuse(&shared, &snap, app, flow, None, "no-identity");
+    };
+    let Ok(handshake) = shared.handshakes.clone().try_acquire_owned() else {
+        shared.error(ErrorKind::Overload);
+        return refuse(&shared, &snap, app, flow, None, "overload");
+    };
+    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+        shared.error(ErrorKind::Overload);
+        return refuse(&shared, &snap, app, flow, None, "overload");
+    };
+    let limit = shared.limits.handshake_timeout;
+    let peer_addr = SocketAddr::new(target.ip(), shared.listeners.tunnel);
+    let tcp =
+        match tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(peer_addr))
+            .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(_)) | Err(_) => {
+                shared.error(ErrorKind::ConnectFailed);
+                return refuse(&shared, &snap, app, flow, None, "tunnel-unreachable");
+            }
+        };
+    let _ = tcp.set_nodelay(true);
+    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+    let mut stream = match tokio::time::timeout(
+        limit,
+        connector.connect(ServerName::IpAddress(target.ip().into()), tcp),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let why = rejection_of(&e);
+            handshake_result(&shared, Role::Client, why);
+            return refuse(
+                &shared,
+                &snap,
+                app,
+                flow,
+                None,
+                &format!("peer-certificate:{why}"),
+            );
+        }
+        Err(_) => {
+            handshake_result(&shared, Role::Client, "timeout");
+            return refuse(&shared, &snap, app, flow, None, "handshake-timeout");
+        }
+    };
+    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    handshake_result(
+        &shared,
+        Role::Client,
+        if resumed { "resumed" } else { "ok" },
+    );
+    let peer = match peer_identity(stream.get_ref().1) {
+        Ok(p) => p,
+        Err(e) => {
+            return refuse(
+                &shared,
+                &snap,
+                app,
+                flow,
+                None,
+                &format!("peer-certificate:{}", e.rejection().as_str()),
+            );
+        }
+    };
+    let spiffe = peer.spiffe_id().to_string();
+    if peer.name != reg.name || peer.namespace != reg.namespace {
+        // Someone else answers at that address with a valid certificate.
+        let mut r = flow_record(&snap, flow, None, "impersonation", None, "rejected");
+        r.peer_identity = Some(spiffe);
+        r.rejected_by = Some("client".into());
+        socket::reset(app);
+        shared
+            .metrics
+            .connections
+            .get_or_create(&ConnLabels {
+                direction: Dir::Outbound,
+                verdict: VerdictLabel::Reject,
+            })
+            .inc();
+        return shared.record(r);
+    }
+    let d = decide(&snap, Direction::Outgoing, &peer, target.port(), &shared);
+    let reject = |shared: &Shared,
+                  app: TcpStream,
+                  flow: Flow,
+                  d: &Decision,
+                  by: &str,
+                  peer_reason: Option<&str>,
+                  why: &str| {
+        socket::reset(app);
+        shared
+            .metrics
+            .connections
+            .get_or_create(&ConnLabels {
+                direction: Dir::Outbound,
+                verdict: VerdictLabel::Reject,
+            })
+            .inc();
+        let mut r = flow_record(&snap, flow, Some(d), why, None, "rejected");
+        r.peer_identity = Some(spiffe.clone());
+        r.rejected_by = Some(by.into());
+        r.peer_reason = peer_reason.map(str::to_owned);
+        r.resumed = Some(resumed);
+        shared.record(r);
+    };
+    if d.verdict == Verdict::Reject {
+        return reject(&shared, app, flow, &d, "client", None, reason_str(&d));
+    }
+    let exchange = async {
+        stream
+            .write_all(
+                &Request {
+                    port: target.port(),
+                    encrypt: d.encrypt,
+                }
+                .encode(),
+            )
+            .await?;
+        stream.flush().await?;
+        let mut b = [0u8; RESPONSE_LEN];
+        stream.read_exact(&mut b).await?;
+        Response::decode(&b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    };
+    let resp = match tokio::time::timeout(limit, exchange).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) | Err(_) => {
+            return reject(&shared, app, flow, &d, "server", None, "tunnel-protocol");
+        }
+    };
+    drop(handshake);
+    if !resp.accept {
+        return reject(
+            &shared,
+            app,
+            flow,
+            &d,
+            "server",
+            Some(resp.reason.as_str()),
+            reason_str(&d),
+        );
+    }
+    let m = &shared.metrics;
+    m.connections
+        .get_or_create(&ConnLabels {
+            direction: Dir::Outbound,
+            verdict: VerdictLabel::Allow,
+        })
+        .inc();
+    let open = m
+        .open
+        .get_or_create(&DirLabels {
+            direction: Dir::Outbound,
+        })
+        .clone();
+    open.inc();
+    let mut app = app;
+    let (fwd, bwd, path, close, tls_mode) = if resp.encrypt {
+        let (a, b, c) = relay_tls(&mut app, &mut stream).await;
+        (a, b, DataPath::Copied, c, true)
+    } else {
+        // Leave TLS: the server's close_notify, ours, then the raw GO byte.
+        let left = async {
+            read_close_notify(&mut stream).await?;
+            stream.get_mut().1.send_close_notify();
+            stream.flush().await?;
+            let (mut tcp, _) = stream.into_inner();
+            let mut go = [0u8; 1];
+            tcp.read_exact(&mut go).await?;
+            if go[0] != GO {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "no GO byte",
+                ));
+            }
+            Ok(tcp)
+        };
+        match tokio::time::timeout(limit, left).await {
+            Ok(Ok(tcp)) => {
+                let p = Progress::default();
+                let o = splice::relay(app, tcp, shared.limits.idle_timeout, false, &p).await;
+                (o.forward, o.backward, o.path, o.close, false)
+            }
+            _ => {
+                open.dec();
+                return reject(&shared, app, flow, &d, "server", None, "tunnel-protocol");
+            }
+        }
+    };
+    open.dec();
+    drop(permit);
+    count(&shared, Dir::Outbound, fwd + bwd, path, tls_mode);
+    if d.log {
+        let mut r = flow_record(
+            &snap,
+            flow,
+            Some(&d),
+            reason_str(&d),
+            Some((fwd, bwd, path)),
+            close.as_str(),
+        );
+        if tls_mode {
+            r.data_path = Some("tls".into());
+        }
+        r.encrypt = tls_mode;
+        r.peer_identity = Some(spiffe);
+        r.peer_reason = Some(resp.reason.as_str().into());
+        r.resumed = Some(resumed);
+        shared.record(r);
+    }
+}
+
+/// Server role: a peer enforcer connects to our tunnel port.
+pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr) {
+    let snap = shared.snapshot();
+    let started = std::time::Instant::now();
+    let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+    let local = tcp
+        .local_addr()
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+        .unwrap_or(from);
+    let mut destination = endpoint(local);
+    destination.pu = Some(snap.pu_qualified());
+    let flow = Flow {
+        started,
+        time: now_rfc3339(),
+        dir: Dir::Inbound,
+        source: endpoint(from),
+        destination,
+    };
+    let record_refusal = |flow: Flow, d: Option<&Decision>, why: &str, peer: Option<String>| {
+        shared
+            .metrics
+            .connections
+            .get_or_create(&ConnLabels {
+                direction: Dir::Inbound,
+                verdict: VerdictLabel::Reject,
+            })
+            .inc();
+        let mut r: FlowRecord = flow_record(&snap, flow, d, why, None, "rejected");
+        r.peer_identity = peer;
+        r.rejected_by = Some("server".into());
+        shared.record(r);
+    };
+    let Some(tls) = snap.tls.clone() else {
+        return record_refusal(flow, None, "no-identity", None);
+    };
+    let Ok(handshake) = shared.handshakes.clone().try_acquire_owned() else {
+        shared.error(ErrorKind::Overload);
+        return record_refusal(flow, None, "overload", None);
+    };
+    let limit = shared.limits.handshake_timeout;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    let mut stream = match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let why = rejection_of(&e);
+            handshake_result(&shared, Role::Server, why);
+            tracing::info!(%from, reason = why, "tunnel handshake refused");
+            return record_refusal(flow, None, &format!("peer-certificate:{why}"), None);
+        }
+        Err(_) => {
+            handshake_result(&shared, Role::Server, "timeout");
+            return record_refusal(flow, None, "handshake-timeout", None);
+        }
+    };
+    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    handshake_result(
+        &shared,
+        Role::Server,
+        if resumed { "resumed" } else { "ok" },
+    );
+    let peer = match peer_identity(stream.get_ref().1) {
+        Ok(p) => p,
+        Err(e) => {
+            return record_refusal(
+                flow,
+                None,
+                &format!("peer-certificate:{}", e.rejection().as_str()),
+                None,
+            );
+        }
+    };
+    let spiffe = peer.spiffe_id().to_string();
+    let mut flow = flow;
+    flow.source.pu = Some(format!("{}:{}", peer.namespace, peer.name));
+    // The certificate must name the PU registered at the address it comes from: a valid
+    // certificate presented from another workload's address is an impersonation.
+    match snap.registry.get(&from.ip()) {
+        Some(r) if r.name == peer.name && r.namespace == peer.namespace => {}
+        _ => return record_refusal(flow, None, "impersonation", Some(spiffe)),
+    }
+
+    // The request: bounded in size and time.
+    let read_request = async {
+        let mut b = [0u8; REQUEST_LEN];
+        stream.read_exact(&mut b).await?;
+        let (req, ext) = Request::decode(&b)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let mut skip = [0u8; MAX_EXT];
+        stream.read_exact(&mut skip[..ext]).await?;
+        Ok::<_, std::io::Error>(req)
+    };
+    let req = match tokio::time::timeout(limit, read_request).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) | Err(_) => {
+            let _ = stream
+                .write_all(
+                    &Response {
+                        accept: false,
+                        reason: Reason::BadRequest,
+                        encrypt: true,
+                    }
+                    .encode(),
+                )
+                .await;
+            let _ = stream.flush().await;
+            return record_refusal(flow, None, "bad-request", Some(spiffe));
+        }
+    };
+    drop(handshake);
+    flow.destination.port = req.port;
+    let answer = |reason: Reason, encrypt: bool| Response {
+        accept: reason == Reason::Accepted,
+        reason,
+        encrypt,
+    };
+    let d = decide(&snap, Direction::Incoming, &peer, req.port, &shared);
+    if d.verdict == Verdict::Reject {
+        let reason = if d.tier.is_some() {
+            Reason::Policy
+        } else {
+            Reason::Default
+        };
+        let _ = stream.write_all(&answer(reason, true).encode()).await;
+        let _ = stream.flush().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+        return record_refusal(flow, Some(&d), reason_str(&d), Some(spiffe));
+    }
+    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+        shared.error(ErrorKind::Overload);
+        let _ = stream
+            .write_all(&answer(Reason::Overload, true).encode())
+            .await;
+        let _ = stream.flush().await;
+        return record_refusal(flow, Some(&d), "overload", Some(spiffe));
+    };
+    let workload_addr = SocketAddr::new(local.ip(), req.port);
+    let workload = match tokio::time::timeout(
+        shared.limits.connect_timeout,
+        TcpStream::connect(workload_addr),
+    )
+    .await
+    {
+        Ok(Ok(w)) => w,
+        _ => {
+            shared.error(ErrorKind::ConnectFailed);
+            let _ = stream
+                .write_all(&answer(Reason::Unreachable, true).encode())
+                .await;
+            let _ = stream.flush().await;
+            let mut r = flow_record(
+                &snap,
+                flow,
+                Some(&d),
+                reason_str(&d),
+                None,
+                "connect-failed",
+            );
+            r.peer_identity = Some(spiffe);
+            return shared.record(r);
+        }
+    };
+    let _ = workload.set_nodelay(true);
+    let encrypt = req.encrypt || d.encrypt;
+    let m = &shared.metrics;
+    m.connections
+        .get_or_create(&ConnLabels {
+            direction: Dir::Inbound,
+            verdict: VerdictLabel::Allow,
+        })
+        .inc();
+    let open = m
+        .open
+        .get_or_create(&DirLabels {
+            direction: Dir::Inbound,
+        })
+        .clone();
+    open.inc();
+    let mut workload = workload;
+    let sent = async {
+        stream
+            .write_all(&answer(Reason::Accepted, encrypt).encode())
+            .await?;
+        if !encrypt {
+            stream.get_mut().1.send_close_notify();
+        }
+        stream.flush().await
+    };
+    let ok = tokio::time::timeout(limit, sent)
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let (fwd, bwd, path, close) = if !ok {
+        (0, 0, DataPath::Copied, Close::Error)
+    } else if encrypt {
+        let (a, b, c) = relay_tls(&mut workload, &mut stream).await;
+        (b, a, DataPath::Copied, c)
+    } else {
+        let left = async {
+            read_close_notify(&mut stream).await?;
+            let (mut tcp, _) = stream.into_inner();
+            tcp.write_all(&[GO]).await?;
+            Ok::<_, std::io::Error>(tcp)
+        };
+        match tokio::time::timeout(limit, left).await {
+            Ok(Ok(tcp)) => {
+                let p = Progress::default();
+                let o = splice::relay(tcp, workload, shared.limits.idle_timeout, false, &p).await;
+                (o.forward, o.backward, o.path, o.close)
+            }
+            _ => (0, 0, DataPath::Copied, Close::Error),
+        }
+    };
+    open.dec();
+    drop(permit);
+    count(&shared, Dir::Inbound, fwd + bwd, path, encrypt);
+    if d.log {
+        let mut r = flow_record(
+            &snap,
+            flow,
+            Some(&d),
+            reason_str(&d),
+            Some((fwd, bwd, path)),
+            close.as_str(),
+        );
+        if encrypt {
+            r.data_path = Some("tls".into());
+        }
+        r.encrypt = encrypt;
+        r.peer_identity = Some(spiffe);
+        r.resumed = Some(resumed);
+        shared.record(r);
+    }
+}

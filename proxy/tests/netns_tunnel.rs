@@ -161,10 +161,10 @@ fn bulk(m: &Mesh, from: &str, to: &str, port: u16) {
     );
 }
 
-fn find<'a>(
-    log: &'a [serde_json::Value],
+fn find(
+    log: &[serde_json::Value],
     pred: impl Fn(&serde_json::Value) -> bool,
-) -> &'a serde_json::Value {
+) -> &serde_json::Value {
     log.iter()
         .find(|r| pred(r))
         .unwrap_or_else(|| panic!("no such flow record in {log:#?}"))

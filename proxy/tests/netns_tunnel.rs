@@ -25,6 +25,7 @@ pub struct Mesh {
     pub topo: Topology,
     pub dir: Scratch,
     pub ca: Ca,
+    pub pids: std::collections::HashMap<&'static str, u32>,
 }
 
 impl Mesh {
@@ -97,6 +98,7 @@ pub fn mesh(tag: &str, encrypt: bool, extra_policies: &str) -> Mesh {
             )
         })
         .collect();
+    let mut pids = std::collections::HashMap::new();
     for (name, app) in PUS {
         issue(
             &ca,
@@ -123,9 +125,14 @@ pub fn mesh(tag: &str, encrypt: bool, extra_policies: &str) -> Mesh {
                 ..CaptureConfig::default()
             },
         );
-        start_enforcer(&topo, name, &path);
+        pids.insert(name, start_enforcer(&topo, name, &path));
     }
-    Mesh { topo, dir, ca }
+    Mesh {
+        topo,
+        dir,
+        ca,
+        pids,
+    }
 }
 
 /// Moves BULK bytes each way from `from` to `to:port` and checks them.
@@ -305,4 +312,446 @@ fn netns_tunnel_three_tier_authenticated_only() {
     if netns_enabled() {
         three_tier(false);
     }
+}
+
+// === attacks ===
+
+#[derive(Debug)]
+struct AcceptAll;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAll {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        segmesh_identity::tls::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client that presents `cert`/`key` files (or nothing) and trusts any server.
+fn rogue(files: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let b = rustls::ClientConfig::builder_with_provider(segmesh_identity::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAll));
+    let mut c = match files {
+        Some((crt, key)) => {
+            let chain =
+                segmesh_identity::ca::certs_from_pem(&std::fs::read_to_string(crt).unwrap())
+                    .unwrap();
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+            b.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => b.with_no_client_auth(),
+    };
+    c.alpn_protocols = vec![segmesh_identity::ALPN.to_vec()];
+    Arc::new(c)
+}
+
+/// TCP from inside a PU's namespace that bypasses its capture rules (the mark).
+async fn bypass(to: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    socket2::SockRef::from(&sock).set_mark(BYPASS_MARK).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), sock.connect(to))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn tls_attempt(cfg: Arc<rustls::ClientConfig>, to: SocketAddr, then: &'static [u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = bypass(to).await;
+    let name = rustls_pki_types::ServerName::IpAddress(to.ip().into());
+    if let Ok(Ok(mut tls)) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await
+    {
+        let _ = tls.write_all(then).await;
+        let _ = tls.flush().await;
+        let mut b = [0u8; 16];
+        let _ = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut b)).await;
+    }
+}
+
+#[test]
+fn netns_tunnel_attacks_fail_and_are_recorded() {
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("attacks", true, "");
+    let (api, db) = (m.host("api"), m.host("db"));
+    let tunnel = SocketAddr::new(db.ip4.into(), 15008);
+    let now = std::time::SystemTime::now();
+    // Certificates an attacker might hold.
+    let other = Ca::new_root("segmesh.local", KeyAlgorithm::EcdsaP256).unwrap();
+    std::fs::create_dir_all(m.path("other")).unwrap();
+    issue(
+        &other,
+        &m.path("other"),
+        "api",
+        &["app=api"],
+        Duration::from_secs(3600),
+    );
+    let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let spec = segmesh_identity::LeafSpec {
+        uri_sans: vec!["spiffe://segmesh.local/ns/acme/shop/pu/api".into()],
+        tags_der: Some(segmesh_identity::tags::encode(&["app=api".into()]).unwrap()),
+        not_before: now - Duration::from_secs(7200),
+        not_after: now - Duration::from_secs(3600),
+        common_name: "api".into(),
+    };
+    let expired = m.ca.sign_leaf(&key.csr_pem("api").unwrap(), &spec).unwrap();
+    segmesh_identity::ca::save_issued(&m.path("expired"), &expired, &key).unwrap();
+
+    let web_cfg = {
+        let r = |f: &str| std::fs::read_to_string(m.path(f)).unwrap();
+        segmesh_identity::TlsConfigs::from_pem(
+            &r("web.crt"),
+            &r("web.key"),
+            &r("web.bundle.crt"),
+            "segmesh.local",
+            &segmesh_identity::Sessions::new().unwrap(),
+        )
+        .unwrap()
+        .client
+    };
+    let api_files = (m.path("api.crt"), m.path("api.key"));
+    let attacks: Vec<(&str, Arc<rustls::ClientConfig>, &'static [u8])> = vec![
+        (
+            "web's certificate from api's address",
+            web_cfg,
+            &[1, 1, 0x15, 0x38, 0, 0],
+        ),
+        (
+            "another CA",
+            rogue(Some((&m.path("other/api.crt"), &m.path("other/api.key")))),
+            &[1, 1, 0x15, 0x38, 0, 0],
+        ),
+        (
+            "expired",
+            rogue(Some((&m.path("expired.crt"), &m.path("expired.key")))),
+            &[1, 1, 0x15, 0x38, 0, 0],
+        ),
+        ("no certificate", rogue(None), &[1, 1, 0x15, 0x38, 0, 0]),
+        (
+            "a header that claims 65535 bytes of extensions",
+            rogue(Some((&api_files.0, &api_files.1))),
+            &[1, 1, 0x15, 0x38, 0xff, 0xff],
+        ),
+        (
+            "a header that promises 200 bytes and sends 4",
+            rogue(Some((&api_files.0, &api_files.1))),
+            &[1, 1, 0x15, 0x38, 0, 200, 1, 2, 3, 4],
+        ),
+    ];
+    for (what, cfg, then) in attacks {
+        eprintln!("attack: {what}");
+        in_ns(&api, tls_attempt(cfg, tunnel, then)).join().unwrap();
+    }
+    // A plain TCP client, and a slow one that never starts the handshake.
+    in_ns(&api, async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = bypass(tunnel).await;
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: db\r\n\r\n").await;
+        let mut b = [0u8; 64];
+        let _ = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await;
+        let mut slow = bypass(tunnel).await;
+        let t = std::time::Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut b))
+            .await
+            .expect("the server gives up first");
+        assert!(matches!(n, Ok(0) | Err(_)), "closed: {n:?}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(900),
+            "after the handshake timeout, not before"
+        );
+    })
+    .join()
+    .unwrap();
+
+    wait_until("all attacks recorded", Duration::from_secs(10), || {
+        m.log("db").len() >= 8
+    });
+    let db_log = m.log("db");
+    let reasons: Vec<&str> = db_log.iter().filter_map(|r| r["reason"].as_str()).collect();
+    for want in [
+        "impersonation",
+        "peer-certificate:unknown_issuer",
+        "peer-certificate:expired",
+        "peer-certificate:no_certificate",
+        "peer-certificate:tls_error",
+        "handshake-timeout",
+    ] {
+        assert!(reasons.contains(&want), "{want} not recorded: {reasons:?}");
+    }
+    assert_eq!(
+        reasons.iter().filter(|r| **r == "bad-request").count(),
+        2,
+        "{reasons:?}"
+    );
+    let imp = find(&db_log, |r| r["reason"] == "impersonation");
+    assert_eq!(
+        imp["peer_identity"],
+        "spiffe://segmesh.local/ns/acme/shop/pu/web"
+    );
+    assert!(db_log.iter().all(|r| r["verdict"] == "reject"));
+
+    // A server answering at a registered address with another PU's (valid) certificate.
+    m.topo.kill(m.pids["api"]);
+    let db_cfg = {
+        let r = |f: &str| std::fs::read_to_string(m.path(f)).unwrap();
+        segmesh_identity::TlsConfigs::from_pem(
+            &r("db.crt"),
+            &r("db.key"),
+            &r("db.bundle.crt"),
+            "segmesh.local",
+            &segmesh_identity::Sessions::new().unwrap(),
+        )
+        .unwrap()
+        .server
+    };
+    let _fake = in_ns(&api, async move {
+        let l = tokio::net::TcpListener::bind("0.0.0.0:15008")
+            .await
+            .unwrap();
+        if let Ok(Ok((tcp, _))) = tokio::time::timeout(Duration::from_secs(20), l.accept()).await {
+            let _ = tokio_rustls::TlsAcceptor::from(db_cfg).accept(tcp).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    refused_fast(
+        in_ns(
+            &m.host("web"),
+            attempt(SocketAddr::new(api.ip4.into(), 8080)),
+        )
+        .join()
+        .unwrap(),
+    );
+    wait_until("the impersonation record", Duration::from_secs(10), || {
+        m.log("web").iter().any(|r| r["reason"] == "impersonation")
+    });
+    let web_log = m.log("web");
+    let r = find(&web_log, |r| r["reason"] == "impersonation");
+    assert_eq!(
+        r["peer_identity"],
+        "spiffe://segmesh.local/ns/acme/shop/pu/db"
+    );
+    assert_eq!(r["rejected_by"], "client");
+}
+
+// === modes ===
+
+const MODES: &str = r#"
+---
+kind: NetworkPolicy
+name: m1-incoming-only
+namespace: /acme/shop
+action: Allow
+mode: Incoming
+subject: [[app=web]]
+object: [[app=api]]
+ports: [tcp/9001]
+---
+kind: NetworkPolicy
+name: m2-outgoing-only
+namespace: /acme/shop
+action: Allow
+mode: Outgoing
+subject: [[app=web]]
+object: [[app=api]]
+ports: [tcp/9002]
+---
+kind: NetworkPolicy
+name: m3-out
+namespace: /acme/shop
+action: Allow
+mode: Outgoing
+subject: [[app=web]]
+object: [[app=api]]
+ports: [tcp/9003]
+---
+kind: NetworkPolicy
+name: m3-in
+namespace: /acme/shop
+action: Allow
+mode: Incoming
+subject: [[app=web]]
+object: [[app=api]]
+ports: [tcp/9003]
+---
+kind: NetworkPolicy
+name: m4-bidirectional
+namespace: /acme/shop
+action: Allow
+mode: Bidirectional
+subject: [[app=web]]
+object: [[app=api]]
+ports: [tcp/9004-9006]
+---
+kind: NetworkPolicy
+name: m5-server-rejects
+namespace: /acme/shop
+action: Reject
+mode: Incoming
+subject: [[app=web]]
+object: [[app=api]]
+ports: [tcp/9005]
+log: true
+---
+kind: NetworkPolicy
+name: m6-client-emergency
+namespace: /acme/shop
+tier: emergency
+action: Reject
+mode: Outgoing
+subject: [[app=web]]
+object: [[app=api]]
+ports: [tcp/9006]
+---
+kind: NetworkPolicy
+name: m7-staged
+namespace: /acme/shop
+action: Allow
+mode: Bidirectional
+enforce: false
+subject: [[app=web]]
+object: [[app=api]]
+ports: [tcp/9007]
+---
+kind: NetworkPolicy
+name: m8-infrastructure
+namespace: /acme/shop
+tier: infrastructure
+action: Allow
+mode: Bidirectional
+subject: [[app=web]]
+object: [[app=api]]
+ports: [tcp/9008]
+---
+kind: NetworkPolicy
+name: m8-application-reject
+namespace: /acme/shop
+action: Reject
+mode: Bidirectional
+subject: [[app=web]]
+object: [[app=api]]
+ports: [tcp/9008]
+"#;
+
+#[test]
+fn netns_tunnel_modes_which_end_checks_what() {
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("modes", true, MODES);
+    let (web, api) = (m.host("web"), m.host("api"));
+    let seen: Vec<Arc<AtomicUsize>> = (0..9).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    for p in 1..=8u16 {
+        let _ = in_ns(
+            &api,
+            greeter(
+                SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 9000 + p),
+                seen[p as usize].clone(),
+            ),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let go = |p: u16| {
+        in_ns(&web, attempt(SocketAddr::new(api.ip4.into(), 9000 + p)))
+            .join()
+            .unwrap()
+    };
+    // (port, allowed, the end that rejects, its reason, its deciding policy, tier)
+    let cases: [(u16, bool, &str, &str, &str, &str); 8] = [
+        (1, false, "client", "default", "", ""),
+        (2, false, "server", "default", "", ""),
+        (3, true, "", "", "", ""),
+        (4, true, "", "", "", ""),
+        (
+            5,
+            false,
+            "server",
+            "policy",
+            "/acme/shop:m5-server-rejects",
+            "application",
+        ),
+        (
+            6,
+            false,
+            "client",
+            "policy",
+            "/acme/shop:m6-client-emergency",
+            "emergency",
+        ),
+        (7, false, "client", "default", "", ""),
+        (8, true, "", "", "", ""),
+    ];
+    for (p, allowed, ..) in cases {
+        let a = go(p);
+        if allowed {
+            assert_eq!(a, Attempt::Greeted, "port {p}");
+        } else {
+            refused_fast(a);
+            assert_eq!(
+                seen[p as usize].load(Ordering::SeqCst),
+                0,
+                "port {p} reached the server"
+            );
+        }
+    }
+    wait_until("records", Duration::from_secs(10), || {
+        m.log("web").len() >= 5 && m.log("api").len() >= 2
+    });
+    let (web_log, api_log) = (m.log("web"), m.log("api"));
+    for (p, allowed, by, reason, policy, tier) in cases {
+        if allowed {
+            continue;
+        }
+        let port = 9000 + p;
+        let at_web = find(&web_log, |r| r["destination"]["port"] == port);
+        assert_eq!(at_web["rejected_by"], by, "port {port}: {at_web:#}");
+        let decider = if by == "client" {
+            at_web
+        } else {
+            find(&api_log, |r| r["destination"]["port"] == port)
+        };
+        assert_eq!(decider["reason"], reason, "port {port}: {decider:#}");
+        if !policy.is_empty() {
+            assert_eq!(decider["policies"][0], policy, "port {port}");
+            assert_eq!(decider["tier"], tier, "port {port}");
+        }
+    }
+    let staged = find(&web_log, |r| r["destination"]["port"] == 9007);
+    assert_eq!(staged["staged"][0]["policy"], "/acme/shop:m7-staged");
+    assert_eq!(staged["staged"][0]["action"], "allow");
 }

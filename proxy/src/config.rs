@@ -112,6 +112,13 @@ pub struct Limits {
     /// Tunnel handshakes in flight (both roles); more are refused. Default 256.
     #[serde(default = "d_handshakes")]
     pub max_handshakes: usize,
+    /// Pre-established tunnel connections kept per busy peer (0: none). Default 2.
+    #[serde(default = "d_pool")]
+    pub tunnel_pool: usize,
+}
+
+fn d_pool() -> usize {
+    2
 }
 
 fn d_handshakes() -> usize {
@@ -136,6 +143,7 @@ impl Default for Limits {
             connect_timeout: d_connect(),
             handshake_timeout: d_connect(),
             max_handshakes: d_handshakes(),
+            tunnel_pool: d_pool(),
         }
     }
 }

@@ -42,6 +42,7 @@ pub struct Shared {
     pub(crate) handshakes: Arc<Semaphore>,
     pub(crate) limits: Limits,
     pub(crate) listeners: Listeners,
+    pub(crate) pool: crate::pool::Pool,
     config_path: PathBuf,
     bound: AtomicBool,
 }
@@ -144,6 +145,7 @@ impl Enforcer {
             handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
             limits,
             listeners,
+            pool: crate::pool::Pool::default(),
             config_path: config_path.to_owned(),
             bound: AtomicBool::new(false),
         });

@@ -6,6 +6,7 @@
 //! - [`enforcer`]: listeners, per-connection decisions, reloads.
 //! - [`splice`]: the zero-copy data plane (splice through pipes; copy fallback).
 //! - [`mesh`]: the mesh tunnel between enforcers (mTLS, decisions at both ends, data modes).
+//! - [`pool`]: pre-established tunnel connections to busy peers.
 //! - [`tunnel`]: the mesh tunnel's wire format (request, response, reason codes).
 //! - [`socket`]: socket options and syscalls (original destination, transparency, RST).
 //! - [`flows`]: flow records as JSON lines.
@@ -17,6 +18,7 @@ pub mod enforcer;
 pub mod flows;
 pub mod mesh;
 pub mod metrics;
+pub mod pool;
 pub mod snapshot;
 pub mod socket;
 pub mod splice;

@@ -16,19 +16,22 @@
 //! server sends after that. Kernel TLS would carry the encrypted case without user-space
 //! copies; this build detects it ([`ktls_available`]) and uses rustls when absent.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::ServerName;
 use segmesh_api::FlowRecord;
-use segmesh_identity::{IdentityError, WorkloadIdentity, peer_identity};
+use segmesh_identity::{IdentityError, TlsConfigs, WorkloadIdentity, peer_identity};
 use segmesh_policy::{Decision, Direction, PreparedPeer, Tag, TagSet, Verdict};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::enforcer::{Flow, Shared, endpoint, flow_record, now_rfc3339, reason_str, refuse};
-use crate::metrics::{ConnLabels, Dir, DirLabels, ErrorKind, HandshakeLabels, Role, VerdictLabel};
+use crate::metrics::{
+    ConnLabels, Dir, DirLabels, ErrorKind, HandshakeLabels, PoolLabels, Role, VerdictLabel,
+};
+use crate::pool::{Established, SERVER_IDLE};
 use crate::snapshot::{Registered, Snapshot};
 use crate::socket;
 use crate::splice::{self, Close, DataPath, Progress};
@@ -140,6 +143,68 @@ fn count(shared: &Shared, dir: Dir, bytes: u64, path: DataPath, tls: bool) {
 }
 
 /// Client role: our PU connects to a registered PU.
+/// TCP, TLS and the peer's identity: a tunnel connection ready for a request. The error
+/// is the flow record's reason.
+async fn establish(
+    shared: &Shared,
+    tls: &Arc<TlsConfigs>,
+    ip: IpAddr,
+) -> Result<Established, String> {
+    let peer_addr = SocketAddr::new(ip, shared.listeners.tunnel);
+    let tcp =
+        match tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(peer_addr))
+            .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(_)) | Err(_) => {
+                shared.error(ErrorKind::ConnectFailed);
+                return Err("tunnel-unreachable".into());
+            }
+        };
+    let _ = tcp.set_nodelay(true);
+    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+    let stream = match tokio::time::timeout(
+        shared.limits.handshake_timeout,
+        connector.connect(ServerName::IpAddress(ip.into()), tcp),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let why = rejection_of(&e);
+            handshake_result(shared, Role::Client, why);
+            return Err(format!("peer-certificate:{why}"));
+        }
+        Err(_) => {
+            handshake_result(shared, Role::Client, "timeout");
+            return Err("handshake-timeout".into());
+        }
+    };
+    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    handshake_result(shared, Role::Client, if resumed { "resumed" } else { "ok" });
+    let peer = peer_identity(stream.get_ref().1)
+        .map_err(|e| format!("peer-certificate:{}", e.rejection().as_str()))?;
+    Ok(Established::new(stream, peer, resumed, tls.clone()))
+}
+
+/// Brings the peer's pool back to its size, in the background.
+fn refill(shared: &Arc<Shared>, tls: &Arc<TlsConfigs>, ip: IpAddr) {
+    let addr = SocketAddr::new(ip, shared.listeners.tunnel);
+    for _ in 0..shared.pool.reserve(addr, shared.limits.tunnel_pool) {
+        let (shared, tls) = (shared.clone(), tls.clone());
+        tokio::spawn(async move {
+            let Ok(_permit) = shared.handshakes.clone().try_acquire_owned() else {
+                return shared.pool.failed(addr);
+            };
+            match establish(&shared, &tls, ip).await {
+                Ok(e) => shared.pool.put(addr, e),
+                Err(_) => shared.pool.failed(addr),
+            }
+        });
+    }
+}
+
+/// Client role: our PU connects to a registered PU.
 pub(crate) async fn connect(
     shared: Arc<Shared>,
     snap: Arc<Snapshot>,
@@ -151,70 +216,37 @@ pub(crate) async fn connect(
     let Some(tls) = snap.tls.clone() else {
         return refuse(&shared, &snap, app, flow, None, "no-identity");
     };
-    let Ok(handshake) = shared.handshakes.clone().try_acquire_owned() else {
-        shared.error(ErrorKind::Overload);
-        return refuse(&shared, &snap, app, flow, None, "overload");
-    };
     let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
         shared.error(ErrorKind::Overload);
         return refuse(&shared, &snap, app, flow, None, "overload");
     };
     let limit = shared.limits.handshake_timeout;
-    let peer_addr = SocketAddr::new(target.ip(), shared.listeners.tunnel);
-    let tcp =
-        match tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(peer_addr))
-            .await
-        {
-            Ok(Ok(t)) => t,
-            Ok(Err(_)) | Err(_) => {
-                shared.error(ErrorKind::ConnectFailed);
-                return refuse(&shared, &snap, app, flow, None, "tunnel-unreachable");
+    let pooled = shared
+        .pool
+        .take(SocketAddr::new(target.ip(), shared.listeners.tunnel), &tls);
+    shared
+        .metrics
+        .pool
+        .get_or_create(&PoolLabels {
+            result: if pooled.is_some() { "hit" } else { "miss" },
+        })
+        .inc();
+    let established = match pooled {
+        Some(e) => Ok(e),
+        None => match shared.handshakes.clone().try_acquire_owned() {
+            Ok(_handshake) => establish(&shared, &tls, target.ip()).await,
+            Err(_) => {
+                shared.error(ErrorKind::Overload);
+                Err("overload".into())
             }
-        };
-    let _ = tcp.set_nodelay(true);
-    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
-    let mut stream = match tokio::time::timeout(
-        limit,
-        connector.connect(ServerName::IpAddress(target.ip().into()), tcp),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let why = rejection_of(&e);
-            handshake_result(&shared, Role::Client, why);
-            return refuse(
-                &shared,
-                &snap,
-                app,
-                flow,
-                None,
-                &format!("peer-certificate:{why}"),
-            );
-        }
-        Err(_) => {
-            handshake_result(&shared, Role::Client, "timeout");
-            return refuse(&shared, &snap, app, flow, None, "handshake-timeout");
-        }
+        },
     };
-    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    handshake_result(
-        &shared,
-        Role::Client,
-        if resumed { "resumed" } else { "ok" },
-    );
-    let peer = match peer_identity(stream.get_ref().1) {
-        Ok(p) => p,
-        Err(e) => {
-            return refuse(
-                &shared,
-                &snap,
-                app,
-                flow,
-                None,
-                &format!("peer-certificate:{}", e.rejection().as_str()),
-            );
-        }
+    if shared.limits.tunnel_pool > 0 {
+        refill(&shared, &tls, target.ip());
+    }
+    let (mut stream, peer, resumed) = match established {
+        Ok(e) => (e.stream, e.peer, e.resumed),
+        Err(why) => return refuse(&shared, &snap, app, flow, None, &why),
     };
     let spiffe = peer.spiffe_id().to_string();
     if peer.name != reg.name || peer.namespace != reg.namespace {
@@ -281,7 +313,6 @@ pub(crate) async fn connect(
             return reject(&shared, app, flow, &d, "server", None, "tunnel-protocol");
         }
     };
-    drop(handshake);
     if !resp.accept {
         return reject(
             &shared,
@@ -445,9 +476,18 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     }
 
     // The request: bounded in size and time.
+    // A pooled connection waits for its flow: the first byte may take up to
+    // SERVER_IDLE (the peer is authenticated); the rest of the request is bounded by the
+    // handshake timeout.
+    drop(handshake);
+    let mut b = [0u8; REQUEST_LEN];
+    match tokio::time::timeout(SERVER_IDLE, stream.read_exact(&mut b[..1])).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return,
+        Err(_) => return record_refusal(flow, None, "idle-before-request", Some(spiffe)),
+    }
     let read_request = async {
-        let mut b = [0u8; REQUEST_LEN];
-        stream.read_exact(&mut b).await?;
+        stream.read_exact(&mut b[1..]).await?;
         let (req, ext) = Request::decode(&b)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         let mut skip = [0u8; MAX_EXT];
@@ -471,7 +511,6 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
             return record_refusal(flow, None, "bad-request", Some(spiffe));
         }
     };
-    drop(handshake);
     flow.destination.port = req.port;
     let answer = |reason: Reason, encrypt: bool| Response {
         accept: reason == Reason::Accepted,

@@ -60,6 +60,12 @@ pub struct HandshakeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// `hit` (a pre-established tunnel connection was used) or `miss`.
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: &'static str,
 }
@@ -78,6 +84,7 @@ pub struct Metrics {
     pub reloads: Family<ReloadLabels, Counter>,
     pub handshakes: Family<HandshakeLabels, Counter>,
     pub tls_bytes: Counter,
+    pub pool: Family<PoolLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -97,6 +104,7 @@ impl Default for Metrics {
             reloads: Family::default(),
             handshakes: Family::default(),
             tls_bytes: Counter::default(),
+            pool: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -158,6 +166,11 @@ impl Default for Metrics {
             "tls_bytes",
             "Bytes moved encrypted through the mesh tunnel (rustls in user space)",
             m.tls_bytes.clone(),
+        );
+        registry.register(
+            "tunnel_pool",
+            "Outbound tunnel flows by whether a pre-established connection was ready",
+            m.pool.clone(),
         );
         Metrics { registry, ..m }
     }

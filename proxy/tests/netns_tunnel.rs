@@ -751,6 +751,12 @@ fn netns_tunnel_modes_which_end_checks_what() {
             assert_eq!(decider["tier"], tier, "port {port}");
         }
     }
+    // Flows after the first found pre-established tunnel connections.
+    assert!(
+        metric(&web, "segmesh_tunnel_pool_total{result=\"hit\"}") >= 4.0,
+        "{}",
+        http_get(&web, "/metrics").1
+    );
     let staged = find(&web_log, |r| r["destination"]["port"] == 9007);
     assert_eq!(staged["staged"][0]["policy"], "/acme/shop:m7-staged");
     assert_eq!(staged["staged"][0]["action"], "allow");

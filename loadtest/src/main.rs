@@ -3,7 +3,9 @@
 //! bytes and time and stops by itself; traffic stays inside the namespaces it creates.
 //!
 //! Scenarios so far: `bulk` (one stream, direct veth TCP against the same stream
-//! through the client's enforcer).
+//! through the client's enforcer) and `tunnel` (PU to PU through both enforcers'
+//! mesh tunnel, encrypted and authenticated-only: bulk throughput and new connections
+//! per second, against direct veth TCP).
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -29,6 +31,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// PU to PU through the mesh tunnel: throughput and connections/s, both data modes.
+    Tunnel {
+        /// Bytes per bulk run.
+        #[arg(long, default_value_t = 2 << 30)]
+        bytes: u64,
+        /// Connections per rate run (each: connect, read a greeting, close).
+        #[arg(long, default_value_t = 2000)]
+        connections: u32,
+        /// Stop any run after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        max_seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        #[arg(long)]
+        proxy: Option<PathBuf>,
+    },
     /// One bulk TCP stream: direct, then through the client's enforcer (spliced).
     Bulk {
         /// Bytes per run.
@@ -224,6 +242,173 @@ fn bulk(
     Ok(())
 }
 
+/// Greets connections until `limit` passes.
+async fn greeter(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr).await?;
+    let until = tokio::time::Instant::now() + limit;
+    while let Ok(Ok((mut s, _))) = tokio::time::timeout_at(until, l.accept()).await {
+        tokio::spawn(async move {
+            let _ = s.write_all(b"hello\n").await;
+        });
+    }
+    Ok(())
+}
+
+/// Sequential connections (connect, read the greeting, close): connections per second.
+fn run_rate(topo: &Topology, port: u16, n: u32, limit: Duration) -> anyhow::Result<f64> {
+    let (client, server) = (topo.host("client"), topo.host("server"));
+    let addr = SocketAddr::new(server.ip4.into(), port);
+    let _srv = in_ns(
+        server,
+        greeter(
+            SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port),
+            limit + Duration::from_secs(5),
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    in_ns(client, async move {
+        let start = Instant::now();
+        let mut done = 0u32;
+        let mut b = [0u8; 6];
+        while done < n && start.elapsed() < limit {
+            let mut s = TcpStream::connect(addr).await?;
+            s.read_exact(&mut b).await?;
+            done += 1;
+        }
+        Ok(f64::from(done) / start.elapsed().as_secs_f64())
+    })
+    .join()
+    .expect("client thread")
+}
+
+fn tunnel(
+    bytes: u64,
+    connections: u32,
+    max_seconds: u64,
+    repeat: usize,
+    proxy: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use segmesh_identity::{Ca, KeyAlgorithm, SpiffeId, WorkloadKey};
+    let proxy = match proxy {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("segmesh-proxy"),
+    };
+    if !proxy.exists() {
+        bail!(
+            "{} not found: build it (cargo build --release -p segmesh-proxy) or pass --proxy",
+            proxy.display()
+        );
+    }
+    let limit = Duration::from_secs(max_seconds);
+    let topo = Topology::new(&["client", "server"]);
+    let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+    let runs = |f: &dyn Fn(usize) -> anyhow::Result<f64>| {
+        (0..repeat).map(f).collect::<anyhow::Result<Vec<f64>>>()
+    };
+
+    // Baselines first, on the same topology, before any capture rule exists.
+    let direct_bulk = runs(&|i| run_bulk(&topo, 8000 + i as u16, bytes, limit))?;
+    let direct_rate = runs(&|i| run_rate(&topo, 8100 + i as u16, connections, limit))?;
+
+    let dir = std::env::temp_dir().join(format!("segmesh-loadtest-tunnel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let ca = Ca::new_root("segmesh.local", KeyAlgorithm::EcdsaP256)?;
+    let registry: String = ["client", "server"]
+        .iter()
+        .map(|n| {
+            format!(
+                "  - {{name: {n}, namespace: /lt, ips: [{}]}}\n",
+                topo.host(n).ip4
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("policies.yaml"),
+        "kind: NetworkPolicy\nname: encrypted\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [tcp/9000-9999]\n---\n\
+         kind: NetworkPolicy\nname: plain\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [tcp/10000-10999]\nencrypt: false\n",
+    )?;
+    for name in ["client", "server"] {
+        let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256)?;
+        let id = SpiffeId::new("segmesh.local", "/lt", name)?;
+        let issued = ca.issue(
+            &key.csr_pem(name)?,
+            &id,
+            &[format!("app={name}")],
+            Duration::from_secs(3600),
+        )?;
+        for f in segmesh_identity::ca::save_issued(&dir.join(name), &issued, &key)? {
+            std::os::unix::fs::chown(&f, Some(1337), Some(1337))?;
+        }
+        let cfg = dir.join(format!("{name}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "pu: {{name: {name}, namespace: /lt, tags: [app={name}]}}\nidentity: {{cert: {name}.crt, key: {name}.key, bundle: {name}.bundle.crt}}\nregistry:\n{registry}policies: [policies.yaml]\n"
+            ),
+        )?;
+        let host = topo.host(name).clone();
+        host.thread(|| {
+            let c = rules::Config::default();
+            apply::apply(&c, rules::Family::V4).and_then(|_| apply::apply(&c, rules::Family::V6))
+        })
+        .join()
+        .expect("capture thread")?;
+        let mut cmd = host.command("setpriv");
+        cmd.args([
+            "--reuid=1337",
+            "--regid=1337",
+            "--clear-groups",
+            "--inh-caps=+net_admin,+net_raw",
+            "--ambient-caps=+net_admin,+net_raw",
+            "--",
+        ])
+        .arg(&proxy)
+        .arg("--local-config")
+        .arg(&cfg)
+        .env("RUST_LOG", "warn");
+        topo.spawn(cmd);
+        wait_until("an enforcer", Duration::from_secs(20), || {
+            http_ok(&host, "/ready")
+        });
+    }
+    let tls_bulk = runs(&|i| run_bulk(&topo, 9000 + i as u16, bytes, limit))?;
+    let plain_bulk = runs(&|i| run_bulk(&topo, 10000 + i as u16, bytes, limit))?;
+    let tls_rate = runs(&|i| run_rate(&topo, 9100 + i as u16, connections, limit))?;
+    let plain_rate = runs(&|i| run_rate(&topo, 10100 + i as u16, connections, limit))?;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let (db, dr) = (best(&direct_bulk), best(&direct_rate));
+    println!("PU to PU through both enforcers' mesh tunnel; best of {repeat} (runs in brackets)");
+    println!("bulk, one stream, {} MiB per run:", bytes >> 20);
+    println!("  direct veth TCP              {db:7.2} Gbit/s  {direct_bulk:.2?}");
+    println!(
+        "  tunnel, encrypted (rustls)   {:7.2} Gbit/s  {tls_bulk:.2?}  ratio {:.3}",
+        best(&tls_bulk),
+        best(&tls_bulk) / db
+    );
+    println!(
+        "  tunnel, authenticated-only   {:7.2} Gbit/s  {plain_bulk:.2?}  ratio {:.3}",
+        best(&plain_bulk),
+        best(&plain_bulk) / db
+    );
+    println!(
+        "new connections, sequential, up to {connections} per run (connect, greeting, close):"
+    );
+    println!("  direct veth TCP              {dr:7.0} /s  {direct_rate:.0?}");
+    println!(
+        "  tunnel, encrypted            {:7.0} /s  {tls_rate:.0?}  ratio {:.3}",
+        best(&tls_rate),
+        best(&tls_rate) / dr
+    );
+    println!(
+        "  tunnel, authenticated-only   {:7.0} /s  {plain_rate:.0?}  ratio {:.3}",
+        best(&plain_rate),
+        best(&plain_rate) / dr
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if !segmesh_testkit::netns_enabled() {
@@ -237,5 +422,12 @@ fn main() -> anyhow::Result<()> {
             proxy,
             json,
         } => bulk(bytes, max_seconds, repeat, proxy, json),
+        Scenario::Tunnel {
+            bytes,
+            connections,
+            max_seconds,
+            repeat,
+            proxy,
+        } => tunnel(bytes, connections, max_seconds, repeat, proxy),
     }
 }

@@ -150,6 +150,15 @@ impl Enforcer {
             bound: AtomicBool::new(false),
         });
 
+        if crate::mesh::ktls_available() {
+            tracing::info!(
+                "the kernel offers kernel TLS, but this build encrypts tunnels with rustls in user space"
+            );
+        } else {
+            tracing::info!(
+                "no kernel TLS (tls ULP) here: tunnels are encrypted with rustls in user space"
+            );
+        }
         let v6 = ipv6_available();
         let bind = |addr: SocketAddr, transparent: bool| {
             socket::listener(addr, transparent, 1024).map_err(|e| Error::Bind(addr, e))

@@ -14,7 +14,8 @@
 //! client's `close_notify`; the client reads the server's `close_notify`, sends its own,
 //! and sends no plaintext until it has read the raw [`GO`](crate::tunnel::GO) byte the
 //! server sends after that. Kernel TLS would carry the encrypted case without user-space
-//! copies; this build detects it ([`ktls_available`]) and uses rustls when absent.
+//! copies; this build only detects it ([`ktls_available`], logged at start) and always
+//! encrypts with rustls in user space.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -1,0 +1,375 @@
+//! The console's operations on its store: validated, authorized, audited.
+//!
+//! `apply` validates every submitted file together (a bad document rejects the whole
+//! apply with file:line:col, and nothing is written), checks the caller may edit every
+//! namespace the documents live in, and merges them into the draft by identity
+//! (kind, namespace, name). `commit` publishes the draft atomically as the next version;
+//! `rollback` republishes an earlier one. Tokens are stored as SHA-256 hashes.
+
+use std::collections::BTreeSet;
+
+use segmesh_policy::{LoadError, NamespacePath, PolicySet, Source};
+
+use crate::store::{Documents, Role, Store, StoreError, TokenRecord, Version};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("invalid documents; nothing was applied:\n{0}")]
+    Invalid(LoadError),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("unknown or missing API token")]
+    Unauthenticated,
+    #[error("no {kind} {name} in namespace {namespace} in the draft")]
+    NotFound {
+        kind: String,
+        namespace: String,
+        name: String,
+    },
+    #[error("bad namespace: {0}")]
+    Namespace(#[from] segmesh_policy::namespace::NamespaceError),
+}
+
+/// Who is calling, from their token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+    pub namespace: NamespacePath,
+}
+
+/// What an apply changed in the draft.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub unchanged: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// SHA-256 of a token, hex.
+pub fn hash_token(token: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn new_token() -> String {
+    let mut b = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .expect("the system RNG works");
+    format!(
+        "smt_{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    )
+}
+
+fn key(ns: &NamespacePath, name: &str) -> String {
+    format!("{ns}:{name}")
+}
+
+/// The documents' content, without where they were read from.
+fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    let strip = |v: &T| {
+        let mut j = serde_json::to_value(v).unwrap_or_default();
+        if let Some(o) = j.as_object_mut() {
+            o.remove("origin");
+        }
+        j
+    };
+    strip(a) == strip(b)
+}
+
+pub struct Console<S: Store> {
+    pub store: S,
+}
+
+impl Caller {
+    fn can_edit(&self, ns: &NamespacePath) -> bool {
+        self.role == Role::Editor && self.namespace.is_ancestor_or_self(ns)
+    }
+
+    fn can_view(&self, ns: &NamespacePath) -> bool {
+        self.namespace.is_ancestor_or_self(ns)
+    }
+}
+
+impl<S: Store> Console<S> {
+    pub fn new(store: S) -> Self {
+        Console { store }
+    }
+
+    /// Creates a token; returns it (shown once, stored only hashed). Creating an editor
+    /// token needs editor rights on its namespace; `by: None` is the console's own
+    /// bootstrap.
+    pub fn create_token(
+        &self,
+        by: Option<&Caller>,
+        name: &str,
+        role: Role,
+        namespace: &NamespacePath,
+    ) -> Result<String, ConsoleError> {
+        if let Some(c) = by {
+            if !c.can_edit(namespace) {
+                return Err(ConsoleError::Forbidden(format!(
+                    "{} may not create tokens for {namespace}",
+                    c.name
+                )));
+            }
+        }
+        let token = new_token();
+        let who = by.map_or("console", |c| c.name.as_str());
+        let rec = TokenRecord {
+            name: name.into(),
+            role,
+            namespace: namespace.to_string(),
+        };
+        self.store.put_token(
+            &hash_token(&token),
+            &rec,
+            (who, "token", &format!("{name}: {role:?} on {namespace}")),
+        )?;
+        Ok(token)
+    }
+
+    pub fn authenticate(&self, token: &str) -> Result<Caller, ConsoleError> {
+        let rec = self
+            .store
+            .token(&hash_token(token))?
+            .ok_or(ConsoleError::Unauthenticated)?;
+        Ok(Caller {
+            name: rec.name,
+            role: rec.role,
+            namespace: rec.namespace.parse()?,
+        })
+    }
+
+    fn base(&self) -> Result<Documents, ConsoleError> {
+        Ok(match self.store.draft()? {
+            Some(d) => d,
+            None => self.store.live()?.map(|v| v.documents).unwrap_or_default(),
+        })
+    }
+
+    /// Validates `files` together, checks rights, merges them into the draft.
+    pub fn apply(&self, caller: &Caller, files: &[Source<'_>]) -> Result<Changes, ConsoleError> {
+        let loaded = segmesh_policy::load(files).map_err(ConsoleError::Invalid)?;
+        let set = loaded.set;
+        let mut denied = BTreeSet::new();
+        for p in set.policies() {
+            if !caller.can_edit(&p.namespace) {
+                denied.insert(p.namespace.to_string());
+            }
+        }
+        for e in set.externals() {
+            if !caller.can_edit(&e.namespace) {
+                denied.insert(e.namespace.to_string());
+            }
+        }
+        for n in set.namespaces() {
+            // A namespace's own settings belong to whoever edits its parent.
+            let ok = match n.path.parent() {
+                Some(parent) => caller.can_edit(&parent),
+                None => caller.can_edit(&NamespacePath::root()) && caller.namespace.is_root(),
+            };
+            if !ok {
+                denied.insert(format!(
+                    "{} (its settings need editor rights on its parent)",
+                    n.path
+                ));
+            }
+        }
+        if !denied.is_empty() {
+            return Err(ConsoleError::Forbidden(format!(
+                "{} ({:?} on {}) may not edit: {}",
+                caller.name,
+                caller.role,
+                caller.namespace,
+                denied.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let mut docs = self.base()?;
+        let mut ch = Changes::default();
+        let mut note = |k: String, old: Option<bool>| match old {
+            None => ch.added.push(k),
+            Some(true) => ch.unchanged.push(k),
+            Some(false) => ch.changed.push(k),
+        };
+        for p in set.policies() {
+            let k = key(&p.namespace, &p.name);
+            note(
+                format!("NetworkPolicy {k}"),
+                docs.policies.get(&k).map(|o| same(o, p)),
+            );
+            docs.policies.insert(k, p.clone());
+        }
+        for e in set.externals() {
+            let k = key(&e.namespace, &e.name);
+            note(
+                format!("ExternalNetwork {k}"),
+                docs.externals.get(&k).map(|o| same(o, e)),
+            );
+            docs.externals.insert(k, e.clone());
+        }
+        for n in set.namespaces() {
+            let k = n.path.to_string();
+            note(
+                format!("Namespace {k}"),
+                docs.namespaces.get(&k).map(|o| same(o, n)),
+            );
+            docs.namespaces.insert(k, n.clone());
+        }
+        let summary = format!(
+            "{} added, {} changed, {} unchanged",
+            ch.added.len(),
+            ch.changed.len(),
+            ch.unchanged.len()
+        );
+        self.store
+            .set_draft(&docs, (&caller.name, "apply", &summary))?;
+        Ok(ch)
+    }
+
+    /// Removes a document from the draft.
+    pub fn delete(
+        &self,
+        caller: &Caller,
+        kind: &str,
+        namespace: &NamespacePath,
+        name: &str,
+    ) -> Result<(), ConsoleError> {
+        if !caller.can_edit(namespace) {
+            return Err(ConsoleError::Forbidden(format!(
+                "{} may not edit {namespace}",
+                caller.name
+            )));
+        }
+        let mut docs = self.base()?;
+        let k = key(namespace, name);
+        let removed = match kind {
+            "NetworkPolicy" => docs.policies.remove(&k).is_some(),
+            "ExternalNetwork" => docs.externals.remove(&k).is_some(),
+            _ => false,
+        };
+        if !removed {
+            return Err(ConsoleError::NotFound {
+                kind: kind.into(),
+                namespace: namespace.to_string(),
+                name: name.into(),
+            });
+        }
+        self.store
+            .set_draft(&docs, (&caller.name, "delete", &format!("{kind} {k}")))?;
+        Ok(())
+    }
+
+    /// The draft against what is live.
+    pub fn diff(&self, caller: &Caller) -> Result<Changes, ConsoleError> {
+        let live = self.store.live()?.map(|v| v.documents).unwrap_or_default();
+        let Some(draft) = self.store.draft()? else {
+            return Ok(Changes::default());
+        };
+        let mut ch = Changes::default();
+        fn cmp<T: serde::Serialize>(
+            kind: &str,
+            live: &std::collections::BTreeMap<String, T>,
+            draft: &std::collections::BTreeMap<String, T>,
+            ch: &mut Changes,
+            visible: &dyn Fn(&str) -> bool,
+        ) {
+            for (k, d) in draft {
+                if !visible(k) {
+                    continue;
+                }
+                match live.get(k) {
+                    None => ch.added.push(format!("{kind} {k}")),
+                    Some(l) if same(l, d) => ch.unchanged.push(format!("{kind} {k}")),
+                    Some(_) => ch.changed.push(format!("{kind} {k}")),
+                }
+            }
+            for k in live.keys() {
+                if visible(k) && !draft.contains_key(k) {
+                    ch.removed.push(format!("{kind} {k}"));
+                }
+            }
+        }
+        let visible = |k: &str| {
+            let ns = k.rsplit_once(':').map_or(k, |(ns, _)| ns);
+            ns.parse::<NamespacePath>()
+                .is_ok_and(|ns| caller.can_view(&ns))
+        };
+        cmp(
+            "NetworkPolicy",
+            &live.policies,
+            &draft.policies,
+            &mut ch,
+            &visible,
+        );
+        cmp(
+            "ExternalNetwork",
+            &live.externals,
+            &draft.externals,
+            &mut ch,
+            &visible,
+        );
+        cmp(
+            "Namespace",
+            &live.namespaces,
+            &draft.namespaces,
+            &mut ch,
+            &visible,
+        );
+        Ok(ch)
+    }
+
+    /// Publishes the draft. It publishes everyone's pending changes, so it needs editor
+    /// rights on the root namespace.
+    pub fn commit(&self, caller: &Caller) -> Result<u64, ConsoleError> {
+        if !(caller.role == Role::Editor && caller.namespace.is_root()) {
+            return Err(ConsoleError::Forbidden(format!(
+                "{} may not commit: it needs editor rights on /",
+                caller.name
+            )));
+        }
+        Ok(self
+            .store
+            .commit((&caller.name, "commit", "draft published"))?)
+    }
+
+    /// Republishes version `to` (default: the one before the live one).
+    pub fn rollback(&self, caller: &Caller, to: Option<u64>) -> Result<u64, ConsoleError> {
+        if !(caller.role == Role::Editor && caller.namespace.is_root()) {
+            return Err(ConsoleError::Forbidden(format!(
+                "{} may not roll back: it needs editor rights on /",
+                caller.name
+            )));
+        }
+        let live = self.store.live()?.map_or(0, |v| v.version);
+        let to = to.unwrap_or(live.saturating_sub(1));
+        Ok(self
+            .store
+            .rollback(to, (&caller.name, "rollback", &format!("to version {to}")))?)
+    }
+
+    /// The live version and its documents as a policy set.
+    pub fn live(&self) -> Result<Option<(Version, PolicySet)>, ConsoleError> {
+        let Some(v) = self.store.live()? else {
+            return Ok(None);
+        };
+        let d = &v.documents;
+        let set = PolicySet::new(
+            d.policies.values().cloned().collect(),
+            d.externals.values().cloned().collect(),
+            d.namespaces.values().cloned().collect(),
+        )
+        .map_err(|e| ConsoleError::Forbidden(format!("stored version is inconsistent: {e}")))?;
+        Ok(Some((v, set)))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,225 @@
+use super::*;
+use crate::store::RedbStore;
+
+struct Fixture {
+    console: Console<RedbStore>,
+    dir: std::path::PathBuf,
+    admin: Caller,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn fixture(tag: &str) -> Fixture {
+    let dir = std::env::temp_dir().join(format!("segmesh-console-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let console = Console::new(RedbStore::open(&dir).unwrap());
+    let token = console
+        .create_token(None, "admin", Role::Editor, &NamespacePath::root())
+        .unwrap();
+    let admin = console.authenticate(&token).unwrap();
+    Fixture {
+        console,
+        dir,
+        admin,
+    }
+}
+
+fn caller(f: &Fixture, name: &str, role: Role, ns: &str) -> Caller {
+    let t = f
+        .console
+        .create_token(Some(&f.admin), name, role, &ns.parse().unwrap())
+        .unwrap();
+    f.console.authenticate(&t).unwrap()
+}
+
+fn policy(ns: &str, name: &str, port: u16) -> String {
+    format!(
+        "kind: NetworkPolicy\nname: {name}\nnamespace: {ns}\naction: Allow\nmode: Bidirectional\nsubject: [[app=a]]\nobject: [[app=b]]\nports: [tcp/{port}]\n"
+    )
+}
+
+fn src<'a>(name: &'a str, text: &'a str) -> Source<'a> {
+    Source { name, text }
+}
+
+#[test]
+fn apply_diff_commit_rollback() {
+    let f = fixture("flow");
+    let (a, b) = (
+        policy("/acme/shop", "one", 80),
+        policy("/acme/shop", "two", 81),
+    );
+    let ch = f
+        .console
+        .apply(&f.admin, &[src("a.yaml", &a), src("b.yaml", &b)])
+        .unwrap();
+    assert_eq!(
+        ch.added,
+        vec![
+            "NetworkPolicy /acme/shop:one",
+            "NetworkPolicy /acme/shop:two"
+        ]
+    );
+    assert_eq!(f.console.diff(&f.admin).unwrap().added.len(), 2);
+    assert_eq!(f.console.commit(&f.admin).unwrap(), 1);
+    assert_eq!(f.console.diff(&f.admin).unwrap(), Changes::default());
+    let (v, set) = f.console.live().unwrap().unwrap();
+    assert_eq!((v.version, set.policies().len()), (1, 2));
+
+    // Change one, leave one: the diff says so; commit; roll back.
+    let a2 = policy("/acme/shop", "one", 8080);
+    let ch = f
+        .console
+        .apply(&f.admin, &[src("a.yaml", &a2), src("b.yaml", &b)])
+        .unwrap();
+    assert_eq!((ch.changed.len(), ch.unchanged.len()), (1, 1));
+    f.console
+        .delete(
+            &f.admin,
+            "NetworkPolicy",
+            &"/acme/shop".parse().unwrap(),
+            "two",
+        )
+        .unwrap();
+    let d = f.console.diff(&f.admin).unwrap();
+    assert_eq!(
+        (d.changed.clone(), d.removed.clone()),
+        (
+            vec!["NetworkPolicy /acme/shop:one".to_owned()],
+            vec!["NetworkPolicy /acme/shop:two".to_owned()]
+        )
+    );
+    assert_eq!(f.console.commit(&f.admin).unwrap(), 2);
+    assert_eq!(f.console.live().unwrap().unwrap().1.policies().len(), 1);
+    assert_eq!(f.console.rollback(&f.admin, None).unwrap(), 3);
+    let (v, set) = f.console.live().unwrap().unwrap();
+    assert_eq!((v.version, set.policies().len()), (3, 2));
+    assert_eq!(
+        set.policies()[0].ports.to_string(),
+        "tcp/80",
+        "version 1's content is back"
+    );
+}
+
+#[test]
+fn a_bad_document_rejects_the_whole_apply() {
+    let f = fixture("bad");
+    let good = policy("/acme", "ok", 80);
+    let bad = "kind: NetworkPolicy\nname: broken\naction: Allow\nmode: Bidirectional\nsubject: [[app=a]]\nobject: [[app=b]]\nports: [tcp/99999]\n";
+    let audit_before = f.console.store.audit_log().unwrap().len();
+    let err = f
+        .console
+        .apply(&f.admin, &[src("good.yaml", &good), src("bad.yaml", bad)])
+        .unwrap_err();
+    let ConsoleError::Invalid(e) = &err else {
+        panic!("{err}")
+    };
+    let d = &e.diagnostics[0];
+    assert_eq!(
+        (d.location.file.as_str(), d.location.line, d.location.column),
+        ("bad.yaml", 7, 9)
+    );
+    assert!(err.to_string().contains("bad.yaml:7:9"), "{err}");
+    assert_eq!(
+        f.console.store.draft().unwrap(),
+        None,
+        "nothing applied, not even good.yaml"
+    );
+    assert_eq!(f.console.store.audit_log().unwrap().len(), audit_before);
+}
+
+#[test]
+fn roles_per_namespace_subtree() {
+    let f = fixture("roles");
+    let viewer = caller(&f, "viewer", Role::Viewer, "/");
+    let shop = caller(&f, "shop-editor", Role::Editor, "/acme/shop");
+    let acme = caller(&f, "acme-editor", Role::Editor, "/acme");
+    let p = policy("/acme/shop", "p", 80);
+    assert!(matches!(
+        f.console.apply(&viewer, &[src("p.yaml", &p)]),
+        Err(ConsoleError::Forbidden(_))
+    ));
+    f.console.apply(&shop, &[src("p.yaml", &p)]).unwrap();
+    f.console
+        .apply(&shop, &[src("q.yaml", &policy("/acme/shop/dev", "q", 81))])
+        .unwrap();
+    let other = policy("/acme/other", "x", 80);
+    let e = f
+        .console
+        .apply(&shop, &[src("x.yaml", &other), src("p.yaml", &p)])
+        .unwrap_err();
+    assert!(
+        matches!(&e, ConsoleError::Forbidden(m) if m.contains("/acme/other")),
+        "{e}"
+    );
+    assert!(
+        !f.console
+            .store
+            .draft()
+            .unwrap()
+            .unwrap()
+            .policies
+            .contains_key("/acme/other:x"),
+        "nothing of the denied apply was written"
+    );
+    // A namespace's own settings need editor rights on its parent.
+    let ns = "kind: Namespace\nname: /acme/shop\ndiscovery: true\n";
+    assert!(matches!(
+        f.console.apply(&shop, &[src("ns.yaml", ns)]),
+        Err(ConsoleError::Forbidden(_))
+    ));
+    f.console.apply(&acme, &[src("ns.yaml", ns)]).unwrap();
+    // Commit and rollback have global effect: root editors only.
+    assert!(matches!(
+        f.console.commit(&acme),
+        Err(ConsoleError::Forbidden(_))
+    ));
+    assert!(matches!(
+        f.console
+            .create_token(Some(&shop), "x", Role::Editor, &"/acme".parse().unwrap()),
+        Err(ConsoleError::Forbidden(_))
+    ));
+    // The viewer of / sees the diff.
+    assert_eq!(f.console.diff(&viewer).unwrap().added.len(), 3);
+}
+
+#[test]
+fn tokens_are_stored_hashed_and_audited() {
+    let f = fixture("tokens");
+    let token = f
+        .console
+        .create_token(
+            Some(&f.admin),
+            "ci",
+            Role::Viewer,
+            &"/acme".parse().unwrap(),
+        )
+        .unwrap();
+    assert!(token.starts_with("smt_") && token.len() > 60);
+    assert!(matches!(
+        f.console.authenticate("smt_wrong"),
+        Err(ConsoleError::Unauthenticated)
+    ));
+    assert_eq!(f.console.authenticate(&token).unwrap().role, Role::Viewer);
+    drop(f.console.store.audit_log().unwrap());
+    let bytes = std::fs::read(f.dir.join("console.redb")).unwrap();
+    assert!(
+        !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the raw token is not in the database"
+    );
+    let h = hash_token(&token);
+    assert!(
+        bytes.windows(h.len()).any(|w| w == h.as_bytes()),
+        "its hash is"
+    );
+    let log = f.console.store.audit_log().unwrap();
+    assert!(
+        log.iter()
+            .any(|e| e.who == "admin" && e.action == "token" && e.detail.contains("ci")),
+        "{log:?}"
+    );
+}

@@ -1,0 +1,293 @@
+//! The console's storage: the draft, the published versions, API tokens and the audit
+//! log, behind a trait so that an etcd backend can replace the embedded one and pass the
+//! same tests. Every mutation is one transaction, together with its audit entry: it
+//! happens whole or not at all.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use segmesh_policy::{ExternalNetwork, Namespace, NetworkPolicy};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Backend(#[from] redb::Error),
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("there is no draft to commit")]
+    NoDraft,
+    #[error("version {0} does not exist")]
+    NoSuchVersion(u64),
+}
+
+impl From<redb::DatabaseError> for StoreError {
+    fn from(e: redb::DatabaseError) -> Self {
+        StoreError::Backend(e.into())
+    }
+}
+impl From<redb::TransactionError> for StoreError {
+    fn from(e: redb::TransactionError) -> Self {
+        StoreError::Backend(e.into())
+    }
+}
+impl From<redb::TableError> for StoreError {
+    fn from(e: redb::TableError) -> Self {
+        StoreError::Backend(e.into())
+    }
+}
+impl From<redb::StorageError> for StoreError {
+    fn from(e: redb::StorageError) -> Self {
+        StoreError::Backend(e.into())
+    }
+}
+impl From<redb::CommitError> for StoreError {
+    fn from(e: redb::CommitError) -> Self {
+        StoreError::Backend(e.into())
+    }
+}
+
+/// The documents of one state (a draft or a version), keyed `kind/namespace/name`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Documents {
+    pub policies: BTreeMap<String, NetworkPolicy>,
+    pub externals: BTreeMap<String, ExternalNetwork>,
+    pub namespaces: BTreeMap<String, Namespace>,
+}
+
+/// A published version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    pub version: u64,
+    pub committed_at: String,
+    pub by: String,
+    /// `commit`, or `rollback to N`.
+    pub how: String,
+    pub documents: Documents,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Editor,
+}
+
+/// An API token's rights (the token itself is stored only as a SHA-256 hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub name: String,
+    pub role: Role,
+    /// The namespace subtree the role applies to.
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub time: String,
+    /// The token's name.
+    pub who: String,
+    pub action: String,
+    pub detail: String,
+}
+
+/// What the console keeps.
+pub trait Store: Send + Sync {
+    fn draft(&self) -> Result<Option<Documents>, StoreError>;
+    /// Replaces the draft, recording `audit` in the same transaction.
+    fn set_draft(&self, docs: &Documents, audit: (&str, &str, &str)) -> Result<(), StoreError>;
+    /// Publishes the draft as the next version and clears it.
+    fn commit(&self, audit: (&str, &str, &str)) -> Result<u64, StoreError>;
+    /// Publishes the documents of version `to` as the next version.
+    fn rollback(&self, to: u64, audit: (&str, &str, &str)) -> Result<u64, StoreError>;
+    fn live(&self) -> Result<Option<Version>, StoreError>;
+    fn version(&self, v: u64) -> Result<Option<Version>, StoreError>;
+    fn put_token(
+        &self,
+        hash: &str,
+        token: &TokenRecord,
+        audit: (&str, &str, &str),
+    ) -> Result<(), StoreError>;
+    fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    fn audit_log(&self) -> Result<Vec<AuditEntry>, StoreError>;
+}
+
+const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
+const VERSIONS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("versions");
+const TOKENS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("tokens");
+const AUDIT: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("audit");
+
+/// The embedded store: one redb file.
+pub struct RedbStore {
+    db: redb::Database,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+fn append_audit(
+    txn: &redb::WriteTransaction,
+    (who, action, detail): (&str, &str, &str),
+) -> Result<(), StoreError> {
+    use redb::ReadableTable;
+    let mut t = txn.open_table(AUDIT)?;
+    let seq = t.last()?.map_or(1, |(k, _)| k.value() + 1);
+    let e = AuditEntry {
+        seq,
+        time: now(),
+        who: who.into(),
+        action: action.into(),
+        detail: detail.into(),
+    };
+    t.insert(seq, serde_json::to_vec(&e)?.as_slice())?;
+    Ok(())
+}
+
+fn publish(
+    txn: &redb::WriteTransaction,
+    docs: Documents,
+    by: &str,
+    how: String,
+) -> Result<u64, StoreError> {
+    use redb::ReadableTable;
+    let mut t = txn.open_table(VERSIONS)?;
+    let next = t.last()?.map_or(1, |(k, _)| k.value() + 1);
+    let v = Version {
+        version: next,
+        committed_at: now(),
+        by: by.into(),
+        how,
+        documents: docs,
+    };
+    t.insert(next, serde_json::to_vec(&v)?.as_slice())?;
+    Ok(next)
+}
+
+impl RedbStore {
+    /// Opens (or creates) `dir/console.redb`.
+    pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Backend(redb::Error::Io(e)))?;
+        let db = redb::Database::create(dir.join("console.redb"))?;
+        let txn = db.begin_write()?;
+        txn.open_table(META)?;
+        txn.open_table(VERSIONS)?;
+        txn.open_table(TOKENS)?;
+        txn.open_table(AUDIT)?;
+        txn.commit()?;
+        Ok(RedbStore { db })
+    }
+
+    fn read_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: redb::TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        use redb::ReadableDatabase;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(table)?;
+        Ok(match t.get(key)? {
+            Some(v) => Some(serde_json::from_slice(v.value())?),
+            None => None,
+        })
+    }
+}
+
+impl Store for RedbStore {
+    fn draft(&self) -> Result<Option<Documents>, StoreError> {
+        self.read_json(META, "draft")
+    }
+
+    fn set_draft(&self, docs: &Documents, audit: (&str, &str, &str)) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?
+            .insert("draft", serde_json::to_vec(docs)?.as_slice())?;
+        append_audit(&txn, audit)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn commit(&self, audit: (&str, &str, &str)) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let draft: Documents = {
+            let mut meta = txn.open_table(META)?;
+            let Some(d) = meta.remove("draft")? else {
+                return Err(StoreError::NoDraft);
+            };
+            serde_json::from_slice(d.value())?
+        };
+        let v = publish(&txn, draft, audit.0, "commit".into())?;
+        append_audit(&txn, audit)?;
+        txn.commit()?;
+        Ok(v)
+    }
+
+    fn rollback(&self, to: u64, audit: (&str, &str, &str)) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let docs: Documents = {
+            use redb::ReadableTable;
+            let t = txn.open_table(VERSIONS)?;
+            let v = t.get(to)?.ok_or(StoreError::NoSuchVersion(to))?;
+            let v: Version = serde_json::from_slice(v.value())?;
+            v.documents
+        };
+        let v = publish(&txn, docs, audit.0, format!("rollback to {to}"))?;
+        append_audit(&txn, audit)?;
+        txn.commit()?;
+        Ok(v)
+    }
+
+    fn live(&self) -> Result<Option<Version>, StoreError> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(VERSIONS)?;
+        Ok(match t.last()? {
+            Some((_, v)) => Some(serde_json::from_slice(v.value())?),
+            None => None,
+        })
+    }
+
+    fn version(&self, v: u64) -> Result<Option<Version>, StoreError> {
+        use redb::ReadableDatabase;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(VERSIONS)?;
+        Ok(match t.get(v)? {
+            Some(x) => Some(serde_json::from_slice(x.value())?),
+            None => None,
+        })
+    }
+
+    fn put_token(
+        &self,
+        hash: &str,
+        token: &TokenRecord,
+        audit: (&str, &str, &str),
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(TOKENS)?
+            .insert(hash, serde_json::to_vec(token)?.as_slice())?;
+        append_audit(&txn, audit)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.read_json(TOKENS, hash)
+    }
+
+    fn audit_log(&self) -> Result<Vec<AuditEntry>, StoreError> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(AUDIT)?;
+        t.iter()?
+            .map(|r| {
+                let (_, v) = r?;
+                Ok(serde_json::from_slice(v.value())?)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,94 @@
+//! The store's contract. Written against `&dyn Store` so every backend runs it.
+
+use super::*;
+
+pub fn contract(s: &dyn Store) {
+    assert_eq!(s.draft().unwrap(), None);
+    assert!(s.live().unwrap().is_none());
+    assert!(matches!(
+        s.commit(("t", "commit", "")),
+        Err(StoreError::NoDraft)
+    ));
+
+    let mut d = Documents::default();
+    d.namespaces.insert(
+        "/a".into(),
+        Namespace {
+            path: "/a".parse().unwrap(),
+            discovery: Some(true),
+            default_tier: None,
+        },
+    );
+    s.set_draft(&d, ("alice", "apply", "1")).unwrap();
+    assert_eq!(s.draft().unwrap(), Some(d.clone()));
+    assert_eq!(s.commit(("alice", "commit", "")).unwrap(), 1);
+    assert_eq!(s.draft().unwrap(), None, "a commit clears the draft");
+    assert_eq!(s.live().unwrap().unwrap().documents, d);
+
+    let mut d2 = d.clone();
+    d2.namespaces.clear();
+    s.set_draft(&d2, ("bob", "apply", "2")).unwrap();
+    assert_eq!(s.commit(("bob", "commit", "")).unwrap(), 2);
+    assert_eq!(s.live().unwrap().unwrap().documents, d2);
+    assert_eq!(s.rollback(1, ("alice", "rollback", "")).unwrap(), 3);
+    let v3 = s.live().unwrap().unwrap();
+    assert_eq!(
+        (v3.version, v3.documents, v3.how.as_str()),
+        (3, d, "rollback to 1")
+    );
+    assert!(matches!(
+        s.rollback(99, ("a", "rollback", "")),
+        Err(StoreError::NoSuchVersion(99))
+    ));
+    assert_eq!(s.version(2).unwrap().unwrap().by, "bob");
+
+    let t = TokenRecord {
+        name: "ci".into(),
+        role: Role::Viewer,
+        namespace: "/a".into(),
+    };
+    s.put_token("h1", &t, ("admin", "token", "ci")).unwrap();
+    assert_eq!(s.token("h1").unwrap(), Some(t));
+    assert_eq!(s.token("h2").unwrap(), None);
+
+    let log = s.audit_log().unwrap();
+    let actions: Vec<(&str, &str)> = log
+        .iter()
+        .map(|e| (e.who.as_str(), e.action.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("alice", "apply"),
+            ("alice", "commit"),
+            ("bob", "apply"),
+            ("bob", "commit"),
+            ("alice", "rollback"),
+            ("admin", "token")
+        ]
+    );
+    assert!(log.windows(2).all(|w| w[0].seq < w[1].seq));
+}
+
+fn tempdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("segmesh-store-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn redb_store_meets_the_contract_and_persists() {
+    let dir = tempdir("contract");
+    {
+        let s = RedbStore::open(&dir).unwrap();
+        contract(&s);
+    }
+    let s = RedbStore::open(&dir).unwrap();
+    assert_eq!(
+        s.live().unwrap().unwrap().version,
+        3,
+        "versions survive a restart"
+    );
+    assert_eq!(s.audit_log().unwrap().len(), 6);
+    let _ = std::fs::remove_dir_all(&dir);
+}

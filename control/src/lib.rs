@@ -4,13 +4,16 @@
 //! - [`ca_cli`]: `segmeshctl ca init|issue|inspect`, an offline CA.
 //! - [`store`]: the console's storage trait and its embedded (redb) implementation.
 //! - [`console`]: apply/diff/commit/rollback, tokens and roles, on a store.
+//! - [`server`]: the console's HTTPS API; [`client`]: segmeshctl's side of it.
 //! - [`files`]: reading policy files and folders for offline commands.
 //! - [`offline`]: `segmeshctl test` and `segmeshctl explain` on files.
 //! - [`style`]: terminal colors, off unless stdout is a terminal and `NO_COLOR` is unset.
 
 pub mod ca_cli;
+pub mod client;
 pub mod console;
 pub mod files;
 pub mod offline;
+pub mod server;
 pub mod store;
 pub mod style;

@@ -357,6 +357,46 @@ impl Ca {
         self.sign_leaf(csr_pem, &spec)
     }
 
+    /// Issues a server certificate for the console's own API, named by DNS names and IP
+    /// addresses (clients check it with ordinary server-name verification).
+    pub fn issue_server(
+        &self,
+        csr_pem: &str,
+        dns: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<Issued, IdentityError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| IdentityError::Csr(e.to_string()))?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name
+            .push(DnType::OrganizationName, "segmesh");
+        p.distinguished_name
+            .push(DnType::CommonName, "segmesh console");
+        let mut sans = Vec::new();
+        for d in dns {
+            sans.push(SanType::DnsName(d.as_str().try_into()?));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        p.subject_alt_names = sans;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = SystemTime::now();
+        p.not_before = OffsetDateTime::from(now - CLOCK_SKEW);
+        p.not_after = OffsetDateTime::from(now + ttl);
+        p.serial_number = Some(random_serial());
+        p.use_authority_key_identifier_extension = true;
+        let cert = p.signed_by(&csr.public_key, &self.issuer)?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.intermediates());
+        Ok(Issued {
+            chain_pem: to_pem(&chain),
+            bundle_pem: self.bundle_pem(),
+        })
+    }
+
     /// Signs a leaf exactly as specified (no checks of the contents). See [`LeafSpec`].
     pub fn sign_leaf(&self, csr_pem: &str, spec: &LeafSpec) -> Result<Issued, IdentityError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)

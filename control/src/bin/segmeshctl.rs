@@ -21,6 +21,26 @@ struct Cli {
     command: Command,
 }
 
+/// How to reach the console.
+#[derive(clap::Args, Clone)]
+struct Remote {
+    /// The console's API, https://host:port.
+    #[arg(long, env = "SEGMESH_CONSOLE")]
+    console: String,
+    /// An API token (or its file with `@path`).
+    #[arg(long, env = "SEGMESH_TOKEN", hide_env_values = true)]
+    token: String,
+    /// The console's CA (its data dir's `ca/bundle.crt`).
+    #[arg(long, env = "SEGMESH_CA")]
+    ca_file: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Viewer,
+    Editor,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Algorithm {
     /// ECDSA P-256 (default).
@@ -85,6 +105,63 @@ enum Output {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
+    /// Validate files and write them into the console's draft (all or nothing).
+    Apply {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show the draft against what is live.
+    Diff {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Publish the draft as a new version.
+    Commit {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Republish an earlier version (default: the one before the live one).
+    Rollback {
+        #[arg(long)]
+        to: Option<u64>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show live policies.
+    Get {
+        /// What to show: `policies`.
+        what: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove a policy from the draft.
+    Delete {
+        /// `policy`.
+        what: String,
+        /// The policy's namespace path.
+        namespace: String,
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Create an API token (printed once).
+    Token {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        #[arg(long, default_value = "/")]
+        namespace: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show the console's audit log.
+    Audit {
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// An offline certificate authority (host mode, labs, tests).
     #[command(subcommand)]
     Ca(CaCommand),
@@ -174,10 +251,200 @@ fn load_engine(files: &[PathBuf]) -> Result<(Engine, Vec<segmesh_policy::TestCas
     Ok((Engine::compile(loaded.set), loaded.tests))
 }
 
+fn client(r: &Remote) -> Result<segmesh_control::client::Client, ExitCode> {
+    let token = match r.token.strip_prefix('@') {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) => t.trim().to_owned(),
+            Err(e) => {
+                eprintln!("error: token file {path}: {e}");
+                return Err(ExitCode::from(EXIT_INVALID));
+            }
+        },
+        None => r.token.clone(),
+    };
+    segmesh_control::client::Client::new(&r.console, &token, &r.ca_file).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_INVALID)
+    })
+}
+
+/// Runs one API call and prints its answer with `show`.
+fn remote(
+    r: &Remote,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+    show: impl Fn(&serde_json::Value),
+) -> ExitCode {
+    let c = match client(r) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match c.call(method, path, body) {
+        Ok(v) => {
+            show(&v);
+            ExitCode::SUCCESS
+        }
+        Err(segmesh_control::client::ClientError::Status { status, body }) => {
+            if let Some(d) = body["diagnostics"].as_array() {
+                eprintln!("{} error(s); nothing was applied:", d.len());
+                for x in d {
+                    let l = &x["location"];
+                    let field = x["field"]
+                        .as_str()
+                        .map(|f| format!("field `{f}`: "))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "error: {}:{}:{}: {field}{}",
+                        l["file"].as_str().unwrap_or("?"),
+                        l["line"],
+                        l["column"],
+                        x["message"].as_str().unwrap_or("")
+                    );
+                }
+                return ExitCode::from(EXIT_INVALID);
+            }
+            eprintln!(
+                "error ({status}): {}",
+                body["error"].as_str().unwrap_or("?")
+            );
+            ExitCode::from(EXIT_FAILED)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn list(v: &serde_json::Value, key: &str) -> Vec<String> {
+    v[key]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn show_changes(v: &serde_json::Value) {
+    for (key, mark) in [("added", "+"), ("changed", "~"), ("removed", "-")] {
+        for x in list(v, key) {
+            println!("{mark} {x}");
+        }
+    }
+    println!(
+        "{} added, {} changed, {} removed, {} unchanged",
+        list(v, "added").len(),
+        list(v, "changed").len(),
+        list(v, "removed").len(),
+        list(v, "unchanged").len()
+    );
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let style = Style::detect();
     match cli.command {
+        Command::Apply { files, remote: r } => {
+            let sources = match read_sources(&files) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_INVALID);
+                }
+            };
+            let files: Vec<serde_json::Value> = sources
+                .iter()
+                .map(|f| serde_json::json!({"name": f.name, "text": f.text}))
+                .collect();
+            remote(
+                &r,
+                "POST",
+                "/v1/apply",
+                Some(serde_json::json!({ "files": files })),
+                |v| {
+                    show_changes(v);
+                    println!(
+                        "written to the draft; `segmeshctl diff` to review, `segmeshctl commit` to publish"
+                    );
+                },
+            )
+        }
+        Command::Diff { remote: r } => remote(&r, "GET", "/v1/diff", None, show_changes),
+        Command::Commit { remote: r } => remote(&r, "POST", "/v1/commit", None, |v| {
+            println!("published version {}", v["version"])
+        }),
+        Command::Rollback { to, remote: r } => remote(
+            &r,
+            "POST",
+            "/v1/rollback",
+            Some(serde_json::json!({ "to": to })),
+            |v| println!("published version {}", v["version"]),
+        ),
+        Command::Get { what, remote: r } => {
+            if what != "policies" {
+                eprintln!("error: `get` knows `policies`");
+                return ExitCode::from(EXIT_INVALID);
+            }
+            remote(&r, "GET", "/v1/policies", None, |v| {
+                println!("version {}", v["version"]);
+                for p in v["policies"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}:{}  {} {}",
+                        p["namespace"].as_str().unwrap_or(""),
+                        p["name"].as_str().unwrap_or(""),
+                        p["action"].as_str().unwrap_or(""),
+                        p["mode"].as_str().unwrap_or("")
+                    );
+                }
+            })
+        }
+        Command::Delete {
+            what,
+            namespace,
+            name,
+            remote: r,
+        } => {
+            if what != "policy" {
+                eprintln!("error: `delete` knows `policy`");
+                return ExitCode::from(EXIT_INVALID);
+            }
+            let path = format!("/v1/policies{}/{name}", namespace.trim_end_matches('/'));
+            remote(&r, "DELETE", &path, None, |_| {
+                println!("removed from the draft")
+            })
+        }
+        Command::Token {
+            name,
+            role,
+            namespace,
+            remote: r,
+        } => {
+            let role = match role {
+                RoleArg::Viewer => "viewer",
+                RoleArg::Editor => "editor",
+            };
+            remote(
+                &r,
+                "POST",
+                "/v1/tokens",
+                Some(serde_json::json!({"name": name, "role": role, "namespace": namespace})),
+                |v| println!("{}", v["token"].as_str().unwrap_or("")),
+            )
+        }
+        Command::Audit { remote: r } => remote(&r, "GET", "/v1/audit", None, |v| {
+            for e in v.as_array().into_iter().flatten() {
+                println!(
+                    "{} {} {} {}",
+                    e["time"].as_str().unwrap_or(""),
+                    e["who"].as_str().unwrap_or(""),
+                    e["action"].as_str().unwrap_or(""),
+                    e["detail"].as_str().unwrap_or("")
+                );
+            }
+        }),
         Command::Ca(cmd) => {
             use segmesh_control::ca_cli;
             let result = match cmd {

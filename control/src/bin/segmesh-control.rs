@@ -1,0 +1,107 @@
+//! `segmesh-control`: the console. The first start in a data directory creates the CA,
+//! the API's serving certificate and an admin token (`<data-dir>/admin.token`, 0600).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use segmesh_control::console::Console;
+use segmesh_control::store::{RedbStore, Role};
+use segmesh_identity::{Ca, KeyAlgorithm, WorkloadKey};
+use segmesh_policy::NamespacePath;
+
+#[derive(Parser)]
+#[command(name = "segmesh-control", version, about = "segmesh console")]
+struct Cli {
+    /// Where the store, the CA and the admin token live.
+    #[arg(long, env = "SEGMESH_DATA_DIR")]
+    data_dir: PathBuf,
+    /// The API's address.
+    #[arg(long, env = "SEGMESH_LISTEN", default_value = "127.0.0.1:8443")]
+    listen: SocketAddr,
+    #[arg(long, default_value = segmesh_identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Extra DNS names for the API's certificate.
+    #[arg(long)]
+    dns_name: Vec<String>,
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| path.display().to_string())?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let ca_dir = cli.data_dir.join("ca");
+    let fresh = !ca_dir.join("ca.key").exists();
+    let ca = if fresh {
+        let ca = Ca::new_root(&cli.trust_domain, KeyAlgorithm::EcdsaP256)?;
+        ca.save(&ca_dir)?;
+        ca
+    } else {
+        Ca::load(&ca_dir)?
+    };
+    let console = Console::new(RedbStore::open(&cli.data_dir)?);
+    if fresh {
+        let token = console.create_token(None, "admin", Role::Editor, &NamespacePath::root())?;
+        write_private(&cli.data_dir.join("admin.token"), &format!("{token}\n"))?;
+        tracing::info!(file = %cli.data_dir.join("admin.token").display(), "admin token created");
+    }
+    // The API's certificate: a fresh key every start, named by the listen address.
+    let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256)?;
+    let mut ips: Vec<IpAddr> = vec![cli.listen.ip()];
+    if cli.listen.ip().is_unspecified() {
+        ips = vec!["127.0.0.1".parse()?, "::1".parse()?];
+    }
+    let mut dns = vec!["localhost".to_owned()];
+    dns.extend(cli.dns_name.iter().cloned());
+    let issued = ca.issue_server(
+        &key.csr_pem("console")?,
+        &dns,
+        &ips,
+        Duration::from_secs(30 * 24 * 3600),
+    )?;
+    let chain = segmesh_identity::ca::certs_from_pem(&issued.chain_pem)?;
+    let tls = rustls::ServerConfig::builder_with_provider(segmesh_identity::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            chain,
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.der().into()),
+        )?;
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("listen on {}", cli.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, ca = %ca_dir.join("bundle.crt").display(), "console API listening");
+    let server = tokio::spawn(segmesh_control::server::serve(
+        listener,
+        Arc::new(tls),
+        Arc::new(console),
+    ));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    server.abort();
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! The console's HTTPS API (hyper over rustls). Every request carries
+//! `Authorization: Bearer <token>`; bodies are JSON.
+//!
+//! | method and path | body | answer |
+//! |---|---|---|
+//! | `POST /v1/apply` | `{"files": [{"name", "text"}]}` | the changes to the draft; 400 with every diagnostic |
+//! | `GET /v1/diff` | | the draft against what is live |
+//! | `POST /v1/commit` | | `{"version": N}` |
+//! | `POST /v1/rollback` | `{"to": N}` (optional) | `{"version": N}` |
+//! | `DELETE /v1/policies/<namespace path>/<name>` | | removes it from the draft |
+//! | `GET /v1/policies` | | the live version and its policies |
+//! | `POST /v1/tokens` | `{"name", "role", "namespace"}` | `{"token": ...}` (shown once) |
+//! | `GET /v1/audit` | | the audit log (editors of /) |
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use segmesh_policy::{NamespacePath, Source};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use crate::console::{Caller, Console, ConsoleError};
+use crate::store::{RedbStore, Role, Store};
+
+/// Largest request body accepted (a big policy set fits easily).
+const MAX_BODY: usize = 32 << 20;
+
+#[derive(Deserialize)]
+pub struct File {
+    pub name: String,
+    pub text: String,
+}
+
+#[derive(Deserialize)]
+struct Apply {
+    files: Vec<File>,
+}
+
+#[derive(Deserialize)]
+struct Rollback {
+    to: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct NewToken {
+    name: String,
+    role: Role,
+    namespace: String,
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(format!("{v}\n"))))
+        .expect("static response parts are valid")
+}
+
+fn error(e: ConsoleError) -> Response<Full<Bytes>> {
+    let status = match &e {
+        ConsoleError::Invalid(_) => StatusCode::BAD_REQUEST,
+        ConsoleError::Forbidden(_) => StatusCode::FORBIDDEN,
+        ConsoleError::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ConsoleError::NotFound { .. } => StatusCode::NOT_FOUND,
+        ConsoleError::Namespace(_) => StatusCode::BAD_REQUEST,
+        ConsoleError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let mut body = serde_json::json!({ "error": e.to_string() });
+    if let ConsoleError::Invalid(l) = &e {
+        body["diagnostics"] = serde_json::to_value(&l.diagnostics).unwrap_or_default();
+    }
+    json(status, body)
+}
+
+fn bad(msg: impl std::fmt::Display) -> Response<Full<Bytes>> {
+    json(
+        StatusCode::BAD_REQUEST,
+        serde_json::json!({ "error": msg.to_string() }),
+    )
+}
+
+async fn body<T: for<'de> Deserialize<'de>>(
+    req: Request<Incoming>,
+) -> Result<T, Response<Full<Bytes>>> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| bad(format!("body: {e}")))?
+        .to_bytes();
+    let bytes = if bytes.is_empty() {
+        Bytes::from_static(b"{}")
+    } else {
+        bytes
+    };
+    serde_json::from_slice(&bytes).map_err(|e| bad(format!("body: {e}")))
+}
+
+fn caller(console: &Console<RedbStore>, req: &Request<Incoming>) -> Result<Caller, ConsoleError> {
+    let token = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(ConsoleError::Unauthenticated)?;
+    console.authenticate(token)
+}
+
+async fn route(req: Request<Incoming>, console: Arc<Console<RedbStore>>) -> Response<Full<Bytes>> {
+    let who = match caller(&console, &req) {
+        Ok(c) => c,
+        Err(e) => return error(e),
+    };
+    let path = req.uri().path().to_owned();
+    let r = match (req.method().clone(), path.as_str()) {
+        (Method::POST, "/v1/apply") => {
+            let a: Apply = match body(req).await {
+                Ok(a) => a,
+                Err(r) => return r,
+            };
+            let sources: Vec<Source<'_>> = a.files.iter().map(|f| Source { name: &f.name, text: &f.text }).collect();
+            console.apply(&who, &sources).map(|c| serde_json::to_value(c).unwrap_or_default())
+        }
+        (Method::GET, "/v1/diff") => console.diff(&who).map(|c| serde_json::to_value(c).unwrap_or_default()),
+        (Method::POST, "/v1/commit") => console.commit(&who).map(|v| serde_json::json!({ "version": v })),
+        (Method::POST, "/v1/rollback") => {
+            let r: Rollback = match body(req).await {
+                Ok(r) => r,
+                Err(r) => return r,
+            };
+            console.rollback(&who, r.to).map(|v| serde_json::json!({ "version": v }))
+        }
+        (Method::GET, "/v1/policies") => console.live().map(|live| match live {
+            None => serde_json::json!({ "version": 0, "policies": [] }),
+            Some((v, set)) => {
+                let visible: Vec<_> = set.policies().iter().filter(|p| who.namespace.is_ancestor_or_self(&p.namespace)).collect();
+                serde_json::json!({ "version": v.version, "committed_at": v.committed_at, "policies": visible })
+            }
+        }),
+        (Method::DELETE, p) if p.starts_with("/v1/policies/") => {
+            let rest = &p["/v1/policies".len()..];
+            match rest.rsplit_once('/') {
+                Some((ns, name)) if !name.is_empty() => {
+                    let ns = if ns.is_empty() { "/" } else { ns };
+                    match ns.parse::<NamespacePath>() {
+                        Ok(ns) => console.delete(&who, "NetworkPolicy", &ns, name).map(|()| serde_json::json!({ "deleted": true })),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                _ => return bad("expected /v1/policies/<namespace path>/<name>"),
+            }
+        }
+        (Method::POST, "/v1/tokens") => {
+            let t: NewToken = match body(req).await {
+                Ok(t) => t,
+                Err(r) => return r,
+            };
+            match t.namespace.parse::<NamespacePath>() {
+                Ok(ns) => console.create_token(Some(&who), &t.name, t.role, &ns).map(|tok| serde_json::json!({ "token": tok })),
+                Err(e) => Err(e.into()),
+            }
+        }
+        (Method::GET, "/v1/audit") => {
+            if who.role == Role::Editor && who.namespace.is_root() {
+                console.store.audit_log().map(|l| serde_json::to_value(l).unwrap_or_default()).map_err(Into::into)
+            } else {
+                Err(ConsoleError::Forbidden("the audit log needs editor rights on /".into()))
+            }
+        }
+        _ => return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": format!("no route {path}") })),
+    };
+    match r {
+        Ok(v) => json(StatusCode::OK, v),
+        Err(e) => error(e),
+    }
+}
+
+/// Serves until the task is dropped. A connection's error never stops the listener.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    console: Arc<Console<RedbStore>>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let (acceptor, console) = (acceptor.clone(), console.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(t)) => t,
+                _ => return tracing::debug!(%peer, "console TLS handshake failed"),
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let console = console.clone();
+                async move { Ok::<_, Infallible>(route(req, console).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await
+            {
+                tracing::debug!(error = %e, "console connection");
+            }
+        });
+    }
+}

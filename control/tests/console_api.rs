@@ -1,0 +1,188 @@
+//! The console as a process, driven by `segmeshctl` over HTTPS, as an operator would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+struct Console {
+    child: Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start(tag: &str) -> Console {
+    let dir =
+        std::env::temp_dir().join(format!("segmesh-console-api-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_segmesh-control"))
+        .args([
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let c = Console {
+        child,
+        dir,
+        url: format!("https://127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(c.dir.join("admin.token").exists()
+        && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+    {
+        assert!(Instant::now() < deadline, "the console did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c
+}
+
+impl Console {
+    fn ctl(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_segmeshctl"))
+            .args(args)
+            .env("SEGMESH_CONSOLE", &self.url)
+            .env("SEGMESH_TOKEN", token)
+            .env("SEGMESH_CA", self.dir.join("ca/bundle.crt"))
+            .output()
+            .unwrap()
+    }
+    fn admin(&self) -> String {
+        format!("@{}", self.dir.join("admin.token").display())
+    }
+}
+
+fn out(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/three-tier")
+}
+
+#[test]
+fn apply_diff_commit_rollback_over_https() {
+    let c = start("flow");
+    let admin = c.admin();
+    let o = c.ctl(&admin, &["apply", "-f", examples().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        out(&o).contains("+ NetworkPolicy /acme/shop:web-to-api"),
+        "{}",
+        out(&o)
+    );
+    let o = c.ctl(&admin, &["diff"]);
+    assert!(out(&o).contains("21 added"), "{}", out(&o));
+    let o = c.ctl(&admin, &["commit"]);
+    assert!(out(&o).contains("published version 1"), "{}", out(&o));
+    let o = c.ctl(&admin, &["get", "policies"]);
+    assert!(
+        out(&o).contains("/acme/shop:api-to-db  Allow Bidirectional"),
+        "{}",
+        out(&o)
+    );
+
+    // Delete one, commit, roll back: it is back.
+    assert!(
+        c.ctl(&admin, &["delete", "policy", "/acme/shop", "api-to-db"])
+            .status
+            .success()
+    );
+    assert!(out(&c.ctl(&admin, &["diff"])).contains("- NetworkPolicy /acme/shop:api-to-db"));
+    assert!(out(&c.ctl(&admin, &["commit"])).contains("version 2"));
+    assert!(!out(&c.ctl(&admin, &["get", "policies"])).contains("api-to-db"));
+    assert!(out(&c.ctl(&admin, &["rollback"])).contains("version 3"));
+    assert!(out(&c.ctl(&admin, &["get", "policies"])).contains("api-to-db"));
+
+    let audit = out(&c.ctl(&admin, &["audit"]));
+    assert!(
+        audit.contains("console token admin: Editor on /"),
+        "{audit}"
+    );
+    for action in ["apply", "commit", "delete", "rollback"] {
+        assert!(
+            audit.contains(&format!("admin {action}")),
+            "{action} missing from:\n{audit}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_document_in_a_multi_file_apply_changes_nothing() {
+    let c = start("bad");
+    let admin = c.admin();
+    let bad = c.dir.join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(examples().join("policies.yaml"), bad.join("a.yaml")).unwrap();
+    std::fs::write(
+        bad.join("b.yaml"),
+        "kind: ExternalNetwork\nname: x\nentries: [\"googleapis.*\"]\n",
+    )
+    .unwrap();
+    let o = c.ctl(&admin, &["apply", "-f", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    let want = format!("{}:3:11: field `entries[0]`", bad.join("b.yaml").display());
+    assert!(out(&o).contains(&want), "{}", out(&o));
+    assert!(
+        out(&c.ctl(&admin, &["diff"])).contains("0 added, 0 changed, 0 removed"),
+        "nothing was applied"
+    );
+}
+
+#[test]
+fn tokens_and_roles() {
+    let c = start("roles");
+    let admin = c.admin();
+    let token = |name: &str, role: &str, ns: &str| {
+        let o = c.ctl(
+            &admin,
+            &["token", "--name", name, "--role", role, "--namespace", ns],
+        );
+        assert!(o.status.success(), "{}", out(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    };
+    let viewer = token("viewer", "viewer", "/");
+    let shop = token("shop", "editor", "/acme/shop");
+    let p = c.dir.join("p.yaml");
+    std::fs::write(&p, "kind: NetworkPolicy\nname: p\nnamespace: /acme/shop\naction: Allow\nmode: Bidirectional\nsubject: [[a=b]]\nobject: [[c=d]]\n").unwrap();
+    let q = c.dir.join("q.yaml");
+    std::fs::write(&q, "kind: NetworkPolicy\nname: q\nnamespace: /acme/other\naction: Allow\nmode: Bidirectional\nsubject: [[a=b]]\nobject: [[c=d]]\n").unwrap();
+
+    let o = c.ctl(&viewer, &["apply", "-f", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("403"), "{}", out(&o));
+    assert!(
+        c.ctl(&shop, &["apply", "-f", p.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let o = c.ctl(&shop, &["apply", "-f", q.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(out(&o).contains("/acme/other"), "{}", out(&o));
+    assert_eq!(
+        c.ctl(&shop, &["commit"]).status.code(),
+        Some(1),
+        "commit needs editor rights on /"
+    );
+    assert_eq!(c.ctl("smt_not-a-token", &["diff"]).status.code(), Some(1));
+    assert!(out(&c.ctl(&viewer, &["diff"])).contains("+ NetworkPolicy /acme/shop:p"));
+}

@@ -114,7 +114,7 @@ fn netns_apply_check_reapply_cleanup() {
 }
 
 #[test]
-fn dry_run_changes_nothing() {
+fn netns_dry_run_changes_nothing() {
     if !netns_enabled() {
         return;
     }

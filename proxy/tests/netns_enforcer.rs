@@ -327,16 +327,24 @@ fn netns_enforcer_limits_timeouts_and_registered_pus() {
         other => panic!("expected a reset after the connect timeout, got {other:?}"),
     }
 
-    // A registered PU is not reachable in plaintext (that is the tunnel's job).
+    // A registered PU is reached only through the mesh tunnel; with no identity
+    // configured the enforcer refuses rather than sending plaintext.
     refused_fast(
         in_ns(&work, attempt("10.77.0.99:8080".parse().unwrap()))
             .join()
             .unwrap(),
     );
 
-    wait_until("flow records", Duration::from_secs(10), || {
-        flow_records(&dir).len() >= 3
-    });
+    wait_until(
+        "the three refusals' records",
+        Duration::from_secs(10),
+        || {
+            let r = flow_records(&dir);
+            r.iter().any(|r| r["reason"] == "overload")
+                && r.iter().any(|r| r["reason"] == "no-identity")
+                && r.iter().any(|r| r["close_reason"] == "connect-timeout")
+        },
+    );
     let records = flow_records(&dir);
     let reason_of = |pred: &dyn Fn(&serde_json::Value) -> bool| {
         records
@@ -355,7 +363,8 @@ fn netns_enforcer_limits_timeouts_and_registered_pus() {
         "connect-timeout",
         "{records:#?}"
     );
-    let reg = reason_of(&|r| r["reason"] == "registered-pu");
+    // Without an identity the enforcer cannot open the mesh tunnel to a registered PU.
+    let reg = reason_of(&|r| r["reason"] == "no-identity");
     assert_eq!(reg["destination"]["pu"], "/lab:api", "{records:#?}");
     assert!(metric(&work, "segmesh_connection_errors_total{kind=\"Overload\"}") >= 1.0);
 }

@@ -221,7 +221,7 @@ fn three_tier(encrypt: bool) {
 
     // Which end rejected, and by which policy.
     wait_until("flow records", Duration::from_secs(10), || {
-        m.log("api").len() >= 3 && m.log("web").len() >= 2
+        m.log("api").len() >= 4 && m.log("web").len() >= 2 && !m.log("db").is_empty()
     });
     let web = m.log("web");
     let r = find(&web, |r| r["destination"]["pu"] == "/acme/shop:db");

@@ -150,6 +150,54 @@ fn http_ok(h: &Host, path: &'static str) -> bool {
     .unwrap_or(false)
 }
 
+/// The enforcer binary: the given path, or `segmesh-proxy` beside this one.
+fn proxy_path(proxy: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let p = match proxy {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("segmesh-proxy"),
+    };
+    if !p.exists() {
+        bail!(
+            "{} not found: build it (cargo build --release -p segmesh-proxy) or pass --proxy",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Capture rules (both families) and an enforcer as uid 1337 in `host`; waits for it.
+fn start_enforcer(
+    topo: &Topology,
+    host: &Host,
+    proxy: &std::path::Path,
+    cfg: &std::path::Path,
+) -> anyhow::Result<()> {
+    host.thread(|| {
+        let c = rules::Config::default();
+        apply::apply(&c, rules::Family::V4).and_then(|_| apply::apply(&c, rules::Family::V6))
+    })
+    .join()
+    .expect("capture thread")?;
+    let mut cmd = host.command("setpriv");
+    cmd.args([
+        "--reuid=1337",
+        "--regid=1337",
+        "--clear-groups",
+        "--inh-caps=+net_admin,+net_raw",
+        "--ambient-caps=+net_admin,+net_raw",
+        "--",
+    ])
+    .arg(proxy)
+    .arg("--local-config")
+    .arg(cfg)
+    .env("RUST_LOG", "warn");
+    topo.spawn(cmd);
+    wait_until("an enforcer", Duration::from_secs(20), || {
+        http_ok(host, "/ready")
+    });
+    Ok(())
+}
+
 fn bulk(
     bytes: u64,
     max_seconds: u64,
@@ -157,16 +205,7 @@ fn bulk(
     proxy: Option<PathBuf>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let proxy = match proxy {
-        Some(p) => p,
-        None => std::env::current_exe()?.with_file_name("segmesh-proxy"),
-    };
-    if !proxy.exists() {
-        bail!(
-            "{} not found: build it (cargo build --release -p segmesh-proxy) or pass --proxy",
-            proxy.display()
-        );
-    }
+    let proxy = proxy_path(proxy)?;
     let limit = Duration::from_secs(max_seconds);
     let topo = Topology::new(&["client", "server"]);
     let client = topo.host("client").clone();
@@ -192,30 +231,7 @@ fn bulk(
         &cfg,
         "pu: {name: client, namespace: /, tags: [app=client]}\npolicies: [policies.yaml]\n",
     )?;
-    client
-        .thread(|| {
-            let c = rules::Config::default();
-            apply::apply(&c, rules::Family::V4).and_then(|_| apply::apply(&c, rules::Family::V6))
-        })
-        .join()
-        .expect("capture thread")?;
-    let mut cmd = client.command("setpriv");
-    cmd.args([
-        "--reuid=1337",
-        "--regid=1337",
-        "--clear-groups",
-        "--inh-caps=+net_admin,+net_raw",
-        "--ambient-caps=+net_admin,+net_raw",
-        "--",
-    ])
-    .arg(&proxy)
-    .arg("--local-config")
-    .arg(&cfg)
-    .env("RUST_LOG", "warn");
-    topo.spawn(cmd);
-    wait_until("the enforcer", Duration::from_secs(20), || {
-        http_ok(&client, "/ready")
-    });
+    start_enforcer(&topo, &client, &proxy, &cfg)?;
 
     let mut through = Vec::new();
     for i in 0..repeat {
@@ -289,16 +305,7 @@ fn tunnel(
     proxy: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     use segmesh_identity::{Ca, KeyAlgorithm, SpiffeId, WorkloadKey};
-    let proxy = match proxy {
-        Some(p) => p,
-        None => std::env::current_exe()?.with_file_name("segmesh-proxy"),
-    };
-    if !proxy.exists() {
-        bail!(
-            "{} not found: build it (cargo build --release -p segmesh-proxy) or pass --proxy",
-            proxy.display()
-        );
-    }
+    let proxy = proxy_path(proxy)?;
     let limit = Duration::from_secs(max_seconds);
     let topo = Topology::new(&["client", "server"]);
     let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
@@ -348,29 +355,7 @@ fn tunnel(
             ),
         )?;
         let host = topo.host(name).clone();
-        host.thread(|| {
-            let c = rules::Config::default();
-            apply::apply(&c, rules::Family::V4).and_then(|_| apply::apply(&c, rules::Family::V6))
-        })
-        .join()
-        .expect("capture thread")?;
-        let mut cmd = host.command("setpriv");
-        cmd.args([
-            "--reuid=1337",
-            "--regid=1337",
-            "--clear-groups",
-            "--inh-caps=+net_admin,+net_raw",
-            "--ambient-caps=+net_admin,+net_raw",
-            "--",
-        ])
-        .arg(&proxy)
-        .arg("--local-config")
-        .arg(&cfg)
-        .env("RUST_LOG", "warn");
-        topo.spawn(cmd);
-        wait_until("an enforcer", Duration::from_secs(20), || {
-            http_ok(&host, "/ready")
-        });
+        start_enforcer(&topo, &host, &proxy, &cfg)?;
     }
     let tls_bulk = runs(&|i| run_bulk(&topo, 9000 + i as u16, bytes, limit))?;
     let plain_bulk = runs(&|i| run_bulk(&topo, 10000 + i as u16, bytes, limit))?;

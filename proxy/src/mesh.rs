@@ -128,18 +128,60 @@ async fn relay_tls<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-fn count(shared: &Shared, dir: Dir, bytes: u64, path: DataPath, tls: bool) {
-    let m = &shared.metrics;
-    m.bytes
+/// What a finished tunnel flow moved.
+struct Moved {
+    forward: u64,
+    backward: u64,
+    path: DataPath,
+    close: Close,
+    /// Encrypted through TLS (else spliced or copied plaintext).
+    tls: bool,
+}
+
+/// Counts a finished flow's bytes and writes its record if the decision asks for one.
+#[allow(clippy::too_many_arguments)] // one call per role; a struct would only rename them
+fn finish(
+    shared: &Shared,
+    snap: &Snapshot,
+    dir: Dir,
+    flow: Flow,
+    d: &Decision,
+    m: Moved,
+    spiffe: String,
+    peer_reason: Option<Reason>,
+    resumed: bool,
+) {
+    let metrics = &shared.metrics;
+    let total = m.forward + m.backward;
+    metrics
+        .bytes
         .get_or_create(&DirLabels { direction: dir })
-        .inc_by(bytes);
-    if tls {
-        m.tls_bytes.inc_by(bytes);
-    } else if path == DataPath::Spliced {
-        m.spliced_bytes.inc_by(bytes);
+        .inc_by(total);
+    if m.tls {
+        metrics.tls_bytes.inc_by(total);
+    } else if m.path == DataPath::Spliced {
+        metrics.spliced_bytes.inc_by(total);
     } else {
-        m.copied_bytes.inc_by(bytes);
-        m.copy_fallbacks.inc();
+        metrics.copied_bytes.inc_by(total);
+        metrics.copy_fallbacks.inc();
+    }
+    if d.log {
+        let mut r = flow_record(
+            snap,
+            flow,
+            Some(d),
+            reason_str(d),
+            Some((m.forward, m.backward, m.path)),
+            m.close.as_str(),
+        );
+        if m.tls {
+            r.data_path = Some("tls".into());
+        }
+        r.encrypt = m.tls;
+        r.peer_identity = Some(spiffe);
+        r.peer_reason = peer_reason.map(|p| p.as_str().into());
+        r.resumed = Some(resumed);
+        shared.record(r);
     }
 }
 
@@ -374,25 +416,24 @@ pub(crate) async fn connect(
     };
     open.dec();
     drop(permit);
-    count(&shared, Dir::Outbound, fwd + bwd, path, tls_mode);
-    if d.log {
-        let mut r = flow_record(
-            &snap,
-            flow,
-            Some(&d),
-            reason_str(&d),
-            Some((fwd, bwd, path)),
-            close.as_str(),
-        );
-        if tls_mode {
-            r.data_path = Some("tls".into());
-        }
-        r.encrypt = tls_mode;
-        r.peer_identity = Some(spiffe);
-        r.peer_reason = Some(resp.reason.as_str().into());
-        r.resumed = Some(resumed);
-        shared.record(r);
-    }
+    let moved = Moved {
+        forward: fwd,
+        backward: bwd,
+        path,
+        close,
+        tls: tls_mode,
+    };
+    finish(
+        &shared,
+        &snap,
+        Dir::Outbound,
+        flow,
+        &d,
+        moved,
+        spiffe,
+        Some(resp.reason),
+        resumed,
+    );
 }
 
 /// Server role: a peer enforcer connects to our tunnel port.
@@ -616,22 +657,22 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     };
     open.dec();
     drop(permit);
-    count(&shared, Dir::Inbound, fwd + bwd, path, encrypt);
-    if d.log {
-        let mut r = flow_record(
-            &snap,
-            flow,
-            Some(&d),
-            reason_str(&d),
-            Some((fwd, bwd, path)),
-            close.as_str(),
-        );
-        if encrypt {
-            r.data_path = Some("tls".into());
-        }
-        r.encrypt = encrypt;
-        r.peer_identity = Some(spiffe);
-        r.resumed = Some(resumed);
-        shared.record(r);
-    }
+    let moved = Moved {
+        forward: fwd,
+        backward: bwd,
+        path,
+        close,
+        tls: encrypt,
+    };
+    finish(
+        &shared,
+        &snap,
+        Dir::Inbound,
+        flow,
+        &d,
+        moved,
+        spiffe,
+        None,
+        resumed,
+    );
 }

@@ -8,9 +8,10 @@
 
 use std::collections::BTreeSet;
 
-use segmesh_policy::{LoadError, NamespacePath, PolicySet, Source};
+use segmesh_identity::{Ca, SpiffeId};
+use segmesh_policy::{LoadError, NamespacePath, PolicySet, Source, Tag, TagPattern, TagSet};
 
-use crate::store::{Documents, Role, Store, StoreError, TokenRecord, Version};
+use crate::store::{Documents, PuRecord, Role, Store, StoreError, TokenRecord, Version};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
@@ -84,6 +85,36 @@ fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
     strip(a) == strip(b)
 }
 
+/// Lifetime of the certificates the console issues to enforcers (renewed at 2/3).
+pub const CERT_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// What an enforcer sends to register.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct Registration {
+    pub name: String,
+    pub namespace: String,
+    /// The tags the enforcer claims for its PU.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub ips: Vec<std::net::IpAddr>,
+    /// PEM certificate signing request (the key stays with the enforcer).
+    pub csr: String,
+}
+
+/// What the console answers.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Registered {
+    /// PEM: the certificate, then intermediates.
+    pub chain: String,
+    /// PEM: the trust bundle.
+    pub bundle: String,
+    /// The tags the certificate carries.
+    pub tags: Vec<String>,
+    /// Claimed tags the bootstrap token does not allow (not certified).
+    pub dropped: Vec<String>,
+}
+
 pub struct Console<S: Store> {
     pub store: S,
 }
@@ -127,6 +158,7 @@ impl<S: Store> Console<S> {
             name: name.into(),
             role,
             namespace: namespace.to_string(),
+            allowed_tags: Vec::new(),
         };
         self.store.put_token(
             &hash_token(&token),
@@ -141,10 +173,131 @@ impl<S: Store> Console<S> {
             .store
             .token(&hash_token(token))?
             .ok_or(ConsoleError::Unauthenticated)?;
+        if rec.role == Role::Enforcer {
+            // Bootstrap tokens register enforcers; they do not administer.
+            return Err(ConsoleError::Unauthenticated);
+        }
         Ok(Caller {
             name: rec.name,
             role: rec.role,
             namespace: rec.namespace.parse()?,
+        })
+    }
+
+    /// Creates a bootstrap token for enforcers of `namespace` (and below) whose PUs may
+    /// carry tags matching `allowed_tags` (`key=value` or `key=*`).
+    pub fn create_bootstrap_token(
+        &self,
+        by: &Caller,
+        name: &str,
+        namespace: &NamespacePath,
+        allowed_tags: &[String],
+    ) -> Result<String, ConsoleError> {
+        if !by.can_edit(namespace) {
+            return Err(ConsoleError::Forbidden(format!(
+                "{} may not create bootstrap tokens for {namespace}",
+                by.name
+            )));
+        }
+        for p in allowed_tags {
+            p.parse::<TagPattern>()
+                .map_err(|e| ConsoleError::Forbidden(format!("bad tag pattern: {e}")))?;
+        }
+        let token = new_token();
+        let rec = TokenRecord {
+            name: name.into(),
+            role: Role::Enforcer,
+            namespace: namespace.to_string(),
+            allowed_tags: allowed_tags.to_vec(),
+        };
+        let detail = format!(
+            "{name}: bootstrap for {namespace}, tags {}",
+            allowed_tags.join(" ")
+        );
+        self.store
+            .put_token(&hash_token(&token), &rec, (&by.name, "token", &detail))?;
+        Ok(token)
+    }
+
+    /// An enforcer registers its PU with a bootstrap token and a CSR. The console records
+    /// the PU with the claimed tags the token allows (others are dropped and returned),
+    /// adds the automatic tags, and signs a certificate carrying exactly those.
+    pub fn register(
+        &self,
+        bootstrap: &str,
+        ca: &Ca,
+        req: &Registration,
+    ) -> Result<Registered, ConsoleError> {
+        let rec = self
+            .store
+            .token(&hash_token(bootstrap))?
+            .ok_or(ConsoleError::Unauthenticated)?;
+        if rec.role != Role::Enforcer {
+            return Err(ConsoleError::Forbidden(format!(
+                "token {} is not a bootstrap token",
+                rec.name
+            )));
+        }
+        let scope: NamespacePath = rec.namespace.parse()?;
+        let ns: NamespacePath = req.namespace.parse()?;
+        if !scope.is_ancestor_or_self(&ns) {
+            return Err(ConsoleError::Forbidden(format!(
+                "bootstrap token {} is for {scope}, not {ns}",
+                rec.name
+            )));
+        }
+        let patterns: Vec<TagPattern> = rec
+            .allowed_tags
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        let mut tags = BTreeSet::new();
+        let mut dropped = Vec::new();
+        for t in &req.tags {
+            let ok = match t.parse::<Tag>() {
+                Ok(tag) if !tag.key().starts_with('$') => {
+                    let one: TagSet = std::iter::once(tag).collect();
+                    patterns.iter().any(|p| p.matches(&one))
+                }
+                _ => false,
+            };
+            if ok {
+                tags.insert(t.clone());
+            } else {
+                dropped.push(t.clone());
+            }
+        }
+        tags.insert("$identity=processingunit".into());
+        tags.insert(format!("$namespace={ns}"));
+        tags.insert(format!("$name={}", req.name));
+        let tags: Vec<String> = tags.into_iter().collect();
+        let id = SpiffeId::new(ca.trust_domain(), ns.as_str(), &req.name)
+            .map_err(|e| ConsoleError::Forbidden(e.to_string()))?;
+        let issued = ca
+            .issue(&req.csr, &id, &tags, CERT_TTL)
+            .map_err(|e| ConsoleError::Forbidden(format!("cannot issue: {e}")))?;
+        let pu = PuRecord {
+            name: req.name.clone(),
+            namespace: ns.to_string(),
+            tags: tags.clone(),
+            ips: req.ips.clone(),
+            registered_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                .to_string(),
+            by: rec.name.clone(),
+        };
+        self.store.put_pu(
+            &pu,
+            (
+                &rec.name,
+                "register",
+                &format!("{id} tags {}", tags.join(" ")),
+            ),
+        )?;
+        Ok(Registered {
+            chain: issued.chain_pem,
+            bundle: issued.bundle_pem,
+            tags,
+            dropped,
         })
     }
 

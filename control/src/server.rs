@@ -11,6 +11,8 @@
 //! | `GET /v1/policies` | | the live version and its policies |
 //! | `POST /v1/tokens` | `{"name", "role", "namespace"}` | `{"token": ...}` (shown once) |
 //! | `GET /v1/audit` | | the audit log (editors of /) |
+//! | `POST /v1/enforcers/register` | a [`Registration`] (bearer: a bootstrap token) | a [`Registered`]: certificate, bundle, certified tags |
+//! | `GET /v1/processingunits` | | the registered PUs the caller may see |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -23,7 +25,9 @@ use segmesh_policy::{NamespacePath, Source};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-use crate::console::{Caller, Console, ConsoleError};
+use segmesh_identity::Ca;
+
+use crate::console::{Caller, Console, ConsoleError, Registration};
 use crate::store::{RedbStore, Role, Store};
 
 /// Largest request body accepted (a big policy set fits easily).
@@ -50,6 +54,9 @@ struct NewToken {
     name: String,
     role: Role,
     namespace: String,
+    /// For `enforcer` (bootstrap) tokens: the tag patterns a PU may be certified with.
+    #[serde(default)]
+    allowed_tags: Vec<String>,
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
@@ -99,17 +106,40 @@ async fn body<T: for<'de> Deserialize<'de>>(
     serde_json::from_slice(&bytes).map_err(|e| bad(format!("body: {e}")))
 }
 
-fn caller(console: &Console<RedbStore>, req: &Request<Incoming>) -> Result<Caller, ConsoleError> {
-    let token = req
-        .headers()
+fn bearer(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(ConsoleError::Unauthenticated)?;
-    console.authenticate(token)
+        .map(str::to_owned)
 }
 
-async fn route(req: Request<Incoming>, console: Arc<Console<RedbStore>>) -> Response<Full<Bytes>> {
+fn caller(console: &Console<RedbStore>, req: &Request<Incoming>) -> Result<Caller, ConsoleError> {
+    console.authenticate(&bearer(req).ok_or(ConsoleError::Unauthenticated)?)
+}
+
+async fn route(
+    req: Request<Incoming>,
+    console: Arc<Console<RedbStore>>,
+    ca: Arc<Ca>,
+) -> Response<Full<Bytes>> {
+    if req.method() == Method::POST && req.uri().path() == "/v1/enforcers/register" {
+        // Enforcers authenticate with a bootstrap token, not an API token.
+        let Some(token) = bearer(&req) else {
+            return error(ConsoleError::Unauthenticated);
+        };
+        let r: Registration = match body(req).await {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
+        return match console.register(&token, &ca, &r) {
+            Ok(done) => json(
+                StatusCode::OK,
+                serde_json::to_value(done).unwrap_or_default(),
+            ),
+            Err(e) => error(e),
+        };
+    }
     let who = match caller(&console, &req) {
         Ok(c) => c,
         Err(e) => return error(e),
@@ -159,10 +189,20 @@ async fn route(req: Request<Incoming>, console: Arc<Console<RedbStore>>) -> Resp
                 Err(r) => return r,
             };
             match t.namespace.parse::<NamespacePath>() {
+                Ok(ns) if t.role == Role::Enforcer => console
+                    .create_bootstrap_token(&who, &t.name, &ns, &t.allowed_tags)
+                    .map(|tok| serde_json::json!({ "token": tok })),
                 Ok(ns) => console.create_token(Some(&who), &t.name, t.role, &ns).map(|tok| serde_json::json!({ "token": tok })),
                 Err(e) => Err(e.into()),
             }
         }
+        (Method::GET, "/v1/processingunits") => console.store.pus().map_err(Into::into).map(|pus| {
+            let visible: Vec<_> = pus
+                .into_iter()
+                .filter(|p| p.namespace.parse::<NamespacePath>().is_ok_and(|ns| who.namespace.is_ancestor_or_self(&ns)))
+                .collect();
+            serde_json::to_value(visible).unwrap_or_default()
+        }),
         (Method::GET, "/v1/audit") => {
             if who.role == Role::Editor && who.namespace.is_root() {
                 console.store.audit_log().map(|l| serde_json::to_value(l).unwrap_or_default()).map_err(Into::into)
@@ -183,6 +223,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     console: Arc<Console<RedbStore>>,
+    ca: Arc<Ca>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
@@ -190,7 +231,7 @@ pub async fn serve(
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let (acceptor, console) = (acceptor.clone(), console.clone());
+        let (acceptor, console, ca) = (acceptor.clone(), console.clone(), ca.clone());
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(
                 std::time::Duration::from_secs(10),
@@ -202,8 +243,8 @@ pub async fn serve(
                 _ => return tracing::debug!(%peer, "console TLS handshake failed"),
             };
             let svc = hyper::service::service_fn(move |req| {
-                let console = console.clone();
-                async move { Ok::<_, Infallible>(route(req, console).await) }
+                let (console, ca) = (console.clone(), ca.clone());
+                async move { Ok::<_, Infallible>(route(req, console, ca).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), svc)

@@ -71,6 +71,22 @@ pub struct Version {
 pub enum Role {
     Viewer,
     Editor,
+    /// A bootstrap token: enforcers register PUs with it, in its namespace subtree, with
+    /// at most the tags it allows.
+    Enforcer,
+}
+
+/// A processing unit as the console recorded it at registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PuRecord {
+    pub name: String,
+    pub namespace: String,
+    /// The tags the console certifies (automatic ones included).
+    pub tags: Vec<String>,
+    pub ips: Vec<std::net::IpAddr>,
+    pub registered_at: String,
+    /// The bootstrap token's name.
+    pub by: String,
 }
 
 /// An API token's rights (the token itself is stored only as a SHA-256 hash).
@@ -80,6 +96,10 @@ pub struct TokenRecord {
     pub role: Role,
     /// The namespace subtree the role applies to.
     pub namespace: String,
+    /// For `Enforcer` tokens: the tag patterns (`key=value`, `key=*`) a registering PU
+    /// may receive.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_tags: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,12 +131,16 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
     fn audit_log(&self) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Records (or replaces) a PU.
+    fn put_pu(&self, pu: &PuRecord, audit: (&str, &str, &str)) -> Result<(), StoreError>;
+    fn pus(&self) -> Result<Vec<PuRecord>, StoreError>;
 }
 
 const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
 const VERSIONS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("versions");
 const TOKENS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("tokens");
 const AUDIT: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("audit");
+const PUS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("pus");
 
 /// The embedded store: one redb file.
 pub struct RedbStore {
@@ -175,6 +199,7 @@ impl RedbStore {
         txn.open_table(VERSIONS)?;
         txn.open_table(TOKENS)?;
         txn.open_table(AUDIT)?;
+        txn.open_table(PUS)?;
         txn.commit()?;
         Ok(RedbStore { db })
     }
@@ -274,6 +299,28 @@ impl Store for RedbStore {
 
     fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.read_json(TOKENS, hash)
+    }
+
+    fn put_pu(&self, pu: &PuRecord, audit: (&str, &str, &str)) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        let key = format!("{}:{}", pu.namespace, pu.name);
+        txn.open_table(PUS)?
+            .insert(key.as_str(), serde_json::to_vec(pu)?.as_slice())?;
+        append_audit(&txn, audit)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn pus(&self) -> Result<Vec<PuRecord>, StoreError> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(PUS)?;
+        t.iter()?
+            .map(|r| {
+                let (_, v) = r?;
+                Ok(serde_json::from_slice(v.value())?)
+            })
+            .collect()
     }
 
     fn audit_log(&self) -> Result<Vec<AuditEntry>, StoreError> {

@@ -186,3 +186,84 @@ fn tokens_and_roles() {
     assert_eq!(c.ctl("smt_not-a-token", &["diff"]).status.code(), Some(1));
     assert!(out(&c.ctl(&viewer, &["diff"])).contains("+ NetworkPolicy /acme/shop:p"));
 }
+
+#[test]
+fn enforcer_registration_over_https() {
+    use segmesh_identity::{KeyAlgorithm, WorkloadIdentity, WorkloadKey};
+    let c = start("register");
+    let admin = c.admin();
+    let o = c.ctl(
+        &admin,
+        &[
+            "token",
+            "--name",
+            "shop-nodes",
+            "--role",
+            "enforcer",
+            "--namespace",
+            "/acme/shop",
+            "--allow-tag",
+            "app=*",
+            "--allow-tag",
+            "env=prod",
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    let boot = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    // A bootstrap token does not administer.
+    assert_eq!(c.ctl(&boot, &["diff"]).status.code(), Some(1));
+
+    let ca = c.dir.join("ca/bundle.crt");
+    let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let body = serde_json::json!({
+        "name": "web", "namespace": "/acme/shop", "tags": ["app=web", "env=prod", "team=root"],
+        "ips": ["10.0.0.7"], "csr": key.csr_pem("web").unwrap(),
+    });
+    let client = segmesh_control::client::Client::new(&c.url, &boot, ca.to_str().unwrap()).unwrap();
+    let r = client
+        .call("POST", "/v1/enforcers/register", Some(body.clone()))
+        .unwrap();
+    assert_eq!(r["dropped"], serde_json::json!(["team=root"]), "{r}");
+    let chain = segmesh_identity::ca::certs_from_pem(r["chain"].as_str().unwrap()).unwrap();
+    let id = WorkloadIdentity::from_cert(&chain[0]).unwrap();
+    assert_eq!(id.name, "web");
+    assert!(
+        id.tags.contains(&"app=web".to_owned()) && !id.tags.iter().any(|t| t.starts_with("team=")),
+        "{:?}",
+        id.tags
+    );
+    // The certificate chains to the console's bundle (what every enforcer trusts).
+    let o = Command::new("openssl")
+        .args(["verify", "-CAfile", ca.to_str().unwrap()])
+        .arg({
+            let p = c.dir.join("web.crt");
+            std::fs::write(&p, r["chain"].as_str().unwrap()).unwrap();
+            p
+        })
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+
+    // A wrong bootstrap token gets no certificate.
+    let bad =
+        segmesh_control::client::Client::new(&c.url, "smt_wrong", ca.to_str().unwrap()).unwrap();
+    match bad.call("POST", "/v1/enforcers/register", Some(body)) {
+        Err(segmesh_control::client::ClientError::Status { status, .. }) => assert_eq!(status, 401),
+        other => panic!("expected 401, got {other:?}"),
+    }
+    let pus = client_admin(&c)
+        .call("GET", "/v1/processingunits", None)
+        .unwrap();
+    assert_eq!(pus.as_array().unwrap().len(), 1);
+    assert_eq!(pus[0]["ips"][0], "10.0.0.7");
+}
+
+fn client_admin(c: &Console) -> segmesh_control::client::Client {
+    let token = std::fs::read_to_string(c.dir.join("admin.token")).unwrap();
+    segmesh_control::client::Client::new(
+        &c.url,
+        token.trim(),
+        c.dir.join("ca/bundle.crt").to_str().unwrap(),
+    )
+    .unwrap()
+}

@@ -96,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
         listener,
         Arc::new(tls),
         Arc::new(console),
+        Arc::new(ca),
     ));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -39,6 +39,8 @@ struct Remote {
 enum RoleArg {
     Viewer,
     Editor,
+    /// A bootstrap token for enforcers (`--allow-tag` limits the tags they get).
+    Enforcer,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -154,6 +156,10 @@ enum Command {
         role: RoleArg,
         #[arg(long, default_value = "/")]
         namespace: String,
+        /// For enforcer tokens: a tag pattern (`key=value`, `key=*`) PUs may be certified
+        /// with; repeatable.
+        #[arg(long = "allow-tag")]
+        allow_tags: Vec<String>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -420,19 +426,18 @@ fn main() -> ExitCode {
             name,
             role,
             namespace,
+            allow_tags,
             remote: r,
         } => {
             let role = match role {
                 RoleArg::Viewer => "viewer",
                 RoleArg::Editor => "editor",
+                RoleArg::Enforcer => "enforcer",
             };
-            remote(
-                &r,
-                "POST",
-                "/v1/tokens",
-                Some(serde_json::json!({"name": name, "role": role, "namespace": namespace})),
-                |v| println!("{}", v["token"].as_str().unwrap_or("")),
-            )
+            let body = serde_json::json!({"name": name, "role": role, "namespace": namespace, "allowed_tags": allow_tags});
+            remote(&r, "POST", "/v1/tokens", Some(body), |v| {
+                println!("{}", v["token"].as_str().unwrap_or(""))
+            })
         }
         Command::Audit { remote: r } => remote(&r, "GET", "/v1/audit", None, |v| {
             for e in v.as_array().into_iter().flatten() {

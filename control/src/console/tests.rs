@@ -223,3 +223,91 @@ fn tokens_are_stored_hashed_and_audited() {
         "{log:?}"
     );
 }
+
+#[test]
+fn registration_certifies_only_recorded_tags() {
+    use segmesh_identity::{KeyAlgorithm, WorkloadIdentity, WorkloadKey};
+    let f = fixture("register");
+    let ca = Ca::new_root("segmesh.local", KeyAlgorithm::EcdsaP256).unwrap();
+    let boot = f
+        .console
+        .create_bootstrap_token(
+            &f.admin,
+            "shop-nodes",
+            &"/acme/shop".parse().unwrap(),
+            &["app=*".into(), "env=prod".into()],
+        )
+        .unwrap();
+    assert!(
+        matches!(
+            f.console.authenticate(&boot),
+            Err(ConsoleError::Unauthenticated)
+        ),
+        "bootstrap tokens do not administer"
+    );
+    let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let req = |name: &str, ns: &str, tags: &[&str]| Registration {
+        name: name.into(),
+        namespace: ns.into(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        ips: vec!["10.0.0.7".parse().unwrap()],
+        csr: key.csr_pem(name).unwrap(),
+    };
+    let r = f
+        .console
+        .register(
+            &boot,
+            &ca,
+            &req(
+                "web",
+                "/acme/shop",
+                &[
+                    "app=web",
+                    "env=prod",
+                    "role=admin",
+                    "$identity=externalnetwork",
+                ],
+            ),
+        )
+        .unwrap();
+    assert_eq!(r.dropped, vec!["role=admin", "$identity=externalnetwork"]);
+    let chain = segmesh_identity::ca::certs_from_pem(&r.chain).unwrap();
+    let id = WorkloadIdentity::from_cert(&chain[0]).unwrap();
+    assert_eq!(
+        id.spiffe_id().to_string(),
+        "spiffe://segmesh.local/ns/acme/shop/pu/web"
+    );
+    assert_eq!(
+        id.tags,
+        vec![
+            "$identity=processingunit",
+            "$name=web",
+            "$namespace=/acme/shop",
+            "app=web",
+            "env=prod"
+        ]
+    );
+    let pus = f.console.store.pus().unwrap();
+    assert_eq!((pus.len(), pus[0].tags.clone()), (1, id.tags.clone()));
+    // Outside the token's namespace, with another token kind, or a bad token: no certificate.
+    assert!(matches!(
+        f.console
+            .register(&boot, &ca, &req("x", "/acme/other", &[])),
+        Err(ConsoleError::Forbidden(_))
+    ));
+    let viewer = f
+        .console
+        .create_token(Some(&f.admin), "v", Role::Viewer, &NamespacePath::root())
+        .unwrap();
+    assert!(matches!(
+        f.console
+            .register(&viewer, &ca, &req("x", "/acme/shop", &[])),
+        Err(ConsoleError::Forbidden(_))
+    ));
+    assert!(matches!(
+        f.console
+            .register("smt_bad", &ca, &req("x", "/acme/shop", &[])),
+        Err(ConsoleError::Unauthenticated)
+    ));
+    assert_eq!(f.console.store.pus().unwrap().len(), 1);
+}

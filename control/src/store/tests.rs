@@ -46,6 +46,7 @@ pub fn contract(s: &dyn Store) {
         name: "ci".into(),
         role: Role::Viewer,
         namespace: "/a".into(),
+        allowed_tags: vec![],
     };
     s.put_token("h1", &t, ("admin", "token", "ci")).unwrap();
     assert_eq!(s.token("h1").unwrap(), Some(t));
@@ -68,6 +69,22 @@ pub fn contract(s: &dyn Store) {
         ]
     );
     assert!(log.windows(2).all(|w| w[0].seq < w[1].seq));
+
+    let pu = PuRecord {
+        name: "web".into(),
+        namespace: "/a".into(),
+        tags: vec!["app=web".into()],
+        ips: vec!["10.0.0.1".parse().unwrap()],
+        registered_at: "t".into(),
+        by: "boot".into(),
+    };
+    s.put_pu(&pu, ("boot", "register", "web")).unwrap();
+    s.put_pu(&pu, ("boot", "register", "web")).unwrap();
+    assert_eq!(
+        s.pus().unwrap(),
+        vec![pu],
+        "registering again replaces the record"
+    );
 }
 
 fn tempdir(tag: &str) -> std::path::PathBuf {
@@ -89,6 +106,7 @@ fn redb_store_meets_the_contract_and_persists() {
         3,
         "versions survive a restart"
     );
-    assert_eq!(s.audit_log().unwrap().len(), 6);
+    assert_eq!(s.audit_log().unwrap().len(), 8);
+    assert_eq!(s.pus().unwrap().len(), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`FlowRecord`]: one connection as an enforcer saw it (JSON lines, and to the
 //!   console).
+//! - [`Snapshot`]: what the console sends one enforcer.
 
 use std::net::IpAddr;
 
@@ -77,4 +78,29 @@ pub struct FlowRecord {
     /// Whether the tunnel's TLS session was resumed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed: Option<bool>,
+}
+
+/// A PU an enforcer may meet, by address. No tags: a peer's tags come only from its
+/// certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryEntry {
+    pub name: String,
+    pub namespace: String,
+    pub ips: Vec<IpAddr>,
+}
+
+/// What one enforcer needs to decide: the policies covering its PU's namespace, the
+/// external networks visible from it, the settings of its namespace and ancestors, and
+/// the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Changes whenever anything an enforcer may need changes (commit, rollback,
+    /// registration); enforcers watch it with `since=`.
+    pub revision: u64,
+    /// The published policy version.
+    pub version: u64,
+    pub policies: Vec<segmesh_policy::NetworkPolicy>,
+    pub externals: Vec<segmesh_policy::ExternalNetwork>,
+    pub namespaces: Vec<segmesh_policy::Namespace>,
+    pub registry: Vec<RegistryEntry>,
 }

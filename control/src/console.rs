@@ -508,6 +508,66 @@ impl<S: Store> Console<S> {
             .rollback(to, (&caller.name, "rollback", &format!("to version {to}")))?)
     }
 
+    /// What the enforcer of PU `namespace:name` needs (see [`segmesh_api::Snapshot`]).
+    pub fn snapshot_for(
+        &self,
+        namespace: &NamespacePath,
+    ) -> Result<segmesh_api::Snapshot, ConsoleError> {
+        // Read the revision first: a change racing this read yields a newer revision on
+        // the next poll, never a stale snapshot under a new revision.
+        let revision = self.store.revision()?;
+        let live = self.store.live()?;
+        let (version, docs) = live.map_or((0, Documents::default()), |v| (v.version, v.documents));
+        let ancestors = namespace.self_and_ancestors();
+        Ok(segmesh_api::Snapshot {
+            revision,
+            version,
+            policies: docs
+                .policies
+                .into_values()
+                .filter(|p| p.namespace.covers(namespace, p.propagate))
+                .collect(),
+            externals: docs
+                .externals
+                .into_values()
+                .filter(|e| e.namespace.is_ancestor_or_self(namespace))
+                .collect(),
+            namespaces: docs
+                .namespaces
+                .into_values()
+                .filter(|n| ancestors.contains(&n.path))
+                .collect(),
+            registry: self
+                .store
+                .pus()?
+                .into_iter()
+                .map(|p| segmesh_api::RegistryEntry {
+                    name: p.name,
+                    namespace: p.namespace,
+                    ips: p.ips,
+                })
+                .collect(),
+        })
+    }
+
+    /// Who may fetch snapshots of `namespace`: a bootstrap token or an API token whose
+    /// subtree covers it.
+    pub fn may_watch(&self, token: &str, namespace: &NamespacePath) -> Result<(), ConsoleError> {
+        let rec = self
+            .store
+            .token(&hash_token(token))?
+            .ok_or(ConsoleError::Unauthenticated)?;
+        let scope: NamespacePath = rec.namespace.parse()?;
+        if scope.is_ancestor_or_self(namespace) {
+            Ok(())
+        } else {
+            Err(ConsoleError::Forbidden(format!(
+                "token {} is for {scope}, not {namespace}",
+                rec.name
+            )))
+        }
+    }
+
     /// The live version and its documents as a policy set.
     pub fn live(&self) -> Result<Option<(Version, PolicySet)>, ConsoleError> {
         let Some(v) = self.store.live()? else {

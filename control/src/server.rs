@@ -13,6 +13,7 @@
 //! | `GET /v1/audit` | | the audit log (editors of /) |
 //! | `POST /v1/enforcers/register` | a [`Registration`] (bearer: a bootstrap token) | a [`Registered`]: certificate, bundle, certified tags |
 //! | `GET /v1/processingunits` | | the registered PUs the caller may see |
+//! | `GET /v1/snapshot?pu=<ns>:<name>&since=R&wait=S` | (bearer: a bootstrap token or an API token covering the namespace) | the PU's [`segmesh_api::Snapshot`]; waits up to `S` seconds (default 30, at most 60) while the revision is not above `R` |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use hyper_util::rt::TokioIo;
 use segmesh_policy::{NamespacePath, Source};
 use serde::Deserialize;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use segmesh_identity::Ca;
 
@@ -118,11 +120,76 @@ fn caller(console: &Console<RedbStore>, req: &Request<Incoming>) -> Result<Calle
     console.authenticate(&bearer(req).ok_or(ConsoleError::Unauthenticated)?)
 }
 
+/// Tells long-polling watchers that the revision moved.
+fn changed(console: &Console<RedbStore>, changes: &watch::Sender<u64>) {
+    if let Ok(r) = console.store.revision() {
+        changes.send_replace(r);
+    }
+}
+
+fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+async fn snapshot(
+    req: Request<Incoming>,
+    console: &Console<RedbStore>,
+    changes: &watch::Sender<u64>,
+) -> Response<Full<Bytes>> {
+    let Some(token) = bearer(&req) else {
+        return error(ConsoleError::Unauthenticated);
+    };
+    let Some(ns) = query(&req, "pu")
+        .and_then(|pu| pu.rsplit_once(':'))
+        .map(|(ns, _)| ns.to_owned())
+    else {
+        return bad("expected ?pu=<namespace path>:<name>");
+    };
+    let ns: NamespacePath = match ns.parse() {
+        Ok(n) => n,
+        Err(e) => return bad(e),
+    };
+    if let Err(e) = console.may_watch(&token, &ns) {
+        return error(e);
+    }
+    let since: u64 = query(&req, "since")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let wait = std::time::Duration::from_secs(
+        query(&req, "wait")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(30)
+            .min(60),
+    );
+    let mut rx = changes.subscribe();
+    if *rx.borrow_and_update() <= since {
+        let _ = tokio::time::timeout(wait, async {
+            while rx.changed().await.is_ok() {
+                if *rx.borrow_and_update() > since {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    match console.snapshot_for(&ns) {
+        Ok(s) => json(StatusCode::OK, serde_json::to_value(s).unwrap_or_default()),
+        Err(e) => error(e),
+    }
+}
+
 async fn route(
     req: Request<Incoming>,
     console: Arc<Console<RedbStore>>,
     ca: Arc<Ca>,
+    changes: Arc<watch::Sender<u64>>,
 ) -> Response<Full<Bytes>> {
+    if req.method() == Method::GET && req.uri().path() == "/v1/snapshot" {
+        return snapshot(req, &console, &changes).await;
+    }
     if req.method() == Method::POST && req.uri().path() == "/v1/enforcers/register" {
         // Enforcers authenticate with a bootstrap token, not an API token.
         let Some(token) = bearer(&req) else {
@@ -133,10 +200,13 @@ async fn route(
             Err(r) => return r,
         };
         return match console.register(&token, &ca, &r) {
-            Ok(done) => json(
-                StatusCode::OK,
-                serde_json::to_value(done).unwrap_or_default(),
-            ),
+            Ok(done) => {
+                changed(&console, &changes);
+                json(
+                    StatusCode::OK,
+                    serde_json::to_value(done).unwrap_or_default(),
+                )
+            }
             Err(e) => error(e),
         };
     }
@@ -155,13 +225,19 @@ async fn route(
             console.apply(&who, &sources).map(|c| serde_json::to_value(c).unwrap_or_default())
         }
         (Method::GET, "/v1/diff") => console.diff(&who).map(|c| serde_json::to_value(c).unwrap_or_default()),
-        (Method::POST, "/v1/commit") => console.commit(&who).map(|v| serde_json::json!({ "version": v })),
+        (Method::POST, "/v1/commit") => console.commit(&who).map(|v| {
+            changed(&console, &changes);
+            serde_json::json!({ "version": v })
+        }),
         (Method::POST, "/v1/rollback") => {
             let r: Rollback = match body(req).await {
                 Ok(r) => r,
                 Err(r) => return r,
             };
-            console.rollback(&who, r.to).map(|v| serde_json::json!({ "version": v }))
+            console.rollback(&who, r.to).map(|v| {
+                changed(&console, &changes);
+                serde_json::json!({ "version": v })
+            })
         }
         (Method::GET, "/v1/policies") => console.live().map(|live| match live {
             None => serde_json::json!({ "version": 0, "policies": [] }),
@@ -226,12 +302,18 @@ pub async fn serve(
     ca: Arc<Ca>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let changes = Arc::new(watch::channel(console.store.revision().unwrap_or(0)).0);
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let (acceptor, console, ca) = (acceptor.clone(), console.clone(), ca.clone());
+        let (acceptor, console, ca, changes) = (
+            acceptor.clone(),
+            console.clone(),
+            ca.clone(),
+            changes.clone(),
+        );
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(
                 std::time::Duration::from_secs(10),
@@ -243,8 +325,8 @@ pub async fn serve(
                 _ => return tracing::debug!(%peer, "console TLS handshake failed"),
             };
             let svc = hyper::service::service_fn(move |req| {
-                let (console, ca) = (console.clone(), ca.clone());
-                async move { Ok::<_, Infallible>(route(req, console, ca).await) }
+                let (console, ca, changes) = (console.clone(), ca.clone(), changes.clone());
+                async move { Ok::<_, Infallible>(route(req, console, ca, changes).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), svc)

@@ -134,6 +134,21 @@ pub trait Store: Send + Sync {
     /// Records (or replaces) a PU.
     fn put_pu(&self, pu: &PuRecord, audit: (&str, &str, &str)) -> Result<(), StoreError>;
     fn pus(&self) -> Result<Vec<PuRecord>, StoreError>;
+    /// Bumped by every change an enforcer may need (commit, rollback, registration).
+    fn revision(&self) -> Result<u64, StoreError>;
+}
+
+/// Adds one to the revision inside a write transaction.
+fn bump(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    use redb::ReadableTable;
+    let mut meta = txn.open_table(META)?;
+    let current = meta.get("revision")?.map_or(0, |v| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&v.value()[..8]);
+        u64::from_be_bytes(b)
+    });
+    meta.insert("revision", (current + 1).to_be_bytes().as_slice())?;
+    Ok(())
 }
 
 const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
@@ -243,6 +258,7 @@ impl Store for RedbStore {
             serde_json::from_slice(d.value())?
         };
         let v = publish(&txn, draft, audit.0, "commit".into())?;
+        bump(&txn)?;
         append_audit(&txn, audit)?;
         txn.commit()?;
         Ok(v)
@@ -258,6 +274,7 @@ impl Store for RedbStore {
             v.documents
         };
         let v = publish(&txn, docs, audit.0, format!("rollback to {to}"))?;
+        bump(&txn)?;
         append_audit(&txn, audit)?;
         txn.commit()?;
         Ok(v)
@@ -306,9 +323,21 @@ impl Store for RedbStore {
         let key = format!("{}:{}", pu.namespace, pu.name);
         txn.open_table(PUS)?
             .insert(key.as_str(), serde_json::to_vec(pu)?.as_slice())?;
+        bump(&txn)?;
         append_audit(&txn, audit)?;
         txn.commit()?;
         Ok(())
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        use redb::ReadableDatabase;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(META)?;
+        Ok(t.get("revision")?.map_or(0, |v| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v.value()[..8]);
+            u64::from_be_bytes(b)
+        }))
     }
 
     fn pus(&self) -> Result<Vec<PuRecord>, StoreError> {

@@ -267,3 +267,127 @@ fn client_admin(c: &Console) -> segmesh_control::client::Client {
     )
     .unwrap()
 }
+
+#[test]
+fn snapshots_and_long_poll() {
+    use segmesh_identity::{KeyAlgorithm, WorkloadKey};
+    let c = start("snapshot");
+    let admin = c.admin();
+    assert!(
+        c.ctl(&admin, &["apply", "-f", examples().to_str().unwrap()])
+            .status
+            .success()
+    );
+    assert!(c.ctl(&admin, &["commit"]).status.success());
+    let o = c.ctl(
+        &admin,
+        &[
+            "token",
+            "--name",
+            "shop",
+            "--role",
+            "enforcer",
+            "--namespace",
+            "/acme/shop",
+            "--allow-tag",
+            "app=*",
+        ],
+    );
+    let boot = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let ca = c.dir.join("ca/bundle.crt");
+    let enforcer =
+        segmesh_control::client::Client::new(&c.url, &boot, ca.to_str().unwrap()).unwrap();
+    let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let reg = serde_json::json!({"name": "web", "namespace": "/acme/shop", "tags": ["app=web"], "ips": ["10.0.0.7"], "csr": key.csr_pem("web").unwrap()});
+    enforcer
+        .call("POST", "/v1/enforcers/register", Some(reg))
+        .unwrap();
+
+    let s = enforcer
+        .call("GET", "/v1/snapshot?pu=/acme/shop:web&since=0", None)
+        .unwrap();
+    let snap: segmesh_api::Snapshot = serde_json::from_value(s).unwrap();
+    assert_eq!(
+        (snap.version, snap.revision),
+        (1, 2),
+        "one commit, one registration"
+    );
+    let names: Vec<String> = snap.policies.iter().map(|p| p.qualified_name()).collect();
+    assert!(
+        names.contains(&"/acme:dns".to_owned())
+            && names.contains(&"/acme/shop:web-to-api".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.starts_with("/acme/lab")),
+        "another team's policies are not sent: {names:?}"
+    );
+    assert_eq!(snap.externals.len(), 4);
+    assert_eq!(snap.registry.len(), 1);
+    assert_eq!(
+        snap.registry[0].ips,
+        vec!["10.0.0.7".parse::<std::net::IpAddr>().unwrap()]
+    );
+
+    // Long-poll: a watcher at the current revision returns right after the next commit.
+    let since = snap.revision;
+    let watcher = std::thread::spawn(move || {
+        let t = Instant::now();
+        let v = enforcer
+            .call(
+                "GET",
+                &format!("/v1/snapshot?pu=/acme/shop:web&since={since}&wait=20"),
+                None,
+            )
+            .unwrap();
+        (v, Instant::now(), t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let p = c.dir.join("extra.yaml");
+    std::fs::write(&p, "kind: NetworkPolicy\nname: extra\nnamespace: /acme/shop\naction: Reject\nmode: Outgoing\nsubject: [[app=web]]\nobject: [[app=db]]\n").unwrap();
+    assert!(
+        c.ctl(&admin, &["apply", "-f", p.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let committed = Instant::now();
+    assert!(c.ctl(&admin, &["commit"]).status.success());
+    let (v, returned, waited) = watcher.join().unwrap();
+    assert!(
+        waited >= Duration::from_millis(400),
+        "the watcher waited for the change"
+    );
+    let latency = returned.saturating_duration_since(committed);
+    eprintln!(
+        "commit -> long-poll answer: {latency:?} (includes segmeshctl's own start and request)"
+    );
+    assert!(latency < Duration::from_secs(5), "{latency:?}");
+    assert_eq!(v["version"], 2);
+    assert!(
+        v["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "extra")
+    );
+
+    // Tokens for other namespaces may not watch this one.
+    let o = c.ctl(
+        &admin,
+        &[
+            "token",
+            "--name",
+            "other",
+            "--role",
+            "viewer",
+            "--namespace",
+            "/acme/other",
+        ],
+    );
+    let other = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let cl = segmesh_control::client::Client::new(&c.url, &other, ca.to_str().unwrap()).unwrap();
+    assert!(matches!(
+        cl.call("GET", "/v1/snapshot?pu=/acme/shop:web", None),
+        Err(segmesh_control::client::ClientError::Status { status: 403, .. })
+    ));
+}

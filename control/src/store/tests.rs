@@ -5,6 +5,7 @@ use super::*;
 pub fn contract(s: &dyn Store) {
     assert_eq!(s.draft().unwrap(), None);
     assert!(s.live().unwrap().is_none());
+    assert_eq!(s.revision().unwrap(), 0);
     assert!(matches!(
         s.commit(("t", "commit", "")),
         Err(StoreError::NoDraft)
@@ -85,6 +86,8 @@ pub fn contract(s: &dyn Store) {
         vec![pu],
         "registering again replaces the record"
     );
+    // 2 commits, 1 rollback, 2 registrations; drafts and tokens do not count.
+    assert_eq!(s.revision().unwrap(), 5);
 }
 
 fn tempdir(tag: &str) -> std::path::PathBuf {

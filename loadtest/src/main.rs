@@ -31,6 +31,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// Every scenario, small (well under two minutes): a smoke run that keeps the
+    /// harness working; its figures are not measurements.
+    Quick {
+        /// The enforcer binary (default: `segmesh-proxy` beside this one).
+        #[arg(long)]
+        proxy: Option<PathBuf>,
+    },
     /// PU to PU through the mesh tunnel: throughput and connections/s, both data modes.
     Tunnel {
         /// Bytes per bulk run.
@@ -414,5 +421,9 @@ fn main() -> anyhow::Result<()> {
             repeat,
             proxy,
         } => tunnel(bytes, connections, max_seconds, repeat, proxy),
+        Scenario::Quick { proxy } => {
+            bulk(64 << 20, 20, 1, proxy.clone(), false)?;
+            tunnel(64 << 20, 100, 20, 1, proxy)
+        }
     }
 }

@@ -197,3 +197,19 @@ pub fn explain_flow(engine: &Engine, flow: &FlowSpec, style: Style) -> (String, 
     );
     (out, o)
 }
+
+/// A policy set from the console's `GET /v1/documents` answer.
+pub fn set_from_documents(v: &serde_json::Value) -> Result<PolicySet, String> {
+    let field = |k: &str| {
+        v.get(k)
+            .cloned()
+            .unwrap_or(serde_json::Value::Array(Vec::new()))
+    };
+    let policies =
+        serde_json::from_value(field("policies")).map_err(|e| format!("policies: {e}"))?;
+    let externals = serde_json::from_value(field("externals"))
+        .map_err(|e| format!("external networks: {e}"))?;
+    let namespaces =
+        serde_json::from_value(field("namespaces")).map_err(|e| format!("namespaces: {e}"))?;
+    PolicySet::new(policies, externals, namespaces).map_err(|e| e.to_string())
+}

@@ -13,6 +13,7 @@
 //! | `GET /v1/audit` | | the audit log (editors of /) |
 //! | `POST /v1/enforcers/register` | a [`Registration`] (bearer: a bootstrap token) | a [`Registered`]: certificate, bundle, certified tags |
 //! | `GET /v1/processingunits` | | the registered PUs the caller may see |
+//! | `GET /v1/documents` | | the live policies, external networks and namespace settings that can apply in the caller's subtree |
 //! | `GET /v1/snapshot?pu=<ns>:<name>&since=R&wait=S` | (bearer: a bootstrap token or an API token covering the namespace) | the PU's [`segmesh_api::Snapshot`]; waits up to `S` seconds (default 30, at most 60) while the revision is not above `R` |
 
 use std::convert::Infallible;
@@ -272,6 +273,20 @@ async fn route(
                 Err(e) => Err(e.into()),
             }
         }
+        (Method::GET, "/v1/documents") => console.live().map(|live| match live {
+            None => serde_json::json!({ "version": 0, "policies": [], "externals": [], "namespaces": [] }),
+            Some((v, set)) => {
+                // What can apply to a PU somewhere in the caller's subtree: documents of
+                // its ancestors (inherited) and of the subtree itself.
+                let relevant = |ns: &NamespacePath| ns.is_ancestor_or_self(&who.namespace) || who.namespace.is_ancestor_or_self(ns);
+                serde_json::json!({
+                    "version": v.version,
+                    "policies": set.policies().iter().filter(|p| relevant(&p.namespace)).collect::<Vec<_>>(),
+                    "externals": set.externals().iter().filter(|e| relevant(&e.namespace)).collect::<Vec<_>>(),
+                    "namespaces": set.namespaces().filter(|n| relevant(&n.path)).collect::<Vec<_>>(),
+                })
+            }
+        }),
         (Method::GET, "/v1/processingunits") => console.store.pus().map_err(Into::into).map(|pus| {
             let visible: Vec<_> = pus
                 .into_iter()

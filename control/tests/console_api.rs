@@ -391,3 +391,69 @@ fn snapshots_and_long_poll() {
         Err(segmesh_control::client::ClientError::Status { status: 403, .. })
     ));
 }
+
+#[test]
+fn test_and_explain_against_live_state() {
+    let c = start("live");
+    let admin = c.admin();
+    let cases = examples().join("cases.yaml");
+    // Nothing committed yet: the example's cases fail against an empty live state.
+    let o = c.ctl(&admin, &["test", "-f", cases.to_str().unwrap(), "--live"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        c.ctl(
+            &admin,
+            &[
+                "apply",
+                "-f",
+                examples().join("policies.yaml").to_str().unwrap()
+            ]
+        )
+        .status
+        .success()
+    );
+    // Applied but not committed: still the old live state.
+    assert_eq!(
+        c.ctl(&admin, &["test", "-f", cases.to_str().unwrap(), "--live"])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert!(c.ctl(&admin, &["commit"]).status.success());
+    let o = c.ctl(&admin, &["test", "-f", cases.to_str().unwrap(), "--live"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        out(&o).contains("42 passed, 0 failed") && out(&o).contains("using live version 1"),
+        "{}",
+        out(&o)
+    );
+    let o = c.ctl(
+        &admin,
+        &[
+            "explain",
+            "--live",
+            "--from",
+            "app=web,env=prod",
+            "--to",
+            "app=api,env=prod",
+            "--port",
+            "tcp/8089",
+            "--namespace",
+            "/acme/shop",
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        out(&o).contains("/acme/shop:api-debug-port-closed"),
+        "{}",
+        out(&o)
+    );
+    assert!(out(&o).contains("flow: REJECT"), "{}", out(&o));
+    // --live without the console's address is invalid input.
+    let o = Command::new(env!("CARGO_BIN_EXE_segmeshctl"))
+        .args(["test", "-f", cases.to_str().unwrap(), "--live"])
+        .env_remove("SEGMESH_CONSOLE")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+}

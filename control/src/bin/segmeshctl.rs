@@ -35,6 +35,21 @@ struct Remote {
     ca_file: String,
 }
 
+/// `--live`: take policies from the console instead of the files.
+#[derive(clap::Args, Clone)]
+struct Live {
+    /// Evaluate against the console's live policies (the files then provide only the
+    /// test cases).
+    #[arg(long)]
+    live: bool,
+    #[arg(long, env = "SEGMESH_CONSOLE", requires = "live")]
+    console: Option<String>,
+    #[arg(long, env = "SEGMESH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[arg(long, env = "SEGMESH_CA")]
+    ca_file: Option<String>,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum RoleArg {
     Viewer,
@@ -179,11 +194,15 @@ enum Command {
         files: Vec<PathBuf>,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+        #[command(flatten)]
+        live: Live,
     },
     /// Print the decision path of one flow at each enforcing end.
     Explain {
-        #[arg(short = 'f', long = "file", required = true)]
+        #[arg(short = 'f', long = "file", required_unless_present = "live")]
         files: Vec<PathBuf>,
+        #[command(flatten)]
+        live: Live,
         /// The client's tags, comma separated (`app=web,env=prod`); repeatable.
         #[arg(long, conflicts_with_all = ["from_ip", "from_domain"])]
         from: Vec<String>,
@@ -349,6 +368,55 @@ fn show_changes(v: &serde_json::Value) {
     );
 }
 
+/// The engine (and test cases) from files, or with `--live` from the console's live
+/// policies (cases still from the files).
+fn engine_for(
+    files: &[PathBuf],
+    live: &Live,
+) -> Result<(Engine, Vec<segmesh_policy::TestCase>), ExitCode> {
+    if !live.live {
+        return load_engine(files);
+    }
+    let (Some(console), Some(token), Some(ca)) = (&live.console, &live.token, &live.ca_file) else {
+        eprintln!(
+            "error: --live needs --console, --token and --ca-file (or SEGMESH_CONSOLE, SEGMESH_TOKEN, SEGMESH_CA)"
+        );
+        return Err(ExitCode::from(EXIT_INVALID));
+    };
+    let tests = if files.is_empty() {
+        Vec::new()
+    } else {
+        let (local, tests) = load_engine(files)?;
+        if !local.set().policies().is_empty() {
+            eprintln!(
+                "note: --live: the {} policies in the files are ignored; the console's live ones are used",
+                local.set().policies().len()
+            );
+        }
+        tests
+    };
+    let remote = Remote {
+        console: console.clone(),
+        token: token.clone(),
+        ca_file: ca.clone(),
+    };
+    let c = client(&remote)?;
+    let docs = c.call("GET", "/v1/documents", None).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_FAILED)
+    })?;
+    let set = offline::set_from_documents(&docs).map_err(|e| {
+        eprintln!("error: the console's documents: {e}");
+        ExitCode::from(EXIT_FAILED)
+    })?;
+    eprintln!(
+        "using live version {} ({} policies)",
+        docs["version"],
+        set.policies().len()
+    );
+    Ok((Engine::compile(set), tests))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let style = Style::detect();
@@ -489,8 +557,12 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Test { files, output } => {
-            let (engine, cases) = match load_engine(&files) {
+        Command::Test {
+            files,
+            output,
+            live,
+        } => {
+            let (engine, cases) = match engine_for(&files, &live) {
                 Ok(x) => x,
                 Err(code) => return code,
             };
@@ -514,6 +586,7 @@ fn main() -> ExitCode {
         }
         Command::Explain {
             files,
+            live,
             from,
             from_ip,
             from_domain,
@@ -548,7 +621,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_INVALID);
                 }
             };
-            let (engine, _) = match load_engine(&files) {
+            let (engine, _) = match engine_for(&files, &live) {
                 Ok(x) => x,
                 Err(code) => return code,
             };

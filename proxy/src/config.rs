@@ -208,21 +208,30 @@ impl LocalConfig {
         Ok(cfg)
     }
 
-    /// Every file whose change should trigger a reload: the config and the policy files.
-    pub fn watched_files(&self, config: &Path) -> Vec<PathBuf> {
+    /// The paths whose change should trigger a reload: this file, the identity files,
+    /// and the policy files and folders as listed (see [`expand`]).
+    pub fn watch_roots(&self, config: &Path) -> Vec<PathBuf> {
         let mut out = vec![config.to_owned()];
         if let Some(id) = &self.identity {
             out.extend([id.cert.clone(), id.key.clone(), id.bundle.clone()]);
         }
-        for p in &self.policies {
-            if p.is_dir() {
-                collect_yaml(p, &mut out);
-            } else {
-                out.push(p.clone());
-            }
-        }
+        out.extend(self.policies.iter().cloned());
         out
     }
+}
+
+/// Watch roots with each folder replaced by the policy files below it (listed anew on
+/// each call, so files added to a folder are seen).
+pub fn expand(roots: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = Vec::with_capacity(roots.len());
+    for p in roots {
+        if p.is_dir() {
+            collect_yaml(p, &mut out);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    out
 }
 
 /// Policy files below a folder, sorted, recursively.

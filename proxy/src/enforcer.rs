@@ -62,6 +62,30 @@ impl Shared {
         }
     }
 
+    pub(crate) fn count_connection(&self, direction: Dir, verdict: VerdictLabel) {
+        self.metrics
+            .connections
+            .get_or_create(&ConnLabels { direction, verdict })
+            .inc();
+    }
+
+    /// Counts a finished flow's bytes by how they moved: through TLS (`tls`), spliced,
+    /// or copied (a copy fallback).
+    pub(crate) fn count_bytes(&self, direction: Dir, total: u64, path: DataPath, tls: bool) {
+        let m = &self.metrics;
+        m.bytes
+            .get_or_create(&DirLabels { direction })
+            .inc_by(total);
+        if tls {
+            m.tls_bytes.inc_by(total);
+        } else if path == DataPath::Spliced {
+            m.spliced_bytes.inc_by(total);
+        } else {
+            m.copied_bytes.inc_by(total);
+            m.copy_fallbacks.inc();
+        }
+    }
+
     pub(crate) fn error(&self, kind: ErrorKind) {
         self.metrics
             .errors
@@ -164,55 +188,59 @@ impl Enforcer {
             socket::listener(addr, transparent, 1024).map_err(|e| Error::Bind(addr, e))
         };
         let mut tasks = Vec::new();
-        let mut capture = vec![
+        let (any4, any6) = (
+            IpAddr::from(Ipv4Addr::UNSPECIFIED),
+            IpAddr::from(Ipv6Addr::UNSPECIFIED),
+        );
+        let (lo4, lo6) = (
+            IpAddr::from(Ipv4Addr::LOCALHOST),
+            IpAddr::from(Ipv6Addr::LOCALHOST),
+        );
+        // (address, transparent, what it accepts); the IPv6 ones only where IPv6 exists.
+        let mut wanted = vec![
             (
-                bind(
-                    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listeners.outbound),
-                    false,
-                )?,
-                Dir::Outbound,
+                SocketAddr::new(lo4, listeners.outbound),
+                false,
+                Listener::Outbound,
             ),
             (
-                bind(
-                    SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), listeners.inbound),
-                    true,
-                )?,
-                Dir::Inbound,
+                SocketAddr::new(any4, listeners.inbound),
+                true,
+                Listener::Inbound,
+            ),
+            (
+                SocketAddr::new(any4, listeners.tunnel),
+                false,
+                Listener::Tunnel,
             ),
         ];
         if v6 {
-            capture.push((
-                bind(
-                    SocketAddr::new(Ipv6Addr::LOCALHOST.into(), listeners.outbound),
+            wanted.extend([
+                (
+                    SocketAddr::new(lo6, listeners.outbound),
                     false,
-                )?,
-                Dir::Outbound,
-            ));
-            capture.push((
-                bind(
-                    SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), listeners.inbound),
+                    Listener::Outbound,
+                ),
+                (
+                    SocketAddr::new(any6, listeners.inbound),
                     true,
-                )?,
-                Dir::Inbound,
-            ));
+                    Listener::Inbound,
+                ),
+                (
+                    SocketAddr::new(any6, listeners.tunnel),
+                    false,
+                    Listener::Tunnel,
+                ),
+            ]);
         }
-        for (l, dir) in capture {
-            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), direction = ?dir, "listener established");
-            tasks.push(tokio::spawn(accept_loop(l, dir, shared.clone())));
-        }
-        let mut tunnel = vec![bind(
-            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), listeners.tunnel),
-            false,
-        )?];
-        if v6 {
-            tunnel.push(bind(
-                SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), listeners.tunnel),
-                false,
-            )?);
-        }
-        for l in tunnel {
-            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tunnel listener established");
-            tasks.push(tokio::spawn(tunnel_loop(l, shared.clone())));
+        // Bind everything before serving anything: a port in use fails the start whole.
+        let bound = wanted
+            .into_iter()
+            .map(|(addr, transparent, kind)| Ok((bind(addr, transparent)?, kind)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        for (l, kind) in bound {
+            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), listener = ?kind, "listener established");
+            tasks.push(tokio::spawn(accept_loop(l, kind, shared.clone())));
         }
         let admin_addr = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), listeners.admin);
         let admin = bind(admin_addr, false)?;
@@ -229,7 +257,7 @@ impl Enforcer {
 }
 
 /// Accepts until the task is aborted; an accept error backs off and never stops it.
-async fn accept_loop(listener: TcpListener, dir: Dir, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, kind: Listener, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(5);
     loop {
         match listener.accept().await {
@@ -238,14 +266,15 @@ async fn accept_loop(listener: TcpListener, dir: Dir, shared: Arc<Shared>) {
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    match dir {
-                        Dir::Outbound => outbound(shared, stream, peer).await,
-                        Dir::Inbound => inbound(shared, stream, peer).await,
+                    match kind {
+                        Listener::Outbound => outbound(shared, stream, peer).await,
+                        Listener::Inbound => inbound(shared, stream, peer).await,
+                        Listener::Tunnel => crate::mesh::serve(shared, stream, peer).await,
                     }
                 });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                tracing::warn!(error = %e, listener = ?kind, "accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
@@ -253,35 +282,30 @@ async fn accept_loop(listener: TcpListener, dir: Dir, shared: Arc<Shared>) {
     }
 }
 
-/// Accepts mesh tunnel connections from peer enforcers.
-async fn tunnel_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                backoff = Duration::from_millis(5);
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(crate::mesh::serve(shared.clone(), stream, peer));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "tunnel accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-        }
-    }
+/// What a listener accepts.
+#[derive(Debug, Clone, Copy)]
+enum Listener {
+    /// REDIRECTed connections of our PU.
+    Outbound,
+    /// TPROXYed connections to our PU.
+    Inbound,
+    /// Mesh tunnel connections from peer enforcers.
+    Tunnel,
 }
 
 /// Watches for SIGHUP and for changes of the configuration and policy files.
 async fn watch(shared: Arc<Shared>) {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let fingerprint = |s: &Shared| -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-        // The files the configuration names, even when the last load failed on one of
-        // them: fixing that file must trigger a reload.
-        let files = crate::config::LocalConfig::load(&s.config_path)
-            .map(|c| c.watched_files(&s.config_path))
-            .unwrap_or_else(|_| vec![s.config_path.clone()]);
-        files
+    // The files the configuration names, even when the last load failed on one of
+    // them (fixing that file must trigger a reload). Parsed only at start, on SIGHUP and
+    // after a change; each tick only lists folders and reads file metadata.
+    let roots_of = |s: &Shared| {
+        crate::config::LocalConfig::load(&s.config_path)
+            .map(|c| c.watch_roots(&s.config_path))
+            .unwrap_or_else(|_| vec![s.config_path.clone()])
+    };
+    let fingerprint = |roots: &[PathBuf]| -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+        crate::config::expand(roots)
             .into_iter()
             .map(|f| {
                 let m = std::fs::metadata(&f).ok();
@@ -293,7 +317,8 @@ async fn watch(shared: Arc<Shared>) {
             })
             .collect()
     };
-    let mut last = fingerprint(&shared);
+    let mut roots = roots_of(&shared);
+    let mut last = fingerprint(&roots);
     loop {
         let signalled = async {
             match hup.as_mut() {
@@ -301,23 +326,21 @@ async fn watch(shared: Arc<Shared>) {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            // The fingerprint is taken before loading: a write that lands during the
-            // load (a torn read) changes it again and triggers another reload.
-            true = signalled => {
-                last = fingerprint(&shared);
-                let s = shared.clone();
-                let _ = tokio::task::spawn_blocking(move || s.reload("SIGHUP")).await;
-            }
+        // The fingerprint is taken before loading: a write that lands during the load (a
+        // torn read) changes it again and triggers another reload.
+        let why = tokio::select! {
+            true = signalled => "SIGHUP",
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                let now = fingerprint(&shared);
-                if now != last {
-                    last = now;
-                    let s = shared.clone();
-                    let _ = tokio::task::spawn_blocking(move || s.reload("file changed")).await;
+                if fingerprint(&roots) == last {
+                    continue;
                 }
+                "file changed"
             }
-        }
+        };
+        roots = roots_of(&shared);
+        last = fingerprint(&roots);
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || s.reload(why)).await;
     }
 }
 
@@ -437,14 +460,7 @@ pub(crate) fn refuse(
     reason: &str,
 ) {
     socket::reset(stream);
-    shared
-        .metrics
-        .connections
-        .get_or_create(&ConnLabels {
-            direction: flow.dir,
-            verdict: VerdictLabel::Reject,
-        })
-        .inc();
+    shared.count_connection(flow.dir, VerdictLabel::Reject);
     tracing::debug!(source = %flow.source.ip, destination = %flow.destination.ip, port = flow.destination.port, reason, "rejected");
     record(shared, snap, flow, d, reason, None, "rejected");
 }
@@ -530,12 +546,7 @@ pub(crate) async fn forward(
         };
     let _ = upstream.set_nodelay(true);
     let m = &shared.metrics;
-    m.connections
-        .get_or_create(&ConnLabels {
-            direction: flow.dir,
-            verdict: VerdictLabel::Allow,
-        })
-        .inc();
+    shared.count_connection(flow.dir, VerdictLabel::Allow);
     let open = m
         .open
         .get_or_create(&DirLabels {
@@ -554,21 +565,7 @@ pub(crate) async fn forward(
     .await;
     open.dec();
     drop(permit);
-    let total = out.forward + out.backward;
-    m.bytes
-        .get_or_create(&DirLabels {
-            direction: flow.dir,
-        })
-        .inc_by(total);
-    match out.path {
-        DataPath::Spliced => {
-            m.spliced_bytes.inc_by(total);
-        }
-        DataPath::Copied => {
-            m.copied_bytes.inc_by(total);
-            m.copy_fallbacks.inc();
-        }
-    }
+    shared.count_bytes(flow.dir, out.forward + out.backward, out.path, false);
     match out.close {
         Close::Reset => shared.error(ErrorKind::Reset),
         Close::Idle => shared.error(ErrorKind::Idle),

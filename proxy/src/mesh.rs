@@ -29,9 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::enforcer::{Flow, Shared, endpoint, flow_record, now_rfc3339, reason_str, refuse};
-use crate::metrics::{
-    ConnLabels, Dir, DirLabels, ErrorKind, HandshakeLabels, PoolLabels, Role, VerdictLabel,
-};
+use crate::metrics::{Dir, DirLabels, ErrorKind, HandshakeLabels, PoolLabels, Role, VerdictLabel};
 use crate::pool::{Established, SERVER_IDLE};
 use crate::snapshot::{Registered, Snapshot};
 use crate::socket;
@@ -151,20 +149,7 @@ fn finish(
     peer_reason: Option<Reason>,
     resumed: bool,
 ) {
-    let metrics = &shared.metrics;
-    let total = m.forward + m.backward;
-    metrics
-        .bytes
-        .get_or_create(&DirLabels { direction: dir })
-        .inc_by(total);
-    if m.tls {
-        metrics.tls_bytes.inc_by(total);
-    } else if m.path == DataPath::Spliced {
-        metrics.spliced_bytes.inc_by(total);
-    } else {
-        metrics.copied_bytes.inc_by(total);
-        metrics.copy_fallbacks.inc();
-    }
+    shared.count_bytes(dir, m.forward + m.backward, m.path, m.tls);
     if d.log {
         let mut r = flow_record(
             snap,
@@ -292,48 +277,29 @@ pub(crate) async fn connect(
         Err(why) => return refuse(&shared, &snap, app, flow, None, &why),
     };
     let spiffe = peer.spiffe_id().to_string();
-    if peer.name != reg.name || peer.namespace != reg.namespace {
-        // Someone else answers at that address with a valid certificate.
-        let mut r = flow_record(&snap, flow, None, "impersonation", None, "rejected");
-        r.peer_identity = Some(spiffe);
-        r.rejected_by = Some("client".into());
-        socket::reset(app);
-        shared
-            .metrics
-            .connections
-            .get_or_create(&ConnLabels {
-                direction: Dir::Outbound,
-                verdict: VerdictLabel::Reject,
-            })
-            .inc();
-        return shared.record(r);
-    }
-    let d = decide(&snap, Direction::Outgoing, &peer, target.port(), &shared);
     let reject = |shared: &Shared,
                   app: TcpStream,
                   flow: Flow,
-                  d: &Decision,
+                  d: Option<&Decision>,
                   by: &str,
                   peer_reason: Option<&str>,
                   why: &str| {
         socket::reset(app);
-        shared
-            .metrics
-            .connections
-            .get_or_create(&ConnLabels {
-                direction: Dir::Outbound,
-                verdict: VerdictLabel::Reject,
-            })
-            .inc();
-        let mut r = flow_record(&snap, flow, Some(d), why, None, "rejected");
+        shared.count_connection(Dir::Outbound, VerdictLabel::Reject);
+        let mut r = flow_record(&snap, flow, d, why, None, "rejected");
         r.peer_identity = Some(spiffe.clone());
         r.rejected_by = Some(by.into());
         r.peer_reason = peer_reason.map(str::to_owned);
         r.resumed = Some(resumed);
         shared.record(r);
     };
+    if peer.name != reg.name || peer.namespace != reg.namespace {
+        // Someone else answers at that address with a valid certificate.
+        return reject(&shared, app, flow, None, "client", None, "impersonation");
+    }
+    let d = decide(&snap, Direction::Outgoing, &peer, target.port(), &shared);
     if d.verdict == Verdict::Reject {
-        return reject(&shared, app, flow, &d, "client", None, reason_str(&d));
+        return reject(&shared, app, flow, Some(&d), "client", None, reason_str(&d));
     }
     let exchange = async {
         stream
@@ -353,7 +319,15 @@ pub(crate) async fn connect(
     let resp = match tokio::time::timeout(limit, exchange).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) | Err(_) => {
-            return reject(&shared, app, flow, &d, "server", None, "tunnel-protocol");
+            return reject(
+                &shared,
+                app,
+                flow,
+                Some(&d),
+                "server",
+                None,
+                "tunnel-protocol",
+            );
         }
     };
     if !resp.accept {
@@ -361,19 +335,14 @@ pub(crate) async fn connect(
             &shared,
             app,
             flow,
-            &d,
+            Some(&d),
             "server",
             Some(resp.reason.as_str()),
             reason_str(&d),
         );
     }
     let m = &shared.metrics;
-    m.connections
-        .get_or_create(&ConnLabels {
-            direction: Dir::Outbound,
-            verdict: VerdictLabel::Allow,
-        })
-        .inc();
+    shared.count_connection(Dir::Outbound, VerdictLabel::Allow);
     let open = m
         .open
         .get_or_create(&DirLabels {
@@ -410,7 +379,15 @@ pub(crate) async fn connect(
             }
             _ => {
                 open.dec();
-                return reject(&shared, app, flow, &d, "server", None, "tunnel-protocol");
+                return reject(
+                    &shared,
+                    app,
+                    flow,
+                    Some(&d),
+                    "server",
+                    None,
+                    "tunnel-protocol",
+                );
             }
         }
     };
@@ -455,14 +432,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         destination,
     };
     let record_refusal = |flow: Flow, d: Option<&Decision>, why: &str, peer: Option<String>| {
-        shared
-            .metrics
-            .connections
-            .get_or_create(&ConnLabels {
-                direction: Dir::Inbound,
-                verdict: VerdictLabel::Reject,
-            })
-            .inc();
+        shared.count_connection(Dir::Inbound, VerdictLabel::Reject);
         let mut r: FlowRecord = flow_record(&snap, flow, d, why, None, "rejected");
         r.peer_identity = peer;
         r.rejected_by = Some("server".into());
@@ -608,12 +578,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     let _ = workload.set_nodelay(true);
     let encrypt = req.encrypt || d.encrypt;
     let m = &shared.metrics;
-    m.connections
-        .get_or_create(&ConnLabels {
-            direction: Dir::Inbound,
-            verdict: VerdictLabel::Allow,
-        })
-        .inc();
+    shared.count_connection(Dir::Inbound, VerdictLabel::Allow);
     let open = m
         .open
         .get_or_create(&DirLabels {

@@ -112,16 +112,7 @@ fn scenario(v6: bool) {
 
     // 1. Allowed outbound: 100 MB each way, half-closed, intact.
     let to = SocketAddr::new(ip(&ext, v6), 7000);
-    let client = in_ns(&work, async move {
-        let s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(to))
-            .await
-            .unwrap()
-            .unwrap();
-        let (mut r, mut w) = s.into_split();
-        let (sent, got) = tokio::join!(send_bulk(&mut w, 1), recv_bulk(&mut r, 2));
-        sent.unwrap();
-        got.unwrap()
-    });
+    let client = in_ns(&work, bulk_client(to));
     assert_eq!(
         client.join().unwrap(),
         BULK,

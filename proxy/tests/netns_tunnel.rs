@@ -146,16 +146,7 @@ fn bulk(m: &Mesh, from: &str, to: &str, port: u16) {
         )),
     );
     std::thread::sleep(Duration::from_millis(100));
-    let client = in_ns(&m.host(from), async move {
-        let s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(target))
-            .await
-            .unwrap()
-            .unwrap();
-        let (mut r, mut w) = s.into_split();
-        let (sent, got) = tokio::join!(send_bulk(&mut w, 1), recv_bulk(&mut r, 2));
-        sent.unwrap();
-        got.unwrap()
-    });
+    let client = in_ns(&m.host(from), bulk_client(target));
     assert_eq!(
         client.join().unwrap(),
         BULK,

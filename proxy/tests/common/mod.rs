@@ -74,6 +74,19 @@ pub async fn recv_bulk(r: &mut (impl AsyncReadExt + Unpin), seed: u64) -> std::i
     }
 }
 
+/// Connects and exchanges BULK bytes each way (sending, then half-closing), checking
+/// what comes back; returns how many bytes arrived.
+pub async fn bulk_client(to: SocketAddr) -> usize {
+    let s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(to))
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut r, mut w) = s.into_split();
+    let (sent, got) = tokio::join!(send_bulk(&mut w, 1), recv_bulk(&mut r, 2));
+    sent.unwrap();
+    got.unwrap()
+}
+
 /// Accepts one connection and exchanges BULK bytes each way (half-close aware).
 pub async fn bulk_server(addr: SocketAddr) -> usize {
     let l = TcpListener::bind(addr).await.unwrap();
@@ -196,11 +209,7 @@ pub fn metric(work: &Host, name: &str) -> f64 {
 }
 
 pub fn flow_records(dir: &Scratch) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.0.join("flows.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("flow records are JSON lines"))
-        .collect()
+    flow_log(&dir.0.join("flows.jsonl"))
 }
 
 pub fn capture(work: &Host) {

@@ -196,43 +196,31 @@ impl Enforcer {
             IpAddr::from(Ipv4Addr::LOCALHOST),
             IpAddr::from(Ipv6Addr::LOCALHOST),
         );
-        // (address, transparent, what it accepts); the IPv6 ones only where IPv6 exists.
-        let mut wanted = vec![
-            (
-                SocketAddr::new(lo4, listeners.outbound),
-                false,
-                Listener::Outbound,
-            ),
-            (
-                SocketAddr::new(any4, listeners.inbound),
-                true,
-                Listener::Inbound,
-            ),
-            (
-                SocketAddr::new(any4, listeners.tunnel),
-                false,
-                Listener::Tunnel,
-            ),
-        ];
+        // Per address family (IPv6 only where it exists): the loopback outbound listener,
+        // the transparent inbound one, the tunnel.
+        let mut families = vec![(lo4, any4)];
         if v6 {
-            wanted.extend([
+            families.push((lo6, any6));
+        }
+        let wanted = families.into_iter().flat_map(|(lo, any)| {
+            [
                 (
-                    SocketAddr::new(lo6, listeners.outbound),
+                    SocketAddr::new(lo, listeners.outbound),
                     false,
                     Listener::Outbound,
                 ),
                 (
-                    SocketAddr::new(any6, listeners.inbound),
+                    SocketAddr::new(any, listeners.inbound),
                     true,
                     Listener::Inbound,
                 ),
                 (
-                    SocketAddr::new(any6, listeners.tunnel),
+                    SocketAddr::new(any, listeners.tunnel),
                     false,
                     Listener::Tunnel,
                 ),
-            ]);
-        }
+            ]
+        });
         // Bind everything before serving anything: a port in use fails the start whole.
         let bound = wanted
             .into_iter()

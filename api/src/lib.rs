@@ -78,6 +78,10 @@ pub struct FlowRecord {
     /// Whether the tunnel's TLS session was resumed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed: Option<bool>,
+    /// Close reason `policy`: the policies of the new snapshot that reject the flow
+    /// (`default` when none matched).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub closed_by: Vec<String>,
 }
 
 /// A PU an enforcer may meet, by address. No tags: a peer's tags come only from its

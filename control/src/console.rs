@@ -11,7 +11,9 @@ use std::collections::BTreeSet;
 use segmesh_identity::{Ca, SpiffeId};
 use segmesh_policy::{LoadError, NamespacePath, PolicySet, Source, Tag, TagPattern, TagSet};
 
-use crate::store::{Documents, PuRecord, Role, Store, StoreError, TokenRecord, Version};
+use crate::store::{
+    Documents, PuRecord, Role, Store, StoreError, StoredFlow, TokenRecord, Version,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
@@ -31,6 +33,9 @@ pub enum ConsoleError {
     },
     #[error("bad namespace: {0}")]
     Namespace(#[from] segmesh_policy::namespace::NamespaceError),
+    /// A renewal for a PU that was deleted: the enforcer must stop renewing.
+    #[error("{0}")]
+    Gone(String),
 }
 
 /// Who is calling, from their token.
@@ -100,6 +105,10 @@ pub struct Registration {
     pub ips: Vec<std::net::IpAddr>,
     /// PEM certificate signing request (the key stays with the enforcer).
     pub csr: String,
+    /// A renewal of a registered PU: refused (410) when the PU was deleted, so deleting
+    /// a PU stops its renewals. A first registration (false) records the PU anew.
+    #[serde(default)]
+    pub renew: bool,
 }
 
 /// What the console answers.
@@ -113,6 +122,22 @@ pub struct Registered {
     pub tags: Vec<String>,
     /// Claimed tags the bootstrap token does not allow (not certified).
     pub dropped: Vec<String>,
+}
+
+/// How many flow records the console keeps (the oldest go first).
+pub const FLOWS_KEPT: usize = 200_000;
+
+/// Which flow records to show.
+#[derive(Debug, Clone, Default)]
+pub struct FlowFilter {
+    /// `<namespace>:<name>` or a bare name; matches either end.
+    pub pu: Option<String>,
+    /// `allow` or `reject`.
+    pub verdict: Option<String>,
+    /// Only records of flows that started this recently.
+    pub since: Option<std::time::Duration>,
+    /// Only the last N matching records.
+    pub limit: Option<usize>,
 }
 
 pub struct Console<S: Store> {
@@ -244,6 +269,18 @@ impl<S: Store> Console<S> {
             return Err(ConsoleError::Forbidden(format!(
                 "bootstrap token {} is for {scope}, not {ns}",
                 rec.name
+            )));
+        }
+        if req.renew
+            && !self
+                .store
+                .pus()?
+                .iter()
+                .any(|p| p.namespace == ns.as_str() && p.name == req.name)
+        {
+            return Err(ConsoleError::Gone(format!(
+                "{ns}:{} is not registered (deleted?): no renewal",
+                req.name
             )));
         }
         let patterns: Vec<TagPattern> = rec
@@ -566,6 +603,107 @@ impl<S: Store> Console<S> {
                 rec.name
             )))
         }
+    }
+
+    /// Deletes a registered PU: it leaves every enforcer's registry with the next push,
+    /// and its renewals are refused. Needs editor rights on its namespace.
+    pub fn delete_pu(
+        &self,
+        caller: &Caller,
+        namespace: &NamespacePath,
+        name: &str,
+    ) -> Result<(), ConsoleError> {
+        if !caller.can_edit(namespace) {
+            return Err(ConsoleError::Forbidden(format!(
+                "{} may not edit {namespace}",
+                caller.name
+            )));
+        }
+        let detail = format!("ProcessingUnit {namespace}:{name}");
+        if self
+            .store
+            .delete_pu(namespace.as_str(), name, (&caller.name, "delete", &detail))?
+        {
+            Ok(())
+        } else {
+            Err(ConsoleError::NotFound {
+                kind: "ProcessingUnit".into(),
+                namespace: namespace.to_string(),
+                name: name.into(),
+            })
+        }
+    }
+
+    /// Stores flow records reported by the enforcer of `pu` (`<namespace>:<name>`),
+    /// authenticated by a token that may watch its namespace.
+    pub fn report_flows(
+        &self,
+        token: &str,
+        pu: &str,
+        records: Vec<segmesh_api::FlowRecord>,
+    ) -> Result<usize, ConsoleError> {
+        let (ns, _) = pu
+            .rsplit_once(':')
+            .ok_or_else(|| ConsoleError::Forbidden(format!("`{pu}` is not <namespace>:<name>")))?;
+        self.may_watch(token, &ns.parse()?)?;
+        let received_at =
+            humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let n = records.len();
+        let stored: Vec<StoredFlow> = records
+            .into_iter()
+            .map(|record| StoredFlow {
+                reporter: pu.to_owned(),
+                received_at: received_at.clone(),
+                record,
+            })
+            .collect();
+        self.store.add_flows(&stored, FLOWS_KEPT)?;
+        Ok(n)
+    }
+
+    /// Flow records the caller may see (reported by PUs in its subtree), oldest first,
+    /// filtered.
+    pub fn flows(
+        &self,
+        caller: &Caller,
+        filter: &FlowFilter,
+    ) -> Result<Vec<StoredFlow>, ConsoleError> {
+        let since = filter
+            .since
+            .map(|d| std::time::SystemTime::now() - d)
+            .map(|t| humantime::format_rfc3339_millis(t).to_string());
+        let mut out: Vec<StoredFlow> = self
+            .store
+            .flows()?
+            .into_iter()
+            .filter(|f| {
+                let visible = f
+                    .reporter
+                    .rsplit_once(':')
+                    .and_then(|(ns, _)| ns.parse::<NamespacePath>().ok())
+                    .is_some_and(|ns| caller.can_view(&ns));
+                let r = &f.record;
+                let pu_matches = filter.pu.as_ref().is_none_or(|pu| {
+                    let is = |e: &segmesh_api::FlowEndpoint| {
+                        e.pu.as_deref().is_some_and(|p| {
+                            p == pu || p.rsplit_once(':').is_some_and(|(_, n)| n == pu)
+                        })
+                    };
+                    is(&r.source) || is(&r.destination)
+                });
+                // RFC 3339 UTC timestamps of one format order as strings.
+                let recent = since.as_ref().is_none_or(|s| r.time.as_str() >= s.as_str());
+                visible
+                    && pu_matches
+                    && recent
+                    && filter.verdict.as_ref().is_none_or(|v| &r.verdict == v)
+            })
+            .collect();
+        if let Some(limit) = filter.limit {
+            let skip = out.len().saturating_sub(limit);
+            out.drain(..skip);
+        }
+        Ok(out)
     }
 
     /// The live version and its documents as a policy set.

@@ -13,6 +13,9 @@
 //! | `GET /v1/audit` | | the audit log (editors of /) |
 //! | `POST /v1/enforcers/register` | a [`Registration`] (bearer: a bootstrap token) | a [`Registered`]: certificate, bundle, certified tags |
 //! | `GET /v1/processingunits` | | the registered PUs the caller may see |
+//! | `DELETE /v1/processingunits/<namespace path>/<name>` | | deletes a PU (leaves every registry; its renewals are refused) |
+//! | `POST /v1/flows?pu=<ns>:<name>` | flow records (bearer: the enforcer's bootstrap token) | `{"stored": N}` |
+//! | `GET /v1/flows?pu=&verdict=&since=&limit=` | | flow records reported by PUs the caller may see, oldest first |
 //! | `GET /v1/documents` | | the live policies, external networks and namespace settings that can apply in the caller's subtree |
 //! | `GET /v1/snapshot?pu=<ns>:<name>&since=R&wait=S` | (bearer: a bootstrap token or an API token covering the namespace) | the PU's [`segmesh_api::Snapshot`]; waits up to `S` seconds (default 30, at most 60) while the revision is not above `R` |
 
@@ -30,7 +33,7 @@ use tokio::sync::watch;
 
 use segmesh_identity::Ca;
 
-use crate::console::{Caller, Console, ConsoleError, Registration};
+use crate::console::{Caller, Console, ConsoleError, FlowFilter, Registration};
 use crate::store::{RedbStore, Role, Store};
 
 /// Largest request body accepted (a big policy set fits easily).
@@ -78,6 +81,7 @@ fn error(e: ConsoleError) -> Response<Full<Bytes>> {
         ConsoleError::NotFound { .. } => StatusCode::NOT_FOUND,
         ConsoleError::Namespace(_) => StatusCode::BAD_REQUEST,
         ConsoleError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ConsoleError::Gone(_) => StatusCode::GONE,
     };
     let mut body = serde_json::json!({ "error": e.to_string() });
     if let ConsoleError::Invalid(l) = &e {
@@ -128,11 +132,33 @@ fn changed(console: &Console<RedbStore>, changes: &watch::Sender<u64>) {
     }
 }
 
-fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
-    req.uri()
+/// A query parameter, percent-decoded.
+fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
+    let raw = req
+        .uri()
         .query()?
         .split('&')
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))?;
+    let b = raw.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
 }
 
 async fn snapshot(
@@ -144,6 +170,7 @@ async fn snapshot(
         return error(ConsoleError::Unauthenticated);
     };
     let Some(ns) = query(&req, "pu")
+        .as_deref()
         .and_then(|pu| pu.rsplit_once(':'))
         .map(|(ns, _)| ns.to_owned())
     else {
@@ -190,6 +217,20 @@ async fn route(
 ) -> Response<Full<Bytes>> {
     if req.method() == Method::GET && req.uri().path() == "/v1/snapshot" {
         return snapshot(req, &console, &changes).await;
+    }
+    if req.method() == Method::POST && req.uri().path() == "/v1/flows" {
+        // Enforcers report with their bootstrap token, for their PU.
+        let (Some(token), Some(pu)) = (bearer(&req), query(&req, "pu")) else {
+            return bad("expected a bearer token and ?pu=<namespace path>:<name>");
+        };
+        let records: Vec<segmesh_api::FlowRecord> = match body(req).await {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
+        return match console.report_flows(&token, &pu, records) {
+            Ok(n) => json(StatusCode::OK, serde_json::json!({ "stored": n })),
+            Err(e) => error(e),
+        };
     }
     if req.method() == Method::POST && req.uri().path() == "/v1/enforcers/register" {
         // Enforcers authenticate with a bootstrap token, not an API token.
@@ -287,6 +328,34 @@ async fn route(
                 })
             }
         }),
+        (Method::DELETE, p) if p.starts_with("/v1/processingunits/") => {
+            let rest = &p["/v1/processingunits".len()..];
+            match rest.rsplit_once('/') {
+                Some((ns, name)) if !name.is_empty() => {
+                    let ns = if ns.is_empty() { "/" } else { ns };
+                    match ns.parse::<NamespacePath>() {
+                        Ok(ns) => console.delete_pu(&who, &ns, name).map(|()| {
+                            changed(&console, &changes);
+                            serde_json::json!({ "deleted": true })
+                        }),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                _ => return bad("expected /v1/processingunits/<namespace path>/<name>"),
+            }
+        }
+        (Method::GET, "/v1/flows") => {
+            let since = match query(&req, "since").map(|s| humantime::parse_duration(&s)).transpose() {
+                Ok(s) => s,
+                Err(e) => return bad(format!("since: {e}")),
+            };
+            let limit = match query(&req, "limit").map(|s| s.parse::<usize>()).transpose() {
+                Ok(l) => l,
+                Err(e) => return bad(format!("limit: {e}")),
+            };
+            let filter = FlowFilter { pu: query(&req, "pu"), verdict: query(&req, "verdict"), since, limit };
+            console.flows(&who, &filter).map(|f| serde_json::to_value(f).unwrap_or_default())
+        }
         (Method::GET, "/v1/processingunits") => console.store.pus().map_err(Into::into).map(|pus| {
             let visible: Vec<_> = pus
                 .into_iter()

@@ -134,8 +134,30 @@ pub trait Store: Send + Sync {
     /// Records (or replaces) a PU.
     fn put_pu(&self, pu: &PuRecord, audit: (&str, &str, &str)) -> Result<(), StoreError>;
     fn pus(&self) -> Result<Vec<PuRecord>, StoreError>;
-    /// Bumped by every change an enforcer may need (commit, rollback, registration).
+    /// Removes a PU; false if there was none.
+    fn delete_pu(
+        &self,
+        namespace: &str,
+        name: &str,
+        audit: (&str, &str, &str),
+    ) -> Result<bool, StoreError>;
+    /// Bumped by every change an enforcer may need (commit, rollback, a registration
+    /// that changes the registry, a PU deleted).
     fn revision(&self) -> Result<u64, StoreError>;
+    /// Appends flow records reported by an enforcer, keeping at most `keep` records in
+    /// all (the oldest go first).
+    fn add_flows(&self, flows: &[StoredFlow], keep: usize) -> Result<(), StoreError>;
+    /// The stored flow records, oldest first.
+    fn flows(&self) -> Result<Vec<StoredFlow>, StoreError>;
+}
+
+/// A flow record as the console keeps it: which enforcer reported it, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFlow {
+    /// `<namespace>:<name>` of the reporting enforcer's PU.
+    pub reporter: String,
+    pub received_at: String,
+    pub record: segmesh_api::FlowRecord,
 }
 
 /// Adds one to the revision inside a write transaction.
@@ -156,6 +178,7 @@ const VERSIONS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("
 const TOKENS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("tokens");
 const AUDIT: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("audit");
 const PUS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("pus");
+const FLOWS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("flows");
 
 /// The embedded store: one redb file.
 pub struct RedbStore {
@@ -215,6 +238,7 @@ impl RedbStore {
         txn.open_table(TOKENS)?;
         txn.open_table(AUDIT)?;
         txn.open_table(PUS)?;
+        txn.open_table(FLOWS)?;
         txn.commit()?;
         Ok(RedbStore { db })
     }
@@ -321,12 +345,68 @@ impl Store for RedbStore {
     fn put_pu(&self, pu: &PuRecord, audit: (&str, &str, &str)) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         let key = format!("{}:{}", pu.namespace, pu.name);
-        txn.open_table(PUS)?
-            .insert(key.as_str(), serde_json::to_vec(pu)?.as_slice())?;
-        bump(&txn)?;
+        let old = txn
+            .open_table(PUS)?
+            .insert(key.as_str(), serde_json::to_vec(pu)?.as_slice())?
+            .map(|v| serde_json::from_slice::<PuRecord>(v.value()))
+            .transpose()?;
+        // Enforcers see PUs only through the registry (names and addresses): a renewal
+        // that changes neither is no news for them.
+        if old.is_none_or(|o| o.ips != pu.ips) {
+            bump(&txn)?;
+        }
         append_audit(&txn, audit)?;
         txn.commit()?;
         Ok(())
+    }
+
+    fn delete_pu(
+        &self,
+        namespace: &str,
+        name: &str,
+        audit: (&str, &str, &str),
+    ) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let key = format!("{namespace}:{name}");
+        let gone = txn.open_table(PUS)?.remove(key.as_str())?.is_some();
+        if gone {
+            bump(&txn)?;
+            append_audit(&txn, audit)?;
+        }
+        txn.commit()?;
+        Ok(gone)
+    }
+
+    fn add_flows(&self, flows: &[StoredFlow], keep: usize) -> Result<(), StoreError> {
+        use redb::ReadableTable;
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(FLOWS)?;
+            let mut next = t.last()?.map_or(1, |(k, _)| k.value() + 1);
+            for f in flows {
+                t.insert(next, serde_json::to_vec(f)?.as_slice())?;
+                next += 1;
+            }
+            let first = t.first()?.map_or(next, |(k, _)| k.value());
+            let excess = (next - first).saturating_sub(keep as u64);
+            if excess > 0 {
+                t.retain_in(first..first + excess, |_, _| false)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn flows(&self) -> Result<Vec<StoredFlow>, StoreError> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(FLOWS)?;
+        t.iter()?
+            .map(|r| {
+                let (_, v) = r?;
+                Ok(serde_json::from_slice(v.value())?)
+            })
+            .collect()
     }
 
     fn revision(&self) -> Result<u64, StoreError> {

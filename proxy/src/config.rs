@@ -24,6 +24,8 @@ pub enum ConfigError {
     Identity(#[from] segmesh_identity::IdentityError),
     #[error("identity: the certificate names {found}, but the configuration's PU is {expected}")]
     IdentityMismatch { expected: String, found: String },
+    #[error("console: {0}")]
+    Console(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -148,6 +150,56 @@ impl Default for Limits {
     }
 }
 
+/// How the enforcer reaches the console (console mode): it registers its PU there,
+/// receives its certificate and snapshots, and reports flow records.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// `https://host:port`.
+    pub url: String,
+    /// The console's CA bundle (its data dir's `ca/bundle.crt`), to verify its HTTPS
+    /// certificate.
+    pub ca: PathBuf,
+    /// The bootstrap token, or `@path` to read it from a file.
+    pub bootstrap_token: String,
+    /// Where the last snapshot and the identity are kept (atomically written; used after
+    /// a restart and while the console is unreachable). Default `/var/lib/segmesh`.
+    #[serde(default = "d_state")]
+    pub state_dir: PathBuf,
+    /// The PU's addresses to register. Default: every non-loopback address of the
+    /// interfaces the enforcer sees.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// The full re-poll every enforcer does besides its watch (a safety net). Default
+    /// 10 min.
+    #[serde(default = "d_repoll", with = "humantime_serde_compat")]
+    pub repoll: Duration,
+}
+
+fn d_state() -> PathBuf {
+    PathBuf::from("/var/lib/segmesh")
+}
+
+fn d_repoll() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl ConsoleConfig {
+    /// The bootstrap token (read from its file when written `@path`).
+    pub fn token(&self) -> Result<String, ConfigError> {
+        match self.bootstrap_token.strip_prefix('@') {
+            Some(p) => std::fs::read_to_string(p)
+                .map(|t| t.trim().to_owned())
+                .map_err(|e| ConfigError::Read(PathBuf::from(p), e)),
+            None => Ok(self.bootstrap_token.clone()),
+        }
+    }
+}
+
+fn d_true() -> bool {
+    true
+}
+
 /// Durations written as `5s`, `1h`, `250ms`.
 mod humantime_serde_compat {
     use serde::{Deserialize, Deserializer};
@@ -178,6 +230,14 @@ pub struct LocalConfig {
     /// Where flow records go: a path, or `-` for stdout. Default: none.
     #[serde(default)]
     pub flow_log: Option<String>,
+    /// Console mode: policies, registry and identity come from the console (and the
+    /// local file must not name any).
+    #[serde(default)]
+    pub console: Option<ConsoleConfig>,
+    /// Re-decide open connections on every new snapshot and close those now rejected
+    /// (close reason `policy`). Default true.
+    #[serde(default = "d_true")]
+    pub recheck_open: bool,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -205,7 +265,45 @@ impl LocalConfig {
         if let Some(f) = cfg.flow_log.as_mut().filter(|f| f.as_str() != "-") {
             *f = resolve(base, Path::new(f.as_str())).display().to_string();
         }
+        if let Some(c) = cfg.console.as_mut() {
+            c.ca = resolve(base, &c.ca);
+            c.state_dir = resolve(base, &c.state_dir);
+            if let Some(p) = c.bootstrap_token.strip_prefix('@') {
+                c.bootstrap_token = format!("@{}", resolve(base, Path::new(p)).display());
+            }
+        }
+        cfg.check()?;
         Ok(cfg)
+    }
+
+    /// A console-mode configuration names no policies, registry or identity: those come
+    /// from the console.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if let Some(c) = &self.console {
+            let mut local = Vec::new();
+            if !self.policies.is_empty() {
+                local.push("policies");
+            }
+            if !self.registry.is_empty() {
+                local.push("registry");
+            }
+            if self.identity.is_some() {
+                local.push("identity");
+            }
+            if !local.is_empty() {
+                return Err(ConfigError::Console(format!(
+                    "with a console, {} come from the console; remove them from the file",
+                    local.join(", ")
+                )));
+            }
+            if !c.url.starts_with("https://") {
+                return Err(ConfigError::Console(format!(
+                    "url `{}`: expected https://host:port",
+                    c.url
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The paths whose change should trigger a reload: this file, the identity files,

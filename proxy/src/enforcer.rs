@@ -31,6 +31,18 @@ pub enum Error {
     Bind(SocketAddr, #[source] std::io::Error),
     #[error("cannot open the flow log: {0}")]
     FlowLog(#[source] std::io::Error),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Where the enforcer's configuration comes from.
+pub enum ConfigSource {
+    /// A local configuration file, reloaded on change and on SIGHUP. With a `console:`
+    /// section, the file gives only the PU, listeners and limits (read once) and the
+    /// rest comes from the console.
+    File(PathBuf),
+    /// A configuration built from flags (console mode).
+    Console(Box<crate::config::LocalConfig>),
 }
 
 /// State shared by every task of the enforcer.
@@ -43,8 +55,13 @@ pub struct Shared {
     pub(crate) limits: Limits,
     pub(crate) listeners: Listeners,
     pub(crate) pool: crate::pool::Pool,
-    config_path: PathBuf,
+    /// File mode: the file to reload.
+    config_path: Option<PathBuf>,
     bound: AtomicBool,
+    pub(crate) open: crate::open::OpenFlows,
+    recheck_open: bool,
+    /// Console mode: records queued for the console.
+    console_flows: Option<tokio::sync::mpsc::Sender<FlowRecord>>,
 }
 
 impl Shared {
@@ -57,8 +74,34 @@ impl Shared {
     }
 
     pub(crate) fn record(&self, r: FlowRecord) {
+        if let Some(tx) = &self.console_flows {
+            if tx.try_send(r.clone()).is_err() {
+                self.metrics.console_flows_dropped.inc();
+            }
+        }
         if !self.flows.record(r) {
             self.metrics.flow_records_dropped.inc();
+        }
+    }
+
+    /// Enforces `s` from now on; with `recheck_open`, re-decides the open connections
+    /// and closes those `s` rejects.
+    pub fn install(&self, s: Snapshot, why: &str) {
+        tracing::info!(version = %s.version, source = s.source, policies = s.policy_count, registry = s.registry.len(), reason = why, "snapshot installed");
+        let s = Arc::new(s);
+        *self.snapshot.write().expect("lock poisoned") = s.clone();
+        self.metrics
+            .reloads
+            .get_or_create(&ReloadLabels { result: "ok" })
+            .inc();
+        if self.recheck_open {
+            let closed = self.open.recheck(&s);
+            if closed > 0 {
+                tracing::info!(
+                    closed,
+                    "open connections closed: the new snapshot rejects them"
+                );
+            }
         }
     }
 
@@ -93,21 +136,23 @@ impl Shared {
             .inc();
     }
 
-    /// Loads the configuration again; keeps the current one if the new one is broken.
+    /// Loads the configuration file again; keeps the current one if the new one is
+    /// broken.
     pub fn reload(&self, why: &str) -> bool {
-        match Snapshot::load(&self.config_path, Some(&self.snapshot())) {
+        let Some(path) = &self.config_path else {
+            return false;
+        };
+        match Snapshot::load(path, Some(&self.snapshot())) {
             Ok(s) => {
                 if let Some(cfg) = &s.config {
                     if cfg.listeners != self.listeners || cfg.limits != self.limits {
                         tracing::warn!("listener ports and limits change only on restart");
                     }
+                    if cfg.console.is_some() {
+                        tracing::warn!("a console section takes effect only on restart");
+                    }
                 }
-                tracing::info!(version = %s.version, policies = s.policy_count, reason = why, "configuration loaded");
-                *self.snapshot.write().expect("lock poisoned") = Arc::new(s);
-                self.metrics
-                    .reloads
-                    .get_or_create(&ReloadLabels { result: "ok" })
-                    .inc();
+                self.install(s, why);
                 true
             }
             Err(e) => {
@@ -148,19 +193,66 @@ fn ipv6_available() -> bool {
 
 impl Enforcer {
     /// Loads the configuration (failing closed if it is broken) and binds every listener.
-    pub async fn start(config_path: &Path) -> Result<Enforcer, Error> {
-        let initial = match Snapshot::load(config_path, None) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "no valid configuration: rejecting every connection until one loads");
-                Snapshot::fail_closed()
+    /// In console mode: starts from the snapshot cached on disk (or fails closed) and
+    /// starts registering and watching.
+    pub async fn start(source: ConfigSource) -> Result<Enforcer, Error> {
+        let (config_path, console_cfg) = match source {
+            ConfigSource::File(path) => match crate::config::LocalConfig::load(&path) {
+                Ok(cfg) if cfg.console.is_some() => (None, Some(cfg)),
+                _ => (Some(path), None),
+            },
+            ConfigSource::Console(cfg) => {
+                cfg.check()?;
+                (None, Some(*cfg))
             }
         };
-        let (listeners, limits, flow_log) = match &initial.config {
-            Some(c) => (c.listeners, c.limits, c.flow_log.clone()),
-            None => (Listeners::default(), Limits::default(), None),
+        let mut console = None;
+        let initial = match (&config_path, &console_cfg) {
+            (Some(path), _) => match Snapshot::load(path, None) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "no valid configuration: rejecting every connection until one loads");
+                    Snapshot::fail_closed()
+                }
+            },
+            (None, Some(cfg)) => {
+                let c = cfg
+                    .console
+                    .as_ref()
+                    .expect("console mode has a console section");
+                let client = crate::console::Client::new(c)?;
+                let state = crate::console::State::load(&cfg.pu, c);
+                let initial = match state.build("cache") {
+                    Some(Ok(s)) => s,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "the cached snapshot is unusable; rejecting everything until the console answers");
+                        Snapshot::fail_closed()
+                    }
+                    None => {
+                        tracing::info!(
+                            "no cached snapshot: rejecting everything until the console answers"
+                        );
+                        Snapshot::fail_closed()
+                    }
+                };
+                console = Some((client, state));
+                initial
+            }
+            (None, None) => unreachable!("a configuration source"),
+        };
+        let local = initial.config.as_ref().or(console_cfg.as_ref());
+        let (listeners, limits, flow_log, recheck_open) = match local {
+            Some(c) => (c.listeners, c.limits, c.flow_log.clone(), c.recheck_open),
+            None => (Listeners::default(), Limits::default(), None, true),
         };
         let (flows, _writer) = FlowLog::open(flow_log.as_deref()).map_err(Error::FlowLog)?;
+        let (console_tx, console_rx) = match console {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(crate::console::FLOW_QUEUE);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         let shared = Arc::new(Shared {
             snapshot: RwLock::new(Arc::new(initial)),
             metrics: Metrics::default(),
@@ -170,8 +262,11 @@ impl Enforcer {
             limits,
             listeners,
             pool: crate::pool::Pool::default(),
-            config_path: config_path.to_owned(),
+            config_path: config_path.clone(),
             bound: AtomicBool::new(false),
+            open: crate::open::OpenFlows::default(),
+            recheck_open,
+            console_flows: console_tx,
         });
 
         if crate::mesh::ktls_available() {
@@ -234,7 +329,12 @@ impl Enforcer {
         let admin = bind(admin_addr, false)?;
         let admin_addr = admin.local_addr().map_err(|e| Error::Bind(admin_addr, e))?;
         tasks.push(tokio::spawn(crate::admin::serve(admin, shared.clone())));
-        tasks.push(tokio::spawn(watch(shared.clone())));
+        match (console, console_rx) {
+            (Some((client, state)), Some(rx)) => {
+                tasks.extend(crate::console::spawn(shared.clone(), client, state, rx));
+            }
+            _ => tasks.push(tokio::spawn(watch(shared.clone()))),
+        }
         shared.bound.store(true, Ordering::Relaxed);
         Ok(Enforcer {
             shared,
@@ -287,10 +387,13 @@ async fn watch(shared: Arc<Shared>) {
     // The files the configuration names, even when the last load failed on one of
     // them (fixing that file must trigger a reload). Parsed only at start, on SIGHUP and
     // after a change; each tick only lists folders and reads file metadata.
-    let roots_of = |s: &Shared| {
-        crate::config::LocalConfig::load(&s.config_path)
-            .map(|c| c.watch_roots(&s.config_path))
-            .unwrap_or_else(|_| vec![s.config_path.clone()])
+    let Some(path) = shared.config_path.clone() else {
+        return;
+    };
+    let roots_of = |_: &Shared| {
+        crate::config::LocalConfig::load(&path)
+            .map(|c| c.watch_roots(&path))
+            .unwrap_or_else(|_| vec![path.clone()])
     };
     let fingerprint = |roots: &[PathBuf]| -> Vec<(PathBuf, Option<SystemTime>, u64)> {
         crate::config::expand(roots)
@@ -415,6 +518,7 @@ pub(crate) fn flow_record(
             })
             .unwrap_or_default(),
         resumed: None,
+        closed_by: Vec::new(),
     }
 }
 
@@ -542,27 +646,42 @@ pub(crate) async fn forward(
         })
         .clone();
     open.inc();
+    let (direction, peer) = match flow.dir {
+        Dir::Outbound => (Direction::Outgoing, flow.destination.ip),
+        Dir::Inbound => (Direction::Incoming, flow.source.ip),
+    };
+    let guard = shared.open.track(
+        direction,
+        crate::open::Peer::Address(peer),
+        flow.destination.port,
+    );
     let progress = Progress::default();
-    let out = splice::relay(
+    let out = splice::relay_until(
         stream,
         upstream,
         shared.limits.idle_timeout,
         false,
         &progress,
+        &guard.stop.notify,
     )
     .await;
     open.dec();
     drop(permit);
+    let closed_by = guard.closed_by();
+    drop(guard);
     shared.count_bytes(flow.dir, out.forward + out.backward, out.path, false);
     match out.close {
         Close::Reset => shared.error(ErrorKind::Reset),
         Close::Idle => shared.error(ErrorKind::Idle),
         Close::Error => shared.error(ErrorKind::Io),
+        Close::Policy => {
+            shared.metrics.closed_by_policy.inc();
+        }
         Close::Closed => {}
     }
-    if d.log {
-        record(
-            &shared,
+    // A connection closed by a policy change is always recorded.
+    if d.log || out.close == Close::Policy {
+        let mut r = flow_record(
             &snap,
             flow,
             Some(&d),
@@ -570,6 +689,8 @@ pub(crate) async fn forward(
             Some((out.forward, out.backward, out.path)),
             out.close.as_str(),
         );
+        r.closed_by = closed_by;
+        shared.record(r);
     }
 }
 

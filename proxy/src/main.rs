@@ -1,23 +1,94 @@
 //! `segmesh-proxy`: the enforcer of one workload (sidecar) or one host.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use segmesh_proxy::enforcer::Enforcer;
+use segmesh_proxy::config::{ConsoleConfig, LocalConfig, PuConfig};
+use segmesh_proxy::enforcer::{ConfigSource, Enforcer};
 
 #[derive(Parser)]
 #[command(
     name = "segmesh-proxy",
     version,
-    about = "segmesh enforcer: capture, decide, relay"
+    about = "segmesh enforcer: capture, decide, relay",
+    group = clap::ArgGroup::new("source").required(true).args(["local_config", "console"]),
 )]
 struct Cli {
-    /// The local configuration file (PU, identity, registry, policies, listeners).
+    /// The local configuration file (PU, identity, registry, policies, listeners; or a
+    /// `console:` section).
     #[arg(long, env = "SEGMESH_LOCAL_CONFIG")]
-    local_config: PathBuf,
+    local_config: Option<PathBuf>,
+    /// Console mode: the console's API, https://host:port. Policies, registry and
+    /// identity then come from the console.
+    #[arg(long, env = "SEGMESH_CONSOLE", requires_all = ["console_ca", "bootstrap_token", "name", "namespace"])]
+    console: Option<String>,
+    /// The console's CA bundle (its data dir's `ca/bundle.crt`).
+    #[arg(long, env = "SEGMESH_CONSOLE_CA")]
+    console_ca: Option<PathBuf>,
+    /// The bootstrap token (`segmeshctl token --role enforcer`), or `@path` to its file.
+    #[arg(long, env = "SEGMESH_BOOTSTRAP_TOKEN", hide_env_values = true)]
+    bootstrap_token: Option<String>,
+    /// The PU's name (a pod's name in Kubernetes).
+    #[arg(long, env = "SEGMESH_PU_NAME")]
+    name: Option<String>,
+    /// The PU's namespace path (`/acme/shop`).
+    #[arg(long, env = "SEGMESH_NAMESPACE")]
+    namespace: Option<String>,
+    /// A tag the PU claims (`key=value`); repeatable or comma separated. The console
+    /// certifies only those its bootstrap token allows.
+    #[arg(long = "tag", env = "SEGMESH_TAGS", value_delimiter = ',')]
+    tags: Vec<String>,
+    /// An address of the PU to register; repeatable. Default: every non-loopback
+    /// address of the interfaces here.
+    #[arg(long = "ip", env = "SEGMESH_IPS", value_delimiter = ',')]
+    ips: Vec<IpAddr>,
+    /// Where the last snapshot and the identity are kept.
+    #[arg(long, env = "SEGMESH_STATE_DIR", default_value = "/var/lib/segmesh")]
+    state_dir: PathBuf,
+    /// Where flow records go besides the console: a path, or `-` for stdout.
+    #[arg(long, env = "SEGMESH_FLOW_LOG")]
+    flow_log: Option<String>,
+    /// Do not close open connections that a new snapshot rejects.
+    #[arg(long)]
+    no_recheck_open: bool,
     /// `plain` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "plain")]
     log_format: String,
+}
+
+impl Cli {
+    fn source(&self) -> ConfigSource {
+        if let Some(p) = &self.local_config {
+            return ConfigSource::File(p.clone());
+        }
+        let need = |o: &Option<String>| o.clone().expect("clap requires it with --console");
+        ConfigSource::Console(Box::new(LocalConfig {
+            pu: PuConfig {
+                name: need(&self.name),
+                namespace: need(&self.namespace),
+                tags: self.tags.clone(),
+            },
+            identity: None,
+            registry: Vec::new(),
+            policies: Vec::new(),
+            listeners: Default::default(),
+            limits: Default::default(),
+            flow_log: self.flow_log.clone(),
+            console: Some(ConsoleConfig {
+                url: need(&self.console),
+                ca: self
+                    .console_ca
+                    .clone()
+                    .expect("clap requires it with --console"),
+                bootstrap_token: need(&self.bootstrap_token),
+                state_dir: self.state_dir.clone(),
+                ips: self.ips.clone(),
+                repoll: std::time::Duration::from_secs(600),
+            }),
+            recheck_open: !self.no_recheck_open,
+        }))
+    }
 }
 
 #[tokio::main]
@@ -33,8 +104,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         builder.init();
     }
-    tracing::info!(config = %cli.local_config.display(), "starting");
-    let enforcer = Enforcer::start(&cli.local_config).await?;
+    match (&cli.local_config, &cli.console) {
+        (Some(c), _) => tracing::info!(config = %c.display(), "starting"),
+        (None, Some(url)) => tracing::info!(console = %url, "starting in console mode"),
+        _ => {}
+    }
+    let enforcer = Enforcer::start(cli.source()).await?;
     tracing::info!(admin = %enforcer.admin_addr, "ready to enforce");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

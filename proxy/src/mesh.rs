@@ -25,6 +25,7 @@ use rustls_pki_types::ServerName;
 use segmesh_api::FlowRecord;
 use segmesh_identity::{IdentityError, TlsConfigs, WorkloadIdentity, peer_identity};
 use segmesh_policy::{Decision, Direction, PreparedPeer, Tag, TagSet, Verdict};
+use std::sync::atomic::Ordering;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -107,22 +108,91 @@ async fn read_close_notify<S: AsyncRead + Unpin>(tls: &mut S) -> std::io::Result
     }
 }
 
-/// Relays through TLS (encrypted mode); returns (app→peer, peer→app, close).
+/// A stream that counts what is read from it (`forward`) and written to it
+/// (`backward`), so a relay stopped midway still knows what it moved.
+struct Counted<'a, S> {
+    inner: &'a mut S,
+    progress: &'a Progress,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut *this.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        this.progress.forward.fetch_add(n, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut *this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            this.progress
+                .backward
+                .fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Relays through TLS (encrypted mode) until both sides end or `stop` is notified;
+/// returns (app→peer, peer→app, close).
 async fn relay_tls<S: AsyncRead + AsyncWrite + Unpin>(
     app: &mut TcpStream,
     tls: &mut S,
+    stop: &tokio::sync::Notify,
 ) -> (u64, u64, Close) {
-    match tokio::io::copy_bidirectional_with_sizes(app, tls, 64 * 1024, 64 * 1024).await {
-        Ok((a, b)) => (a, b, Close::Closed),
-        Err(e)
+    let progress = Progress::default();
+    let mut counted = Counted {
+        inner: app,
+        progress: &progress,
+    };
+    let copied = tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut counted, tls, 64 * 1024, 64 * 1024) => Some(r),
+        _ = stop.notified() => None,
+    };
+    let (f, b) = (
+        progress.forward.load(Ordering::Relaxed),
+        progress.backward.load(Ordering::Relaxed),
+    );
+    match copied {
+        Some(Ok((a, b))) => (a, b, Close::Closed),
+        None => (f, b, Close::Policy),
+        Some(Err(e))
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
             ) =>
         {
-            (0, 0, Close::Reset)
+            (f, b, Close::Reset)
         }
-        Err(_) => (0, 0, Close::Error),
+        Some(Err(_)) => (f, b, Close::Error),
     }
 }
 
@@ -148,9 +218,14 @@ fn finish(
     spiffe: String,
     peer_reason: Option<Reason>,
     resumed: bool,
+    closed_by: Vec<String>,
 ) {
     shared.count_bytes(dir, m.forward + m.backward, m.path, m.tls);
-    if d.log {
+    if m.close == Close::Policy {
+        shared.metrics.closed_by_policy.inc();
+    }
+    // A connection closed by a policy change is always recorded.
+    if d.log || m.close == Close::Policy {
         let mut r = flow_record(
             snap,
             flow,
@@ -166,6 +241,7 @@ fn finish(
         r.peer_identity = Some(spiffe);
         r.peer_reason = peer_reason.map(|p| p.as_str().into());
         r.resumed = Some(resumed);
+        r.closed_by = closed_by;
         shared.record(r);
     }
 }
@@ -350,9 +426,17 @@ pub(crate) async fn connect(
         })
         .clone();
     open.inc();
+    let guard = shared.open.track(
+        Direction::Outgoing,
+        crate::open::Peer::Pu(peer_tags(&peer)),
+        target.port(),
+    );
     let mut app = app;
     let (fwd, bwd, path, close, tls_mode) = if resp.encrypt {
-        let (a, b, c) = relay_tls(&mut app, &mut stream).await;
+        let (a, b, c) = relay_tls(&mut app, &mut stream, &guard.stop.notify).await;
+        if c == Close::Policy {
+            socket::reset(app);
+        }
         (a, b, DataPath::Copied, c, true)
     } else {
         // Leave TLS: the server's close_notify, ours, then the raw GO byte.
@@ -374,7 +458,8 @@ pub(crate) async fn connect(
         match tokio::time::timeout(limit, left).await {
             Ok(Ok(tcp)) => {
                 let p = Progress::default();
-                let o = splice::relay(app, tcp, shared.limits.idle_timeout, false, &p).await;
+                let idle = shared.limits.idle_timeout;
+                let o = splice::relay_until(app, tcp, idle, false, &p, &guard.stop.notify).await;
                 (o.forward, o.backward, o.path, o.close, false)
             }
             _ => {
@@ -393,6 +478,8 @@ pub(crate) async fn connect(
     };
     open.dec();
     drop(permit);
+    let closed_by = guard.closed_by();
+    drop(guard);
     let moved = Moved {
         forward: fwd,
         backward: bwd,
@@ -410,6 +497,7 @@ pub(crate) async fn connect(
         spiffe,
         Some(resp.reason),
         resumed,
+        closed_by,
     );
 }
 
@@ -586,6 +674,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         })
         .clone();
     open.inc();
+    let guard = shared.open.track(
+        Direction::Incoming,
+        crate::open::Peer::Pu(peer_tags(&peer)),
+        req.port,
+    );
     let mut workload = workload;
     let sent = async {
         stream
@@ -602,7 +695,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     let (fwd, bwd, path, close) = if !ok {
         (0, 0, DataPath::Copied, Close::Error)
     } else if encrypt {
-        let (a, b, c) = relay_tls(&mut workload, &mut stream).await;
+        let (a, b, c) = relay_tls(&mut workload, &mut stream, &guard.stop.notify).await;
+        if c == Close::Policy {
+            socket::reset(workload);
+        }
         (b, a, DataPath::Copied, c)
     } else {
         let left = async {
@@ -614,7 +710,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         match tokio::time::timeout(limit, left).await {
             Ok(Ok(tcp)) => {
                 let p = Progress::default();
-                let o = splice::relay(tcp, workload, shared.limits.idle_timeout, false, &p).await;
+                let idle = shared.limits.idle_timeout;
+                let o =
+                    splice::relay_until(tcp, workload, idle, false, &p, &guard.stop.notify).await;
                 (o.forward, o.backward, o.path, o.close)
             }
             _ => (0, 0, DataPath::Copied, Close::Error),
@@ -622,6 +720,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     };
     open.dec();
     drop(permit);
+    let closed_by = guard.closed_by();
+    drop(guard);
     let moved = Moved {
         forward: fwd,
         backward: bwd,
@@ -639,5 +739,6 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         spiffe,
         None,
         resumed,
+        closed_by,
     );
 }

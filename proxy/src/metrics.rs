@@ -85,6 +85,10 @@ pub struct Metrics {
     pub handshakes: Family<HandshakeLabels, Counter>,
     pub tls_bytes: Counter,
     pub pool: Family<PoolLabels, Counter>,
+    pub console_flows_dropped: Counter,
+    pub console_flows_sent: Counter,
+    pub console_requests: Family<ReloadLabels, Counter>,
+    pub closed_by_policy: Counter,
 }
 
 impl Default for Metrics {
@@ -105,6 +109,10 @@ impl Default for Metrics {
             handshakes: Family::default(),
             tls_bytes: Counter::default(),
             pool: Family::default(),
+            console_flows_dropped: Counter::default(),
+            console_flows_sent: Counter::default(),
+            console_requests: Family::default(),
+            closed_by_policy: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -171,6 +179,26 @@ impl Default for Metrics {
             "tunnel_pool",
             "Outbound tunnel flows by whether a pre-established connection was ready",
             m.pool.clone(),
+        );
+        registry.register(
+            "console_flow_records_dropped",
+            "Flow records dropped because the queue to the console was full (console away)",
+            m.console_flows_dropped.clone(),
+        );
+        registry.register(
+            "console_flow_records_sent",
+            "Flow records the console acknowledged",
+            m.console_flows_sent.clone(),
+        );
+        registry.register(
+            "console_requests",
+            "Requests to the console (registration, snapshot, flows) by result",
+            m.console_requests.clone(),
+        );
+        registry.register(
+            "closed_by_policy",
+            "Open connections closed because a new snapshot rejects them",
+            m.closed_by_policy.clone(),
         );
         Metrics { registry, ..m }
     }

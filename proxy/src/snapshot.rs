@@ -25,14 +25,20 @@ impl Registered {
 }
 
 pub struct Snapshot {
-    /// A fingerprint of the inputs, shown by `/config`.
+    /// A fingerprint of the inputs (file mode) or the console's revision, shown by
+    /// `/config`.
     pub version: String,
+    /// Where it came from: `file`, `console`, `cache` (the console's last snapshot, read
+    /// from disk), `none` (fail closed).
+    pub source: &'static str,
     pub pu: Pu,
     pub pu_name: String,
     pub engine: Engine,
     pub prepared: PreparedPu,
     pub registry: HashMap<IpAddr, Registered>,
+    /// The local configuration (file mode).
     pub config: Option<LocalConfig>,
+    fail_closed: bool,
     pub policy_count: usize,
     /// Our TLS configurations (mesh tunnel), when the configuration names an identity.
     pub tls: Option<Arc<TlsConfigs>>,
@@ -48,12 +54,14 @@ impl Snapshot {
         let prepared = engine.prepare_pu(&pu);
         Snapshot {
             version: "none".into(),
+            source: "none",
             pu,
             pu_name: String::new(),
             engine,
             prepared,
             registry: HashMap::new(),
             config: None,
+            fail_closed: true,
             policy_count: 0,
             tls: None,
             tls_fingerprint: 0,
@@ -61,7 +69,59 @@ impl Snapshot {
     }
 
     pub fn is_fail_closed(&self) -> bool {
-        self.config.is_none()
+        self.fail_closed
+    }
+
+    /// From the console's snapshot for our PU (tags: those our certificate carries).
+    pub fn from_console(
+        pu_name: &str,
+        namespace: &str,
+        tags: &[String],
+        snap: &segmesh_api::Snapshot,
+        tls: Option<Arc<TlsConfigs>>,
+        source: &'static str,
+    ) -> Result<Snapshot, ConfigError> {
+        let pu = pu_of(
+            pu_name,
+            namespace,
+            tags.iter().filter(|t| !t.starts_with('$')),
+        )?;
+        let set = PolicySet::new(
+            snap.policies.clone(),
+            snap.externals.clone(),
+            snap.namespaces.clone(),
+        )
+        .map_err(|e| ConfigError::Pu(format!("the console's snapshot: {e}")))?;
+        let policy_count = set.policies().len();
+        let entries: Vec<crate::config::RegistryEntry> = snap
+            .registry
+            .iter()
+            .map(|r| crate::config::RegistryEntry {
+                name: r.name.clone(),
+                namespace: r.namespace.clone(),
+                ips: r.ips.clone(),
+            })
+            .collect();
+        let registry = registry_of(&entries)?;
+        let engine = Engine::compile(set);
+        let prepared = engine.prepare_pu(&pu);
+        Ok(Snapshot {
+            version: format!(
+                "revision {} (policy version {})",
+                snap.revision, snap.version
+            ),
+            source,
+            pu,
+            pu_name: pu_name.to_owned(),
+            engine,
+            prepared,
+            registry,
+            config: None,
+            fail_closed: false,
+            policy_count,
+            tls,
+            tls_fingerprint: 0,
+        })
     }
 
     /// Loads the configuration file and everything it names, or nothing. TLS
@@ -69,16 +129,7 @@ impl Snapshot {
     /// resumption survives unrelated reloads.
     pub fn load(path: &Path, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigError> {
         let cfg = LocalConfig::load(path)?;
-        let namespace: NamespacePath = cfg
-            .pu
-            .namespace
-            .parse()
-            .map_err(|e| ConfigError::Pu(format!("{e}")))?;
-        let mut tags = TagSet::parse(&cfg.pu.tags).map_err(|e| ConfigError::Pu(format!("{e}")))?;
-        if let Ok(t) = Tag::new("$name", &cfg.pu.name) {
-            tags.insert(t);
-        }
-        let pu = Pu::with_automatic_tags(namespace, tags);
+        let pu = pu_of(&cfg.pu.name, &cfg.pu.namespace, cfg.pu.tags.iter())?;
 
         let mut files = Vec::new();
         for p in &cfg.policies {
@@ -103,26 +154,7 @@ impl Snapshot {
         let loaded = segmesh_policy::load(&sources)?;
         let policy_count = loaded.set.policies().len();
 
-        let mut registry = HashMap::new();
-        for r in &cfg.registry {
-            for ip in &r.ips {
-                let prev = registry.insert(
-                    ip.to_canonical(),
-                    Registered {
-                        name: r.name.clone(),
-                        namespace: r.namespace.clone(),
-                    },
-                );
-                if let Some(prev) = prev {
-                    return Err(ConfigError::Registry(format!(
-                        "{ip} is registered to both {} and {}:{}",
-                        prev.qualified(),
-                        r.namespace,
-                        r.name
-                    )));
-                }
-            }
-        }
+        let registry = registry_of(&cfg.registry)?;
         // Contents only (not paths), so the same configuration has the same version.
         let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
         for (_, t) in &texts {
@@ -174,12 +206,14 @@ impl Snapshot {
         let prepared = engine.prepare_pu(&pu);
         Ok(Snapshot {
             version,
+            source: "file",
             pu,
             pu_name: cfg.pu.name.clone(),
             engine,
             prepared,
             registry,
             config: Some(cfg),
+            fail_closed: false,
             policy_count,
             tls,
             tls_fingerprint,
@@ -190,4 +224,48 @@ impl Snapshot {
     pub fn pu_qualified(&self) -> String {
         format!("{}:{}", self.pu.namespace, self.pu_name)
     }
+}
+
+/// Our PU: its name, namespace and tags, plus the automatic tags.
+fn pu_of<'a>(
+    name: &str,
+    namespace: &str,
+    tags: impl Iterator<Item = &'a String>,
+) -> Result<Pu, ConfigError> {
+    let namespace: NamespacePath = namespace
+        .parse()
+        .map_err(|e| ConfigError::Pu(format!("{e}")))?;
+    let tags: Vec<String> = tags.cloned().collect();
+    let mut tags = TagSet::parse(&tags).map_err(|e| ConfigError::Pu(format!("{e}")))?;
+    if let Ok(t) = Tag::new("$name", name) {
+        tags.insert(t);
+    }
+    Ok(Pu::with_automatic_tags(namespace, tags))
+}
+
+/// The registry by address; an address registered twice is an error.
+fn registry_of(
+    entries: &[crate::config::RegistryEntry],
+) -> Result<HashMap<IpAddr, Registered>, ConfigError> {
+    let mut registry = HashMap::new();
+    for r in entries {
+        for ip in &r.ips {
+            let prev = registry.insert(
+                ip.to_canonical(),
+                Registered {
+                    name: r.name.clone(),
+                    namespace: r.namespace.clone(),
+                },
+            );
+            if let Some(prev) = prev {
+                return Err(ConfigError::Registry(format!(
+                    "{ip} is registered to both {} and {}:{}",
+                    prev.qualified(),
+                    r.namespace,
+                    r.name
+                )));
+            }
+        }
+    }
+    Ok(registry)
 }

@@ -38,6 +38,8 @@ pub enum Close {
     Idle,
     /// Another I/O error.
     Error,
+    /// Closed by the enforcer: a new snapshot rejects the flow.
+    Policy,
 }
 
 impl Close {
@@ -47,6 +49,7 @@ impl Close {
             Close::Reset => "reset",
             Close::Idle => "idle",
             Close::Error => "error",
+            Close::Policy => "policy",
         }
     }
 }
@@ -189,6 +192,26 @@ pub async fn relay(
     force_copy: bool,
     progress: &Progress,
 ) -> Outcome {
+    relay_until(
+        a,
+        b,
+        idle,
+        force_copy,
+        progress,
+        &tokio::sync::Notify::new(),
+    )
+    .await
+}
+
+/// [`relay`], also ending (both sides reset, [`Close::Policy`]) when `stop` is notified.
+pub async fn relay_until(
+    a: TcpStream,
+    b: TcpStream,
+    idle: Duration,
+    force_copy: bool,
+    progress: &Progress,
+    stop: &tokio::sync::Notify,
+) -> Outcome {
     let pipes = if force_copy {
         None
     } else {
@@ -251,6 +274,7 @@ pub async fn relay(
                     if let Err(e) = r { close = if is_reset(&e) { Close::Reset } else { Close::Error }; break; }
                 }
                 _ = &mut watchdog => { close = Close::Idle; break; }
+                _ = stop.notified() => { close = Close::Policy; break; }
             }
         }
         close

@@ -146,18 +146,19 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
-    /// Show live policies.
+    /// Show live policies or registered processing units.
     Get {
-        /// What to show: `policies`.
+        /// What to show: `policies` or `pus`.
         what: String,
         #[command(flatten)]
         remote: Remote,
     },
-    /// Remove a policy from the draft.
+    /// Remove a policy from the draft, or delete a registered PU (at once: it leaves
+    /// every enforcer's registry and its certificate is no longer renewed).
     Delete {
-        /// `policy`.
+        /// `policy` or `pu`.
         what: String,
-        /// The policy's namespace path.
+        /// The namespace path.
         namespace: String,
         name: String,
         #[command(flatten)]
@@ -175,6 +176,24 @@ enum Command {
         /// with; repeatable.
         #[arg(long = "allow-tag")]
         allow_tags: Vec<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Flow records reported by enforcers, oldest first.
+    Flows {
+        /// A PU (`<namespace>:<name>` or a name) at either end.
+        #[arg(long)]
+        pu: Option<String>,
+        #[arg(long, value_parser = ["allow", "reject"])]
+        verdict: Option<String>,
+        /// Only flows that started this recently (`10m`, `1h`).
+        #[arg(long)]
+        since: Option<humantime::Duration>,
+        /// Only the last N records.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
         #[command(flatten)]
         remote: Remote,
     },
@@ -417,6 +436,69 @@ fn engine_for(
     Ok((Engine::compile(set), tests))
 }
 
+/// Percent-encodes a query value.
+fn percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One line per flow: when, who to whom, verdict and why, how the bytes moved.
+fn show_flows(v: &serde_json::Value, style: Style) {
+    let end = |e: &serde_json::Value| match (e["pu"].as_str(), e["external"].as_array()) {
+        (Some(pu), _) => pu.to_owned(),
+        (None, Some(x)) if !x.is_empty() => x
+            .iter()
+            .filter_map(|n| n.as_str())
+            .collect::<Vec<_>>()
+            .join("|"),
+        _ => e["ip"].as_str().unwrap_or("?").to_owned(),
+    };
+    let rows: Vec<&serde_json::Value> = v.as_array().into_iter().flatten().collect();
+    println!(
+        "{:<24} {:<22} {:<22} {:>6} {:<7} {:<24} {:<10} {:>10} {:>10} close",
+        "time", "from", "to", "port", "verdict", "by", "path", "sent", "received"
+    );
+    for f in &rows {
+        let r = &f["record"];
+        let verdict = r["verdict"].as_str().unwrap_or("");
+        let by = r["policies"]
+            .as_array()
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_else(|| r["reason"].as_str().unwrap_or("").to_owned());
+        let painted = if verdict == "allow" {
+            style.green(&format!("{verdict:<7}"))
+        } else {
+            style.red(&format!("{verdict:<7}"))
+        };
+        println!(
+            "{:<24} {:<22} {:<22} {:>6} {} {:<24} {:<10} {:>10} {:>10} {}",
+            r["time"].as_str().unwrap_or(""),
+            end(&r["source"]),
+            end(&r["destination"]),
+            r["destination"]["port"],
+            painted,
+            by,
+            r["data_path"].as_str().unwrap_or("-"),
+            r["bytes_sent"],
+            r["bytes_received"],
+            r["close_reason"].as_str().unwrap_or("")
+        );
+    }
+    println!("{} flow records", rows.len());
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let style = Style::detect();
@@ -458,8 +540,30 @@ fn main() -> ExitCode {
             |v| println!("published version {}", v["version"]),
         ),
         Command::Get { what, remote: r } => {
+            if what == "pus" {
+                return remote(&r, "GET", "/v1/processingunits", None, |v| {
+                    for p in v.as_array().into_iter().flatten() {
+                        let list = |k: &str| {
+                            p[k].as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(|x| x.as_str())
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        };
+                        println!(
+                            "{}:{}  ips {}  tags {}  registered {}",
+                            p["namespace"].as_str().unwrap_or(""),
+                            p["name"].as_str().unwrap_or(""),
+                            list("ips"),
+                            list("tags"),
+                            p["registered_at"].as_str().unwrap_or("")
+                        );
+                    }
+                });
+            }
             if what != "policies" {
-                eprintln!("error: `get` knows `policies`");
+                eprintln!("error: `get` knows `policies` and `pus`");
                 return ExitCode::from(EXIT_INVALID);
             }
             remote(&r, "GET", "/v1/policies", None, |v| {
@@ -481,8 +585,17 @@ fn main() -> ExitCode {
             name,
             remote: r,
         } => {
+            if what == "pu" {
+                let path = format!(
+                    "/v1/processingunits{}/{name}",
+                    namespace.trim_end_matches('/')
+                );
+                return remote(&r, "DELETE", &path, None, |_| {
+                    println!("deleted; enforcers drop it with the next push")
+                });
+            }
             if what != "policy" {
-                eprintln!("error: `delete` knows `policy`");
+                eprintln!("error: `delete` knows `policy` and `pu`");
                 return ExitCode::from(EXIT_INVALID);
             }
             let path = format!("/v1/policies{}/{name}", namespace.trim_end_matches('/'));
@@ -505,6 +618,30 @@ fn main() -> ExitCode {
             let body = serde_json::json!({"name": name, "role": role, "namespace": namespace, "allowed_tags": allow_tags});
             remote(&r, "POST", "/v1/tokens", Some(body), |v| {
                 println!("{}", v["token"].as_str().unwrap_or(""))
+            })
+        }
+        Command::Flows {
+            pu,
+            verdict,
+            since,
+            limit,
+            output,
+            remote: r,
+        } => {
+            let mut q = vec![format!("limit={limit}")];
+            if let Some(p) = pu {
+                q.push(format!("pu={}", percent(&p)));
+            }
+            if let Some(v) = verdict {
+                q.push(format!("verdict={v}"));
+            }
+            if let Some(s) = since {
+                q.push(format!("since={}s", s.as_secs()));
+            }
+            let path = format!("/v1/flows?{}", q.join("&"));
+            remote(&r, "GET", &path, None, |v| match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+                Output::Table => show_flows(v, style),
             })
         }
         Command::Audit { remote: r } => remote(&r, "GET", "/v1/audit", None, |v| {

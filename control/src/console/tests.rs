@@ -252,6 +252,7 @@ fn registration_certifies_only_recorded_tags() {
         tags: tags.iter().map(|t| t.to_string()).collect(),
         ips: vec!["10.0.0.7".parse().unwrap()],
         csr: key.csr_pem(name).unwrap(),
+        renew: false,
     };
     let r = f
         .console
@@ -310,4 +311,129 @@ fn registration_certifies_only_recorded_tags() {
         Err(ConsoleError::Unauthenticated)
     ));
     assert_eq!(f.console.store.pus().unwrap().len(), 1);
+
+    // Renewals go through the same path; deleting the PU stops them.
+    let renew = Registration {
+        renew: true,
+        ..req("web", "/acme/shop", &["app=web"])
+    };
+    f.console.register(&boot, &ca, &renew).unwrap();
+    let shop_viewer = Caller {
+        role: Role::Viewer,
+        ..f.admin.clone()
+    };
+    assert!(matches!(
+        f.console
+            .delete_pu(&shop_viewer, &"/acme/shop".parse().unwrap(), "web"),
+        Err(ConsoleError::Forbidden(_))
+    ));
+    f.console
+        .delete_pu(&f.admin, &"/acme/shop".parse().unwrap(), "web")
+        .unwrap();
+    assert!(matches!(
+        f.console.register(&boot, &ca, &renew),
+        Err(ConsoleError::Gone(_))
+    ));
+    assert!(f.console.store.pus().unwrap().is_empty());
+    assert!(
+        f.console
+            .snapshot_for(&"/acme/shop".parse().unwrap())
+            .unwrap()
+            .registry
+            .is_empty(),
+        "a deleted PU leaves the registry"
+    );
+    // A fresh start registers anew.
+    f.console
+        .register(&boot, &ca, &req("web", "/acme/shop", &["app=web"]))
+        .unwrap();
+    assert_eq!(f.console.store.pus().unwrap().len(), 1);
+}
+
+#[test]
+fn flow_records_are_stored_and_filtered_by_visibility() {
+    let f = fixture("flows");
+    let boot = f
+        .console
+        .create_bootstrap_token(&f.admin, "b", &"/acme".parse().unwrap(), &[])
+        .unwrap();
+    let rec = |from: &str, to: &str, verdict: &str| -> segmesh_api::FlowRecord {
+        serde_json::from_value(serde_json::json!({
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "direction": "outgoing",
+            "source": {"ip": "10.0.0.2", "port": 40000, "pu": from},
+            "destination": {"ip": "10.0.0.3", "port": 80, "pu": to},
+            "verdict": verdict, "reason": "policy", "policies": [], "encrypt": false,
+            "bytes_sent": 0, "bytes_received": 0, "duration_ms": 0, "close_reason": "closed"
+        }))
+        .unwrap()
+    };
+    f.console
+        .report_flows(
+            &boot,
+            "/acme/shop:web",
+            vec![
+                rec("/acme/shop:web", "/acme/shop:api", "allow"),
+                rec("/acme/shop:web", "/acme/shop:db", "reject"),
+            ],
+        )
+        .unwrap();
+    f.console
+        .report_flows(
+            &boot,
+            "/acme/other:x",
+            vec![rec("/acme/other:x", "/acme/shop:api", "reject")],
+        )
+        .unwrap();
+    assert!(
+        matches!(
+            f.console.report_flows(&boot, "/elsewhere:y", vec![]),
+            Err(ConsoleError::Forbidden(_))
+        ),
+        "a bootstrap token reports only for its subtree"
+    );
+    let all = |filter: FlowFilter| f.console.flows(&f.admin, &filter).unwrap().len();
+    assert_eq!(all(FlowFilter::default()), 3);
+    assert_eq!(
+        all(FlowFilter {
+            verdict: Some("reject".into()),
+            ..Default::default()
+        }),
+        2
+    );
+    assert_eq!(
+        all(FlowFilter {
+            pu: Some("api".into()),
+            ..Default::default()
+        }),
+        2
+    );
+    assert_eq!(
+        all(FlowFilter {
+            pu: Some("/acme/shop:db".into()),
+            ..Default::default()
+        }),
+        1
+    );
+    assert_eq!(
+        all(FlowFilter {
+            since: Some(std::time::Duration::from_secs(600)),
+            limit: Some(1),
+            ..Default::default()
+        }),
+        1
+    );
+    let shop = Caller {
+        name: "shop".into(),
+        role: Role::Viewer,
+        namespace: "/acme/shop".parse().unwrap(),
+    };
+    assert_eq!(
+        f.console
+            .flows(&shop, &FlowFilter::default())
+            .unwrap()
+            .len(),
+        2,
+        "a viewer of /acme/shop sees what its PUs reported"
+    );
 }

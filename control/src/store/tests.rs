@@ -83,11 +83,44 @@ pub fn contract(s: &dyn Store) {
     s.put_pu(&pu, ("boot", "register", "web")).unwrap();
     assert_eq!(
         s.pus().unwrap(),
-        vec![pu],
+        vec![pu.clone()],
         "registering again replaces the record"
     );
-    // 2 commits, 1 rollback, 2 registrations; drafts and tokens do not count.
-    assert_eq!(s.revision().unwrap(), 5);
+    // 2 commits, 1 rollback, 1 registration (the second changed nothing enforcers
+    // see); drafts and tokens do not count.
+    assert_eq!(s.revision().unwrap(), 4);
+    let moved = PuRecord {
+        ips: vec!["10.0.0.2".parse().unwrap()],
+        ..pu.clone()
+    };
+    s.put_pu(&moved, ("boot", "register", "web")).unwrap();
+    assert_eq!(s.revision().unwrap(), 5, "a new address is news");
+    assert!(s.delete_pu("/a", "web", ("alice", "delete", "pu")).unwrap());
+    assert!(!s.delete_pu("/a", "web", ("alice", "delete", "pu")).unwrap());
+    assert_eq!(s.pus().unwrap(), vec![]);
+    assert_eq!(s.revision().unwrap(), 6, "a deletion is news");
+
+    let flow = |port: u16| StoredFlow {
+        reporter: "/a:web".into(),
+        received_at: "t".into(),
+        record: serde_json::from_value(serde_json::json!({
+            "time": "t", "direction": "outgoing",
+            "source": {"ip": "10.0.0.2", "port": 40000},
+            "destination": {"ip": "10.0.0.3", "port": port},
+            "verdict": "allow", "reason": "policy", "policies": [], "encrypt": false,
+            "bytes_sent": 0, "bytes_received": 0, "duration_ms": 0, "close_reason": "closed"
+        }))
+        .unwrap(),
+    };
+    s.add_flows(&[flow(1), flow(2), flow(3)], 4).unwrap();
+    s.add_flows(&[flow(4), flow(5)], 4).unwrap();
+    let ports: Vec<u16> = s
+        .flows()
+        .unwrap()
+        .iter()
+        .map(|f| f.record.destination.port)
+        .collect();
+    assert_eq!(ports, vec![2, 3, 4, 5], "the oldest records go first");
 }
 
 fn tempdir(tag: &str) -> std::path::PathBuf {
@@ -109,7 +142,12 @@ fn redb_store_meets_the_contract_and_persists() {
         3,
         "versions survive a restart"
     );
-    assert_eq!(s.audit_log().unwrap().len(), 8);
-    assert_eq!(s.pus().unwrap().len(), 1);
+    assert_eq!(s.audit_log().unwrap().len(), 10);
+    assert_eq!(s.pus().unwrap().len(), 0);
+    assert_eq!(
+        s.flows().unwrap().len(),
+        4,
+        "flow records survive a restart"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

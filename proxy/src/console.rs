@@ -1,0 +1,594 @@
+//! Console mode: the enforcer registers its PU with the console (bootstrap token, CSR;
+//! the key never leaves the enforcer), renews its certificate through the same path,
+//! watches its snapshot with a long-poll (plus a full re-poll every 10 minutes), keeps
+//! the last snapshot and identity on disk (written atomically; used after a restart and
+//! while the console is unreachable), and sends its flow records to the console in
+//! batches from a bounded queue (dropped and counted when the console is away).
+//!
+//! With neither a snapshot from the console nor one on disk, the enforcer keeps
+//! rejecting everything.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use segmesh_api::FlowRecord;
+use segmesh_identity::{KeyAlgorithm, Sessions, TlsConfigs, WorkloadIdentity, WorkloadKey};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::config::{ConfigError, ConsoleConfig, PuConfig};
+use crate::enforcer::Shared;
+use crate::metrics::ReloadLabels;
+use crate::snapshot::Snapshot;
+
+/// Records queued for the console at most; more are dropped and counted.
+pub const FLOW_QUEUE: usize = 10_000;
+/// Records per request at most.
+const FLOW_BATCH: usize = 500;
+/// How long records wait for a batch to fill.
+const FLOW_LINGER: Duration = Duration::from_secs(1);
+/// How long the console may hold a snapshot request open.
+const WATCH_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("cannot reach the console: {0}")]
+    Unreachable(String),
+    #[error("the console answered {0}: {1}")]
+    Status(u16, String),
+    #[error("the console's answer: {0}")]
+    Body(String),
+}
+
+/// An HTTPS client for the console API: one connection per request (a long-poll holds
+/// one for up to 30 s; flow batches go once a second at most).
+pub struct Client {
+    host: String,
+    port: u16,
+    token: String,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Client {
+    pub fn new(cfg: &ConsoleConfig) -> Result<Client, ConfigError> {
+        let bad = || ConfigError::Console(format!("url `{}`: expected https://host:port", cfg.url));
+        let rest = cfg
+            .url
+            .strip_prefix("https://")
+            .ok_or_else(bad)?
+            .trim_end_matches('/');
+        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let pem =
+            std::fs::read_to_string(&cfg.ca).map_err(|e| ConfigError::Read(cfg.ca.clone(), e))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in segmesh_identity::ca::certs_from_pem(&pem)? {
+            roots
+                .add(c)
+                .map_err(|e| ConfigError::Console(format!("{}: {e}", cfg.ca.display())))?;
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(segmesh_identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError::Console(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Client {
+            host: host.trim_matches(['[', ']']).to_owned(),
+            port,
+            token: cfg.token()?,
+            tls: Arc::new(tls),
+        })
+    }
+
+    /// One request with a JSON body (or none) and a JSON answer, within `limit`.
+    pub async fn call<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        limit: Duration,
+    ) -> Result<T, CallError> {
+        let exchange = async {
+            let addr = format!("{}:{}", self.host, self.port);
+            let tcp = tokio::net::TcpStream::connect(&addr)
+                .await
+                .map_err(|e| CallError::Unreachable(format!("{addr}: {e}")))?;
+            let name = ServerName::try_from(self.host.clone())
+                .map_err(|e| CallError::Unreachable(format!("{}: {e}", self.host)))?;
+            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| CallError::Unreachable(format!("{addr}: TLS: {e}")))?;
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| CallError::Unreachable(e.to_string()))?;
+            tokio::spawn(conn);
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", &self.host)
+                .header("authorization", format!("Bearer {}", self.token))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| CallError::Body(e.to_string()))?;
+            let resp = send
+                .send_request(req)
+                .await
+                .map_err(|e| CallError::Unreachable(e.to_string()))?;
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| CallError::Unreachable(e.to_string()))?
+                .to_bytes();
+            if status != 200 {
+                let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+                return Err(CallError::Status(status, msg));
+            }
+            serde_json::from_slice(&bytes).map_err(|e| CallError::Body(e.to_string()))
+        };
+        tokio::time::timeout(limit, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(CallError::Unreachable(format!(
+                    "no answer within {limit:?}"
+                )))
+            })
+    }
+}
+
+/// What the console answers a registration.
+#[derive(Debug, Deserialize)]
+struct Registered {
+    chain: String,
+    bundle: String,
+    tags: Vec<String>,
+    #[serde(default)]
+    dropped: Vec<String>,
+}
+
+/// What is kept on disk next to the identity files.
+#[derive(Debug, Serialize, Deserialize)]
+struct Cached {
+    /// `<namespace>:<name>`: a cache of another PU is ignored.
+    pu: String,
+    /// The tags our certificate carries.
+    tags: Vec<String>,
+    snapshot: Option<segmesh_api::Snapshot>,
+}
+
+/// Our identity as the console issued it.
+struct Identity {
+    tls: Arc<TlsConfigs>,
+    tags: Vec<String>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
+/// What the console tasks share: the latest snapshot and identity.
+pub struct State {
+    pu: PuConfig,
+    cfg: ConsoleConfig,
+    snapshot: Option<segmesh_api::Snapshot>,
+    identity: Option<Identity>,
+    /// Tags from the cache, until a registration answers.
+    cached_tags: Option<Vec<String>>,
+}
+
+const SNAPSHOT_FILE: &str = "snapshot.json";
+const CERT_FILE: &str = "identity.crt";
+const KEY_FILE: &str = "identity.key";
+const BUNDLE_FILE: &str = "identity.bundle.crt";
+
+/// Writes a file atomically: a temporary file in the same folder, synced, renamed over
+/// the old one, the folder synced.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("state")
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn identity_from_pem(chain: &str, key: &str, bundle: &str) -> Result<Identity, String> {
+    let certs = segmesh_identity::ca::certs_from_pem(chain).map_err(|e| e.to_string())?;
+    let own = WorkloadIdentity::from_cert(certs.first().ok_or("no certificate")?)
+        .map_err(|e| e.to_string())?;
+    let sessions = Sessions::new().map_err(|e| e.to_string())?;
+    let tls = TlsConfigs::from_pem(chain, key, bundle, &own.trust_domain, &sessions)
+        .map_err(|e| e.to_string())?;
+    Ok(Identity {
+        tls: Arc::new(tls),
+        tags: own.tags.clone(),
+        not_before: own.not_before,
+        not_after: own.not_after,
+    })
+}
+
+impl State {
+    fn qualified(&self) -> String {
+        format!("{}:{}", self.pu.namespace, self.pu.name)
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.cfg.state_dir.join(f)
+    }
+
+    /// Reads what a previous run left on disk (nothing, if it is another PU's or
+    /// unreadable).
+    pub fn load(pu: &PuConfig, cfg: &ConsoleConfig) -> State {
+        let mut st = State {
+            pu: pu.clone(),
+            cfg: cfg.clone(),
+            snapshot: None,
+            identity: None,
+            cached_tags: None,
+        };
+        let cached: Option<Cached> = std::fs::read(st.path(SNAPSHOT_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        match cached {
+            Some(c) if c.pu == st.qualified() => {
+                st.cached_tags = Some(c.tags);
+                st.snapshot = c.snapshot;
+            }
+            Some(c) => {
+                tracing::warn!(cached = %c.pu, pu = %st.qualified(), "the state folder holds another PU's snapshot; ignoring it");
+                return st;
+            }
+            None => return st,
+        }
+        let read = |f: &str| std::fs::read_to_string(st.path(f));
+        if let (Ok(c), Ok(k), Ok(b)) = (read(CERT_FILE), read(KEY_FILE), read(BUNDLE_FILE)) {
+            match identity_from_pem(&c, &k, &b) {
+                Ok(id) if id.not_after > SystemTime::now() => st.identity = Some(id),
+                Ok(_) => tracing::warn!("the cached certificate has expired"),
+                Err(e) => tracing::warn!(error = %e, "the cached identity is unusable"),
+            }
+        }
+        st
+    }
+
+    /// The snapshot to enforce, if there is one to build.
+    pub fn build(&self, source: &'static str) -> Option<Result<Snapshot, ConfigError>> {
+        let snap = self.snapshot.as_ref()?;
+        let tags = match (&self.identity, &self.cached_tags) {
+            (Some(id), _) => &id.tags,
+            (None, Some(t)) => t,
+            // Our own tags come from the console; without them we cannot decide.
+            (None, None) => return None,
+        };
+        Some(Snapshot::from_console(
+            &self.pu.name,
+            &self.pu.namespace,
+            tags,
+            snap,
+            self.identity.as_ref().map(|i| i.tls.clone()),
+            source,
+        ))
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.cfg.state_dir)?;
+        let tags = self
+            .identity
+            .as_ref()
+            .map(|i| i.tags.clone())
+            .or_else(|| self.cached_tags.clone())
+            .unwrap_or_default();
+        let c = Cached {
+            pu: self.qualified(),
+            tags,
+            snapshot: self.snapshot.clone(),
+        };
+        let bytes = serde_json::to_vec(&c).map_err(std::io::Error::other)?;
+        write_atomic(&self.path(SNAPSHOT_FILE), &bytes, 0o600)
+    }
+}
+
+fn count(shared: &Shared, result: &'static str) {
+    shared
+        .metrics
+        .console_requests
+        .get_or_create(&ReloadLabels { result })
+        .inc();
+}
+
+/// Builds and installs the snapshot from the current state (when it has one).
+fn install(shared: &Shared, st: &State, why: &str) {
+    match st.build("console") {
+        None => {}
+        Some(Ok(s)) => shared.install(s, why),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "the console's snapshot is unusable; still enforcing the previous one")
+        }
+    }
+}
+
+/// The addresses to register: the configured ones, or every non-loopback address of
+/// this network namespace's interfaces.
+fn addresses(cfg: &ConsoleConfig) -> Vec<IpAddr> {
+    if !cfg.ips.is_empty() {
+        return cfg.ips.clone();
+    }
+    let mut out: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            let a = a.address?;
+            a.as_sockaddr_in()
+                .map(|s| IpAddr::from(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::from(s.ip())))
+        })
+        .filter(|ip| {
+            !ip.is_loopback()
+                && !matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Registers (or renews): a new key and CSR; the console answers with a certificate
+/// carrying the tags it recorded.
+async fn register(client: &Client, st: &Mutex<State>, renew: bool) -> Result<Identity, CallError> {
+    let (body, state_dir) = {
+        let st = st.lock().expect("lock poisoned");
+        let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256)
+            .map_err(|e| CallError::Body(e.to_string()))?;
+        let csr = key
+            .csr_pem(&st.pu.name)
+            .map_err(|e| CallError::Body(e.to_string()))?;
+        let body = serde_json::json!({
+            "name": st.pu.name,
+            "namespace": st.pu.namespace,
+            "tags": st.pu.tags,
+            "ips": addresses(&st.cfg),
+            "csr": csr,
+            "renew": renew,
+        });
+        ((body, key), st.cfg.state_dir.clone())
+    };
+    let (body, key) = body;
+    let r: Registered = client
+        .call(
+            "POST",
+            "/v1/enforcers/register",
+            Some(body.to_string().into_bytes()),
+            Duration::from_secs(10),
+        )
+        .await?;
+    if !r.dropped.is_empty() {
+        tracing::warn!(dropped = ?r.dropped, "the console did not certify some claimed tags (the bootstrap token does not allow them)");
+    }
+    let id = identity_from_pem(&r.chain, &key.pem(), &r.bundle).map_err(CallError::Body)?;
+    let save = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&state_dir)?;
+        write_atomic(&state_dir.join(KEY_FILE), key.pem().as_bytes(), 0o600)?;
+        write_atomic(&state_dir.join(BUNDLE_FILE), r.bundle.as_bytes(), 0o644)?;
+        write_atomic(&state_dir.join(CERT_FILE), r.chain.as_bytes(), 0o644)
+    };
+    if let Err(e) = save() {
+        tracing::warn!(error = %e, dir = %state_dir.display(), "cannot keep the identity on disk");
+    }
+    tracing::info!(tags = ?r.tags, renew, "certificate issued by the console");
+    Ok(Identity { tags: r.tags, ..id })
+}
+
+/// Obtains and renews the certificate: at start (retrying until the console answers),
+/// then at 2/3 of each certificate's life. A renewal refused because the PU was deleted
+/// (410) ends renewals.
+async fn identity_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<State>>) {
+    let mut renew = false;
+    let mut failures = 0u32;
+    loop {
+        match register(&client, &st, renew).await {
+            Ok(id) => {
+                count(&shared, "ok");
+                failures = 0;
+                renew = true;
+                let life = id
+                    .not_after
+                    .duration_since(id.not_before)
+                    .unwrap_or_default();
+                let renew_at = id.not_before + life * 2 / 3;
+                {
+                    let mut g = st.lock().expect("lock poisoned");
+                    g.identity = Some(id);
+                    g.cached_tags = None;
+                    if let Err(e) = g.save() {
+                        tracing::warn!(error = %e, "cannot write the snapshot cache");
+                    }
+                    install(&shared, &g, "certificate issued");
+                }
+                let wait = renew_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                tokio::time::sleep(wait).await;
+            }
+            Err(CallError::Status(410, msg)) => {
+                count(&shared, "error");
+                tracing::error!(%msg, "the console refuses to renew this PU's certificate (deleted); no more renewals");
+                return;
+            }
+            Err(e) => {
+                count(&shared, "error");
+                failures += 1;
+                let wait = Duration::from_millis(500 * 2u64.pow(failures.min(6)))
+                    .min(Duration::from_secs(30));
+                if failures == 1 || matches!(e, CallError::Status(..)) {
+                    tracing::warn!(error = %e, retry_in = ?wait, "registration with the console failed");
+                } else {
+                    tracing::debug!(error = %e, retry_in = ?wait, "registration with the console failed");
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Watches the snapshot: a long-poll with the last revision seen, and a full fetch at
+/// the re-poll interval. Every change is written to disk before it is enforced.
+async fn watch_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<State>>) {
+    let (pu, repoll) = {
+        let g = st.lock().expect("lock poisoned");
+        (g.qualified(), g.cfg.repoll)
+    };
+    let mut last_full = Instant::now();
+    let mut failures = 0u32;
+    loop {
+        let since = st
+            .lock()
+            .expect("lock poisoned")
+            .snapshot
+            .as_ref()
+            .map_or(0, |s| s.revision);
+        let full = last_full.elapsed() >= repoll;
+        let (since, wait) = if full {
+            (0, Duration::ZERO)
+        } else {
+            (since, WATCH_WAIT.min(repoll))
+        };
+        let path = format!(
+            "/v1/snapshot?pu={}&since={since}&wait={}",
+            encode(&pu),
+            wait.as_secs()
+        );
+        match client
+            .call::<segmesh_api::Snapshot>("GET", &path, None, wait + Duration::from_secs(10))
+            .await
+        {
+            Ok(s) => {
+                count(&shared, "ok");
+                if failures > 0 {
+                    tracing::info!("the console is reachable again");
+                }
+                failures = 0;
+                if full {
+                    last_full = Instant::now();
+                }
+                let mut g = st.lock().expect("lock poisoned");
+                if g.snapshot.as_ref() != Some(&s) {
+                    let revision = s.revision;
+                    g.snapshot = Some(s);
+                    if let Err(e) = g.save() {
+                        tracing::warn!(error = %e, "cannot write the snapshot cache");
+                    }
+                    install(&shared, &g, &format!("console revision {revision}"));
+                }
+            }
+            Err(e) => {
+                count(&shared, "error");
+                failures += 1;
+                let wait = Duration::from_millis(250 * 2u64.pow(failures.min(5)))
+                    .min(Duration::from_secs(5));
+                if failures == 1 {
+                    tracing::warn!(error = %e, "cannot fetch the snapshot; enforcing the last one");
+                } else {
+                    tracing::debug!(error = %e, "cannot fetch the snapshot");
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Percent-encodes a query value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Sends flow records in batches; while the console is away the batch waits (and the
+/// queue behind it fills up, then drops).
+async fn flow_loop(
+    shared: Arc<Shared>,
+    client: Arc<Client>,
+    pu: String,
+    mut rx: mpsc::Receiver<FlowRecord>,
+) {
+    let path = format!("/v1/flows?pu={}", encode(&pu));
+    let mut batch: Vec<FlowRecord> = Vec::with_capacity(FLOW_BATCH);
+    let mut failures = 0u32;
+    loop {
+        if batch.is_empty() {
+            match rx.recv().await {
+                Some(r) => batch.push(r),
+                None => return,
+            }
+        }
+        let until = tokio::time::Instant::now() + FLOW_LINGER;
+        while batch.len() < FLOW_BATCH {
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(r)) => batch.push(r),
+                _ => break,
+            }
+        }
+        let body = serde_json::to_vec(&batch).expect("flow records serialize");
+        match client
+            .call::<serde_json::Value>("POST", &path, Some(body), Duration::from_secs(10))
+            .await
+        {
+            Ok(_) => {
+                shared.metrics.console_flows_sent.inc_by(batch.len() as u64);
+                batch.clear();
+                failures = 0;
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::debug!(error = %e, queued = batch.len(), "cannot send flow records");
+                tokio::time::sleep(
+                    Duration::from_millis(250 * 2u64.pow(failures.min(5)))
+                        .min(Duration::from_secs(5)),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// Starts the console tasks.
+pub fn spawn(
+    shared: Arc<Shared>,
+    client: Client,
+    state: State,
+    flows: mpsc::Receiver<FlowRecord>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let pu = state.qualified();
+    let client = Arc::new(client);
+    let st = Arc::new(Mutex::new(state));
+    vec![
+        tokio::spawn(identity_loop(shared.clone(), client.clone(), st.clone())),
+        tokio::spawn(watch_loop(shared.clone(), client.clone(), st)),
+        tokio::spawn(flow_loop(shared, client, pu, flows)),
+    ]
+}

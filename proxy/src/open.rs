@@ -1,0 +1,141 @@
+//! The enforcer's open flows, kept so that a new snapshot can re-decide them: each
+//! relayed flow registers what it was decided on (direction, peer, port) and a stop
+//! signal; [`OpenFlows::recheck`] decides them again under the new snapshot and stops
+//! the ones it now rejects (their records say close reason `policy`).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use segmesh_policy::{Address, Direction, PreparedPeer, TagSet, Verdict};
+use tokio::sync::Notify;
+
+use crate::snapshot::Snapshot;
+
+/// Who the flow is with, as the decision saw it.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// A PU: the tags its certificate proves.
+    Pu(TagSet),
+    /// An address outside the mesh (matched against external networks).
+    Address(IpAddr),
+}
+
+/// Tells a relay to stop, and why.
+#[derive(Debug, Default)]
+pub struct Stop {
+    pub notify: Notify,
+    /// The policies that reject the flow now (`default` when none matched).
+    pub by: Mutex<Vec<String>>,
+}
+
+struct Tracked {
+    direction: Direction,
+    peer: Peer,
+    port: u16,
+    stop: Arc<Stop>,
+}
+
+#[derive(Default)]
+pub struct OpenFlows {
+    next: AtomicU64,
+    flows: Mutex<HashMap<u64, Tracked>>,
+}
+
+/// A registered open flow; dropping it forgets the flow.
+pub struct Guard<'a> {
+    flows: &'a OpenFlows,
+    id: u64,
+    pub stop: Arc<Stop>,
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        self.flows
+            .flows
+            .lock()
+            .expect("lock poisoned")
+            .remove(&self.id);
+    }
+}
+
+impl Guard<'_> {
+    /// The policies that closed the flow, if the recheck did.
+    pub fn closed_by(&self) -> Vec<String> {
+        self.stop.by.lock().expect("lock poisoned").clone()
+    }
+}
+
+impl OpenFlows {
+    pub fn track(&self, direction: Direction, peer: Peer, port: u16) -> Guard<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let stop = Arc::new(Stop::default());
+        self.flows.lock().expect("lock poisoned").insert(
+            id,
+            Tracked {
+                direction,
+                peer,
+                port,
+                stop: stop.clone(),
+            },
+        );
+        Guard {
+            flows: self,
+            id,
+            stop,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.lock().expect("lock poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Decides every open flow again under `snap`; stops those now rejected. Returns how
+    /// many were stopped.
+    pub fn recheck(&self, snap: &Snapshot) -> usize {
+        // Decide outside the lock: copy what the decisions need first.
+        let open: Vec<(Direction, Peer, u16, Arc<Stop>)> = self
+            .flows
+            .lock()
+            .expect("lock poisoned")
+            .values()
+            .map(|t| (t.direction, t.peer.clone(), t.port, t.stop.clone()))
+            .collect();
+        let mut stopped = 0;
+        for (dir, peer, port, stop) in open {
+            let prepared = match &peer {
+                Peer::Pu(tags) => PreparedPeer::Pu(snap.engine.id_set(tags)),
+                Peer::Address(ip) => PreparedPeer::Networks(snap.engine.resolve_address(
+                    &snap.prepared,
+                    &Address {
+                        ip: Some(*ip),
+                        domain: None,
+                    },
+                    port,
+                )),
+            };
+            let d = if snap.is_fail_closed() {
+                None
+            } else {
+                Some(snap.engine.decide(dir, &snap.prepared, &prepared, port))
+            };
+            if d.as_ref().is_some_and(|d| d.verdict == Verdict::Allow) {
+                continue;
+            }
+            let names = d
+                .map(|d| d.policy_names(snap.engine.set()))
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| vec!["default".into()]);
+            *stop.by.lock().expect("lock poisoned") = names;
+            // A stored permit: the relay stops even if it is not waiting right now.
+            stop.notify.notify_one();
+            stopped += 1;
+        }
+        stopped
+    }
+}

@@ -48,6 +48,7 @@ async fn handle(
             let s = shared.snapshot();
             let body = serde_json::json!({
                 "version": s.version,
+                "source": s.source,
                 "pu": s.pu_qualified(),
                 "tags": s.pu.tags.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
                 "policies": s.policy_count,

@@ -1,0 +1,480 @@
+//! Enforcers in console mode against a real console process: web, api and db each in
+//! their own namespace with capture rules and an enforcer started with only the
+//! console's address, a bootstrap token and the PU's name, namespace and claimed tags;
+//! the console in a namespace of its own; policies applied and committed with
+//! `segmeshctl`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, Instant};
+
+use common::*;
+use segmesh_testkit::{Host, Topology, netns_enabled, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const PUS: [(&str, &str); 3] = [("web", "app=web"), ("api", "app=api"), ("db", "app=db")];
+const CONSOLE_PORT: u16 = 8443;
+const PUSH_LIMIT: Duration = Duration::from_secs(10);
+
+/// A binary of the workspace (built by `cargo test --workspace`) next to this test's.
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so every binary is built",
+        p.display()
+    );
+    p
+}
+
+struct Lab {
+    topo: Topology,
+    dir: Scratch,
+    console_pid: Option<u32>,
+    enforcers: std::collections::HashMap<String, u32>,
+    admin: String,
+    boot: String,
+}
+
+impl Lab {
+    fn host(&self, n: &str) -> Host {
+        self.topo.host(n).clone()
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}:{CONSOLE_PORT}", self.topo.host("console").ip4)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.0.join("console-data")
+    }
+
+    /// Starts the console (again) on the same data directory.
+    fn start_console(&mut self) {
+        let c = self.host("console");
+        let mut cmd = c.command(bin("segmesh-control").to_str().unwrap());
+        cmd.arg("--data-dir")
+            .arg(self.data())
+            .arg("--listen")
+            .arg(format!("{}:{CONSOLE_PORT}", c.ip4));
+        self.console_pid = Some(self.topo.spawn(cmd));
+        let addr = SocketAddr::new(c.ip4.into(), CONSOLE_PORT);
+        wait_until("the console listens", Duration::from_secs(20), || {
+            in_ns(&c, async move { TcpStream::connect(addr).await.is_ok() })
+                .join()
+                .unwrap()
+        });
+        // The enforcers (uid 1337) read the console's CA from the scratch folder.
+        std::fs::copy(
+            self.data().join("ca/bundle.crt"),
+            self.dir.0.join("console-ca.crt"),
+        )
+        .unwrap();
+    }
+
+    fn stop_console(&mut self) {
+        if let Some(pid) = self.console_pid.take() {
+            self.topo.kill(pid);
+        }
+    }
+
+    /// `segmeshctl` in the console's namespace with the admin token; its output.
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let c = self.host("console");
+        c.command(bin("segmeshctl").to_str().unwrap())
+            .args(args)
+            .env("SEGMESH_CONSOLE", self.url())
+            .env("SEGMESH_TOKEN", &self.admin)
+            .env("SEGMESH_CA", self.data().join("ca/bundle.crt"))
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "segmeshctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Writes `text` as a policy file, applies and commits it.
+    fn publish(&self, file: &str, text: &str) {
+        let p = self.dir.0.join(file);
+        std::fs::write(&p, text).unwrap();
+        self.ctl_ok(&["apply", "-f", p.to_str().unwrap()]);
+        self.ctl_ok(&["commit"]);
+    }
+
+    /// Starts `name`'s enforcer in console mode as uid 1337; waits until it enforces a
+    /// snapshot (ready) unless `wait` is false.
+    fn start_enforcer(&mut self, name: &str, tags: &[&str], token: &str, wait: bool) {
+        let h = self.host(name);
+        let token_file = self.dir.0.join(format!("{name}.token"));
+        std::fs::write(&token_file, token).unwrap();
+        let mut cmd = h.command("setpriv");
+        cmd.args([
+            "--reuid=1337",
+            "--regid=1337",
+            "--clear-groups",
+            "--inh-caps=+net_admin,+net_raw",
+            "--ambient-caps=+net_admin,+net_raw",
+            "--",
+            env!("CARGO_BIN_EXE_segmesh-proxy"),
+            "--console",
+            &self.url(),
+            "--console-ca",
+            self.dir.0.join("console-ca.crt").to_str().unwrap(),
+            "--bootstrap-token",
+            &format!("@{}", token_file.display()),
+            "--name",
+            name,
+            "--namespace",
+            "/acme/shop",
+            "--tag",
+            &tags.join(","),
+            "--state-dir",
+            self.dir.0.join(format!("{name}-state")).to_str().unwrap(),
+            "--flow-log",
+            self.dir.0.join(format!("{name}.jsonl")).to_str().unwrap(),
+        ]);
+        let pid = self.topo.spawn(cmd);
+        self.enforcers.insert(name.into(), pid);
+        if wait {
+            wait_until(
+                &format!("{name}'s enforcer is ready"),
+                Duration::from_secs(30),
+                || http_get(&h, "/ready").0 == 200,
+            );
+        }
+    }
+
+    fn stop_enforcer(&mut self, name: &str) {
+        if let Some(pid) = self.enforcers.remove(name) {
+            self.topo.kill(pid);
+        }
+        let h = self.host(name);
+        wait_until("the admin port is free", Duration::from_secs(10), || {
+            http_get(&h, "/healthz").0 == 0
+        });
+    }
+
+    fn config(&self, name: &str) -> serde_json::Value {
+        let (_, body) = http_get(&self.host(name), "/config");
+        let json = body.split("\r\n\r\n").nth(1).unwrap_or("{}");
+        serde_json::from_str(json.trim()).unwrap_or_default()
+    }
+
+    fn log(&self, name: &str) -> Vec<serde_json::Value> {
+        flow_log(&self.dir.0.join(format!("{name}.jsonl")))
+    }
+}
+
+/// The console, the three-tier policies committed, three enforcers registered and
+/// seeing each other, greeters on api:8080 and db:5432.
+fn lab(tag: &str) -> Lab {
+    let topo = Topology::new(&["console", "web", "api", "db"]);
+    let dir = Scratch::new(tag);
+    let mut lab = Lab {
+        topo,
+        dir,
+        console_pid: None,
+        enforcers: Default::default(),
+        admin: String::new(),
+        boot: String::new(),
+    };
+    lab.start_console();
+    lab.admin = std::fs::read_to_string(lab.data().join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    lab.boot = lab
+        .ctl_ok(&[
+            "token",
+            "--name",
+            "shop-enforcers",
+            "--role",
+            "enforcer",
+            "--namespace",
+            "/acme/shop",
+            "--allow-tag",
+            "app=*",
+            "--allow-tag",
+            "env=prod",
+        ])
+        .trim()
+        .to_owned();
+    assert!(lab.boot.starts_with("smt_"), "a token: {}", lab.boot);
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/three-tier/policies.yaml"
+    );
+    lab.ctl_ok(&["apply", "-f", example]);
+    lab.ctl_ok(&["commit"]);
+    for (name, app) in PUS {
+        capture(&lab.host(name));
+        let boot = lab.boot.clone();
+        lab.start_enforcer(name, &[app, "env=prod"], &boot, true);
+    }
+    for (name, _) in PUS {
+        wait_until(&format!("{name} sees the three PUs"), PUSH_LIMIT, || {
+            lab.config(name)["registry"].as_u64() == Some(6)
+        });
+    }
+    for (name, port) in [("api", 8080u16), ("db", 5432)] {
+        let h = lab.host(name);
+        let addr = SocketAddr::new(h.ip4.into(), port);
+        in_ns(&h, greeter(addr, Arc::new(AtomicUsize::new(0))));
+    }
+    lab
+}
+
+fn target(lab: &Lab, name: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(lab.host(name).ip4.into(), port)
+}
+
+fn try_from(lab: &Lab, from: &str, to: SocketAddr) -> Attempt {
+    in_ns(&lab.host(from), attempt(to)).join().unwrap()
+}
+
+/// Polls until `from` → `to` gives `want` (greeted or refused); returns how long it took.
+fn time_until(lab: &Lab, from: &str, to: SocketAddr, greeted: bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        let a = try_from(lab, from, to);
+        let now = matches!(a, Attempt::Greeted);
+        if now == greeted && (greeted || matches!(a, Attempt::Refused(_))) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < PUSH_LIMIT,
+            "{from} → {to}: still {a:?} after {PUSH_LIMIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+const CUT: &str = "kind: NetworkPolicy\n\
+name: cut-web-api\n\
+namespace: /acme/shop\n\
+action: Reject\n\
+mode: Bidirectional\n\
+subject: [[app=web]]\n\
+object: [[app=api]]\n\
+ports: [tcp/8080]\n";
+
+#[test]
+fn netns_console_commit_and_rollback_reach_enforcers_and_close_open_connections() {
+    if !netns_enabled() {
+        return;
+    }
+    let lab = lab("console-push");
+    let api = target(&lab, "api", 8080);
+    assert_eq!(try_from(&lab, "web", api), Attempt::Greeted);
+    refused_fast(try_from(&lab, "web", target(&lab, "db", 5432)));
+
+    // A long-lived allowed connection, open while the policy that rejects it lands.
+    let web = lab.host("web");
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let long = in_ns(&web, async move {
+        let mut s = TcpStream::connect(api).await.unwrap();
+        let mut b = [0u8; 6];
+        s.read_exact(&mut b).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut e = [0u8; 4];
+        s.read_exact(&mut e).await.unwrap();
+        opened_tx.send(()).unwrap();
+        // Until the enforcers close it: EOF or reset, nothing else.
+        let r = tokio::time::timeout(Duration::from_secs(30), s.read(&mut e)).await;
+        (Instant::now(), format!("{r:?}"))
+    });
+    opened_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+
+    let p = lab.dir.0.join("cut.yaml");
+    std::fs::write(&p, CUT).unwrap();
+    lab.ctl_ok(&["apply", "-f", p.to_str().unwrap()]);
+    let before = Instant::now();
+    lab.ctl_ok(&["commit"]);
+    let committed = Instant::now();
+    let refused_after = time_until(&lab, "web", api, false);
+    let (closed_at, how) = long.join().unwrap();
+    let closed_after = closed_at.saturating_duration_since(committed);
+    assert!(
+        how.contains("Ok(Ok(0))") || how.contains("ConnectionReset"),
+        "the open connection ended by EOF or reset, not {how}"
+    );
+    eprintln!(
+        "commit took {:?}; new verdict {refused_after:?} after it; open connection closed {closed_after:?} after it",
+        committed - before
+    );
+    assert!(closed_after < PUSH_LIMIT);
+    // The enforcers say why: close reason `policy`, naming the policy.
+    wait_until("a record of the closed connection", PUSH_LIMIT, || {
+        ["web", "api"].iter().any(|n| {
+            lab.log(n).iter().any(|r| {
+                r["close_reason"] == "policy"
+                    && r["closed_by"]
+                        .as_array()
+                        .is_some_and(|b| b.iter().any(|p| p == "/acme/shop:cut-web-api"))
+            })
+        })
+    });
+
+    lab.ctl_ok(&["rollback"]);
+    let allowed_after = time_until(&lab, "web", api, true);
+    eprintln!("rollback: the old verdict is back {allowed_after:?} after it");
+
+    // Deleting a PU takes it out of every registry with the next push.
+    lab.ctl_ok(&["delete", "pu", "/acme/shop", "db"]);
+    wait_until("web drops db from its registry", PUSH_LIMIT, || {
+        lab.config("web")["registry"].as_u64() == Some(4)
+    });
+    let pus = lab.ctl_ok(&["get", "pus"]);
+    assert!(
+        pus.contains("/acme/shop:web") && !pus.contains("/acme/shop:db"),
+        "{pus}"
+    );
+
+    // The enforcers' flow records reached the console.
+    wait_until("records at the console", PUSH_LIMIT, || {
+        let out = lab.ctl_ok(&["flows", "--pu", "web", "--verdict", "reject", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v.as_array().is_some_and(|a| {
+            a.iter().any(|f| {
+                f["record"]["destination"]["port"] == 5432 && f["reporter"] == "/acme/shop:web"
+            })
+        })
+    });
+    let table = lab.ctl_ok(&["flows", "--since", "10m"]);
+    assert!(
+        table.contains("reject") && table.contains("flow records"),
+        "{table}"
+    );
+}
+
+#[test]
+fn netns_console_down_enforcers_keep_and_restart_from_their_cache() {
+    if !netns_enabled() {
+        return;
+    }
+    let mut lab = lab("console-down");
+    let api = target(&lab, "api", 8080);
+    let db = target(&lab, "db", 5432);
+    assert_eq!(try_from(&lab, "web", api), Attempt::Greeted);
+    assert_eq!(try_from(&lab, "api", db), Attempt::Greeted);
+
+    lab.stop_console();
+    // Still enforcing the last snapshot.
+    assert_eq!(try_from(&lab, "web", api), Attempt::Greeted);
+    refused_fast(try_from(&lab, "web", db));
+
+    // Restarted while the console is down: the cached snapshot and identity.
+    lab.stop_enforcer("web");
+    let boot = lab.boot.clone();
+    lab.start_enforcer("web", &["app=web", "env=prod"], &boot, true);
+    assert_eq!(lab.config("web")["source"], "cache");
+    assert_eq!(try_from(&lab, "web", api), Attempt::Greeted);
+    refused_fast(try_from(&lab, "web", db));
+
+    // The console back: the enforcers catch up with a change made since.
+    lab.start_console();
+    lab.publish("cut.yaml", CUT);
+    let t = time_until(&lab, "web", api, false);
+    eprintln!("after the console's return: new verdict {t:?} after the commit");
+    wait_until("web is on the console's snapshot", PUSH_LIMIT, || {
+        lab.config("web")["source"] == "console"
+    });
+    assert_eq!(try_from(&lab, "api", db), Attempt::Greeted);
+}
+
+#[test]
+fn netns_console_certifies_only_recorded_tags_and_refuses_bad_tokens() {
+    if !netns_enabled() {
+        return;
+    }
+    let topo = Topology::new(&["console", "web"]);
+    let dir = Scratch::new("console-tokens");
+    let mut lab = Lab {
+        topo,
+        dir,
+        console_pid: None,
+        enforcers: Default::default(),
+        admin: String::new(),
+        boot: String::new(),
+    };
+    lab.start_console();
+    lab.admin = std::fs::read_to_string(lab.data().join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let boot = lab
+        .ctl_ok(&[
+            "token",
+            "--name",
+            "b",
+            "--role",
+            "enforcer",
+            "--namespace",
+            "/acme/shop",
+            "--allow-tag",
+            "app=*",
+        ])
+        .trim()
+        .to_owned();
+    lab.publish(
+        "p.yaml",
+        concat!(
+            "kind: NetworkPolicy\nname: any\nnamespace: /acme\naction: Allow\nmode: Outgoing\n",
+            "subject: [[app=web]]\nobject: [[ext:name=net]]\n---\n",
+            "kind: ExternalNetwork\nname: net\nnamespace: /acme\nentries: [0.0.0.0/0]\n"
+        ),
+    );
+    capture(&lab.host("web"));
+
+    // A bad bootstrap token: no certificate, nothing enforced but rejection.
+    lab.start_enforcer("web", &["app=web"], "smt_not-a-token", false);
+    let web = lab.host("web");
+    wait_until("the enforcer answers", Duration::from_secs(20), || {
+        http_get(&web, "/healthz").0 == 200
+    });
+    wait_until("a refused registration", Duration::from_secs(20), || {
+        metric(&web, "segmesh_console_requests_total{result=\"error\"}") >= 2.0
+    });
+    assert_eq!(
+        http_get(&web, "/ready").0,
+        503,
+        "not ready: nothing to enforce"
+    );
+    assert!(!lab.dir.0.join("web-state/identity.crt").exists());
+    refused_fast(try_from(&lab, "web", target(&lab, "console", 9)));
+    assert!(lab.ctl_ok(&["get", "pus"]).trim().is_empty());
+    lab.stop_enforcer("web");
+
+    // A good token; claimed tags beyond what it allows are not certified.
+    lab.start_enforcer("web", &["app=web", "role=admin"], &boot, true);
+    let pem = std::fs::read_to_string(lab.dir.0.join("web-state/identity.crt")).unwrap();
+    let chain = segmesh_identity::ca::certs_from_pem(&pem).unwrap();
+    let id = segmesh_identity::WorkloadIdentity::from_cert(&chain[0]).unwrap();
+    assert!(id.tags.contains(&"app=web".to_string()), "{:?}", id.tags);
+    assert!(!id.tags.iter().any(|t| t == "role=admin"), "{:?}", id.tags);
+    let tags = lab.config("web")["tags"].clone();
+    assert!(
+        !tags.as_array().unwrap().iter().any(|t| t == "role=admin"),
+        "the enforcer decides with the certified tags: {tags}"
+    );
+    let pus = lab.ctl_ok(&["get", "pus"]);
+    assert!(
+        pus.contains("app=web") && !pus.contains("role=admin"),
+        "{pus}"
+    );
+}

@@ -17,7 +17,7 @@
 //! | `POST /v1/flows?pu=<ns>:<name>` | flow records (bearer: the enforcer's bootstrap token) | `{"stored": N}` |
 //! | `GET /v1/flows?pu=&verdict=&since=&limit=` | | flow records reported by PUs the caller may see, oldest first |
 //! | `GET /v1/documents` | | the live policies, external networks and namespace settings that can apply in the caller's subtree |
-//! | `GET /v1/snapshot?pu=<ns>:<name>&since=R&wait=S` | (bearer: a bootstrap token or an API token covering the namespace) | the PU's [`segmesh_api::Snapshot`]; waits up to `S` seconds (default 30, at most 60) while the revision is not above `R` |
+//! | `GET /v1/snapshot?pu=<ns>:<name>&since=R&wait=S` | (bearer: a bootstrap token or an API token covering the namespace) | the PU's [`segmesh_api::Snapshot`]; waits up to `S` seconds (default 30, at most 60) while the revision is not above `R`; at once without `since` |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -183,9 +183,13 @@ async fn snapshot(
     if let Err(e) = console.may_watch(&token, &ns) {
         return error(e);
     }
-    let since: u64 = query(&req, "since")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    // Without `since` (a first fetch), answer at once.
+    let Some(since) = query(&req, "since").and_then(|s| s.parse::<u64>().ok()) else {
+        return match console.snapshot_for(&ns) {
+            Ok(s) => json(StatusCode::OK, serde_json::to_value(s).unwrap_or_default()),
+            Err(e) => error(e),
+        };
+    };
     let wait = std::time::Duration::from_secs(
         query(&req, "wait")
             .and_then(|s| s.parse().ok())

@@ -5,7 +5,8 @@
 //! Scenarios so far: `bulk` (one stream, direct veth TCP against the same stream
 //! through the client's enforcer) and `tunnel` (PU to PU through both enforcers'
 //! mesh tunnel, encrypted and authenticated-only: bulk throughput and new connections
-//! per second, against direct veth TCP).
+//! per second, against direct veth TCP) and `fanout` (a console on loopback and N
+//! simulated enforcers watching it: time from commit to each holding the new snapshot).
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -18,6 +19,8 @@ use segmesh_iptables_init::{apply, rules};
 use segmesh_testkit::{Host, Topology, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+mod fanout;
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +56,19 @@ enum Scenario {
         repeat: usize,
         #[arg(long)]
         proxy: Option<PathBuf>,
+    },
+    /// Push fan-out: a console on loopback and N simulated enforcers (long-poll
+    /// watchers); time from commit to each watcher holding the new snapshot.
+    Fanout {
+        /// Watcher counts, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "50,100,1000")]
+        clients: Vec<usize>,
+        /// Commits per count.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// The console binary (default: `segmesh-control` beside this one).
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
     /// One bulk TCP stream: direct, then through the client's enforcer (spliced).
     Bulk {
@@ -401,6 +417,36 @@ fn tunnel(
     Ok(())
 }
 
+fn fanout_report(clients: &[usize], rounds: usize, control: Option<PathBuf>) -> anyhow::Result<()> {
+    let control = match control {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("segmesh-control"),
+    };
+    if !control.exists() {
+        bail!(
+            "{} not found: build it (cargo build --release -p segmesh-control) or pass --control",
+            control.display()
+        );
+    }
+    let results = fanout::run(&control, clients, rounds, Duration::from_secs(30))?;
+    println!("push fan-out: commit → every watcher holds the new snapshot ({rounds} commits each)");
+    println!(
+        "{:>8} {:>10} {:>10} {:>10} {:>8}",
+        "watchers", "p50", "p99", "max", "missed"
+    );
+    for r in &results {
+        println!(
+            "{:>8} {:>10.1?} {:>10.1?} {:>10.1?} {:>8}",
+            r.clients,
+            r.quantile(0.5),
+            r.quantile(0.99),
+            r.quantile(1.0),
+            r.missed
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if !segmesh_testkit::netns_enabled() {
@@ -421,9 +467,16 @@ fn main() -> anyhow::Result<()> {
             repeat,
             proxy,
         } => tunnel(bytes, connections, max_seconds, repeat, proxy),
+        Scenario::Fanout {
+            clients,
+            rounds,
+            control,
+        } => fanout_report(&clients, rounds, control),
         Scenario::Quick { proxy } => {
             bulk(64 << 20, 20, 1, proxy.clone(), false)?;
-            tunnel(64 << 20, 100, 20, 1, proxy)
+            tunnel(64 << 20, 100, 20, 1, proxy.clone())?;
+            let control = proxy.map(|p| p.with_file_name("segmesh-control"));
+            fanout_report(&[20], 2, control)
         }
     }
 }

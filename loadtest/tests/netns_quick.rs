@@ -30,6 +30,7 @@ fn netns_loadtest_quick_runs_every_scenario() {
         "tunnel, encrypted (rustls)",
         "tunnel, authenticated-only",
         "new connections",
+        "push fan-out",
     ] {
         assert!(text.contains(line), "`{line}` missing:\n{text}");
     }

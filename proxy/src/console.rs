@@ -465,18 +465,18 @@ async fn watch_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<Stat
             .expect("lock poisoned")
             .snapshot
             .as_ref()
-            .map_or(0, |s| s.revision);
-        let full = last_full.elapsed() >= repoll;
-        let (since, wait) = if full {
-            (0, Duration::ZERO)
-        } else {
-            (since, WATCH_WAIT.min(repoll))
+            .map(|s| s.revision);
+        // Without a snapshot, or at the re-poll interval: a plain fetch, answered at once.
+        let full = since.is_none() || last_full.elapsed() >= repoll;
+        let wait = WATCH_WAIT.min(repoll);
+        let path = match since {
+            Some(r) if !full => format!(
+                "/v1/snapshot?pu={}&since={r}&wait={}",
+                encode(&pu),
+                wait.as_secs()
+            ),
+            _ => format!("/v1/snapshot?pu={}", encode(&pu)),
         };
-        let path = format!(
-            "/v1/snapshot?pu={}&since={since}&wait={}",
-            encode(&pu),
-            wait.as_secs()
-        );
         match client
             .call::<segmesh_api::Snapshot>("GET", &path, None, wait + Duration::from_secs(10))
             .await

@@ -1,0 +1,244 @@
+//! Push fan-out: a console process on loopback and N simulated enforcers, each holding
+//! the same long-poll watch an enforcer holds (`segmesh_proxy::console::Client`, one TLS
+//! connection per request). Each round commits a change and measures, for every
+//! watcher, the time from just before the commit request to the moment its long-poll
+//! returned the new revision.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use segmesh_proxy::config::ConsoleConfig;
+use segmesh_proxy::console::Client;
+use tokio::sync::mpsc;
+
+/// One N: the per-watcher latencies of every round.
+pub struct FanoutResult {
+    pub clients: usize,
+    pub latencies: Vec<Duration>,
+    /// Watchers that had not seen a round's revision by its deadline.
+    pub missed: usize,
+}
+
+impl FanoutResult {
+    pub fn quantile(&self, q: f64) -> Duration {
+        let mut v = self.latencies.clone();
+        v.sort();
+        if v.is_empty() {
+            return Duration::ZERO;
+        }
+        v[((v.len() - 1) as f64 * q).round() as usize]
+    }
+}
+
+/// Raises this process's open-files soft limit to its hard limit (1,000 watchers need
+/// more than the common 1,024).
+pub fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+struct Console {
+    child: std::process::Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn client(c: &Console, token: &str) -> anyhow::Result<Client> {
+    Ok(Client::new(&ConsoleConfig {
+        url: c.url.clone(),
+        ca: c.dir.join("ca/bundle.crt"),
+        bootstrap_token: token.into(),
+        state_dir: c.dir.join("unused"),
+        ips: Vec::new(),
+        repoll: Duration::from_secs(600),
+    })?)
+}
+
+fn start_console(control: &Path) -> anyhow::Result<Console> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let dir = std::env::temp_dir().join(format!("segmesh-fanout-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let child = std::process::Command::new(control)
+        .arg("--data-dir")
+        .arg(&dir)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .with_context(|| control.display().to_string())?;
+    let c = Console {
+        child,
+        dir,
+        url: format!("https://127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(c.dir.join("admin.token").exists()
+        && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+    {
+        if Instant::now() > deadline {
+            bail!("the console did not start within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(c)
+}
+
+const POLICY: &str = "kind: NetworkPolicy\nname: fanout\nnamespace: /acme/shop\naction: Allow\nmode: Bidirectional\nsubject: [[app=web]]\nobject: [[app=api]]\n";
+
+async fn publish(admin: &Client, round: usize) -> anyhow::Result<()> {
+    let text = format!("{POLICY}ports: [tcp/{}]\n", 10000 + round);
+    let body = serde_json::json!({ "files": [{ "name": "fanout.yaml", "text": text }] });
+    admin
+        .call::<serde_json::Value>(
+            "POST",
+            "/v1/apply",
+            Some(body.to_string().into_bytes()),
+            Duration::from_secs(10),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Runs `rounds` commits against `clients` watchers.
+async fn measure(
+    c: &Console,
+    admin: &Client,
+    boot: &str,
+    clients: usize,
+    rounds: usize,
+    round_limit: Duration,
+) -> anyhow::Result<FanoutResult> {
+    let watcher = Arc::new(client(c, boot)?);
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, u64, Instant)>();
+    let mut tasks = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let (w, tx) = (watcher.clone(), tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut since: Option<u64> = None;
+            loop {
+                let path = match since {
+                    None => format!("/v1/snapshot?pu=/acme/shop:w{i}"),
+                    Some(r) => format!("/v1/snapshot?pu=/acme/shop:w{i}&since={r}&wait=30"),
+                };
+                match w
+                    .call::<segmesh_api::Snapshot>("GET", &path, None, Duration::from_secs(40))
+                    .await
+                {
+                    Ok(s) => {
+                        since = Some(s.revision);
+                        if tx.send((i, s.revision, Instant::now())).is_err() {
+                            return;
+                        }
+                    }
+                    // Counted as missed if it never recovers within the round.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }));
+    }
+    // Every watcher holds the current revision and waits.
+    let mut seen = vec![0u64; clients];
+    let mut connected = vec![false; clients];
+    let first_deadline = Instant::now() + round_limit;
+    let mut synced = 0;
+    while synced < clients {
+        let left = first_deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some((i, r, _))) => {
+                if !connected[i] {
+                    connected[i] = true;
+                    synced += 1;
+                }
+                seen[i] = seen[i].max(r);
+            }
+            _ => bail!("only {synced} of {clients} watchers connected within {round_limit:?}"),
+        }
+    }
+    // Let every watcher park its long-poll again.
+    tokio::time::sleep(Duration::from_millis(200 + clients as u64)).await;
+    let mut latencies = Vec::with_capacity(clients * rounds);
+    let mut missed = 0;
+    for round in 0..rounds {
+        publish(admin, round).await?;
+        let t0 = Instant::now();
+        admin
+            .call::<serde_json::Value>("POST", "/v1/commit", None, Duration::from_secs(10))
+            .await?;
+        let target = seen.iter().copied().max().unwrap_or(0) + 1;
+        let mut done = 0;
+        let deadline = t0 + round_limit;
+        while done < clients {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, rx.recv()).await {
+                Ok(Some((i, r, at))) => {
+                    if r >= target && seen[i] < target {
+                        latencies.push(at - t0);
+                        done += 1;
+                    }
+                    seen[i] = seen[i].max(r);
+                }
+                _ => break,
+            }
+        }
+        missed += clients - done;
+        tokio::time::sleep(Duration::from_millis(200 + clients as u64)).await;
+    }
+    for t in tasks {
+        t.abort();
+    }
+    Ok(FanoutResult {
+        clients,
+        latencies,
+        missed,
+    })
+}
+
+/// Starts a console, then measures each N in `clients`.
+pub fn run(
+    control: &Path,
+    clients: &[usize],
+    rounds: usize,
+    round_limit: Duration,
+) -> anyhow::Result<Vec<FanoutResult>> {
+    raise_nofile();
+    let c = start_console(control)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let token = std::fs::read_to_string(c.dir.join("admin.token"))?;
+        let admin = client(&c, token.trim())?;
+        let t: serde_json::Value = admin
+            .call(
+                "POST",
+                "/v1/tokens",
+                Some(
+                    serde_json::json!({"name": "fanout", "role": "enforcer", "namespace": "/acme/shop"})
+                        .to_string()
+                        .into_bytes(),
+                ),
+                Duration::from_secs(10),
+            )
+            .await?;
+        let boot = t["token"].as_str().context("a bootstrap token")?.to_owned();
+        let mut out = Vec::new();
+        for &n in clients {
+            out.push(measure(&c, &admin, &boot, n, rounds, round_limit).await?);
+        }
+        Ok(out)
+    })
+}

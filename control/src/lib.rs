@@ -7,6 +7,7 @@
 //! - [`server`]: the console's HTTPS API; [`client`]: segmeshctl's side of it.
 //! - [`files`]: reading policy files and folders for offline commands.
 //! - [`offline`]: `segmeshctl test` and `segmeshctl explain` on files.
+//! - [`suggest`]: least-privilege policies from discovered flows.
 //! - [`style`]: terminal colors, off unless stdout is a terminal and `NO_COLOR` is unset.
 
 pub mod ca_cli;
@@ -17,3 +18,4 @@ pub mod offline;
 pub mod server;
 pub mod store;
 pub mod style;
+pub mod suggest;

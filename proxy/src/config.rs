@@ -238,6 +238,10 @@ pub struct LocalConfig {
     /// (close reason `policy`). Default true.
     #[serde(default = "d_true")]
     pub recheck_open: bool,
+    /// Record every flow, not only those whose deciding policy says `log: true` (and
+    /// rejected ones, which are always recorded). Default false.
+    #[serde(default)]
+    pub log_all_flows: bool,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {

@@ -60,6 +60,7 @@ pub struct Shared {
     bound: AtomicBool,
     pub(crate) open: crate::open::OpenFlows,
     recheck_open: bool,
+    pub(crate) log_all: bool,
     /// Console mode: records queued for the console.
     console_flows: Option<tokio::sync::mpsc::Sender<FlowRecord>>,
 }
@@ -241,9 +242,15 @@ impl Enforcer {
             (None, None) => unreachable!("a configuration source"),
         };
         let local = initial.config.as_ref().or(console_cfg.as_ref());
-        let (listeners, limits, flow_log, recheck_open) = match local {
-            Some(c) => (c.listeners, c.limits, c.flow_log.clone(), c.recheck_open),
-            None => (Listeners::default(), Limits::default(), None, true),
+        let (listeners, limits, flow_log, recheck_open, log_all) = match local {
+            Some(c) => (
+                c.listeners,
+                c.limits,
+                c.flow_log.clone(),
+                c.recheck_open,
+                c.log_all_flows,
+            ),
+            None => (Listeners::default(), Limits::default(), None, true, false),
         };
         let (flows, _writer) = FlowLog::open(flow_log.as_deref()).map_err(Error::FlowLog)?;
         let (console_tx, console_rx) = match console {
@@ -266,6 +273,7 @@ impl Enforcer {
             bound: AtomicBool::new(false),
             open: crate::open::OpenFlows::default(),
             recheck_open,
+            log_all,
             console_flows: console_tx,
         });
 
@@ -680,7 +688,7 @@ pub(crate) async fn forward(
         Close::Closed => {}
     }
     // A connection closed by a policy change is always recorded.
-    if d.log || out.close == Close::Policy {
+    if d.log || shared.log_all || out.close == Close::Policy {
         let mut r = flow_record(
             &snap,
             flow,

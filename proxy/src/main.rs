@@ -52,6 +52,9 @@ struct Cli {
     /// Do not close open connections that a new snapshot rejects.
     #[arg(long)]
     no_recheck_open: bool,
+    /// Record every flow, not only those of policies with `log: true` (and rejections).
+    #[arg(long, env = "SEGMESH_LOG_ALL_FLOWS")]
+    log_all_flows: bool,
     /// `plain` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "plain")]
     log_format: String,
@@ -87,6 +90,7 @@ impl Cli {
                 repoll: std::time::Duration::from_secs(600),
             }),
             recheck_open: !self.no_recheck_open,
+            log_all_flows: self.log_all_flows,
         }))
     }
 }

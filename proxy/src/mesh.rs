@@ -225,7 +225,7 @@ fn finish(
         shared.metrics.closed_by_policy.inc();
     }
     // A connection closed by a policy change is always recorded.
-    if d.log || m.close == Close::Policy {
+    if d.log || shared.log_all || m.close == Close::Policy {
         let mut r = flow_record(
             snap,
             flow,

@@ -179,6 +179,21 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Least-privilege Allow policies (YAML, ready for `apply -f`) from the flows
+    /// discovery mode let through: stable tags, never addresses; ports as seen.
+    Suggest {
+        /// Only flows whose enforcing PU is in this namespace or below.
+        #[arg(long, default_value = "/")]
+        namespace: String,
+        /// Only flows this recent.
+        #[arg(long, default_value = "1h")]
+        since: humantime::Duration,
+        /// Write the YAML here instead of stdout.
+        #[arg(short = 'o', long = "out")]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Flow records reported by enforcers, oldest first.
     Flows {
         /// A PU (`<namespace>:<name>` or a name) at either end.
@@ -619,6 +634,75 @@ fn main() -> ExitCode {
             remote(&r, "POST", "/v1/tokens", Some(body), |v| {
                 println!("{}", v["token"].as_str().unwrap_or(""))
             })
+        }
+        Command::Suggest {
+            namespace,
+            since,
+            out,
+            remote: r,
+        } => {
+            let ns: NamespacePath = match namespace.parse() {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("error: --namespace: {e}");
+                    return ExitCode::from(EXIT_INVALID);
+                }
+            };
+            let c = match client(&r) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let path = format!(
+                "/v1/flows?verdict=allow&since={}s&limit={}",
+                since.as_secs(),
+                segmesh_control::console::FLOWS_KEPT
+            );
+            let fetched = c
+                .call("GET", &path, None)
+                .and_then(|f| c.call("GET", "/v1/processingunits", None).map(|p| (f, p)));
+            let (flows, pus) = match fetched {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_FAILED);
+                }
+            };
+            let (flows, pus): (
+                Vec<segmesh_control::store::StoredFlow>,
+                Vec<segmesh_control::store::PuRecord>,
+            ) = match (serde_json::from_value(flows), serde_json::from_value(pus)) {
+                (Ok(f), Ok(p)) => (f, p),
+                _ => {
+                    eprintln!("error: the console's answer has an unexpected shape");
+                    return ExitCode::from(EXIT_FAILED);
+                }
+            };
+            let s = segmesh_control::suggest::suggest(&ns, &flows, &pus);
+            let yaml = segmesh_control::suggest::to_yaml(
+                &s,
+                &format!(
+                    "suggested by segmeshctl from {} discovered flows in {ns} over the last {since}",
+                    s.flows
+                ),
+            );
+            for why in &s.skipped {
+                eprintln!("skipped: {why}");
+            }
+            eprintln!(
+                "{} policies from {} discovered flows",
+                s.policies.len(),
+                s.flows
+            );
+            match out {
+                Some(p) => {
+                    if let Err(e) = std::fs::write(&p, yaml) {
+                        eprintln!("error: {}: {e}", p.display());
+                        return ExitCode::from(EXIT_FAILED);
+                    }
+                }
+                None => print!("{yaml}"),
+            }
+            ExitCode::SUCCESS
         }
         Command::Flows {
             pu,

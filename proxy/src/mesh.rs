@@ -519,19 +519,21 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         source: endpoint(from),
         destination,
     };
-    let record_refusal = |flow: Flow, d: Option<&Decision>, why: &str, peer: Option<String>| {
-        shared.count_connection(Dir::Inbound, VerdictLabel::Reject);
-        let mut r: FlowRecord = flow_record(&snap, flow, d, why, None, "rejected");
-        r.peer_identity = peer;
-        r.rejected_by = Some("server".into());
-        shared.record(r);
-    };
+    // The snapshot is an argument: the decision of a record must come from it.
+    let record_refusal =
+        |snap: &Snapshot, flow: Flow, d: Option<&Decision>, why: &str, peer: Option<String>| {
+            shared.count_connection(Dir::Inbound, VerdictLabel::Reject);
+            let mut r: FlowRecord = flow_record(snap, flow, d, why, None, "rejected");
+            r.peer_identity = peer;
+            r.rejected_by = Some("server".into());
+            shared.record(r);
+        };
     let Some(tls) = snap.tls.clone() else {
-        return record_refusal(flow, None, "no-identity", None);
+        return record_refusal(&snap, flow, None, "no-identity", None);
     };
     let Ok(handshake) = shared.handshakes.clone().try_acquire_owned() else {
         shared.error(ErrorKind::Overload);
-        return record_refusal(flow, None, "overload", None);
+        return record_refusal(&snap, flow, None, "overload", None);
     };
     let limit = shared.limits.handshake_timeout;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
@@ -541,11 +543,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
             let why = rejection_of(&e);
             handshake_result(&shared, Role::Server, why);
             tracing::info!(%from, reason = why, "tunnel handshake refused");
-            return record_refusal(flow, None, &format!("peer-certificate:{why}"), None);
+            return record_refusal(&snap, flow, None, &format!("peer-certificate:{why}"), None);
         }
         Err(_) => {
             handshake_result(&shared, Role::Server, "timeout");
-            return record_refusal(flow, None, "handshake-timeout", None);
+            return record_refusal(&snap, flow, None, "handshake-timeout", None);
         }
     };
     let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
@@ -558,6 +560,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         Ok(p) => p,
         Err(e) => {
             return record_refusal(
+                &snap,
                 flow,
                 None,
                 &format!("peer-certificate:{}", e.rejection().as_str()),
@@ -572,7 +575,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     // certificate presented from another workload's address is an impersonation.
     match snap.registry.get(&from.ip()) {
         Some(r) if r.name == peer.name && r.namespace == peer.namespace => {}
-        _ => return record_refusal(flow, None, "impersonation", Some(spiffe)),
+        _ => return record_refusal(&snap, flow, None, "impersonation", Some(spiffe)),
     }
 
     // The request: bounded in size and time.
@@ -584,7 +587,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     match tokio::time::timeout(SERVER_IDLE, stream.read_exact(&mut b[..1])).await {
         Ok(Ok(_)) => {}
         Ok(Err(_)) => return,
-        Err(_) => return record_refusal(flow, None, "idle-before-request", Some(spiffe)),
+        Err(_) => return record_refusal(&snap, flow, None, "idle-before-request", Some(spiffe)),
     }
     let read_request = async {
         stream.read_exact(&mut b[1..]).await?;
@@ -608,15 +611,25 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
                 )
                 .await;
             let _ = stream.flush().await;
-            return record_refusal(flow, None, "bad-request", Some(spiffe));
+            return record_refusal(&snap, flow, None, "bad-request", Some(spiffe));
         }
     };
     flow.destination.port = req.port;
+    // A pooled connection's flow starts with its request, not with its handshake.
+    flow.started = std::time::Instant::now();
+    flow.time = now_rfc3339();
     let answer = |reason: Reason, encrypt: bool| Response {
         accept: reason == Reason::Accepted,
         reason,
         encrypt,
     };
+    // A pooled connection may have waited for its request across a snapshot change:
+    // decide with the snapshot of now, not the one of the handshake.
+    let snap = shared.snapshot();
+    match snap.registry.get(&from.ip()) {
+        Some(r) if r.name == peer.name && r.namespace == peer.namespace => {}
+        _ => return record_refusal(&snap, flow, None, "impersonation", Some(spiffe)),
+    }
     let d = decide(&snap, Direction::Incoming, &peer, req.port, &shared);
     if d.verdict == Verdict::Reject {
         let reason = if d.tier.is_some() {
@@ -627,7 +640,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         let _ = stream.write_all(&answer(reason, true).encode()).await;
         let _ = stream.flush().await;
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-        return record_refusal(flow, Some(&d), reason_str(&d), Some(spiffe));
+        return record_refusal(&snap, flow, Some(&d), reason_str(&d), Some(spiffe));
     }
     let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
         shared.error(ErrorKind::Overload);
@@ -635,7 +648,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
             .write_all(&answer(Reason::Overload, true).encode())
             .await;
         let _ = stream.flush().await;
-        return record_refusal(flow, Some(&d), "overload", Some(spiffe));
+        return record_refusal(&snap, flow, Some(&d), "overload", Some(spiffe));
     };
     let workload_addr = SocketAddr::new(local.ip(), req.port);
     let workload = match tokio::time::timeout(

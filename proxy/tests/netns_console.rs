@@ -334,6 +334,35 @@ fn netns_console_commit_and_rollback_reach_enforcers_and_close_open_connections(
     let allowed_after = time_until(&lab, "web", api, true);
     eprintln!("rollback: the old verdict is back {allowed_after:?} after it");
 
+    // A reject at the server only: web's enforcer still allows and sends the flow over
+    // a tunnel connection it established (pooled) before the commit; api decides with
+    // the snapshot of the moment the request arrives.
+    let pooled_before = metric(&web, "segmesh_tunnel_pool_total{result=\"hit\"}");
+    let api_version = lab.config("api")["version"].clone();
+    lab.publish(
+        "server-cut.yaml",
+        &CUT.replace("cut-web-api", "api-refuses-web")
+            .replace("Bidirectional", "Incoming"),
+    );
+    wait_until("api takes the commit", PUSH_LIMIT, || {
+        lab.config("api")["version"] != api_version
+    });
+    // The very next flow: over a connection pooled before the commit, and refused.
+    refused_fast(try_from(&lab, "web", api));
+    wait_until("web's record of the server's refusal", PUSH_LIMIT, || {
+        lab.log("web").iter().any(|r| {
+            r["destination"]["port"] == 8080
+                && r["rejected_by"] == "server"
+                && r["peer_reason"] == "policy"
+        })
+    });
+    assert!(
+        metric(&web, "segmesh_tunnel_pool_total{result=\"hit\"}") > pooled_before,
+        "the refused flow came over a pooled tunnel connection"
+    );
+    lab.ctl_ok(&["rollback"]);
+    time_until(&lab, "web", api, true);
+
     // Deleting a PU takes it out of every registry with the next push.
     lab.ctl_ok(&["delete", "pu", "/acme/shop", "db"]);
     wait_until("web drops db from its registry", PUSH_LIMIT, || {

@@ -5,6 +5,7 @@
 //! - [`store`]: the console's storage trait and its embedded (redb) implementation.
 //! - [`console`]: apply/diff/commit/rollback, tokens and roles, on a store.
 //! - [`server`]: the console's HTTPS API; [`client`]: segmeshctl's side of it.
+//! - [`inject`]: Kubernetes sidecar injection (CLI and admission webhook).
 //! - [`files`]: reading policy files and folders for offline commands.
 //! - [`offline`]: `segmeshctl test` and `segmeshctl explain` on files.
 //! - [`suggest`]: least-privilege policies from discovered flows.
@@ -14,6 +15,7 @@ pub mod ca_cli;
 pub mod client;
 pub mod console;
 pub mod files;
+pub mod inject;
 pub mod offline;
 pub mod server;
 pub mod store;

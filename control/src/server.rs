@@ -14,6 +14,7 @@
 //! | `POST /v1/enforcers/register` | a [`Registration`] (bearer: a bootstrap token) | a [`Registered`]: certificate, bundle, certified tags |
 //! | `GET /v1/processingunits` | | the registered PUs the caller may see |
 //! | `DELETE /v1/processingunits/<namespace path>/<name>` | | deletes a PU (leaves every registry; its renewals are refused) |
+//! | `POST /v1/admission` | an `admission.k8s.io/v1` AdmissionReview (no bearer: the Kubernetes API server calls it) | the review's answer: allowed, with a JSON Patch injecting the sidecar |
 //! | `POST /v1/flows?pu=<ns>:<name>` | flow records (bearer: the enforcer's bootstrap token) | `{"stored": N}` |
 //! | `GET /v1/flows?pu=&verdict=&since=&limit=` | | flow records reported by PUs the caller may see, oldest first |
 //! | `GET /v1/documents` | | the live policies, external networks and namespace settings that can apply in the caller's subtree |
@@ -218,9 +219,22 @@ async fn route(
     console: Arc<Console<RedbStore>>,
     ca: Arc<Ca>,
     changes: Arc<watch::Sender<u64>>,
+    inject: Arc<crate::inject::Options>,
 ) -> Response<Full<Bytes>> {
     if req.method() == Method::GET && req.uri().path() == "/v1/snapshot" {
         return snapshot(req, &console, &changes).await;
+    }
+    if req.method() == Method::POST && req.uri().path() == "/v1/admission" {
+        // Called by the Kubernetes API server (its webhook configuration carries the
+        // console's CA); it changes nothing here, it only answers with a patch.
+        let review: serde_json::Value = match body(req).await {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
+        return match crate::inject::review(&review, &inject) {
+            Ok(answer) => json(StatusCode::OK, answer),
+            Err(e) => bad(e),
+        };
     }
     if req.method() == Method::POST && req.uri().path() == "/v1/flows" {
         // Enforcers report with their bootstrap token, for their PU.
@@ -388,7 +402,9 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     console: Arc<Console<RedbStore>>,
     ca: Arc<Ca>,
+    inject: crate::inject::Options,
 ) {
+    let inject = Arc::new(inject);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let changes = Arc::new(watch::channel(console.store.revision().unwrap_or(0)).0);
     loop {
@@ -396,11 +412,12 @@ pub async fn serve(
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let (acceptor, console, ca, changes) = (
+        let (acceptor, console, ca, changes, inject) = (
             acceptor.clone(),
             console.clone(),
             ca.clone(),
             changes.clone(),
+            inject.clone(),
         );
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(
@@ -413,8 +430,9 @@ pub async fn serve(
                 _ => return tracing::debug!(%peer, "console TLS handshake failed"),
             };
             let svc = hyper::service::service_fn(move |req| {
-                let (console, ca, changes) = (console.clone(), ca.clone(), changes.clone());
-                async move { Ok::<_, Infallible>(route(req, console, ca, changes).await) }
+                let (console, ca, changes, inject) =
+                    (console.clone(), ca.clone(), changes.clone(), inject.clone());
+                async move { Ok::<_, Infallible>(route(req, console, ca, changes, inject).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), svc)

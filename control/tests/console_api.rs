@@ -457,3 +457,45 @@ fn test_and_explain_against_live_state() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", out(&o));
 }
+
+#[test]
+fn the_admission_webhook_answers_over_https() {
+    let c = start("admission");
+    // The API server sends no bearer token; any client works.
+    let api_server = segmesh_control::client::Client::new(
+        &c.url,
+        "",
+        c.dir.join("ca/bundle.crt").to_str().unwrap(),
+    )
+    .unwrap();
+    let review = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "e911857d-c318-11e8-bbad-025000000001",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "object": {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "api-0", "labels": {"app": "api"}},
+                "spec": {"containers": [{"name": "api", "image": "shop/api:1"}]}
+            }
+        }
+    });
+    let answer = api_server
+        .call("POST", "/v1/admission", Some(review))
+        .unwrap();
+    let r = &answer["response"];
+    assert_eq!(r["uid"], "e911857d-c318-11e8-bbad-025000000001");
+    assert_eq!(r["allowed"], true);
+    assert_eq!(r["patchType"], "JSONPatch");
+    assert!(r["patch"].as_str().is_some_and(|p| !p.is_empty()));
+    let bad = api_server.call(
+        "POST",
+        "/v1/admission",
+        Some(serde_json::json!({"kind": "x"})),
+    );
+    assert!(bad.is_err(), "not an AdmissionReview: 400");
+}

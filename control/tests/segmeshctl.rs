@@ -225,3 +225,44 @@ fn explain_shows_both_ends_tier_by_tier() {
     ]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn inject_adds_the_sidecar_once_and_leaves_the_rest() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kubernetes/shop.yaml");
+    let o = ctl(&[
+        "inject",
+        "-f",
+        manifest.to_str().unwrap(),
+        "--console-url",
+        "https://console:8443",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let report = String::from_utf8_lossy(&o.stderr).into_owned();
+    for w in [
+        "Deployment web: injected",
+        "Deployment api: injected",
+        "StatefulSet db: injected",
+    ] {
+        assert!(report.contains(w), "{report}");
+    }
+    assert_eq!(out.matches("name: segmesh-proxy").count(), 3, "{out}");
+    assert!(
+        out.contains("- port: 8080   # the API"),
+        "the Service is copied with its comment"
+    );
+    assert!(out.contains("token: replace-with-the-token"));
+    // Through stdin, a second time: nothing changes.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_segmeshctl"))
+        .args(["inject", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), out.as_bytes()).unwrap();
+    let again = child.wait_with_output().unwrap();
+    assert!(again.status.success());
+    assert_eq!(String::from_utf8_lossy(&again.stdout), out);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already injected"));
+}

@@ -27,6 +27,13 @@ struct Cli {
     /// Extra DNS names for the API's certificate.
     #[arg(long)]
     dns_name: Vec<String>,
+    /// Sidecar injection (admission webhook): the image holding segmesh-proxy and
+    /// segmesh-iptables-init.
+    #[arg(long)]
+    inject_image: Option<String>,
+    /// Sidecar injection: the console's API as seen from pods.
+    #[arg(long)]
+    inject_console_url: Option<String>,
 }
 
 fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
@@ -105,6 +112,14 @@ async fn main() -> anyhow::Result<()> {
         Arc::new(tls),
         Arc::new(console),
         Arc::new(ca),
+        {
+            let d = segmesh_control::inject::Options::default();
+            segmesh_control::inject::Options {
+                image: cli.inject_image.clone().unwrap_or(d.image),
+                console: cli.inject_console_url.clone().unwrap_or(d.console),
+                ..d
+            }
+        },
     ));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

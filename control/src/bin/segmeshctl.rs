@@ -194,6 +194,30 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Add the segmesh init container and sidecar to Kubernetes manifests (Pod,
+    /// Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, List;
+    /// multi-document). Idempotent; pods annotated `segmesh.io/inject: "false"` are
+    /// skipped; other documents are copied unchanged.
+    Inject {
+        /// The manifest file, or `-` for stdin.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// The image holding segmesh-proxy and segmesh-iptables-init.
+        #[arg(long)]
+        image: Option<String>,
+        /// The console's API as seen from pods.
+        #[arg(long = "console-url")]
+        console_url: Option<String>,
+        /// The Secret (key `token`) holding the bootstrap token.
+        #[arg(long, default_value = "segmesh-bootstrap")]
+        token_secret: String,
+        /// The ConfigMap (key `ca.crt`) holding the console's CA.
+        #[arg(long, default_value = "segmesh-console-ca")]
+        ca_configmap: String,
+        /// The PUs' segmesh namespace (default `/k8s/<kubernetes namespace>`).
+        #[arg(long)]
+        namespace: Option<String>,
+    },
     /// Flow records reported by enforcers, oldest first.
     Flows {
         /// A PU (`<namespace>:<name>` or a name) at either end.
@@ -634,6 +658,49 @@ fn main() -> ExitCode {
             remote(&r, "POST", "/v1/tokens", Some(body), |v| {
                 println!("{}", v["token"].as_str().unwrap_or(""))
             })
+        }
+        Command::Inject {
+            file,
+            image,
+            console_url,
+            token_secret,
+            ca_configmap,
+            namespace,
+        } => {
+            let text = if file.as_os_str() == "-" {
+                let mut t = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).map(|_| t)
+            } else {
+                std::fs::read_to_string(&file)
+            };
+            let text = match text {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {}: {e}", file.display());
+                    return ExitCode::from(EXIT_INVALID);
+                }
+            };
+            let defaults = segmesh_control::inject::Options::default();
+            let opts = segmesh_control::inject::Options {
+                image: image.unwrap_or(defaults.image),
+                console: console_url.unwrap_or(defaults.console),
+                token_secret,
+                ca_configmap,
+                namespace,
+            };
+            match segmesh_control::inject::inject_stream(&text, &opts) {
+                Ok((out, reports)) => {
+                    print!("{out}");
+                    for r in reports {
+                        eprintln!("{} {}: {}", r.kind, r.name, r.outcome);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {}: {e}", file.display());
+                    ExitCode::from(EXIT_INVALID)
+                }
+            }
         }
         Command::Suggest {
             namespace,

@@ -200,6 +200,18 @@ fn d_true() -> bool {
     true
 }
 
+/// Where the enforcer runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// In a workload's network namespace (a pod): the admin port listens on every
+    /// address (the kubelet probes it).
+    #[default]
+    Sidecar,
+    /// On a host, for its own processes: the admin port listens on loopback only.
+    Host,
+}
+
 /// Durations written as `5s`, `1h`, `250ms`.
 mod humantime_serde_compat {
     use serde::{Deserialize, Deserializer};
@@ -242,6 +254,9 @@ pub struct LocalConfig {
     /// rejected ones, which are always recorded). Default false.
     #[serde(default)]
     pub log_all_flows: bool,
+    /// `sidecar` (default) or `host`.
+    #[serde(default)]
+    pub mode: Mode,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {

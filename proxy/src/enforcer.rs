@@ -242,6 +242,7 @@ impl Enforcer {
             (None, None) => unreachable!("a configuration source"),
         };
         let local = initial.config.as_ref().or(console_cfg.as_ref());
+        let mode = local.map(|c| c.mode).unwrap_or_default();
         let (listeners, limits, flow_log, recheck_open, log_all) = match local {
             Some(c) => (
                 c.listeners,
@@ -333,7 +334,11 @@ impl Enforcer {
             tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), listener = ?kind, "listener established");
             tasks.push(tokio::spawn(accept_loop(l, kind, shared.clone())));
         }
-        let admin_addr = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), listeners.admin);
+        let admin_ip = match mode {
+            crate::config::Mode::Sidecar => Ipv4Addr::UNSPECIFIED,
+            crate::config::Mode::Host => Ipv4Addr::LOCALHOST,
+        };
+        let admin_addr = SocketAddr::new(admin_ip.into(), listeners.admin);
         let admin = bind(admin_addr, false)?;
         let admin_addr = admin.local_addr().map_err(|e| Error::Bind(admin_addr, e))?;
         tasks.push(tokio::spawn(crate::admin::serve(admin, shared.clone())));

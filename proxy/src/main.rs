@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use segmesh_proxy::config::{ConsoleConfig, LocalConfig, PuConfig};
+use segmesh_proxy::config::{ConsoleConfig, LocalConfig, Mode, PuConfig};
 use segmesh_proxy::enforcer::{ConfigSource, Enforcer};
 
 #[derive(Parser)]
@@ -21,7 +21,7 @@ struct Cli {
     local_config: Option<PathBuf>,
     /// Console mode: the console's API, https://host:port. Policies, registry and
     /// identity then come from the console.
-    #[arg(long, env = "SEGMESH_CONSOLE", requires_all = ["console_ca", "bootstrap_token", "name", "namespace"])]
+    #[arg(long, env = "SEGMESH_CONSOLE", requires_all = ["console_ca", "bootstrap_token", "namespace"])]
     console: Option<String>,
     /// The console's CA bundle (its data dir's `ca/bundle.crt`).
     #[arg(long, env = "SEGMESH_CONSOLE_CA")]
@@ -29,7 +29,7 @@ struct Cli {
     /// The bootstrap token (`segmeshctl token --role enforcer`), or `@path` to its file.
     #[arg(long, env = "SEGMESH_BOOTSTRAP_TOKEN", hide_env_values = true)]
     bootstrap_token: Option<String>,
-    /// The PU's name (a pod's name in Kubernetes).
+    /// The PU's name (a pod's name in Kubernetes). Default in host mode: the host name.
     #[arg(long, env = "SEGMESH_PU_NAME")]
     name: Option<String>,
     /// The PU's namespace path (`/acme/shop`).
@@ -55,20 +55,42 @@ struct Cli {
     /// Record every flow, not only those of policies with `log: true` (and rejections).
     #[arg(long, env = "SEGMESH_LOG_ALL_FLOWS")]
     log_all_flows: bool,
+    /// `sidecar` (in a pod) or `host` (a host's own processes: the admin port on
+    /// loopback, the PU named after the host by default).
+    #[arg(long, env = "SEGMESH_MODE", value_enum)]
+    mode: Option<Mode>,
     /// `plain` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "plain")]
     log_format: String,
 }
 
 impl Cli {
-    fn source(&self) -> ConfigSource {
+    fn source(&self) -> anyhow::Result<ConfigSource> {
         if let Some(p) = &self.local_config {
-            return ConfigSource::File(p.clone());
+            if let Some(m) = self.mode {
+                let file = LocalConfig::load(p)?;
+                if file.mode != m {
+                    anyhow::bail!(
+                        "--mode {m:?} but {} says mode {:?}: set it in one place",
+                        p.display(),
+                        file.mode
+                    );
+                }
+            }
+            return Ok(ConfigSource::File(p.clone()));
         }
         let need = |o: &Option<String>| o.clone().expect("clap requires it with --console");
-        ConfigSource::Console(Box::new(LocalConfig {
+        let mode = self.mode.unwrap_or_default();
+        let name = match (&self.name, mode) {
+            (Some(n), _) => n.clone(),
+            (None, Mode::Host) => nix::unistd::gethostname()?
+                .into_string()
+                .map_err(|_| anyhow::anyhow!("the host name is not UTF-8; pass --name"))?,
+            (None, Mode::Sidecar) => anyhow::bail!("--name is required (the PU's name)"),
+        };
+        Ok(ConfigSource::Console(Box::new(LocalConfig {
             pu: PuConfig {
-                name: need(&self.name),
+                name,
                 namespace: need(&self.namespace),
                 tags: self.tags.clone(),
             },
@@ -91,7 +113,8 @@ impl Cli {
             }),
             recheck_open: !self.no_recheck_open,
             log_all_flows: self.log_all_flows,
-        }))
+            mode,
+        })))
     }
 }
 
@@ -121,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
         (None, Some(url)) => tracing::info!(console = %url, "starting in console mode"),
         _ => {}
     }
-    let enforcer = Enforcer::start(cli.source()).await?;
+    let enforcer = Enforcer::start(cli.source()?).await?;
     tracing::info!(admin = %enforcer.admin_addr, "ready to enforce");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

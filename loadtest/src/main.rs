@@ -21,6 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 mod fanout;
+mod report;
+mod suite;
 
 #[derive(Parser)]
 #[command(
@@ -28,19 +30,29 @@ mod fanout;
     about = "segmesh load tests (needs root: network namespaces)"
 )]
 struct Cli {
+    /// Without a scenario: run every scenario and write report.json, report.md and SVG
+    /// charts. `--quick` runs each one small (a smoke run; its figures are no
+    /// measurements).
+    #[arg(long)]
+    quick: bool,
+    /// Where the report goes.
+    #[arg(long, default_value = "loadtest-report")]
+    out: PathBuf,
+    /// The enforcer binary (default: `segmesh-proxy` beside this one).
+    #[arg(long)]
+    proxy: Option<PathBuf>,
+    /// The console binary (default: `segmesh-control` beside this one).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Install socat (the relay baseline) with apt-get if it is missing.
+    #[arg(long)]
+    install_relay: bool,
     #[command(subcommand)]
-    scenario: Scenario,
+    scenario: Option<Scenario>,
 }
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// Every scenario, small (well under two minutes): a smoke run that keeps the
-    /// harness working; its figures are not measurements.
-    Quick {
-        /// The enforcer binary (default: `segmesh-proxy` beside this one).
-        #[arg(long)]
-        proxy: Option<PathBuf>,
-    },
     /// PU to PU through the mesh tunnel: throughput and connections/s, both data modes.
     Tunnel {
         /// Bytes per bulk run.
@@ -188,13 +200,26 @@ fn proxy_path(proxy: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-/// Capture rules (both families) and an enforcer as uid 1337 in `host`; waits for it.
+/// Waits until the enforcer in `host` no longer answers on its admin port.
+fn wait_admin_down(host: &Host) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_ok(host, "/healthz") {
+        if Instant::now() > deadline {
+            bail!("the enforcer in {} does not stop", host.name);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Capture rules (both families) and an enforcer as uid 1337 in `host`; waits for it
+/// and returns its pid.
 fn start_enforcer(
     topo: &Topology,
     host: &Host,
     proxy: &std::path::Path,
     cfg: &std::path::Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u32> {
     host.thread(|| {
         let c = rules::Config::default();
         apply::apply(&c, rules::Family::V4).and_then(|_| apply::apply(&c, rules::Family::V6))
@@ -214,11 +239,11 @@ fn start_enforcer(
     .arg("--local-config")
     .arg(cfg)
     .env("RUST_LOG", "warn");
-    topo.spawn(cmd);
+    let pid = topo.spawn(cmd);
     wait_until("an enforcer", Duration::from_secs(20), || {
         http_ok(host, "/ready")
     });
-    Ok(())
+    Ok(pid)
 }
 
 fn bulk(
@@ -452,7 +477,60 @@ fn main() -> anyhow::Result<()> {
     if !segmesh_testkit::netns_enabled() {
         return Ok(());
     }
-    match cli.scenario {
+    // 10,000 idle connections need descriptors: as root, lift the limit for this
+    // process and the enforcers it starts.
+    {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let want = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(1 << 20)
+            .min(1 << 20);
+        if setrlimit(Resource::RLIMIT_NOFILE, want, want).is_err() {
+            fanout::raise_nofile();
+        }
+        if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            if soft < 65536 {
+                eprintln!(
+                    "note: only {soft} file descriptors; the idle-connection scenario may fail"
+                );
+            }
+        }
+    }
+    let Some(scenario) = cli.scenario else {
+        let sizes = if cli.quick {
+            suite::Sizes::quick()
+        } else {
+            suite::Sizes::full()
+        };
+        let control = match cli.control {
+            Some(p) => p,
+            None => std::env::current_exe()?.with_file_name("segmesh-control"),
+        };
+        let started = Instant::now();
+        let mut figures = suite::run(&sizes, cli.proxy, &control, cli.install_relay)?;
+        let target_dir = std::env::current_exe()?
+            .parent()
+            .and_then(|p| p.parent())
+            .map(std::path::Path::to_owned)
+            .unwrap_or_default();
+        figures["decision"] = report::decision_bench(&target_dir);
+        figures["seconds"] = serde_json::json!(started.elapsed().as_secs_f64());
+        let title = if cli.quick {
+            "segmesh load test (quick: every scenario small; not a measurement)"
+        } else {
+            "segmesh load test"
+        };
+        report::write(&cli.out, &figures, title)?;
+        println!("{}", std::fs::read_to_string(cli.out.join("report.md"))?);
+        eprintln!(
+            "wrote {} (report.json, report.md, *.svg) in {:.0} s",
+            cli.out.display(),
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    };
+    match scenario {
         Scenario::Bulk {
             bytes,
             max_seconds,
@@ -472,11 +550,5 @@ fn main() -> anyhow::Result<()> {
             rounds,
             control,
         } => fanout_report(&clients, rounds, control),
-        Scenario::Quick { proxy } => {
-            bulk(64 << 20, 20, 1, proxy.clone(), false)?;
-            tunnel(64 << 20, 100, 20, 1, proxy.clone())?;
-            let control = proxy.map(|p| p.with_file_name("segmesh-control"));
-            fanout_report(&[20], 2, control)
-        }
     }
 }

@@ -1,22 +1,25 @@
-//! The load harness itself keeps working: `segmesh-loadtest quick` builds its topology,
-//! starts enforcers and runs every scenario small. No figure is asserted (a unit test is
-//! no benchmark); only that every scenario completes and reports.
+//! The load harness itself keeps working: `segmesh-loadtest --quick` builds its
+//! topology, starts enforcers and a console, runs every scenario small and writes its
+//! report. No figure is asserted (a unit test is no benchmark); only that every scenario
+//! ran and reported.
 
 #[test]
-fn netns_loadtest_quick_runs_every_scenario() {
+fn netns_loadtest_quick_runs_every_scenario_and_writes_the_report() {
     if !segmesh_testkit::netns_enabled() {
         return;
     }
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_segmesh-loadtest"));
-    let proxy = exe.with_file_name("segmesh-proxy");
-    assert!(
-        proxy.exists(),
-        "{} is built by `cargo test --workspace`",
-        proxy.display()
-    );
+    for b in ["segmesh-proxy", "segmesh-control"] {
+        assert!(
+            exe.with_file_name(b).exists(),
+            "{b} is built by `cargo test --workspace`"
+        );
+    }
+    let out_dir = std::env::temp_dir().join(format!("segmesh-lt-quick-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
     let out = std::process::Command::new(exe)
-        .args(["quick", "--proxy"])
-        .arg(&proxy)
+        .args(["--quick", "--out"])
+        .arg(&out_dir)
         .output()
         .unwrap();
     let text = format!(
@@ -25,13 +28,52 @@ fn netns_loadtest_quick_runs_every_scenario() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    for line in [
-        "through one enforcer",
-        "tunnel, encrypted (rustls)",
-        "tunnel, authenticated-only",
-        "new connections",
-        "push fan-out",
-    ] {
-        assert!(text.contains(line), "`{line}` missing:\n{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap())
+            .unwrap();
+    let fig = &report["figures"];
+    for path in ["direct", "authenticated-only", "encrypted"] {
+        assert!(
+            fig["bulk_gbps"]["1"][path].as_f64().unwrap() > 0.0,
+            "{path}: {text}"
+        );
+        assert!(
+            fig["bulk_gbps"]["8"][path].as_f64().unwrap() > 0.0,
+            "{path}: {text}"
+        );
+        assert!(
+            fig["latency"][path]["samples"].as_u64().unwrap() > 0,
+            "{path}"
+        );
+        assert!(fig["connections"][path]["per_second"].as_f64().unwrap() > 0.0);
     }
+    assert!(
+        fig["connections"]["encrypted, full handshake, no pool"]["per_second"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    for mode in ["authenticated-only", "encrypted"] {
+        assert_eq!(fig["idle"][mode]["connections"], 200, "{mode}");
+    }
+    assert_eq!(fig["fanout"][0]["missed"], 0);
+    assert!(report["machine"]["cores"].as_u64().unwrap() > 0);
+    assert!(report["targets"].as_array().unwrap().len() >= 5);
+    for f in [
+        "report.md",
+        "throughput.svg",
+        "latency.svg",
+        "connections.svg",
+        "fanout.svg",
+    ] {
+        let body = std::fs::read_to_string(out_dir.join(f)).unwrap();
+        assert!(!body.is_empty(), "{f}");
+        if f.ends_with(".svg") {
+            assert!(
+                body.contains("<svg") && body.contains("<rect"),
+                "{f} is a chart"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
 }

@@ -257,6 +257,9 @@ pub struct LocalConfig {
     /// `sidecar` (default) or `host`.
     #[serde(default)]
     pub mode: Mode,
+    /// Resume tunnel TLS sessions (default true; off only to measure full handshakes).
+    #[serde(default = "d_true")]
+    pub tunnel_resumption: bool,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {

@@ -114,6 +114,7 @@ impl Cli {
             recheck_open: !self.no_recheck_open,
             log_all_flows: self.log_all_flows,
             mode,
+            tunnel_resumption: true,
         })))
     }
 }

@@ -189,13 +189,18 @@ impl Snapshot {
                             });
                         }
                         let sessions = segmesh_identity::Sessions::new()?;
-                        let configs = TlsConfigs::from_pem(
+                        let mut configs = TlsConfigs::from_pem(
                             &cert,
                             &key,
                             &bundle,
                             &own.trust_domain,
                             &sessions,
                         )?;
+                        if !cfg.tunnel_resumption {
+                            let mut client = (*configs.client).clone();
+                            client.resumption = rustls::client::Resumption::disabled();
+                            configs.client = Arc::new(client);
+                        }
                         (Some(Arc::new(configs)), fp)
                     }
                 }

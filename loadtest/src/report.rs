@@ -1,0 +1,414 @@
+//! `report.json`, `report.md` and SVG charts (plotters) from a run's figures, with the
+//! machine's description and each figure's ratio to its baseline.
+
+use std::path::Path;
+
+use anyhow::Context;
+use plotters::prelude::*;
+use serde_json::{Value, json};
+
+use crate::suite::PATHS;
+
+/// What this machine is.
+pub fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let ktls = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .is_ok_and(|s| s.split_whitespace().any(|u| u == "tls"));
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "memory_gib": (mem_kib as f64 / 1048576.0 * 10.0).round() / 10.0,
+        "kernel": kernel,
+        "kernel_tls": ktls,
+    })
+}
+
+/// The policy crate's decision benchmark, if it ran on this checkout
+/// (`cargo bench -p segmesh-policy --bench decision`): criterion's mean estimates.
+pub fn decision_bench(target: &Path) -> Value {
+    let read = |rel: &str| -> Option<f64> {
+        let p = target
+            .join("criterion")
+            .join(rel)
+            .join("new/estimates.json");
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+        v["mean"]["point_estimate"].as_f64()
+    };
+    let mut out = serde_json::Map::new();
+    for (name, rel) in [
+        ("engine_decision_ns", "decide/compiled"),
+        ("naive_decision_ns", "decide/naive"),
+        ("compile_10000_policies_ns", "compile_10k-policies"),
+    ] {
+        if let Some(v) = read(rel) {
+            out.insert(name.into(), json!(v));
+        }
+    }
+    if out.is_empty() {
+        json!({ "note": "not measured in this run: `cargo bench -p segmesh-policy --bench decision` first" })
+    } else {
+        Value::Object(out)
+    }
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+/// Grouped bars: one group per label, one bar per series.
+fn bars(
+    path: &Path,
+    title: &str,
+    y: &str,
+    groups: &[String],
+    series: &[(String, Vec<f64>)],
+) -> anyhow::Result<()> {
+    let max = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .fold(0.0, f64::max)
+        .max(1e-9)
+        * 1.15;
+    let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let n = groups.len().max(1);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..n as f64, 0f64..max)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            groups.get(i).cloned().unwrap_or_default()
+        })
+        .y_desc(y)
+        .draw()?;
+    let width = 0.8 / series.len().max(1) as f64;
+    for (si, (name, values)) in series.iter().enumerate() {
+        let color = Palette99::pick(si).to_rgba();
+        chart
+            .draw_series(values.iter().enumerate().map(|(gi, &v)| {
+                let x0 = gi as f64 + 0.1 + si as f64 * width;
+                Rectangle::new([(x0, 0.0), (x0 + width * 0.9, v)], color.filled())
+            }))?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// A target: what it compares, its threshold, where it stands.
+fn target(name: &str, measured: f64, goal: f64, higher_is_better: bool, unit: &str) -> Value {
+    let met = if higher_is_better {
+        measured >= goal
+    } else {
+        measured <= goal
+    };
+    json!({ "target": name, "measured": measured, "goal": goal, "unit": unit, "met": met })
+}
+
+/// Writes report.json, report.md and the charts into `out`.
+pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+    let b1 = &figures["bulk_gbps"]["1"];
+    let b8 = &figures["bulk_gbps"]["8"];
+    let lat = &figures["latency"];
+    let conn = &figures["connections"];
+    let direct1 = f(&b1["direct"]);
+    // The issue's reference figures for this machine kind (not re-measured here).
+    let haproxy_mtls_gbps = 5.2;
+    let haproxy_conn_s = 1100.0;
+    let added_rtt = f(&lat["encrypted"]["mean_us"]) - f(&lat["direct"]["mean_us"]);
+    let idle_rss = figures["idle"]["encrypted"]["enforcers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(
+            figures["idle"]["authenticated-only"]["enforcers"]
+                .as_array()
+                .into_iter()
+                .flatten(),
+        )
+        .map(|e| f(&e["rss_bytes_per_connection"]))
+        .fold(0.0, f64::max);
+    let fanout_p99 = figures["fanout"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["watchers"] == 1000)
+        .map(|r| f(&r["p99_ms"]))
+        .next();
+    let best_rate = ["encrypted", "authenticated-only"]
+        .iter()
+        .map(|m| f(&conn[*m]["per_second"]))
+        .fold(0.0, f64::max);
+    let mut targets = vec![
+        target(
+            "authenticated-only (spliced) throughput vs direct, 1 stream",
+            f(&b1["authenticated-only"]) / direct1.max(1e-9),
+            0.8,
+            true,
+            "×",
+        ),
+        target(
+            "encrypted throughput vs the HAProxy mTLS pair (5.2 Gbit/s, the issue's reference)",
+            f(&b1["encrypted"]) / haproxy_mtls_gbps,
+            1.7,
+            true,
+            "×",
+        ),
+        target(
+            "new connections/s vs the HAProxy pair (1,100/s, the issue's reference)",
+            best_rate / haproxy_conn_s,
+            7.0,
+            true,
+            "×",
+        ),
+        target(
+            "added mean round trip, encrypted tunnel",
+            added_rtt,
+            50.0,
+            false,
+            "µs",
+        ),
+        target(
+            "RSS per idle connection (worst enforcer, either mode)",
+            idle_rss / 1024.0,
+            64.0,
+            false,
+            "KiB",
+        ),
+    ];
+    if let Some(p99) = fanout_p99 {
+        targets.push(target(
+            "push fan-out to 1,000 watchers, p99",
+            p99,
+            1000.0,
+            false,
+            "ms",
+        ));
+    }
+    let report = json!({
+        "title": title,
+        "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        "machine": machine(),
+        "figures": figures,
+        "targets": targets,
+    });
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+
+    let present: Vec<&str> = PATHS
+        .iter()
+        .copied()
+        .filter(|p| !b1[*p].is_null())
+        .collect();
+    let groups: Vec<String> = present.iter().map(|s| s.to_string()).collect();
+    bars(
+        &out.join("throughput.svg"),
+        "Bulk throughput (Gbit/s)",
+        "Gbit/s",
+        &groups,
+        &[
+            (
+                "1 stream".into(),
+                present.iter().map(|p| f(&b1[*p])).collect(),
+            ),
+            (
+                "8 streams".into(),
+                present.iter().map(|p| f(&b8[*p])).collect(),
+            ),
+        ],
+    )?;
+    bars(
+        &out.join("latency.svg"),
+        "Request/response round trip, 64 B (µs)",
+        "µs",
+        &groups,
+        &["p50_us", "p99_us", "p999_us"]
+            .iter()
+            .map(|q| {
+                (
+                    q.trim_end_matches("_us").to_owned(),
+                    present.iter().map(|p| f(&lat[*p][*q])).collect(),
+                )
+            })
+            .collect::<Vec<_>>(),
+    )?;
+    let conn_keys: Vec<String> = conn
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    bars(
+        &out.join("connections.svg"),
+        "New connections per second (sequential, each decided)",
+        "per second",
+        &conn_keys,
+        &[(
+            "connections/s".into(),
+            conn_keys
+                .iter()
+                .map(|k| f(&conn[k]["per_second"]))
+                .collect(),
+        )],
+    )?;
+    let fan: Vec<&Value> = figures["fanout"].as_array().into_iter().flatten().collect();
+    bars(
+        &out.join("fanout.svg"),
+        "Push fan-out: commit to every watcher holding the snapshot (ms)",
+        "ms",
+        &fan.iter()
+            .map(|r| format!("{} watchers", r["watchers"]))
+            .collect::<Vec<_>>(),
+        &["p50_ms", "p99_ms", "max_ms"]
+            .iter()
+            .map(|q| {
+                (
+                    q.trim_end_matches("_ms").to_owned(),
+                    fan.iter().map(|r| f(&r[*q])).collect(),
+                )
+            })
+            .collect::<Vec<_>>(),
+    )?;
+
+    let m = &report["machine"];
+    let mut md = format!(
+        "# {title}\n\n{}: {} cores ({}), {} GiB, kernel {}, kernel TLS {}.\n\n\
+         Every figure below was measured in this run, on one topology (a client and a server \
+         network namespace joined by a veth bridge), baselines first. Reproduce with \
+         `cargo build --release --workspace --bins && sudo target/release/segmesh-loadtest --out DIR`.\n\n",
+        report["date"].as_str().unwrap_or(""),
+        m["cores"],
+        m["cpu"].as_str().unwrap_or(""),
+        m["memory_gib"],
+        m["kernel"].as_str().unwrap_or(""),
+        if m["kernel_tls"] == true {
+            "available"
+        } else {
+            "not available (tunnels encrypt with rustls)"
+        }
+    );
+    md.push_str("## Targets\n\n| target | measured | goal | state |\n|---|---|---|---|\n");
+    for t in report["targets"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {:.2} {} | {} {} | {} |\n",
+            t["target"].as_str().unwrap_or(""),
+            f(&t["measured"]),
+            t["unit"].as_str().unwrap_or(""),
+            t["goal"],
+            t["unit"].as_str().unwrap_or(""),
+            if t["met"] == true {
+                "met"
+            } else {
+                "**missed** (open work)"
+            }
+        ));
+    }
+    md.push_str("\n## Bulk throughput\n\n![throughput](throughput.svg)\n\n| path | 1 stream | vs direct | 8 streams | vs direct |\n|---|---|---|---|---|\n");
+    for p in &present {
+        md.push_str(&format!(
+            "| {p} | {:.2} Gbit/s | {:.2}× | {:.2} Gbit/s | {:.2}× |\n",
+            f(&b1[*p]),
+            f(&b1[*p]) / direct1.max(1e-9),
+            f(&b8[*p]),
+            f(&b8[*p]) / f(&b8["direct"]).max(1e-9)
+        ));
+    }
+    md.push_str("\n## Request/response latency (64 B, one established connection)\n\n![latency](latency.svg)\n\n| path | p50 | p99 | p999 | mean | added mean vs direct |\n|---|---|---|---|---|---|\n");
+    for p in &present {
+        let l = &lat[*p];
+        md.push_str(&format!(
+            "| {p} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:+.1} µs |\n",
+            f(&l["p50_us"]),
+            f(&l["p99_us"]),
+            f(&l["p999_us"]),
+            f(&l["mean_us"]),
+            f(&l["mean_us"]) - f(&lat["direct"]["mean_us"])
+        ));
+    }
+    md.push_str("\n## New connections (sequential; connect, 6-byte greeting, close)\n\n![connections](connections.svg)\n\n| path | per second | vs direct | connect p50 | connect p99 |\n|---|---|---|---|---|\n");
+    for k in &conn_keys {
+        let c = &conn[k];
+        md.push_str(&format!(
+            "| {k} | {:.0} | {:.3}× | {:.0} µs | {:.0} µs |\n",
+            f(&c["per_second"]),
+            f(&c["per_second"]) / f(&conn["direct"]["per_second"]).max(1e-9),
+            f(&c["connect"]["p50_us"]),
+            f(&c["connect"]["p99_us"])
+        ));
+    }
+    md.push_str("\n## Idle connections held through both enforcers\n\n| mode | connections | enforcer | RSS before → held | RSS per connection | fds per connection |\n|---|---|---|---|---|---|\n");
+    for mode in ["authenticated-only", "encrypted"] {
+        let i = &figures["idle"][mode];
+        for e in i["enforcers"].as_array().into_iter().flatten() {
+            md.push_str(&format!(
+                "| {mode} | {} | {} | {} → {} KiB | {:.1} KiB | {:.2} |\n",
+                i["connections"],
+                e["enforcer"].as_str().unwrap_or(""),
+                e["rss_kib_before"],
+                e["rss_kib_held"],
+                f(&e["rss_bytes_per_connection"]) / 1024.0,
+                f(&e["fds_per_connection"])
+            ));
+        }
+    }
+    md.push_str("\n## Push fan-out (a console on loopback, simulated enforcers watching)\n\n![fanout](fanout.svg)\n\n| watchers | p50 | p99 | max | missed |\n|---|---|---|---|---|\n");
+    for r in &fan {
+        md.push_str(&format!(
+            "| {} | {:.1} ms | {:.1} ms | {:.1} ms | {} |\n",
+            r["watchers"],
+            f(&r["p50_ms"]),
+            f(&r["p99_ms"]),
+            f(&r["max_ms"]),
+            r["missed"]
+        ));
+    }
+    md.push_str("\n## Policy decisions\n\n");
+    let d = &figures["decision"];
+    if let Some(note) = d["note"].as_str() {
+        md.push_str(&format!("{note}\n"));
+    } else {
+        md.push_str(&format!(
+            "criterion means (10,000 policies, 100,000 PUs): engine {:.0} ns per decision, naive {:.0} ns ({:.0}×); compile {:.1} ms.\n",
+            f(&d["engine_decision_ns"]),
+            f(&d["naive_decision_ns"]),
+            f(&d["naive_decision_ns"]) / f(&d["engine_decision_ns"]).max(1e-9),
+            f(&d["compile_10000_policies_ns"]) / 1e6
+        ));
+    }
+    for n in figures["notes"].as_array().into_iter().flatten() {
+        md.push_str(&format!("\nNote: {}\n", n.as_str().unwrap_or("")));
+    }
+    std::fs::write(out.join("report.md"), md)?;
+    Ok(())
+}

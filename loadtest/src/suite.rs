@@ -1,0 +1,676 @@
+//! The full run: every scenario on one topology (a client and a server namespace),
+//! baselines first (direct TCP, a plain socat relay pair mirroring the enforcer pair),
+//! then the same load through both enforcers' mesh tunnel, authenticated-only
+//! (spliced) and encrypted. Every loop is bounded in count and time.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use segmesh_testkit::{Host, Topology};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{in_ns, proxy_path, start_enforcer};
+
+/// How big each scenario is.
+#[derive(Debug, Clone)]
+pub struct Sizes {
+    pub bulk_bytes: u64,
+    pub rr_rounds: usize,
+    pub connections: u32,
+    pub idle: usize,
+    pub fanout: Vec<usize>,
+    pub fanout_rounds: usize,
+    pub limit: Duration,
+}
+
+impl Sizes {
+    pub fn full() -> Sizes {
+        Sizes {
+            bulk_bytes: 1 << 30,
+            rr_rounds: 20_000,
+            connections: 2_000,
+            idle: 10_000,
+            fanout: vec![100, 1_000],
+            fanout_rounds: 5,
+            limit: Duration::from_secs(30),
+        }
+    }
+
+    pub fn quick() -> Sizes {
+        Sizes {
+            bulk_bytes: 32 << 20,
+            rr_rounds: 500,
+            connections: 100,
+            idle: 200,
+            fanout: vec![20],
+            fanout_rounds: 2,
+            limit: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Port ranges: what the policies make of them.
+const ENCRYPTED: u16 = 9000;
+const PLAIN: u16 = 10000;
+const DIRECT: u16 = 11000;
+const RELAY_IN: u16 = 12000;
+const RELAY_HOP: u16 = 13000;
+const RELAY_OUT: u16 = 14000;
+
+/// Receives `streams` connections until each ends; returns Gbit/s over the whole
+/// transfer (first byte to last EOF).
+async fn sink_many(addr: SocketAddr, streams: usize, limit: Duration) -> anyhow::Result<f64> {
+    let l = TcpListener::bind(addr).await?;
+    let deadline = tokio::time::Instant::now() + limit;
+    let first = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let mut readers = Vec::new();
+    for _ in 0..streams {
+        let (mut s, _) = tokio::time::timeout_at(deadline, l.accept())
+            .await
+            .context("a bulk stream did not arrive")??;
+        let first = first.clone();
+        readers.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            loop {
+                let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
+                    .await
+                    .context("receive timed out")??;
+                if n == 0 {
+                    return Ok::<_, anyhow::Error>(total);
+                }
+                first.lock().unwrap().get_or_insert_with(Instant::now);
+                total += n as u64;
+            }
+        }));
+    }
+    let mut total = 0;
+    for r in readers {
+        total += r.await??;
+    }
+    let start = first.lock().unwrap().context("nothing arrived")?;
+    Ok(total as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9)
+}
+
+async fn source(to: SocketAddr, bytes: u64, limit: Duration) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(to).await?;
+    let buf = vec![0x5au8; 1 << 20];
+    let deadline = Instant::now() + limit;
+    let mut sent = 0u64;
+    while sent < bytes && Instant::now() < deadline {
+        let n = (bytes - sent).min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n]).await?;
+        sent += n as u64;
+    }
+    s.shutdown().await?;
+    Ok(())
+}
+
+/// `streams` parallel bulk streams from client to `to` (the server listens on
+/// `listen`); bytes are split between the streams.
+fn bulk(
+    topo: &Topology,
+    listen: SocketAddr,
+    to: SocketAddr,
+    streams: usize,
+    bytes: u64,
+    limit: Duration,
+) -> anyhow::Result<f64> {
+    let rx = in_ns(
+        topo.host("server"),
+        sink_many(listen, streams, limit + Duration::from_secs(10)),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    in_ns(topo.host("client"), async move {
+        let per = bytes / streams as u64;
+        let mut tx = Vec::new();
+        for _ in 0..streams {
+            tx.push(tokio::spawn(source(to, per, limit)));
+        }
+        for t in tx {
+            t.await??;
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .join()
+    .expect("client thread")?;
+    rx.join().expect("server thread")
+}
+
+/// Echoes whatever arrives, on every connection, until `limit`.
+async fn echo(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr).await?;
+    let until = tokio::time::Instant::now() + limit;
+    while let Ok(Ok((mut s, _))) = tokio::time::timeout_at(until, l.accept()).await {
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+    Ok(())
+}
+
+/// Round trips of 64-byte messages over one established connection (after 100
+/// warm-up rounds); the round-trip times.
+fn rr(
+    topo: &Topology,
+    listen: SocketAddr,
+    to: SocketAddr,
+    rounds: usize,
+    limit: Duration,
+) -> anyhow::Result<Vec<Duration>> {
+    let _srv = in_ns(
+        topo.host("server"),
+        echo(listen, limit + Duration::from_secs(5)),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    in_ns(topo.host("client"), async move {
+        let mut s = TcpStream::connect(to).await?;
+        s.set_nodelay(true)?;
+        let msg = [0x42u8; 64];
+        let mut back = [0u8; 64];
+        let mut out = Vec::with_capacity(rounds);
+        let start = Instant::now();
+        for i in 0..rounds + 100 {
+            if start.elapsed() > limit {
+                break;
+            }
+            let t = Instant::now();
+            s.write_all(&msg).await?;
+            s.read_exact(&mut back).await?;
+            if i >= 100 {
+                out.push(t.elapsed());
+            }
+        }
+        Ok(out)
+    })
+    .join()
+    .expect("client thread")
+}
+
+/// Greets connections until `limit`; holds each open until the client closes it.
+async fn greeter(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr).await?;
+    let until = tokio::time::Instant::now() + limit;
+    while let Ok(Ok((mut s, _))) = tokio::time::timeout_at(until, l.accept()).await {
+        tokio::spawn(async move {
+            let _ = s.write_all(b"hello\n").await;
+            let mut b = [0u8; 1];
+            let _ = tokio::time::timeout_at(until, s.read(&mut b)).await;
+        });
+    }
+    Ok(())
+}
+
+/// Sequential new connections (connect, read the greeting, close): per second, and
+/// each one's time from connect to greeting.
+fn conn_rate(
+    topo: &Topology,
+    listen: SocketAddr,
+    to: SocketAddr,
+    n: u32,
+    limit: Duration,
+) -> anyhow::Result<(f64, Vec<Duration>)> {
+    let _srv = in_ns(
+        topo.host("server"),
+        greeter(listen, limit + Duration::from_secs(5)),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    in_ns(topo.host("client"), async move {
+        let start = Instant::now();
+        let mut lat = Vec::with_capacity(n as usize);
+        let mut b = [0u8; 6];
+        while lat.len() < n as usize && start.elapsed() < limit {
+            let t = Instant::now();
+            let mut s = TcpStream::connect(to).await?;
+            s.read_exact(&mut b).await?;
+            lat.push(t.elapsed());
+        }
+        Ok((lat.len() as f64 / start.elapsed().as_secs_f64(), lat))
+    })
+    .join()
+    .expect("client thread")
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Opens `n` connections through the enforcers and holds them idle; RSS and file
+/// descriptors of each enforcer before and while they are held.
+fn idle(
+    topo: &Topology,
+    listen: SocketAddr,
+    to: SocketAddr,
+    n: usize,
+    pids: &[(&'static str, u32)],
+    limit: Duration,
+) -> anyhow::Result<Value> {
+    let before: Vec<(u64, usize)> = pids
+        .iter()
+        .map(|&(_, p)| (status_kib(p, "VmRSS:"), fds(p)))
+        .collect();
+    let hold = limit * 4;
+    let _srv = in_ns(
+        topo.host("server"),
+        greeter(listen, hold + Duration::from_secs(5)),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let client = in_ns(topo.host("client"), async move {
+        let mut held = Vec::with_capacity(n);
+        let start = Instant::now();
+        let mut b = [0u8; 6];
+        while held.len() < n && start.elapsed() < hold {
+            let mut s = TcpStream::connect(to).await?;
+            s.read_exact(&mut b).await?;
+            held.push(s);
+        }
+        let _ = ready_tx.send((held.len(), start.elapsed()));
+        let _ = tokio::time::timeout(hold, done_rx).await;
+        drop(held);
+        Ok::<_, anyhow::Error>(())
+    });
+    let (opened, took) = ready_rx
+        .recv_timeout(hold + Duration::from_secs(10))
+        .context("idle connections")?;
+    // Let the enforcers settle (pool refills, records).
+    std::thread::sleep(Duration::from_millis(500));
+    let mut per = Vec::new();
+    for (i, &(name, pid)) in pids.iter().enumerate() {
+        let (rss, fd) = (status_kib(pid, "VmRSS:"), fds(pid));
+        let (rss0, fd0) = before[i];
+        per.push(json!({
+            "enforcer": name,
+            "rss_kib_before": rss0,
+            "rss_kib_held": rss,
+            "rss_bytes_per_connection": (rss.saturating_sub(rss0) * 1024) as f64 / opened.max(1) as f64,
+            "fds_before": fd0,
+            "fds_held": fd,
+            "fds_per_connection": fd.saturating_sub(fd0) as f64 / opened.max(1) as f64,
+        }));
+    }
+    let _ = done_tx.send(());
+    client.join().expect("client thread")?;
+    // The next measurement starts from the enforcers' resting state.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pids
+        .iter()
+        .zip(&before)
+        .any(|(&(_, p), &(_, fd0))| fds(p) > fd0 + 16)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if opened < n {
+        bail!("only {opened} of {n} idle connections opened in {took:?}");
+    }
+    Ok(json!({ "connections": opened, "open_seconds": took.as_secs_f64(), "enforcers": per }))
+}
+
+pub fn quantiles(v: &[Duration]) -> Value {
+    let mut v = v.to_vec();
+    v.sort();
+    let q = |q: f64| {
+        if v.is_empty() {
+            0.0
+        } else {
+            v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6
+        }
+    };
+    let mean = if v.is_empty() {
+        0.0
+    } else {
+        v.iter().map(|d| d.as_secs_f64()).sum::<f64>() / v.len() as f64 * 1e6
+    };
+    json!({ "samples": v.len(), "p50_us": q(0.5), "p99_us": q(0.99), "p999_us": q(0.999), "mean_us": mean })
+}
+
+/// socat, installed when asked.
+fn relay_available(install: bool) -> bool {
+    let have = || {
+        std::process::Command::new("socat")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have() && install {
+        let _ = std::process::Command::new("apt-get")
+            .args(["install", "-y", "socat"])
+            .status();
+    }
+    have()
+}
+
+/// A socat relay pair mirroring the enforcer pair: client-side on loopback, across the
+/// veth to the server side, then to the server on loopback.
+fn start_relays(topo: &Topology, port_in: u16, hop: u16, out: u16) {
+    let server = topo.host("server");
+    let mut c = topo.host("client").command("socat");
+    c.args([
+        &format!("TCP-LISTEN:{port_in},bind=127.0.0.1,fork,reuseaddr,nodelay"),
+        &format!("TCP:{}:{hop},nodelay", server.ip4),
+    ]);
+    topo.spawn(c);
+    let mut s = server.command("socat");
+    s.args([
+        &format!("TCP-LISTEN:{hop},fork,reuseaddr,nodelay"),
+        &format!("TCP:127.0.0.1:{out},nodelay"),
+    ]);
+    topo.spawn(s);
+}
+
+/// Waits until something listens on `port` in `h` (asked of the kernel with `ss`, so
+/// that no probe connection goes through a relay).
+fn wait_listening(h: &Host, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = h.exec(&["ss", "-Hltn", &format!("sport = :{port}")]);
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port} in {}", h.name);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The paths measured, in report order.
+pub const PATHS: [&str; 4] = ["direct", "relay", "authenticated-only", "encrypted"];
+
+/// Runs everything; returns the report's figures.
+pub fn run(
+    sizes: &Sizes,
+    proxy: Option<PathBuf>,
+    control: &Path,
+    install_relay: bool,
+) -> anyhow::Result<Value> {
+    use segmesh_identity::{Ca, KeyAlgorithm, SpiffeId, WorkloadKey};
+    let proxy = proxy_path(proxy)?;
+    let topo = Topology::new(&["client", "server"]);
+    let (client, server) = (topo.host("client").clone(), topo.host("server").clone());
+    let any = |p: u16| SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), p);
+    let at_server = |p: u16| SocketAddr::new(server.ip4.into(), p);
+    let local = |p: u16| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), p);
+    let limit = sizes.limit;
+    let mut bulk1 = serde_json::Map::new();
+    let mut bulk8 = serde_json::Map::new();
+    let mut latency = serde_json::Map::new();
+    let mut rate = serde_json::Map::new();
+    let mut notes: Vec<String> = Vec::new();
+    let mut port = 0u16;
+    let mut next = || {
+        port += 1;
+        port
+    };
+
+    // Baselines, before any capture rule exists.
+    let p = DIRECT + next();
+    bulk1.insert(
+        "direct".into(),
+        json!(bulk(
+            &topo,
+            any(p),
+            at_server(p),
+            1,
+            sizes.bulk_bytes,
+            limit
+        )?),
+    );
+    let p = DIRECT + next();
+    bulk8.insert(
+        "direct".into(),
+        json!(bulk(
+            &topo,
+            any(p),
+            at_server(p),
+            8,
+            sizes.bulk_bytes,
+            limit
+        )?),
+    );
+    let p = DIRECT + next();
+    latency.insert(
+        "direct".into(),
+        quantiles(&rr(&topo, any(p), at_server(p), sizes.rr_rounds, limit)?),
+    );
+    let p = DIRECT + next();
+    let (r, lat) = conn_rate(&topo, any(p), at_server(p), sizes.connections, limit)?;
+    rate.insert(
+        "direct".into(),
+        json!({ "per_second": r, "connect": quantiles(&lat) }),
+    );
+
+    if relay_available(install_relay) {
+        let i = next();
+        start_relays(&topo, RELAY_IN + i, RELAY_HOP + i, RELAY_OUT + i);
+        wait_listening(&client, RELAY_IN + i)?;
+        wait_listening(&server, RELAY_HOP + i)?;
+        // Each scenario gets its own relay pair (socat forks per connection).
+        bulk1.insert(
+            "relay".into(),
+            json!(bulk(
+                &topo,
+                any(RELAY_OUT + i),
+                local(RELAY_IN + i),
+                1,
+                sizes.bulk_bytes,
+                limit
+            )?),
+        );
+        let i = next();
+        start_relays(&topo, RELAY_IN + i, RELAY_HOP + i, RELAY_OUT + i);
+        wait_listening(&client, RELAY_IN + i)?;
+        wait_listening(&server, RELAY_HOP + i)?;
+        bulk8.insert(
+            "relay".into(),
+            json!(bulk(
+                &topo,
+                any(RELAY_OUT + i),
+                local(RELAY_IN + i),
+                8,
+                sizes.bulk_bytes,
+                limit
+            )?),
+        );
+        let i = next();
+        start_relays(&topo, RELAY_IN + i, RELAY_HOP + i, RELAY_OUT + i);
+        wait_listening(&client, RELAY_IN + i)?;
+        wait_listening(&server, RELAY_HOP + i)?;
+        latency.insert(
+            "relay".into(),
+            quantiles(&rr(
+                &topo,
+                any(RELAY_OUT + i),
+                local(RELAY_IN + i),
+                sizes.rr_rounds,
+                limit,
+            )?),
+        );
+        let i = next();
+        start_relays(&topo, RELAY_IN + i, RELAY_HOP + i, RELAY_OUT + i);
+        wait_listening(&client, RELAY_IN + i)?;
+        wait_listening(&server, RELAY_HOP + i)?;
+        let (r, lat) = conn_rate(
+            &topo,
+            any(RELAY_OUT + i),
+            local(RELAY_IN + i),
+            sizes.connections,
+            limit,
+        )?;
+        rate.insert(
+            "relay".into(),
+            json!({ "per_second": r, "connect": quantiles(&lat) }),
+        );
+    } else {
+        notes.push("socat is not installed: no relay baseline (pass --install-relay)".into());
+    }
+
+    // The enforcer pair.
+    let dir = std::env::temp_dir().join(format!("segmesh-loadtest-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let ca = Ca::new_root("segmesh.local", KeyAlgorithm::EcdsaP256)?;
+    let registry: String = ["client", "server"]
+        .iter()
+        .map(|n| {
+            format!(
+                "  - {{name: {n}, namespace: /lt, ips: [{}]}}\n",
+                topo.host(n).ip4
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("policies.yaml"),
+        format!(
+            "kind: NetworkPolicy\nname: encrypted\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [tcp/{ENCRYPTED}-{}]\n---\n\
+             kind: NetworkPolicy\nname: plain\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [tcp/{PLAIN}-{}]\nencrypt: false\n",
+            ENCRYPTED + 999,
+            PLAIN + 999
+        ),
+    )?;
+    let mut pids = Vec::new();
+    let mut configs = Vec::new();
+    for name in ["client", "server"] {
+        let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256)?;
+        let id = SpiffeId::new("segmesh.local", "/lt", name)?;
+        let issued = ca.issue(
+            &key.csr_pem(name)?,
+            &id,
+            &[format!("app={name}")],
+            Duration::from_secs(3600),
+        )?;
+        for f in segmesh_identity::ca::save_issued(&dir.join(name), &issued, &key)? {
+            std::os::unix::fs::chown(&f, Some(1337), Some(1337))?;
+        }
+        let cfg = dir.join(format!("{name}.yaml"));
+        let text = format!(
+            "pu: {{name: {name}, namespace: /lt, tags: [app={name}]}}\nidentity: {{cert: {name}.crt, key: {name}.key, bundle: {name}.bundle.crt}}\nregistry:\n{registry}policies: [policies.yaml]\nlimits: {{max_connections: 65536, max_handshakes: 1024}}\n"
+        );
+        std::fs::write(&cfg, &text)?;
+        let host = topo.host(name).clone();
+        pids.push((
+            if name == "client" { "client" } else { "server" },
+            start_enforcer(&topo, &host, &proxy, &cfg)?,
+        ));
+        configs.push((cfg, text));
+    }
+    for (mode, base) in [("authenticated-only", PLAIN), ("encrypted", ENCRYPTED)] {
+        let p = base + next();
+        bulk1.insert(
+            mode.into(),
+            json!(bulk(
+                &topo,
+                any(p),
+                at_server(p),
+                1,
+                sizes.bulk_bytes,
+                limit
+            )?),
+        );
+        let p = base + next();
+        bulk8.insert(
+            mode.into(),
+            json!(bulk(
+                &topo,
+                any(p),
+                at_server(p),
+                8,
+                sizes.bulk_bytes,
+                limit
+            )?),
+        );
+        let p = base + next();
+        latency.insert(
+            mode.into(),
+            quantiles(&rr(&topo, any(p), at_server(p), sizes.rr_rounds, limit)?),
+        );
+        let p = base + next();
+        let (r, lat) = conn_rate(&topo, any(p), at_server(p), sizes.connections, limit)?;
+        rate.insert(
+            mode.into(),
+            json!({ "per_second": r, "connect": quantiles(&lat) }),
+        );
+    }
+    let mut idle_results = serde_json::Map::new();
+    for (mode, base) in [("authenticated-only", PLAIN), ("encrypted", ENCRYPTED)] {
+        let p = base + next();
+        idle_results.insert(
+            mode.into(),
+            idle(&topo, any(p), at_server(p), sizes.idle, &pids, limit)?,
+        );
+    }
+    // Full handshakes: the client's enforcer again, without resumption or a pool.
+    let (cfg, text) = &configs[0];
+    std::fs::write(
+        cfg,
+        text.replace(
+            "limits: {max_connections: 65536, max_handshakes: 1024}",
+            "limits: {max_connections: 65536, max_handshakes: 1024, tunnel_pool: 0}\ntunnel_resumption: false",
+        ),
+    )?;
+    topo.kill(pids[0].1);
+    crate::wait_admin_down(&client)?;
+    pids[0].1 = start_enforcer(&topo, &client, &proxy, cfg)?;
+    let p = ENCRYPTED + next();
+    let (r, lat) = conn_rate(&topo, any(p), at_server(p), sizes.connections, limit)?;
+    rate.insert(
+        "encrypted, full handshake, no pool".into(),
+        json!({ "per_second": r, "connect": quantiles(&lat) }),
+    );
+    drop(topo);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let fanout = crate::fanout::run(
+        control,
+        &sizes.fanout,
+        sizes.fanout_rounds,
+        Duration::from_secs(30),
+    )?;
+    let fanout: Vec<Value> = fanout
+        .iter()
+        .map(|r| {
+            json!({
+                "watchers": r.clients,
+                "p50_ms": r.quantile(0.5).as_secs_f64() * 1e3,
+                "p99_ms": r.quantile(0.99).as_secs_f64() * 1e3,
+                "max_ms": r.quantile(1.0).as_secs_f64() * 1e3,
+                "missed": r.missed,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "sizes": {
+            "bulk_bytes": sizes.bulk_bytes,
+            "rr_rounds": sizes.rr_rounds,
+            "connections": sizes.connections,
+            "idle": sizes.idle,
+            "fanout_rounds": sizes.fanout_rounds,
+        },
+        "bulk_gbps": { "1": bulk1, "8": bulk8 },
+        "latency": latency,
+        "connections": rate,
+        "idle": idle_results,
+        "fanout": fanout,
+        "notes": notes,
+    }))
+}

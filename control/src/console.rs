@@ -90,7 +90,8 @@ fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
     strip(a) == strip(b)
 }
 
-/// Lifetime of the certificates the console issues to enforcers (renewed at 2/3).
+/// Default lifetime of the certificates the console issues to enforcers (renewed at
+/// 2/3).
 pub const CERT_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What an enforcer sends to register.
@@ -142,6 +143,8 @@ pub struct FlowFilter {
 
 pub struct Console<S: Store> {
     pub store: S,
+    /// Lifetime of the certificates issued to enforcers.
+    pub cert_ttl: std::time::Duration,
 }
 
 impl Caller {
@@ -156,7 +159,10 @@ impl Caller {
 
 impl<S: Store> Console<S> {
     pub fn new(store: S) -> Self {
-        Console { store }
+        Console {
+            store,
+            cert_ttl: CERT_TTL,
+        }
     }
 
     /// Creates a token; returns it (shown once, stored only hashed). Creating an editor
@@ -311,7 +317,7 @@ impl<S: Store> Console<S> {
         let id = SpiffeId::new(ca.trust_domain(), ns.as_str(), &req.name)
             .map_err(|e| ConsoleError::Forbidden(e.to_string()))?;
         let issued = ca
-            .issue(&req.csr, &id, &tags, CERT_TTL)
+            .issue(&req.csr, &id, &tags, self.cert_ttl)
             .map_err(|e| ConsoleError::Forbidden(format!("cannot issue: {e}")))?;
         let pu = PuRecord {
             name: req.name.clone(),

@@ -9,10 +9,12 @@
 //! | `POST /v1/rollback` | `{"to": N}` (optional) | `{"version": N}` |
 //! | `DELETE /v1/policies/<namespace path>/<name>` | | removes it from the draft |
 //! | `GET /v1/policies` | | the live version and its policies |
+//! | `GET /v1/externalnetworks`, `GET /v1/namespaces` | | the live external networks, namespace settings |
+//! | `DELETE /v1/externalnetworks/<namespace path>/<name>` | | removes it from the draft |
 //! | `POST /v1/tokens` | `{"name", "role", "namespace"}` | `{"token": ...}` (shown once) |
 //! | `GET /v1/audit` | | the audit log (editors of /) |
 //! | `POST /v1/enforcers/register` | a [`Registration`] (bearer: a bootstrap token) | a [`Registered`]: certificate, bundle, certified tags |
-//! | `GET /v1/processingunits` | | the registered PUs the caller may see |
+//! | `GET /v1/processingunits` (also `/v1/enforcers`) | | the registered PUs (each with its enforcer's registration) the caller may see |
 //! | `DELETE /v1/processingunits/<namespace path>/<name>` | | deletes a PU (leaves every registry; its renewals are refused) |
 //! | `POST /v1/admission` | an `admission.k8s.io/v1` AdmissionReview (no bearer: the Kubernetes API server calls it) | the review's answer: allowed, with a JSON Patch injecting the sidecar |
 //! | `POST /v1/flows?pu=<ns>:<name>` | flow records (bearer: the enforcer's bootstrap token) | `{"stored": N}` |
@@ -306,6 +308,33 @@ async fn route(
                 serde_json::json!({ "version": v.version, "committed_at": v.committed_at, "policies": visible })
             }
         }),
+        (Method::GET, "/v1/externalnetworks") => console.live().map(|live| match live {
+            None => serde_json::json!({ "version": 0, "externalnetworks": [] }),
+            Some((v, set)) => {
+                let visible: Vec<_> = set.externals().iter().filter(|e| who.namespace.is_ancestor_or_self(&e.namespace)).collect();
+                serde_json::json!({ "version": v.version, "externalnetworks": visible })
+            }
+        }),
+        (Method::GET, "/v1/namespaces") => console.live().map(|live| match live {
+            None => serde_json::json!({ "version": 0, "namespaces": [] }),
+            Some((v, set)) => {
+                let visible: Vec<_> = set.namespaces().filter(|n| who.namespace.is_ancestor_or_self(&n.path)).collect();
+                serde_json::json!({ "version": v.version, "namespaces": visible })
+            }
+        }),
+        (Method::DELETE, p) if p.starts_with("/v1/externalnetworks/") => {
+            let rest = &p["/v1/externalnetworks".len()..];
+            match rest.rsplit_once('/') {
+                Some((ns, name)) if !name.is_empty() => {
+                    let ns = if ns.is_empty() { "/" } else { ns };
+                    match ns.parse::<NamespacePath>() {
+                        Ok(ns) => console.delete(&who, "ExternalNetwork", &ns, name).map(|()| serde_json::json!({ "deleted": true })),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                _ => return bad("expected /v1/externalnetworks/<namespace path>/<name>"),
+            }
+        }
         (Method::DELETE, p) if p.starts_with("/v1/policies/") => {
             let rest = &p["/v1/policies".len()..];
             match rest.rsplit_once('/') {
@@ -374,7 +403,7 @@ async fn route(
             let filter = FlowFilter { pu: query(&req, "pu"), verdict: query(&req, "verdict"), since, limit };
             console.flows(&who, &filter).map(|f| serde_json::to_value(f).unwrap_or_default())
         }
-        (Method::GET, "/v1/processingunits") => console.store.pus().map_err(Into::into).map(|pus| {
+        (Method::GET, "/v1/processingunits") | (Method::GET, "/v1/enforcers") => console.store.pus().map_err(Into::into).map(|pus| {
             let visible: Vec<_> = pus
                 .into_iter()
                 .filter(|p| p.namespace.parse::<NamespacePath>().is_ok_and(|ns| who.namespace.is_ancestor_or_self(&ns)))

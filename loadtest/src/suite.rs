@@ -292,8 +292,9 @@ fn idle(
     let (opened, took) = ready_rx
         .recv_timeout(hold + Duration::from_secs(10))
         .context("idle connections")?;
-    // Let the enforcers settle (pool refills, records).
-    std::thread::sleep(Duration::from_millis(500));
+    // Let the enforcers settle: pool refills, records, and the spliced directions give
+    // their pipes back after a second without bytes.
+    std::thread::sleep(Duration::from_millis(1500));
     let mut per = Vec::new();
     for (i, &(name, pid)) in pids.iter().enumerate() {
         let (rss, fd) = (status_kib(pid, "VmRSS:"), fds(pid));
@@ -611,12 +612,24 @@ pub fn run(
             json!({ "per_second": r, "connect": quantiles(&lat) }),
         );
     }
+    // Each held connection costs this process two descriptors (both ends) and each
+    // enforcer two, plus a pipe (two more) for a second after its greeting: stay under
+    // the descriptor limit this machine allows.
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(s, _)| s);
+    let idle_n = sizes.idle.min((soft.saturating_sub(2048) / 3) as usize);
+    if idle_n < sizes.idle {
+        notes.push(format!(
+            "idle connections: {idle_n} instead of {} (the descriptor limit here is {soft} and cannot be raised: no CAP_SYS_RESOURCE)",
+            sizes.idle
+        ));
+    }
     let mut idle_results = serde_json::Map::new();
     for (mode, base) in [("authenticated-only", PLAIN), ("encrypted", ENCRYPTED)] {
         let p = base + next();
         idle_results.insert(
             mode.into(),
-            idle(&topo, any(p), at_server(p), sizes.idle, &pids, limit)?,
+            idle(&topo, any(p), at_server(p), idle_n, &pids, limit)?,
         );
     }
     // Full handshakes: the client's enforcer again, without resumption or a pool.

@@ -91,16 +91,32 @@ fn is_reset(e: &io::Error) -> bool {
     )
 }
 
-/// Moves bytes from `src` to `dst` until EOF (then sends a FIN on `dst`).
-async fn pump_splice(
-    src: &TcpStream,
-    dst: &TcpStream,
-    pipe: &Pipe,
-    counter: &AtomicU64,
-) -> io::Result<()> {
+/// A direction that moved nothing for this long gives its pipe back (an idle
+/// connection holds no pipe; the next bytes get a new one).
+const PIPE_IDLE: Duration = Duration::from_secs(1);
+
+/// Moves bytes from `src` to `dst` until EOF (then sends a FIN on `dst`), through a pipe
+/// taken when bytes arrive and given back after `PIPE_IDLE` without any.
+async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut held: Option<Pipe> = None;
     loop {
-        src.readable().await?;
+        if held.is_some() {
+            match tokio::time::timeout(PIPE_IDLE, src.readable()).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    // Empty (every splice into it was drained): safe to close.
+                    held = None;
+                    src.readable().await?;
+                }
+            }
+        } else {
+            src.readable().await?;
+        }
+        let pipe = match &mut held {
+            Some(p) => &*p,
+            slot => &*slot.insert(pipe()?),
+        };
         let n = match src.try_io(Interest::READABLE, || {
             splice(
                 src.as_fd(),
@@ -212,13 +228,11 @@ pub async fn relay_until(
     progress: &Progress,
     stop: &tokio::sync::Notify,
 ) -> Outcome {
-    let pipes = if force_copy {
-        None
-    } else {
-        pipe().and_then(|p| Ok((p, pipe()?))).ok()
-    };
-    let pipes = pipes.filter(|(p, q)| splice_supported(&a, p) && splice_supported(&b, q));
-    let path = if pipes.is_some() {
+    // Whether both sockets splice, checked with a pipe that is closed again: the pumps
+    // take their own pipes only while bytes flow.
+    let spliced =
+        !force_copy && pipe().is_ok_and(|p| splice_supported(&a, &p) && splice_supported(&b, &p));
+    let path = if spliced {
         DataPath::Spliced
     } else {
         DataPath::Copied
@@ -227,15 +241,17 @@ pub async fn relay_until(
     // The pumps borrow both streams; they end with this block, before the resets.
     let close = {
         let fwd = async {
-            match &pipes {
-                Some((p, _)) => pump_splice(&a, &b, p, &progress.forward).await,
-                None => pump_copy(&a, &b, &progress.forward).await,
+            if spliced {
+                pump_splice(&a, &b, &progress.forward).await
+            } else {
+                pump_copy(&a, &b, &progress.forward).await
             }
         };
         let bwd = async {
-            match &pipes {
-                Some((_, q)) => pump_splice(&b, &a, q, &progress.backward).await,
-                None => pump_copy(&b, &a, &progress.backward).await,
+            if spliced {
+                pump_splice(&b, &a, &progress.backward).await
+            } else {
+                pump_copy(&b, &a, &progress.backward).await
             }
         };
         let watchdog = async {

@@ -37,6 +37,8 @@ struct Lab {
     topo: Topology,
     dir: Scratch,
     console_pid: Option<u32>,
+    /// Extra arguments of the console.
+    console_args: Vec<String>,
     enforcers: std::collections::HashMap<String, u32>,
     admin: String,
     boot: String,
@@ -62,7 +64,8 @@ impl Lab {
         cmd.arg("--data-dir")
             .arg(self.data())
             .arg("--listen")
-            .arg(format!("{}:{CONSOLE_PORT}", c.ip4));
+            .arg(format!("{}:{CONSOLE_PORT}", c.ip4))
+            .args(&self.console_args);
         self.console_pid = Some(self.topo.spawn(cmd));
         let addr = SocketAddr::new(c.ip4.into(), CONSOLE_PORT);
         wait_until("the console listens", Duration::from_secs(20), || {
@@ -189,6 +192,7 @@ fn lab(tag: &str) -> Lab {
         topo,
         dir,
         console_pid: None,
+        console_args: Vec::new(),
         enforcers: Default::default(),
         admin: String::new(),
         boot: String::new(),
@@ -437,6 +441,7 @@ fn netns_console_certifies_only_recorded_tags_and_refuses_bad_tokens() {
         topo,
         dir,
         console_pid: None,
+        console_args: Vec::new(),
         enforcers: Default::default(),
         admin: String::new(),
         boot: String::new(),
@@ -506,4 +511,74 @@ fn netns_console_certifies_only_recorded_tags_and_refuses_bad_tokens() {
         pus.contains("app=web") && !pus.contains("role=admin"),
         "{pus}"
     );
+}
+
+#[test]
+fn netns_console_renews_certificates_and_stops_after_the_pu_is_deleted() {
+    if !netns_enabled() {
+        return;
+    }
+    let mut lab = Lab {
+        topo: Topology::new(&["console", "web"]),
+        dir: Scratch::new("console-renew"),
+        console_pid: None,
+        // Short certificates: renewed every 4 s.
+        console_args: vec!["--cert-ttl".into(), "6s".into()],
+        enforcers: Default::default(),
+        admin: String::new(),
+        boot: String::new(),
+    };
+    lab.start_console();
+    lab.admin = std::fs::read_to_string(lab.data().join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let boot = lab
+        .ctl_ok(&[
+            "token",
+            "--name",
+            "b",
+            "--role",
+            "enforcer",
+            "--namespace",
+            "/acme/shop",
+            "--allow-tag",
+            "app=*",
+        ])
+        .trim()
+        .to_owned();
+    lab.publish(
+        "p.yaml",
+        "kind: NetworkPolicy\nname: none\nnamespace: /acme/shop\naction: Reject\nmode: Outgoing\nsubject: [[app=web]]\nobject: [[app=nothing]]\n",
+    );
+    capture(&lab.host("web"));
+    lab.start_enforcer("web", &["app=web"], &boot, true);
+    let cert = lab.dir.0.join("web-state/identity.crt");
+    let not_after = || {
+        let pem = std::fs::read_to_string(&cert).unwrap_or_default();
+        segmesh_identity::ca::certs_from_pem(&pem)
+            .ok()
+            .and_then(|c| segmesh_identity::WorkloadIdentity::from_cert(&c[0]).ok())
+            .map(|id| id.not_after)
+    };
+    let first = not_after().expect("a certificate");
+    wait_until("a renewal", Duration::from_secs(15), || {
+        not_after().is_some_and(|t| t > first)
+    });
+    let web = lab.host("web");
+    assert_eq!(http_get(&web, "/ready").0, 200);
+
+    // Deleted: the next renewal is refused and the enforcer stops asking.
+    lab.ctl_ok(&["delete", "pu", "/acme/shop", "web"]);
+    let errors = || metric(&web, "segmesh_console_requests_total{result=\"error\"}");
+    wait_until("a refused renewal", Duration::from_secs(15), || {
+        errors() >= 1.0
+    });
+    let last = not_after();
+    let refused = errors();
+    // Two more renewal periods: no new certificate, no new attempt, not re-registered.
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(not_after(), last, "no certificate after the deletion");
+    assert_eq!(errors(), refused, "renewals stopped after the refusal");
+    assert!(lab.ctl_ok(&["get", "pus"]).trim().is_empty());
 }

@@ -27,6 +27,9 @@ struct Cli {
     /// Extra DNS names for the API's certificate.
     #[arg(long)]
     dns_name: Vec<String>,
+    /// Lifetime of the certificates issued to enforcers (renewed at 2/3 of it).
+    #[arg(long, default_value = "1h")]
+    cert_ttl: humantime::Duration,
     /// Sidecar injection (admission webhook): the image holding segmesh-proxy and
     /// segmesh-iptables-init.
     #[arg(long)]
@@ -75,7 +78,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         Ca::load(&ca_dir)?
     };
-    let console = Console::new(RedbStore::open(&cli.data_dir)?);
+    let mut console = Console::new(RedbStore::open(&cli.data_dir)?);
+    if *cli.cert_ttl < Duration::from_secs(5) || *cli.cert_ttl > Duration::from_secs(30 * 24 * 3600)
+    {
+        anyhow::bail!("--cert-ttl must be between 5s and 30d");
+    }
+    console.cert_ttl = *cli.cert_ttl;
     if fresh {
         let token = console.create_token(None, "admin", Role::Editor, &NamespacePath::root())?;
         write_private(&cli.data_dir.join("admin.token"), &format!("{token}\n"))?;

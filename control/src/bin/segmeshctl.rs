@@ -148,7 +148,7 @@ enum Command {
     },
     /// Show live policies or registered processing units.
     Get {
-        /// What to show: `policies` or `pus`.
+        /// What to show: `policies`, `pus`, `externalnetworks` or `namespaces`.
         what: String,
         #[command(flatten)]
         remote: Remote,
@@ -156,7 +156,7 @@ enum Command {
     /// Remove a policy from the draft, or delete a registered PU (at once: it leaves
     /// every enforcer's registry and its certificate is no longer renewed).
     Delete {
-        /// `policy` or `pu`.
+        /// `policy`, `externalnetwork` or `pu`.
         what: String,
         /// The namespace path.
         namespace: String,
@@ -601,8 +601,19 @@ fn main() -> ExitCode {
                     }
                 });
             }
+            if what == "externalnetworks" || what == "namespaces" {
+                let path = format!("/v1/{what}");
+                return remote(&r, "GET", &path, None, |v| {
+                    println!("version {}", v["version"]);
+                    for d in v[what.as_str()].as_array().into_iter().flatten() {
+                        println!("{}", serde_json::to_string(d).unwrap_or_default());
+                    }
+                });
+            }
             if what != "policies" {
-                eprintln!("error: `get` knows `policies` and `pus`");
+                eprintln!(
+                    "error: `get` knows `policies`, `pus`, `externalnetworks` and `namespaces`"
+                );
                 return ExitCode::from(EXIT_INVALID);
             }
             remote(&r, "GET", "/v1/policies", None, |v| {
@@ -633,8 +644,17 @@ fn main() -> ExitCode {
                     println!("deleted; enforcers drop it with the next push")
                 });
             }
+            if what == "externalnetwork" {
+                let path = format!(
+                    "/v1/externalnetworks{}/{name}",
+                    namespace.trim_end_matches('/')
+                );
+                return remote(&r, "DELETE", &path, None, |_| {
+                    println!("removed from the draft")
+                });
+            }
             if what != "policy" {
-                eprintln!("error: `delete` knows `policy` and `pu`");
+                eprintln!("error: `delete` knows `policy`, `externalnetwork` and `pu`");
                 return ExitCode::from(EXIT_INVALID);
             }
             let path = format!("/v1/policies{}/{name}", namespace.trim_end_matches('/'));

@@ -363,13 +363,9 @@ fn step(d: &Demo, text: &str) {
     println!("\n{}", d.style.bold(&format!("▶ {text}")));
 }
 
-/// `segmeshctl` in the console's namespace with the admin token.
-fn ctl(d: &Demo, args: &[&str]) -> anyhow::Result<String> {
-    println!(
-        "  {}",
-        d.style.dim(&format!("$ segmeshctl {}", args.join(" ")))
-    );
-    let out: Output = host_of(d, "console")
+/// `segmeshctl` in the console's namespace with the admin token; its output.
+fn run_ctl(d: &Demo, args: &[&str]) -> anyhow::Result<Output> {
+    Ok(host_of(d, "console")
         .command(d.bins.join("segmeshctl").to_str().context("path")?)
         .args(args)
         .env(
@@ -379,7 +375,16 @@ fn ctl(d: &Demo, args: &[&str]) -> anyhow::Result<String> {
         .env("SEGMESH_TOKEN", &d.admin_token)
         .env("SEGMESH_CA", d.dir.join("console/ca/bundle.crt"))
         .env("NO_COLOR", "1")
-        .output()?;
+        .output()?)
+}
+
+/// `segmeshctl`, shown as a command line; fails unless it succeeds.
+fn ctl(d: &Demo, args: &[&str]) -> anyhow::Result<String> {
+    println!(
+        "  {}",
+        d.style.dim(&format!("$ segmeshctl {}", args.join(" ")))
+    );
+    let out = run_ctl(d, args)?;
     if !out.status.success() {
         bail!(
             "segmeshctl {}: {}{}",
@@ -522,28 +527,19 @@ fn setup(d: &mut Demo) -> anyhow::Result<()> {
         })
         .join()
         .expect("capture thread")?;
-        let mut cmd = h.command("setpriv");
-        cmd.args([
-            "--reuid=1337",
-            "--regid=1337",
-            "--clear-groups",
-            "--inh-caps=+net_admin,+net_raw",
-            "--ambient-caps=+net_admin,+net_raw",
-            "--",
-        ])
-        .arg(d.bins.join("segmesh-proxy"))
-        .args(["--console", &format!("https://{addr}"), "--console-ca"])
-        .arg(d.dir.join("console-ca.crt"))
-        .arg("--bootstrap-token")
-        .arg(format!("@{}", d.dir.join("bootstrap.token").display()))
-        .args(["--name", name, "--namespace", ns, "--tag", &tags.join(",")])
-        .arg("--state-dir")
-        .arg(d.dir.join(format!("{name}-state")))
-        .arg("--flow-log")
-        .arg(d.dir.join(format!("{name}.jsonl")))
-        .arg("--log-all-flows")
-        // The demo stops the console before the enforcers; their complaints are noise.
-        .env("RUST_LOG", "error");
+        let mut cmd = h.enforcer_command(&d.bins.join("segmesh-proxy"));
+        cmd.args(["--console", &format!("https://{addr}"), "--console-ca"])
+            .arg(d.dir.join("console-ca.crt"))
+            .arg("--bootstrap-token")
+            .arg(format!("@{}", d.dir.join("bootstrap.token").display()))
+            .args(["--name", name, "--namespace", ns, "--tag", &tags.join(",")])
+            .arg("--state-dir")
+            .arg(d.dir.join(format!("{name}-state")))
+            .arg("--flow-log")
+            .arg(d.dir.join(format!("{name}.jsonl")))
+            .arg("--log-all-flows")
+            // The demo stops the console before the enforcers; their complaints are noise.
+            .env("RUST_LOG", "error");
         d.topo.spawn(cmd);
         serve(&h, ports);
     }
@@ -757,18 +753,9 @@ fn run(d: &mut Demo) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `segmeshctl`, not shown; its output if it succeeded.
 fn ctl_quiet(d: &Demo, args: &[&str]) -> Option<String> {
-    let out = host_of(d, "console")
-        .command(d.bins.join("segmeshctl").to_str()?)
-        .args(args)
-        .env(
-            "SEGMESH_CONSOLE",
-            format!("https://{}:{CONSOLE_PORT}", host_of(d, "console").ip4),
-        )
-        .env("SEGMESH_TOKEN", &d.admin_token)
-        .env("SEGMESH_CA", d.dir.join("console/ca/bundle.crt"))
-        .output()
-        .ok()?;
+    let out = run_ctl(d, args).ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())

@@ -45,6 +45,25 @@ struct Lab {
 }
 
 impl Lab {
+    /// The namespaces and the console (with `console_args`), its admin token read.
+    fn new(tag: &str, hosts: &[&str], console_args: &[&str]) -> Lab {
+        let mut lab = Lab {
+            topo: Topology::new(hosts),
+            dir: Scratch::new(tag),
+            console_pid: None,
+            console_args: console_args.iter().map(|a| a.to_string()).collect(),
+            enforcers: Default::default(),
+            admin: String::new(),
+            boot: String::new(),
+        };
+        lab.start_console();
+        lab.admin = std::fs::read_to_string(lab.data().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        lab
+    }
+
     fn host(&self, n: &str) -> Host {
         self.topo.host(n).clone()
     }
@@ -125,15 +144,8 @@ impl Lab {
         let h = self.host(name);
         let token_file = self.dir.0.join(format!("{name}.token"));
         std::fs::write(&token_file, token).unwrap();
-        let mut cmd = h.command("setpriv");
+        let mut cmd = h.enforcer_command(std::path::Path::new(env!("CARGO_BIN_EXE_segmesh-proxy")));
         cmd.args([
-            "--reuid=1337",
-            "--regid=1337",
-            "--clear-groups",
-            "--inh-caps=+net_admin,+net_raw",
-            "--ambient-caps=+net_admin,+net_raw",
-            "--",
-            env!("CARGO_BIN_EXE_segmesh-proxy"),
             "--console",
             &self.url(),
             "--console-ca",
@@ -186,22 +198,7 @@ impl Lab {
 /// The console, the three-tier policies committed, three enforcers registered and
 /// seeing each other, greeters on api:8080 and db:5432.
 fn lab(tag: &str) -> Lab {
-    let topo = Topology::new(&["console", "web", "api", "db"]);
-    let dir = Scratch::new(tag);
-    let mut lab = Lab {
-        topo,
-        dir,
-        console_pid: None,
-        console_args: Vec::new(),
-        enforcers: Default::default(),
-        admin: String::new(),
-        boot: String::new(),
-    };
-    lab.start_console();
-    lab.admin = std::fs::read_to_string(lab.data().join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let mut lab = Lab::new(tag, &["console", "web", "api", "db"], &[]);
     lab.boot = lab
         .ctl_ok(&[
             "token",
@@ -435,22 +432,7 @@ fn netns_console_certifies_only_recorded_tags_and_refuses_bad_tokens() {
     if !netns_enabled() {
         return;
     }
-    let topo = Topology::new(&["console", "web"]);
-    let dir = Scratch::new("console-tokens");
-    let mut lab = Lab {
-        topo,
-        dir,
-        console_pid: None,
-        console_args: Vec::new(),
-        enforcers: Default::default(),
-        admin: String::new(),
-        boot: String::new(),
-    };
-    lab.start_console();
-    lab.admin = std::fs::read_to_string(lab.data().join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let mut lab = Lab::new("console-tokens", &["console", "web"], &[]);
     let boot = lab
         .ctl_ok(&[
             "token",
@@ -518,21 +500,8 @@ fn netns_console_renews_certificates_and_stops_after_the_pu_is_deleted() {
     if !netns_enabled() {
         return;
     }
-    let mut lab = Lab {
-        topo: Topology::new(&["console", "web"]),
-        dir: Scratch::new("console-renew"),
-        console_pid: None,
-        // Short certificates: renewed every 4 s.
-        console_args: vec!["--cert-ttl".into(), "6s".into()],
-        enforcers: Default::default(),
-        admin: String::new(),
-        boot: String::new(),
-    };
-    lab.start_console();
-    lab.admin = std::fs::read_to_string(lab.data().join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    // Short certificates: renewed every 4 s.
+    let mut lab = Lab::new("console-renew", &["console", "web"], &["--cert-ttl", "6s"]);
     let boot = lab
         .ctl_ok(&[
             "token",

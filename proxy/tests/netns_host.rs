@@ -131,15 +131,8 @@ fn netns_host_mode_protects_the_hosts_own_processes() {
         "--exclude-inbound-cidrs",
         &admin_net,
     ]);
-    let mut cmd = host.command("setpriv");
+    let mut cmd = host.enforcer_command(std::path::Path::new(env!("CARGO_BIN_EXE_segmesh-proxy")));
     cmd.args([
-        "--reuid=1337",
-        "--regid=1337",
-        "--clear-groups",
-        "--inh-caps=+net_admin,+net_raw",
-        "--ambient-caps=+net_admin,+net_raw",
-        "--",
-        env!("CARGO_BIN_EXE_segmesh-proxy"),
         "--mode",
         "host",
         "--console",

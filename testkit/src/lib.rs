@@ -285,3 +285,24 @@ pub fn teardown_this_process() {
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
     }
 }
+
+/// The uid enforcers run as (the capture rules exclude its traffic).
+pub const ENFORCER_UID: u32 = 1337;
+
+impl Host {
+    /// `program` in this host's namespace as the enforcer's uid, with only the
+    /// capabilities TPROXY needs (what the systemd unit and the sidecar do).
+    pub fn enforcer_command(&self, program: &std::path::Path) -> Command {
+        let mut c = self.command("setpriv");
+        c.args([
+            format!("--reuid={ENFORCER_UID}"),
+            format!("--regid={ENFORCER_UID}"),
+            "--clear-groups".into(),
+            "--inh-caps=+net_admin,+net_raw".into(),
+            "--ambient-caps=+net_admin,+net_raw".into(),
+            "--".into(),
+        ])
+        .arg(program);
+        c
+    }
+}

@@ -229,17 +229,8 @@ pub fn ip(h: &Host, v6: bool) -> IpAddr {
 /// Starts the enforcer in `host` as uid 1337 with the capabilities TPROXY needs.
 pub fn start_enforcer(topo: &Topology, host: &str, config: &PathBuf) -> u32 {
     let work = topo.host(host);
-    let mut cmd = work.command("setpriv");
-    cmd.args([
-        "--reuid=1337",
-        "--regid=1337",
-        "--clear-groups",
-        "--inh-caps=+net_admin,+net_raw",
-        "--ambient-caps=+net_admin,+net_raw",
-        "--",
-        env!("CARGO_BIN_EXE_segmesh-proxy"),
-        "--local-config",
-    ]);
+    let mut cmd = work.enforcer_command(std::path::Path::new(env!("CARGO_BIN_EXE_segmesh-proxy")));
+    cmd.args(["--local-config"]);
     cmd.arg(config);
     let pid = topo.spawn(cmd);
     wait_until("the enforcer is ready", Duration::from_secs(20), || {

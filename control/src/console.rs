@@ -344,6 +344,55 @@ impl<S: Store> Console<S> {
         })
     }
 
+    /// A renewal authenticated by the enforcer's current certificate (no bootstrap
+    /// token): only for the PU that certificate names, only while the PU is registered
+    /// (410 after a deletion), and with the tags the console recorded for it.
+    pub fn renew_by_certificate(
+        &self,
+        holder: &segmesh_identity::WorkloadIdentity,
+        ca: &Ca,
+        req: &Registration,
+    ) -> Result<Registered, ConsoleError> {
+        if holder.namespace != req.namespace || holder.name != req.name {
+            return Err(ConsoleError::Forbidden(format!(
+                "the certificate of {} cannot renew {}:{}",
+                holder.spiffe_id(),
+                req.namespace,
+                req.name
+            )));
+        }
+        let Some(mut pu) = self
+            .store
+            .pus()?
+            .into_iter()
+            .find(|p| p.namespace == req.namespace && p.name == req.name)
+        else {
+            return Err(ConsoleError::Gone(format!(
+                "{}:{} is not registered (deleted?): no renewal",
+                req.namespace, req.name
+            )));
+        };
+        let id = SpiffeId::new(ca.trust_domain(), &pu.namespace, &pu.name)
+            .map_err(|e| ConsoleError::Forbidden(e.to_string()))?;
+        let issued = ca
+            .issue(&req.csr, &id, &pu.tags, self.cert_ttl)
+            .map_err(|e| ConsoleError::Forbidden(format!("cannot issue: {e}")))?;
+        if !req.ips.is_empty() {
+            pu.ips = req.ips.clone();
+        }
+        let who = holder.spiffe_id().to_string();
+        self.store.put_pu(
+            &pu,
+            (&who, "renew", &format!("{id} tags {}", pu.tags.join(" "))),
+        )?;
+        Ok(Registered {
+            chain: issued.chain_pem,
+            bundle: issued.bundle_pem,
+            tags: pu.tags,
+            dropped: Vec::new(),
+        })
+    }
+
     fn base(&self) -> Result<Documents, ConsoleError> {
         Ok(match self.store.draft()? {
             Some(d) => d,

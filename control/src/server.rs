@@ -222,6 +222,7 @@ async fn route(
     ca: Arc<Ca>,
     changes: Arc<watch::Sender<u64>>,
     inject: Arc<crate::inject::Options>,
+    peer: Option<Arc<segmesh_identity::WorkloadIdentity>>,
 ) -> Response<Full<Bytes>> {
     if req.method() == Method::GET && req.uri().path() == "/v1/snapshot" {
         return snapshot(req, &console, &changes).await;
@@ -253,15 +254,19 @@ async fn route(
         };
     }
     if req.method() == Method::POST && req.uri().path() == "/v1/enforcers/register" {
-        // Enforcers authenticate with a bootstrap token, not an API token.
-        let Some(token) = bearer(&req) else {
-            return error(ConsoleError::Unauthenticated);
-        };
+        // Enforcers authenticate with a bootstrap token, or renew with their current
+        // certificate (verified in the TLS handshake).
+        let token = bearer(&req);
         let r: Registration = match body(req).await {
             Ok(r) => r,
             Err(r) => return r,
         };
-        return match console.register(&token, &ca, &r) {
+        let done = match (peer.as_deref(), token) {
+            (Some(holder), _) if r.renew => console.renew_by_certificate(holder, &ca, &r),
+            (_, Some(token)) => console.register(&token, &ca, &r),
+            (_, None) => Err(ConsoleError::Unauthenticated),
+        };
+        return match done {
             Ok(done) => {
                 changed(&console, &changes);
                 json(
@@ -458,10 +463,19 @@ pub async fn serve(
                 Ok(Ok(t)) => t,
                 _ => return tracing::debug!(%peer, "console TLS handshake failed"),
             };
+            // A workload certificate, if the client presented one (enforcers renewing).
+            let peer = segmesh_identity::peer_identity(tls.get_ref().1)
+                .ok()
+                .map(Arc::new);
             let svc = hyper::service::service_fn(move |req| {
-                let (console, ca, changes, inject) =
-                    (console.clone(), ca.clone(), changes.clone(), inject.clone());
-                async move { Ok::<_, Infallible>(route(req, console, ca, changes, inject).await) }
+                let (console, ca, changes, inject, peer) = (
+                    console.clone(),
+                    ca.clone(),
+                    changes.clone(),
+                    inject.clone(),
+                    peer.clone(),
+                );
+                async move { Ok::<_, Infallible>(route(req, console, ca, changes, inject, peer).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), svc)

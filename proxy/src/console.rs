@@ -51,7 +51,9 @@ pub enum CallError {
 pub struct Client {
     host: String,
     port: u16,
+    /// Sent as a bearer token unless empty.
     token: String,
+    roots: Arc<rustls::RootCertStore>,
     tls: Arc<rustls::ClientConfig>,
 }
 
@@ -73,15 +75,39 @@ impl Client {
                 .add(c)
                 .map_err(|e| ConfigError::Console(format!("{}: {e}", cfg.ca.display())))?;
         }
+        let roots = Arc::new(roots);
         let tls = rustls::ClientConfig::builder_with_provider(segmesh_identity::tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| ConfigError::Console(e.to_string()))?
-            .with_root_certificates(roots)
+            .with_root_certificates(roots.clone())
             .with_no_client_auth();
         Ok(Client {
             host: host.trim_matches(['[', ']']).to_owned(),
             port,
             token: cfg.token()?,
+            roots,
+            tls: Arc::new(tls),
+        })
+    }
+
+    /// The same console, authenticated by a workload certificate instead of the token
+    /// (renewals).
+    pub fn with_identity(&self, chain_pem: &str, key_pem: &str) -> Result<Client, String> {
+        use rustls_pki_types::PrivateKeyDer;
+        use rustls_pki_types::pem::PemObject;
+        let chain = segmesh_identity::ca::certs_from_pem(chain_pem).map_err(|e| e.to_string())?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
+        let tls = rustls::ClientConfig::builder_with_provider(segmesh_identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| e.to_string())?;
+        Ok(Client {
+            host: self.host.clone(),
+            port: self.port,
+            token: String::new(),
+            roots: self.roots.clone(),
             tls: Arc::new(tls),
         })
     }
@@ -109,12 +135,15 @@ impl Client {
                 .await
                 .map_err(|e| CallError::Unreachable(e.to_string()))?;
             tokio::spawn(conn);
-            let req = hyper::Request::builder()
+            let mut req = hyper::Request::builder()
                 .method(method)
                 .uri(path)
                 .header("host", &self.host)
-                .header("authorization", format!("Bearer {}", self.token))
-                .header("content-type", "application/json")
+                .header("content-type", "application/json");
+            if !self.token.is_empty() {
+                req = req.header("authorization", format!("Bearer {}", self.token));
+            }
+            let req = req
                 .body(Full::new(Bytes::from(body.unwrap_or_default())))
                 .map_err(|e| CallError::Body(e.to_string()))?;
             let resp = send
@@ -170,6 +199,9 @@ struct Cached {
 /// Our identity as the console issued it.
 struct Identity {
     tls: Arc<TlsConfigs>,
+    /// PEM, to renew with.
+    chain_pem: String,
+    key_pem: String,
     tags: Vec<String>,
     not_before: SystemTime,
     not_after: SystemTime,
@@ -221,6 +253,8 @@ fn identity_from_pem(chain: &str, key: &str, bundle: &str) -> Result<Identity, S
         .map_err(|e| e.to_string())?;
     Ok(Identity {
         tls: Arc::new(tls),
+        chain_pem: chain.to_owned(),
+        key_pem: key.to_owned(),
         tags: own.tags.clone(),
         not_before: own.not_before,
         not_after: own.not_after,
@@ -352,9 +386,21 @@ fn addresses(cfg: &ConsoleConfig) -> Vec<IpAddr> {
     out
 }
 
-/// Registers (or renews): a new key and CSR; the console answers with a certificate
-/// carrying the tags it recorded.
+/// Registers (with the bootstrap token) or renews (with the current certificate): a new
+/// key and CSR; the console answers with a certificate carrying the tags it recorded.
 async fn register(client: &Client, st: &Mutex<State>, renew: bool) -> Result<Identity, CallError> {
+    let by_certificate = {
+        let st = st.lock().expect("lock poisoned");
+        match (&st.identity, renew) {
+            (Some(id), true) => Some(
+                client
+                    .with_identity(&id.chain_pem, &id.key_pem)
+                    .map_err(CallError::Body)?,
+            ),
+            _ => None,
+        }
+    };
+    let client = by_certificate.as_ref().unwrap_or(client);
     let (body, state_dir) = {
         let st = st.lock().expect("lock poisoned");
         let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256)

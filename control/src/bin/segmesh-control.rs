@@ -104,9 +104,17 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_secs(30 * 24 * 3600),
     )?;
     let chain = segmesh_identity::ca::certs_from_pem(&issued.chain_pem)?;
+    // Client certificates are optional: enforcers renew with theirs.
+    let verifier = segmesh_identity::verify::OptionalClientVerifier(
+        segmesh_identity::verify::ClientVerifier(segmesh_identity::verify::PeerVerifier::new(
+            ca.bundle(),
+            ca.trust_domain(),
+            segmesh_identity::tls::provider(),
+        )?),
+    );
     let tls = rustls::ServerConfig::builder_with_provider(segmesh_identity::tls::provider())
         .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(
             chain,
             rustls_pki_types::PrivateKeyDer::Pkcs8(key.der().into()),

@@ -318,6 +318,26 @@ fn registration_certifies_only_recorded_tags() {
         ..req("web", "/acme/shop", &["app=web"])
     };
     f.console.register(&boot, &ca, &renew).unwrap();
+    // With the current certificate instead of the token: the recorded tags, whatever
+    // the request claims; only for the PU the certificate names.
+    let greedy = Registration {
+        tags: vec!["app=web".into(), "role=admin".into()],
+        ..renew.clone()
+    };
+    let r = f.console.renew_by_certificate(&id, &ca, &greedy).unwrap();
+    assert_eq!(r.tags, f.console.store.pus().unwrap()[0].tags);
+    assert!(!r.tags.iter().any(|t| t == "role=admin"));
+    assert!(matches!(
+        f.console.renew_by_certificate(
+            &id,
+            &ca,
+            &Registration {
+                name: "api".into(),
+                ..renew.clone()
+            }
+        ),
+        Err(ConsoleError::Forbidden(_))
+    ));
     let shop_viewer = Caller {
         role: Role::Viewer,
         ..f.admin.clone()
@@ -332,6 +352,10 @@ fn registration_certifies_only_recorded_tags() {
         .unwrap();
     assert!(matches!(
         f.console.register(&boot, &ca, &renew),
+        Err(ConsoleError::Gone(_))
+    ));
+    assert!(matches!(
+        f.console.renew_by_certificate(&id, &ca, &renew),
         Err(ConsoleError::Gone(_))
     ));
     assert!(f.console.store.pus().unwrap().is_empty());

@@ -199,6 +199,57 @@ impl<S: Store> Console<S> {
         Ok(token)
     }
 
+    /// Revokes every token named `name` (API or bootstrap). Needs editor rights on each
+    /// token's namespace; the token making the call cannot revoke itself. Enforcers
+    /// registered with a revoked bootstrap token keep working with their certificates;
+    /// no new PU registers with it.
+    pub fn revoke_token(
+        &self,
+        caller: &Caller,
+        own_token: &str,
+        name: &str,
+    ) -> Result<usize, ConsoleError> {
+        let own = hash_token(own_token);
+        let named: Vec<(String, TokenRecord)> = self
+            .store
+            .tokens()?
+            .into_iter()
+            .filter(|(_, t)| t.name == name)
+            .collect();
+        if named.is_empty() {
+            return Err(ConsoleError::NotFound {
+                kind: "token".into(),
+                namespace: "/".into(),
+                name: name.into(),
+            });
+        }
+        for (hash, t) in &named {
+            let ns: NamespacePath = t.namespace.parse()?;
+            if !caller.can_edit(&ns) {
+                return Err(ConsoleError::Forbidden(format!(
+                    "{} may not revoke tokens for {ns}",
+                    caller.name
+                )));
+            }
+            if *hash == own {
+                return Err(ConsoleError::Forbidden(
+                    "a token cannot revoke itself".into(),
+                ));
+            }
+        }
+        for (hash, t) in &named {
+            self.store.delete_token(
+                hash,
+                (
+                    &caller.name,
+                    "revoke",
+                    &format!("token {}: {:?} on {}", t.name, t.role, t.namespace),
+                ),
+            )?;
+        }
+        Ok(named.len())
+    }
+
     pub fn authenticate(&self, token: &str) -> Result<Caller, ConsoleError> {
         let rec = self
             .store
@@ -701,6 +752,15 @@ impl<S: Store> Console<S> {
             .rsplit_once(':')
             .ok_or_else(|| ConsoleError::Forbidden(format!("`{pu}` is not <namespace>:<name>")))?;
         self.may_watch(token, &ns.parse()?)?;
+        self.store_flows(pu, records)
+    }
+
+    /// Stores flow records of `pu`, its reporter already authenticated.
+    pub fn store_flows(
+        &self,
+        pu: &str,
+        records: Vec<segmesh_api::FlowRecord>,
+    ) -> Result<usize, ConsoleError> {
         let received_at =
             humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
         let n = records.len();

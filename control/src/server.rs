@@ -12,6 +12,7 @@
 //! | `GET /v1/externalnetworks`, `GET /v1/namespaces` | | the live external networks, namespace settings |
 //! | `DELETE /v1/externalnetworks/<namespace path>/<name>` | | removes it from the draft |
 //! | `POST /v1/tokens` | `{"name", "role", "namespace"}` | `{"token": ...}` (shown once) |
+//! | `DELETE /v1/tokens/<name>` | | revokes the tokens of that name (not the caller's own) |
 //! | `GET /v1/audit` | | the audit log (editors of /) |
 //! | `POST /v1/enforcers/register` | a [`Registration`] (bearer: a bootstrap token) | a [`Registered`]: certificate, bundle, certified tags |
 //! | `GET /v1/processingunits` (also `/v1/enforcers`) | | the registered PUs (each with its enforcer's registration) the caller may see |
@@ -164,27 +165,35 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Whether the client's workload certificate names `pu` (`<namespace>:<name>`).
+fn holds(peer: Option<&segmesh_identity::WorkloadIdentity>, pu: &str) -> bool {
+    peer.is_some_and(|p| format!("{}:{}", p.namespace, p.name) == pu)
+}
+
 async fn snapshot(
     req: Request<Incoming>,
     console: &Console<RedbStore>,
     changes: &watch::Sender<u64>,
+    peer: Option<&segmesh_identity::WorkloadIdentity>,
 ) -> Response<Full<Bytes>> {
-    let Some(token) = bearer(&req) else {
-        return error(ConsoleError::Unauthenticated);
+    let Some(pu) = query(&req, "pu") else {
+        return bad("expected ?pu=<namespace path>:<name>");
     };
-    let Some(ns) = query(&req, "pu")
-        .as_deref()
-        .and_then(|pu| pu.rsplit_once(':'))
-        .map(|(ns, _)| ns.to_owned())
-    else {
+    let Some(ns) = pu.rsplit_once(':').map(|(ns, _)| ns.to_owned()) else {
         return bad("expected ?pu=<namespace path>:<name>");
     };
     let ns: NamespacePath = match ns.parse() {
         Ok(n) => n,
         Err(e) => return bad(e),
     };
-    if let Err(e) = console.may_watch(&token, &ns) {
-        return error(e);
+    // The PU's own certificate, or a token covering its namespace.
+    if !holds(peer, &pu) {
+        let Some(token) = bearer(&req) else {
+            return error(ConsoleError::Unauthenticated);
+        };
+        if let Err(e) = console.may_watch(&token, &ns) {
+            return error(e);
+        }
     }
     // Without `since` (a first fetch), answer at once.
     let Some(since) = query(&req, "since").and_then(|s| s.parse::<u64>().ok()) else {
@@ -225,7 +234,7 @@ async fn route(
     peer: Option<Arc<segmesh_identity::WorkloadIdentity>>,
 ) -> Response<Full<Bytes>> {
     if req.method() == Method::GET && req.uri().path() == "/v1/snapshot" {
-        return snapshot(req, &console, &changes).await;
+        return snapshot(req, &console, &changes, peer.as_deref()).await;
     }
     if req.method() == Method::POST && req.uri().path() == "/v1/admission" {
         // Called by the Kubernetes API server (its webhook configuration carries the
@@ -240,15 +249,21 @@ async fn route(
         };
     }
     if req.method() == Method::POST && req.uri().path() == "/v1/flows" {
-        // Enforcers report with their bootstrap token, for their PU.
-        let (Some(token), Some(pu)) = (bearer(&req), query(&req, "pu")) else {
-            return bad("expected a bearer token and ?pu=<namespace path>:<name>");
+        // Enforcers report for their PU, with its certificate or their bootstrap token.
+        let Some(pu) = query(&req, "pu") else {
+            return bad("expected ?pu=<namespace path>:<name>");
         };
+        let token = bearer(&req);
         let records: Vec<segmesh_api::FlowRecord> = match body(req).await {
             Ok(r) => r,
             Err(r) => return r,
         };
-        return match console.report_flows(&token, &pu, records) {
+        let stored = match token {
+            _ if holds(peer.as_deref(), &pu) => console.store_flows(&pu, records),
+            Some(token) => console.report_flows(&token, &pu, records),
+            None => Err(ConsoleError::Unauthenticated),
+        };
+        return match stored {
             Ok(n) => json(StatusCode::OK, serde_json::json!({ "stored": n })),
             Err(e) => error(e),
         };
@@ -365,6 +380,11 @@ async fn route(
                 Ok(ns) => console.create_token(Some(&who), &t.name, t.role, &ns).map(|tok| serde_json::json!({ "token": tok })),
                 Err(e) => Err(e.into()),
             }
+        }
+        (Method::DELETE, p) if p.starts_with("/v1/tokens/") => {
+            let name = &p["/v1/tokens/".len()..];
+            let own = bearer(&req).unwrap_or_default();
+            console.revoke_token(&who, &own, name).map(|n| serde_json::json!({ "revoked": n }))
         }
         (Method::GET, "/v1/documents") => console.live().map(|live| match live {
             None => serde_json::json!({ "version": 0, "policies": [], "externals": [], "namespaces": [] }),

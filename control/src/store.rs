@@ -130,6 +130,10 @@ pub trait Store: Send + Sync {
         audit: (&str, &str, &str),
     ) -> Result<(), StoreError>;
     fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Every token, by hash.
+    fn tokens(&self) -> Result<Vec<(String, TokenRecord)>, StoreError>;
+    /// Removes a token; false if there was none.
+    fn delete_token(&self, hash: &str, audit: (&str, &str, &str)) -> Result<bool, StoreError>;
     fn audit_log(&self) -> Result<Vec<AuditEntry>, StoreError>;
     /// Records (or replaces) a PU.
     fn put_pu(&self, pu: &PuRecord, audit: (&str, &str, &str)) -> Result<(), StoreError>;
@@ -340,6 +344,28 @@ impl Store for RedbStore {
 
     fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.read_json(TOKENS, hash)
+    }
+
+    fn tokens(&self) -> Result<Vec<(String, TokenRecord)>, StoreError> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(TOKENS)?;
+        t.iter()?
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((k.value().to_owned(), serde_json::from_slice(v.value())?))
+            })
+            .collect()
+    }
+
+    fn delete_token(&self, hash: &str, audit: (&str, &str, &str)) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let gone = txn.open_table(TOKENS)?.remove(hash)?.is_some();
+        if gone {
+            append_audit(&txn, audit)?;
+        }
+        txn.commit()?;
+        Ok(gone)
     }
 
     fn put_pu(&self, pu: &PuRecord, audit: (&str, &str, &str)) -> Result<(), StoreError> {

@@ -444,6 +444,16 @@ async fn register(client: &Client, st: &Mutex<State>, renew: bool) -> Result<Ide
     Ok(Identity { tags: r.tags, ..id })
 }
 
+/// The client to use now: authenticated by our certificate while we hold a valid one,
+/// else by the bootstrap token.
+fn authenticated(client: &Client, st: &Mutex<State>) -> Option<Client> {
+    let st = st.lock().expect("lock poisoned");
+    st.identity
+        .as_ref()
+        .filter(|id| id.not_after > SystemTime::now())
+        .and_then(|id| client.with_identity(&id.chain_pem, &id.key_pem).ok())
+}
+
 /// Obtains and renews the certificate: at start (retrying until the console answers),
 /// then at 2/3 of each certificate's life. A renewal refused because the PU was deleted
 /// (410) ends renewals.
@@ -523,7 +533,10 @@ async fn watch_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<Stat
             ),
             _ => format!("/v1/snapshot?pu={}", encode(&pu)),
         };
-        match client
+        let auth = authenticated(&client, &st);
+        match auth
+            .as_ref()
+            .unwrap_or(&client)
             .call::<segmesh_api::Snapshot>("GET", &path, None, wait + Duration::from_secs(10))
             .await
         {
@@ -579,6 +592,7 @@ fn encode(s: &str) -> String {
 async fn flow_loop(
     shared: Arc<Shared>,
     client: Arc<Client>,
+    st: Arc<Mutex<State>>,
     pu: String,
     mut rx: mpsc::Receiver<FlowRecord>,
 ) {
@@ -600,7 +614,10 @@ async fn flow_loop(
             }
         }
         let body = serde_json::to_vec(&batch).expect("flow records serialize");
-        match client
+        let auth = authenticated(&client, &st);
+        match auth
+            .as_ref()
+            .unwrap_or(&client)
             .call::<serde_json::Value>("POST", &path, Some(body), Duration::from_secs(10))
             .await
         {
@@ -634,7 +651,7 @@ pub fn spawn(
     let st = Arc::new(Mutex::new(state));
     vec![
         tokio::spawn(identity_loop(shared.clone(), client.clone(), st.clone())),
-        tokio::spawn(watch_loop(shared.clone(), client.clone(), st)),
-        tokio::spawn(flow_loop(shared, client, pu, flows)),
+        tokio::spawn(watch_loop(shared.clone(), client.clone(), st.clone())),
+        tokio::spawn(flow_loop(shared, client, st, pu, flows)),
     ]
 }

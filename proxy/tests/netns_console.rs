@@ -537,6 +537,24 @@ fn netns_console_renews_certificates_and_stops_after_the_pu_is_deleted() {
     let web = lab.host("web");
     assert_eq!(http_get(&web, "/ready").0, 200);
 
+    // The bootstrap token revoked: the enforcer watches, reports and renews with its
+    // certificate, so it keeps up.
+    assert!(lab.ctl_ok(&["revoke", "b"]).contains("revoked 1"));
+    let version = lab.config("web")["version"].clone();
+    lab.publish(
+        "p2.yaml",
+        "kind: NetworkPolicy\nname: none-2\nnamespace: /acme/shop\naction: Reject\nmode: Outgoing\nsubject: [[app=web]]\nobject: [[app=nothing]]\n",
+    );
+    wait_until("web takes the commit", PUSH_LIMIT, || {
+        lab.config("web")["version"] != version
+    });
+    let second = not_after().unwrap();
+    wait_until(
+        "a renewal without the token",
+        Duration::from_secs(15),
+        || not_after().is_some_and(|t| t > second),
+    );
+
     // Deleted: the next renewal is refused and the enforcer stops asking.
     lab.ctl_ok(&["delete", "pu", "/acme/shop", "web"]);
     let errors = || metric(&web, "segmesh_console_requests_total{result=\"error\"}");

@@ -236,6 +236,13 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Revoke the tokens named NAME (API or bootstrap tokens). Enforcers registered with
+    /// a revoked bootstrap token keep working with their certificates.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Show the console's audit log.
     Audit {
         #[command(flatten)]
@@ -790,6 +797,12 @@ fn main() -> ExitCode {
                 None => print!("{yaml}"),
             }
             ExitCode::SUCCESS
+        }
+        Command::Revoke { name, remote: r } => {
+            let path = format!("/v1/tokens/{}", percent(&name));
+            remote(&r, "DELETE", &path, None, |v| {
+                println!("revoked {} token(s)", v["revoked"])
+            })
         }
         Command::Flows {
             pu,

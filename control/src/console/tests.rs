@@ -375,6 +375,67 @@ fn registration_certifies_only_recorded_tags() {
 }
 
 #[test]
+fn tokens_are_revoked_by_name_with_rights() {
+    use segmesh_identity::{KeyAlgorithm, WorkloadKey};
+    let f = fixture("revoke");
+    let ca = Ca::new_root("segmesh.local", KeyAlgorithm::EcdsaP256).unwrap();
+    let shop: NamespacePath = "/acme/shop".parse().unwrap();
+    let boot = f
+        .console
+        .create_bootstrap_token(&f.admin, "shop-nodes", &shop, &["app=*".into()])
+        .unwrap();
+    let viewer = caller(&f, "v", Role::Viewer, "/");
+    assert!(matches!(
+        f.console.revoke_token(&viewer, "x", "shop-nodes"),
+        Err(ConsoleError::Forbidden(_))
+    ));
+    let shop_editor_token = f
+        .console
+        .create_token(Some(&f.admin), "shop-ed", Role::Editor, &shop)
+        .unwrap();
+    let shop_editor = f.console.authenticate(&shop_editor_token).unwrap();
+    assert!(
+        matches!(
+            f.console
+                .revoke_token(&shop_editor, &shop_editor_token, "shop-ed"),
+            Err(ConsoleError::Forbidden(_))
+        ),
+        "a token cannot revoke itself"
+    );
+    assert_eq!(
+        f.console
+            .revoke_token(&shop_editor, &shop_editor_token, "shop-nodes")
+            .unwrap(),
+        1
+    );
+    let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let r = Registration {
+        name: "web".into(),
+        namespace: "/acme/shop".into(),
+        tags: vec![],
+        ips: vec![],
+        csr: key.csr_pem("web").unwrap(),
+        renew: false,
+    };
+    assert!(matches!(
+        f.console.register(&boot, &ca, &r),
+        Err(ConsoleError::Unauthenticated)
+    ));
+    assert!(matches!(
+        f.console.revoke_token(&f.admin, "x", "shop-nodes"),
+        Err(ConsoleError::NotFound { .. })
+    ));
+    assert!(
+        f.console
+            .store
+            .audit_log()
+            .unwrap()
+            .iter()
+            .any(|e| e.action == "revoke" && e.who == "shop-ed")
+    );
+}
+
+#[test]
 fn flow_records_are_stored_and_filtered_by_visibility() {
     let f = fixture("flows");
     let boot = f

@@ -50,8 +50,9 @@ pub fn contract(s: &dyn Store) {
         allowed_tags: vec![],
     };
     s.put_token("h1", &t, ("admin", "token", "ci")).unwrap();
-    assert_eq!(s.token("h1").unwrap(), Some(t));
+    assert_eq!(s.token("h1").unwrap(), Some(t.clone()));
     assert_eq!(s.token("h2").unwrap(), None);
+    assert_eq!(s.tokens().unwrap(), vec![("h1".to_string(), t.clone())]);
 
     let log = s.audit_log().unwrap();
     let actions: Vec<(&str, &str)> = log
@@ -121,6 +122,10 @@ pub fn contract(s: &dyn Store) {
         .map(|f| f.record.destination.port)
         .collect();
     assert_eq!(ports, vec![2, 3, 4, 5], "the oldest records go first");
+
+    assert!(s.delete_token("h1", ("admin", "revoke", "ci")).unwrap());
+    assert!(!s.delete_token("h1", ("admin", "revoke", "ci")).unwrap());
+    assert_eq!(s.token("h1").unwrap(), None);
 }
 
 fn tempdir(tag: &str) -> std::path::PathBuf {
@@ -142,7 +147,7 @@ fn redb_store_meets_the_contract_and_persists() {
         3,
         "versions survive a restart"
     );
-    assert_eq!(s.audit_log().unwrap().len(), 10);
+    assert_eq!(s.audit_log().unwrap().len(), 11);
     assert_eq!(s.pus().unwrap().len(), 0);
     assert_eq!(
         s.flows().unwrap().len(),

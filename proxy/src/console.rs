@@ -389,20 +389,17 @@ fn addresses(cfg: &ConsoleConfig) -> Vec<IpAddr> {
 /// Registers (with the bootstrap token) or renews (with the current certificate): a new
 /// key and CSR; the console answers with a certificate carrying the tags it recorded.
 async fn register(client: &Client, st: &Mutex<State>, renew: bool) -> Result<Identity, CallError> {
-    let by_certificate = {
+    // Everything the request needs, read under one lock.
+    let (by_certificate, body, key, state_dir) = {
         let st = st.lock().expect("lock poisoned");
-        match (&st.identity, renew) {
+        let by_certificate = match (&st.identity, renew) {
             (Some(id), true) => Some(
                 client
                     .with_identity(&id.chain_pem, &id.key_pem)
                     .map_err(CallError::Body)?,
             ),
             _ => None,
-        }
-    };
-    let client = by_certificate.as_ref().unwrap_or(client);
-    let (body, state_dir) = {
-        let st = st.lock().expect("lock poisoned");
+        };
         let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256)
             .map_err(|e| CallError::Body(e.to_string()))?;
         let csr = key
@@ -416,9 +413,9 @@ async fn register(client: &Client, st: &Mutex<State>, renew: bool) -> Result<Ide
             "csr": csr,
             "renew": renew,
         });
-        ((body, key), st.cfg.state_dir.clone())
+        (by_certificate, body, key, st.cfg.state_dir.clone())
     };
-    let (body, key) = body;
+    let client = by_certificate.as_ref().unwrap_or(client);
     let r: Registered = client
         .call(
             "POST",

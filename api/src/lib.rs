@@ -9,6 +9,19 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+/// Percent-encodes a query value of the console API (`/` and `:` of `<namespace>:<name>`
+/// stay readable).
+pub fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// One side of a flow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowEndpoint {

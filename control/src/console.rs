@@ -328,13 +328,7 @@ impl<S: Store> Console<S> {
                 rec.name
             )));
         }
-        if req.renew
-            && !self
-                .store
-                .pus()?
-                .iter()
-                .any(|p| p.namespace == ns.as_str() && p.name == req.name)
-        {
+        if req.renew && self.store.pu(ns.as_str(), &req.name)?.is_none() {
             return Err(ConsoleError::Gone(format!(
                 "{ns}:{} is not registered (deleted?): no renewal",
                 req.name
@@ -412,12 +406,7 @@ impl<S: Store> Console<S> {
                 req.name
             )));
         }
-        let Some(mut pu) = self
-            .store
-            .pus()?
-            .into_iter()
-            .find(|p| p.namespace == req.namespace && p.name == req.name)
-        else {
+        let Some(mut pu) = self.store.pu(&req.namespace, &req.name)? else {
             return Err(ConsoleError::Gone(format!(
                 "{}:{} is not registered (deleted?): no renewal",
                 req.namespace, req.name

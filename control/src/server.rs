@@ -136,6 +136,24 @@ fn changed(console: &Console<RedbStore>, changes: &watch::Sender<u64>) {
     }
 }
 
+/// `<prefix>/<namespace path>/<name>`: the namespace and the name, or the answer to a
+/// malformed path (400).
+#[allow(clippy::result_large_err)] // the error is the answer itself
+fn named<'a>(
+    path: &'a str,
+    prefix: &str,
+) -> Result<(NamespacePath, &'a str), Response<Full<Bytes>>> {
+    match path[prefix.len()..].rsplit_once('/') {
+        Some((ns, name)) if !name.is_empty() => {
+            let ns = if ns.is_empty() { "/" } else { ns };
+            ns.parse()
+                .map(|ns| (ns, name))
+                .map_err(|e| error(ConsoleError::Namespace(e)))
+        }
+        _ => Err(bad(format!("expected {prefix}/<namespace path>/<name>"))),
+    }
+}
+
 /// A query parameter, percent-decoded.
 fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
     let raw = req
@@ -342,32 +360,14 @@ async fn route(
                 serde_json::json!({ "version": v.version, "namespaces": visible })
             }
         }),
-        (Method::DELETE, p) if p.starts_with("/v1/externalnetworks/") => {
-            let rest = &p["/v1/externalnetworks".len()..];
-            match rest.rsplit_once('/') {
-                Some((ns, name)) if !name.is_empty() => {
-                    let ns = if ns.is_empty() { "/" } else { ns };
-                    match ns.parse::<NamespacePath>() {
-                        Ok(ns) => console.delete(&who, "ExternalNetwork", &ns, name).map(|()| serde_json::json!({ "deleted": true })),
-                        Err(e) => Err(e.into()),
-                    }
-                }
-                _ => return bad("expected /v1/externalnetworks/<namespace path>/<name>"),
-            }
-        }
-        (Method::DELETE, p) if p.starts_with("/v1/policies/") => {
-            let rest = &p["/v1/policies".len()..];
-            match rest.rsplit_once('/') {
-                Some((ns, name)) if !name.is_empty() => {
-                    let ns = if ns.is_empty() { "/" } else { ns };
-                    match ns.parse::<NamespacePath>() {
-                        Ok(ns) => console.delete(&who, "NetworkPolicy", &ns, name).map(|()| serde_json::json!({ "deleted": true })),
-                        Err(e) => Err(e.into()),
-                    }
-                }
-                _ => return bad("expected /v1/policies/<namespace path>/<name>"),
-            }
-        }
+        (Method::DELETE, p) if p.starts_with("/v1/externalnetworks/") => match named(p, "/v1/externalnetworks") {
+            Ok((ns, name)) => console.delete(&who, "ExternalNetwork", &ns, name).map(|()| serde_json::json!({ "deleted": true })),
+            Err(r) => return r,
+        },
+        (Method::DELETE, p) if p.starts_with("/v1/policies/") => match named(p, "/v1/policies") {
+            Ok((ns, name)) => console.delete(&who, "NetworkPolicy", &ns, name).map(|()| serde_json::json!({ "deleted": true })),
+            Err(r) => return r,
+        },
         (Method::POST, "/v1/tokens") => {
             let t: NewToken = match body(req).await {
                 Ok(t) => t,
@@ -400,22 +400,13 @@ async fn route(
                 })
             }
         }),
-        (Method::DELETE, p) if p.starts_with("/v1/processingunits/") => {
-            let rest = &p["/v1/processingunits".len()..];
-            match rest.rsplit_once('/') {
-                Some((ns, name)) if !name.is_empty() => {
-                    let ns = if ns.is_empty() { "/" } else { ns };
-                    match ns.parse::<NamespacePath>() {
-                        Ok(ns) => console.delete_pu(&who, &ns, name).map(|()| {
-                            changed(&console, &changes);
-                            serde_json::json!({ "deleted": true })
-                        }),
-                        Err(e) => Err(e.into()),
-                    }
-                }
-                _ => return bad("expected /v1/processingunits/<namespace path>/<name>"),
-            }
-        }
+        (Method::DELETE, p) if p.starts_with("/v1/processingunits/") => match named(p, "/v1/processingunits") {
+            Ok((ns, name)) => console.delete_pu(&who, &ns, name).map(|()| {
+                changed(&console, &changes);
+                serde_json::json!({ "deleted": true })
+            }),
+            Err(r) => return r,
+        },
         (Method::GET, "/v1/flows") => {
             let since = match query(&req, "since").map(|s| humantime::parse_duration(&s)).transpose() {
                 Ok(s) => s,

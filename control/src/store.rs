@@ -138,6 +138,8 @@ pub trait Store: Send + Sync {
     /// Records (or replaces) a PU.
     fn put_pu(&self, pu: &PuRecord, audit: (&str, &str, &str)) -> Result<(), StoreError>;
     fn pus(&self) -> Result<Vec<PuRecord>, StoreError>;
+    /// One PU, if registered.
+    fn pu(&self, namespace: &str, name: &str) -> Result<Option<PuRecord>, StoreError>;
     /// Removes a PU; false if there was none.
     fn delete_pu(
         &self,
@@ -384,6 +386,10 @@ impl Store for RedbStore {
         append_audit(&txn, audit)?;
         txn.commit()?;
         Ok(())
+    }
+
+    fn pu(&self, namespace: &str, name: &str) -> Result<Option<PuRecord>, StoreError> {
+        self.read_json(PUS, &format!("{namespace}:{name}"))
     }
 
     fn delete_pu(

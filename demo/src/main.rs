@@ -68,49 +68,33 @@ fn host_of<'a>(d: &'a Demo, name: &str) -> &'a Host {
     d.topo.host(name)
 }
 
-/// Runs a future on a current-thread runtime on a thread inside `h`'s namespace.
+/// Runs a future on a thread inside `h`'s namespace and waits for it.
 fn in_ns<T: Send + 'static>(
     h: &Host,
     f: impl std::future::Future<Output = T> + Send + 'static,
 ) -> T {
-    h.thread(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(f)
-    })
-    .join()
-    .expect("namespace thread")
+    h.run(f).join().expect("namespace thread")
 }
 
 /// Echo servers on `ports` inside `h`, for at most `SERVE_LIMIT`.
 fn serve(h: &Host, ports: &'static [u16]) {
-    let _ = h.thread(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(async move {
-                let mut tasks = Vec::new();
-                for &p in ports {
-                    let Ok(l) =
-                        TcpListener::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), p)).await
-                    else {
-                        continue;
-                    };
-                    tasks.push(tokio::spawn(async move {
-                        while let Ok((mut s, _)) = l.accept().await {
-                            tokio::spawn(async move {
-                                let (mut r, mut w) = s.split();
-                                let _ = tokio::io::copy(&mut r, &mut w).await;
-                                let _ = w.shutdown().await;
-                            });
-                        }
-                    }));
+    let _ = h.run(async move {
+        for &p in ports {
+            let Ok(l) = TcpListener::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), p)).await
+            else {
+                continue;
+            };
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = l.accept().await {
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = s.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = w.shutdown().await;
+                    });
                 }
-                tokio::time::sleep(SERVE_LIMIT).await;
-            })
+            });
+        }
+        tokio::time::sleep(SERVE_LIMIT).await;
     });
 }
 
@@ -688,20 +672,14 @@ fn run(d: &mut Demo) -> anyhow::Result<()> {
     let db = SocketAddr::new(host_of(d, "db").ip4.into(), 5432);
     let api = host_of(d, "api").clone();
     let (tx, rx) = std::sync::mpsc::channel();
-    let session = api.thread(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(async move {
-                let mut s = TcpStream::connect(db).await?;
-                s.write_all(b"SELECT 1").await?;
-                let mut b = [0u8; 8];
-                s.read_exact(&mut b).await?;
-                let _ = tx.send(());
-                let r = tokio::time::timeout(Duration::from_secs(20), s.read(&mut b)).await;
-                Ok::<_, std::io::Error>((Instant::now(), format!("{r:?}")))
-            })
+    let session = api.run(async move {
+        let mut s = TcpStream::connect(db).await?;
+        s.write_all(b"SELECT 1").await?;
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b).await?;
+        let _ = tx.send(());
+        let r = tokio::time::timeout(Duration::from_secs(20), s.read(&mut b)).await;
+        Ok::<_, std::io::Error>((Instant::now(), format!("{r:?}")))
     });
     rx.recv_timeout(Duration::from_secs(10))
         .context("the api → db session opens")?;

@@ -75,7 +75,7 @@ impl TlsConfigs {
         client.resumption = Resumption::store(sessions.client.clone());
         client.enable_secret_extraction = true;
 
-        let client_verifier = Arc::new(ClientVerifier(PeerVerifier::new(
+        let client_verifier = Arc::new(ClientVerifier::required(PeerVerifier::new(
             bundle,
             trust_domain,
             provider.clone(),

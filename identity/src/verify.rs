@@ -205,9 +205,31 @@ impl ServerCertVerifier for PeerVerifier {
     }
 }
 
-/// The server side: a client certificate is mandatory.
+/// The server side. The mesh requires a client certificate ([`ClientVerifier::required`]);
+/// the console takes one when offered ([`ClientVerifier::optional`]: enforcers renew
+/// with theirs, administrators come with a token). A certificate that is presented is
+/// verified the same way in both.
 #[derive(Debug)]
-pub struct ClientVerifier(pub PeerVerifier);
+pub struct ClientVerifier {
+    pub peer: PeerVerifier,
+    pub mandatory: bool,
+}
+
+impl ClientVerifier {
+    pub fn required(peer: PeerVerifier) -> Self {
+        ClientVerifier {
+            peer,
+            mandatory: true,
+        }
+    }
+
+    pub fn optional(peer: PeerVerifier) -> Self {
+        ClientVerifier {
+            peer,
+            mandatory: false,
+        }
+    }
+}
 
 impl ClientCertVerifier for ClientVerifier {
     fn offer_client_auth(&self) -> bool {
@@ -215,7 +237,7 @@ impl ClientCertVerifier for ClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -228,7 +250,7 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
+        self.peer
             .verify(end_entity, intermediates, now, KeyUsage::client_auth())
             .map(|_| ClientCertVerified::assertion())
             .map_err(to_rustls)
@@ -240,7 +262,7 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.peer.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -249,61 +271,10 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.peer.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// The server side where a client certificate is optional (the console: enforcers renew
-/// with their certificate, administrators come with a token). A certificate that is
-/// presented is verified exactly as by [`ClientVerifier`].
-#[derive(Debug)]
-pub struct OptionalClientVerifier(pub ClientVerifier);
-
-impl ClientCertVerifier for OptionalClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0.verify_client_cert(end_entity, intermediates, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.peer.supported_verify_schemes()
     }
 }

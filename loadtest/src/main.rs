@@ -66,13 +66,7 @@ fn in_ns<T: Send + 'static>(
     h: &Host,
     f: impl std::future::Future<Output = T> + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
-    h.thread(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(f)
-    })
+    h.run(f)
 }
 
 fn http_ok(h: &Host, path: &'static str) -> bool {

@@ -395,6 +395,47 @@ fn wait_listening(h: &Host, port: u16) -> anyhow::Result<()> {
     }
 }
 
+/// Bulk (1 and 8 streams), round trips and new connections, per path.
+#[derive(Default)]
+struct PathFigures {
+    bulk1: serde_json::Map<String, Value>,
+    bulk8: serde_json::Map<String, Value>,
+    latency: serde_json::Map<String, Value>,
+    rate: serde_json::Map<String, Value>,
+}
+
+impl PathFigures {
+    /// Measures one path; `endpoints` gives each scenario a fresh (server listen
+    /// address, client target) pair.
+    fn path(
+        &mut self,
+        name: &str,
+        topo: &Topology,
+        sizes: &Sizes,
+        mut endpoints: impl FnMut() -> anyhow::Result<(SocketAddr, SocketAddr)>,
+    ) -> anyhow::Result<()> {
+        let (bytes, limit) = (sizes.bulk_bytes, sizes.limit);
+        let (listen, to) = endpoints()?;
+        self.bulk1
+            .insert(name.into(), json!(bulk(topo, listen, to, 1, bytes, limit)?));
+        let (listen, to) = endpoints()?;
+        self.bulk8
+            .insert(name.into(), json!(bulk(topo, listen, to, 8, bytes, limit)?));
+        let (listen, to) = endpoints()?;
+        self.latency.insert(
+            name.into(),
+            quantiles(&rr(topo, listen, to, sizes.rr_rounds, limit)?),
+        );
+        let (listen, to) = endpoints()?;
+        let (r, lat) = conn_rate(topo, listen, to, sizes.connections, limit)?;
+        self.rate.insert(
+            name.into(),
+            json!({ "per_second": r, "connect": quantiles(&lat) }),
+        );
+        Ok(())
+    }
+}
+
 /// The paths measured, in report order.
 pub const PATHS: [&str; 4] = ["direct", "relay", "authenticated-only", "encrypted"];
 
@@ -413,10 +454,7 @@ pub fn run(
     let at_server = |p: u16| SocketAddr::new(server.ip4.into(), p);
     let local = |p: u16| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), p);
     let limit = sizes.limit;
-    let mut bulk1 = serde_json::Map::new();
-    let mut bulk8 = serde_json::Map::new();
-    let mut latency = serde_json::Map::new();
-    let mut rate = serde_json::Map::new();
+    let mut figures = PathFigures::default();
     let mut notes: Vec<String> = Vec::new();
     let mut port = 0u16;
     let mut next = || {
@@ -425,103 +463,20 @@ pub fn run(
     };
 
     // Baselines, before any capture rule exists.
-    let p = DIRECT + next();
-    bulk1.insert(
-        "direct".into(),
-        json!(bulk(
-            &topo,
-            any(p),
-            at_server(p),
-            1,
-            sizes.bulk_bytes,
-            limit
-        )?),
-    );
-    let p = DIRECT + next();
-    bulk8.insert(
-        "direct".into(),
-        json!(bulk(
-            &topo,
-            any(p),
-            at_server(p),
-            8,
-            sizes.bulk_bytes,
-            limit
-        )?),
-    );
-    let p = DIRECT + next();
-    latency.insert(
-        "direct".into(),
-        quantiles(&rr(&topo, any(p), at_server(p), sizes.rr_rounds, limit)?),
-    );
-    let p = DIRECT + next();
-    let (r, lat) = conn_rate(&topo, any(p), at_server(p), sizes.connections, limit)?;
-    rate.insert(
-        "direct".into(),
-        json!({ "per_second": r, "connect": quantiles(&lat) }),
-    );
+    figures.path("direct", &topo, sizes, || {
+        let p = DIRECT + next();
+        Ok((any(p), at_server(p)))
+    })?;
 
     if relay_available(install_relay) {
-        let i = next();
-        start_relays(&topo, RELAY_IN + i, RELAY_HOP + i, RELAY_OUT + i);
-        wait_listening(&client, RELAY_IN + i)?;
-        wait_listening(&server, RELAY_HOP + i)?;
         // Each scenario gets its own relay pair (socat forks per connection).
-        bulk1.insert(
-            "relay".into(),
-            json!(bulk(
-                &topo,
-                any(RELAY_OUT + i),
-                local(RELAY_IN + i),
-                1,
-                sizes.bulk_bytes,
-                limit
-            )?),
-        );
-        let i = next();
-        start_relays(&topo, RELAY_IN + i, RELAY_HOP + i, RELAY_OUT + i);
-        wait_listening(&client, RELAY_IN + i)?;
-        wait_listening(&server, RELAY_HOP + i)?;
-        bulk8.insert(
-            "relay".into(),
-            json!(bulk(
-                &topo,
-                any(RELAY_OUT + i),
-                local(RELAY_IN + i),
-                8,
-                sizes.bulk_bytes,
-                limit
-            )?),
-        );
-        let i = next();
-        start_relays(&topo, RELAY_IN + i, RELAY_HOP + i, RELAY_OUT + i);
-        wait_listening(&client, RELAY_IN + i)?;
-        wait_listening(&server, RELAY_HOP + i)?;
-        latency.insert(
-            "relay".into(),
-            quantiles(&rr(
-                &topo,
-                any(RELAY_OUT + i),
-                local(RELAY_IN + i),
-                sizes.rr_rounds,
-                limit,
-            )?),
-        );
-        let i = next();
-        start_relays(&topo, RELAY_IN + i, RELAY_HOP + i, RELAY_OUT + i);
-        wait_listening(&client, RELAY_IN + i)?;
-        wait_listening(&server, RELAY_HOP + i)?;
-        let (r, lat) = conn_rate(
-            &topo,
-            any(RELAY_OUT + i),
-            local(RELAY_IN + i),
-            sizes.connections,
-            limit,
-        )?;
-        rate.insert(
-            "relay".into(),
-            json!({ "per_second": r, "connect": quantiles(&lat) }),
-        );
+        figures.path("relay", &topo, sizes, || {
+            let i = next();
+            start_relays(&topo, RELAY_IN + i, RELAY_HOP + i, RELAY_OUT + i);
+            wait_listening(&client, RELAY_IN + i)?;
+            wait_listening(&server, RELAY_HOP + i)?;
+            Ok((any(RELAY_OUT + i), local(RELAY_IN + i)))
+        })?;
     } else {
         notes.push("socat is not installed: no relay baseline (pass --install-relay)".into());
     }
@@ -576,41 +531,10 @@ pub fn run(
         configs.push((cfg, text));
     }
     for (mode, base) in [("authenticated-only", PLAIN), ("encrypted", ENCRYPTED)] {
-        let p = base + next();
-        bulk1.insert(
-            mode.into(),
-            json!(bulk(
-                &topo,
-                any(p),
-                at_server(p),
-                1,
-                sizes.bulk_bytes,
-                limit
-            )?),
-        );
-        let p = base + next();
-        bulk8.insert(
-            mode.into(),
-            json!(bulk(
-                &topo,
-                any(p),
-                at_server(p),
-                8,
-                sizes.bulk_bytes,
-                limit
-            )?),
-        );
-        let p = base + next();
-        latency.insert(
-            mode.into(),
-            quantiles(&rr(&topo, any(p), at_server(p), sizes.rr_rounds, limit)?),
-        );
-        let p = base + next();
-        let (r, lat) = conn_rate(&topo, any(p), at_server(p), sizes.connections, limit)?;
-        rate.insert(
-            mode.into(),
-            json!({ "per_second": r, "connect": quantiles(&lat) }),
-        );
+        figures.path(mode, &topo, sizes, || {
+            let p = base + next();
+            Ok((any(p), at_server(p)))
+        })?;
     }
     // Each held connection costs this process two descriptors (both ends) and each
     // enforcer two, plus a pipe (two more) for a second after its greeting: stay under
@@ -646,7 +570,7 @@ pub fn run(
     pids[0].1 = start_enforcer(&topo, &client, &proxy, cfg)?;
     let p = ENCRYPTED + next();
     let (r, lat) = conn_rate(&topo, any(p), at_server(p), sizes.connections, limit)?;
-    rate.insert(
+    figures.rate.insert(
         "encrypted, full handshake, no pool".into(),
         json!({ "per_second": r, "connect": quantiles(&lat) }),
     );
@@ -679,9 +603,9 @@ pub fn run(
             "idle": sizes.idle,
             "fanout_rounds": sizes.fanout_rounds,
         },
-        "bulk_gbps": { "1": bulk1, "8": bulk8 },
-        "latency": latency,
-        "connections": rate,
+        "bulk_gbps": { "1": figures.bulk1, "8": figures.bulk8 },
+        "latency": figures.latency,
+        "connections": figures.rate,
         "idle": idle_results,
         "fanout": fanout,
         "notes": notes,

@@ -215,6 +215,9 @@ pub struct State {
     identity: Option<Identity>,
     /// Tags from the cache, until a registration answers.
     cached_tags: Option<Vec<String>>,
+    /// The console client authenticated by `identity`, built once per certificate (by
+    /// its expiry).
+    cert_client: Option<(SystemTime, Arc<Client>)>,
 }
 
 const SNAPSHOT_FILE: &str = "snapshot.json";
@@ -279,6 +282,7 @@ impl State {
             snapshot: None,
             identity: None,
             cached_tags: None,
+            cert_client: None,
         };
         let cached: Option<Cached> = std::fs::read(st.path(SNAPSHOT_FILE))
             .ok()
@@ -389,17 +393,15 @@ fn addresses(cfg: &ConsoleConfig) -> Vec<IpAddr> {
 /// Registers (with the bootstrap token) or renews (with the current certificate): a new
 /// key and CSR; the console answers with a certificate carrying the tags it recorded.
 async fn register(client: &Client, st: &Mutex<State>, renew: bool) -> Result<Identity, CallError> {
-    // Everything the request needs, read under one lock.
-    let (by_certificate, body, key, state_dir) = {
+    // A renewal with our certificate while it is valid; else with the token.
+    let by_certificate = if renew {
+        authenticated(client, st)
+    } else {
+        None
+    };
+    let client = by_certificate.as_deref().unwrap_or(client);
+    let (body, key, state_dir) = {
         let st = st.lock().expect("lock poisoned");
-        let by_certificate = match (&st.identity, renew) {
-            (Some(id), true) => Some(
-                client
-                    .with_identity(&id.chain_pem, &id.key_pem)
-                    .map_err(CallError::Body)?,
-            ),
-            _ => None,
-        };
         let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256)
             .map_err(|e| CallError::Body(e.to_string()))?;
         let csr = key
@@ -413,9 +415,8 @@ async fn register(client: &Client, st: &Mutex<State>, renew: bool) -> Result<Ide
             "csr": csr,
             "renew": renew,
         });
-        (by_certificate, body, key, st.cfg.state_dir.clone())
+        (body, key, st.cfg.state_dir.clone())
     };
-    let client = by_certificate.as_ref().unwrap_or(client);
     let r: Registered = client
         .call(
             "POST",
@@ -441,14 +442,23 @@ async fn register(client: &Client, st: &Mutex<State>, renew: bool) -> Result<Ide
     Ok(Identity { tags: r.tags, ..id })
 }
 
-/// The client to use now: authenticated by our certificate while we hold a valid one,
-/// else by the bootstrap token.
-fn authenticated(client: &Client, st: &Mutex<State>) -> Option<Client> {
-    let st = st.lock().expect("lock poisoned");
-    st.identity
+/// The client authenticated by our certificate while we hold a valid one (else the
+/// caller uses the bootstrap token).
+fn authenticated(client: &Client, st: &Mutex<State>) -> Option<Arc<Client>> {
+    let mut st = st.lock().expect("lock poisoned");
+    let id = st
+        .identity
         .as_ref()
-        .filter(|id| id.not_after > SystemTime::now())
-        .and_then(|id| client.with_identity(&id.chain_pem, &id.key_pem).ok())
+        .filter(|id| id.not_after > SystemTime::now())?;
+    if let Some((at, c)) = &st.cert_client {
+        if *at == id.not_after {
+            return Some(c.clone());
+        }
+    }
+    let at = id.not_after;
+    let c = Arc::new(client.with_identity(&id.chain_pem, &id.key_pem).ok()?);
+    st.cert_client = Some((at, c.clone()));
+    Some(c)
 }
 
 /// Obtains and renews the certificate: at start (retrying until the console answers),
@@ -525,14 +535,14 @@ async fn watch_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<Stat
         let path = match since {
             Some(r) if !full => format!(
                 "/v1/snapshot?pu={}&since={r}&wait={}",
-                encode(&pu),
+                segmesh_api::query_escape(&pu),
                 wait.as_secs()
             ),
-            _ => format!("/v1/snapshot?pu={}", encode(&pu)),
+            _ => format!("/v1/snapshot?pu={}", segmesh_api::query_escape(&pu)),
         };
         let auth = authenticated(&client, &st);
         match auth
-            .as_ref()
+            .as_deref()
             .unwrap_or(&client)
             .call::<segmesh_api::Snapshot>("GET", &path, None, wait + Duration::from_secs(10))
             .await
@@ -572,18 +582,6 @@ async fn watch_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<Stat
     }
 }
 
-/// Percent-encodes a query value.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' | b':' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Sends flow records in batches; while the console is away the batch waits (and the
 /// queue behind it fills up, then drops).
 async fn flow_loop(
@@ -593,7 +591,7 @@ async fn flow_loop(
     pu: String,
     mut rx: mpsc::Receiver<FlowRecord>,
 ) {
-    let path = format!("/v1/flows?pu={}", encode(&pu));
+    let path = format!("/v1/flows?pu={}", segmesh_api::query_escape(&pu));
     let mut batch: Vec<FlowRecord> = Vec::with_capacity(FLOW_BATCH);
     let mut failures = 0u32;
     loop {
@@ -613,7 +611,7 @@ async fn flow_loop(
         let body = serde_json::to_vec(&batch).expect("flow records serialize");
         let auth = authenticated(&client, &st);
         match auth
-            .as_ref()
+            .as_deref()
             .unwrap_or(&client)
             .call::<serde_json::Value>("POST", &path, Some(body), Duration::from_secs(10))
             .await

@@ -74,11 +74,18 @@ impl Shared {
         self.bound.load(Ordering::Relaxed) && !self.snapshot().is_fail_closed()
     }
 
+    /// Sends a record to the console (console mode) and to the flow log (if any); a copy
+    /// only when both take it.
     pub(crate) fn record(&self, r: FlowRecord) {
-        if let Some(tx) = &self.console_flows {
-            if tx.try_send(r.clone()).is_err() {
+        let to_console = |r: FlowRecord, tx: &tokio::sync::mpsc::Sender<FlowRecord>| {
+            if tx.try_send(r).is_err() {
                 self.metrics.console_flows_dropped.inc();
             }
+        };
+        match &self.console_flows {
+            Some(tx) if !self.flows.is_enabled() => return to_console(r, tx),
+            Some(tx) => to_console(r.clone(), tx),
+            None => {}
         }
         if !self.flows.record(r) {
             self.metrics.flow_records_dropped.inc();
@@ -130,6 +137,26 @@ impl Shared {
         }
     }
 
+    /// An allowed flow starts moving bytes: counted, in the open-connections gauge and
+    /// tracked for re-decision until the returned value is dropped.
+    pub(crate) fn relaying(&self, dir: Dir, peer: crate::open::Peer, port: u16) -> Relaying<'_> {
+        self.count_connection(dir, VerdictLabel::Allow);
+        let gauge = self
+            .metrics
+            .open
+            .get_or_create(&DirLabels { direction: dir })
+            .clone();
+        gauge.inc();
+        let direction = match dir {
+            Dir::Outbound => Direction::Outgoing,
+            Dir::Inbound => Direction::Incoming,
+        };
+        Relaying {
+            gauge,
+            tracked: self.open.track(direction, peer, port),
+        }
+    }
+
     pub(crate) fn error(&self, kind: ErrorKind) {
         self.metrics
             .errors
@@ -165,6 +192,30 @@ impl Shared {
                 false
             }
         }
+    }
+}
+
+/// A flow being relayed (see [`Shared::relaying`]).
+pub(crate) struct Relaying<'a> {
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    tracked: crate::open::Guard<'a>,
+}
+
+impl Relaying<'_> {
+    /// Notified when a new snapshot rejects the flow.
+    pub(crate) fn stop(&self) -> &tokio::sync::Notify {
+        &self.tracked.stop.notify
+    }
+
+    /// The policies that closed the flow, if a new snapshot did.
+    pub(crate) fn closed_by(&self) -> Vec<String> {
+        self.tracked.closed_by()
+    }
+}
+
+impl Drop for Relaying<'_> {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }
 
@@ -650,21 +701,12 @@ pub(crate) async fn forward(
             }
         };
     let _ = upstream.set_nodelay(true);
-    let m = &shared.metrics;
-    shared.count_connection(flow.dir, VerdictLabel::Allow);
-    let open = m
-        .open
-        .get_or_create(&DirLabels {
-            direction: flow.dir,
-        })
-        .clone();
-    open.inc();
-    let (direction, peer) = match flow.dir {
-        Dir::Outbound => (Direction::Outgoing, flow.destination.ip),
-        Dir::Inbound => (Direction::Incoming, flow.source.ip),
+    let peer = match flow.dir {
+        Dir::Outbound => flow.destination.ip,
+        Dir::Inbound => flow.source.ip,
     };
-    let guard = shared.open.track(
-        direction,
+    let relaying = shared.relaying(
+        flow.dir,
         crate::open::Peer::Address(peer),
         flow.destination.port,
     );
@@ -675,13 +717,12 @@ pub(crate) async fn forward(
         shared.limits.idle_timeout,
         false,
         &progress,
-        &guard.stop.notify,
+        relaying.stop(),
     )
     .await;
-    open.dec();
+    let closed_by = relaying.closed_by();
+    drop(relaying);
     drop(permit);
-    let closed_by = guard.closed_by();
-    drop(guard);
     shared.count_bytes(flow.dir, out.forward + out.backward, out.path, false);
     match out.close {
         Close::Reset => shared.error(ErrorKind::Reset),

@@ -47,6 +47,11 @@ impl FlowLog {
         Ok((FlowLog { tx: Some(tx) }, Some(task)))
     }
 
+    /// Whether records go anywhere.
+    pub fn is_enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
     /// Queues a record; false if it had to be dropped.
     pub fn record(&self, r: FlowRecord) -> bool {
         match &self.tx {

@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::enforcer::{Flow, Shared, endpoint, flow_record, now_rfc3339, reason_str, refuse};
-use crate::metrics::{Dir, DirLabels, ErrorKind, HandshakeLabels, PoolLabels, Role, VerdictLabel};
+use crate::metrics::{Dir, ErrorKind, HandshakeLabels, PoolLabels, Role, VerdictLabel};
 use crate::pool::{Established, SERVER_IDLE};
 use crate::snapshot::{Registered, Snapshot};
 use crate::socket;
@@ -422,23 +422,14 @@ pub(crate) async fn connect(
             reason_str(&d),
         );
     }
-    let m = &shared.metrics;
-    shared.count_connection(Dir::Outbound, VerdictLabel::Allow);
-    let open = m
-        .open
-        .get_or_create(&DirLabels {
-            direction: Dir::Outbound,
-        })
-        .clone();
-    open.inc();
-    let guard = shared.open.track(
-        Direction::Outgoing,
+    let relaying = shared.relaying(
+        Dir::Outbound,
         crate::open::Peer::Pu(peer_tags(&peer)),
         target.port(),
     );
     let mut app = app;
     let (fwd, bwd, path, close, tls_mode) = if resp.encrypt {
-        let (a, b, c) = relay_tls(&mut app, &mut stream, &guard.stop.notify).await;
+        let (a, b, c) = relay_tls(&mut app, &mut stream, relaying.stop()).await;
         if c == Close::Policy {
             socket::reset(app);
         }
@@ -464,11 +455,11 @@ pub(crate) async fn connect(
             Ok(Ok(tcp)) => {
                 let p = Progress::default();
                 let idle = shared.limits.idle_timeout;
-                let o = splice::relay_until(app, tcp, idle, false, &p, &guard.stop.notify).await;
+                let o = splice::relay_until(app, tcp, idle, false, &p, relaying.stop()).await;
                 (o.forward, o.backward, o.path, o.close, false)
             }
             _ => {
-                open.dec();
+                drop(relaying);
                 return reject(
                     &shared,
                     app,
@@ -481,10 +472,9 @@ pub(crate) async fn connect(
             }
         }
     };
-    open.dec();
+    let closed_by = relaying.closed_by();
+    drop(relaying);
     drop(permit);
-    let closed_by = guard.closed_by();
-    drop(guard);
     let moved = Moved {
         forward: fwd,
         backward: bwd,
@@ -578,9 +568,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     flow.source.pu = Some(format!("{}:{}", peer.namespace, peer.name));
     // The certificate must name the PU registered at the address it comes from: a valid
     // certificate presented from another workload's address is an impersonation.
-    match snap.registry.get(&from.ip()) {
-        Some(r) if r.name == peer.name && r.namespace == peer.namespace => {}
-        _ => return record_refusal(&snap, flow, None, "impersonation", Some(spiffe)),
+    let registered = |snap: &Snapshot| {
+        snap.registry
+            .get(&from.ip())
+            .is_some_and(|r| r.name == peer.name && r.namespace == peer.namespace)
+    };
+    if !registered(&snap) {
+        return record_refusal(&snap, flow, None, "impersonation", Some(spiffe));
     }
 
     // The request: bounded in size and time.
@@ -631,9 +625,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     // A pooled connection may have waited for its request across a snapshot change:
     // decide with the snapshot of now, not the one of the handshake.
     let snap = shared.snapshot();
-    match snap.registry.get(&from.ip()) {
-        Some(r) if r.name == peer.name && r.namespace == peer.namespace => {}
-        _ => return record_refusal(&snap, flow, None, "impersonation", Some(spiffe)),
+    if !registered(&snap) {
+        return record_refusal(&snap, flow, None, "impersonation", Some(spiffe));
     }
     let d = decide(&snap, Direction::Incoming, &peer, req.port, &shared);
     if d.verdict == Verdict::Reject {
@@ -683,17 +676,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     };
     let _ = workload.set_nodelay(true);
     let encrypt = req.encrypt || d.encrypt;
-    let m = &shared.metrics;
-    shared.count_connection(Dir::Inbound, VerdictLabel::Allow);
-    let open = m
-        .open
-        .get_or_create(&DirLabels {
-            direction: Dir::Inbound,
-        })
-        .clone();
-    open.inc();
-    let guard = shared.open.track(
-        Direction::Incoming,
+    let relaying = shared.relaying(
+        Dir::Inbound,
         crate::open::Peer::Pu(peer_tags(&peer)),
         req.port,
     );
@@ -713,7 +697,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     let (fwd, bwd, path, close) = if !ok {
         (0, 0, DataPath::Copied, Close::Error)
     } else if encrypt {
-        let (a, b, c) = relay_tls(&mut workload, &mut stream, &guard.stop.notify).await;
+        let (a, b, c) = relay_tls(&mut workload, &mut stream, relaying.stop()).await;
         if c == Close::Policy {
             socket::reset(workload);
         }
@@ -729,17 +713,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
             Ok(Ok(tcp)) => {
                 let p = Progress::default();
                 let idle = shared.limits.idle_timeout;
-                let o =
-                    splice::relay_until(tcp, workload, idle, false, &p, &guard.stop.notify).await;
+                let o = splice::relay_until(tcp, workload, idle, false, &p, relaying.stop()).await;
                 (o.forward, o.backward, o.path, o.close)
             }
             _ => (0, 0, DataPath::Copied, Close::Error),
         }
     };
-    open.dec();
+    let closed_by = relaying.closed_by();
+    drop(relaying);
     drop(permit);
-    let closed_by = guard.closed_by();
-    drop(guard);
     let moved = Moved {
         forward: fwd,
         backward: bwd,

@@ -21,18 +21,6 @@ const PUS: [(&str, &str); 3] = [("web", "app=web"), ("api", "app=api"), ("db", "
 const CONSOLE_PORT: u16 = 8443;
 const PUSH_LIMIT: Duration = Duration::from_secs(10);
 
-/// A binary of the workspace (built by `cargo test --workspace`) next to this test's.
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` so every binary is built",
-        p.display()
-    );
-    p
-}
-
 struct Lab {
     topo: Topology,
     dir: Scratch,

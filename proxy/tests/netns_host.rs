@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
@@ -14,17 +13,6 @@ use std::time::Duration;
 use common::*;
 use segmesh_testkit::{Topology, netns_enabled, wait_until};
 use tokio::net::TcpStream;
-
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` so every binary is built",
-        p.display()
-    );
-    p
-}
 
 #[test]
 fn netns_host_mode_protects_the_hosts_own_processes() {

@@ -306,3 +306,20 @@ impl Host {
         c
     }
 }
+
+impl Host {
+    /// Runs a future to completion on a current-thread tokio runtime, on a new thread
+    /// inside this host's namespace.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> JoinHandle<T> {
+        self.thread(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime")
+                .block_on(f)
+        })
+    }
+}

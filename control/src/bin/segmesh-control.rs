@@ -105,12 +105,12 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let chain = segmesh_identity::ca::certs_from_pem(&issued.chain_pem)?;
     // Client certificates are optional: enforcers renew with theirs.
-    let verifier = segmesh_identity::verify::OptionalClientVerifier(
-        segmesh_identity::verify::ClientVerifier(segmesh_identity::verify::PeerVerifier::new(
+    let verifier = segmesh_identity::verify::ClientVerifier::optional(
+        segmesh_identity::verify::PeerVerifier::new(
             ca.bundle(),
             ca.trust_domain(),
             segmesh_identity::tls::provider(),
-        )?),
+        )?,
     );
     let tls = rustls::ServerConfig::builder_with_provider(segmesh_identity::tls::provider())
         .with_safe_default_protocol_versions()?

@@ -482,18 +482,6 @@ fn engine_for(
     Ok((Engine::compile(set), tests))
 }
 
-/// Percent-encodes a query value.
-fn percent(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' | b':' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// One line per flow: when, who to whom, verdict and why, how the bytes moved.
 fn show_flows(v: &serde_json::Value, style: Style) {
     let end = |e: &serde_json::Value| match (e["pu"].as_str(), e["external"].as_array()) {
@@ -799,7 +787,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Revoke { name, remote: r } => {
-            let path = format!("/v1/tokens/{}", percent(&name));
+            let path = format!("/v1/tokens/{}", segmesh_api::query_escape(&name));
             remote(&r, "DELETE", &path, None, |v| {
                 println!("revoked {} token(s)", v["revoked"])
             })
@@ -814,7 +802,7 @@ fn main() -> ExitCode {
         } => {
             let mut q = vec![format!("limit={limit}")];
             if let Some(p) = pu {
-                q.push(format!("pu={}", percent(&p)));
+                q.push(format!("pu={}", segmesh_api::query_escape(&p)));
             }
             if let Some(v) = verdict {
                 q.push(format!("verdict={v}"));

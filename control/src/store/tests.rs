@@ -96,6 +96,8 @@ pub fn contract(s: &dyn Store) {
     };
     s.put_pu(&moved, ("boot", "register", "web")).unwrap();
     assert_eq!(s.revision().unwrap(), 5, "a new address is news");
+    assert_eq!(s.pu("/a", "web").unwrap(), Some(moved.clone()));
+    assert_eq!(s.pu("/a", "nobody").unwrap(), None);
     assert!(s.delete_pu("/a", "web", ("alice", "delete", "pu")).unwrap());
     assert!(!s.delete_pu("/a", "web", ("alice", "delete", "pu")).unwrap());
     assert_eq!(s.pus().unwrap(), vec![]);

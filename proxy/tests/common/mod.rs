@@ -18,18 +18,12 @@ pub const MB: usize = 1 << 20;
 pub const BULK: usize = 100 * MB;
 pub const LIMIT: Duration = Duration::from_secs(60);
 
-/// Runs a future on a current-thread runtime on a thread inside `h`'s namespace.
+/// Runs a future on a thread inside `h`'s namespace.
 pub fn in_ns<T: Send + 'static>(
     h: &Host,
     f: impl std::future::Future<Output = T> + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
-    h.thread(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
-    })
+    h.run(f)
 }
 
 /// The bulk stream: 1 MiB chunks of one random block, each stamped with its index, so
@@ -256,4 +250,16 @@ pub fn capture_with(h: &Host, cfg: CaptureConfig) {
     })
     .join()
     .unwrap();
+}
+
+/// A binary of the workspace (built by `cargo test --workspace`) next to this test's.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so every binary is built",
+        p.display()
+    );
+    p
 }

@@ -188,6 +188,13 @@ fn holds(peer: Option<&segmesh_identity::WorkloadIdentity>, pu: &str) -> bool {
     peer.is_some_and(|p| format!("{}:{}", p.namespace, p.name) == pu)
 }
 
+fn snapshot_answer(console: &Console<RedbStore>, ns: &NamespacePath) -> Response<Full<Bytes>> {
+    match console.snapshot_for(ns) {
+        Ok(s) => json(StatusCode::OK, serde_json::to_value(s).unwrap_or_default()),
+        Err(e) => error(e),
+    }
+}
+
 async fn snapshot(
     req: Request<Incoming>,
     console: &Console<RedbStore>,
@@ -215,10 +222,7 @@ async fn snapshot(
     }
     // Without `since` (a first fetch), answer at once.
     let Some(since) = query(&req, "since").and_then(|s| s.parse::<u64>().ok()) else {
-        return match console.snapshot_for(&ns) {
-            Ok(s) => json(StatusCode::OK, serde_json::to_value(s).unwrap_or_default()),
-            Err(e) => error(e),
-        };
+        return snapshot_answer(console, &ns);
     };
     let wait = std::time::Duration::from_secs(
         query(&req, "wait")
@@ -237,10 +241,7 @@ async fn snapshot(
         })
         .await;
     }
-    match console.snapshot_for(&ns) {
-        Ok(s) => json(StatusCode::OK, serde_json::to_value(s).unwrap_or_default()),
-        Err(e) => error(e),
-    }
+    snapshot_answer(console, &ns)
 }
 
 async fn route(

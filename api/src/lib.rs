@@ -1,9 +1,13 @@
-//! Wire types shared by the enforcer and the console. Serde only.
+//! What the enforcer and the console share: the wire types, and the HTTPS client of the
+//! console API.
 //!
 //! # Layout
 //! - [`FlowRecord`]: one connection as an enforcer saw it (JSON lines, and to the
 //!   console).
 //! - [`Snapshot`]: what the console sends one enforcer.
+//! - [`client`]: the HTTPS client of the console API.
+
+pub mod client;
 
 use std::net::IpAddr;
 

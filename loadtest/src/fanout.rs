@@ -1,5 +1,5 @@
 //! Push fan-out: a console process on loopback and N simulated enforcers, each holding
-//! the same long-poll watch an enforcer holds (`segmesh_proxy::console::Client`, one TLS
+//! the same long-poll watch an enforcer holds (`segmesh_api::client::Client`, one TLS
 //! connection per request). Each round commits a change and measures, for every
 //! watcher, the time from just before the commit request to the moment its long-poll
 //! returned the new revision.
@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use segmesh_proxy::config::ConsoleConfig;
-use segmesh_proxy::console::Client;
+use segmesh_api::client::Client;
 use tokio::sync::mpsc;
 
 /// One N: the per-watcher latencies of every round.
@@ -56,14 +55,8 @@ impl Drop for Console {
 }
 
 fn client(c: &Console, token: &str) -> anyhow::Result<Client> {
-    Ok(Client::new(&ConsoleConfig {
-        url: c.url.clone(),
-        ca: c.dir.join("ca/bundle.crt"),
-        bootstrap_token: token.into(),
-        state_dir: c.dir.join("unused"),
-        ips: Vec::new(),
-        repoll: Duration::from_secs(600),
-    })?)
+    let ca = std::fs::read_to_string(c.dir.join("ca/bundle.crt"))?;
+    Ok(Client::new(&c.url, token, &ca)?)
 }
 
 fn start_console(control: &Path) -> anyhow::Result<Console> {

@@ -13,10 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use rustls_pki_types::ServerName;
 use segmesh_api::FlowRecord;
 use segmesh_identity::{KeyAlgorithm, Sessions, TlsConfigs, WorkloadIdentity, WorkloadKey};
 use serde::{Deserialize, Serialize};
@@ -36,144 +32,13 @@ const FLOW_LINGER: Duration = Duration::from_secs(1);
 /// How long the console may hold a snapshot request open.
 const WATCH_WAIT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, thiserror::Error)]
-pub enum CallError {
-    #[error("cannot reach the console: {0}")]
-    Unreachable(String),
-    #[error("the console answered {0}: {1}")]
-    Status(u16, String),
-    #[error("the console's answer: {0}")]
-    Body(String),
-}
+pub use segmesh_api::client::{CallError, Client};
 
-/// An HTTPS client for the console API: one connection per request (a long-poll holds
-/// one for up to 30 s; flow batches go once a second at most).
-pub struct Client {
-    host: String,
-    port: u16,
-    /// Sent as a bearer token unless empty.
-    token: String,
-    roots: Arc<rustls::RootCertStore>,
-    tls: Arc<rustls::ClientConfig>,
-}
-
-impl Client {
-    pub fn new(cfg: &ConsoleConfig) -> Result<Client, ConfigError> {
-        let bad = || ConfigError::Console(format!("url `{}`: expected https://host:port", cfg.url));
-        let rest = cfg
-            .url
-            .strip_prefix("https://")
-            .ok_or_else(bad)?
-            .trim_end_matches('/');
-        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-        let port: u16 = port.parse().map_err(|_| bad())?;
-        let pem =
-            std::fs::read_to_string(&cfg.ca).map_err(|e| ConfigError::Read(cfg.ca.clone(), e))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in segmesh_identity::ca::certs_from_pem(&pem)? {
-            roots
-                .add(c)
-                .map_err(|e| ConfigError::Console(format!("{}: {e}", cfg.ca.display())))?;
-        }
-        let roots = Arc::new(roots);
-        let tls = rustls::ClientConfig::builder_with_provider(segmesh_identity::tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ConfigError::Console(e.to_string()))?
-            .with_root_certificates(roots.clone())
-            .with_no_client_auth();
-        Ok(Client {
-            host: host.trim_matches(['[', ']']).to_owned(),
-            port,
-            token: cfg.token()?,
-            roots,
-            tls: Arc::new(tls),
-        })
-    }
-
-    /// The same console, authenticated by a workload certificate instead of the token
-    /// (renewals).
-    pub fn with_identity(&self, chain_pem: &str, key_pem: &str) -> Result<Client, String> {
-        use rustls_pki_types::PrivateKeyDer;
-        use rustls_pki_types::pem::PemObject;
-        let chain = segmesh_identity::ca::certs_from_pem(chain_pem).map_err(|e| e.to_string())?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
-        let tls = rustls::ClientConfig::builder_with_provider(segmesh_identity::tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(self.roots.clone())
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| e.to_string())?;
-        Ok(Client {
-            host: self.host.clone(),
-            port: self.port,
-            token: String::new(),
-            roots: self.roots.clone(),
-            tls: Arc::new(tls),
-        })
-    }
-
-    /// One request with a JSON body (or none) and a JSON answer, within `limit`.
-    pub async fn call<T: for<'de> Deserialize<'de>>(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Vec<u8>>,
-        limit: Duration,
-    ) -> Result<T, CallError> {
-        let exchange = async {
-            let addr = format!("{}:{}", self.host, self.port);
-            let tcp = tokio::net::TcpStream::connect(&addr)
-                .await
-                .map_err(|e| CallError::Unreachable(format!("{addr}: {e}")))?;
-            let name = ServerName::try_from(self.host.clone())
-                .map_err(|e| CallError::Unreachable(format!("{}: {e}", self.host)))?;
-            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(|e| CallError::Unreachable(format!("{addr}: TLS: {e}")))?;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                .await
-                .map_err(|e| CallError::Unreachable(e.to_string()))?;
-            tokio::spawn(conn);
-            let mut req = hyper::Request::builder()
-                .method(method)
-                .uri(path)
-                .header("host", &self.host)
-                .header("content-type", "application/json");
-            if !self.token.is_empty() {
-                req = req.header("authorization", format!("Bearer {}", self.token));
-            }
-            let req = req
-                .body(Full::new(Bytes::from(body.unwrap_or_default())))
-                .map_err(|e| CallError::Body(e.to_string()))?;
-            let resp = send
-                .send_request(req)
-                .await
-                .map_err(|e| CallError::Unreachable(e.to_string()))?;
-            let status = resp.status().as_u16();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| CallError::Unreachable(e.to_string()))?
-                .to_bytes();
-            if status != 200 {
-                let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v["error"].as_str().map(str::to_owned))
-                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-                return Err(CallError::Status(status, msg));
-            }
-            serde_json::from_slice(&bytes).map_err(|e| CallError::Body(e.to_string()))
-        };
-        tokio::time::timeout(limit, exchange)
-            .await
-            .unwrap_or_else(|_| {
-                Err(CallError::Unreachable(format!(
-                    "no answer within {limit:?}"
-                )))
-            })
-    }
+/// A client of the console a console section describes (its CA read from the file, its
+/// bootstrap token resolved).
+pub fn client(cfg: &ConsoleConfig) -> Result<Client, ConfigError> {
+    let pem = std::fs::read_to_string(&cfg.ca).map_err(|e| ConfigError::Read(cfg.ca.clone(), e))?;
+    Client::new(&cfg.url, &cfg.token()?, &pem).map_err(|e| ConfigError::Console(e.to_string()))
 }
 
 /// What the console answers a registration.
@@ -492,9 +357,9 @@ async fn identity_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<S
                     .unwrap_or_default();
                 tokio::time::sleep(wait).await;
             }
-            Err(CallError::Status(410, msg)) => {
+            Err(e @ CallError::Status { status: 410, .. }) => {
                 count(&shared, "error");
-                tracing::error!(%msg, "the console refuses to renew this PU's certificate (deleted); no more renewals");
+                tracing::error!(error = %e, "the console refuses to renew this PU's certificate (deleted); no more renewals");
                 return;
             }
             Err(e) => {
@@ -502,7 +367,7 @@ async fn identity_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<S
                 failures += 1;
                 let wait = Duration::from_millis(500 * 2u64.pow(failures.min(6)))
                     .min(Duration::from_secs(30));
-                if failures == 1 || matches!(e, CallError::Status(..)) {
+                if failures == 1 || matches!(e, CallError::Status { .. }) {
                     tracing::warn!(error = %e, retry_in = ?wait, "registration with the console failed");
                 } else {
                     tracing::debug!(error = %e, retry_in = ?wait, "registration with the console failed");

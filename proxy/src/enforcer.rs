@@ -272,7 +272,7 @@ impl Enforcer {
                     .console
                     .as_ref()
                     .expect("console mode has a console section");
-                let client = crate::console::Client::new(c)?;
+                let client = crate::console::client(c)?;
                 let state = crate::console::State::load(&cfg.pu, c);
                 let initial = match state.build("cache") {
                     Some(Ok(s)) => s,

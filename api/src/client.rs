@@ -1,0 +1,163 @@
+//! An HTTPS client of the console API, for the enforcer (async) and `segmeshctl` (which
+//! blocks on it): the console's CA, a bearer token or a workload certificate, JSON in
+//! and out, one connection per request (a long-poll holds one for up to a minute).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use serde::Deserialize;
+
+/// The console's message in an error answer.
+fn error_text(body: &serde_json::Value) -> String {
+    body["error"]
+        .as_str()
+        .map_or_else(|| body.to_string(), str::to_owned)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("cannot reach the console: {0}")]
+    Unreachable(String),
+    #[error("the console answered {status}: {}", error_text(body))]
+    Status {
+        status: u16,
+        /// The console's JSON answer (`{"error": ...}`, and `diagnostics` for a bad
+        /// apply).
+        body: serde_json::Value,
+    },
+    #[error("{0}")]
+    Setup(String),
+    #[error("the console's answer: {0}")]
+    Body(String),
+}
+
+/// An HTTPS client for the console API: one connection per request (a long-poll holds
+/// one for up to 30 s; flow batches go once a second at most).
+pub struct Client {
+    host: String,
+    port: u16,
+    /// Sent as a bearer token unless empty.
+    token: String,
+    roots: Arc<rustls::RootCertStore>,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Client {
+    /// `url`: `https://host:port`; `token`: sent as a bearer token unless empty;
+    /// `ca_pem`: the console's CA.
+    pub fn new(url: &str, token: &str, ca_pem: &str) -> Result<Client, CallError> {
+        let bad = || CallError::Setup(format!("console URL `{url}`: expected https://host:port"));
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(bad)?
+            .trim_end_matches('/');
+        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let setup = |e: &dyn std::fmt::Display| CallError::Setup(format!("console CA: {e}"));
+        let mut roots = rustls::RootCertStore::empty();
+        for c in segmesh_identity::ca::certs_from_pem(ca_pem).map_err(|e| setup(&e))? {
+            roots.add(c).map_err(|e| setup(&e))?;
+        }
+        let roots = Arc::new(roots);
+        let tls = rustls::ClientConfig::builder_with_provider(segmesh_identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| setup(&e))?
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        Ok(Client {
+            host: host.trim_matches(['[', ']']).to_owned(),
+            port,
+            token: token.to_owned(),
+            roots,
+            tls: Arc::new(tls),
+        })
+    }
+
+    /// The same console, authenticated by a workload certificate instead of the token
+    /// (renewals).
+    pub fn with_identity(&self, chain_pem: &str, key_pem: &str) -> Result<Client, String> {
+        use rustls_pki_types::PrivateKeyDer;
+        use rustls_pki_types::pem::PemObject;
+        let chain = segmesh_identity::ca::certs_from_pem(chain_pem).map_err(|e| e.to_string())?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
+        let tls = rustls::ClientConfig::builder_with_provider(segmesh_identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| e.to_string())?;
+        Ok(Client {
+            host: self.host.clone(),
+            port: self.port,
+            token: String::new(),
+            roots: self.roots.clone(),
+            tls: Arc::new(tls),
+        })
+    }
+
+    /// One request with a JSON body (or none) and a JSON answer, within `limit`.
+    pub async fn call<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        limit: Duration,
+    ) -> Result<T, CallError> {
+        let exchange = async {
+            let addr = format!("{}:{}", self.host, self.port);
+            let tcp = tokio::net::TcpStream::connect(&addr)
+                .await
+                .map_err(|e| CallError::Unreachable(format!("{addr}: {e}")))?;
+            let name = ServerName::try_from(self.host.clone())
+                .map_err(|e| CallError::Unreachable(format!("{}: {e}", self.host)))?;
+            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| CallError::Unreachable(format!("{addr}: TLS: {e}")))?;
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| CallError::Unreachable(e.to_string()))?;
+            tokio::spawn(conn);
+            let mut req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", &self.host)
+                .header("content-type", "application/json");
+            if !self.token.is_empty() {
+                req = req.header("authorization", format!("Bearer {}", self.token));
+            }
+            let req = req
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| CallError::Body(e.to_string()))?;
+            let resp = send
+                .send_request(req)
+                .await
+                .map_err(|e| CallError::Unreachable(e.to_string()))?;
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| CallError::Unreachable(e.to_string()))?
+                .to_bytes();
+            if status != 200 {
+                let body = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_else(
+                    |_| serde_json::json!({ "error": String::from_utf8_lossy(&bytes) }),
+                );
+                return Err(CallError::Status { status, body });
+            }
+            serde_json::from_slice(&bytes).map_err(|e| CallError::Body(e.to_string()))
+        };
+        tokio::time::timeout(limit, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(CallError::Unreachable(format!(
+                    "no answer within {limit:?}"
+                )))
+            })
+    }
+}

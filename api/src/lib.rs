@@ -6,9 +6,12 @@
 //!   console).
 //! - [`Snapshot`]: what the console sends one enforcer.
 //! - [`client`]: the HTTPS client of the console API.
+//! - [`net`]: the accept loop and the backoff the enforcer and the console share.
 
 pub mod client;
+pub mod net;
 
+use std::fmt;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -59,9 +62,8 @@ pub struct FlowRecord {
     pub destination: FlowEndpoint,
     /// `allow` or `reject`.
     pub verdict: String,
-    /// `policy`, `default`, `discovered`, or why the enforcer refused before any
-    /// policy (`no-snapshot`, `overload`, `registered-pu`, `loop`).
-    pub reason: String,
+    /// Why: see [`FlowReason`] for every value.
+    pub reason: FlowReason,
     /// The deciding policies (`<namespace>:<name>`).
     pub policies: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,16 +79,16 @@ pub struct FlowRecord {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration_ms: u64,
-    /// `closed`, `reset`, `idle`, `connect-failed`, `connect-timeout`, `policy`,
-    /// `rejected`, `error`.
-    pub close_reason: String,
+    /// How it ended: see [`CloseReason`] for every value.
+    pub close_reason: CloseReason,
     /// The peer's SPIFFE ID, from its certificate (mesh tunnel flows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_identity: Option<String>,
     /// Which enforcer refused the flow: `client` or `server` (mesh tunnel flows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rejected_by: Option<String>,
-    /// What the other enforcer answered (`accepted`, `policy`, `default`, ...).
+    pub rejected_by: Option<Side>,
+    /// What the other enforcer answered: `accepted`, `policy`, `default`, `no-snapshot`,
+    /// `bad-request`, `overload` or `unreachable` (the tunnel's reason codes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_reason: Option<String>,
     /// The modes (`Incoming`, `Outgoing`, `Bidirectional`) of the deciding policies.
@@ -101,9 +103,175 @@ pub struct FlowRecord {
     pub closed_by: Vec<String>,
 }
 
+/// Why a flow got its verdict: the decision's reason (`policy`, `default`,
+/// `discovered`) or why the enforcer refused before or beside any policy. Serialized as
+/// the strings the flow records always carried.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum FlowReason {
+    /// An enforced policy decided (allowed or rejected).
+    Policy,
+    /// No enforced policy matched: the default (reject).
+    Default,
+    /// No enforced policy matched in a namespace in discovery mode: allowed and recorded.
+    Discovered,
+    /// The enforcer has no valid configuration and rejects everything (fail closed).
+    NoSnapshot,
+    /// The connection was addressed to the enforcer's own capture port.
+    Loop,
+    /// A plain (non-tunnel) connection from the address of a registered PU: PUs must
+    /// come through the tunnel with their certificate.
+    RegisteredPu,
+    /// The enforcer is at its connection or handshake limit.
+    Overload,
+    /// A PU-to-PU flow, but this enforcer has no workload certificate.
+    NoIdentity,
+    /// The peer's valid certificate names another PU than the one registered at its
+    /// address.
+    Impersonation,
+    /// The peer enforcer's tunnel port could not be reached.
+    TunnelUnreachable,
+    /// The peer's certificate was refused (`peer-certificate:<why>`, `why` as the
+    /// identity crate names rejections: `unknown_issuer`, `expired`, ...).
+    PeerCertificate(String),
+    /// The tunnel's TLS handshake did not finish in time.
+    HandshakeTimeout,
+    /// The peer broke the tunnel protocol (no answer, malformed answer, no GO byte).
+    TunnelProtocol,
+    /// A tunnel connection sent no request within the server's idle limit.
+    IdleBeforeRequest,
+    /// A malformed tunnel request.
+    BadRequest,
+    /// The enforcer ended the flow's task without deciding it (a bug; its log says more).
+    Internal,
+    /// A reason this build does not know (a record from a newer enforcer), kept as is.
+    Unknown(String),
+}
+
+impl FlowReason {
+    const NAMED: [(FlowReason, &'static str); 15] = [
+        (FlowReason::Policy, "policy"),
+        (FlowReason::Default, "default"),
+        (FlowReason::Discovered, "discovered"),
+        (FlowReason::NoSnapshot, "no-snapshot"),
+        (FlowReason::Loop, "loop"),
+        (FlowReason::RegisteredPu, "registered-pu"),
+        (FlowReason::Overload, "overload"),
+        (FlowReason::NoIdentity, "no-identity"),
+        (FlowReason::Impersonation, "impersonation"),
+        (FlowReason::TunnelUnreachable, "tunnel-unreachable"),
+        (FlowReason::HandshakeTimeout, "handshake-timeout"),
+        (FlowReason::TunnelProtocol, "tunnel-protocol"),
+        (FlowReason::IdleBeforeRequest, "idle-before-request"),
+        (FlowReason::BadRequest, "bad-request"),
+        (FlowReason::Internal, "internal"),
+    ];
+    const PEER_CERTIFICATE: &'static str = "peer-certificate:";
+}
+
+impl fmt::Display for FlowReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FlowReason::PeerCertificate(why) => write!(f, "{}{why}", Self::PEER_CERTIFICATE),
+            FlowReason::Unknown(s) => f.write_str(s),
+            named => {
+                let (_, s) = Self::NAMED
+                    .iter()
+                    .find(|(r, _)| r == named)
+                    .expect("every other variant is named");
+                f.write_str(s)
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for FlowReason {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(why) = s.strip_prefix(Self::PEER_CERTIFICATE) {
+            return Ok(FlowReason::PeerCertificate(why.to_owned()));
+        }
+        Ok(Self::NAMED
+            .iter()
+            .find(|(_, n)| *n == s)
+            .map(|(r, _)| r.clone())
+            .unwrap_or_else(|| FlowReason::Unknown(s.to_owned())))
+    }
+}
+
+/// How a flow ended. Serialized as the strings the flow records always carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloseReason {
+    /// Both directions ended with a FIN.
+    Closed,
+    /// One side reset; the other was reset too.
+    Reset,
+    /// No bytes either way for the idle timeout.
+    Idle,
+    /// The destination refused the connection (or was unreachable).
+    ConnectFailed,
+    /// The destination did not answer within the connect timeout.
+    ConnectTimeout,
+    /// A new snapshot rejects the open flow: the enforcer closed it.
+    Policy,
+    /// Refused at establishment (the verdict, or an enforcer-side reason).
+    Rejected,
+    /// Another I/O error.
+    Error,
+    /// The enforcer shut down before the flow ended (after its drain period).
+    Shutdown,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Closed => "closed",
+            CloseReason::Reset => "reset",
+            CloseReason::Idle => "idle",
+            CloseReason::ConnectFailed => "connect-failed",
+            CloseReason::ConnectTimeout => "connect-timeout",
+            CloseReason::Policy => "policy",
+            CloseReason::Rejected => "rejected",
+            CloseReason::Error => "error",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which enforcer refused a mesh tunnel flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// The enforcer of the PU that connects.
+    Client,
+    /// The enforcer of the PU that accepts.
+    Server,
+}
+
+impl Serialize for FlowReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for FlowReason {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(s.parse().expect("infallible"))
+    }
+}
+
 /// A PU an enforcer may meet, by address. No tags: a peer's tags come only from its
 /// certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RegistryEntry {
     pub name: String,
     pub namespace: String,
@@ -124,4 +292,61 @@ pub struct Snapshot {
     pub externals: Vec<segmesh_policy::ExternalNetwork>,
     pub namespaces: Vec<segmesh_policy::Namespace>,
     pub registry: Vec<RegistryEntry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The strings every flow record carried before the reasons were typed: the JSON
+    /// must not change.
+    #[test]
+    fn reasons_keep_their_strings() {
+        let reasons = [
+            "policy",
+            "default",
+            "discovered",
+            "no-snapshot",
+            "loop",
+            "registered-pu",
+            "overload",
+            "no-identity",
+            "impersonation",
+            "tunnel-unreachable",
+            "peer-certificate:unknown_issuer",
+            "handshake-timeout",
+            "tunnel-protocol",
+            "idle-before-request",
+            "bad-request",
+            "internal",
+        ];
+        for s in reasons {
+            let r: FlowReason = s.parse().unwrap();
+            assert!(!matches!(r, FlowReason::Unknown(_)), "{s} is a known reason");
+            assert_eq!(r.to_string(), s);
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(json, format!("\"{s}\""));
+            assert_eq!(serde_json::from_str::<FlowReason>(&json).unwrap(), r);
+        }
+        let newer: FlowReason = serde_json::from_str("\"some-new-reason\"").unwrap();
+        assert_eq!(newer, FlowReason::Unknown("some-new-reason".into()));
+        assert_eq!(serde_json::to_string(&newer).unwrap(), "\"some-new-reason\"");
+
+        let closes = [
+            (CloseReason::Closed, "closed"),
+            (CloseReason::Reset, "reset"),
+            (CloseReason::Idle, "idle"),
+            (CloseReason::ConnectFailed, "connect-failed"),
+            (CloseReason::ConnectTimeout, "connect-timeout"),
+            (CloseReason::Policy, "policy"),
+            (CloseReason::Rejected, "rejected"),
+            (CloseReason::Error, "error"),
+            (CloseReason::Shutdown, "shutdown"),
+        ];
+        for (c, s) in closes {
+            assert_eq!(serde_json::to_string(&c).unwrap(), format!("\"{s}\""));
+            assert_eq!(c.as_str(), s);
+        }
+        assert_eq!(serde_json::to_string(&Side::Server).unwrap(), "\"server\"");
+    }
 }

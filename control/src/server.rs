@@ -453,11 +453,8 @@ pub async fn serve(
     let inject = Arc::new(inject);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let changes = Arc::new(watch::channel(console.store.revision().unwrap_or(0)).0);
-    loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
+    let stop = std::future::pending();
+    segmesh_api::net::accept_loop(listener, "console", stop, |tcp, peer| {
         let (acceptor, console, ca, changes, inject) = (
             acceptor.clone(),
             console.clone(),
@@ -496,5 +493,6 @@ pub async fn serve(
                 tracing::debug!(error = %e, "console connection");
             }
         });
-    }
+    })
+    .await
 }

@@ -121,7 +121,7 @@ pub fn suggest(within: &NamespacePath, flows: &[StoredFlow], pus: &[PuRecord]) -
     let mut skipped = BTreeSet::new();
     for f in flows {
         let r = &f.record;
-        if r.verdict != "allow" || r.reason != "discovered" {
+        if r.verdict != "allow" || r.reason != segmesh_api::FlowReason::Discovered {
             continue;
         }
         let Some((ns, _)) = f.reporter.rsplit_once(':') else {

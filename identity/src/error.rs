@@ -51,8 +51,6 @@ pub enum IdentityError {
     Io(PathBuf, #[source] std::io::Error),
     #[error("{0}: no PEM {1} found")]
     Pem(String, &'static str),
-    #[error("renewal through the issuer failed: {0}")]
-    Issuer(String),
 }
 
 impl IdentityError {

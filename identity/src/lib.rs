@@ -9,14 +9,12 @@
 //! - [`ca`]: the CA (root, optional intermediate), keys, CSRs, issuance, files.
 //! - [`verify`]: rustls verifiers (chain to the bundle, SPIFFE ID, tags).
 //! - [`tls`]: client and server configurations, [`peer_identity`].
-//! - [`rotation`]: renewal at 2/3 of a certificate's life with atomic swaps.
 //! - [`error`]: [`IdentityError`] and [`Rejection`].
 
 pub mod ca;
 pub mod cert;
 mod der;
 pub mod error;
-pub mod rotation;
 pub mod spiffe;
 pub mod tags;
 pub mod tls;
@@ -25,6 +23,5 @@ pub mod verify;
 pub use ca::{Ca, Issued, KeyAlgorithm, LeafSpec, WorkloadKey};
 pub use cert::WorkloadIdentity;
 pub use error::{IdentityError, Rejection};
-pub use rotation::{CertIssuer, IdentityManager, LocalIssuer, ManagerOptions};
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId};
 pub use tls::{ALPN, Sessions, TlsConfigs, peer_identity};

@@ -11,7 +11,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::enforcer::Shared;
+use crate::state::Shared;
 
 fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     Response::builder()
@@ -31,6 +31,12 @@ async fn handle(
         "/ready" => {
             if shared.is_ready() {
                 text(StatusCode::OK, plain, "ready\n".into())
+            } else if shared.is_draining() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    plain,
+                    "not ready: shutting down (draining open flows)\n".into(),
+                )
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -61,16 +67,10 @@ async fn handle(
     })
 }
 
+/// Serves until the task is aborted (the admin port answers while the enforcer drains).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let forever = std::future::pending();
+    segmesh_api::net::accept_loop(listener, "admin", forever, |tcp, _| {
         let shared = shared.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(req, shared.clone()));
@@ -81,5 +81,6 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 tracing::debug!(error = %e, "admin connection");
             }
         });
-    }
+    })
+    .await
 }

@@ -45,14 +45,8 @@ pub struct IdentityFiles {
     pub bundle: PathBuf,
 }
 
-/// A PU this enforcer may meet. No tags: a peer's tags come only from its certificate.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryEntry {
-    pub name: String,
-    pub namespace: String,
-    pub ips: Vec<IpAddr>,
-}
+/// A PU this enforcer may meet (the console's wire type: one definition for both).
+pub use segmesh_api::RegistryEntry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,6 +63,12 @@ pub struct Listeners {
     /// Admin (`/healthz`, `/ready`, `/metrics`, `/config`). Default 15020.
     #[serde(default = "d_admin")]
     pub admin: u16,
+    /// Bind every listener on this one address, with no transparent inbound socket, and
+    /// open tunnel connections from it: several enforcers on one host (labs, the
+    /// in-process tests on 127.0.0.x). Capture then needs rules of one's own. Default:
+    /// none (outbound on loopback, inbound transparent and tunnel on every address).
+    #[serde(default)]
+    pub address: Option<IpAddr>,
 }
 
 fn d_outbound() -> u16 {
@@ -91,6 +91,7 @@ impl Default for Listeners {
             inbound: 15006,
             tunnel: 15008,
             admin: 15020,
+            address: None,
         }
     }
 }
@@ -212,6 +213,66 @@ pub enum Mode {
     Host,
 }
 
+/// What both modes configure the same way: listeners, limits, flow records and the
+/// enforcer's behaviour. Read once at start (a reload does not change listeners).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub listeners: Listeners,
+    pub limits: Limits,
+    /// Where flow records go: a path, or `-` for stdout. Default: none.
+    pub flow_log: Option<String>,
+    /// Re-decide open connections on every new snapshot. Default true.
+    pub recheck_open: bool,
+    /// Record every flow, not only those of policies with `log: true`. Default false.
+    pub log_all_flows: bool,
+    /// `sidecar` (default) or `host`.
+    pub mode: Mode,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listeners: Listeners::default(),
+            limits: Limits::default(),
+            flow_log: None,
+            recheck_open: true,
+            log_all_flows: false,
+            mode: Mode::default(),
+        }
+    }
+}
+
+/// Where the enforcer's configuration comes from; each mode has exactly its data.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A local configuration file, reloaded on change and on SIGHUP. A file with a
+    /// `console:` section is read once and turned into [`ConfigSource::Console`].
+    File(PathBuf),
+    /// Console mode: the PU and how to reach the console; policies, registry and
+    /// identity come from the console.
+    Console(ConsoleSource),
+}
+
+/// Console mode's configuration (from flags, or a file's `console:` section).
+#[derive(Debug, Clone)]
+pub struct ConsoleSource {
+    pub pu: PuConfig,
+    pub console: ConsoleConfig,
+    pub settings: Settings,
+}
+
+impl ConsoleSource {
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if !self.console.url.starts_with("https://") {
+            return Err(ConfigError::Console(format!(
+                "url `{}`: expected https://host:port",
+                self.console.url
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Durations written as `5s`, `1h`, `250ms`.
 mod humantime_serde_compat {
     use serde::{Deserialize, Deserializer};
@@ -298,9 +359,30 @@ impl LocalConfig {
         Ok(cfg)
     }
 
+    /// What both modes share, as this file sets it.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            listeners: self.listeners,
+            limits: self.limits,
+            flow_log: self.flow_log.clone(),
+            recheck_open: self.recheck_open,
+            log_all_flows: self.log_all_flows,
+            mode: self.mode,
+        }
+    }
+
+    /// Console mode, when the file has a `console:` section.
+    pub fn console_source(&self) -> Option<ConsoleSource> {
+        Some(ConsoleSource {
+            pu: self.pu.clone(),
+            console: self.console.clone()?,
+            settings: self.settings(),
+        })
+    }
+
     /// A console-mode configuration names no policies, registry or identity: those come
     /// from the console.
-    pub fn check(&self) -> Result<(), ConfigError> {
+    fn check(&self) -> Result<(), ConfigError> {
         if let Some(c) = &self.console {
             let mut local = Vec::new();
             if !self.policies.is_empty() {
@@ -318,12 +400,12 @@ impl LocalConfig {
                     local.join(", ")
                 )));
             }
-            if !c.url.starts_with("https://") {
-                return Err(ConfigError::Console(format!(
-                    "url `{}`: expected https://host:port",
-                    c.url
-                )));
+            ConsoleSource {
+                pu: self.pu.clone(),
+                console: c.clone(),
+                settings: self.settings(),
             }
+            .check()?;
         }
         Ok(())
     }

@@ -1,30 +1,47 @@
 //! The segmesh enforcer: a transparent L4 proxy for one workload (or one host).
 //!
 //! # Layout
-//! - [`config`]: the local configuration file.
+//! Along the path of a connection, each module depending only on those below it:
+//! - [`enforcer`]: start-up (configuration source, first snapshot, binding every
+//!   listener) and the accept loops; graceful shutdown.
+//! - `outbound`, `inbound`: a captured connection of our PU (original destination from
+//!   `SO_ORIGINAL_DST`) or to it (TPROXY: the local address).
+//! - `plan`: what to do with it, without I/O: refuse and why, the mesh tunnel to a PU,
+//!   or a plain flow decided against external networks (table-tested).
+//! - `dispatch`: carries a plan out.
+//! - `mesh`: the tunnel between enforcers: `mesh::client` (our PU connects),
+//!   `mesh::server` (a peer's PU connects to ours), `mesh::wire` (request, response,
+//!   reason codes).
+//! - `plain`: flows to and from external networks: connect and splice.
+//! - `relay`: the byte movers: `relay::splice` (zero-copy, copy fallback) and
+//!   `relay::tls` (encrypted tunnel flows).
+//! - `flow`: a flow and its recorder, the one place a flow record is made.
+//! - `source`: where snapshots come from (`source::console` or a local file),
+//!   feeding [`state::Shared::install`].
+//! - [`state`]: the settings the enforcer started with, apart from its runtime handles.
 //! - [`snapshot`]: what is enforced (PU, compiled policies, registry), swapped whole.
-//! - [`enforcer`]: listeners, per-connection decisions, reloads.
-//! - [`console`]: console mode (registration, renewal, snapshot watch and cache, flow
-//!   records to the console).
-//! - [`open`]: the open flows, re-decided on every new snapshot.
-//! - [`splice`]: the zero-copy data plane (splice through pipes; copy fallback).
-//! - [`mesh`]: the mesh tunnel between enforcers (mTLS, decisions at both ends, data modes).
-//! - [`pool`]: pre-established tunnel connections to busy peers.
-//! - [`tunnel`]: the mesh tunnel's wire format (request, response, reason codes).
-//! - [`socket`]: socket options and syscalls (original destination, transparency, RST).
-//! - [`flows`]: flow records as JSON lines.
-//! - [`metrics`], [`admin`]: Prometheus metrics and the admin endpoints.
+//! - `open`: the open flows, re-decided on every new snapshot.
+//! - `pool`: pre-established tunnel connections to busy peers.
+//! - `sink`: where flow records go (JSON lines, the console).
+//! - [`config`], [`metrics`], `admin`, `socket`: the configuration, Prometheus
+//!   metrics and the admin endpoints, socket options and syscalls.
 
-pub mod admin;
+mod admin;
 pub mod config;
-pub mod console;
+mod dispatch;
 pub mod enforcer;
-pub mod flows;
-pub mod mesh;
+mod flow;
+mod inbound;
+mod mesh;
 pub mod metrics;
-pub mod open;
-pub mod pool;
+mod open;
+mod outbound;
+mod plain;
+mod plan;
+mod pool;
+mod relay;
+mod sink;
 pub mod snapshot;
-pub mod socket;
-pub mod splice;
-pub mod tunnel;
+mod socket;
+mod source;
+pub mod state;

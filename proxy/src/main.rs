@@ -4,8 +4,10 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use segmesh_proxy::config::{ConsoleConfig, LocalConfig, Mode, PuConfig};
-use segmesh_proxy::enforcer::{ConfigSource, Enforcer};
+use segmesh_proxy::config::{
+    ConfigSource, ConsoleConfig, ConsoleSource, LocalConfig, Mode, PuConfig, Settings,
+};
+use segmesh_proxy::enforcer::Enforcer;
 
 #[derive(Parser)]
 #[command(
@@ -63,6 +65,10 @@ struct Cli {
     /// cores; measured faster on the 2-core load-test machine), every core in host mode.
     #[arg(long, env = "SEGMESH_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// On SIGTERM, how long open flows may finish before they are closed (a second
+    /// SIGTERM exits at once).
+    #[arg(long, env = "SEGMESH_DRAIN", default_value = "5s", value_parser = humantime::parse_duration)]
+    drain: std::time::Duration,
     /// `plain` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "plain")]
     log_format: String,
@@ -92,19 +98,20 @@ impl Cli {
                 .map_err(|_| anyhow::anyhow!("the host name is not UTF-8; pass --name"))?,
             (None, Mode::Sidecar) => anyhow::bail!("--name is required (the PU's name)"),
         };
-        Ok(ConfigSource::Console(Box::new(LocalConfig {
+        let settings = Settings {
+            flow_log: self.flow_log.clone(),
+            recheck_open: !self.no_recheck_open,
+            log_all_flows: self.log_all_flows,
+            mode,
+            ..Settings::default()
+        };
+        Ok(ConfigSource::Console(ConsoleSource {
             pu: PuConfig {
                 name,
                 namespace: need(&self.namespace),
                 tags: self.tags.clone(),
             },
-            identity: None,
-            registry: Vec::new(),
-            policies: Vec::new(),
-            listeners: Default::default(),
-            limits: Default::default(),
-            flow_log: self.flow_log.clone(),
-            console: Some(ConsoleConfig {
+            console: ConsoleConfig {
                 url: need(&self.console),
                 ca: self
                     .console_ca
@@ -114,12 +121,9 @@ impl Cli {
                 state_dir: self.state_dir.clone(),
                 ips: self.ips.clone(),
                 repoll: std::time::Duration::from_secs(600),
-            }),
-            recheck_open: !self.no_recheck_open,
-            log_all_flows: self.log_all_flows,
-            mode,
-            tunnel_resumption: true,
-        })))
+            },
+            settings,
+        }))
     }
 }
 
@@ -173,11 +177,16 @@ async fn run(cli: Cli, workers: usize) -> anyhow::Result<()> {
     let enforcer = Enforcer::start(cli.source()?).await?;
     tracing::info!(admin = %enforcer.admin_addr, "ready to enforce");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
-    tracing::info!("stopping");
-    drop(enforcer);
+    tracing::info!(drain = ?cli.drain, "stopping: draining open flows (a second signal exits at once)");
+    tokio::select! {
+        _ = enforcer.shutdown(cli.drain) => {}
+        _ = int.recv() => tracing::info!("second signal: exiting at once"),
+        _ = term.recv() => tracing::info!("second signal: exiting at once"),
+    }
     Ok(())
 }

@@ -6,11 +6,15 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use segmesh_policy::Direction;
 
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum Dir {
-    Outbound,
-    Inbound,
+/// The `direction` label of a flow: `Outbound` (our PU connects) or `Inbound` (our PU
+/// accepts).
+pub fn direction_label(d: Direction) -> &'static str {
+    match d {
+        Direction::Outgoing => "Outbound",
+        Direction::Incoming => "Inbound",
+    }
 }
 
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -32,13 +36,13 @@ pub enum ErrorKind {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabels {
-    pub direction: Dir,
+    pub direction: &'static str,
     pub verdict: VerdictLabel,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirLabels {
-    pub direction: Dir,
+    pub direction: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -28,6 +28,8 @@ pub struct Stop {
     pub notify: Notify,
     /// The policies that reject the flow now (`default` when none matched).
     pub by: Mutex<Vec<String>>,
+    /// Stopped because the enforcer shuts down (not by a policy).
+    pub shutdown: std::sync::atomic::AtomicBool,
 }
 
 struct Tracked {
@@ -38,21 +40,26 @@ struct Tracked {
 }
 
 #[derive(Default)]
-pub struct OpenFlows {
+struct Table {
     next: AtomicU64,
     flows: Mutex<HashMap<u64, Tracked>>,
 }
 
+#[derive(Default)]
+pub struct OpenFlows {
+    table: Arc<Table>,
+}
+
 /// A registered open flow; dropping it forgets the flow.
-pub struct Guard<'a> {
-    flows: &'a OpenFlows,
+pub struct Guard {
+    table: Arc<Table>,
     id: u64,
     pub stop: Arc<Stop>,
 }
 
-impl Drop for Guard<'_> {
+impl Drop for Guard {
     fn drop(&mut self) {
-        self.flows
+        self.table
             .flows
             .lock()
             .expect("lock poisoned")
@@ -60,7 +67,7 @@ impl Drop for Guard<'_> {
     }
 }
 
-impl Guard<'_> {
+impl Guard {
     /// The policies that closed the flow, if the recheck did.
     pub fn closed_by(&self) -> Vec<String> {
         self.stop.by.lock().expect("lock poisoned").clone()
@@ -68,10 +75,10 @@ impl Guard<'_> {
 }
 
 impl OpenFlows {
-    pub fn track(&self, direction: Direction, peer: Peer, port: u16) -> Guard<'_> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
+    pub fn track(&self, direction: Direction, peer: Peer, port: u16) -> Guard {
+        let id = self.table.next.fetch_add(1, Ordering::Relaxed);
         let stop = Arc::new(Stop::default());
-        self.flows.lock().expect("lock poisoned").insert(
+        self.table.flows.lock().expect("lock poisoned").insert(
             id,
             Tracked {
                 direction,
@@ -81,25 +88,29 @@ impl OpenFlows {
             },
         );
         Guard {
-            flows: self,
+            table: self.table.clone(),
             id,
             stop,
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.flows.lock().expect("lock poisoned").len()
+    /// Stops every open flow (shutdown): their records say close reason `shutdown`.
+    pub fn stop_all(&self) -> usize {
+        let flows = self.table.flows.lock().expect("lock poisoned");
+        for t in flows.values() {
+            t.stop.shutdown.store(true, Ordering::Relaxed);
+            t.stop.notify.notify_one();
+        }
+        flows.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 
     /// Decides every open flow again under `snap`; stops those now rejected. Returns how
     /// many were stopped.
     pub fn recheck(&self, snap: &Snapshot) -> usize {
         // Decide outside the lock: copy what the decisions need first.
         let open: Vec<(Direction, Peer, u16, Arc<Stop>)> = self
+            .table
             .flows
             .lock()
             .expect("lock poisoned")

@@ -10,15 +10,17 @@ use segmesh_identity::TlsConfigs;
 
 use segmesh_policy::{Engine, NamespacePath, PolicySet, PreparedPu, Pu, Source, Tag, TagSet};
 
-use crate::config::{ConfigError, LocalConfig, collect_yaml};
+use crate::config::{ConfigError, LocalConfig, RegistryEntry, collect_yaml};
 
-#[derive(Debug, Clone)]
-pub struct Registered {
+/// The PU registered at an address (no tags: a peer's tags come only from its
+/// certificate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisteredPu {
     pub name: String,
     pub namespace: String,
 }
 
-impl Registered {
+impl RegisteredPu {
     pub fn qualified(&self) -> String {
         format!("{}:{}", self.namespace, self.name)
     }
@@ -35,7 +37,7 @@ pub struct Snapshot {
     pub pu_name: String,
     pub engine: Engine,
     pub prepared: PreparedPu,
-    pub registry: HashMap<IpAddr, Registered>,
+    pub registry: HashMap<IpAddr, RegisteredPu>,
     /// The local configuration (file mode).
     pub config: Option<LocalConfig>,
     fail_closed: bool,
@@ -93,16 +95,7 @@ impl Snapshot {
         )
         .map_err(|e| ConfigError::Pu(format!("the console's snapshot: {e}")))?;
         let policy_count = set.policies().len();
-        let entries: Vec<crate::config::RegistryEntry> = snap
-            .registry
-            .iter()
-            .map(|r| crate::config::RegistryEntry {
-                name: r.name.clone(),
-                namespace: r.namespace.clone(),
-                ips: r.ips.clone(),
-            })
-            .collect();
-        let registry = registry_of(&entries)?;
+        let registry = registry_of(&snap.registry)?;
         let engine = Engine::compile(set);
         let prepared = engine.prepare_pu(&pu);
         Ok(Snapshot {
@@ -250,14 +243,14 @@ fn pu_of<'a>(
 
 /// The registry by address; an address registered twice is an error.
 fn registry_of(
-    entries: &[crate::config::RegistryEntry],
-) -> Result<HashMap<IpAddr, Registered>, ConfigError> {
+    entries: &[RegistryEntry],
+) -> Result<HashMap<IpAddr, RegisteredPu>, ConfigError> {
     let mut registry = HashMap::new();
     for r in entries {
         for ip in &r.ips {
             let prev = registry.insert(
                 ip.to_canonical(),
-                Registered {
+                RegisteredPu {
                     name: r.name.clone(),
                     namespace: r.namespace.clone(),
                 },

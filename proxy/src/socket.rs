@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use tokio::net::TcpStream;
+
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 /// The destination a REDIRECTed connection was going to (`SO_ORIGINAL_DST` /
@@ -68,6 +70,20 @@ pub fn listener(
     sock.bind(&addr.into())?;
     sock.listen(backlog)?;
     tokio::net::TcpListener::from_std(sock.into())
+}
+
+/// Connects to `to`, from the address `from` when given (an enforcer bound to one
+/// address: its peers must see the connection come from there).
+pub async fn connect(to: SocketAddr, from: Option<std::net::IpAddr>) -> io::Result<TcpStream> {
+    let Some(ip) = from else {
+        return TcpStream::connect(to).await;
+    };
+    let sock = match to {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    sock.bind(SocketAddr::new(ip, 0))?;
+    sock.connect(to).await
 }
 
 /// Closes with an RST instead of a FIN (SO_LINGER with a zero timeout, socket(7)).

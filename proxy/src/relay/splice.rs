@@ -16,6 +16,8 @@ use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use segmesh_api::CloseReason;
+
 use crate::socket;
 
 /// Pipe capacity asked for (fcntl F_SETPIPE_SZ); the kernel may grant less.
@@ -42,14 +44,14 @@ pub enum Close {
     Policy,
 }
 
-impl Close {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Close::Closed => "closed",
-            Close::Reset => "reset",
-            Close::Idle => "idle",
-            Close::Error => "error",
-            Close::Policy => "policy",
+impl From<Close> for CloseReason {
+    fn from(c: Close) -> CloseReason {
+        match c {
+            Close::Closed => CloseReason::Closed,
+            Close::Reset => CloseReason::Reset,
+            Close::Idle => CloseReason::Idle,
+            Close::Error => CloseReason::Error,
+            Close::Policy => CloseReason::Policy,
         }
     }
 }
@@ -200,7 +202,8 @@ fn splice_supported(s: &TcpStream, p: &Pipe) -> bool {
 }
 
 /// Relays until both directions end, one side resets, or both stay idle past `idle`.
-/// `force_copy` selects the copy path (tests and benchmarks of the fallback).
+/// `force_copy` selects the copy path (tests of the fallback).
+#[cfg(test)]
 pub async fn relay(
     a: TcpStream,
     b: TcpStream,

@@ -18,13 +18,13 @@ use segmesh_identity::{KeyAlgorithm, Sessions, TlsConfigs, WorkloadIdentity, Wor
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::config::{ConfigError, ConsoleConfig, PuConfig};
-use crate::enforcer::Shared;
-use crate::metrics::ReloadLabels;
-use crate::snapshot::Snapshot;
+use segmesh_api::net::Backoff;
 
-/// Records queued for the console at most; more are dropped and counted.
-pub const FLOW_QUEUE: usize = 10_000;
+use crate::config::{ConfigError, ConsoleConfig, PuConfig};
+use crate::metrics::ReloadLabels;
+use crate::sink::Entry;
+use crate::snapshot::Snapshot;
+use crate::state::Shared;
 /// Records per request at most.
 const FLOW_BATCH: usize = 500;
 /// How long records wait for a batch to fill.
@@ -41,9 +41,9 @@ pub fn client(cfg: &ConsoleConfig) -> Result<Client, ConfigError> {
     Client::new(&cfg.url, &cfg.token()?, &pem).map_err(|e| ConfigError::Console(e.to_string()))
 }
 
-/// What the console answers a registration.
+/// What the console answers a registration: the certificate it issued.
 #[derive(Debug, Deserialize)]
-struct Registered {
+struct Issued {
     chain: String,
     bundle: String,
     tags: Vec<String>,
@@ -68,8 +68,9 @@ struct Identity {
     chain_pem: String,
     key_pem: String,
     tags: Vec<String>,
-    not_before: SystemTime,
     not_after: SystemTime,
+    /// At 2/3 of the certificate's life.
+    renew_at: SystemTime,
 }
 
 /// What the console tasks share: the latest snapshot and identity.
@@ -124,8 +125,8 @@ fn identity_from_pem(chain: &str, key: &str, bundle: &str) -> Result<Identity, S
         chain_pem: chain.to_owned(),
         key_pem: key.to_owned(),
         tags: own.tags.clone(),
-        not_before: own.not_before,
         not_after: own.not_after,
+        renew_at: own.renew_at(2.0 / 3.0),
     })
 }
 
@@ -225,10 +226,12 @@ fn install(shared: &Shared, st: &State, why: &str) {
         None => {}
         Some(Ok(s)) => shared.install(s, why),
         Some(Err(e)) => {
+            shared.reloaded("error");
             tracing::warn!(error = %e, "the console's snapshot is unusable; still enforcing the previous one")
         }
     }
 }
+
 
 /// The addresses to register: the configured ones, or every non-loopback address of
 /// this network namespace's interfaces.
@@ -282,7 +285,7 @@ async fn register(client: &Client, st: &Mutex<State>, renew: bool) -> Result<Ide
         });
         (body, key, st.cfg.state_dir.clone())
     };
-    let r: Registered = client
+    let r: Issued = client
         .call(
             "POST",
             "/v1/enforcers/register",
@@ -331,18 +334,14 @@ fn authenticated(client: &Client, st: &Mutex<State>) -> Option<Arc<Client>> {
 /// (410) ends renewals.
 async fn identity_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<State>>) {
     let mut renew = false;
-    let mut failures = 0u32;
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         match register(&client, &st, renew).await {
             Ok(id) => {
                 count(&shared, "ok");
-                failures = 0;
+                backoff.succeed();
                 renew = true;
-                let life = id
-                    .not_after
-                    .duration_since(id.not_before)
-                    .unwrap_or_default();
-                let renew_at = id.not_before + life * 2 / 3;
+                let renew_at = id.renew_at;
                 {
                     let mut g = st.lock().expect("lock poisoned");
                     g.identity = Some(id);
@@ -364,10 +363,8 @@ async fn identity_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<S
             }
             Err(e) => {
                 count(&shared, "error");
-                failures += 1;
-                let wait = Duration::from_millis(500 * 2u64.pow(failures.min(6)))
-                    .min(Duration::from_secs(30));
-                if failures == 1 || matches!(e, CallError::Status { .. }) {
+                let wait = backoff.fail();
+                if backoff.failures() == 1 || matches!(e, CallError::Status { .. }) {
                     tracing::warn!(error = %e, retry_in = ?wait, "registration with the console failed");
                 } else {
                     tracing::debug!(error = %e, retry_in = ?wait, "registration with the console failed");
@@ -386,7 +383,7 @@ async fn watch_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<Stat
         (g.qualified(), g.cfg.repoll)
     };
     let mut last_full = Instant::now();
-    let mut failures = 0u32;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
     loop {
         let since = st
             .lock()
@@ -414,10 +411,10 @@ async fn watch_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<Stat
         {
             Ok(s) => {
                 count(&shared, "ok");
-                if failures > 0 {
+                if backoff.failures() > 0 {
                     tracing::info!("the console is reachable again");
                 }
-                failures = 0;
+                backoff.succeed();
                 if full {
                     last_full = Instant::now();
                 }
@@ -433,10 +430,8 @@ async fn watch_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<Stat
             }
             Err(e) => {
                 count(&shared, "error");
-                failures += 1;
-                let wait = Duration::from_millis(250 * 2u64.pow(failures.min(5)))
-                    .min(Duration::from_secs(5));
-                if failures == 1 {
+                let wait = backoff.fail();
+                if backoff.failures() == 1 {
                     tracing::warn!(error = %e, "cannot fetch the snapshot; enforcing the last one");
                 } else {
                     tracing::debug!(error = %e, "cannot fetch the snapshot");
@@ -448,52 +443,75 @@ async fn watch_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<Stat
 }
 
 /// Sends flow records in batches; while the console is away the batch waits (and the
-/// queue behind it fills up, then drops).
+/// queue behind it fills up, then drops). A flush (at shutdown) sends everything queued
+/// at once, one attempt per batch.
 async fn flow_loop(
     shared: Arc<Shared>,
     client: Arc<Client>,
     st: Arc<Mutex<State>>,
     pu: String,
-    mut rx: mpsc::Receiver<FlowRecord>,
+    mut rx: mpsc::Receiver<Entry>,
 ) {
     let path = format!("/v1/flows?pu={}", segmesh_api::query_escape(&pu));
+    let send = |batch: Vec<FlowRecord>| {
+        let (client, st, path, shared) = (client.clone(), st.clone(), path.clone(), shared.clone());
+        async move {
+            let body = serde_json::to_vec(&batch).expect("flow records serialize");
+            let auth = authenticated(&client, &st);
+            let sent = auth
+                .as_deref()
+                .unwrap_or(&client)
+                .call::<serde_json::Value>("POST", &path, Some(body), Duration::from_secs(10))
+                .await;
+            match sent {
+                Ok(_) => {
+                    shared.metrics.console_flows_sent.inc_by(batch.len() as u64);
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, queued = batch.len(), "cannot send flow records");
+                    Err(batch)
+                }
+            }
+        }
+    };
     let mut batch: Vec<FlowRecord> = Vec::with_capacity(FLOW_BATCH);
-    let mut failures = 0u32;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
     loop {
+        let mut flush = None;
         if batch.is_empty() {
             match rx.recv().await {
-                Some(r) => batch.push(r),
+                Some(Entry::Record(r)) => batch.push(r),
+                Some(Entry::Flush(done)) => flush = Some(done),
                 None => return,
             }
         }
         let until = tokio::time::Instant::now() + FLOW_LINGER;
-        while batch.len() < FLOW_BATCH {
+        while batch.len() < FLOW_BATCH && flush.is_none() {
             match tokio::time::timeout_at(until, rx.recv()).await {
-                Ok(Some(r)) => batch.push(r),
+                Ok(Some(Entry::Record(r))) => batch.push(r),
+                Ok(Some(Entry::Flush(done))) => flush = Some(done),
                 _ => break,
             }
         }
-        let body = serde_json::to_vec(&batch).expect("flow records serialize");
-        let auth = authenticated(&client, &st);
-        match auth
-            .as_deref()
-            .unwrap_or(&client)
-            .call::<serde_json::Value>("POST", &path, Some(body), Duration::from_secs(10))
-            .await
-        {
-            Ok(_) => {
-                shared.metrics.console_flows_sent.inc_by(batch.len() as u64);
-                batch.clear();
-                failures = 0;
+        if let Some(done) = flush {
+            while let Ok(e) = rx.try_recv() {
+                if let Entry::Record(r) = e {
+                    batch.push(r);
+                }
             }
-            Err(e) => {
-                failures += 1;
-                tracing::debug!(error = %e, queued = batch.len(), "cannot send flow records");
-                tokio::time::sleep(
-                    Duration::from_millis(250 * 2u64.pow(failures.min(5)))
-                        .min(Duration::from_secs(5)),
-                )
-                .await;
+            while !batch.is_empty() {
+                let rest = batch.split_off(batch.len().min(FLOW_BATCH));
+                let _ = send(std::mem::replace(&mut batch, rest)).await;
+            }
+            let _ = done.send(());
+            continue;
+        }
+        match send(std::mem::take(&mut batch)).await {
+            Ok(()) => backoff.succeed(),
+            Err(unsent) => {
+                batch = unsent;
+                tokio::time::sleep(backoff.fail()).await;
             }
         }
     }
@@ -504,7 +522,7 @@ pub fn spawn(
     shared: Arc<Shared>,
     client: Client,
     state: State,
-    flows: mpsc::Receiver<FlowRecord>,
+    flows: mpsc::Receiver<Entry>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let pu = state.qualified();
     let client = Arc::new(client);

@@ -1,0 +1,54 @@
+//! Carries out a [plan](crate::plan) for a captured connection: the flow record learns
+//! who the other end is, then the connection is refused, sent through the mesh tunnel,
+//! or forwarded.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use segmesh_policy::Direction;
+use tokio::net::TcpStream;
+
+use crate::flow::{Flow, Recorder};
+use crate::plan::{Plan, Planned};
+use crate::snapshot::Snapshot;
+use crate::state::Shared;
+
+/// `planned` was made from `snap` for `flow` at `since` (for the decision-time metric);
+/// `target` is where the application wanted to go (outbound) or our workload (inbound).
+pub(crate) async fn carry_out(
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    mut flow: Flow,
+    planned: Planned,
+    since: Instant,
+    stream: TcpStream,
+    target: SocketAddr,
+) {
+    if planned.decided() {
+        shared
+            .metrics
+            .decision_seconds
+            .observe(since.elapsed().as_secs_f64());
+    }
+    let other = match flow.direction {
+        Direction::Outgoing => &mut flow.destination,
+        Direction::Incoming => &mut flow.source,
+    };
+    other.pu = planned.peer_pu;
+    other.external = planned.networks;
+    let mut rec = Recorder::new(&shared, snap, flow);
+    match planned.plan {
+        Plan::Refuse { reason, decision } => {
+            if let Some(d) = decision {
+                rec.decided(d);
+            }
+            rec.reset(stream, reason, None);
+        }
+        Plan::Tunnel(pu) => crate::mesh::client::connect(rec, stream, target, pu).await,
+        Plan::Forward(d) => {
+            rec.decided(d);
+            crate::plain::forward(rec, stream, target).await;
+        }
+    }
+}

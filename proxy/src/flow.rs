@@ -1,0 +1,377 @@
+//! A flow and its recorder. Every connection gets one [`Recorder`] when it is accepted;
+//! it holds what the flow record needs (the flow, the snapshot that decided it, the
+//! decision, what the tunnel learned) and what an allowed flow holds while it relays
+//! (its connection permit, its place in the open-connections gauge and in the open
+//! flows a new snapshot re-decides). It is finished exactly once, with the outcome:
+//! [`refuse`](Recorder::refuse), [`unreachable`](Recorder::unreachable),
+//! [`finish`](Recorder::finish), or [`forget`](Recorder::forget) for a pooled tunnel
+//! connection that never carried a flow. One nobody finished records itself when
+//! dropped (reason `internal`, close reason `error`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use prometheus_client::metrics::gauge::Gauge;
+use segmesh_api::{CloseReason, FlowEndpoint, FlowReason, FlowRecord, Side, StagedResult};
+use segmesh_policy::{Decision, Direction, Reason, Verdict};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::metrics::{DirLabels, ErrorKind, VerdictLabel, direction_label};
+use crate::open::{Guard, Peer, Stop};
+use crate::relay::Moved;
+use crate::relay::splice::{Close, DataPath};
+use crate::snapshot::Snapshot;
+use crate::state::Shared;
+
+/// One connection's endpoints and start, as its record will show them.
+pub(crate) struct Flow {
+    pub(crate) started: Instant,
+    pub(crate) time: String,
+    pub(crate) direction: Direction,
+    pub(crate) source: FlowEndpoint,
+    pub(crate) destination: FlowEndpoint,
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// An endpoint of a flow by address (v4-mapped v6 addresses as v4).
+pub(crate) fn endpoint(addr: SocketAddr) -> FlowEndpoint {
+    FlowEndpoint {
+        ip: addr.ip().to_canonical(),
+        port: addr.port(),
+        pu: None,
+        external: Vec::new(),
+    }
+}
+
+impl Flow {
+    pub(crate) fn new(direction: Direction, source: SocketAddr, destination: SocketAddr) -> Flow {
+        Flow {
+            started: Instant::now(),
+            time: now_rfc3339(),
+            direction,
+            source: endpoint(source),
+            destination: endpoint(destination),
+        }
+    }
+
+    /// The flow starts now (a pooled tunnel connection's flow starts with its request,
+    /// not with its handshake).
+    pub(crate) fn restart(&mut self) {
+        self.started = Instant::now();
+        self.time = now_rfc3339();
+    }
+
+    /// The address of the other end, as our PU sees it.
+    pub(crate) fn peer_ip(&self) -> std::net::IpAddr {
+        match self.direction {
+            Direction::Outgoing => self.destination.ip,
+            Direction::Incoming => self.source.ip,
+        }
+    }
+}
+
+/// The reason a decision gives.
+pub(crate) fn reason_of(d: &Decision) -> FlowReason {
+    match d.reason {
+        Reason::Policy => FlowReason::Policy,
+        Reason::Default => FlowReason::Default,
+        Reason::Discovery => FlowReason::Discovered,
+    }
+}
+
+/// An allowed flow while it relays.
+struct Relaying {
+    gauge: Gauge,
+    tracked: Guard,
+}
+
+impl Drop for Relaying {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// The one place a connection's record is made (see the module doc).
+pub(crate) struct Recorder {
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    pub(crate) flow: Flow,
+    decision: Option<Decision>,
+    /// The peer's SPIFFE ID (tunnel flows, once its certificate is verified).
+    pub(crate) peer_identity: Option<String>,
+    /// Whether the tunnel's TLS session was resumed.
+    pub(crate) resumed: Option<bool>,
+    /// What the server enforcer answered (client role).
+    pub(crate) peer_reason: Option<String>,
+    permit: Option<OwnedSemaphorePermit>,
+    relaying: Option<Relaying>,
+    done: bool,
+}
+
+impl Recorder {
+    pub(crate) fn new(shared: &Arc<Shared>, snap: Arc<Snapshot>, flow: Flow) -> Recorder {
+        shared.enter();
+        Recorder {
+            shared: shared.clone(),
+            snap,
+            flow,
+            decision: None,
+            peer_identity: None,
+            resumed: None,
+            peer_reason: None,
+            permit: None,
+            relaying: None,
+            done: false,
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(crate) fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snap
+    }
+
+    /// Decisions and the record come from `snap` from now on.
+    pub(crate) fn use_snapshot(&mut self, snap: Arc<Snapshot>) {
+        self.snap = snap;
+    }
+
+    pub(crate) fn decided(&mut self, d: Decision) {
+        self.decision = Some(d);
+    }
+
+    /// Takes a connection permit; false (counted as overload) at the limit.
+    pub(crate) fn admit(&mut self) -> bool {
+        match self.shared.permits.clone().try_acquire_owned() {
+            Ok(p) => {
+                self.permit = Some(p);
+                true
+            }
+            Err(_) => {
+                self.shared.error(ErrorKind::Overload);
+                false
+            }
+        }
+    }
+
+    /// The flow is allowed and starts moving bytes: counted, in the open-connections
+    /// gauge and tracked for re-decision (with the peer and port it was decided on)
+    /// until it is finished. The returned stop is notified when a new snapshot rejects
+    /// it.
+    pub(crate) fn relaying(&mut self, peer: Peer, port: u16) -> Arc<Stop> {
+        let dir = self.flow.direction;
+        self.shared.count_connection(dir, VerdictLabel::Allow);
+        let gauge = self
+            .shared
+            .metrics
+            .open
+            .get_or_create(&DirLabels {
+                direction: direction_label(dir),
+            })
+            .clone();
+        gauge.inc();
+        let tracked = self.shared.open.track(dir, peer, port);
+        let stop = tracked.stop.clone();
+        self.relaying = Some(Relaying { gauge, tracked });
+        stop
+    }
+
+    /// Refused at establishment (always recorded). `by`: which enforcer refused, for a
+    /// tunnel flow.
+    pub(crate) fn refuse(mut self, reason: FlowReason, by: Option<Side>) {
+        self.shared
+            .count_connection(self.flow.direction, VerdictLabel::Reject);
+        tracing::debug!(source = %self.flow.source.ip, destination = %self.flow.destination.ip, port = self.flow.destination.port, %reason, "rejected");
+        let mut r = self.build(reason, CloseReason::Rejected);
+        r.rejected_by = by;
+        self.done(r);
+    }
+
+    /// Refuses the application's connection with an RST, and records why.
+    pub(crate) fn reset(self, app: tokio::net::TcpStream, reason: FlowReason, by: Option<Side>) {
+        crate::socket::reset(app);
+        self.refuse(reason, by);
+    }
+
+    /// Gives up relaying before any byte moved (the tunnel broke while leaving TLS):
+    /// the flow is no longer open.
+    pub(crate) fn abandon_relay(&mut self) {
+        self.relaying = None;
+    }
+
+    /// Allowed, but the destination could not be reached (always recorded).
+    pub(crate) fn unreachable(mut self, close: CloseReason) {
+        let reason = self.decided_reason();
+        let r = self.build(reason, close);
+        self.done(r);
+    }
+
+    /// An allowed flow ended: its bytes are counted, its record written when the policy
+    /// asks for it, the enforcer logs every flow, or a new snapshot closed it.
+    pub(crate) fn finish(mut self, m: Moved) {
+        let (closed_by, shutdown) = self.relaying.as_ref().map_or((Vec::new(), false), |r| {
+            (
+                r.tracked.closed_by(),
+                r.tracked
+                    .stop
+                    .shutdown
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+        });
+        // The flow no longer holds a permit or counts as open.
+        self.relaying = None;
+        self.permit = None;
+        let shared = self.shared.clone();
+        shared.count_bytes(
+            self.flow.direction,
+            m.forward + m.backward,
+            m.path,
+            m.tls,
+        );
+        let close = match m.close {
+            Close::Policy if shutdown => CloseReason::Shutdown,
+            c => CloseReason::from(c),
+        };
+        match close {
+            CloseReason::Reset => shared.error(ErrorKind::Reset),
+            CloseReason::Idle => shared.error(ErrorKind::Idle),
+            CloseReason::Error => shared.error(ErrorKind::Io),
+            CloseReason::Policy => {
+                shared.metrics.closed_by_policy.inc();
+            }
+            _ => {}
+        }
+        let log = self.decision.as_ref().is_some_and(|d| d.log);
+        // A connection closed by a policy change or by shutdown is always recorded.
+        if !(log
+            || shared.settings.log_all_flows
+            || matches!(close, CloseReason::Policy | CloseReason::Shutdown))
+        {
+            self.done = true;
+            return;
+        }
+        let tunnel = self.peer_identity.is_some();
+        let reason = self.decided_reason();
+        let mut r = self.build(reason, close);
+        r.bytes_sent = m.forward;
+        r.bytes_received = m.backward;
+        r.data_path = Some(
+            match (m.tls, m.path) {
+                (true, _) => "tls",
+                (false, DataPath::Spliced) => "spliced",
+                (false, DataPath::Copied) => "copied",
+            }
+            .into(),
+        );
+        if tunnel {
+            // A tunnel flow: encrypted is what the bytes were, not what was asked.
+            r.encrypt = m.tls;
+        }
+        r.closed_by = closed_by;
+        self.done(r);
+    }
+
+    /// Nothing to record: a pooled tunnel connection closed before it carried a flow.
+    pub(crate) fn forget(mut self) {
+        self.done = true;
+    }
+
+    fn decided_reason(&self) -> FlowReason {
+        self.decision
+            .as_ref()
+            .map_or(FlowReason::Internal, reason_of)
+    }
+
+    fn done(&mut self, r: FlowRecord) {
+        self.done = true;
+        self.shared.record(r);
+    }
+
+    /// The record of this flow with no bytes moved.
+    fn build(&mut self, reason: FlowReason, close: CloseReason) -> FlowRecord {
+        let snap = &self.snap;
+        let set = snap.engine.set();
+        let d = self.decision.as_ref();
+        let (verdict, policies, tier, staged, encrypt) = match d {
+            Some(d) => (
+                // A policy allow refused for another reason (overload) is recorded as a
+                // reject.
+                if d.verdict == Verdict::Allow && close != CloseReason::Rejected {
+                    "allow"
+                } else {
+                    "reject"
+                },
+                d.policy_names(set),
+                d.tier.map(|t| t.to_string()),
+                d.staged(set)
+                    .map(|(id, a)| StagedResult {
+                        policy: set.policy(id).qualified_name(),
+                        action: a.to_string().to_lowercase(),
+                    })
+                    .collect(),
+                d.encrypt,
+            ),
+            None => ("reject", Vec::new(), None, Vec::new(), false),
+        };
+        let placeholder = || FlowEndpoint {
+            ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
+            port: 0,
+            pu: None,
+            external: Vec::new(),
+        };
+        FlowRecord {
+            time: std::mem::take(&mut self.flow.time),
+            direction: match self.flow.direction {
+                Direction::Outgoing => "outgoing",
+                Direction::Incoming => "incoming",
+            }
+            .into(),
+            source: std::mem::replace(&mut self.flow.source, placeholder()),
+            destination: std::mem::replace(&mut self.flow.destination, placeholder()),
+            verdict: verdict.into(),
+            reason,
+            policies,
+            tier,
+            staged,
+            encrypt,
+            data_path: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_ms: self.flow.started.elapsed().as_millis() as u64,
+            close_reason: close,
+            peer_identity: self.peer_identity.take(),
+            rejected_by: None,
+            peer_reason: self.peer_reason.take(),
+            modes: d
+                .map(|d| {
+                    d.policies
+                        .iter()
+                        .map(|&id| set.policy(id).mode.to_string())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            resumed: self.resumed,
+            closed_by: Vec::new(),
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::warn!(source = %self.flow.source.ip, destination = %self.flow.destination.ip, "a flow ended unrecorded (a bug): recording it now");
+            let r = self.build(FlowReason::Internal, CloseReason::Error);
+            self.done(r);
+        }
+        // After the record: shutdown flushes the sinks once nothing is being served.
+        self.relaying = None;
+        self.permit = None;
+        self.shared.leave();
+    }
+}

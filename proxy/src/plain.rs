@@ -1,0 +1,53 @@
+//! Plain flows, to or from an address outside the mesh: connect to the destination and
+//! splice the two sockets together.
+
+use std::net::SocketAddr;
+
+use segmesh_api::{CloseReason, FlowReason};
+use tokio::net::TcpStream;
+
+use crate::flow::Recorder;
+use crate::metrics::ErrorKind;
+use crate::open::Peer;
+use crate::relay::Moved;
+use crate::relay::splice::{self, Progress};
+
+/// Connects to `target` and relays until the flow ends; the recorder holds the
+/// (allowing) decision.
+pub(crate) async fn forward(mut rec: Recorder, app: TcpStream, target: SocketAddr) {
+    if !rec.admit() {
+        return rec.reset(app, FlowReason::Overload, None);
+    }
+    let shared = rec.shared().clone();
+    let limits = shared.settings.limits;
+    let upstream = match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(target))
+        .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, %target, "connect failed");
+            shared.error(ErrorKind::ConnectFailed);
+            crate::socket::reset(app);
+            return rec.unreachable(CloseReason::ConnectFailed);
+        }
+        Err(_) => {
+            shared.error(ErrorKind::ConnectTimeout);
+            crate::socket::reset(app);
+            return rec.unreachable(CloseReason::ConnectTimeout);
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let peer = Peer::Address(rec.flow.peer_ip());
+    let stop = rec.relaying(peer, rec.flow.destination.port);
+    let progress = Progress::default();
+    let out = splice::relay_until(
+        app,
+        upstream,
+        limits.idle_timeout,
+        false,
+        &progress,
+        &stop.notify,
+    )
+    .await;
+    rec.finish(Moved::plain(out));
+}

@@ -1,0 +1,382 @@
+//! What to do with a captured connection, decided without any I/O: refuse it (and why),
+//! send it through the mesh tunnel to the PU registered at its destination (decided
+//! there, on that PU's certificate), or forward it to an address outside the mesh
+//! (decided here, against the external networks the address falls in).
+
+use std::net::{IpAddr, SocketAddr};
+
+use segmesh_api::FlowReason;
+use segmesh_policy::{Address, Decision, Direction, PreparedPeer, Verdict};
+
+use crate::config::Listeners;
+use crate::flow::reason_of;
+use crate::snapshot::{RegisteredPu, Snapshot};
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Plan {
+    /// Refuse at once (RST to the application) and record why, with the decision when
+    /// one was made.
+    Refuse {
+        reason: FlowReason,
+        decision: Option<Decision>,
+    },
+    /// PU → PU through the mesh tunnel (outbound only).
+    Tunnel(RegisteredPu),
+    /// Allowed to or from an address outside the mesh: connect and relay.
+    Forward(Decision),
+}
+
+/// A plan and what the flow record learns from it about the other end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Planned {
+    pub plan: Plan,
+    /// `<namespace>:<name>` of the PU registered at the other end's address.
+    pub peer_pu: Option<String>,
+    /// The external networks (`<namespace>:<name>`) the other end's address fell in.
+    pub networks: Vec<String>,
+}
+
+impl Planned {
+    fn refuse(reason: FlowReason) -> Planned {
+        Planned {
+            plan: Plan::Refuse {
+                reason,
+                decision: None,
+            },
+            peer_pu: None,
+            networks: Vec::new(),
+        }
+    }
+
+    /// Whether a policy decision was made (it is timed by the caller).
+    pub fn decided(&self) -> bool {
+        matches!(
+            self.plan,
+            Plan::Forward(_)
+                | Plan::Refuse {
+                    decision: Some(_),
+                    ..
+                }
+        )
+    }
+}
+
+/// A connection our PU opened to `target` (its original destination).
+pub(crate) fn outbound(snap: &Snapshot, listeners: &Listeners, target: SocketAddr) -> Planned {
+    let ip = target.ip().to_canonical();
+    if snap.is_fail_closed() {
+        return Planned::refuse(FlowReason::NoSnapshot);
+    }
+    let own = ip.is_loopback() || listeners.address == Some(ip);
+    if own && target.port() == listeners.outbound {
+        return Planned::refuse(FlowReason::Loop);
+    }
+    if let Some(r) = snap.registry.get(&ip) {
+        return Planned {
+            peer_pu: Some(r.qualified()),
+            plan: Plan::Tunnel(r.clone()),
+            networks: Vec::new(),
+        };
+    }
+    external(snap, Direction::Outgoing, ip, target.port())
+}
+
+/// A plain connection from `peer` to our PU at `target` (captured inbound).
+pub(crate) fn inbound(
+    snap: &Snapshot,
+    listeners: &Listeners,
+    peer: SocketAddr,
+    target: SocketAddr,
+) -> Planned {
+    let ip = peer.ip().to_canonical();
+    if snap.is_fail_closed() {
+        return Planned::refuse(FlowReason::NoSnapshot);
+    }
+    if target.port() == listeners.inbound {
+        return Planned::refuse(FlowReason::Loop);
+    }
+    if let Some(r) = snap.registry.get(&ip) {
+        // A registered PU must come through the tunnel with its certificate.
+        return Planned {
+            peer_pu: Some(r.qualified()),
+            ..Planned::refuse(FlowReason::RegisteredPu)
+        };
+    }
+    external(snap, Direction::Incoming, ip, target.port())
+}
+
+/// Decides against the external networks the peer address falls in.
+fn external(snap: &Snapshot, dir: Direction, ip: IpAddr, port: u16) -> Planned {
+    let addr = Address {
+        ip: Some(ip),
+        domain: None,
+    };
+    let ids = snap.engine.resolve_address(&snap.prepared, &addr, port);
+    let networks = ids
+        .iter()
+        .map(|&i| {
+            let e = &snap.engine.set().externals()[i as usize];
+            format!("{}:{}", e.namespace, e.name)
+        })
+        .collect();
+    let d = snap
+        .engine
+        .decide(dir, &snap.prepared, &PreparedPeer::Networks(ids), port);
+    let plan = match d.verdict {
+        Verdict::Reject => Plan::Refuse {
+            reason: reason_of(&d),
+            decision: Some(d),
+        },
+        Verdict::Allow => Plan::Forward(d),
+    };
+    Planned {
+        plan,
+        peer_pu: None,
+        networks,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use segmesh_policy::Source;
+
+    const POLICIES: &str = r#"
+kind: Namespace
+name: /acme
+---
+kind: Namespace
+name: /acme/lab
+discovery: true
+---
+kind: ExternalNetwork
+name: partner
+namespace: /acme
+entries: [203.0.113.0/24]
+ports: [tcp/443]
+---
+kind: ExternalNetwork
+name: office
+namespace: /acme
+entries: [198.51.100.0/24, "2001:db8:1::/48"]
+---
+kind: ExternalNetwork
+name: blocked
+namespace: /acme
+entries: [203.0.113.66]
+---
+kind: NetworkPolicy
+name: web-to-partner
+namespace: /acme
+action: Allow
+mode: Outgoing
+subject: [[app=web]]
+object: [[ext:name=partner]]
+ports: [tcp/443]
+---
+kind: NetworkPolicy
+name: never-blocked
+namespace: /acme
+action: Reject
+mode: Outgoing
+subject: [[app=web]]
+object: [[ext:name=blocked]]
+---
+kind: NetworkPolicy
+name: office-to-web
+namespace: /acme
+action: Allow
+mode: Incoming
+subject: [[ext:name=office]]
+object: [[app=web]]
+ports: [tcp/8080]
+"#;
+
+    fn snapshot(namespace: &str) -> Snapshot {
+        let loaded = segmesh_policy::load(&[Source {
+            name: "plan.yaml",
+            text: POLICIES,
+        }])
+        .unwrap();
+        let wire = segmesh_api::Snapshot {
+            revision: 1,
+            version: 1,
+            policies: loaded.set.policies().to_vec(),
+            externals: loaded.set.externals().to_vec(),
+            namespaces: loaded.set.namespaces().cloned().collect(),
+            registry: vec![segmesh_api::RegistryEntry {
+                name: "api".into(),
+                namespace: "/acme".into(),
+                ips: vec!["10.0.0.3".parse().unwrap(), "fd00::3".parse().unwrap()],
+            }],
+        };
+        Snapshot::from_console("web", namespace, &["app=web".into()], &wire, None, "test")
+            .unwrap()
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// The plan's kind and reason, for compact tables.
+    fn summary(p: &Planned) -> (&'static str, Option<FlowReason>) {
+        match &p.plan {
+            Plan::Refuse { reason, .. } => ("refuse", Some(reason.clone())),
+            Plan::Tunnel(_) => ("tunnel", None),
+            Plan::Forward(d) => ("forward", Some(reason_of(d))),
+        }
+    }
+
+    #[test]
+    fn outbound_table() {
+        let snap = snapshot("/acme");
+        let listeners = Listeners::default();
+        let cases: &[(&str, &str, Option<FlowReason>, Option<&str>, &[&str])] = &[
+            // (destination, plan, reason, peer PU, external networks)
+            (
+                "10.0.0.3:8080",
+                "tunnel",
+                None,
+                Some("/acme:api"),
+                &[],
+            ),
+            // The v6 address and the v4-mapped form of the v4 one are the same PU.
+            ("[fd00::3]:8080", "tunnel", None, Some("/acme:api"), &[]),
+            (
+                "[::ffff:10.0.0.3]:8080",
+                "tunnel",
+                None,
+                Some("/acme:api"),
+                &[],
+            ),
+            (
+                "203.0.113.9:443",
+                "forward",
+                Some(FlowReason::Policy),
+                None,
+                &["/acme:partner"],
+            ),
+            // The partner's network only covers 443: nothing matches 80.
+            (
+                "203.0.113.9:80",
+                "refuse",
+                Some(FlowReason::Default),
+                None,
+                &[],
+            ),
+            (
+                "203.0.113.66:443",
+                "refuse",
+                Some(FlowReason::Policy),
+                None,
+                &["/acme:partner", "/acme:blocked"],
+            ),
+            (
+                "192.0.2.1:443",
+                "refuse",
+                Some(FlowReason::Default),
+                None,
+                &[],
+            ),
+            ("127.0.0.1:15001", "refuse", Some(FlowReason::Loop), None, &[]),
+            ("[::1]:15001", "refuse", Some(FlowReason::Loop), None, &[]),
+        ];
+        for (dst, kind, reason, pu, nets) in cases {
+            let p = outbound(&snap, &listeners, sa(dst));
+            assert_eq!(summary(&p), (*kind, reason.clone()), "to {dst}");
+            assert_eq!(p.peer_pu.as_deref(), *pu, "to {dst}");
+            let mut got = p.networks.clone();
+            let mut want: Vec<String> = nets.iter().map(|s| s.to_string()).collect();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "to {dst}");
+        }
+    }
+
+    #[test]
+    fn inbound_table() {
+        let snap = snapshot("/acme");
+        let listeners = Listeners::default();
+        let cases: &[(&str, &str, &str, Option<FlowReason>)] = &[
+            // (source, destination, plan, reason)
+            (
+                "198.51.100.7:40000",
+                "10.0.0.2:8080",
+                "forward",
+                Some(FlowReason::Policy),
+            ),
+            (
+                "[2001:db8:1::7]:40000",
+                "[fd00::2]:8080",
+                "forward",
+                Some(FlowReason::Policy),
+            ),
+            // The office may reach 8080 only.
+            (
+                "198.51.100.7:40000",
+                "10.0.0.2:22",
+                "refuse",
+                Some(FlowReason::Default),
+            ),
+            // A registered PU must use the tunnel, even where its address is allowed.
+            (
+                "10.0.0.3:40000",
+                "10.0.0.2:8080",
+                "refuse",
+                Some(FlowReason::RegisteredPu),
+            ),
+            (
+                "[::ffff:10.0.0.3]:40000",
+                "10.0.0.2:8080",
+                "refuse",
+                Some(FlowReason::RegisteredPu),
+            ),
+            (
+                "198.51.100.7:40000",
+                "10.0.0.2:15006",
+                "refuse",
+                Some(FlowReason::Loop),
+            ),
+        ];
+        for (src, dst, kind, reason) in cases {
+            let p = inbound(&snap, &listeners, sa(src), sa(dst));
+            assert_eq!(summary(&p), (*kind, reason.clone()), "{src} -> {dst}");
+        }
+        let from_pu = inbound(&snap, &listeners, sa("10.0.0.3:1"), sa("10.0.0.2:8080"));
+        assert_eq!(from_pu.peer_pu.as_deref(), Some("/acme:api"));
+    }
+
+    #[test]
+    fn fail_closed_refuses_everything() {
+        let snap = Snapshot::fail_closed();
+        let l = Listeners::default();
+        for p in [
+            outbound(&snap, &l, sa("203.0.113.9:443")),
+            outbound(&snap, &l, sa("127.0.0.1:15001")),
+            inbound(&snap, &l, sa("198.51.100.7:1"), sa("10.0.0.2:8080")),
+        ] {
+            assert_eq!(summary(&p), ("refuse", Some(FlowReason::NoSnapshot)));
+            assert!(!p.decided());
+        }
+    }
+
+    #[test]
+    fn discovery_allows_and_says_so() {
+        let snap = snapshot("/acme/lab");
+        let p = outbound(&snap, &Listeners::default(), sa("192.0.2.1:443"));
+        assert_eq!(summary(&p), ("forward", Some(FlowReason::Discovered)));
+        assert!(p.decided());
+    }
+
+    #[test]
+    fn a_listen_address_is_our_own_for_loops() {
+        let l = Listeners {
+            address: Some("10.0.0.9".parse().unwrap()),
+            ..Listeners::default()
+        };
+        let snap = snapshot("/acme");
+        let p = outbound(&snap, &l, sa("10.0.0.9:15001"));
+        assert_eq!(summary(&p), ("refuse", Some(FlowReason::Loop)));
+    }
+}

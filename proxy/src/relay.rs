@@ -1,0 +1,53 @@
+//! The byte movers of allowed flows: [`splice`] (zero-copy between two TCP sockets,
+//! with a copy fallback) and [`tls`] (through the tunnel's TLS in user space).
+
+pub mod splice;
+pub(crate) mod tls;
+
+use splice::{Close, DataPath, Outcome};
+
+/// What a finished flow moved, from the source's side.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Moved {
+    /// Bytes from the flow's source to its destination, and back.
+    pub forward: u64,
+    pub backward: u64,
+    pub path: DataPath,
+    pub close: Close,
+    /// Encrypted through TLS (else spliced or copied plaintext).
+    pub tls: bool,
+}
+
+impl Moved {
+    /// Nothing moved: the relay never started.
+    pub(crate) fn nothing(close: Close, tls: bool) -> Moved {
+        Moved {
+            forward: 0,
+            backward: 0,
+            path: DataPath::Copied,
+            close,
+            tls,
+        }
+    }
+
+    /// What a plaintext relay moved.
+    pub(crate) fn plain(o: Outcome) -> Moved {
+        Moved {
+            forward: o.forward,
+            backward: o.backward,
+            path: o.path,
+            close: o.close,
+            tls: false,
+        }
+    }
+
+    /// The same flow seen from the other end (the tunnel server relays tunnel → workload,
+    /// i.e. destination → source first).
+    pub(crate) fn reversed(self) -> Moved {
+        Moved {
+            forward: self.backward,
+            backward: self.forward,
+            ..self
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! What every task of the enforcer shares: the settings it started with (never changed
+//! at run time) apart from the runtime handles (the snapshot being enforced, metrics,
+//! record sinks, limits' semaphores, the tunnel pool, the open flows). Every snapshot
+//! source hands its snapshots to [`Shared::install`].
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use segmesh_api::FlowRecord;
+use segmesh_policy::Direction;
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::config::Settings;
+use crate::metrics::{
+    ConnLabels, DirLabels, ErrorKind, ErrorLabels, Metrics, ReloadLabels, VerdictLabel,
+    direction_label,
+};
+use crate::open::OpenFlows;
+use crate::pool::Pool;
+use crate::relay::splice::DataPath;
+use crate::sink::Sinks;
+use crate::snapshot::Snapshot;
+
+/// State shared by every task of the enforcer.
+pub struct Shared {
+    /// What it was started with.
+    pub settings: Settings,
+    snapshot: RwLock<Arc<Snapshot>>,
+    pub metrics: Metrics,
+    sinks: Sinks,
+    /// Connections being relayed, at most `limits.max_connections`.
+    pub(crate) permits: Arc<Semaphore>,
+    /// Tunnel handshakes in flight (both roles), at most `limits.max_handshakes`.
+    pub(crate) handshakes: Arc<Semaphore>,
+    pub(crate) pool: Pool,
+    pub(crate) open: OpenFlows,
+    bound: AtomicBool,
+    /// Connections being served (a [`Recorder`](crate::flow::Recorder) each), and a
+    /// notification when the last one ends (shutdown waits for it).
+    active: AtomicUsize,
+    idle: Notify,
+    /// Set when the enforcer starts shutting down.
+    draining: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub(crate) fn new(settings: Settings, initial: Snapshot, sinks: Sinks) -> Shared {
+        Shared {
+            snapshot: RwLock::new(Arc::new(initial)),
+            metrics: Metrics::default(),
+            sinks,
+            permits: Arc::new(Semaphore::new(settings.limits.max_connections)),
+            handshakes: Arc::new(Semaphore::new(settings.limits.max_handshakes)),
+            pool: Pool::default(),
+            open: OpenFlows::default(),
+            bound: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            idle: Notify::new(),
+            draining: watch::channel(false).0,
+            settings,
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().expect("lock poisoned").clone()
+    }
+
+    pub(crate) fn set_bound(&self) {
+        self.bound.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.bound.load(Ordering::Relaxed) && !self.is_draining() && !self.snapshot().is_fail_closed()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Stops accepting (every listener's loop ends) and tells waiting tunnel
+    /// connections to close.
+    pub(crate) fn start_draining(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Completes once the enforcer starts shutting down.
+    pub(crate) fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.draining.subscribe();
+        async move {
+            let _ = rx.wait_for(|d| *d).await;
+        }
+    }
+
+    /// A connection starts being served.
+    pub(crate) fn enter(&self) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A connection's service ended.
+    pub(crate) fn leave(&self) {
+        if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Connections being served.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Waits until no connection is being served, or until `deadline`; true if none is.
+    pub(crate) async fn wait_idle(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let idle = self.idle.notified();
+            if self.active() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.active() == 0;
+            }
+        }
+    }
+
+    pub(crate) fn sinks(&self) -> &Sinks {
+        &self.sinks
+    }
+
+    pub(crate) fn record(&self, r: FlowRecord) {
+        self.sinks.record(r, &self.metrics);
+    }
+
+    /// Enforces `s` from now on; with `recheck_open`, re-decides the open connections
+    /// and closes those `s` rejects.
+    pub fn install(&self, s: Snapshot, why: &str) {
+        tracing::info!(version = %s.version, source = s.source, policies = s.policy_count, registry = s.registry.len(), reason = why, "snapshot installed");
+        let s = Arc::new(s);
+        *self.snapshot.write().expect("lock poisoned") = s.clone();
+        self.reloaded("ok");
+        if self.settings.recheck_open {
+            let closed = self.open.recheck(&s);
+            if closed > 0 {
+                tracing::info!(
+                    closed,
+                    "open connections closed: the new snapshot rejects them"
+                );
+            }
+        }
+    }
+
+    /// Counts a snapshot taken (`ok`) or refused (`error`).
+    pub(crate) fn reloaded(&self, result: &'static str) {
+        self.metrics
+            .reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+    }
+
+    pub(crate) fn count_connection(&self, direction: Direction, verdict: VerdictLabel) {
+        self.metrics
+            .connections
+            .get_or_create(&ConnLabels {
+                direction: direction_label(direction),
+                verdict,
+            })
+            .inc();
+    }
+
+    /// Counts a finished flow's bytes by how they moved: through TLS (`tls`), spliced,
+    /// or copied (a copy fallback).
+    pub(crate) fn count_bytes(&self, direction: Direction, total: u64, path: DataPath, tls: bool) {
+        let m = &self.metrics;
+        m.bytes
+            .get_or_create(&DirLabels {
+                direction: direction_label(direction),
+            })
+            .inc_by(total);
+        if tls {
+            m.tls_bytes.inc_by(total);
+        } else if path == DataPath::Spliced {
+            m.spliced_bytes.inc_by(total);
+        } else {
+            m.copied_bytes.inc_by(total);
+            m.copy_fallbacks.inc();
+        }
+    }
+
+    pub(crate) fn error(&self, kind: ErrorKind) {
+        self.metrics
+            .errors
+            .get_or_create(&ErrorLabels { kind })
+            .inc();
+    }
+}

@@ -322,7 +322,10 @@ mod tests {
         ];
         for s in reasons {
             let r: FlowReason = s.parse().unwrap();
-            assert!(!matches!(r, FlowReason::Unknown(_)), "{s} is a known reason");
+            assert!(
+                !matches!(r, FlowReason::Unknown(_)),
+                "{s} is a known reason"
+            );
             assert_eq!(r.to_string(), s);
             let json = serde_json::to_string(&r).unwrap();
             assert_eq!(json, format!("\"{s}\""));
@@ -330,7 +333,10 @@ mod tests {
         }
         let newer: FlowReason = serde_json::from_str("\"some-new-reason\"").unwrap();
         assert_eq!(newer, FlowReason::Unknown("some-new-reason".into()));
-        assert_eq!(serde_json::to_string(&newer).unwrap(), "\"some-new-reason\"");
+        assert_eq!(
+            serde_json::to_string(&newer).unwrap(),
+            "\"some-new-reason\""
+        );
 
         let closes = [
             (CloseReason::Closed, "closed"),

@@ -250,7 +250,7 @@ pub enum ConfigSource {
     File(PathBuf),
     /// Console mode: the PU and how to reach the console; policies, registry and
     /// identity come from the console.
-    Console(ConsoleSource),
+    Console(Box<ConsoleSource>),
 }
 
 /// Console mode's configuration (from flags, or a file's `console:` section).
@@ -372,12 +372,12 @@ impl LocalConfig {
     }
 
     /// Console mode, when the file has a `console:` section.
-    pub fn console_source(&self) -> Option<ConsoleSource> {
-        Some(ConsoleSource {
+    pub fn console_source(&self) -> Option<Box<ConsoleSource>> {
+        Some(Box::new(ConsoleSource {
             pu: self.pu.clone(),
             console: self.console.clone()?,
             settings: self.settings(),
-        })
+        }))
     }
 
     /// A console-mode configuration names no policies, registry or identity: those come

@@ -47,7 +47,7 @@ pub struct Enforcer {
     /// Snapshot sources and the admin listener.
     tasks: Vec<JoinHandle<()>>,
     /// The accept loops (they end when draining starts).
-    accepting: Vec<JoinHandle<()>>,
+    accepting: std::sync::Mutex<Vec<JoinHandle<()>>>,
     pub admin_addr: SocketAddr,
     /// Where each capture and tunnel listener was bound.
     pub listening: Vec<(Listener, SocketAddr)>,
@@ -55,7 +55,8 @@ pub struct Enforcer {
 
 impl Drop for Enforcer {
     fn drop(&mut self) {
-        for t in self.tasks.iter().chain(&self.accepting) {
+        let accepting = self.accepting.get_mut().expect("lock poisoned");
+        for t in self.tasks.iter().chain(accepting.iter()) {
             t.abort();
         }
     }
@@ -73,9 +74,17 @@ fn wanted(settings: &Settings) -> Vec<(SocketAddr, bool, Listener)> {
     let families: Vec<(IpAddr, IpAddr, bool)> = match l.address {
         Some(a) => vec![(a, a, false)],
         None => {
-            let mut f = vec![(Ipv4Addr::LOCALHOST.into(), Ipv4Addr::UNSPECIFIED.into(), true)];
+            let mut f = vec![(
+                Ipv4Addr::LOCALHOST.into(),
+                Ipv4Addr::UNSPECIFIED.into(),
+                true,
+            )];
             if ipv6_available() {
-                f.push((Ipv6Addr::LOCALHOST.into(), Ipv6Addr::UNSPECIFIED.into(), true));
+                f.push((
+                    Ipv6Addr::LOCALHOST.into(),
+                    Ipv6Addr::UNSPECIFIED.into(),
+                    true,
+                ));
             }
             f
         }
@@ -85,7 +94,11 @@ fn wanted(settings: &Settings) -> Vec<(SocketAddr, bool, Listener)> {
         .flat_map(|(lo, any, transparent)| {
             [
                 (SocketAddr::new(lo, l.outbound), false, Listener::Outbound),
-                (SocketAddr::new(any, l.inbound), transparent, Listener::Inbound),
+                (
+                    SocketAddr::new(any, l.inbound),
+                    transparent,
+                    Listener::Inbound,
+                ),
                 (SocketAddr::new(any, l.tunnel), false, Listener::Tunnel),
             ]
         })
@@ -126,7 +139,7 @@ impl Enforcer {
                 e.tasks.push(tokio::spawn(file::watch(shared, path)));
                 Ok(e)
             }
-            ConfigSource::Console(c) => Enforcer::start_console(c),
+            ConfigSource::Console(c) => Enforcer::start_console(*c),
         }
     }
 
@@ -141,7 +154,9 @@ impl Enforcer {
                 Snapshot::fail_closed()
             }
             None => {
-                tracing::info!("no cached snapshot: rejecting everything until the console answers");
+                tracing::info!(
+                    "no cached snapshot: rejecting everything until the console answers"
+                );
                 Snapshot::fail_closed()
             }
         };
@@ -149,8 +164,7 @@ impl Enforcer {
         let (tx, rx) = tokio::sync::mpsc::channel(CONSOLE_QUEUE);
         let shared = Arc::new(Shared::new(c.settings, initial, Sinks::new(log, Some(tx))));
         let mut e = Enforcer::bind(shared.clone())?;
-        e.tasks
-            .extend(console::spawn(shared, client, state, rx));
+        e.tasks.extend(console::spawn(shared, client, state, rx));
         Ok(e)
     }
 
@@ -193,7 +207,7 @@ impl Enforcer {
         Ok(Enforcer {
             shared,
             tasks,
-            accepting,
+            accepting: std::sync::Mutex::new(accepting),
             admin_addr,
             listening,
         })
@@ -220,10 +234,11 @@ impl Enforcer {
     /// Graceful shutdown: stops accepting, lets the connections being served finish for
     /// up to `drain`, then closes the flows still open (close reason `shutdown`), and
     /// writes out every flow record.
-    pub async fn shutdown(mut self, drain: Duration) {
+    pub async fn shutdown(&self, drain: Duration) {
         let shared = self.shared.clone();
         shared.start_draining();
-        for t in self.accepting.drain(..) {
+        let accepting = std::mem::take(&mut *self.accepting.lock().expect("lock poisoned"));
+        for t in accepting {
             let _ = t.await;
         }
         let open = shared.active();

@@ -105,7 +105,7 @@ impl Cli {
             mode,
             ..Settings::default()
         };
-        Ok(ConfigSource::Console(ConsoleSource {
+        Ok(ConfigSource::Console(Box::new(ConsoleSource {
             pu: PuConfig {
                 name,
                 namespace: need(&self.namespace),
@@ -123,7 +123,7 @@ impl Cli {
                 repoll: std::time::Duration::from_secs(600),
             },
             settings,
-        }))
+        })))
     }
 }
 

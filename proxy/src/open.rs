@@ -104,7 +104,6 @@ impl OpenFlows {
         flows.len()
     }
 
-
     /// Decides every open flow again under `snap`; stops those now rejected. Returns how
     /// many were stopped.
     pub fn recheck(&self, snap: &Snapshot) -> usize {

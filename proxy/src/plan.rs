@@ -211,8 +211,7 @@ ports: [tcp/8080]
                 ips: vec!["10.0.0.3".parse().unwrap(), "fd00::3".parse().unwrap()],
             }],
         };
-        Snapshot::from_console("web", namespace, &["app=web".into()], &wire, None, "test")
-            .unwrap()
+        Snapshot::from_console("web", namespace, &["app=web".into()], &wire, None, "test").unwrap()
     }
 
     fn sa(s: &str) -> SocketAddr {
@@ -228,19 +227,22 @@ ports: [tcp/8080]
         }
     }
 
+    /// (destination, plan, reason, peer PU, external networks)
+    type OutboundCase = (
+        &'static str,
+        &'static str,
+        Option<FlowReason>,
+        Option<&'static str>,
+        &'static [&'static str],
+    );
+
     #[test]
     fn outbound_table() {
         let snap = snapshot("/acme");
         let listeners = Listeners::default();
-        let cases: &[(&str, &str, Option<FlowReason>, Option<&str>, &[&str])] = &[
+        let cases: &[OutboundCase] = &[
             // (destination, plan, reason, peer PU, external networks)
-            (
-                "10.0.0.3:8080",
-                "tunnel",
-                None,
-                Some("/acme:api"),
-                &[],
-            ),
+            ("10.0.0.3:8080", "tunnel", None, Some("/acme:api"), &[]),
             // The v6 address and the v4-mapped form of the v4 one are the same PU.
             ("[fd00::3]:8080", "tunnel", None, Some("/acme:api"), &[]),
             (
@@ -279,7 +281,13 @@ ports: [tcp/8080]
                 None,
                 &[],
             ),
-            ("127.0.0.1:15001", "refuse", Some(FlowReason::Loop), None, &[]),
+            (
+                "127.0.0.1:15001",
+                "refuse",
+                Some(FlowReason::Loop),
+                None,
+                &[],
+            ),
             ("[::1]:15001", "refuse", Some(FlowReason::Loop), None, &[]),
         ];
         for (dst, kind, reason, pu, nets) in cases {

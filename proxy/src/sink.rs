@@ -16,6 +16,9 @@ const QUEUE: usize = 8192;
 pub const CONSOLE_QUEUE: usize = 10_000;
 
 /// A record, or a request to write out everything queued before it.
+// Records are nearly every entry: boxing them to shrink the rare flush would cost an
+// allocation per record.
+#[allow(clippy::large_enum_variant)]
 pub enum Entry {
     Record(FlowRecord),
     Flush(oneshot::Sender<()>),

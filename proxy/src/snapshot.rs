@@ -242,9 +242,7 @@ fn pu_of<'a>(
 }
 
 /// The registry by address; an address registered twice is an error.
-fn registry_of(
-    entries: &[RegistryEntry],
-) -> Result<HashMap<IpAddr, RegisteredPu>, ConfigError> {
+fn registry_of(entries: &[RegistryEntry]) -> Result<HashMap<IpAddr, RegisteredPu>, ConfigError> {
     let mut registry = HashMap::new();
     for r in entries {
         for ip in &r.ips {

@@ -70,7 +70,9 @@ impl Shared {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.bound.load(Ordering::Relaxed) && !self.is_draining() && !self.snapshot().is_fail_closed()
+        self.bound.load(Ordering::Relaxed)
+            && !self.is_draining()
+            && !self.snapshot().is_fail_closed()
     }
 
     pub fn is_draining(&self) -> bool {

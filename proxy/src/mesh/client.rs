@@ -90,7 +90,10 @@ async fn establish(
 /// Brings the peer's pool back to its size, in the background.
 fn refill(shared: &Arc<Shared>, tls: &Arc<TlsConfigs>, ip: IpAddr) {
     let addr = SocketAddr::new(ip, shared.settings.listeners.tunnel);
-    for _ in 0..shared.pool.reserve(addr, shared.settings.limits.tunnel_pool) {
+    for _ in 0..shared
+        .pool
+        .reserve(addr, shared.settings.limits.tunnel_pool)
+    {
         let (shared, tls) = (shared.clone(), tls.clone());
         tokio::spawn(async move {
             let Ok(_permit) = shared.handshakes.clone().try_acquire_owned() else {

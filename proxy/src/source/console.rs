@@ -232,7 +232,6 @@ fn install(shared: &Shared, st: &State, why: &str) {
     }
 }
 
-
 /// The addresses to register: the configured ones, or every non-loopback address of
 /// this network namespace's interfaces.
 fn addresses(cfg: &ConsoleConfig) -> Vec<IpAddr> {

@@ -119,7 +119,7 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> i
             Some(p) => &*p,
             slot => &*slot.insert(pipe()?),
         };
-        let n = match src.try_io(Interest::READABLE, || {
+        let read = src.try_io(Interest::READABLE, || {
             splice(
                 src.as_fd(),
                 None,
@@ -129,31 +129,61 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> i
                 flags,
             )
             .map_err(io::Error::from)
-        }) {
-            Ok(0) => {
-                socket::shutdown_write(dst)?;
-                return Ok(());
+        });
+        let n = match after_read(read, dst)? {
+            Read::Bytes(n) => n,
+            Read::Again => continue,
+            Read::End => return Ok(()),
+        };
+        write_out(dst, n, counter, |_, left| {
+            splice(pipe.r.as_fd(), None, dst.as_fd(), None, left, flags).map_err(io::Error::from)
+        })
+        .await?;
+    }
+}
+
+/// What a non-blocking read of a relay gave.
+enum Read {
+    Bytes(usize),
+    /// Not ready after all: wait again.
+    Again,
+    /// The end of the stream, passed on to the other side as a FIN.
+    End,
+}
+
+fn after_read(r: io::Result<usize>, dst: &TcpStream) -> io::Result<Read> {
+    match r {
+        Ok(0) => {
+            socket::shutdown_write(dst)?;
+            Ok(Read::End)
+        }
+        Ok(n) => Ok(Read::Bytes(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Read::Again),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `n` bytes to `dst` with `write(done, left)` (a non-blocking syscall), waiting
+/// for writability between partial writes; counts them.
+async fn write_out(
+    dst: &TcpStream,
+    n: usize,
+    counter: &AtomicU64,
+    mut write: impl FnMut(usize, usize) -> io::Result<usize>,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < n {
+        dst.writable().await?;
+        match dst.try_io(Interest::WRITABLE, || write(done, n - done)) {
+            Ok(m) => {
+                done += m;
+                counter.fetch_add(m as u64, Ordering::Relaxed);
             }
-            Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
-        };
-        let mut left = n;
-        while left > 0 {
-            dst.writable().await?;
-            match dst.try_io(Interest::WRITABLE, || {
-                splice(pipe.r.as_fd(), None, dst.as_fd(), None, left, flags)
-                    .map_err(io::Error::from)
-            }) {
-                Ok(m) => {
-                    left -= m;
-                    counter.fetch_add(m as u64, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
         }
     }
+    Ok(())
 }
 
 /// The same through a user-space buffer.
@@ -161,27 +191,15 @@ async fn pump_copy(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io:
     let mut buf = vec![0u8; COPY_BUF];
     loop {
         src.readable().await?;
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => {
-                socket::shutdown_write(dst)?;
-                return Ok(());
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        let n = match after_read(src.try_read(&mut buf), dst)? {
+            Read::Bytes(n) => n,
+            Read::Again => continue,
+            Read::End => return Ok(()),
         };
-        let mut off = 0;
-        while off < n {
-            dst.writable().await?;
-            match dst.try_write(&buf[off..n]) {
-                Ok(m) => {
-                    off += m;
-                    counter.fetch_add(m as u64, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        write_out(dst, n, counter, |done, _| {
+            nix::unistd::write(dst.as_fd(), &buf[done..n]).map_err(io::Error::from)
+        })
+        .await?;
     }
 }
 

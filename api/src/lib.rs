@@ -268,6 +268,21 @@ impl<'de> Deserialize<'de> for FlowReason {
     }
 }
 
+/// What the console answers an enforcer's registration or renewal: the certificate it
+/// issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issued {
+    /// PEM: the certificate, then intermediates.
+    pub chain: String,
+    /// PEM: the trust bundle.
+    pub bundle: String,
+    /// The tags the certificate carries.
+    pub tags: Vec<String>,
+    /// Claimed tags the bootstrap token does not allow (not certified).
+    #[serde(default)]
+    pub dropped: Vec<String>,
+}
+
 /// A PU an enforcer may meet, by address. No tags: a peer's tags come only from its
 /// certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

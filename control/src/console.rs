@@ -112,18 +112,8 @@ pub struct Registration {
     pub renew: bool,
 }
 
-/// What the console answers.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Registered {
-    /// PEM: the certificate, then intermediates.
-    pub chain: String,
-    /// PEM: the trust bundle.
-    pub bundle: String,
-    /// The tags the certificate carries.
-    pub tags: Vec<String>,
-    /// Claimed tags the bootstrap token does not allow (not certified).
-    pub dropped: Vec<String>,
-}
+/// What the console answers a registration (the wire type of `segmesh-api`).
+pub use segmesh_api::Issued;
 
 /// How many flow records the console keeps (the oldest go first).
 pub const FLOWS_KEPT: usize = 200_000;
@@ -309,7 +299,7 @@ impl<S: Store> Console<S> {
         bootstrap: &str,
         ca: &Ca,
         req: &Registration,
-    ) -> Result<Registered, ConsoleError> {
+    ) -> Result<Issued, ConsoleError> {
         let rec = self
             .store
             .token(&hash_token(bootstrap))?
@@ -381,7 +371,7 @@ impl<S: Store> Console<S> {
                 &format!("{id} tags {}", tags.join(" ")),
             ),
         )?;
-        Ok(Registered {
+        Ok(Issued {
             chain: issued.chain_pem,
             bundle: issued.bundle_pem,
             tags,
@@ -397,7 +387,7 @@ impl<S: Store> Console<S> {
         holder: &segmesh_identity::WorkloadIdentity,
         ca: &Ca,
         req: &Registration,
-    ) -> Result<Registered, ConsoleError> {
+    ) -> Result<Issued, ConsoleError> {
         if holder.namespace != req.namespace || holder.name != req.name {
             return Err(ConsoleError::Forbidden(format!(
                 "the certificate of {} cannot renew {}:{}",
@@ -425,7 +415,7 @@ impl<S: Store> Console<S> {
             &pu,
             (&who, "renew", &format!("{id} tags {}", pu.tags.join(" "))),
         )?;
-        Ok(Registered {
+        Ok(Issued {
             chain: issued.chain_pem,
             bundle: issued.bundle_pem,
             tags: pu.tags,

@@ -14,7 +14,7 @@
 //! | `POST /v1/tokens` | `{"name", "role", "namespace"}` | `{"token": ...}` (shown once) |
 //! | `DELETE /v1/tokens/<name>` | | revokes the tokens of that name (not the caller's own) |
 //! | `GET /v1/audit` | | the audit log (editors of /) |
-//! | `POST /v1/enforcers/register` | a [`Registration`] (bearer: a bootstrap token) | a [`Registered`]: certificate, bundle, certified tags |
+//! | `POST /v1/enforcers/register` | a [`Registration`] (bearer: a bootstrap token) | a [`Issued`]: certificate, bundle, certified tags |
 //! | `GET /v1/processingunits` (also `/v1/enforcers`) | | the registered PUs (each with its enforcer's registration) the caller may see |
 //! | `DELETE /v1/processingunits/<namespace path>/<name>` | | deletes a PU (leaves every registry; its renewals are refused) |
 //! | `POST /v1/admission` | an `admission.k8s.io/v1` AdmissionReview (no bearer: the Kubernetes API server calls it) | the review's answer: allowed, with a JSON Patch injecting the sidecar |

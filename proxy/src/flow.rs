@@ -370,3 +370,72 @@ impl Drop for Recorder {
         self.shared.leave();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use crate::sink::{FlowLog, Sinks};
+
+    fn shared(log: &std::path::Path) -> Arc<Shared> {
+        let settings = Settings {
+            flow_log: Some(log.display().to_string()),
+            ..Settings::default()
+        };
+        let sinks = Sinks::new(FlowLog::open(settings.flow_log.as_deref()).unwrap(), None);
+        Arc::new(Shared::new(settings, Snapshot::fail_closed(), sinks))
+    }
+
+    fn flow() -> Flow {
+        Flow::new(
+            Direction::Outgoing,
+            "10.0.0.2:40000".parse().unwrap(),
+            "[::ffff:192.0.2.1]:443".parse().unwrap(),
+        )
+    }
+
+    async fn records(shared: &Shared, log: &std::path::Path) -> Vec<serde_json::Value> {
+        shared
+            .sinks()
+            .flush(std::time::Duration::from_secs(5))
+            .await;
+        std::fs::read_to_string(log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// A recorder nobody finished records itself; one finished records exactly once;
+    /// either way it stops counting as served.
+    #[tokio::test]
+    async fn every_recorder_records_exactly_once() {
+        let dir = std::env::temp_dir().join(format!("segmesh-flow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("flows.jsonl");
+        let shared = shared(&log);
+        let snap = shared.snapshot();
+
+        let lost = Recorder::new(&shared, snap.clone(), flow());
+        assert_eq!(shared.active(), 1);
+        drop(lost);
+        assert_eq!(shared.active(), 0);
+
+        let refused = Recorder::new(&shared, snap.clone(), flow());
+        refused.refuse(FlowReason::NoSnapshot, None);
+        assert_eq!(shared.active(), 0);
+
+        let pooled = Recorder::new(&shared, snap, flow());
+        pooled.forget();
+
+        let r = records(&shared, &log).await;
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert_eq!(r[0]["reason"], "internal");
+        assert_eq!(r[0]["close_reason"], "error");
+        assert_eq!(r[1]["reason"], "no-snapshot");
+        assert_eq!(r[1]["close_reason"], "rejected");
+        // Addresses are recorded in their canonical form.
+        assert_eq!(r[1]["destination"]["ip"], "192.0.2.1");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

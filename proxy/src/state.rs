@@ -35,7 +35,7 @@ pub struct Shared {
     pub(crate) pool: Pool,
     pub(crate) open: OpenFlows,
     bound: AtomicBool,
-    /// Connections being served (a [`Recorder`](crate::flow::Recorder) each), and a
+    /// Connections being served (one flow recorder each), and a
     /// notification when the last one ends (shutdown waits for it).
     active: AtomicUsize,
     idle: Notify,

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use segmesh_api::FlowRecord;
+use segmesh_api::{FlowRecord, Issued};
 use segmesh_identity::{KeyAlgorithm, Sessions, TlsConfigs, WorkloadIdentity, WorkloadKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -39,16 +39,6 @@ pub use segmesh_api::client::{CallError, Client};
 pub fn client(cfg: &ConsoleConfig) -> Result<Client, ConfigError> {
     let pem = std::fs::read_to_string(&cfg.ca).map_err(|e| ConfigError::Read(cfg.ca.clone(), e))?;
     Client::new(&cfg.url, &cfg.token()?, &pem).map_err(|e| ConfigError::Console(e.to_string()))
-}
-
-/// What the console answers a registration: the certificate it issued.
-#[derive(Debug, Deserialize)]
-struct Issued {
-    chain: String,
-    bundle: String,
-    tags: Vec<String>,
-    #[serde(default)]
-    dropped: Vec<String>,
 }
 
 /// What is kept on disk next to the identity files.

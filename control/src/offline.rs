@@ -151,7 +151,7 @@ pub fn render_table(r: &TestReport, style: Style) -> String {
 pub struct FlowSpec {
     pub from: CaseEnd,
     pub to: CaseEnd,
-    pub port: u16,
+    pub port: segmesh_policy::FlowPort,
     pub from_namespace: NamespacePath,
     pub to_namespace: NamespacePath,
 }

@@ -134,7 +134,9 @@ fn invalid_policy_exits_2_naming_the_field() {
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("field `ports[0]`: expected `tcp/N`, `tcp/N-M` or `any`, found `tcp/54321x`"),
+        err.contains(
+            "field `ports[0]`: expected `tcp/N`, `tcp/N-M`, `udp/N`, `udp/N-M`, `icmp` or `any`, found `tcp/54321x`"
+        ),
         "{err}"
     );
 }

@@ -97,7 +97,13 @@ fn generate() -> World {
             origin: None,
         });
     };
-    let port = |p: u16| Ports::from_specs([PortSpec::Range(PortRange { start: p, end: p })]);
+    let port = |p: u16| {
+        Ports::from_specs([PortSpec::Range(PortRange {
+            protocol: Default::default(),
+            start: p,
+            end: p,
+        })])
+    };
     // Org-wide: emergency quarantines, infrastructure, environment isolation.
     for q in 0..10 {
         push(

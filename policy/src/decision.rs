@@ -105,7 +105,12 @@ impl Peer {
     }
 
     /// The external peer for an address as seen from `ns` (naive scan of the set).
-    pub fn resolve(set: &PolicySet, ns: &NamespacePath, addr: &crate::Address, port: u16) -> Self {
+    pub fn resolve(
+        set: &PolicySet,
+        ns: &NamespacePath,
+        addr: &crate::Address,
+        port: impl Into<crate::FlowPort>,
+    ) -> Self {
         Peer::external(
             set.resolve_address(ns, addr, port)
                 .into_iter()

@@ -23,7 +23,7 @@ use crate::network::{Address, DomainPattern, Entry};
 #[cfg(test)]
 use crate::policy::NetworkPolicy;
 use crate::policy::{Action, Mode, PolicyId, Tier};
-use crate::ports::Ports;
+use crate::ports::{FlowPort, Ports};
 use crate::selector::Selector;
 use crate::set::PolicySet;
 use crate::tag::{IDENTITY_EXTERNAL, Tag, TagPattern, TagSet};
@@ -105,8 +105,8 @@ struct Cand {
     clause: u16,
     propagate: bool,
     ns: u32,
-    port_lo: u16,
-    port_hi: u16,
+    port_lo: u32,
+    port_hi: u32,
     /// A tag id every PU peer the policy can match carries (the peer-side selector has a
     /// single clause that requires it), or `NO_HINT`.
     peer_hint: u32,
@@ -364,13 +364,7 @@ impl Engine {
         };
         for (pi, p) in self.policies.iter().enumerate() {
             for (ci, c) in Self::own_side(p, dir).unwrap_or(&[]).iter().enumerate() {
-                let (port_lo, port_hi) = match &p.ports {
-                    Ports::Any => (0, u16::MAX),
-                    Ports::Ranges(rs) => (
-                        rs.first().map_or(0, |r| r.start),
-                        rs.last().map_or(u16::MAX, |r| r.end),
-                    ),
-                };
+                let (port_lo, port_hi) = p.ports.key_bounds();
                 let peer_side = match dir {
                     Direction::Outgoing => &p.object,
                     Direction::Incoming => &p.subject,
@@ -451,7 +445,13 @@ impl Engine {
 
     /// The external networks visible from the PU's namespace that contain `addr` on
     /// `port` (sorted indexes into [`PolicySet::externals`]).
-    pub fn resolve_address(&self, pu: &PreparedPu, addr: &Address, port: u16) -> Vec<u32> {
+    pub fn resolve_address(
+        &self,
+        pu: &PreparedPu,
+        addr: &Address,
+        port: impl Into<FlowPort>,
+    ) -> Vec<u32> {
+        let key = port.into().key();
         let mut out = Vec::new();
         match addr.ip.map(|ip| ip.to_canonical()) {
             Some(IpAddr::V4(ip)) => {
@@ -479,7 +479,7 @@ impl Engine {
         }
         out.retain(|&i| {
             pu.ancestors.contains(&self.ext_ns[i as usize])
-                && self.set.externals()[i as usize].ports.contains(port)
+                && self.set.externals()[i as usize].ports.contains_key(key)
         });
         out.sort_unstable();
         out.dedup();
@@ -487,7 +487,12 @@ impl Engine {
     }
 
     /// The external peer for an address, as seen from this PU.
-    pub fn external_peer(&self, pu: &PreparedPu, addr: &Address, port: u16) -> PreparedPeer {
+    pub fn external_peer(
+        &self,
+        pu: &PreparedPu,
+        addr: &Address,
+        port: impl Into<FlowPort>,
+    ) -> PreparedPeer {
         PreparedPeer::Networks(self.resolve_address(pu, addr, port))
     }
 
@@ -508,7 +513,7 @@ impl Engine {
         dir: Direction,
         pu: &PreparedPu,
         peer: &PreparedPeer,
-        port: u16,
+        port: u32,
     ) -> bool {
         // Cheap checks on the posting itself first.
         if port < c.port_lo || port > c.port_hi {
@@ -529,7 +534,7 @@ impl Engine {
         }
         let p = &self.policies[c.policy as usize];
         let external = !matches!(peer, PreparedPeer::Pu(_));
-        if (p.mode == Mode::Bidirectional && external) || !p.ports.contains(port) {
+        if (p.mode == Mode::Bidirectional && external) || !p.ports.contains_key(port) {
             return false;
         }
         let (own, other) = match dir {
@@ -545,8 +550,10 @@ impl Engine {
         dir: Direction,
         pu: &PreparedPu,
         peer: &PreparedPeer,
-        port: u16,
+        port: impl Into<FlowPort>,
     ) -> Decision {
+        // Protocol and port as one key (FlowPort::key).
+        let port = port.into().key();
         let idx = &self.index[dir as usize];
         let mut found = Found::default();
         for &t in &pu.set.tags {
@@ -622,7 +629,13 @@ impl Engine {
 
     /// Prepares both ends and decides (convenience for tools and tests; enforcers keep
     /// the prepared forms).
-    pub fn decide_flow(&self, dir: Direction, pu: &Pu, peer: &Peer, port: u16) -> Decision {
+    pub fn decide_flow(
+        &self,
+        dir: Direction,
+        pu: &Pu,
+        peer: &Peer,
+        port: impl Into<FlowPort>,
+    ) -> Decision {
         self.decide(dir, &self.prepare_pu(pu), &self.prepare_peer(peer), port)
     }
 }

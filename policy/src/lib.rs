@@ -36,7 +36,7 @@ pub use load::{Diagnostic, LoadError, Loaded, Source, load};
 pub use namespace::{Namespace, NamespacePath};
 pub use network::{Address, Entry, ExternalNetwork};
 pub use policy::{Action, Location, Mode, NetworkPolicy, PolicyId, Tier};
-pub use ports::{PortRange, Ports};
+pub use ports::{FlowPort, PortRange, Ports, Protocol};
 pub use selector::Selector;
 pub use set::PolicySet;
 pub use tag::{Tag, TagPattern, TagSet};

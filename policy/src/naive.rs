@@ -6,6 +6,7 @@
 
 use crate::decision::{Decision, Direction, Peer, Pu, Reason, Verdict};
 use crate::policy::{Action, Mode, NetworkPolicy, PolicyId, Tier};
+use crate::ports::FlowPort;
 use crate::selector::Selector;
 use crate::set::PolicySet;
 
@@ -17,7 +18,13 @@ fn peer_matches(sel: &Selector, peer: &Peer) -> bool {
 }
 
 /// Whether one policy applies to the flow at this enforcer (step 1 of the procedure).
-pub fn applies(p: &NetworkPolicy, dir: Direction, own: &Pu, peer: &Peer, port: u16) -> bool {
+pub fn applies(
+    p: &NetworkPolicy,
+    dir: Direction,
+    own: &Pu,
+    peer: &Peer,
+    port: impl Into<FlowPort>,
+) -> bool {
     let mode_fits = match (dir, p.mode) {
         (_, Mode::Bidirectional) => !peer.is_external(),
         (Direction::Outgoing, Mode::Outgoing) | (Direction::Incoming, Mode::Incoming) => true,
@@ -35,7 +42,14 @@ pub fn applies(p: &NetworkPolicy, dir: Direction, own: &Pu, peer: &Peer, port: u
 }
 
 /// Decides one flow at one enforcer by scanning every policy.
-pub fn decide(set: &PolicySet, dir: Direction, own: &Pu, peer: &Peer, port: u16) -> Decision {
+pub fn decide(
+    set: &PolicySet,
+    dir: Direction,
+    own: &Pu,
+    peer: &Peer,
+    port: impl Into<FlowPort>,
+) -> Decision {
+    let port = port.into();
     let matched: Vec<PolicyId> = set
         .policies()
         .iter()

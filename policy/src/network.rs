@@ -148,7 +148,7 @@ impl ExternalNetwork {
     }
 
     /// Whether this network contains the address on this port (ignoring namespaces).
-    pub fn matches(&self, addr: &Address, port: u16) -> bool {
+    pub fn matches(&self, addr: &Address, port: impl Into<crate::FlowPort>) -> bool {
         self.ports.contains(port) && self.entries.iter().any(|e| e.matches(addr))
     }
 }

@@ -108,7 +108,13 @@ impl PolicySet {
     /// The external networks visible from `ns` (declared in it or an ancestor) that
     /// contain `addr` on `port`, as indexes into [`externals`](Self::externals). A
     /// straightforward scan; the compiled engine indexes this.
-    pub fn resolve_address(&self, ns: &NamespacePath, addr: &Address, port: u16) -> Vec<usize> {
+    pub fn resolve_address(
+        &self,
+        ns: &NamespacePath,
+        addr: &Address,
+        port: impl Into<crate::FlowPort>,
+    ) -> Vec<usize> {
+        let port = port.into();
         self.externals
             .iter()
             .enumerate()

@@ -8,6 +8,7 @@ use crate::engine::{Engine, PreparedPeer, PreparedPu};
 use crate::namespace::NamespacePath;
 use crate::network::Address;
 use crate::policy::Location;
+use crate::ports::FlowPort;
 use crate::tag::TagSet;
 
 /// One end of a test case.
@@ -26,7 +27,7 @@ pub struct TestCase {
     pub name: String,
     pub from: CaseEnd,
     pub to: CaseEnd,
-    pub port: u16,
+    pub port: FlowPort,
     pub expect: Verdict,
     pub from_namespace: NamespacePath,
     pub to_namespace: NamespacePath,
@@ -71,7 +72,7 @@ fn decide_end(
     own_ns: &NamespacePath,
     other: &CaseEnd,
     other_ns: &NamespacePath,
-    port: u16,
+    port: FlowPort,
 ) -> EndResult {
     let pu = Pu::with_automatic_tags(own_ns.clone(), own_tags.clone());
     let prepared: PreparedPu = engine.prepare_pu(&pu);

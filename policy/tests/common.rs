@@ -2,8 +2,8 @@
 #![allow(dead_code)]
 
 use segmesh_policy::{
-    Address, Decision, Direction, Engine, Loaded, NamespacePath, Peer, PreparedPeer, Pu, Source,
-    TagSet, load, naive,
+    Address, Decision, Direction, Engine, FlowPort, Loaded, NamespacePath, Peer, PreparedPeer, Pu,
+    Source, TagSet, load, naive,
 };
 
 pub fn load_str(yaml: &str) -> Loaded {
@@ -41,8 +41,9 @@ pub fn decide_both(
     own_ns: &str,
     own: &[&str],
     peer: P<'_>,
-    port: u16,
+    port: impl Into<FlowPort>,
 ) -> Decision {
+    let port = port.into();
     let pu = Pu::with_automatic_tags(ns(own_ns), tags(own));
     let prepared = engine.prepare_pu(&pu);
     let (naive_peer, engine_peer) = match peer {

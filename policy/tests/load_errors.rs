@@ -114,10 +114,10 @@ fn bad_values() {
         "matches nothing",
     );
     assert_one(
-        &format!("{GOOD}ports: [tcp/80, udp/53]\n"),
+        &format!("{GOOD}ports: [tcp/80, sctp/53]\n"),
         "7:17",
         "ports[1]",
-        "only tcp",
+        "the protocols are tcp, udp and icmp",
     );
     assert_one(
         &format!("{GOOD}ports: [tcp/0]\n"),
@@ -194,7 +194,12 @@ fn bad_external_entries() {
             "is not an IP address, a CIDR or a domain name",
         );
     }
-    assert_one(&ext("udp/53"), "3:11", "entries[0]", "only tcp");
+    assert_one(
+        &ext("sctp/53"),
+        "3:11",
+        "entries[0]",
+        "the protocols are tcp, udp and icmp",
+    );
     assert_one(
         "kind: ExternalNetwork\nname: e\nentries: []\n",
         "3:10",

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use segmesh_policy::network::{Address, Entry, ExternalNetwork};
-use segmesh_policy::ports::{PortRange, PortSpec, Ports};
+use segmesh_policy::ports::{FlowPort, PortRange, PortSpec, Ports, Protocol};
 use segmesh_policy::{
     Action, Direction, Engine, Mode, Namespace, NamespacePath, NetworkPolicy, Peer, PolicySet,
     PreparedPeer, Pu, Selector, TagPattern, TagSet, Tier, naive,
@@ -81,15 +81,32 @@ fn selector() -> impl Strategy<Value = Selector> {
 fn ports() -> impl Strategy<Value = Ports> {
     prop_oneof![
         Just(Ports::Any),
-        prop::collection::vec((1u16..8, 0u16..3), 1..3).prop_map(|rs| {
-            Ports::from_specs(rs.into_iter().map(|(s, l)| {
+        prop::collection::vec((protocol(), 1u16..8, 0u16..3), 1..3).prop_map(|rs| {
+            Ports::from_specs(rs.into_iter().map(|(protocol, s, l)| {
+                let (start, end) = match protocol {
+                    Protocol::Icmp => (0, 0),
+                    _ => (s, s + l),
+                };
                 PortSpec::Range(PortRange {
-                    start: s,
-                    end: s + l,
+                    protocol,
+                    start,
+                    end,
                 })
             }))
         }),
     ]
+}
+
+fn protocol() -> impl Strategy<Value = Protocol> {
+    prop::sample::select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Icmp])
+}
+
+/// A flow's port: TCP and UDP ports overlap in number, so a protocol mix-up shows.
+fn flow_port() -> impl Strategy<Value = FlowPort> {
+    (protocol(), 1u16..10).prop_map(|(protocol, port)| match protocol {
+        Protocol::Icmp => FlowPort::ICMP_ECHO,
+        protocol => FlowPort { protocol, port },
+    })
 }
 
 fn tier() -> impl Strategy<Value = Tier> {
@@ -215,7 +232,7 @@ proptest! {
             ns(),
             prop::collection::vec(prop::sample::select(TAGS), 0..4),
             peer(),
-            1u16..10,
+            flow_port(),
         ), 1..16),
     ) {
         let engine = Engine::compile(set.clone());

@@ -283,7 +283,7 @@ enum Command {
         to_ip: Option<std::net::IpAddr>,
         #[arg(long)]
         to_domain: Option<String>,
-        /// The destination port, `tcp/N`.
+        /// The destination port: `tcp/N`, `udp/N` or `icmp`.
         #[arg(long)]
         port: String,
         /// Namespace of both ends (default `/`).

@@ -149,7 +149,7 @@ fn discovered_flows_become_least_privilege_policies_that_keep_only_them() {
         name: "c".into(),
         from: CaseEnd::Pu(TagSet::parse(&["app=client".to_string()]).unwrap()),
         to,
-        port,
+        port: port.into(),
         expect: Verdict::Allow,
         from_namespace: lab.clone(),
         to_namespace: lab.clone(),

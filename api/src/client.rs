@@ -44,6 +44,9 @@ pub struct Client {
     token: String,
     roots: Arc<rustls::RootCertStore>,
     tls: Arc<rustls::ClientConfig>,
+    /// `SO_MARK` of every connection (the enforcer's mark, so that its capture rules
+    /// let it out).
+    mark: Option<u32>,
 }
 
 impl Client {
@@ -74,6 +77,44 @@ impl Client {
             token: token.to_owned(),
             roots,
             tls: Arc::new(tls),
+            mark: None,
+        })
+    }
+
+    /// Marks every connection with `SO_MARK` (needs CAP_NET_ADMIN; without it the
+    /// connections go unmarked).
+    pub fn with_mark(mut self, mark: u32) -> Client {
+        self.mark = Some(mark);
+        self
+    }
+
+    async fn connect(&self) -> Result<tokio::net::TcpStream, CallError> {
+        let addr = format!("{}:{}", self.host, self.port);
+        let unreachable =
+            |e: &dyn std::fmt::Display| CallError::Unreachable(format!("{addr}: {e}"));
+        let mut last = None;
+        for a in tokio::net::lookup_host(&addr)
+            .await
+            .map_err(|e| unreachable(&e))?
+        {
+            let sock = match a {
+                std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+            }
+            .map_err(|e| unreachable(&e))?;
+            if let Some(m) = self.mark {
+                if let Err(e) = socket2::SockRef::from(&sock).set_mark(m) {
+                    tracing::debug!(error = %e, "cannot mark the console connection");
+                }
+            }
+            match sock.connect(a).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(match last {
+            Some(e) => unreachable(&e),
+            None => unreachable(&"no address"),
         })
     }
 
@@ -96,6 +137,7 @@ impl Client {
             token: String::new(),
             roots: self.roots.clone(),
             tls: Arc::new(tls),
+            mark: self.mark,
         })
     }
 
@@ -109,9 +151,7 @@ impl Client {
     ) -> Result<T, CallError> {
         let exchange = async {
             let addr = format!("{}:{}", self.host, self.port);
-            let tcp = tokio::net::TcpStream::connect(&addr)
-                .await
-                .map_err(|e| CallError::Unreachable(format!("{addr}: {e}")))?;
+            let tcp = self.connect().await?;
             let name = ServerName::try_from(self.host.clone())
                 .map_err(|e| CallError::Unreachable(format!("{}: {e}", self.host)))?;
             let tls = tokio_rustls::TlsConnector::from(self.tls.clone())

@@ -141,6 +141,9 @@ pub enum FlowReason {
     IdleBeforeRequest,
     /// A malformed tunnel request.
     BadRequest,
+    /// A captured inbound connection for an address that is not this workload's own
+    /// (a neighbour trying to relay through the pod).
+    NotLocal,
     /// The enforcer ended the flow's task without deciding it (a bug; its log says more).
     Internal,
     /// A reason this build does not know (a record from a newer enforcer), kept as is.
@@ -148,7 +151,7 @@ pub enum FlowReason {
 }
 
 impl FlowReason {
-    const NAMED: [(FlowReason, &'static str); 15] = [
+    const NAMED: [(FlowReason, &'static str); 16] = [
         (FlowReason::Policy, "policy"),
         (FlowReason::Default, "default"),
         (FlowReason::Discovered, "discovered"),
@@ -164,6 +167,7 @@ impl FlowReason {
         (FlowReason::IdleBeforeRequest, "idle-before-request"),
         (FlowReason::BadRequest, "bad-request"),
         (FlowReason::Internal, "internal"),
+        (FlowReason::NotLocal, "not-local"),
     ];
     const PEER_CERTIFICATE: &'static str = "peer-certificate:";
 }
@@ -334,6 +338,7 @@ mod tests {
             "idle-before-request",
             "bad-request",
             "internal",
+            "not-local",
         ];
         for s in reasons {
             let r: FlowReason = s.parse().unwrap();

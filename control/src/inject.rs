@@ -77,6 +77,24 @@ pub enum Decision {
     Inject(Box<Plan>),
     OptedOut,
     AlreadyInjected,
+    /// A container of the pod runs as the enforcer's uid: the capture rules would let
+    /// its connections out whenever they carry the enforcer's mark, so such a pod is not
+    /// injected (and the webhook refuses it). Holds the container's name.
+    RunsAsProxyUid(String),
+}
+
+/// The uid the sidecar runs as; the capture init exempts it (with the enforcer's mark).
+pub const PROXY_UID: u64 = 1337;
+
+/// The first container (or init container) that runs as [`PROXY_UID`]: its own
+/// `securityContext.runAsUser`, else the pod's.
+fn runs_as_proxy_uid(spec: &Value) -> Option<String> {
+    let pod_uid = spec["securityContext"]["runAsUser"].as_u64();
+    ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| spec[*k].as_array().into_iter().flatten())
+        .find(|c| c["securityContext"]["runAsUser"].as_u64().or(pod_uid) == Some(PROXY_UID))
+        .map(|c| c["name"].as_str().unwrap_or("?").to_owned())
 }
 
 fn annotations(meta: &Value) -> &serde_json::Map<String, Value> {
@@ -104,6 +122,9 @@ pub fn plan(template: &Value, k8s_namespace: Option<&str>, opts: &Options) -> De
         || named(&spec["initContainers"], INIT)
     {
         return Decision::AlreadyInjected;
+    }
+    if let Some(c) = runs_as_proxy_uid(spec) {
+        return Decision::RunsAsProxyUid(c);
     }
     let mut tags: Vec<String> = meta["labels"]
         .as_object()
@@ -296,14 +317,19 @@ pub struct Report {
 }
 
 /// Injects into one document (a workload or a `List`); true if it changed.
-fn inject_value(doc: &mut Yaml, opts: &Options, reports: &mut Vec<Report>) -> bool {
+fn inject_value(
+    doc: &mut Yaml,
+    opts: &Options,
+    reports: &mut Vec<Report>,
+    refused: &mut Vec<String>,
+) -> bool {
     let json: Value = serde_json::to_value(&*doc).unwrap_or_default();
     let kind = json["kind"].as_str().unwrap_or_default().to_owned();
     if kind == "List" || kind.ends_with("List") {
         let mut changed = false;
         if let Some(Yaml::Sequence(items)) = doc.get_mut("items") {
             for item in items {
-                changed |= inject_value(item, opts, reports);
+                changed |= inject_value(item, opts, reports, refused);
             }
         }
         return changed;
@@ -318,6 +344,12 @@ fn inject_value(doc: &mut Yaml, opts: &Options, reports: &mut Vec<Report>) -> bo
         t = &t[*k];
     }
     let outcome = match plan(t, ns.as_deref(), opts) {
+        Decision::RunsAsProxyUid(c) => {
+            refused.push(format!(
+                "{kind} {name}: container `{c}` runs as uid {PROXY_UID}, the enforcer's; give it another runAsUser"
+            ));
+            "refused"
+        }
         Decision::OptedOut => "opted out",
         Decision::AlreadyInjected => "already injected",
         Decision::Inject(p) => {
@@ -363,6 +395,7 @@ fn split_documents(text: &str) -> Vec<&str> {
 pub fn inject_stream(text: &str, opts: &Options) -> Result<(String, Vec<Report>), InjectError> {
     let mut out = String::with_capacity(text.len() * 2);
     let mut reports = Vec::new();
+    let mut refused = Vec::new();
     for (i, raw) in split_documents(text).into_iter().enumerate() {
         let body = raw
             .strip_prefix("---")
@@ -372,7 +405,7 @@ pub fn inject_stream(text: &str, opts: &Options) -> Result<(String, Vec<Report>)
             Ok(d) => d,
             Err(e) => return Err(InjectError::Yaml(i + 1, e.to_string())),
         };
-        if !inject_value(&mut doc, opts, &mut reports) {
+        if !inject_value(&mut doc, opts, &mut reports, &mut refused) {
             out.push_str(raw);
             continue;
         }
@@ -382,6 +415,10 @@ pub fn inject_stream(text: &str, opts: &Options) -> Result<(String, Vec<Report>)
         out.push_str(
             &serde_norway::to_string(&doc).map_err(|e| InjectError::Yaml(i + 1, e.to_string()))?,
         );
+    }
+    // Nothing half-injected: one refused workload refuses the whole stream.
+    if !refused.is_empty() {
+        return Err(InjectError::Invalid(refused.join("\n")));
     }
     Ok((out, reports))
 }
@@ -401,12 +438,24 @@ pub fn review(request: &Value, opts: &Options) -> Result<Value, InjectError> {
     let mut response = json!({ "uid": uid, "allowed": true });
     let pod = &req["object"];
     if req["kind"]["kind"] == "Pod" && pod.is_object() {
-        if let Decision::Inject(p) = plan(pod, req["namespace"].as_str(), opts) {
-            use base64::Engine as _;
-            let ops = Value::Array(patch(pod, &p));
-            response["patchType"] = json!("JSONPatch");
-            response["patch"] =
-                json!(base64::engine::general_purpose::STANDARD.encode(ops.to_string()));
+        match plan(pod, req["namespace"].as_str(), opts) {
+            Decision::Inject(p) => {
+                use base64::Engine as _;
+                let ops = Value::Array(patch(pod, &p));
+                response["patchType"] = json!("JSONPatch");
+                response["patch"] =
+                    json!(base64::engine::general_purpose::STANDARD.encode(ops.to_string()));
+            }
+            Decision::RunsAsProxyUid(c) => {
+                response["allowed"] = json!(false);
+                response["status"] = json!({
+                    "code": 403,
+                    "message": format!(
+                        "segmesh: container `{c}` runs as uid {PROXY_UID}, the enforcer's uid, which the capture rules exempt; give it another runAsUser (or opt out with {INJECT_ANNOTATION}: \"false\")"
+                    ),
+                });
+            }
+            Decision::OptedOut | Decision::AlreadyInjected => {}
         }
     }
     Ok(json!({

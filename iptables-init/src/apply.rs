@@ -90,8 +90,41 @@ fn ip_route_present(cfg: &Config, f: Family) -> Result<bool, ApplyError> {
     }))
 }
 
-/// Installs (or refreshes) the rules of one family. Idempotent.
+/// Where the kernel keeps the ports it never hands out as ephemeral ports (both
+/// families; per network namespace; `Documentation/networking/ip-sysctl.rst`).
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+fn sysctl_error(e: std::io::Error) -> ApplyError {
+    ApplyError::Spawn(format!("write {RESERVED_PORTS}"), e)
+}
+
+/// Reserves the enforcer's ports (keeping what was reserved). Idempotent.
+pub fn reserve_ports(cfg: &Config) -> Result<(), ApplyError> {
+    let now = std::fs::read_to_string(RESERVED_PORTS).map_err(sysctl_error)?;
+    let want = rules::reserved_with(&now, &rules::enforcer_ports(cfg));
+    std::fs::write(RESERVED_PORTS, want).map_err(sysctl_error)
+}
+
+/// Gives the enforcer's ports back (leaving other reservations).
+pub fn release_ports(cfg: &Config) -> Result<(), ApplyError> {
+    let now = std::fs::read_to_string(RESERVED_PORTS).map_err(sysctl_error)?;
+    let want = rules::reserved_without(&now, &rules::enforcer_ports(cfg));
+    // An empty write is refused by the kernel; a newline clears the list.
+    std::fs::write(RESERVED_PORTS, format!("{want}\n")).map_err(sysctl_error)
+}
+
+/// Whether the enforcer's ports are all reserved.
+pub fn ports_reserved(cfg: &Config) -> Result<bool, ApplyError> {
+    let now = std::fs::read_to_string(RESERVED_PORTS).map_err(sysctl_error)?;
+    Ok(rules::reserved_with(&now, &rules::enforcer_ports(cfg)) == rules::reserved_with(&now, &[]))
+}
+
+/// Installs (or refreshes) the rules of one family, and (with IPv4, for both families)
+/// reserves the enforcer's ports. Idempotent.
 pub fn apply(cfg: &Config, f: Family) -> Result<(), ApplyError> {
+    if f == Family::V4 {
+        reserve_ports(cfg)?;
+    }
     let (add, _) = rules::route_commands(cfg, f);
     if !ip_rule_present(cfg, f)? {
         run("ip", &add[0].split(' ').collect::<Vec<_>>(), None)?;
@@ -123,6 +156,12 @@ pub fn check(cfg: &Config, f: Family) -> Result<Vec<String>, ApplyError> {
             cfg.route_table
         ));
     }
+    if f == Family::V4 && !ports_reserved(cfg)? {
+        problems.push(format!(
+            "the enforcer's ports {:?} are not all in net.ipv4.ip_local_reserved_ports",
+            rules::enforcer_ports(cfg)
+        ));
+    }
     Ok(problems)
 }
 
@@ -139,6 +178,9 @@ pub fn cleanup(cfg: &Config, f: Family) -> Result<(), ApplyError> {
     }
     if ip_route_present(cfg, f)? {
         run("ip", &del[1].split(' ').collect::<Vec<_>>(), None)?;
+    }
+    if f == Family::V4 {
+        release_ports(cfg)?;
     }
     Ok(())
 }

@@ -21,7 +21,10 @@ struct Cli {
     proxy_uid: u32,
     #[arg(long, env = "SEGMESH_PROXY_GID")]
     proxy_gid: Option<u32>,
-    /// Also exclude packets with this mark (decimal or 0x hex).
+    /// The mark every enforcer socket sets (SO_MARK): the uid/gid exemption needs it too.
+    #[arg(long, default_value = "0x1337", value_parser = parse_u32, env = "SEGMESH_ENFORCER_MARK")]
+    enforcer_mark: u32,
+    /// Also exclude packets with this mark, whatever their owner (decimal or 0x hex).
     #[arg(long, value_parser = parse_u32)]
     proxy_mark: Option<u32>,
     #[arg(long, default_value_t = 15001)]
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         mode: cli.mode,
         proxy_uid: cli.proxy_uid,
         proxy_gid: cli.proxy_gid,
+        enforcer_mark: cli.enforcer_mark,
         proxy_mark: cli.proxy_mark,
         outbound_port: cli.outbound_port,
         inbound_port: cli.inbound_port,

@@ -1,14 +1,17 @@
 //! The capture rules, generated as `iptables-restore` lines with no I/O.
 //!
 //! Outbound (nat `OUTPUT`): every TCP connection a local process opens is REDIRECTed to
-//! the enforcer's outbound port, except the enforcer's own (by uid, optionally gid and
-//! mark), loopback, and configured ports and destination CIDRs.
+//! the enforcer's outbound port, except the enforcer's own (its uid, or gid, *and* the
+//! mark every enforcer socket sets with `SO_MARK`: a process that merely runs as the
+//! proxy uid is captured), loopback, and configured ports and destination CIDRs.
 //!
-//! Inbound (mangle `PREROUTING`): every new TCP connection arriving from outside is
-//! TPROXYed to the enforcer's inbound port with a mark that policy routing delivers
-//! locally (kernel `Documentation/networking/tproxy.rst`), except established traffic,
-//! the tunnel and admin ports, and configured ports and source CIDRs. Packets of an
-//! already-diverted connection (a transparent socket) keep their mark.
+//! Inbound (mangle `PREROUTING`): every new TCP connection arriving from outside for one
+//! of this namespace's own addresses is TPROXYed to the enforcer's inbound port with a
+//! mark that policy routing delivers locally (kernel `Documentation/networking/
+//! tproxy.rst`), except established traffic, the tunnel and admin ports, and configured
+//! ports and source CIDRs. Traffic for other addresses is never diverted (the enforcer
+//! must not become a relay for a neighbour that routes a network through the pod).
+//! Packets of an already-diverted connection (a transparent socket) keep their mark.
 //!
 //! Every rule lives in the project's own chains, so removal is exact. Lines are written
 //! in the form `iptables-save` prints, so `--check` compares them textually.
@@ -44,7 +47,11 @@ pub struct Config {
     pub proxy_uid: u32,
     /// Also exclude this gid.
     pub proxy_gid: Option<u32>,
-    /// Also exclude packets carrying this mark (set by the enforcer with SO_MARK).
+    /// The mark every enforcer socket carries (`SO_MARK`); the uid and gid exemptions
+    /// hold only for packets with it. Default 0x1337.
+    pub enforcer_mark: u32,
+    /// Also exclude packets carrying this mark, whatever their owner (setting a mark
+    /// needs CAP_NET_ADMIN).
     pub proxy_mark: Option<u32>,
     /// Outbound capture port. Default 15001.
     pub outbound_port: u16,
@@ -72,6 +79,7 @@ impl Default for Config {
             mode: Mode::Sidecar,
             proxy_uid: 1337,
             proxy_gid: None,
+            enforcer_mark: 0x1337,
             proxy_mark: None,
             outbound_port: 15001,
             inbound_port: 15006,
@@ -130,13 +138,14 @@ impl Config {
         };
         let mark = format!("0x{:x}/0xffffffff", self.tproxy_mark);
 
+        let enforcer = format!("-m mark --mark 0x{:x}", self.enforcer_mark);
         let mut nat = vec![format!(
-            "-A {CHAIN_OUTPUT} -m owner --uid-owner {} -j RETURN",
+            "-A {CHAIN_OUTPUT} -m owner --uid-owner {} {enforcer} -j RETURN",
             self.proxy_uid
         )];
         if let Some(gid) = self.proxy_gid {
             nat.push(format!(
-                "-A {CHAIN_OUTPUT} -m owner --gid-owner {gid} -j RETURN"
+                "-A {CHAIN_OUTPUT} -m owner --gid-owner {gid} {enforcer} -j RETURN"
             ));
         }
         if let Some(m) = self.proxy_mark {
@@ -169,12 +178,9 @@ impl Config {
             format!("-A {CHAIN_INBOUND} -p tcp -m socket --transparent -j {CHAIN_DIVERT}"),
             format!("-A {CHAIN_INBOUND} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"),
             format!("-A {CHAIN_INBOUND} -i lo -j RETURN"),
+            // Only our own addresses, in both modes: no relay to anywhere else.
+            format!("-A {CHAIN_INBOUND} -m addrtype ! --dst-type LOCAL -j RETURN"),
         ];
-        if self.mode == Mode::Host {
-            mangle.push(format!(
-                "-A {CHAIN_INBOUND} -m addrtype ! --dst-type LOCAL -j RETURN"
-            ));
-        }
         for net in self
             .exclude_inbound_cidrs
             .iter()
@@ -200,6 +206,70 @@ impl Config {
             jumps: vec![("nat", jump_output()), ("mangle", jump_inbound())],
         }
     }
+}
+
+/// The enforcer's listening ports, which no other socket of the namespace may be handed
+/// as an ephemeral port (a client socket in TIME_WAIT on 15008 would block the
+/// enforcer's bind).
+pub fn enforcer_ports(cfg: &Config) -> Vec<u16> {
+    sorted(&[
+        cfg.outbound_port,
+        cfg.inbound_port,
+        cfg.tunnel_port,
+        cfg.admin_port,
+    ])
+}
+
+/// Parses `net.ipv4.ip_local_reserved_ports` (`8080,15000-15010`) into ranges; what does
+/// not parse is dropped.
+fn reserved_ranges(list: &str) -> Vec<(u16, u16)> {
+    list.split(',')
+        .filter_map(|r| {
+            let r = r.trim();
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn reserved_list(ports: &std::collections::BTreeSet<u16>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut iter = ports.iter().copied().peekable();
+    while let Some(start) = iter.next() {
+        let mut end = start;
+        while iter.peek() == Some(&(end.wrapping_add(1))) && end < u16::MAX {
+            end = iter.next().expect("peeked");
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+    }
+    out.join(",")
+}
+
+fn reserved_set(list: &str) -> std::collections::BTreeSet<u16> {
+    reserved_ranges(list)
+        .into_iter()
+        .flat_map(|(a, b)| a..=b)
+        .collect()
+}
+
+/// The reserved-ports list with `ports` added (what was reserved stays).
+pub fn reserved_with(list: &str, ports: &[u16]) -> String {
+    let mut set = reserved_set(list);
+    set.extend(ports);
+    reserved_list(&set)
+}
+
+/// The reserved-ports list with `ports` removed (the rest stays).
+pub fn reserved_without(list: &str, ports: &[u16]) -> String {
+    let mut set = reserved_set(list);
+    for p in ports {
+        set.remove(p);
+    }
+    reserved_list(&set)
 }
 
 /// The policy routing TPROXY needs: marked packets are delivered locally.

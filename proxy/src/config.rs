@@ -227,6 +227,9 @@ pub struct Settings {
     pub log_all_flows: bool,
     /// `sidecar` (default) or `host`.
     pub mode: Mode,
+    /// `SO_MARK` of every connection the enforcer opens; capture lets the proxy uid out
+    /// only with it. Default 0x1337.
+    pub socket_mark: u32,
 }
 
 impl Default for Settings {
@@ -238,8 +241,17 @@ impl Default for Settings {
             recheck_open: true,
             log_all_flows: false,
             mode: Mode::default(),
+            socket_mark: DEFAULT_SOCKET_MARK,
         }
     }
+}
+
+/// The mark the enforcer's sockets carry unless configured otherwise (the capture init's
+/// `--enforcer-mark` default).
+pub const DEFAULT_SOCKET_MARK: u32 = 0x1337;
+
+fn d_socket_mark() -> u32 {
+    DEFAULT_SOCKET_MARK
 }
 
 /// Where the enforcer's configuration comes from; each mode has exactly its data.
@@ -321,6 +333,10 @@ pub struct LocalConfig {
     /// Resume tunnel TLS sessions (default true; off only to measure full handshakes).
     #[serde(default = "d_true")]
     pub tunnel_resumption: bool,
+    /// `SO_MARK` of every connection the enforcer opens (the capture init's
+    /// `--enforcer-mark`). Default 0x1337.
+    #[serde(default = "d_socket_mark")]
+    pub socket_mark: u32,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -368,6 +384,7 @@ impl LocalConfig {
             recheck_open: self.recheck_open,
             log_all_flows: self.log_all_flows,
             mode: self.mode,
+            socket_mark: self.socket_mark,
         }
     }
 

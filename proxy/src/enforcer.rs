@@ -145,7 +145,7 @@ impl Enforcer {
 
     fn start_console(c: ConsoleSource) -> Result<Enforcer, Error> {
         c.check()?;
-        let client = console::client(&c.console)?;
+        let client = console::client(&c.console)?.with_mark(c.settings.socket_mark);
         let state = console::State::load(&c.pu, &c.console);
         let initial = match state.build("cache") {
             Some(Ok(s)) => s,
@@ -185,14 +185,28 @@ impl Enforcer {
             .into_iter()
             .map(|(addr, transparent, kind)| Ok((bind(addr, transparent)?, kind)))
             .collect::<Result<Vec<_>, Error>>()?;
-        let admin_ip = match (settings.listeners.address, settings.mode) {
-            (Some(a), _) => a,
-            (None, Mode::Sidecar) => Ipv4Addr::UNSPECIFIED.into(),
-            (None, Mode::Host) => Ipv4Addr::LOCALHOST.into(),
+        // The admin port on both families (where IPv6 exists): capture leaves it alone,
+        // so a workload socket must not be able to take it over on the other family.
+        let admin_ips: Vec<IpAddr> = match (settings.listeners.address, settings.mode) {
+            (Some(a), _) => vec![a],
+            (None, Mode::Sidecar) => {
+                vec![Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()]
+            }
+            (None, Mode::Host) => vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()],
         };
-        let admin_addr = SocketAddr::new(admin_ip, settings.listeners.admin);
-        let admin = bind(admin_addr, false)?;
-        let admin_addr = admin.local_addr().map_err(|e| Error::Bind(admin_addr, e))?;
+        let v6 = ipv6_available();
+        let mut admins = Vec::new();
+        let mut admin_port = settings.listeners.admin;
+        for ip in admin_ips.into_iter().filter(|ip| ip.is_ipv4() || v6) {
+            let addr = SocketAddr::new(ip, admin_port);
+            let l = bind(addr, false)?;
+            // An ephemeral admin port (0) is the same number on both families.
+            admin_port = l.local_addr().map_err(|e| Error::Bind(addr, e))?.port();
+            admins.push(l);
+        }
+        let admin_addr = admins[0]
+            .local_addr()
+            .map_err(|e| Error::Bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0), e))?;
 
         let mut listening = Vec::new();
         let mut accepting = Vec::new();
@@ -202,7 +216,10 @@ impl Enforcer {
             listening.push((kind, addr));
             accepting.push(tokio::spawn(accept(l, kind, shared.clone())));
         }
-        let tasks = vec![tokio::spawn(crate::admin::serve(admin, shared.clone()))];
+        let tasks = admins
+            .into_iter()
+            .map(|l| tokio::spawn(crate::admin::serve(l, shared.clone())))
+            .collect();
         shared.set_bound();
         Ok(Enforcer {
             shared,

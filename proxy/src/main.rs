@@ -65,6 +65,10 @@ struct Cli {
     /// cores; measured faster on the 2-core load-test machine), every core in host mode.
     #[arg(long, env = "SEGMESH_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// `SO_MARK` of every connection the enforcer opens (console mode; the capture
+    /// init's `--enforcer-mark`). Decimal or 0x hex.
+    #[arg(long, env = "SEGMESH_SOCKET_MARK", default_value = "0x1337", value_parser = parse_mark)]
+    socket_mark: u32,
     /// On SIGTERM, how long open flows may finish before they are closed (a second
     /// SIGTERM exits at once).
     #[arg(long, env = "SEGMESH_DRAIN", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -103,6 +107,7 @@ impl Cli {
             recheck_open: !self.no_recheck_open,
             log_all_flows: self.log_all_flows,
             mode,
+            socket_mark: self.socket_mark,
             ..Settings::default()
         };
         Ok(ConfigSource::Console(Box::new(ConsoleSource {
@@ -125,6 +130,14 @@ impl Cli {
             settings,
         })))
     }
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("`{s}`: {e}"))
 }
 
 fn main() -> anyhow::Result<()> {

@@ -20,21 +20,21 @@ pub(crate) async fn forward(mut rec: Recorder, app: TcpStream, target: SocketAdd
     }
     let shared = rec.shared().clone();
     let limits = shared.settings.limits;
-    let upstream =
-        match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(target)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, %target, "connect failed");
-                shared.error(ErrorKind::ConnectFailed);
-                crate::socket::reset(app);
-                return rec.unreachable(CloseReason::ConnectFailed);
-            }
-            Err(_) => {
-                shared.error(ErrorKind::ConnectTimeout);
-                crate::socket::reset(app);
-                return rec.unreachable(CloseReason::ConnectTimeout);
-            }
-        };
+    let connect = crate::socket::connect(target, None, shared.settings.socket_mark);
+    let upstream = match tokio::time::timeout(limits.connect_timeout, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, %target, "connect failed");
+            shared.error(ErrorKind::ConnectFailed);
+            crate::socket::reset(app);
+            return rec.unreachable(CloseReason::ConnectFailed);
+        }
+        Err(_) => {
+            shared.error(ErrorKind::ConnectTimeout);
+            crate::socket::reset(app);
+            return rec.unreachable(CloseReason::ConnectTimeout);
+        }
+    };
     let _ = upstream.set_nodelay(true);
     let peer = Peer::Address(rec.flow.peer_ip());
     let stop = rec.relaying(peer, rec.flow.destination.port);

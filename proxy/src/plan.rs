@@ -82,14 +82,20 @@ pub(crate) fn outbound(snap: &Snapshot, listeners: &Listeners, target: SocketAdd
     external(snap, Direction::Outgoing, ip, target.port())
 }
 
-/// A plain connection from `peer` to our PU at `target` (captured inbound).
+/// A plain connection from `peer` to our PU at `target` (captured inbound); `local`:
+/// whether `target`'s address is one of ours.
 pub(crate) fn inbound(
     snap: &Snapshot,
     listeners: &Listeners,
     peer: SocketAddr,
     target: SocketAddr,
+    local: bool,
 ) -> Planned {
     let ip = peer.ip().to_canonical();
+    if !local {
+        // Never a relay: only connections for our own addresses are ours to decide.
+        return Planned::refuse(FlowReason::NotLocal);
+    }
     if snap.is_fail_closed() {
         return Planned::refuse(FlowReason::NoSnapshot);
     }
@@ -348,11 +354,35 @@ ports: [tcp/8080]
             ),
         ];
         for (src, dst, kind, reason) in cases {
-            let p = inbound(&snap, &listeners, sa(src), sa(dst));
+            let p = inbound(&snap, &listeners, sa(src), sa(dst), true);
             assert_eq!(summary(&p), (*kind, reason.clone()), "{src} -> {dst}");
         }
-        let from_pu = inbound(&snap, &listeners, sa("10.0.0.3:1"), sa("10.0.0.2:8080"));
+        let from_pu = inbound(
+            &snap,
+            &listeners,
+            sa("10.0.0.3:1"),
+            sa("10.0.0.2:8080"),
+            true,
+        );
         assert_eq!(from_pu.peer_pu.as_deref(), Some("/acme:api"));
+    }
+
+    /// A connection for an address that is not ours is refused before anything else,
+    /// even one a policy would allow and even without a snapshot: never a relay.
+    #[test]
+    fn inbound_for_another_address_is_refused() {
+        let l = Listeners::default();
+        for snap in [snapshot("/acme"), Snapshot::fail_closed()] {
+            let p = inbound(
+                &snap,
+                &l,
+                sa("198.51.100.7:1"),
+                sa("192.0.2.80:8080"),
+                false,
+            );
+            assert_eq!(summary(&p), ("refuse", Some(FlowReason::NotLocal)));
+            assert!(!p.decided());
+        }
     }
 
     #[test]
@@ -362,7 +392,7 @@ ports: [tcp/8080]
         for p in [
             outbound(&snap, &l, sa("203.0.113.9:443")),
             outbound(&snap, &l, sa("127.0.0.1:15001")),
-            inbound(&snap, &l, sa("198.51.100.7:1"), sa("10.0.0.2:8080")),
+            inbound(&snap, &l, sa("198.51.100.7:1"), sa("10.0.0.2:8080"), true),
         ] {
             assert_eq!(summary(&p), ("refuse", Some(FlowReason::NoSnapshot)));
             assert!(!p.decided());

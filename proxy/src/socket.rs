@@ -72,18 +72,52 @@ pub fn listener(
     tokio::net::TcpListener::from_std(sock.into())
 }
 
-/// Connects to `to`, from the address `from` when given (an enforcer bound to one
+/// Connects to `to` with `SO_MARK` `mark` (the capture rules let the enforcer's uid out
+/// only with its mark), from the address `from` when given (an enforcer bound to one
 /// address: its peers must see the connection come from there).
-pub async fn connect(to: SocketAddr, from: Option<std::net::IpAddr>) -> io::Result<TcpStream> {
-    let Some(ip) = from else {
-        return TcpStream::connect(to).await;
-    };
+pub async fn connect(
+    to: SocketAddr,
+    from: Option<std::net::IpAddr>,
+    mark: u32,
+) -> io::Result<TcpStream> {
     let sock = match to {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
-    sock.bind(SocketAddr::new(ip, 0))?;
+    set_mark(&sock, mark);
+    if let Some(ip) = from {
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
     sock.connect(to).await
+}
+
+/// Whether `ip` is an address of one of this network namespace's interfaces (a
+/// TPROXYed connection's local address is its original destination, which may be any
+/// address the capture rules diverted).
+pub fn is_local(ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
+        addrs.any(|a| {
+            let Some(a) = a.address else { return false };
+            let found = a
+                .as_sockaddr_in()
+                .map(|s| std::net::IpAddr::from(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::from(s.ip())));
+            found == Some(ip)
+        })
+    })
+}
+
+/// Sets `SO_MARK` (socket(7)); without CAP_NET_ADMIN the socket stays unmarked, which
+/// is said once (an enforcer without the capability cannot TPROXY either; the
+/// in-process tests run so).
+fn set_mark(sock: &impl std::os::fd::AsFd, mark: u32) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let Err(e) = SockRef::from(sock).set_mark(mark) {
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(error = %e, mark, "cannot mark the enforcer's connections (no CAP_NET_ADMIN?): capture rules that require the mark will capture them");
+        }
+    }
 }
 
 /// Closes with an RST instead of a FIN (SO_LINGER with a zero timeout, socket(7)).
@@ -119,6 +153,42 @@ mod tests {
                 .expect("a transparent socket binds a foreign address"),
             Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
         }
+    }
+
+    #[test]
+    fn local_addresses_are_known() {
+        assert!(is_local("127.0.0.1".parse().unwrap()));
+        assert!(is_local("::ffff:127.0.0.1".parse().unwrap()));
+        // RFC 5737 documentation addresses are nobody's.
+        assert!(!is_local("192.0.2.80".parse().unwrap()));
+        assert!(!is_local("2001:db8::80".parse().unwrap()));
+    }
+
+    /// The enforcer's connections carry its mark where the kernel lets it set one
+    /// (CAP_NET_ADMIN), and connect anyway where not.
+    #[tokio::test]
+    async fn connections_carry_the_mark() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = connect(l.local_addr().unwrap(), None, 0x1337)
+            .await
+            .unwrap();
+        let mark = SockRef::from(&s).mark().unwrap();
+        let probe = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        match probe.set_mark(1) {
+            Ok(()) => assert_eq!(mark, 0x1337),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+                assert_eq!(mark, 0);
+            }
+        }
+        let from = connect(
+            l.local_addr().unwrap(),
+            Some("127.0.0.9".parse().unwrap()),
+            0,
+        )
+        .await
+        .unwrap();
+        assert_eq!(from.local_addr().unwrap().ip().to_string(), "127.0.0.9");
     }
 
     #[tokio::test]

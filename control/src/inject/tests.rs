@@ -342,3 +342,52 @@ fn the_webhook_answers_an_admission_review_with_the_same_injection() {
     assert!(r["response"]["patch"].is_null());
     assert!(review(&json!({"kind": "Other"}), &opts()).is_err());
 }
+
+/// A workload container running as the enforcer's uid would leave the pod with the
+/// enforcer's exemption: `inject` and the webhook refuse it, naming the container; a
+/// container overriding a pod-level 1337 with its own uid is fine.
+#[test]
+fn pods_running_as_the_proxy_uid_are_refused() {
+    let manifest = |pod_uid: &str, container_uid: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: sneaky}}\nspec:\n  {pod_uid}\n  containers:\n  - name: app\n    image: x\n    {container_uid}\n"
+        )
+    };
+    for (pod, container) in [
+        ("securityContext: {runAsUser: 1337}", ""),
+        ("", "securityContext: {runAsUser: 1337}"),
+    ] {
+        let text = manifest(pod, container);
+        let err = inject_stream(&text, &opts()).unwrap_err().to_string();
+        assert!(
+            err.contains("Pod sneaky: container `app` runs as uid 1337"),
+            "{err}"
+        );
+    }
+    let fine = manifest(
+        "securityContext: {runAsUser: 1337}",
+        "securityContext: {runAsUser: 1000}",
+    );
+    let (out, reports) = inject_stream(&fine, &opts()).unwrap();
+    assert_eq!(reports[0].outcome, "injected");
+    assert!(out.contains("segmesh-proxy"));
+
+    let object: Value =
+        serde_norway::from_str(&manifest("", "securityContext: {runAsUser: 1337}")).unwrap();
+    let review_request = json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {"uid": "u1", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "namespace": "shop", "object": object}
+    });
+    let r = &review(&review_request, &opts()).unwrap()["response"];
+    assert_eq!(r["allowed"], false);
+    assert_eq!(r["status"]["code"], 403);
+    assert!(r["patch"].is_null());
+    assert!(
+        r["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`app` runs as uid 1337"),
+        "{r}"
+    );
+}

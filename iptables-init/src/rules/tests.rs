@@ -19,7 +19,8 @@ fn sidecar_v4_rules() {
     assert_eq!(
         r.nat,
         vec![
-            "-A SEGMESH_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+            // The proxy uid alone is not enough: the enforcer's mark too.
+            "-A SEGMESH_OUTPUT -m owner --uid-owner 1337 -m mark --mark 0x1337 -j RETURN",
             "-A SEGMESH_OUTPUT -d 127.0.0.0/8 -j RETURN",
             "-A SEGMESH_OUTPUT -o lo -j RETURN",
             "-A SEGMESH_OUTPUT -d 10.96.0.0/12 -j RETURN",
@@ -36,6 +37,8 @@ fn sidecar_v4_rules() {
             "-A SEGMESH_INBOUND -p tcp -m socket --transparent -j SEGMESH_DIVERT",
             "-A SEGMESH_INBOUND -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
             "-A SEGMESH_INBOUND -i lo -j RETURN",
+            // Sidecar mode too: nothing for another address is diverted (no relay).
+            "-A SEGMESH_INBOUND -m addrtype ! --dst-type LOCAL -j RETURN",
             "-A SEGMESH_INBOUND -s 192.0.2.0/24 -j RETURN",
             "-A SEGMESH_INBOUND -p tcp -m tcp --dport 9090 -j RETURN",
             "-A SEGMESH_INBOUND -p tcp -m tcp --dport 15008 -j RETURN",
@@ -74,20 +77,20 @@ fn host_mode_only_captures_local_destinations_and_excludes_gid_and_mark() {
         r.mangle
             .contains(&"-A SEGMESH_INBOUND -m addrtype ! --dst-type LOCAL -j RETURN".to_owned())
     );
-    assert!(
-        r.nat
-            .contains(&"-A SEGMESH_OUTPUT -m owner --gid-owner 1337 -j RETURN".to_owned())
-    );
+    assert!(r.nat.contains(
+        &"-A SEGMESH_OUTPUT -m owner --gid-owner 1337 -m mark --mark 0x1337 -j RETURN".to_owned()
+    ));
     assert!(
         r.nat
             .contains(&"-A SEGMESH_OUTPUT -m mark --mark 0x2a -j RETURN".to_owned())
     );
+    // Both modes divert only traffic for local addresses.
     assert!(
-        !Config::default()
+        Config::default()
             .rules(Family::V4)
             .mangle
             .iter()
-            .any(|l| l.contains("addrtype"))
+            .any(|l| l.contains("addrtype ! --dst-type LOCAL"))
     );
 }
 
@@ -196,4 +199,26 @@ fn route_commands_per_family() {
             "-6 route flush table 133"
         ]
     );
+}
+
+#[test]
+fn reserved_ports_are_merged_and_released_exactly() {
+    let ours = enforcer_ports(&Config::default());
+    assert_eq!(ours, vec![15001, 15006, 15008, 15020]);
+    assert_eq!(reserved_with("", &ours), "15001,15006,15008,15020");
+    assert_eq!(
+        reserved_with("8080,15000-15002\n", &ours),
+        "8080,15000-15002,15006,15008,15020"
+    );
+    assert_eq!(
+        reserved_with("15001,15006,15008,15020", &ours),
+        "15001,15006,15008,15020"
+    );
+    // Releasing leaves what others reserved, even inside a range that held ours.
+    assert_eq!(
+        reserved_without("8080,15000-15002,15006,15008,15020", &ours),
+        "8080,15000,15002"
+    );
+    assert_eq!(reserved_without("15001,15006,15008,15020", &ours), "");
+    assert_eq!(reserved_with("65535", &[65534]), "65534-65535");
 }

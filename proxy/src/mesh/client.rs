@@ -57,7 +57,8 @@ async fn establish(
     let listeners = &shared.settings.listeners;
     let limits = &shared.settings.limits;
     let peer_addr = SocketAddr::new(ip, listeners.tunnel);
-    let connect = crate::socket::connect(peer_addr, listeners.address);
+    let mark = shared.settings.socket_mark;
+    let connect = crate::socket::connect(peer_addr, listeners.address, mark);
     let tcp = match tokio::time::timeout(limits.connect_timeout, connect).await {
         Ok(Ok(t)) => t,
         Ok(Err(_)) | Err(_) => {

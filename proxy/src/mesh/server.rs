@@ -156,7 +156,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         return rec.refuse(FlowReason::Overload, server);
     }
     let workload_addr = SocketAddr::new(local.ip(), req.port);
-    let connect = TcpStream::connect(workload_addr);
+    let connect = crate::socket::connect(workload_addr, None, shared.settings.socket_mark);
     let workload = match tokio::time::timeout(shared.settings.limits.connect_timeout, connect).await
     {
         Ok(Ok(w)) => w,

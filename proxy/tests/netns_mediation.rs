@@ -1,0 +1,213 @@
+//! Nothing gets around the enforcer (the parts of complete mediation that exist so far):
+//! a neighbour cannot use a pod as a relay, a process that merely runs as the proxy uid
+//! is captured, the enforcer's ports are reserved, and its admin port cannot be taken
+//! over on the other address family.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use segmesh_testkit::{Topology, netns_enabled, wait_until};
+
+/// Allows everything in and out, so that only capture and the enforcer's own checks can
+/// stop a relay.
+fn permissive(dir: &Scratch) -> std::path::PathBuf {
+    std::fs::write(
+        dir.0.join("policies.yaml"),
+        r#"
+kind: ExternalNetwork
+name: everyone
+namespace: /lab
+entries: [0.0.0.0/0, "::/0"]
+---
+kind: NetworkPolicy
+name: all-in
+namespace: /lab
+action: Allow
+mode: Incoming
+subject: [[ext:name=everyone]]
+object: [[app=work]]
+log: true
+---
+kind: NetworkPolicy
+name: all-out
+namespace: /lab
+action: Allow
+mode: Outgoing
+subject: [[app=work]]
+object: [[ext:name=everyone]]
+ports: [tcp/7000]
+log: true
+"#,
+    )
+    .unwrap();
+    let path = dir.0.join("enforcer.yaml");
+    std::fs::write(
+        &path,
+        "pu: {name: work, namespace: /lab, tags: [app=work]}\npolicies: [policies.yaml]\nflow_log: flows.jsonl\n",
+    )
+    .unwrap();
+    path
+}
+
+/// A connection attempt that gives up after 3 s (a relay that drops packets never
+/// answers).
+async fn short_attempt(to: SocketAddr) -> Attempt {
+    match tokio::time::timeout(Duration::from_secs(3), attempt(to)).await {
+        Ok(a) => a,
+        Err(_) => Attempt::Other("no answer".into()),
+    }
+}
+
+#[test]
+fn netns_mediation_a_pod_is_no_relay() {
+    if !netns_enabled() {
+        return;
+    }
+    let topo = Topology::new(&["work", "nbr", "beyond"]);
+    let (work, nbr, beyond) = (
+        topo.host("work").clone(),
+        topo.host("nbr").clone(),
+        topo.host("beyond").clone(),
+    );
+    let dir = Scratch::new("relay");
+    let config = permissive(&dir);
+    capture(&work);
+    start_enforcer(&topo, "work", &config);
+    let seen = Arc::new(AtomicUsize::new(0));
+    let target = SocketAddr::new(beyond.ip4.into(), 7000);
+    let _ = in_ns(&beyond, greeter(target, seen.clone()));
+    // The control: beyond answers when reached directly.
+    wait_until("beyond listens", Duration::from_secs(10), || {
+        in_ns(&nbr, short_attempt(target)).join().unwrap() == Attempt::Greeted
+    });
+    assert_eq!(seen.swap(0, Ordering::SeqCst), 1);
+
+    // The neighbour routes beyond's address through the pod.
+    let via = work.ip4.to_string();
+    nbr.exec_ok(&[
+        "ip",
+        "route",
+        "replace",
+        &format!("{}/32", beyond.ip4),
+        "via",
+        &via,
+    ]);
+    let relayed = in_ns(&nbr, short_attempt(target)).join().unwrap();
+    assert_ne!(relayed, Attempt::Greeted, "the pod relayed the connection");
+    assert_eq!(seen.load(Ordering::SeqCst), 0, "nothing reached beyond");
+
+    // Even if capture diverted it (older rules, a hand-made rule), the enforcer refuses
+    // a connection for an address that is not the pod's own, and records it.
+    work.exec_ok(&[
+        "iptables",
+        "-w",
+        "-t",
+        "mangle",
+        "-I",
+        "SEGMESH_INBOUND",
+        "1",
+        "-p",
+        "tcp",
+        "-d",
+        &beyond.ip4.to_string(),
+        "-j",
+        "TPROXY",
+        "--on-port",
+        "15006",
+        "--on-ip",
+        "0.0.0.0",
+        "--tproxy-mark",
+        "0x539/0xffffffff",
+    ]);
+    refused_fast(in_ns(&nbr, short_attempt(target)).join().unwrap());
+    assert_eq!(seen.load(Ordering::SeqCst), 0, "nothing reached beyond");
+    wait_until("the refusal's record", Duration::from_secs(10), || {
+        flow_records(&dir)
+            .iter()
+            .any(|r| r["reason"] == "not-local")
+    });
+    let records = flow_records(&dir);
+    let r = records.iter().find(|r| r["reason"] == "not-local").unwrap();
+    assert_eq!(r["verdict"], "reject", "{r}");
+    assert_eq!(r["destination"]["ip"], beyond.ip4.to_string(), "{r}");
+    assert_eq!(r["source"]["ip"], nbr.ip4.to_string(), "{r}");
+}
+
+#[test]
+fn netns_mediation_the_proxy_uid_alone_is_captured() {
+    if !netns_enabled() {
+        return;
+    }
+    let topo = Topology::new(&["work", "ext"]);
+    let (work, ext) = (topo.host("work").clone(), topo.host("ext").clone());
+    let dir = Scratch::new("uid");
+    let config = permissive(&dir);
+    capture(&work);
+    start_enforcer(&topo, "work", &config);
+    let seen = Arc::new(AtomicUsize::new(0));
+    for port in [7000, 7001] {
+        let _ = in_ns(
+            &ext,
+            greeter(SocketAddr::new(ext.ip4.into(), port), seen.clone()),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200)); // listeners bound (checked by outcomes)
+
+    // A process running as uid 1337 without the enforcer's mark: captured and decided
+    // like any other (7001 is not allowed: refused; 7000 is: relayed by the enforcer).
+    let as_proxy_uid = |port: u16| {
+        let script = format!("exec 3<>/dev/tcp/{}/{port} && head -c 6 <&3", ext.ip4);
+        work.command("setpriv")
+            .args([
+                "--reuid=1337",
+                "--regid=1337",
+                "--clear-groups",
+                "bash",
+                "-c",
+                &script,
+            ])
+            .output()
+            .unwrap()
+    };
+    let refused = as_proxy_uid(7001);
+    assert!(!refused.status.success(), "uid 1337 got past the enforcer");
+    assert_eq!(seen.load(Ordering::SeqCst), 0, "nothing reached ext:7001");
+    let allowed = as_proxy_uid(7000);
+    assert_eq!(String::from_utf8_lossy(&allowed.stdout), "hello\n");
+    wait_until("both records", Duration::from_secs(10), || {
+        let r = flow_records(&dir);
+        r.iter().any(|r| r["destination"]["port"] == 7001)
+            && r.iter().any(|r| r["destination"]["port"] == 7000)
+    });
+    let records = flow_records(&dir);
+    let at = |port: u16| {
+        records
+            .iter()
+            .find(|r| r["destination"]["port"] == port)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(at(7001)["verdict"], "reject");
+    assert_eq!(at(7001)["reason"], "default");
+    assert_eq!(at(7000)["verdict"], "allow");
+    assert_eq!(at(7000)["policies"], serde_json::json!(["/lab:all-out"]));
+
+    // The enforcer's ports are reserved (no ephemeral port lands on them), and its admin
+    // port is held on both families.
+    let reserved = work.exec_ok(&["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"]);
+    assert_eq!(reserved.trim(), "15001,15006,15008,15020");
+    let taken = work
+        .thread(|| std::net::TcpListener::bind("[::]:15020").map(|_| ()))
+        .join()
+        .unwrap();
+    assert_eq!(
+        taken.unwrap_err().kind(),
+        std::io::ErrorKind::AddrInUse,
+        "a workload could take the admin port over IPv6"
+    );
+}

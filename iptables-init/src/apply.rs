@@ -65,6 +65,7 @@ pub fn live(f: Family) -> Result<Live, ApplyError> {
     let (save, _) = tools(f);
     let mut text = run(save, &["-t", "nat"], None)?;
     text.push_str(&run(save, &["-t", "mangle"], None)?);
+    text.push_str(&run(save, &["-t", "filter"], None)?);
     Ok(rules::parse_save(&text))
 }
 

@@ -13,6 +13,12 @@
 //! must not become a relay for a neighbour that routes a network through the pod).
 //! Packets of an already-diverted connection (a transparent socket) keep their mark.
 //!
+//! Other protocols (filter `OUTPUT` and `INPUT`, sidecar mode): everything but TCP and
+//! UDP is dropped, except what the network itself needs: loopback, ICMP errors related
+//! to a tracked flow (PMTU, unreachable: conntrack `RELATED`), and IPv6 neighbour
+//! discovery, router and multicast-listener messages. ICMP echo is dropped too (a policy's
+//! `icmp` port is not enforced at run time yet: dropping is the fail-closed side).
+//!
 //! Every rule lives in the project's own chains, so removal is exact. Lines are written
 //! in the form `iptables-save` prints, so `--check` compares them textually.
 
@@ -23,6 +29,12 @@ use ipnet::IpNet;
 pub const CHAIN_OUTPUT: &str = "SEGMESH_OUTPUT";
 pub const CHAIN_INBOUND: &str = "SEGMESH_INBOUND";
 pub const CHAIN_DIVERT: &str = "SEGMESH_DIVERT";
+pub const CHAIN_FILTER_OUT: &str = "SEGMESH_FILTER_OUT";
+pub const CHAIN_FILTER_IN: &str = "SEGMESH_FILTER_IN";
+
+/// ICMPv6 types the network needs (RFC 4861 router and neighbour discovery, RFC 3810
+/// multicast listener discovery, which neighbour discovery's multicast relies on).
+const ICMPV6_NEEDED: [u8; 8] = [130, 131, 132, 133, 134, 135, 136, 143];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -103,6 +115,8 @@ pub struct Rules {
     pub nat: Vec<String>,
     /// Rules in our mangle chains.
     pub mangle: Vec<String>,
+    /// Rules in our filter chains (other protocols; sidecar mode).
+    pub filter: Vec<String>,
     /// The jumps from the built-in chains into ours: (table, rule).
     pub jumps: Vec<(&'static str, String)>,
 }
@@ -128,6 +142,33 @@ pub fn jump_output() -> String {
 
 pub fn jump_inbound() -> String {
     format!("-A PREROUTING -p tcp -j {CHAIN_INBOUND}")
+}
+
+/// Drops every protocol but TCP and UDP in both directions, except what the network
+/// needs (see the module doc).
+fn filter_rules(family: Family) -> Vec<String> {
+    let icmp = match family {
+        Family::V4 => "icmp",
+        Family::V6 => "ipv6-icmp",
+    };
+    let mut out = Vec::new();
+    for (chain, iface) in [(CHAIN_FILTER_OUT, "-o lo"), (CHAIN_FILTER_IN, "-i lo")] {
+        out.push(format!("-A {chain} {iface} -j RETURN"));
+        out.push(format!("-A {chain} -p tcp -j RETURN"));
+        out.push(format!("-A {chain} -p udp -j RETURN"));
+        out.push(format!(
+            "-A {chain} -p {icmp} -m conntrack --ctstate RELATED -j RETURN"
+        ));
+        if family == Family::V6 {
+            for t in ICMPV6_NEEDED {
+                out.push(format!(
+                    "-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN"
+                ));
+            }
+        }
+        out.push(format!("-A {chain} -j DROP"));
+    }
+    out
 }
 
 impl Config {
@@ -199,11 +240,22 @@ impl Config {
             "-A {CHAIN_INBOUND} -p tcp -j TPROXY --on-port {} --on-ip {any} --tproxy-mark {mark}",
             self.inbound_port
         ));
+        let mut jumps = vec![("nat", jump_output()), ("mangle", jump_inbound())];
+        let filter = match self.mode {
+            Mode::Sidecar => {
+                jumps.push(("filter", format!("-A OUTPUT -j {CHAIN_FILTER_OUT}")));
+                jumps.push(("filter", format!("-A INPUT -j {CHAIN_FILTER_IN}")));
+                filter_rules(family)
+            }
+            // A host's own ICMP (monitoring, PMTU of forwarded traffic) is left alone.
+            Mode::Host => Vec::new(),
+        };
         Rules {
             family,
             nat,
             mangle,
-            jumps: vec![("nat", jump_output()), ("mangle", jump_inbound())],
+            filter,
+            jumps,
         }
     }
 }
@@ -329,7 +381,15 @@ pub fn install_payload(rules: &Rules, live: &Live) -> String {
     for (table, chains, body) in [
         ("nat", vec![CHAIN_OUTPUT], &rules.nat),
         ("mangle", vec![CHAIN_DIVERT, CHAIN_INBOUND], &rules.mangle),
+        (
+            "filter",
+            vec![CHAIN_FILTER_OUT, CHAIN_FILTER_IN],
+            &rules.filter,
+        ),
     ] {
+        if body.is_empty() {
+            continue;
+        }
         let _ = writeln!(out, "*{table}");
         for c in &chains {
             let _ = writeln!(out, ":{c} - [0:0]");
@@ -350,7 +410,7 @@ pub fn install_payload(rules: &Rules, live: &Live) -> String {
 /// The payload removing everything of ours that is live (and nothing else).
 pub fn cleanup_payload(live: &Live) -> String {
     let mut out = String::new();
-    for table in ["nat", "mangle"] {
+    for table in ["nat", "mangle", "filter"] {
         let jumps: Vec<&String> = live
             .rules
             .iter()
@@ -394,6 +454,12 @@ pub fn diff(rules: &Rules, live: &Live) -> (Vec<String>, Vec<String>) {
             .iter()
             .map(|r| ("mangle".to_owned(), r.clone())),
     );
+    want.extend(
+        rules
+            .filter
+            .iter()
+            .map(|r| ("filter".to_owned(), r.clone())),
+    );
     want.extend(rules.jumps.iter().map(|(t, r)| (t.to_string(), r.clone())));
     let missing: Vec<String> = want
         .iter()
@@ -407,7 +473,13 @@ pub fn diff(rules: &Rules, live: &Live) -> (Vec<String>, Vec<String>) {
         .map(|(t, r)| format!("{t}: {r}"))
         .collect();
     // Order matters inside a chain.
-    for chain in [CHAIN_OUTPUT, CHAIN_DIVERT, CHAIN_INBOUND] {
+    for chain in [
+        CHAIN_OUTPUT,
+        CHAIN_DIVERT,
+        CHAIN_INBOUND,
+        CHAIN_FILTER_OUT,
+        CHAIN_FILTER_IN,
+    ] {
         let prefix = format!("-A {chain} ");
         let live_order: Vec<&String> = live
             .rules

@@ -211,3 +211,72 @@ fn netns_mediation_the_proxy_uid_alone_is_captured() {
         "a workload could take the admin port over IPv6"
     );
 }
+
+/// Echo requests of one family that reached `h` (a counting rule inserted first).
+fn echo_counter(h: &segmesh_testkit::Host, v6: bool) -> impl Fn() -> u64 + use<> {
+    let (tool, rule): (&str, &[&str]) = if v6 {
+        ("ip6tables", &["-p", "ipv6-icmp", "--icmpv6-type", "128"])
+    } else {
+        ("iptables", &["-p", "icmp", "--icmp-type", "8"])
+    };
+    let mut args = vec![tool, "-w", "-I", "INPUT"];
+    args.extend(rule);
+    args.extend(["-j", "ACCEPT"]);
+    h.exec_ok(&args);
+    let h = h.clone();
+    move || {
+        let out = h.exec_ok(&[tool, "-w", "-L", "INPUT", "-v", "-x", "-n"]);
+        // The first rule's packet count (the counting rule was inserted first).
+        out.lines()
+            .nth(2)
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(u64::MAX)
+    }
+}
+
+fn ping(from: &segmesh_testkit::Host, to: std::net::IpAddr) -> bool {
+    from.exec(&["ping", "-c", "1", "-W", "1", &to.to_string()])
+        .status
+        .success()
+}
+
+/// ICMP (and every protocol but TCP and UDP) is dropped both ways for a captured
+/// workload, v4 and v6, while IPv6 neighbour discovery keeps TCP over v6 working.
+#[test]
+fn netns_mediation_icmp_is_dropped_both_ways() {
+    if !netns_enabled() {
+        return;
+    }
+    let topo = Topology::new(&["work", "ext", "other"]);
+    let (work, ext, other) = (
+        topo.host("work").clone(),
+        topo.host("ext").clone(),
+        topo.host("other").clone(),
+    );
+    let dir = Scratch::new("icmp");
+    let config = permissive(&dir);
+    capture(&work);
+    start_enforcer(&topo, "work", &config);
+    for v6 in [false, true] {
+        // The control: ext and other ping each other.
+        assert!(ping(&ext, ip(&other, v6)), "ext reaches other (v6: {v6})");
+        let arrived = echo_counter(&ext, v6);
+        assert!(!ping(&work, ip(&ext, v6)), "work pinged ext (v6: {v6})");
+        assert_eq!(
+            arrived(),
+            0,
+            "an echo request from work reached ext (v6: {v6})"
+        );
+        assert!(!ping(&ext, ip(&work, v6)), "ext pinged work (v6: {v6})");
+    }
+    // TCP over both families still works (neighbour discovery is not dropped).
+    let seen = Arc::new(AtomicUsize::new(0));
+    for v6 in [false, true] {
+        let to = SocketAddr::new(ip(&ext, v6), 7000);
+        let _ = in_ns(&ext, greeter(to, seen.clone()));
+        wait_until("an allowed connection", Duration::from_secs(10), || {
+            in_ns(&work, short_attempt(to)).join().unwrap() == Attempt::Greeted
+        });
+    }
+}

@@ -100,7 +100,10 @@ fn install_adds_jumps_only_when_missing() {
     let fresh = install_payload(&r, &Live::default());
     assert!(fresh.starts_with("*nat\n:SEGMESH_OUTPUT - [0:0]\n"));
     assert!(fresh.contains("-A OUTPUT -p tcp -j SEGMESH_OUTPUT\nCOMMIT\n*mangle\n:SEGMESH_DIVERT - [0:0]\n:SEGMESH_INBOUND - [0:0]\n"));
-    assert!(fresh.ends_with("-A PREROUTING -p tcp -j SEGMESH_INBOUND\nCOMMIT\n"));
+    assert!(fresh.contains("-A PREROUTING -p tcp -j SEGMESH_INBOUND\nCOMMIT\n*filter\n"));
+    assert!(
+        fresh.ends_with("-A OUTPUT -j SEGMESH_FILTER_OUT\n-A INPUT -j SEGMESH_FILTER_IN\nCOMMIT\n")
+    );
     let live = parse_save(&format!(
         "*nat\n:OUTPUT ACCEPT [0:0]\n:SEGMESH_OUTPUT - [0:0]\n{}\nCOMMIT\n",
         jump_output()
@@ -125,6 +128,17 @@ fn save_of(r: &Rules) -> String {
     s.push_str("COMMIT\n*mangle\n:PREROUTING ACCEPT [0:0]\n:SEGMESH_DIVERT - [0:0]\n:SEGMESH_INBOUND - [0:0]\n");
     s.push_str(&format!("{}\n", jump_inbound()));
     for l in &r.mangle {
+        s.push_str(l);
+        s.push('\n');
+    }
+    s.push_str("COMMIT\n*filter\n:INPUT ACCEPT [0:0]\n:SEGMESH_FILTER_OUT - [0:0]\n:SEGMESH_FILTER_IN - [0:0]\n");
+    for (t, j) in &r.jumps {
+        if *t == "filter" {
+            s.push_str(j);
+            s.push('\n');
+        }
+    }
+    for l in &r.filter {
         s.push_str(l);
         s.push('\n');
     }
@@ -165,7 +179,7 @@ fn check_compares_rules_and_order() {
     // Nothing live: everything is missing.
     assert_eq!(
         diff(&r, &Live::default()).0.len(),
-        r.nat.len() + r.mangle.len() + 2
+        r.nat.len() + r.mangle.len() + r.filter.len() + r.jumps.len()
     );
 }
 
@@ -177,7 +191,8 @@ fn cleanup_removes_exactly_ours() {
     assert_eq!(
         p,
         "*nat\n-D OUTPUT -p tcp -j SEGMESH_OUTPUT\n-F SEGMESH_OUTPUT\n-X SEGMESH_OUTPUT\nCOMMIT\n\
-         *mangle\n-D PREROUTING -p tcp -j SEGMESH_INBOUND\n-F SEGMESH_DIVERT\n-F SEGMESH_INBOUND\n-X SEGMESH_DIVERT\n-X SEGMESH_INBOUND\nCOMMIT\n"
+         *mangle\n-D PREROUTING -p tcp -j SEGMESH_INBOUND\n-F SEGMESH_DIVERT\n-F SEGMESH_INBOUND\n-X SEGMESH_DIVERT\n-X SEGMESH_INBOUND\nCOMMIT\n\
+         *filter\n-D OUTPUT -j SEGMESH_FILTER_OUT\n-D INPUT -j SEGMESH_FILTER_IN\n-F SEGMESH_FILTER_OUT\n-F SEGMESH_FILTER_IN\n-X SEGMESH_FILTER_OUT\n-X SEGMESH_FILTER_IN\nCOMMIT\n"
     );
     assert_eq!(cleanup_payload(&Live::default()), "");
 }
@@ -221,4 +236,49 @@ fn reserved_ports_are_merged_and_released_exactly() {
     );
     assert_eq!(reserved_without("15001,15006,15008,15020", &ours), "");
     assert_eq!(reserved_with("65535", &[65534]), "65534-65535");
+}
+
+/// Sidecar mode drops every other protocol, keeping what the network needs; host mode
+/// leaves the host's own ICMP alone.
+#[test]
+fn other_protocols_are_dropped_in_sidecar_mode() {
+    let v4 = Config::default().rules(Family::V4);
+    assert_eq!(
+        v4.filter,
+        vec![
+            "-A SEGMESH_FILTER_OUT -o lo -j RETURN",
+            "-A SEGMESH_FILTER_OUT -p tcp -j RETURN",
+            "-A SEGMESH_FILTER_OUT -p udp -j RETURN",
+            "-A SEGMESH_FILTER_OUT -p icmp -m conntrack --ctstate RELATED -j RETURN",
+            "-A SEGMESH_FILTER_OUT -j DROP",
+            "-A SEGMESH_FILTER_IN -i lo -j RETURN",
+            "-A SEGMESH_FILTER_IN -p tcp -j RETURN",
+            "-A SEGMESH_FILTER_IN -p udp -j RETURN",
+            "-A SEGMESH_FILTER_IN -p icmp -m conntrack --ctstate RELATED -j RETURN",
+            "-A SEGMESH_FILTER_IN -j DROP",
+        ]
+    );
+    let v6 = Config::default().rules(Family::V6);
+    for t in [133, 134, 135, 136, 143] {
+        let rule =
+            format!("-A SEGMESH_FILTER_IN -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN");
+        assert!(v6.filter.contains(&rule), "{rule}");
+    }
+    assert!(v6.filter.contains(
+        &"-A SEGMESH_FILTER_OUT -p ipv6-icmp -m conntrack --ctstate RELATED -j RETURN".to_owned()
+    ));
+    // Echo (128, 129) is not among the exceptions.
+    assert!(!v6.filter.iter().any(|r| r.contains("--icmpv6-type 128")));
+    let host = Config {
+        mode: Mode::Host,
+        ..Config::default()
+    };
+    assert!(host.rules(Family::V4).filter.is_empty());
+    assert!(
+        !host
+            .rules(Family::V4)
+            .jumps
+            .iter()
+            .any(|(t, _)| *t == "filter")
+    );
 }

@@ -101,6 +101,14 @@ pub struct FlowRecord {
     /// (`default` when none matched).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub closed_by: Vec<String>,
+    /// `udp` for a UDP session (one record per 5-tuple); absent for TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// UDP sessions: datagrams from source to destination, and back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datagrams_sent: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datagrams_received: Option<u64>,
 }
 
 /// Why a flow got its verdict: the decision's reason (`policy`, `default`,
@@ -128,6 +136,9 @@ pub enum FlowReason {
     /// The peer's valid certificate names another PU than the one registered at its
     /// address.
     Impersonation,
+    /// A flow this build cannot carry yet (UDP between two PUs: the tunnel carries TCP
+    /// only); refused rather than sent around the mesh.
+    Unsupported,
     /// The peer enforcer's tunnel port could not be reached.
     TunnelUnreachable,
     /// The peer's certificate was refused (`peer-certificate:<why>`, `why` as the
@@ -151,7 +162,7 @@ pub enum FlowReason {
 }
 
 impl FlowReason {
-    const NAMED: [(FlowReason, &'static str); 16] = [
+    const NAMED: [(FlowReason, &'static str); 17] = [
         (FlowReason::Policy, "policy"),
         (FlowReason::Default, "default"),
         (FlowReason::Discovered, "discovered"),
@@ -168,6 +179,7 @@ impl FlowReason {
         (FlowReason::BadRequest, "bad-request"),
         (FlowReason::Internal, "internal"),
         (FlowReason::NotLocal, "not-local"),
+        (FlowReason::Unsupported, "unsupported"),
     ];
     const PEER_CERTIFICATE: &'static str = "peer-certificate:";
 }
@@ -339,6 +351,7 @@ mod tests {
             "bad-request",
             "internal",
             "not-local",
+            "unsupported",
         ];
         for s in reasons {
             let r: FlowReason = s.parse().unwrap();

@@ -13,6 +13,15 @@
 //! must not become a relay for a neighbour that routes a network through the pod).
 //! Packets of an already-diverted connection (a transparent socket) keep their mark.
 //!
+//! Outbound UDP (sidecar mode; mangle `OUTPUT`, then `PREROUTING` on `lo`): every
+//! datagram a local process sends, except the enforcer's own (uid and mark), loopback
+//! and excluded destinations, gets the TPROXY mark, which policy routing sends back
+//! through `lo`, where TPROXY hands it to the enforcer's transparent UDP socket on the
+//! outbound port with its original destination (the standard technique for locally
+//! generated traffic, kernel `Documentation/networking/tproxy.rst`). Inbound UDP that is
+//! not a reply to one of the enforcer's own sockets is dropped: the enforcer does not
+//! serve inbound UDP yet, and nothing may reach the workload around it.
+//!
 //! Other protocols (filter `OUTPUT` and `INPUT`, sidecar mode): everything but TCP and
 //! UDP is dropped, except what the network itself needs: loopback, ICMP errors related
 //! to a tracked flow (PMTU, unreachable: conntrack `RELATED`), and IPv6 neighbour
@@ -29,6 +38,8 @@ use ipnet::IpNet;
 pub const CHAIN_OUTPUT: &str = "SEGMESH_OUTPUT";
 pub const CHAIN_INBOUND: &str = "SEGMESH_INBOUND";
 pub const CHAIN_DIVERT: &str = "SEGMESH_DIVERT";
+pub const CHAIN_UDP_OUT: &str = "SEGMESH_UDP_OUT";
+pub const CHAIN_UDP_DIVERT: &str = "SEGMESH_UDP_DIVERT";
 pub const CHAIN_FILTER_OUT: &str = "SEGMESH_FILTER_OUT";
 pub const CHAIN_FILTER_IN: &str = "SEGMESH_FILTER_IN";
 
@@ -155,7 +166,11 @@ fn filter_rules(family: Family) -> Vec<String> {
     for (chain, iface) in [(CHAIN_FILTER_OUT, "-o lo"), (CHAIN_FILTER_IN, "-i lo")] {
         out.push(format!("-A {chain} {iface} -j RETURN"));
         out.push(format!("-A {chain} -p tcp -j RETURN"));
-        out.push(format!("-A {chain} -p udp -j RETURN"));
+        out.push(match chain {
+            // Outbound UDP is captured (mangle); inbound only answers the enforcer.
+            CHAIN_FILTER_OUT => format!("-A {chain} -p udp -j RETURN"),
+            _ => format!("-A {chain} -p udp -m conntrack --ctstate ESTABLISHED -j RETURN"),
+        });
         out.push(format!(
             "-A {chain} -p {icmp} -m conntrack --ctstate RELATED -j RETURN"
         ));
@@ -172,6 +187,34 @@ fn filter_rules(family: Family) -> Vec<String> {
 }
 
 impl Config {
+    /// Outbound UDP left alone: the enforcer's own, loopback, excluded destinations.
+    fn udp_exemptions(&self, loopback: &str, family: Family) -> Vec<String> {
+        let c = CHAIN_UDP_OUT;
+        let enforcer = format!("-m mark --mark 0x{:x}", self.enforcer_mark);
+        let mut out = vec![format!(
+            "-A {c} -m owner --uid-owner {} {enforcer} -j RETURN",
+            self.proxy_uid
+        )];
+        if let Some(gid) = self.proxy_gid {
+            out.push(format!(
+                "-A {c} -m owner --gid-owner {gid} {enforcer} -j RETURN"
+            ));
+        }
+        if let Some(m) = self.proxy_mark {
+            out.push(format!("-A {c} -m mark --mark 0x{m:x} -j RETURN"));
+        }
+        out.push(format!("-A {c} -d {loopback} -j RETURN"));
+        out.push(format!("-A {c} -o lo -j RETURN"));
+        for net in self
+            .exclude_outbound_cidrs
+            .iter()
+            .filter(|n| in_family(n, family))
+        {
+            out.push(format!("-A {c} -d {} -j RETURN", net.trunc()));
+        }
+        out
+    }
+
     pub fn rules(&self, family: Family) -> Rules {
         let (loopback, any) = match family {
             Family::V4 => ("127.0.0.0/8", "0.0.0.0"),
@@ -247,9 +290,27 @@ impl Config {
                 jumps.push(("filter", format!("-A INPUT -j {CHAIN_FILTER_IN}")));
                 filter_rules(family)
             }
-            // A host's own ICMP (monitoring, PMTU of forwarded traffic) is left alone.
+            // A host's own UDP and ICMP (monitoring, PMTU of forwarded traffic) are left
+            // alone.
             Mode::Host => Vec::new(),
         };
+        if self.mode == Mode::Sidecar {
+            let lo = match family {
+                Family::V4 => "127.0.0.1",
+                Family::V6 => "::1",
+            };
+            mangle.extend(self.udp_exemptions(loopback, family));
+            mangle.push(format!("-A {CHAIN_UDP_OUT} -j MARK --set-xmark {mark}"));
+            mangle.push(format!(
+                "-A {CHAIN_UDP_DIVERT} -i lo -p udp -m mark --mark 0x{:x} -j TPROXY --on-port {} --on-ip {lo} --tproxy-mark {mark}",
+                self.tproxy_mark, self.outbound_port
+            ));
+            jumps.push(("mangle", format!("-A OUTPUT -p udp -j {CHAIN_UDP_OUT}")));
+            jumps.push((
+                "mangle",
+                format!("-A PREROUTING -p udp -j {CHAIN_UDP_DIVERT}"),
+            ));
+        }
         Rules {
             family,
             nat,
@@ -380,7 +441,19 @@ pub fn install_payload(rules: &Rules, live: &Live) -> String {
     let mut out = String::new();
     for (table, chains, body) in [
         ("nat", vec![CHAIN_OUTPUT], &rules.nat),
-        ("mangle", vec![CHAIN_DIVERT, CHAIN_INBOUND], &rules.mangle),
+        (
+            "mangle",
+            if rules
+                .mangle
+                .iter()
+                .any(|r| r.starts_with("-A SEGMESH_UDP_"))
+            {
+                vec![CHAIN_DIVERT, CHAIN_INBOUND, CHAIN_UDP_OUT, CHAIN_UDP_DIVERT]
+            } else {
+                vec![CHAIN_DIVERT, CHAIN_INBOUND]
+            },
+            &rules.mangle,
+        ),
         (
             "filter",
             vec![CHAIN_FILTER_OUT, CHAIN_FILTER_IN],
@@ -477,6 +550,8 @@ pub fn diff(rules: &Rules, live: &Live) -> (Vec<String>, Vec<String>) {
         CHAIN_OUTPUT,
         CHAIN_DIVERT,
         CHAIN_INBOUND,
+        CHAIN_UDP_OUT,
+        CHAIN_UDP_DIVERT,
         CHAIN_FILTER_OUT,
         CHAIN_FILTER_IN,
     ] {

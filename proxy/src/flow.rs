@@ -353,6 +353,9 @@ impl Recorder {
                 .unwrap_or_default(),
             resumed: self.resumed,
             closed_by: Vec::new(),
+            protocol: None,
+            datagrams_sent: None,
+            datagrams_received: None,
         }
     }
 }

@@ -44,6 +44,13 @@ fn sidecar_v4_rules() {
             "-A SEGMESH_INBOUND -p tcp -m tcp --dport 15008 -j RETURN",
             "-A SEGMESH_INBOUND -p tcp -m tcp --dport 15020 -j RETURN",
             "-A SEGMESH_INBOUND -p tcp -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff",
+            // Outbound UDP: marked in OUTPUT, routed back through lo, TPROXYed there.
+            "-A SEGMESH_UDP_OUT -m owner --uid-owner 1337 -m mark --mark 0x1337 -j RETURN",
+            "-A SEGMESH_UDP_OUT -d 127.0.0.0/8 -j RETURN",
+            "-A SEGMESH_UDP_OUT -o lo -j RETURN",
+            "-A SEGMESH_UDP_OUT -d 10.96.0.0/12 -j RETURN",
+            "-A SEGMESH_UDP_OUT -j MARK --set-xmark 0x539/0xffffffff",
+            "-A SEGMESH_UDP_DIVERT -i lo -p udp -m mark --mark 0x539 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x539/0xffffffff",
         ]
     );
 }
@@ -61,7 +68,12 @@ fn v6_rules_use_v6_addresses_only() {
     );
     assert!(!r.nat.iter().any(|l| l.contains("10.96.")));
     assert!(!r.mangle.iter().any(|l| l.contains("192.0.2.")));
-    assert!(r.mangle.last().unwrap().contains("--on-ip :: "));
+    assert!(
+        r.mangle
+            .iter()
+            .any(|l| l.contains("-p tcp -j TPROXY") && l.contains("--on-ip :: "))
+    );
+    assert!(r.mangle.last().unwrap().contains("--on-ip ::1 "));
 }
 
 #[test]
@@ -100,7 +112,7 @@ fn install_adds_jumps_only_when_missing() {
     let fresh = install_payload(&r, &Live::default());
     assert!(fresh.starts_with("*nat\n:SEGMESH_OUTPUT - [0:0]\n"));
     assert!(fresh.contains("-A OUTPUT -p tcp -j SEGMESH_OUTPUT\nCOMMIT\n*mangle\n:SEGMESH_DIVERT - [0:0]\n:SEGMESH_INBOUND - [0:0]\n"));
-    assert!(fresh.contains("-A PREROUTING -p tcp -j SEGMESH_INBOUND\nCOMMIT\n*filter\n"));
+    assert!(fresh.contains("-A PREROUTING -p udp -j SEGMESH_UDP_DIVERT\nCOMMIT\n*filter\n"));
     assert!(
         fresh.ends_with("-A OUTPUT -j SEGMESH_FILTER_OUT\n-A INPUT -j SEGMESH_FILTER_IN\nCOMMIT\n")
     );
@@ -125,8 +137,13 @@ fn save_of(r: &Rules) -> String {
         s.push_str(l);
         s.push('\n');
     }
-    s.push_str("COMMIT\n*mangle\n:PREROUTING ACCEPT [0:0]\n:SEGMESH_DIVERT - [0:0]\n:SEGMESH_INBOUND - [0:0]\n");
-    s.push_str(&format!("{}\n", jump_inbound()));
+    s.push_str("COMMIT\n*mangle\n:PREROUTING ACCEPT [0:0]\n:SEGMESH_DIVERT - [0:0]\n:SEGMESH_INBOUND - [0:0]\n:SEGMESH_UDP_OUT - [0:0]\n:SEGMESH_UDP_DIVERT - [0:0]\n");
+    for (t, j) in &r.jumps {
+        if *t == "mangle" {
+            s.push_str(j);
+            s.push('\n');
+        }
+    }
     for l in &r.mangle {
         s.push_str(l);
         s.push('\n');
@@ -191,7 +208,9 @@ fn cleanup_removes_exactly_ours() {
     assert_eq!(
         p,
         "*nat\n-D OUTPUT -p tcp -j SEGMESH_OUTPUT\n-F SEGMESH_OUTPUT\n-X SEGMESH_OUTPUT\nCOMMIT\n\
-         *mangle\n-D PREROUTING -p tcp -j SEGMESH_INBOUND\n-F SEGMESH_DIVERT\n-F SEGMESH_INBOUND\n-X SEGMESH_DIVERT\n-X SEGMESH_INBOUND\nCOMMIT\n\
+         *mangle\n-D PREROUTING -p tcp -j SEGMESH_INBOUND\n-D OUTPUT -p udp -j SEGMESH_UDP_OUT\n-D PREROUTING -p udp -j SEGMESH_UDP_DIVERT\n\
+         -F SEGMESH_DIVERT\n-F SEGMESH_INBOUND\n-F SEGMESH_UDP_OUT\n-F SEGMESH_UDP_DIVERT\n\
+         -X SEGMESH_DIVERT\n-X SEGMESH_INBOUND\n-X SEGMESH_UDP_OUT\n-X SEGMESH_UDP_DIVERT\nCOMMIT\n\
          *filter\n-D OUTPUT -j SEGMESH_FILTER_OUT\n-D INPUT -j SEGMESH_FILTER_IN\n-F SEGMESH_FILTER_OUT\n-F SEGMESH_FILTER_IN\n-X SEGMESH_FILTER_OUT\n-X SEGMESH_FILTER_IN\nCOMMIT\n"
     );
     assert_eq!(cleanup_payload(&Live::default()), "");
@@ -253,7 +272,8 @@ fn other_protocols_are_dropped_in_sidecar_mode() {
             "-A SEGMESH_FILTER_OUT -j DROP",
             "-A SEGMESH_FILTER_IN -i lo -j RETURN",
             "-A SEGMESH_FILTER_IN -p tcp -j RETURN",
-            "-A SEGMESH_FILTER_IN -p udp -j RETURN",
+            // Inbound UDP only answers the enforcer's own sockets.
+            "-A SEGMESH_FILTER_IN -p udp -m conntrack --ctstate ESTABLISHED -j RETURN",
             "-A SEGMESH_FILTER_IN -p icmp -m conntrack --ctstate RELATED -j RETURN",
             "-A SEGMESH_FILTER_IN -j DROP",
         ]

@@ -237,6 +237,8 @@ pub enum CloseReason {
     Error,
     /// The enforcer shut down before the flow ended (after its drain period).
     Shutdown,
+    /// A UDP session pushed out of the enforcer's full session table by a newer one.
+    Evicted,
 }
 
 impl CloseReason {
@@ -251,6 +253,7 @@ impl CloseReason {
             CloseReason::Rejected => "rejected",
             CloseReason::Error => "error",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Evicted => "evicted",
         }
     }
 }
@@ -381,6 +384,7 @@ mod tests {
             (CloseReason::Rejected, "rejected"),
             (CloseReason::Error, "error"),
             (CloseReason::Shutdown, "shutdown"),
+            (CloseReason::Evicted, "evicted"),
         ];
         for (c, s) in closes {
             assert_eq!(serde_json::to_string(&c).unwrap(), format!("\"{s}\""));

@@ -203,6 +203,13 @@ impl Config {
         if let Some(m) = self.proxy_mark {
             out.push(format!("-A {c} -m mark --mark 0x{m:x} -j RETURN"));
         }
+        // The enforcer's own name lookups (the console's address): glibc's resolver
+        // cannot mark its socket, and a fail-closed enforcer could not decide them.
+        // Only DNS, only the proxy uid, which no other process of an injected pod has.
+        out.push(format!(
+            "-A {c} -p udp -m owner --uid-owner {} -m udp --dport 53 -j RETURN",
+            self.proxy_uid
+        ));
         out.push(format!("-A {c} -d {loopback} -j RETURN"));
         out.push(format!("-A {c} -o lo -j RETURN"));
         for net in self

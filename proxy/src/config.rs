@@ -118,6 +118,21 @@ pub struct Limits {
     /// Pre-established tunnel connections kept per busy peer (0: none). Default 2.
     #[serde(default = "d_pool")]
     pub tunnel_pool: usize,
+    /// UDP sessions (5-tuples) kept at most; a new one evicts the least recently used.
+    /// Default 4096.
+    #[serde(default = "d_udp_sessions")]
+    pub max_udp_sessions: usize,
+    /// A UDP session with no datagram either way for this long ends. Default 60 s.
+    #[serde(default = "d_udp_idle", with = "humantime_serde_compat")]
+    pub udp_idle_timeout: Duration,
+}
+
+fn d_udp_sessions() -> usize {
+    4096
+}
+
+fn d_udp_idle() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn d_pool() -> usize {
@@ -147,6 +162,8 @@ impl Default for Limits {
             handshake_timeout: d_connect(),
             max_handshakes: d_handshakes(),
             tunnel_pool: d_pool(),
+            max_udp_sessions: d_udp_sessions(),
+            udp_idle_timeout: d_udp_idle(),
         }
     }
 }

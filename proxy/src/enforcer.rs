@@ -216,10 +216,18 @@ impl Enforcer {
             listening.push((kind, addr));
             accepting.push(tokio::spawn(accept(l, kind, shared.clone())));
         }
-        let tasks = admins
+        let mut tasks: Vec<JoinHandle<()>> = admins
             .into_iter()
             .map(|l| tokio::spawn(crate::admin::serve(l, shared.clone())))
             .collect();
+        // Captured UDP (not with one listen address: no transparent sockets there).
+        if settings.listeners.address.is_none() {
+            for addr in crate::udp::addresses(settings.listeners.outbound, ipv6_available()) {
+                let sock = crate::udp::listener(addr).map_err(|e| Error::Bind(addr, e))?;
+                tracing::info!(%addr, "udp listener established");
+                tasks.push(tokio::spawn(crate::udp::serve(shared.clone(), sock)));
+            }
+        }
         shared.set_bound();
         Ok(Enforcer {
             shared,

@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime};
 
 use prometheus_client::metrics::gauge::Gauge;
 use segmesh_api::{CloseReason, FlowEndpoint, FlowReason, FlowRecord, Side, StagedResult};
-use segmesh_policy::{Decision, Direction, Reason, Verdict};
+use segmesh_policy::{Decision, Direction, FlowPort, Reason, Verdict};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::metrics::{DirLabels, ErrorKind, VerdictLabel, direction_label};
@@ -107,6 +107,8 @@ pub(crate) struct Recorder {
     pub(crate) resumed: Option<bool>,
     /// What the server enforcer answered (client role).
     pub(crate) peer_reason: Option<String>,
+    /// A UDP session: datagrams each way (the record says `protocol: udp`).
+    pub(crate) datagrams: Option<(u64, u64)>,
     permit: Option<OwnedSemaphorePermit>,
     relaying: Option<Relaying>,
     done: bool,
@@ -123,6 +125,7 @@ impl Recorder {
             peer_identity: None,
             resumed: None,
             peer_reason: None,
+            datagrams: None,
             permit: None,
             relaying: None,
             done: false,
@@ -164,7 +167,8 @@ impl Recorder {
     /// gauge and tracked for re-decision (with the peer and port it was decided on)
     /// until it is finished. The returned stop is notified when a new snapshot rejects
     /// it.
-    pub(crate) fn relaying(&mut self, peer: Peer, port: u16) -> Arc<Stop> {
+    pub(crate) fn relaying(&mut self, peer: Peer, port: impl Into<FlowPort>) -> Arc<Stop> {
+        let port = port.into();
         let dir = self.flow.direction;
         self.shared.count_connection(dir, VerdictLabel::Allow);
         let gauge = self
@@ -261,6 +265,7 @@ impl Recorder {
                 (true, _) => "tls",
                 (false, DataPath::Spliced) => "spliced",
                 (false, DataPath::Copied) => "copied",
+                (false, DataPath::Datagrams) => "datagrams",
             }
             .into(),
         );
@@ -353,9 +358,9 @@ impl Recorder {
                 .unwrap_or_default(),
             resumed: self.resumed,
             closed_by: Vec::new(),
-            protocol: None,
-            datagrams_sent: None,
-            datagrams_received: None,
+            protocol: self.datagrams.map(|_| "udp".to_owned()),
+            datagrams_sent: self.datagrams.map(|d| d.0),
+            datagrams_received: self.datagrams.map(|d| d.1),
         }
     }
 }

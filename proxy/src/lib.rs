@@ -13,6 +13,7 @@
 //!   `mesh::server` (a peer's PU connects to ours), `mesh::wire` (request, response,
 //!   reason codes).
 //! - `plain`: flows to and from external networks: connect and splice.
+//! - `udp`: UDP sessions our PU opens (TPROXY, one session per 5-tuple, bounded).
 //! - `relay`: the byte movers: `relay::splice` (zero-copy, copy fallback) and
 //!   `relay::tls` (encrypted tunnel flows).
 //! - `flow`: a flow and its recorder, the one place a flow record is made.
@@ -45,3 +46,4 @@ pub mod snapshot;
 mod socket;
 mod source;
 pub mod state;
+mod udp;

@@ -93,6 +93,10 @@ pub struct Metrics {
     pub console_flows_sent: Counter,
     pub console_requests: Family<ReloadLabels, Counter>,
     pub closed_by_policy: Counter,
+    pub udp_sessions: Gauge,
+    pub udp_evictions: Counter,
+    pub udp_bytes: Counter,
+    pub udp_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -117,6 +121,10 @@ impl Default for Metrics {
             console_flows_sent: Counter::default(),
             console_requests: Family::default(),
             closed_by_policy: Counter::default(),
+            udp_sessions: Gauge::default(),
+            udp_evictions: Counter::default(),
+            udp_bytes: Counter::default(),
+            udp_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -203,6 +211,26 @@ impl Default for Metrics {
             "closed_by_policy",
             "Open connections closed because a new snapshot rejects them",
             m.closed_by_policy.clone(),
+        );
+        registry.register(
+            "udp_sessions",
+            "UDP sessions in the table (allowed and refused, until they expire)",
+            m.udp_sessions.clone(),
+        );
+        registry.register(
+            "udp_evictions",
+            "UDP sessions pushed out of the full table by newer ones",
+            m.udp_evictions.clone(),
+        );
+        registry.register(
+            "udp_bytes",
+            "Bytes of UDP datagrams relayed",
+            m.udp_bytes.clone(),
+        );
+        registry.register(
+            "udp_dropped",
+            "UDP datagrams dropped (refused sessions, full socket buffers)",
+            m.udp_dropped.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use segmesh_policy::{Address, Direction, PreparedPeer, TagSet, Verdict};
+use segmesh_policy::{Address, Direction, FlowPort, PreparedPeer, TagSet, Verdict};
 use tokio::sync::Notify;
 
 use crate::snapshot::Snapshot;
@@ -35,7 +35,7 @@ pub struct Stop {
 struct Tracked {
     direction: Direction,
     peer: Peer,
-    port: u16,
+    port: FlowPort,
     stop: Arc<Stop>,
 }
 
@@ -75,7 +75,7 @@ impl Guard {
 }
 
 impl OpenFlows {
-    pub fn track(&self, direction: Direction, peer: Peer, port: u16) -> Guard {
+    pub fn track(&self, direction: Direction, peer: Peer, port: FlowPort) -> Guard {
         let id = self.table.next.fetch_add(1, Ordering::Relaxed);
         let stop = Arc::new(Stop::default());
         self.table.flows.lock().expect("lock poisoned").insert(
@@ -108,7 +108,7 @@ impl OpenFlows {
     /// many were stopped.
     pub fn recheck(&self, snap: &Snapshot) -> usize {
         // Decide outside the lock: copy what the decisions need first.
-        let open: Vec<(Direction, Peer, u16, Arc<Stop>)> = self
+        let open: Vec<(Direction, Peer, FlowPort, Arc<Stop>)> = self
             .table
             .flows
             .lock()

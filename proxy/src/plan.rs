@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use segmesh_api::FlowReason;
-use segmesh_policy::{Address, Decision, Direction, PreparedPeer, Verdict};
+use segmesh_policy::{Address, Decision, Direction, FlowPort, PreparedPeer, Verdict};
 
 use crate::config::Listeners;
 use crate::flow::reason_of;
@@ -112,8 +112,26 @@ pub(crate) fn inbound(
     external(snap, Direction::Incoming, ip, target.port())
 }
 
+/// The first datagram of a UDP session our PU sends to `target`.
+pub(crate) fn outbound_udp(snap: &Snapshot, target: SocketAddr) -> Planned {
+    let ip = target.ip().to_canonical();
+    if snap.is_fail_closed() {
+        return Planned::refuse(FlowReason::NoSnapshot);
+    }
+    if let Some(r) = snap.registry.get(&ip) {
+        // PU to PU UDP would bypass the peer's enforcer: refused until the tunnel
+        // carries datagrams.
+        return Planned {
+            peer_pu: Some(r.qualified()),
+            ..Planned::refuse(FlowReason::Unsupported)
+        };
+    }
+    external(snap, Direction::Outgoing, ip, FlowPort::udp(target.port()))
+}
+
 /// Decides against the external networks the peer address falls in.
-fn external(snap: &Snapshot, dir: Direction, ip: IpAddr, port: u16) -> Planned {
+fn external(snap: &Snapshot, dir: Direction, ip: IpAddr, port: impl Into<FlowPort>) -> Planned {
+    let port = port.into();
     let addr = Address {
         ip: Some(ip),
         domain: None,
@@ -383,6 +401,24 @@ ports: [tcp/8080]
             assert_eq!(summary(&p), ("refuse", Some(FlowReason::NotLocal)));
             assert!(!p.decided());
         }
+    }
+
+    /// UDP is decided on `udp/N` ports; to a PU it is refused (the tunnel carries TCP
+    /// only), never sent around the peer's enforcer.
+    #[test]
+    fn udp_table() {
+        let snap = snapshot("/acme");
+        // Only tcp/443 is allowed to the partner: UDP 443 is not.
+        let p = outbound_udp(&snap, sa("203.0.113.9:443"));
+        assert_eq!(summary(&p), ("refuse", Some(FlowReason::Default)));
+        let p = outbound_udp(&snap, sa("10.0.0.3:53"));
+        assert_eq!(summary(&p), ("refuse", Some(FlowReason::Unsupported)));
+        assert_eq!(p.peer_pu.as_deref(), Some("/acme:api"));
+        let p = outbound_udp(&Snapshot::fail_closed(), sa("192.0.2.1:53"));
+        assert_eq!(summary(&p), ("refuse", Some(FlowReason::NoSnapshot)));
+        let lab = snapshot("/acme/lab");
+        let p = outbound_udp(&lab, sa("192.0.2.1:53"));
+        assert_eq!(summary(&p), ("forward", Some(FlowReason::Discovered)));
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Shared {
     pub(crate) handshakes: Arc<Semaphore>,
     pub(crate) pool: Pool,
     pub(crate) open: OpenFlows,
+    /// UDP sessions by 5-tuple.
+    pub(crate) udp: crate::udp::Sessions,
     bound: AtomicBool,
     /// Connections being served (one flow recorder each), and a
     /// notification when the last one ends (shutdown waits for it).
@@ -53,6 +55,7 @@ impl Shared {
             handshakes: Arc::new(Semaphore::new(settings.limits.max_handshakes)),
             pool: Pool::default(),
             open: OpenFlows::default(),
+            udp: Default::default(),
             bound: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -180,6 +183,8 @@ impl Shared {
             m.tls_bytes.inc_by(total);
         } else if path == DataPath::Spliced {
             m.spliced_bytes.inc_by(total);
+        } else if path == DataPath::Datagrams {
+            m.udp_bytes.inc_by(total);
         } else {
             m.copied_bytes.inc_by(total);
             m.copy_fallbacks.inc();

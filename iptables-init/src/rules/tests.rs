@@ -46,6 +46,7 @@ fn sidecar_v4_rules() {
             "-A SEGMESH_INBOUND -p tcp -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff",
             // Outbound UDP: marked in OUTPUT, routed back through lo, TPROXYed there.
             "-A SEGMESH_UDP_OUT -m owner --uid-owner 1337 -m mark --mark 0x1337 -j RETURN",
+            "-A SEGMESH_UDP_OUT -p udp -m owner --uid-owner 1337 -m udp --dport 53 -j RETURN",
             "-A SEGMESH_UDP_OUT -d 127.0.0.0/8 -j RETURN",
             "-A SEGMESH_UDP_OUT -o lo -j RETURN",
             "-A SEGMESH_UDP_OUT -d 10.96.0.0/12 -j RETURN",

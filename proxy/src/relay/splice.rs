@@ -28,6 +28,8 @@ const COPY_BUF: usize = 64 * 1024;
 pub enum DataPath {
     Spliced,
     Copied,
+    /// UDP datagrams, each relayed whole.
+    Datagrams,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +44,8 @@ pub enum Close {
     Error,
     /// Closed by the enforcer: a new snapshot rejects the flow.
     Policy,
+    /// A UDP session pushed out of the full session table by a newer one.
+    Evicted,
 }
 
 impl From<Close> for CloseReason {
@@ -52,6 +56,7 @@ impl From<Close> for CloseReason {
             Close::Idle => CloseReason::Idle,
             Close::Error => CloseReason::Error,
             Close::Policy => CloseReason::Policy,
+            Close::Evicted => CloseReason::Evicted,
         }
     }
 }

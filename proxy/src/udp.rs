@@ -1,0 +1,420 @@
+//! UDP our PU sends, captured with TPROXY (marked in `mangle OUTPUT`, routed back
+//! through `lo`) onto a transparent socket on the outbound port; each datagram's
+//! original destination comes with it (`IP_RECVORIGDSTADDR`, ip(7)).
+//!
+//! One session per 5-tuple, decided at its first datagram (the [plan](crate::plan)'s
+//! `outbound_udp`: external networks on `udp/N`; PU peers refused until the tunnel
+//! carries datagrams). An allowed session has an upstream socket connected to the
+//! destination and a reply socket bound to the destination's address (`IP_TRANSPARENT`)
+//! and connected to the workload, so answers come from where the workload sent to. A
+//! refused session stays in the table (dropping its datagrams, recorded once) until it
+//! is idle. The table is bounded: a new session evicts the least recently used one
+//! (counted; its record says `evicted`). Every session is one flow record with its
+//! datagrams and bytes each way.
+
+use std::collections::HashMap;
+use std::io::IoSliceMut;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt,
+};
+use segmesh_policy::Direction;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::flow::{Flow, Recorder};
+use crate::open::Peer;
+use crate::plan::{self, Plan};
+use crate::relay::Moved;
+use crate::relay::splice::{Close, DataPath};
+use crate::state::Shared;
+
+/// The largest datagram relayed (the largest a UDP/IPv6 packet carries without jumbo
+/// frames is 65,527 bytes).
+const MAX_DATAGRAM: usize = 65_535;
+
+type Key = (SocketAddr, SocketAddr);
+
+/// One session's shared state.
+struct Session {
+    /// Refused: its datagrams are dropped until it is idle.
+    refused: bool,
+    last: Mutex<Instant>,
+    /// The upstream socket (allowed sessions).
+    upstream: Option<Arc<UdpSocket>>,
+    sent: AtomicU64,
+    sent_bytes: AtomicU64,
+    /// Notified when the table evicts the session.
+    evict: Notify,
+}
+
+impl Session {
+    fn touch(&self) {
+        *self.last.lock().expect("lock poisoned") = Instant::now();
+    }
+
+    fn last(&self) -> Instant {
+        *self.last.lock().expect("lock poisoned")
+    }
+}
+
+/// The session table of one enforcer.
+#[derive(Default)]
+pub(crate) struct Sessions {
+    table: Mutex<HashMap<Key, Arc<Session>>>,
+}
+
+impl Sessions {
+    fn get(&self, key: &Key) -> Option<Arc<Session>> {
+        self.table.lock().expect("lock poisoned").get(key).cloned()
+    }
+
+    /// Inserts a session, evicting the least recently used one when the table holds
+    /// `max` already.
+    fn insert(&self, key: Key, s: Arc<Session>, max: usize, shared: &Shared) {
+        let mut t = self.table.lock().expect("lock poisoned");
+        while t.len() >= max.max(1) {
+            let Some(oldest) = t.iter().min_by_key(|(_, s)| s.last()).map(|(k, _)| *k) else {
+                break;
+            };
+            if let Some(old) = t.remove(&oldest) {
+                old.evict.notify_one();
+                shared.metrics.udp_evictions.inc();
+            }
+        }
+        t.insert(key, s);
+        shared.metrics.udp_sessions.set(t.len() as i64);
+    }
+
+    /// Removes `key` if it still holds `s` (an evicted session's key may hold a newer
+    /// one).
+    fn remove(&self, key: &Key, s: &Arc<Session>, shared: &Shared) {
+        let mut t = self.table.lock().expect("lock poisoned");
+        if t.get(key).is_some_and(|cur| Arc::ptr_eq(cur, s)) {
+            t.remove(key);
+        }
+        shared.metrics.udp_sessions.set(t.len() as i64);
+    }
+}
+
+/// A UDP socket for TPROXY: transparent, reporting each datagram's original
+/// destination.
+pub(crate) fn listener(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    sock.set_reuse_address(true)?;
+    match addr {
+        SocketAddr::V4(_) => {
+            sock.set_ip_transparent_v4(true)?;
+            setsockopt(&sock, sockopt::Ipv4OrigDstAddr, &true)?;
+        }
+        SocketAddr::V6(_) => {
+            sock.set_only_v6(true)?;
+            crate::socket::set_ipv6_transparent(&sock)?;
+            setsockopt(&sock, sockopt::Ipv6OrigDstAddr, &true)?;
+        }
+    }
+    // Room for bursts of new sessions (each costs the enforcer two sockets): 4 MiB,
+    // beyond net.core.rmem_max where CAP_NET_ADMIN allows (SO_RCVBUFFORCE, socket(7)).
+    if setsockopt(&sock, sockopt::RcvBufForce, &RECV_BUFFER).is_err() {
+        let _ = sock.set_recv_buffer_size(RECV_BUFFER);
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    UdpSocket::from_std(sock.into())
+}
+
+/// Receive buffer of the capture socket.
+const RECV_BUFFER: usize = 4 << 20;
+
+/// One datagram with its source and original destination.
+fn recv_with_destination(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr, SocketAddr)> {
+    let mut cmsg = nix::cmsg_space!(libc::sockaddr_in6);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )?;
+    let n = msg.bytes;
+    let from = msg
+        .address
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|s| SocketAddr::from((s.ip(), s.port())))
+                .or_else(|| {
+                    a.as_sockaddr_in6()
+                        .map(|s| SocketAddr::from((s.ip(), s.port())))
+                })
+        })
+        .ok_or_else(|| std::io::Error::other("a datagram without a source"))?;
+    let mut to = None;
+    for c in msg.cmsgs()? {
+        match c {
+            ControlMessageOwned::Ipv4OrigDstAddr(a) => {
+                let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                to = Some(SocketAddr::from((ip, u16::from_be(a.sin_port))));
+            }
+            ControlMessageOwned::Ipv6OrigDstAddr(a) => {
+                let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+                to = Some(SocketAddr::from((ip, u16::from_be(a.sin6_port))));
+            }
+            _ => {}
+        }
+    }
+    let to = to.ok_or_else(|| {
+        std::io::Error::other("a datagram without its original destination (not TPROXYed?)")
+    })?;
+    Ok((n, from, to))
+}
+
+/// The socket answers go out of: bound to the original destination (transparent) and
+/// connected to the workload.
+fn reply_socket(from: SocketAddr, to: SocketAddr, mark: u32) -> std::io::Result<UdpSocket> {
+    let sock = Socket::new(Domain::for_address(to), Type::DGRAM, Some(Protocol::UDP))?;
+    sock.set_reuse_address(true)?;
+    match to {
+        SocketAddr::V4(_) => sock.set_ip_transparent_v4(true)?,
+        SocketAddr::V6(_) => {
+            sock.set_only_v6(true)?;
+            crate::socket::set_ipv6_transparent(&sock)?;
+        }
+    }
+    sock.set_mark(mark)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&to.into())?;
+    sock.connect(&from.into())?;
+    UdpSocket::from_std(sock.into())
+}
+
+async fn upstream_socket(to: SocketAddr, mark: u32) -> std::io::Result<UdpSocket> {
+    let any: SocketAddr = match to {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = UdpSocket::bind(any).await?;
+    let _ = socket2::SockRef::from(&sock).set_mark(mark);
+    sock.connect(to).await?;
+    Ok(sock)
+}
+
+/// Receives captured datagrams until the task is aborted.
+pub(crate) async fn serve(shared: Arc<Shared>, sock: UdpSocket) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        if sock.readable().await.is_err() {
+            continue;
+        }
+        let got = sock.try_io(Interest::READABLE, || {
+            recv_with_destination(&sock, &mut buf)
+        });
+        match got {
+            Ok((n, from, to)) => datagram(&shared, from, to, &buf[..n]).await,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => tracing::debug!(error = %e, "udp receive"),
+        }
+    }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// One captured datagram from `from` (our workload) to `to`.
+async fn datagram(shared: &Arc<Shared>, from: SocketAddr, to: SocketAddr, data: &[u8]) {
+    let key = (canonical(from), canonical(to));
+    if let Some(s) = shared.udp.get(&key) {
+        s.touch();
+        match &s.upstream {
+            Some(up) if !s.refused => {
+                s.sent.fetch_add(1, Ordering::Relaxed);
+                s.sent_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if up.try_send(data).is_err() {
+                    shared.metrics.udp_dropped.inc();
+                }
+            }
+            _ => {
+                shared.metrics.udp_dropped.inc();
+            }
+        }
+        return;
+    }
+    open(shared, key, data).await;
+}
+
+/// Decides a new session at its first datagram and starts it.
+async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
+    let (from, to) = key;
+    let snap = shared.snapshot();
+    let mut flow = Flow::new(Direction::Outgoing, from, to);
+    flow.source.pu = Some(snap.pu_qualified());
+    let since = std::time::Instant::now();
+    let planned = plan::outbound_udp(&snap, to);
+    if planned.decided() {
+        shared
+            .metrics
+            .decision_seconds
+            .observe(since.elapsed().as_secs_f64());
+    }
+    flow.destination.pu = planned.peer_pu;
+    flow.destination.external = planned.networks;
+    let mut rec = Recorder::new(shared, snap, flow);
+    rec.datagrams = Some((1, 0));
+    let limits = shared.settings.limits;
+    // A refused session stays (its datagrams dropped, recorded once) until idle.
+    let refused = |shared: &Arc<Shared>| {
+        let s = Arc::new(Session {
+            refused: true,
+            last: Mutex::new(Instant::now()),
+            upstream: None,
+            sent: AtomicU64::new(1),
+            sent_bytes: AtomicU64::new(0),
+            evict: Notify::new(),
+        });
+        shared
+            .udp
+            .insert(key, s.clone(), limits.max_udp_sessions, shared);
+        shared.metrics.udp_dropped.inc();
+        tokio::spawn(expire_refused(shared.clone(), key, s));
+    };
+    let d = match planned.plan {
+        Plan::Refuse { reason, decision } => {
+            if let Some(d) = decision {
+                rec.decided(d);
+            }
+            refused(shared);
+            return rec.refuse(reason, None);
+        }
+        Plan::Forward(d) => d,
+        Plan::Tunnel(_) => {
+            // plan::outbound_udp never plans a tunnel; refuse rather than assume.
+            refused(shared);
+            return rec.refuse(segmesh_api::FlowReason::Unsupported, None);
+        }
+    };
+    rec.decided(d);
+    let mark = shared.settings.socket_mark;
+    let sockets = async {
+        let up = upstream_socket(to, mark).await?;
+        let reply = reply_socket(from, to, mark)?;
+        up.send(first).await?;
+        Ok::<_, std::io::Error>((up, reply))
+    };
+    let (up, reply) = match sockets.await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, %to, "udp session");
+            refused(shared);
+            return rec.unreachable(segmesh_api::CloseReason::ConnectFailed);
+        }
+    };
+    let up = Arc::new(up);
+    let s = Arc::new(Session {
+        refused: false,
+        last: Mutex::new(Instant::now()),
+        upstream: Some(up.clone()),
+        sent: AtomicU64::new(1),
+        sent_bytes: AtomicU64::new(first.len() as u64),
+        evict: Notify::new(),
+    });
+    shared
+        .udp
+        .insert(key, s.clone(), limits.max_udp_sessions, shared);
+    tokio::spawn(relay(shared.clone(), key, s, up, reply, rec));
+}
+
+/// A refused session leaves the table when idle.
+async fn expire_refused(shared: Arc<Shared>, key: Key, s: Arc<Session>) {
+    let idle = shared.settings.limits.udp_idle_timeout;
+    loop {
+        let until = s.last() + idle;
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => {
+                if s.last() + idle <= Instant::now() {
+                    break;
+                }
+            }
+            _ = s.evict.notified() => break,
+        }
+    }
+    shared.udp.remove(&key, &s, &shared);
+}
+
+/// Answers back to the workload until the session is idle, evicted, or rejected by a
+/// new snapshot; then records it.
+async fn relay(
+    shared: Arc<Shared>,
+    key: Key,
+    s: Arc<Session>,
+    up: Arc<UdpSocket>,
+    reply: UdpSocket,
+    mut rec: Recorder,
+) {
+    let stop = rec.relaying(
+        Peer::Address(key.1.ip()),
+        segmesh_policy::FlowPort::udp(key.1.port()),
+    );
+    let idle = shared.settings.limits.udp_idle_timeout;
+    let (mut back, mut back_bytes) = (0u64, 0u64);
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let close = loop {
+        let until = s.last() + idle;
+        tokio::select! {
+            r = up.recv(&mut buf) => match r {
+                Ok(n) => {
+                    s.touch();
+                    back += 1;
+                    back_bytes += n as u64;
+                    if reply.try_send(&buf[..n]).is_err() {
+                        shared.metrics.udp_dropped.inc();
+                    }
+                }
+                // ICMP port unreachable and the like: the session goes on (UDP has no
+                // connection to lose), the error is the peer's.
+                Err(_) => s.touch(),
+            },
+            _ = tokio::time::sleep_until(until) => {
+                if s.last() + idle <= Instant::now() {
+                    break Close::Idle;
+                }
+            }
+            _ = s.evict.notified() => break Close::Evicted,
+            _ = stop.notify.notified() => break Close::Policy,
+        }
+    };
+    shared.udp.remove(&key, &s, &shared);
+    let sent = s.sent.load(Ordering::Relaxed);
+    rec.datagrams = Some((sent, back));
+    rec.finish(Moved {
+        forward: s.sent_bytes.load(Ordering::Relaxed),
+        backward: back_bytes,
+        path: DataPath::Datagrams,
+        close,
+        tls: false,
+    });
+}
+
+/// The addresses of the UDP capture listener (loopback, as TPROXY's `--on-ip`).
+pub(crate) fn addresses(port: u16, v6: bool) -> Vec<SocketAddr> {
+    let mut out = vec![SocketAddr::new(
+        IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+        port,
+    )];
+    if v6 {
+        out.push(SocketAddr::new(
+            IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            port,
+        ));
+    }
+    out
+}

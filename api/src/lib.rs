@@ -41,6 +41,10 @@ pub struct FlowEndpoint {
     /// a processing unit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub external: Vec<String>,
+    /// The name the enforcing PU resolved to this address that matched a domain entry
+    /// of an external network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 /// A staged policy that matched, and what it would have done.

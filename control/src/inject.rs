@@ -178,7 +178,9 @@ pub fn plan(template: &Value, k8s_namespace: Option<&str>, opts: &Options) -> De
             "runAsGroup": 1337,
             "runAsNonRoot": true,
             "allowPrivilegeEscalation": false,
-            "capabilities": { "add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"] }
+            // NET_BIND_SERVICE: UDP answers leave from the original destination, which
+            // may be a port below 1024 (DNS).
+            "capabilities": { "add": ["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"], "drop": ["ALL"] }
         },
         "volumeMounts": [
             { "name": STATE_VOLUME, "mountPath": "/var/lib/segmesh" },

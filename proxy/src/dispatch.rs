@@ -37,6 +37,7 @@ pub(crate) async fn carry_out(
     };
     other.pu = planned.peer_pu;
     other.external = planned.networks;
+    other.domain = planned.domain;
     let mut rec = Recorder::new(&shared, snap, flow);
     match planned.plan {
         Plan::Refuse { reason, decision } => {

@@ -44,6 +44,7 @@ pub(crate) fn endpoint(addr: SocketAddr) -> FlowEndpoint {
         port: addr.port(),
         pu: None,
         external: Vec::new(),
+        domain: None,
     }
 }
 
@@ -324,6 +325,7 @@ impl Recorder {
             port: 0,
             pu: None,
             external: Vec::new(),
+            domain: None,
         };
         FlowRecord {
             time: std::mem::take(&mut self.flow.time),

@@ -14,6 +14,8 @@
 //!   reason codes).
 //! - `plain`: flows to and from external networks: connect and splice.
 //! - `udp`: UDP sessions our PU opens (TPROXY, one session per 5-tuple, bounded).
+//! - `dns`: the names our PU resolved (learned from its own DNS answers), for
+//!   domain-name external networks.
 //! - `relay`: the byte movers: `relay::splice` (zero-copy, copy fallback) and
 //!   `relay::tls` (encrypted tunnel flows).
 //! - `flow`: a flow and its recorder, the one place a flow record is made.
@@ -30,6 +32,7 @@
 mod admin;
 pub mod config;
 mod dispatch;
+mod dns;
 pub mod enforcer;
 mod flow;
 mod inbound;

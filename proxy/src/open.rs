@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use segmesh_policy::{Address, Direction, FlowPort, PreparedPeer, TagSet, Verdict};
+use segmesh_policy::{Direction, FlowPort, PreparedPeer, TagSet, Verdict};
 use tokio::sync::Notify;
 
 use crate::snapshot::Snapshot;
@@ -18,8 +18,9 @@ use crate::snapshot::Snapshot;
 pub enum Peer {
     /// A PU: the tags its certificate proves.
     Pu(TagSet),
-    /// An address outside the mesh (matched against external networks).
-    Address(IpAddr),
+    /// An address outside the mesh (matched against external networks), with the names
+    /// our PU had resolved to it when the flow was decided.
+    Address(IpAddr, Vec<String>),
 }
 
 /// Tells a relay to stop, and why.
@@ -120,14 +121,9 @@ impl OpenFlows {
         for (dir, peer, port, stop) in open {
             let prepared = match &peer {
                 Peer::Pu(tags) => PreparedPeer::Pu(snap.engine.id_set(tags)),
-                Peer::Address(ip) => PreparedPeer::Networks(snap.engine.resolve_address(
-                    &snap.prepared,
-                    &Address {
-                        ip: Some(*ip),
-                        domain: None,
-                    },
-                    port,
-                )),
+                Peer::Address(ip, names) => {
+                    PreparedPeer::Networks(snap.resolve(*ip, names, port).0)
+                }
             };
             let d = if snap.is_fail_closed() {
                 None

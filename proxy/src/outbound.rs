@@ -39,6 +39,7 @@ pub(crate) async fn proxy(
     let mut flow = Flow::new(Direction::Outgoing, peer, target);
     flow.source.pu = Some(snap.pu_qualified());
     let since = Instant::now();
-    let planned = plan::outbound(&snap, &shared.settings.listeners, target);
+    let names = shared.names.names(target.ip(), std::time::Instant::now());
+    let planned = plan::outbound(&snap, &shared.settings.listeners, target, &names);
     crate::dispatch::carry_out(shared, snap, flow, planned, since, stream, target).await;
 }

@@ -36,7 +36,14 @@ pub(crate) async fn forward(mut rec: Recorder, app: TcpStream, target: SocketAdd
         }
     };
     let _ = upstream.set_nodelay(true);
-    let peer = Peer::Address(rec.flow.peer_ip());
+    let names = match &rec.flow.direction {
+        segmesh_policy::Direction::Outgoing => rec
+            .shared()
+            .names
+            .names(rec.flow.peer_ip(), std::time::Instant::now()),
+        segmesh_policy::Direction::Incoming => Vec::new(),
+    };
+    let peer = Peer::Address(rec.flow.peer_ip(), names);
     let stop = rec.relaying(peer, rec.flow.destination.port);
     let progress = Progress::default();
     let out = splice::relay_until(

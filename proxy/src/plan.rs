@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use segmesh_api::FlowReason;
-use segmesh_policy::{Address, Decision, Direction, FlowPort, PreparedPeer, Verdict};
+use segmesh_policy::{Decision, Direction, FlowPort, PreparedPeer, Verdict};
 
 use crate::config::Listeners;
 use crate::flow::reason_of;
@@ -35,6 +35,8 @@ pub(crate) struct Planned {
     pub peer_pu: Option<String>,
     /// The external networks (`<namespace>:<name>`) the other end's address fell in.
     pub networks: Vec<String>,
+    /// The name our PU resolved to the address that matched a domain entry.
+    pub domain: Option<String>,
 }
 
 impl Planned {
@@ -46,6 +48,7 @@ impl Planned {
             },
             peer_pu: None,
             networks: Vec::new(),
+            domain: None,
         }
     }
 
@@ -62,8 +65,14 @@ impl Planned {
     }
 }
 
-/// A connection our PU opened to `target` (its original destination).
-pub(crate) fn outbound(snap: &Snapshot, listeners: &Listeners, target: SocketAddr) -> Planned {
+/// A connection our PU opened to `target` (its original destination); `names`: what our
+/// PU resolved to that address.
+pub(crate) fn outbound(
+    snap: &Snapshot,
+    listeners: &Listeners,
+    target: SocketAddr,
+    names: &[String],
+) -> Planned {
     let ip = target.ip().to_canonical();
     if snap.is_fail_closed() {
         return Planned::refuse(FlowReason::NoSnapshot);
@@ -77,9 +86,10 @@ pub(crate) fn outbound(snap: &Snapshot, listeners: &Listeners, target: SocketAdd
             peer_pu: Some(r.qualified()),
             plan: Plan::Tunnel(r.clone()),
             networks: Vec::new(),
+            domain: None,
         };
     }
-    external(snap, Direction::Outgoing, ip, target.port())
+    external(snap, Direction::Outgoing, ip, target.port(), names)
 }
 
 /// A plain connection from `peer` to our PU at `target` (captured inbound); `local`:
@@ -109,11 +119,11 @@ pub(crate) fn inbound(
             ..Planned::refuse(FlowReason::RegisteredPu)
         };
     }
-    external(snap, Direction::Incoming, ip, target.port())
+    external(snap, Direction::Incoming, ip, target.port(), &[])
 }
 
 /// The first datagram of a UDP session our PU sends to `target`.
-pub(crate) fn outbound_udp(snap: &Snapshot, target: SocketAddr) -> Planned {
+pub(crate) fn outbound_udp(snap: &Snapshot, target: SocketAddr, names: &[String]) -> Planned {
     let ip = target.ip().to_canonical();
     if snap.is_fail_closed() {
         return Planned::refuse(FlowReason::NoSnapshot);
@@ -126,17 +136,26 @@ pub(crate) fn outbound_udp(snap: &Snapshot, target: SocketAddr) -> Planned {
             ..Planned::refuse(FlowReason::Unsupported)
         };
     }
-    external(snap, Direction::Outgoing, ip, FlowPort::udp(target.port()))
+    external(
+        snap,
+        Direction::Outgoing,
+        ip,
+        FlowPort::udp(target.port()),
+        names,
+    )
 }
 
-/// Decides against the external networks the peer address falls in.
-fn external(snap: &Snapshot, dir: Direction, ip: IpAddr, port: impl Into<FlowPort>) -> Planned {
+/// Decides against the external networks the peer address (or a name our PU resolved
+/// to it) falls in.
+fn external(
+    snap: &Snapshot,
+    dir: Direction,
+    ip: IpAddr,
+    port: impl Into<FlowPort>,
+    names: &[String],
+) -> Planned {
     let port = port.into();
-    let addr = Address {
-        ip: Some(ip),
-        domain: None,
-    };
-    let ids = snap.engine.resolve_address(&snap.prepared, &addr, port);
+    let (ids, domain) = snap.resolve(ip, names, port);
     let networks = ids
         .iter()
         .map(|&i| {
@@ -158,6 +177,8 @@ fn external(snap: &Snapshot, dir: Direction, ip: IpAddr, port: impl Into<FlowPor
         plan,
         peer_pu: None,
         networks,
+        // Said only when a name made the difference to the networks.
+        domain,
     }
 }
 
@@ -189,6 +210,20 @@ kind: ExternalNetwork
 name: blocked
 namespace: /acme
 entries: [203.0.113.66]
+---
+kind: ExternalNetwork
+name: examples
+namespace: /acme
+entries: ["*.example.test"]
+ports: [tcp/443]
+---
+kind: NetworkPolicy
+name: web-to-examples
+namespace: /acme
+action: Allow
+mode: Outgoing
+subject: [[app=web]]
+object: [[ext:name=examples]]
 ---
 kind: NetworkPolicy
 name: web-to-partner
@@ -315,7 +350,7 @@ ports: [tcp/8080]
             ("[::1]:15001", "refuse", Some(FlowReason::Loop), None, &[]),
         ];
         for (dst, kind, reason, pu, nets) in cases {
-            let p = outbound(&snap, &listeners, sa(dst));
+            let p = outbound(&snap, &listeners, sa(dst), &[]);
             assert_eq!(summary(&p), (*kind, reason.clone()), "to {dst}");
             assert_eq!(p.peer_pu.as_deref(), *pu, "to {dst}");
             let mut got = p.networks.clone();
@@ -403,21 +438,46 @@ ports: [tcp/8080]
         }
     }
 
+    /// A domain entry matches an address only through a name our PU resolved to it, and
+    /// the plan says which name.
+    #[test]
+    fn domains_match_only_names_our_pu_resolved() {
+        let snap = snapshot("/acme");
+        let l = Listeners::default();
+        let to = sa("192.0.2.44:443");
+        let never = outbound(&snap, &l, to, &[]);
+        assert_eq!(summary(&never), ("refuse", Some(FlowReason::Default)));
+        let outside = outbound(&snap, &l, to, &["b.other.test".into()]);
+        assert_eq!(summary(&outside), ("refuse", Some(FlowReason::Default)));
+        assert_eq!(outside.domain, None);
+        let names = ["b.other.test".to_owned(), "a.example.test".to_owned()];
+        let resolved = outbound(&snap, &l, to, &names);
+        assert_eq!(summary(&resolved), ("forward", Some(FlowReason::Policy)));
+        assert_eq!(resolved.domain.as_deref(), Some("a.example.test"));
+        assert_eq!(resolved.networks, ["/acme:examples"]);
+        // One label only: `*.example.test` does not cover a.b.example.test.
+        let deep = outbound(&snap, &l, to, &["a.b.example.test".into()]);
+        assert_eq!(summary(&deep), ("refuse", Some(FlowReason::Default)));
+        // The entry's ports still hold.
+        let other_port = outbound(&snap, &l, sa("192.0.2.44:80"), &names);
+        assert_eq!(summary(&other_port), ("refuse", Some(FlowReason::Default)));
+    }
+
     /// UDP is decided on `udp/N` ports; to a PU it is refused (the tunnel carries TCP
     /// only), never sent around the peer's enforcer.
     #[test]
     fn udp_table() {
         let snap = snapshot("/acme");
         // Only tcp/443 is allowed to the partner: UDP 443 is not.
-        let p = outbound_udp(&snap, sa("203.0.113.9:443"));
+        let p = outbound_udp(&snap, sa("203.0.113.9:443"), &[]);
         assert_eq!(summary(&p), ("refuse", Some(FlowReason::Default)));
-        let p = outbound_udp(&snap, sa("10.0.0.3:53"));
+        let p = outbound_udp(&snap, sa("10.0.0.3:53"), &[]);
         assert_eq!(summary(&p), ("refuse", Some(FlowReason::Unsupported)));
         assert_eq!(p.peer_pu.as_deref(), Some("/acme:api"));
-        let p = outbound_udp(&Snapshot::fail_closed(), sa("192.0.2.1:53"));
+        let p = outbound_udp(&Snapshot::fail_closed(), sa("192.0.2.1:53"), &[]);
         assert_eq!(summary(&p), ("refuse", Some(FlowReason::NoSnapshot)));
         let lab = snapshot("/acme/lab");
-        let p = outbound_udp(&lab, sa("192.0.2.1:53"));
+        let p = outbound_udp(&lab, sa("192.0.2.1:53"), &[]);
         assert_eq!(summary(&p), ("forward", Some(FlowReason::Discovered)));
     }
 
@@ -426,8 +486,8 @@ ports: [tcp/8080]
         let snap = Snapshot::fail_closed();
         let l = Listeners::default();
         for p in [
-            outbound(&snap, &l, sa("203.0.113.9:443")),
-            outbound(&snap, &l, sa("127.0.0.1:15001")),
+            outbound(&snap, &l, sa("203.0.113.9:443"), &[]),
+            outbound(&snap, &l, sa("127.0.0.1:15001"), &[]),
             inbound(&snap, &l, sa("198.51.100.7:1"), sa("10.0.0.2:8080"), true),
         ] {
             assert_eq!(summary(&p), ("refuse", Some(FlowReason::NoSnapshot)));
@@ -438,7 +498,7 @@ ports: [tcp/8080]
     #[test]
     fn discovery_allows_and_says_so() {
         let snap = snapshot("/acme/lab");
-        let p = outbound(&snap, &Listeners::default(), sa("192.0.2.1:443"));
+        let p = outbound(&snap, &Listeners::default(), sa("192.0.2.1:443"), &[]);
         assert_eq!(summary(&p), ("forward", Some(FlowReason::Discovered)));
         assert!(p.decided());
     }
@@ -450,7 +510,7 @@ ports: [tcp/8080]
             ..Listeners::default()
         };
         let snap = snapshot("/acme");
-        let p = outbound(&snap, &l, sa("10.0.0.9:15001"));
+        let p = outbound(&snap, &l, sa("10.0.0.9:15001"), &[]);
         assert_eq!(summary(&p), ("refuse", Some(FlowReason::Loop)));
     }
 }

@@ -222,6 +222,43 @@ impl Snapshot {
     pub fn pu_qualified(&self) -> String {
         format!("{}:{}", self.pu.namespace, self.pu_name)
     }
+
+    /// The external networks visible from our PU that an address outside the mesh falls
+    /// in on `port`: by the address itself, and by each name our PU resolved to it
+    /// (domain entries); with the first name that matched a network.
+    pub fn resolve(
+        &self,
+        ip: IpAddr,
+        names: &[String],
+        port: segmesh_policy::FlowPort,
+    ) -> (Vec<u32>, Option<String>) {
+        let mut ids = self.engine.resolve_address(
+            &self.prepared,
+            &segmesh_policy::Address {
+                ip: Some(ip),
+                domain: None,
+            },
+            port,
+        );
+        let mut domain = None;
+        for n in names {
+            let by_name = self.engine.resolve_address(
+                &self.prepared,
+                &segmesh_policy::Address {
+                    ip: None,
+                    domain: Some(n.clone()),
+                },
+                port,
+            );
+            if !by_name.is_empty() && domain.is_none() {
+                domain = Some(n.clone());
+            }
+            ids.extend(by_name);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        (ids, domain)
+    }
 }
 
 /// Our PU: its name, namespace and tags, plus the automatic tags.

@@ -36,6 +36,8 @@ pub struct Shared {
     pub(crate) open: OpenFlows,
     /// UDP sessions by 5-tuple.
     pub(crate) udp: crate::udp::Sessions,
+    /// The names our PU resolved, by address.
+    pub(crate) names: crate::dns::Names,
     bound: AtomicBool,
     /// Connections being served (one flow recorder each), and a
     /// notification when the last one ends (shutdown waits for it).
@@ -56,6 +58,7 @@ impl Shared {
             pool: Pool::default(),
             open: OpenFlows::default(),
             udp: Default::default(),
+            names: Default::default(),
             bound: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle: Notify::new(),

@@ -259,7 +259,8 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
     let mut flow = Flow::new(Direction::Outgoing, from, to);
     flow.source.pu = Some(snap.pu_qualified());
     let since = std::time::Instant::now();
-    let planned = plan::outbound_udp(&snap, to);
+    let names = shared.names.names(to.ip(), std::time::Instant::now());
+    let planned = plan::outbound_udp(&snap, to, &names);
     if planned.decided() {
         shared
             .metrics
@@ -268,6 +269,7 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
     }
     flow.destination.pu = planned.peer_pu;
     flow.destination.external = planned.networks;
+    flow.destination.domain = planned.domain;
     let mut rec = Recorder::new(shared, snap, flow);
     rec.datagrams = Some((1, 0));
     let limits = shared.settings.limits;
@@ -360,10 +362,11 @@ async fn relay(
     reply: UdpSocket,
     mut rec: Recorder,
 ) {
-    let stop = rec.relaying(
-        Peer::Address(key.1.ip()),
-        segmesh_policy::FlowPort::udp(key.1.port()),
-    );
+    let names = shared.names.names(key.1.ip(), std::time::Instant::now());
+    let port = segmesh_policy::FlowPort::udp(key.1.port());
+    let stop = rec.relaying(Peer::Address(key.1.ip(), names), port);
+    // Answers of our PU's own DNS queries teach the names of addresses.
+    let dns = key.1.port() == 53;
     let idle = shared.settings.limits.udp_idle_timeout;
     let (mut back, mut back_bytes) = (0u64, 0u64);
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -373,6 +376,9 @@ async fn relay(
             r = up.recv(&mut buf) => match r {
                 Ok(n) => {
                     s.touch();
+                    if dns {
+                        shared.names.learn(&buf[..n], std::time::Instant::now());
+                    }
                     back += 1;
                     back_bytes += n as u64;
                     if reply.try_send(&buf[..n]).is_err() {

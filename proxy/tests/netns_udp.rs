@@ -179,3 +179,203 @@ log: true
         || metric(&work, "segmesh_udp_sessions") == 0.0,
     );
 }
+
+/// A DNS server answering A queries for `names` with `ip` (TTL `ttl`), NXDOMAIN else.
+async fn dns_server(
+    addr: SocketAddr,
+    names: &'static [&'static str],
+    ip: std::net::Ipv4Addr,
+    ttl: u32,
+) {
+    use hickory_proto::op::{Message, ResponseCode};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record};
+    let s = UdpSocket::bind(addr).await.unwrap();
+    let until = tokio::time::Instant::now() + LIMIT;
+    let mut b = [0u8; 1500];
+    while let Ok(Ok((n, from))) = tokio::time::timeout_at(until, s.recv_from(&mut b)).await {
+        let Ok(q) = Message::from_vec(&b[..n]) else {
+            continue;
+        };
+        let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+        r.add_queries(q.queries.clone());
+        for query in &q.queries {
+            let name = query.name().to_ascii();
+            if names.contains(&name.trim_end_matches('.')) {
+                r.add_answer(Record::from_rdata(
+                    query.name().clone(),
+                    ttl,
+                    RData::A(A(ip)),
+                ));
+            } else {
+                r.metadata.response_code = ResponseCode::NXDomain;
+            }
+        }
+        let _ = s.send_to(&r.to_vec().unwrap(), from).await;
+    }
+}
+
+/// Resolves `name` (A) with the server at `server`; the addresses answered.
+async fn resolve(server: SocketAddr, name: &str) -> Vec<std::net::IpAddr> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut q = Message::new(4242, MessageType::Query, OpCode::Query);
+    q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let s = UdpSocket::bind("0.0.0.0:0").await.unwrap();
+    s.send_to(&q.to_vec().unwrap(), server).await.unwrap();
+    let mut b = [0u8; 1500];
+    let Ok(Ok((n, _))) = tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut b)).await
+    else {
+        return Vec::new();
+    };
+    Message::from_vec(&b[..n])
+        .map(|m| {
+            m.answers
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn netns_udp_domain_egress_follows_what_the_workload_resolved() {
+    if !netns_enabled() {
+        return;
+    }
+    let topo = Topology::new(&["work", "dns", "ext"]);
+    let (work, dns, ext) = (
+        topo.host("work").clone(),
+        topo.host("dns").clone(),
+        topo.host("ext").clone(),
+    );
+    let dir = Scratch::new("domains");
+    std::fs::write(
+        dir.0.join("policies.yaml"),
+        format!(
+            r#"
+kind: ExternalNetwork
+name: resolver
+namespace: /lab
+entries: ["{}"]
+ports: [udp/53]
+---
+kind: ExternalNetwork
+name: examples
+namespace: /lab
+entries: ["*.example.test"]
+ports: [tcp/7000]
+---
+kind: NetworkPolicy
+name: dns
+namespace: /lab
+action: Allow
+mode: Outgoing
+subject: [[app=work]]
+object: [[ext:name=resolver]]
+log: true
+---
+kind: NetworkPolicy
+name: to-examples
+namespace: /lab
+action: Allow
+mode: Outgoing
+subject: [[app=work]]
+object: [[ext:name=examples]]
+log: true
+"#,
+            dns.ip4
+        ),
+    )
+    .unwrap();
+    let config = dir.0.join("enforcer.yaml");
+    std::fs::write(
+        &config,
+        "pu: {name: work, namespace: /lab, tags: [app=work]}\npolicies: [policies.yaml]\nflow_log: flows.jsonl\nlimits: {udp_idle_timeout: 1s}\n",
+    )
+    .unwrap();
+    capture(&work);
+    start_enforcer(&topo, "work", &config);
+    let server = SocketAddr::new(dns.ip4.into(), 53);
+    let _ = in_ns(
+        &dns,
+        dns_server(server, &["a.example.test", "b.other.test"], ext.ip4, 3),
+    );
+    let seen = Arc::new(AtomicUsize::new(0));
+    let target = SocketAddr::new(ext.ip4.into(), 7000);
+    let _ = in_ns(&ext, greeter(target, seen.clone()));
+    std::thread::sleep(Duration::from_millis(200)); // servers bound (checked by outcomes)
+
+    // Never resolved: the address alone matches no domain entry.
+    refused_fast(in_ns(&work, attempt(target)).join().unwrap());
+    // Resolved, but under a name outside the wildcard.
+    assert_eq!(
+        in_ns(&work, async move { resolve(server, "b.other.test.").await })
+            .join()
+            .unwrap(),
+        vec![std::net::IpAddr::from(ext.ip4)]
+    );
+    refused_fast(in_ns(&work, attempt(target)).join().unwrap());
+    // Resolved as a.example.test: allowed, for the answer's TTL (3 s).
+    assert_eq!(
+        in_ns(
+            &work,
+            async move { resolve(server, "a.example.test.").await }
+        )
+        .join()
+        .unwrap(),
+        vec![std::net::IpAddr::from(ext.ip4)]
+    );
+    let resolved = std::time::Instant::now();
+    assert_eq!(
+        in_ns(&work, attempt(target)).join().unwrap(),
+        Attempt::Greeted
+    );
+    wait_until("the name's TTL runs out", Duration::from_secs(10), || {
+        matches!(
+            in_ns(&work, attempt(target)).join().unwrap(),
+            Attempt::Refused(_)
+        )
+    });
+    assert!(
+        resolved.elapsed() >= Duration::from_millis(2500),
+        "refused after {:?}, before the 3 s TTL",
+        resolved.elapsed()
+    );
+    let before = seen.load(Ordering::SeqCst);
+    refused_fast(in_ns(&work, attempt(target)).join().unwrap());
+    assert_eq!(seen.load(Ordering::SeqCst), before, "refused after the TTL");
+
+    wait_until("the allowed flow's record", Duration::from_secs(10), || {
+        flow_records(&dir)
+            .iter()
+            .any(|r| r["verdict"] == "allow" && r["destination"]["port"] == 7000)
+    });
+    let records = flow_records(&dir);
+    let allowed = records
+        .iter()
+        .find(|r| r["verdict"] == "allow" && r["destination"]["port"] == 7000)
+        .unwrap();
+    assert_eq!(
+        allowed["destination"]["domain"], "a.example.test",
+        "{allowed}"
+    );
+    assert_eq!(allowed["policies"], serde_json::json!(["/lab:to-examples"]));
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r["verdict"] == "reject" && r["destination"]["port"] == 7000)
+        .collect();
+    assert!(refused.len() >= 3, "{records:#?}");
+    assert!(refused.iter().all(|r| r["destination"]["domain"].is_null()));
+    // The queries themselves went through the enforcer as UDP flows to the resolver.
+    wait_until("the DNS sessions' records", Duration::from_secs(10), || {
+        flow_records(&dir)
+            .iter()
+            .filter(|r| r["destination"]["port"] == 53 && r["protocol"] == "udp")
+            .count()
+            >= 2
+    });
+}

@@ -298,8 +298,8 @@ impl Host {
             format!("--reuid={ENFORCER_UID}"),
             format!("--regid={ENFORCER_UID}"),
             "--clear-groups".into(),
-            "--inh-caps=+net_admin,+net_raw".into(),
-            "--ambient-caps=+net_admin,+net_raw".into(),
+            "--inh-caps=+net_admin,+net_raw,+net_bind_service".into(),
+            "--ambient-caps=+net_admin,+net_raw,+net_bind_service".into(),
             "--".into(),
         ])
         .arg(program);

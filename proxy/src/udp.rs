@@ -385,9 +385,13 @@ async fn relay(
                         shared.metrics.udp_dropped.inc();
                     }
                 }
-                // ICMP port unreachable and the like: the session goes on (UDP has no
-                // connection to lose), the error is the peer's.
-                Err(_) => s.touch(),
+                // ICMP port unreachable ends the session as a reset ends a TCP flow; any
+                // other error ends it too (it is not activity that keeps it alive).
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break Close::Reset,
+                Err(e) => {
+                    tracing::debug!(error = %e, "udp session");
+                    break Close::Error;
+                }
             },
             _ = tokio::time::sleep_until(until) => {
                 if s.last() + idle <= Instant::now() {

@@ -173,11 +173,6 @@ log: true
     assert!(evicted >= 9_000.0, "evictions {evicted}, drops {dropped}");
     let sessions = metric(&work, "segmesh_udp_sessions");
     assert!(sessions <= 256.0, "{sessions} sessions in a table of 256");
-    wait_until(
-        "the table drains when idle",
-        Duration::from_secs(60),
-        || metric(&work, "segmesh_udp_sessions") == 0.0,
-    );
 }
 
 /// A DNS server answering A queries for `names` with `ip` (TTL `ttl`), NXDOMAIN else.

@@ -423,7 +423,7 @@ fn test_and_explain_against_live_state() {
     let o = c.ctl(&admin, &["test", "-f", cases.to_str().unwrap(), "--live"]);
     assert!(o.status.success(), "{}", out(&o));
     assert!(
-        out(&o).contains("42 passed, 0 failed") && out(&o).contains("using live version 1"),
+        out(&o).contains("45 passed, 0 failed") && out(&o).contains("using live version 1"),
         "{}",
         out(&o)
     );

@@ -54,7 +54,7 @@ fn the_example_passes() {
     let o = ctl(&["test", "-f", examples().to_str().unwrap()]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
-    assert!(out.contains("42 passed, 0 failed"), "{out}");
+    assert!(out.contains("45 passed, 0 failed"), "{out}");
     assert!(out.contains("server: /acme:quarantine/in/0"), "{out}");
 }
 
@@ -152,7 +152,7 @@ fn json_output() {
     ]);
     assert_eq!(o.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["passed"], 42);
+    assert_eq!(v["passed"], 45);
     assert_eq!(v["failed"], 0);
     let first = &v["cases"][0];
     assert_eq!(first["name"], "internet reaches web on 443");

@@ -173,6 +173,22 @@ log: true
     assert!(evicted >= 9_000.0, "evictions {evicted}, drops {dropped}");
     let sessions = metric(&work, "segmesh_udp_sessions");
     assert!(sessions <= 256.0, "{sessions} sessions in a table of 256");
+    // Idle sessions leave the table (1 s idle, after the enforcer worked through the
+    // burst), their sockets with them.
+    wait_until(
+        "the table drains when idle",
+        Duration::from_secs(60),
+        || metric(&work, "segmesh_udp_sessions") == 0.0,
+    );
+    let sockets = work.exec_ok(&["ss", "-uan"]);
+    assert_eq!(
+        sockets
+            .lines()
+            .filter(|l| l.contains(&format!("{}:7000", ext.ip4)))
+            .count(),
+        0,
+        "sessions' sockets left open:\n{sockets}"
+    );
 }
 
 /// A DNS server answering A queries for `names` with `ip` (TTL `ttl`), NXDOMAIN else.

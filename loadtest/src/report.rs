@@ -367,6 +367,23 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
             f(&c["connect"]["p99_us"])
         ));
     }
+    let udp = &figures["udp"];
+    if udp["direct"].is_object() && udp["enforcer"].is_object() {
+        md.push_str("\n## UDP (64-byte datagrams to a host outside the mesh, through the client's enforcer)\n\n| path | round trip p50 | p99 | mean | added mean vs direct | new sessions/s (a new socket per query) | vs direct | new session p50 |\n|---|---|---|---|---|---|---|---|\n");
+        for p in ["direct", "enforcer"] {
+            let u = &udp[p];
+            md.push_str(&format!(
+                "| {p} | {:.1} µs | {:.1} µs | {:.1} µs | {:+.1} µs | {:.0} | {:.2}× | {:.1} µs |\n",
+                f(&u["round_trip"]["p50_us"]),
+                f(&u["round_trip"]["p99_us"]),
+                f(&u["round_trip"]["mean_us"]),
+                f(&u["round_trip"]["mean_us"]) - f(&udp["direct"]["round_trip"]["mean_us"]),
+                f(&u["sessions_per_second"]),
+                f(&u["sessions_per_second"]) / f(&udp["direct"]["sessions_per_second"]).max(1e-9),
+                f(&u["new_session"]["p50_us"])
+            ));
+        }
+    }
     md.push_str("\n## Idle connections held through both enforcers\n\n| mode | connections | enforcer | RSS before → held | RSS per connection | fds per connection |\n|---|---|---|---|---|---|\n");
     for mode in ["authenticated-only", "encrypted"] {
         let i = &figures["idle"][mode];

@@ -62,6 +62,79 @@ const DIRECT: u16 = 11000;
 const RELAY_IN: u16 = 12000;
 const RELAY_HOP: u16 = 13000;
 const RELAY_OUT: u16 = 14000;
+/// UDP echo servers on the `outside` host (an external network to the client's
+/// enforcer: UDP between PUs is not carried yet).
+const UDP_PORTS: u16 = 15500;
+
+/// Echoes every datagram back to its sender until `limit`.
+async fn udp_echo(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
+    let s = tokio::net::UdpSocket::bind(addr).await?;
+    let until = tokio::time::Instant::now() + limit;
+    let mut b = [0u8; 2048];
+    while let Ok(Ok((n, from))) = tokio::time::timeout_at(until, s.recv_from(&mut b)).await {
+        let _ = s.send_to(&b[..n], from).await;
+    }
+    Ok(())
+}
+
+/// UDP round trips of 64-byte datagrams: `rounds` on one socket (one session), after
+/// 100 warm-up rounds; and `sessions` queries each from a new socket (a new session
+/// each, as DNS clients do). Round-trip times of both; a lost datagram ends the run
+/// (it is counted as the missing rounds).
+fn udp(
+    topo: &Topology,
+    listen: SocketAddr,
+    to: SocketAddr,
+    rounds: usize,
+    sessions: usize,
+    limit: Duration,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, f64)> {
+    let _srv = in_ns(
+        topo.host("outside"),
+        udp_echo(listen, limit * 2 + Duration::from_secs(5)),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    in_ns(topo.host("client"), async move {
+        let wait = Duration::from_secs(1);
+        let s = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+        s.connect(to).await?;
+        let msg = [0x42u8; 64];
+        let mut back = [0u8; 64];
+        let mut rr = Vec::with_capacity(rounds);
+        let start = Instant::now();
+        for i in 0..rounds + 100 {
+            if start.elapsed() > limit {
+                break;
+            }
+            let t = Instant::now();
+            s.send(&msg).await?;
+            if tokio::time::timeout(wait, s.recv(&mut back)).await.is_err() {
+                break;
+            }
+            if i >= 100 {
+                rr.push(t.elapsed());
+            }
+        }
+        let mut each = Vec::with_capacity(sessions);
+        let start = Instant::now();
+        for _ in 0..sessions {
+            if start.elapsed() > limit {
+                break;
+            }
+            let t = Instant::now();
+            let q = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+            q.send_to(&msg, to).await?;
+            if tokio::time::timeout(wait, q.recv(&mut back)).await.is_err() {
+                break;
+            }
+            each.push(t.elapsed());
+        }
+        let per_second = each.len() as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        Ok((rr, each, per_second))
+    })
+    .join()
+    .expect("client thread")
+}
 
 /// Receives `streams` connections until each ends; returns Gbit/s over the whole
 /// transfer (first byte to last EOF).
@@ -448,7 +521,7 @@ pub fn run(
 ) -> anyhow::Result<Value> {
     use segmesh_identity::{Ca, KeyAlgorithm, SpiffeId, WorkloadKey};
     let proxy = proxy_path(proxy)?;
-    let topo = Topology::new(&["client", "server"]);
+    let topo = Topology::new(&["client", "server", "outside"]);
     let (client, server) = (topo.host("client").clone(), topo.host("server").clone());
     let any = |p: u16| SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), p);
     let at_server = |p: u16| SocketAddr::new(server.ip4.into(), p);
@@ -467,6 +540,27 @@ pub fn run(
         let p = DIRECT + next();
         Ok((any(p), at_server(p)))
     })?;
+    let outside = topo.host("outside").ip4;
+    let at_outside = |p: u16| SocketAddr::new(outside.into(), p);
+    let mut udp_figures = serde_json::Map::new();
+    let udp_path = |topo: &Topology, p: u16| -> anyhow::Result<Value> {
+        let (rr, each, per_second) = udp(
+            topo,
+            any(p),
+            at_outside(p),
+            sizes.rr_rounds,
+            sizes.connections as usize,
+            limit,
+        )?;
+        Ok(json!({
+            "round_trip": quantiles(&rr),
+            "rounds": rr.len(),
+            "new_session": quantiles(&each),
+            "sessions_per_second": per_second,
+            "sessions": each.len(),
+        }))
+    };
+    udp_figures.insert("direct".into(), udp_path(&topo, UDP_PORTS)?);
 
     if relay_available(install_relay) {
         // Each scenario gets its own relay pair (socat forks per connection).
@@ -499,9 +593,12 @@ pub fn run(
         dir.join("policies.yaml"),
         format!(
             "kind: NetworkPolicy\nname: encrypted\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [tcp/{ENCRYPTED}-{}]\n---\n\
-             kind: NetworkPolicy\nname: plain\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [tcp/{PLAIN}-{}]\nencrypt: false\n",
+             kind: NetworkPolicy\nname: plain\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [tcp/{PLAIN}-{}]\nencrypt: false\n---\n\
+             kind: ExternalNetwork\nname: outside\nnamespace: /lt\nentries: [{outside}]\n---\n\
+             kind: NetworkPolicy\nname: udp-out\nnamespace: /lt\naction: Allow\nmode: Outgoing\nsubject: [[app=client]]\nobject: [[ext:name=outside]]\nports: [udp/{UDP_PORTS}-{}]\n",
             ENCRYPTED + 999,
-            PLAIN + 999
+            PLAIN + 999,
+            UDP_PORTS + 99
         ),
     )?;
     let mut pids = Vec::new();
@@ -536,6 +633,9 @@ pub fn run(
             Ok((any(p), at_server(p)))
         })?;
     }
+    // UDP through the client's enforcer (one enforcer: the server side is outside the
+    // mesh), then the direct path again, so the baseline brackets the measurement.
+    udp_figures.insert("enforcer".into(), udp_path(&topo, UDP_PORTS + 1)?);
     // Each held connection costs this process two descriptors (both ends) and each
     // enforcer two, plus a pipe (two more) for a second after its greeting: stay under
     // the descriptor limit this machine allows.
@@ -608,6 +708,7 @@ pub fn run(
         "connections": figures.rate,
         "idle": idle_results,
         "fanout": fanout,
+        "udp": udp_figures,
         "notes": notes,
     }))
 }

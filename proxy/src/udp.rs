@@ -2,6 +2,9 @@
 //! through `lo`) onto a transparent socket on the outbound port; each datagram's
 //! original destination comes with it (`IP_RECVORIGDSTADDR`, ip(7)).
 //!
+//! A session's later datagrams arrive on its reply socket (TPROXY's lookup prefers
+//! the connected socket matching the 4-tuple), the first one on the capture socket.
+//!
 //! One session per 5-tuple, decided at its first datagram (the [plan](crate::plan)'s
 //! `outbound_udp`: external networks on `udp/N`; PU peers refused until the tunnel
 //! carries datagrams). An allowed session has an upstream socket connected to the
@@ -370,9 +373,29 @@ async fn relay(
     let idle = shared.settings.limits.udp_idle_timeout;
     let (mut back, mut back_bytes) = (0u64, 0u64);
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut out = vec![0u8; MAX_DATAGRAM];
     let close = loop {
         let until = s.last() + idle;
         tokio::select! {
+            // The workload's later datagrams: TPROXY's socket lookup finds the reply
+            // socket first (it is connected to exactly this 4-tuple), so they arrive
+            // here rather than on the capture socket.
+            r = reply.recv(&mut out) => match r {
+                Ok(n) => {
+                    s.touch();
+                    s.sent.fetch_add(1, Ordering::Relaxed);
+                    s.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    if up.try_send(&out[..n]).is_err() {
+                        shared.metrics.udp_dropped.inc();
+                    }
+                }
+                // The workload's socket is gone (ICMP port unreachable for an answer).
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break Close::Reset,
+                Err(e) => {
+                    tracing::debug!(error = %e, "udp session (workload side)");
+                    break Close::Error;
+                }
+            },
             r = up.recv(&mut buf) => match r {
                 Ok(n) => {
                     s.touch();

@@ -72,9 +72,35 @@ impl Session {
 #[derive(Default)]
 pub(crate) struct Sessions {
     table: Mutex<HashMap<Key, Arc<Session>>>,
+    /// Local ports of the upstream sockets, by family (`true`: IPv6). An upstream socket
+    /// may be handed the port a workload socket just gave back; an answer the enforcer
+    /// sends to that port would then land in its own upstream socket (same 4-tuple), so
+    /// answers to such a port end their session instead.
+    upstream_ports: Mutex<std::collections::HashSet<(bool, u16)>>,
 }
 
 impl Sessions {
+    fn own_port(&self, a: SocketAddr) -> bool {
+        self.upstream_ports
+            .lock()
+            .expect("lock poisoned")
+            .contains(&(a.is_ipv6(), a.port()))
+    }
+
+    fn claim_port(&self, a: SocketAddr) {
+        self.upstream_ports
+            .lock()
+            .expect("lock poisoned")
+            .insert((a.is_ipv6(), a.port()));
+    }
+
+    fn release_port(&self, a: SocketAddr) {
+        self.upstream_ports
+            .lock()
+            .expect("lock poisoned")
+            .remove(&(a.is_ipv6(), a.port()));
+    }
+
     fn get(&self, key: &Key) -> Option<Arc<Session>> {
         self.table.lock().expect("lock poisoned").get(key).cloned()
     }
@@ -310,7 +336,15 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
     rec.decided(d);
     let mark = shared.settings.socket_mark;
     let sockets = async {
-        let up = upstream_socket(to, mark).await?;
+        // Never the workload's own port (its socket may be closed already and the port
+        // free): answers to it would come back to this socket.
+        let mut up = upstream_socket(to, mark).await?;
+        for _ in 0..4 {
+            if up.local_addr()?.port() != from.port() {
+                break;
+            }
+            up = upstream_socket(to, mark).await?;
+        }
         let reply = reply_socket(from, to, mark)?;
         up.send(first).await?;
         Ok::<_, std::io::Error>((up, reply))
@@ -323,6 +357,10 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
             return rec.unreachable(segmesh_api::CloseReason::ConnectFailed);
         }
     };
+    let up_addr = up.local_addr().ok();
+    if let Some(a) = up_addr {
+        shared.udp.claim_port(a);
+    }
     let up = Arc::new(up);
     let s = Arc::new(Session {
         refused: false,
@@ -404,6 +442,11 @@ async fn relay(
                     }
                     back += 1;
                     back_bytes += n as u64;
+                    // The workload's port now belongs to one of our upstream sockets:
+                    // its socket is gone, and an answer would loop back to us.
+                    if shared.udp.own_port(key.0) {
+                        break Close::Reset;
+                    }
                     if reply.try_send(&buf[..n]).is_err() {
                         shared.metrics.udp_dropped.inc();
                     }
@@ -426,6 +469,9 @@ async fn relay(
         }
     };
     shared.udp.remove(&key, &s, &shared);
+    if let Ok(a) = up.local_addr() {
+        shared.udp.release_port(a);
+    }
     let sent = s.sent.load(Ordering::Relaxed);
     rec.datagrams = Some((sent, back));
     rec.finish(Moved {

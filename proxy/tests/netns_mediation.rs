@@ -280,3 +280,146 @@ fn netns_mediation_icmp_is_dropped_both_ways() {
         });
     }
 }
+
+/// Quarantine means nobody: under an emergency reject-all, TCP, UDP and ICMP over both
+/// families to an external host and to a host behind another router get nothing
+/// through; TCP and UDP attempts are recorded with the deciding policy (ICMP is dropped
+/// by the capture rules, not recorded).
+#[test]
+fn netns_mediation_quarantine_means_nobody() {
+    if !netns_enabled() {
+        return;
+    }
+    let topo = Topology::new(&["work", "ext", "gw", "far"]);
+    let (work, ext, gw, far) = (
+        topo.host("work").clone(),
+        topo.host("ext").clone(),
+        topo.host("gw").clone(),
+        topo.host("far").clone(),
+    );
+    let dir = Scratch::new("quarantine");
+    std::fs::write(
+        dir.0.join("policies.yaml"),
+        r#"
+kind: ExternalNetwork
+name: everyone
+namespace: /lab
+entries: [0.0.0.0/0, "::/0"]
+---
+kind: NetworkPolicy
+name: all-out
+namespace: /lab
+action: Allow
+mode: Outgoing
+subject: [[app=work]]
+object: [[ext:name=everyone]]
+---
+kind: NetworkPolicy
+name: quarantine
+namespace: /lab
+action: Reject
+mode: Outgoing
+subject: [[state=quarantined]]
+object: [[$identity=processingunit], [$identity=externalnetwork]]
+tier: emergency
+log: true
+"#,
+    )
+    .unwrap();
+    let config = dir.0.join("enforcer.yaml");
+    std::fs::write(
+        &config,
+        "pu: {name: work, namespace: /lab, tags: [app=work, state=quarantined]}\npolicies: [policies.yaml]\nflow_log: flows.jsonl\n",
+    )
+    .unwrap();
+    // `far` is reached through `gw` (a host behind the pod's link).
+    for (h, via) in [(&work, &gw), (&ext, &gw)] {
+        h.exec_ok(&[
+            "ip",
+            "route",
+            "replace",
+            &format!("{}/32", far.ip4),
+            "via",
+            &via.ip4.to_string(),
+        ]);
+        h.exec_ok(&[
+            "ip",
+            "-6",
+            "route",
+            "replace",
+            &format!("{}/128", far.ip6),
+            "via",
+            &via.ip6.to_string(),
+        ]);
+    }
+    gw.exec_ok(&[
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+    ]);
+    capture(&work);
+    start_enforcer(&topo, "work", &config);
+    let seen = Arc::new(AtomicUsize::new(0));
+    for (h, v6) in [(&ext, false), (&ext, true), (&far, false), (&far, true)] {
+        let _ = in_ns(h, greeter(SocketAddr::new(ip(h, v6), 7000), seen.clone()));
+    }
+    let udp_seen = Arc::new(AtomicUsize::new(0));
+    for (h, v6) in [(&ext, false), (&ext, true), (&far, false), (&far, true)] {
+        let addr = SocketAddr::new(ip(h, v6), 7000);
+        let seen = udp_seen.clone();
+        let _ = in_ns(h, async move {
+            let s = tokio::net::UdpSocket::bind(addr).await.unwrap();
+            let mut b = [0u8; 64];
+            let until = tokio::time::Instant::now() + LIMIT;
+            while let Ok(Ok((n, from))) = tokio::time::timeout_at(until, s.recv_from(&mut b)).await
+            {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let _ = s.send_to(&b[..n], from).await;
+            }
+        });
+    }
+    // The control: ext reaches far through gw.
+    wait_until("far answers through gw", Duration::from_secs(10), || {
+        in_ns(&ext, short_attempt(SocketAddr::new(far.ip4.into(), 7000)))
+            .join()
+            .unwrap()
+            == Attempt::Greeted
+    });
+    let control = seen.swap(0, Ordering::SeqCst);
+    assert!(control >= 1);
+
+    for (h, v6) in [(&ext, false), (&ext, true), (&far, false), (&far, true)] {
+        let to = SocketAddr::new(ip(h, v6), 7000);
+        refused_fast(in_ns(&work, attempt(to)).join().unwrap());
+        let answered = in_ns(&work, async move {
+            let any: SocketAddr = if v6 { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap();
+            let s = tokio::net::UdpSocket::bind(any).await.unwrap();
+            s.send_to(b"leak", to).await.unwrap();
+            let mut b = [0u8; 64];
+            tokio::time::timeout(Duration::from_millis(500), s.recv_from(&mut b))
+                .await
+                .is_ok()
+        })
+        .join()
+        .unwrap();
+        assert!(!answered, "a UDP answer from {to}");
+        assert!(!ping(&work, ip(h, v6)), "a ping reached {}", ip(h, v6));
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "a TCP connection got through"
+    );
+    assert_eq!(udp_seen.load(Ordering::SeqCst), 0, "a datagram got through");
+    wait_until("every attempt's record", Duration::from_secs(10), || {
+        let r = flow_records(&dir);
+        r.iter().filter(|r| r["protocol"].is_null()).count() >= 4
+            && r.iter().filter(|r| r["protocol"] == "udp").count() >= 4
+    });
+    for r in flow_records(&dir) {
+        assert_eq!(r["verdict"], "reject", "{r}");
+        assert_eq!(r["policies"], serde_json::json!(["/lab:quarantine"]), "{r}");
+        assert_eq!(r["tier"], "emergency", "{r}");
+    }
+}

@@ -187,39 +187,52 @@ fn filter_rules(family: Family) -> Vec<String> {
 }
 
 impl Config {
-    /// Outbound UDP left alone: the enforcer's own, loopback, excluded destinations.
-    fn udp_exemptions(&self, loopback: &str, family: Family) -> Vec<String> {
-        let c = CHAIN_UDP_OUT;
+    /// What leaves `chain` uncaptured, in order: the enforcer's own packets (its uid or
+    /// gid *and* its mark; any packet with `proxy_mark`), then — after `extra` — loopback
+    /// and excluded destinations.
+    fn exemptions(
+        &self,
+        chain: &str,
+        extra: &[String],
+        loopback: &str,
+        family: Family,
+    ) -> Vec<String> {
         let enforcer = format!("-m mark --mark 0x{:x}", self.enforcer_mark);
         let mut out = vec![format!(
-            "-A {c} -m owner --uid-owner {} {enforcer} -j RETURN",
+            "-A {chain} -m owner --uid-owner {} {enforcer} -j RETURN",
             self.proxy_uid
         )];
         if let Some(gid) = self.proxy_gid {
             out.push(format!(
-                "-A {c} -m owner --gid-owner {gid} {enforcer} -j RETURN"
+                "-A {chain} -m owner --gid-owner {gid} {enforcer} -j RETURN"
             ));
         }
         if let Some(m) = self.proxy_mark {
-            out.push(format!("-A {c} -m mark --mark 0x{m:x} -j RETURN"));
+            out.push(format!("-A {chain} -m mark --mark 0x{m:x} -j RETURN"));
         }
-        // The enforcer's own name lookups (the console's address): glibc's resolver
-        // cannot mark its socket, and a fail-closed enforcer could not decide them.
-        // Only DNS, only the proxy uid, which no other process of an injected pod has.
-        out.push(format!(
-            "-A {c} -p udp -m owner --uid-owner {} -m udp --dport 53 -j RETURN",
-            self.proxy_uid
-        ));
-        out.push(format!("-A {c} -d {loopback} -j RETURN"));
-        out.push(format!("-A {c} -o lo -j RETURN"));
+        out.extend(extra.iter().cloned());
+        out.push(format!("-A {chain} -d {loopback} -j RETURN"));
+        out.push(format!("-A {chain} -o lo -j RETURN"));
         for net in self
             .exclude_outbound_cidrs
             .iter()
             .filter(|n| in_family(n, family))
         {
-            out.push(format!("-A {c} -d {} -j RETURN", net.trunc()));
+            out.push(format!("-A {chain} -d {} -j RETURN", net.trunc()));
         }
         out
+    }
+
+    /// Outbound UDP left alone: as TCP, plus the enforcer's own name lookups (the
+    /// console's address): glibc's resolver cannot mark its socket, and a fail-closed
+    /// enforcer could not decide them. Only DNS, only the proxy uid, which no other
+    /// process of an injected pod has.
+    fn udp_exemptions(&self, loopback: &str, family: Family) -> Vec<String> {
+        let dns = format!(
+            "-A {CHAIN_UDP_OUT} -p udp -m owner --uid-owner {} -m udp --dport 53 -j RETURN",
+            self.proxy_uid
+        );
+        self.exemptions(CHAIN_UDP_OUT, &[dns], loopback, family)
     }
 
     pub fn rules(&self, family: Family) -> Rules {
@@ -229,30 +242,7 @@ impl Config {
         };
         let mark = format!("0x{:x}/0xffffffff", self.tproxy_mark);
 
-        let enforcer = format!("-m mark --mark 0x{:x}", self.enforcer_mark);
-        let mut nat = vec![format!(
-            "-A {CHAIN_OUTPUT} -m owner --uid-owner {} {enforcer} -j RETURN",
-            self.proxy_uid
-        )];
-        if let Some(gid) = self.proxy_gid {
-            nat.push(format!(
-                "-A {CHAIN_OUTPUT} -m owner --gid-owner {gid} {enforcer} -j RETURN"
-            ));
-        }
-        if let Some(m) = self.proxy_mark {
-            nat.push(format!(
-                "-A {CHAIN_OUTPUT} -m mark --mark 0x{m:x} -j RETURN"
-            ));
-        }
-        nat.push(format!("-A {CHAIN_OUTPUT} -d {loopback} -j RETURN"));
-        nat.push(format!("-A {CHAIN_OUTPUT} -o lo -j RETURN"));
-        for net in self
-            .exclude_outbound_cidrs
-            .iter()
-            .filter(|n| in_family(n, family))
-        {
-            nat.push(format!("-A {CHAIN_OUTPUT} -d {} -j RETURN", net.trunc()));
-        }
+        let mut nat = self.exemptions(CHAIN_OUTPUT, &[], loopback, family);
         for p in sorted(&self.exclude_outbound_ports) {
             nat.push(format!(
                 "-A {CHAIN_OUTPUT} -p tcp -m tcp --dport {p} -j RETURN"

@@ -140,9 +140,6 @@ pub enum FlowReason {
     /// The peer's valid certificate names another PU than the one registered at its
     /// address.
     Impersonation,
-    /// A flow this build cannot carry yet (UDP between two PUs: the tunnel carries TCP
-    /// only); refused rather than sent around the mesh.
-    Unsupported,
     /// The peer enforcer's tunnel port could not be reached.
     TunnelUnreachable,
     /// The peer's certificate was refused (`peer-certificate:<why>`, `why` as the
@@ -166,7 +163,7 @@ pub enum FlowReason {
 }
 
 impl FlowReason {
-    const NAMED: [(FlowReason, &'static str); 17] = [
+    const NAMED: [(FlowReason, &'static str); 16] = [
         (FlowReason::Policy, "policy"),
         (FlowReason::Default, "default"),
         (FlowReason::Discovered, "discovered"),
@@ -183,7 +180,6 @@ impl FlowReason {
         (FlowReason::BadRequest, "bad-request"),
         (FlowReason::Internal, "internal"),
         (FlowReason::NotLocal, "not-local"),
-        (FlowReason::Unsupported, "unsupported"),
     ];
     const PEER_CERTIFICATE: &'static str = "peer-certificate:";
 }
@@ -358,7 +354,6 @@ mod tests {
             "bad-request",
             "internal",
             "not-local",
-            "unsupported",
         ];
         for s in reasons {
             let r: FlowReason = s.parse().unwrap();

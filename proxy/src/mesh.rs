@@ -8,6 +8,9 @@
 //! client's certificate tags and answers with a reason code. A reject at either end
 //! becomes an RST to the connecting application. The wire format is in [`wire`].
 //!
+//! UDP sessions (request flag) stay inside TLS after the accept, each datagram a frame
+//! (see `wire` and `relay::datagrams`).
+//!
 //! Data after an accept: encrypted through TLS when either decision asks for it;
 //! otherwise both ends leave TLS and splice plaintext. Leaving TLS loses and duplicates
 //! nothing because neither side can read the other's plaintext into its TLS buffer:
@@ -30,7 +33,7 @@ use crate::state::Shared;
 
 /// The policy tags of a peer: its certificate's tags plus the automatic ones its SPIFFE
 /// ID proves. Nothing the peer says in the tunnel header is used.
-fn peer_tags(id: &WorkloadIdentity) -> TagSet {
+pub(crate) fn peer_tags(id: &WorkloadIdentity) -> TagSet {
     let mut tags: TagSet = id
         .tags
         .iter()
@@ -53,7 +56,7 @@ fn decide(
     snap: &Snapshot,
     dir: Direction,
     id: &WorkloadIdentity,
-    port: u16,
+    port: impl Into<segmesh_policy::FlowPort>,
     shared: &Shared,
 ) -> Decision {
     let t = std::time::Instant::now();

@@ -129,11 +129,12 @@ pub(crate) fn outbound_udp(snap: &Snapshot, target: SocketAddr, names: &[String]
         return Planned::refuse(FlowReason::NoSnapshot);
     }
     if let Some(r) = snap.registry.get(&ip) {
-        // PU to PU UDP would bypass the peer's enforcer: refused until the tunnel
-        // carries datagrams.
+        // PU to PU: through the mesh tunnel, decided at both ends on certificates.
         return Planned {
             peer_pu: Some(r.qualified()),
-            ..Planned::refuse(FlowReason::Unsupported)
+            plan: Plan::Tunnel(r.clone()),
+            networks: Vec::new(),
+            domain: None,
         };
     }
     external(
@@ -463,8 +464,7 @@ ports: [tcp/8080]
         assert_eq!(summary(&other_port), ("refuse", Some(FlowReason::Default)));
     }
 
-    /// UDP is decided on `udp/N` ports; to a PU it is refused (the tunnel carries TCP
-    /// only), never sent around the peer's enforcer.
+    /// UDP is decided on `udp/N` ports; to a PU it goes through the tunnel.
     #[test]
     fn udp_table() {
         let snap = snapshot("/acme");
@@ -472,7 +472,7 @@ ports: [tcp/8080]
         let p = outbound_udp(&snap, sa("203.0.113.9:443"), &[]);
         assert_eq!(summary(&p), ("refuse", Some(FlowReason::Default)));
         let p = outbound_udp(&snap, sa("10.0.0.3:53"), &[]);
-        assert_eq!(summary(&p), ("refuse", Some(FlowReason::Unsupported)));
+        assert_eq!(summary(&p), ("tunnel", None));
         assert_eq!(p.peer_pu.as_deref(), Some("/acme:api"));
         let p = outbound_udp(&Snapshot::fail_closed(), sa("192.0.2.1:53"), &[]);
         assert_eq!(summary(&p), ("refuse", Some(FlowReason::NoSnapshot)));

@@ -1,6 +1,8 @@
 //! The byte movers of allowed flows: [`splice`] (zero-copy between two TCP sockets,
-//! with a copy fallback) and [`tls`] (through the tunnel's TLS in user space).
+//! with a copy fallback), [`tls`] (through the tunnel's TLS in user space) and
+//! [`datagrams`] (UDP sessions framed inside the tunnel's TLS).
 
+pub(crate) mod datagrams;
 pub mod splice;
 pub(crate) mod tls;
 

@@ -6,8 +6,9 @@
 //! the connected socket matching the 4-tuple), the first one on the capture socket.
 //!
 //! One session per 5-tuple, decided at its first datagram (the [plan](crate::plan)'s
-//! `outbound_udp`: external networks on `udp/N`; PU peers refused until the tunnel
-//! carries datagrams). An allowed session has an upstream socket connected to the
+//! `outbound_udp`: external networks on `udp/N`; PU peers through the mesh tunnel,
+//! decided at both ends, see `tunnel`). An allowed external session has an upstream
+//! socket connected to the
 //! destination and a reply socket bound to the destination's address (`IP_TRANSPARENT`)
 //! and connected to the workload, so answers come from where the workload sent to. A
 //! refused session stays in the table (dropping its datagrams, recorded once) until it
@@ -48,14 +49,22 @@ type Key = (SocketAddr, SocketAddr);
 /// One session's shared state.
 struct Session {
     /// Refused: its datagrams are dropped until it is idle.
-    refused: bool,
+    refused: std::sync::atomic::AtomicBool,
     last: Mutex<Instant>,
-    /// The upstream socket (allowed sessions).
-    upstream: Option<Arc<UdpSocket>>,
+    /// Where the workload's datagrams go (allowed sessions).
+    upstream: Option<Upstream>,
     sent: AtomicU64,
     sent_bytes: AtomicU64,
     /// Notified when the table evicts the session.
     evict: Notify,
+}
+
+/// An allowed session's way out.
+enum Upstream {
+    /// A socket connected to the external destination.
+    Socket(Arc<UdpSocket>),
+    /// The mesh tunnel to a PU (datagrams queued for the session's tunnel task).
+    Tunnel(tokio::sync::mpsc::Sender<Vec<u8>>),
 }
 
 impl Session {
@@ -264,17 +273,18 @@ async fn datagram(shared: &Arc<Shared>, from: SocketAddr, to: SocketAddr, data: 
     let key = (canonical(from), canonical(to));
     if let Some(s) = shared.udp.get(&key) {
         s.touch();
-        match &s.upstream {
-            Some(up) if !s.refused => {
+        let passed = match &s.upstream {
+            _ if s.refused.load(Ordering::Relaxed) => false,
+            Some(Upstream::Socket(up)) => {
                 s.sent.fetch_add(1, Ordering::Relaxed);
                 s.sent_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                if up.try_send(data).is_err() {
-                    shared.metrics.udp_dropped.inc();
-                }
+                up.try_send(data).is_ok()
             }
-            _ => {
-                shared.metrics.udp_dropped.inc();
-            }
+            Some(Upstream::Tunnel(tx)) => tx.try_send(data.to_vec()).is_ok(),
+            None => false,
+        };
+        if !passed {
+            shared.metrics.udp_dropped.inc();
         }
         return;
     }
@@ -305,7 +315,7 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
     // A refused session stays (its datagrams dropped, recorded once) until idle.
     let refused = |shared: &Arc<Shared>| {
         let s = Arc::new(Session {
-            refused: true,
+            refused: true.into(),
             last: Mutex::new(Instant::now()),
             upstream: None,
             sent: AtomicU64::new(1),
@@ -327,10 +337,23 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
             return rec.refuse(reason, None);
         }
         Plan::Forward(d) => d,
-        Plan::Tunnel(_) => {
-            // plan::outbound_udp never plans a tunnel; refuse rather than assume.
-            refused(shared);
-            return rec.refuse(segmesh_api::FlowReason::Unsupported, None);
+        Plan::Tunnel(pu) => {
+            // To a PU: through the mesh tunnel, decided at both ends on certificates.
+            let (tx, rx) = tokio::sync::mpsc::channel(256);
+            let _ = tx.try_send(first.to_vec());
+            let s = Arc::new(Session {
+                refused: false.into(),
+                last: Mutex::new(Instant::now()),
+                upstream: Some(Upstream::Tunnel(tx)),
+                sent: AtomicU64::new(0),
+                sent_bytes: AtomicU64::new(0),
+                evict: Notify::new(),
+            });
+            shared
+                .udp
+                .insert(key, s.clone(), limits.max_udp_sessions, shared);
+            tokio::spawn(tunnel(shared.clone(), key, s, rx, rec, pu));
+            return;
         }
     };
     rec.decided(d);
@@ -363,9 +386,9 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
     }
     let up = Arc::new(up);
     let s = Arc::new(Session {
-        refused: false,
+        refused: false.into(),
         last: Mutex::new(Instant::now()),
-        upstream: Some(up.clone()),
+        upstream: Some(Upstream::Socket(up.clone())),
         sent: AtomicU64::new(1),
         sent_bytes: AtomicU64::new(first.len() as u64),
         evict: Notify::new(),
@@ -374,6 +397,60 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
         .udp
         .insert(key, s.clone(), limits.max_udp_sessions, shared);
     tokio::spawn(relay(shared.clone(), key, s, up, reply, rec));
+}
+
+/// A session to a PU: the tunnel is negotiated (identity, both decisions), then the
+/// datagrams travel framed inside it. A refusal keeps the session in the table as
+/// refused until idle.
+async fn tunnel(
+    shared: Arc<Shared>,
+    key: Key,
+    s: Arc<Session>,
+    mut early: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    mut rec: Recorder,
+    pu: crate::snapshot::RegisteredPu,
+) {
+    let (from, to) = key;
+    let refuse = |rec: Recorder, reason, by| {
+        s.refused.store(true, Ordering::Relaxed);
+        tokio::spawn(expire_refused(shared.clone(), key, s.clone()));
+        rec.refuse(reason, by);
+    };
+    let port = segmesh_policy::FlowPort::udp(to.port());
+    let n = match crate::mesh::client::negotiate(&mut rec, to, &pu, port).await {
+        Ok(n) => n,
+        Err((reason, by)) => return refuse(rec, reason, by),
+    };
+    let reply = match reply_socket(from, to, shared.settings.socket_mark) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, %to, "udp session");
+            return refuse(rec, segmesh_api::FlowReason::Internal, None);
+        }
+    };
+    rec.peer_reason = Some(n.resp.reason.as_str().into());
+    let stop = rec.relaying(Peer::Pu(crate::mesh::peer_tags(&n.peer)), port);
+    let local = crate::relay::datagrams::Local {
+        sock: &reply,
+        early: Some(&mut early),
+    };
+    let touch = || s.touch();
+    let ends = crate::relay::datagrams::Ends {
+        idle: shared.settings.limits.udp_idle_timeout,
+        stop: &stop.notify,
+        evict: Some(&s.evict),
+        touch: &touch,
+    };
+    let (c, close) = crate::relay::datagrams::relay(n.stream, local, ends).await;
+    shared.udp.remove(&key, &s, &shared);
+    rec.datagrams = Some((c.sent, c.received));
+    rec.finish(Moved {
+        forward: c.sent_bytes,
+        backward: c.received_bytes,
+        path: DataPath::Datagrams,
+        close,
+        tls: true,
+    });
 }
 
 /// A refused session leaves the table when idle.

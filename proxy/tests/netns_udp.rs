@@ -413,3 +413,185 @@ log: true
             >= 2
     });
 }
+
+/// UDP between two PUs travels inside the mesh tunnel: decided at both ends on the
+/// peers' certificate tags, datagrams framed inside TLS, recorded at both ends with the
+/// peer's identity; a port one end refuses gets nothing through, and the record says
+/// which end refused.
+#[test]
+fn netns_udp_between_pus_goes_through_the_tunnel() {
+    use segmesh_identity::{Ca, KeyAlgorithm, SpiffeId, WorkloadKey};
+    if !netns_enabled() {
+        return;
+    }
+    let topo = Topology::new(&["web", "api"]);
+    let (web, api) = (topo.host("web").clone(), topo.host("api").clone());
+    let dir = Scratch::new("udp-mesh");
+    let ca = Ca::new_root("segmesh.local", KeyAlgorithm::EcdsaP256).unwrap();
+    std::fs::write(
+        dir.0.join("policies.yaml"),
+        r#"
+kind: NetworkPolicy
+name: web-to-api-udp
+namespace: /shop
+action: Allow
+mode: Bidirectional
+subject: [[app=web]]
+object: [[app=api]]
+ports: [udp/7000]
+log: true
+---
+kind: NetworkPolicy
+name: web-out-only
+namespace: /shop
+action: Allow
+mode: Outgoing
+subject: [[app=web]]
+object: [[app=api]]
+ports: [udp/7002]
+"#,
+    )
+    .unwrap();
+    let registry: String = [("web", &web), ("api", &api)]
+        .iter()
+        .map(|(n, h)| {
+            format!(
+                "  - {{name: {n}, namespace: /shop, ips: [{}, \"{}\"]}}\n",
+                h.ip4, h.ip6
+            )
+        })
+        .collect();
+    for (name, host) in [("web", &web), ("api", &api)] {
+        let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let id = SpiffeId::new("segmesh.local", "/shop", name).unwrap();
+        let issued = ca
+            .issue(
+                &key.csr_pem(name).unwrap(),
+                &id,
+                &[format!("app={name}")],
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        for f in segmesh_identity::ca::save_issued(&dir.0.join(name), &issued, &key).unwrap() {
+            std::os::unix::fs::chown(&f, Some(1337), Some(1337)).unwrap();
+        }
+        let cfg = dir.0.join(format!("{name}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "pu: {{name: {name}, namespace: /shop, tags: [app={name}]}}\n\
+                 identity: {{cert: {name}.crt, key: {name}.key, bundle: {name}.bundle.crt}}\n\
+                 registry:\n{registry}policies: [policies.yaml]\nflow_log: {name}.jsonl\n\
+                 limits: {{udp_idle_timeout: 1s}}\n"
+            ),
+        )
+        .unwrap();
+        capture(host);
+        start_enforcer(&topo, name, &cfg);
+    }
+    let seen = Arc::new(AtomicUsize::new(0));
+    for v6 in [false, true] {
+        for port in [7000, 7001, 7002] {
+            let _ = in_ns(
+                &api,
+                udp_echo(SocketAddr::new(ip(&api, v6), port), seen.clone()),
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200)); // echo servers bound (checked by outcomes)
+
+    for v6 in [false, true] {
+        let to = SocketAddr::new(ip(&api, v6), 7000);
+        let rounds = in_ns(&web, async move {
+            let any: SocketAddr = if v6 { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap();
+            let s = UdpSocket::bind(any).await.unwrap();
+            s.connect(to).await.unwrap();
+            let mut b = [0u8; 64];
+            let mut ok = 0;
+            for i in 0..5u8 {
+                s.send(&[i; 20]).await.unwrap();
+                match tokio::time::timeout(Duration::from_secs(3), s.recv(&mut b)).await {
+                    Ok(Ok(20)) if b[..20] == [i; 20] => ok += 1,
+                    _ => break,
+                }
+            }
+            ok
+        })
+        .join()
+        .unwrap();
+        assert_eq!(rounds, 5, "five round trips through the tunnel (v6: {v6})");
+    }
+    assert_eq!(seen.load(Ordering::SeqCst), 10);
+    // 7001: nothing allows it at web; 7002: web allows it, api does not.
+    for port in [7001, 7002] {
+        let to = SocketAddr::new(api.ip4.into(), port);
+        assert_eq!(
+            in_ns(&web, ask(to, b"ping")).join().unwrap(),
+            None,
+            "udp/{port}"
+        );
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        10,
+        "a refused datagram got through"
+    );
+
+    let log = |name: &str| flow_log(&dir.0.join(format!("{name}.jsonl")));
+    wait_until("both ends' records", Duration::from_secs(15), || {
+        log("web")
+            .iter()
+            .filter(|r| r["destination"]["port"] == 7000)
+            .count()
+            == 2
+            && log("api")
+                .iter()
+                .filter(|r| r["destination"]["port"] == 7000)
+                .count()
+                == 2
+            && log("web").iter().any(|r| r["destination"]["port"] == 7002)
+    });
+    for r in log("web")
+        .iter()
+        .filter(|r| r["destination"]["port"] == 7000)
+    {
+        assert_eq!(r["protocol"], "udp", "{r}");
+        assert_eq!(r["verdict"], "allow", "{r}");
+        assert_eq!(
+            r["peer_identity"], "spiffe://segmesh.local/ns/shop/pu/api",
+            "{r}"
+        );
+        assert_eq!(r["data_path"], "tls", "{r}");
+        assert_eq!(r["datagrams_sent"], 5, "{r}");
+        assert_eq!(r["datagrams_received"], 5, "{r}");
+        assert_eq!(r["bytes_sent"], 100, "{r}");
+        // Whichever end's idle timer fires first ends the session; the other sees it
+        // closed.
+        assert!(
+            r["close_reason"] == "idle" || r["close_reason"] == "closed",
+            "{r}"
+        );
+    }
+    for r in log("api")
+        .iter()
+        .filter(|r| r["destination"]["port"] == 7000)
+    {
+        assert_eq!(r["protocol"], "udp", "{r}");
+        assert_eq!(r["source"]["pu"], "/shop:web", "{r}");
+        assert_eq!(
+            r["peer_identity"], "spiffe://segmesh.local/ns/shop/pu/web",
+            "{r}"
+        );
+        assert_eq!(r["datagrams_sent"], 5, "{r}");
+    }
+    let web_log = log("web");
+    let at = |port: u16| {
+        web_log
+            .iter()
+            .find(|r| r["destination"]["port"] == port)
+            .unwrap()
+    };
+    assert_eq!(at(7001)["rejected_by"], "client", "{}", at(7001));
+    assert_eq!(at(7002)["rejected_by"], "server", "{}", at(7002));
+    assert_eq!(at(7002)["peer_reason"], "default", "{}", at(7002));
+}

@@ -8,10 +8,12 @@ use std::sync::Arc;
 
 use rustls_pki_types::ServerName;
 use segmesh_api::{FlowReason, Side};
+use segmesh_identity::WorkloadIdentity;
 use segmesh_identity::{TlsConfigs, peer_identity};
-use segmesh_policy::{Direction, Verdict};
+use segmesh_policy::{Direction, FlowPort, Protocol, Verdict};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use super::wire::{GO, RESPONSE_LEN, Request, Response};
 use super::{decide, handshake_result, invalid, peer_tags, read_close_notify, rejection_of};
@@ -139,47 +141,60 @@ async fn obtain(
     established
 }
 
-/// Our PU connects to the registered PU `pu` at `target`.
-pub(crate) async fn connect(
-    mut rec: Recorder,
-    app: TcpStream,
+/// A tunnel connection to the PU registered at `target`, its identity checked, our
+/// decision on its certificate taken, the request sent and accepted: what the flow's
+/// data plane then uses. The error is the refusal and who refused.
+pub(crate) struct Negotiated {
+    pub stream: TlsStream<TcpStream>,
+    pub peer: WorkloadIdentity,
+    pub resp: Response,
+}
+
+pub(crate) type Refusal = (FlowReason, Option<Side>);
+
+/// Negotiates a flow to `pu` at `target` on `port` (`udp/N`: a UDP session, which stays
+/// encrypted inside TLS).
+pub(crate) async fn negotiate(
+    rec: &mut Recorder,
     target: SocketAddr,
-    pu: RegisteredPu,
-) {
+    pu: &RegisteredPu,
+    port: FlowPort,
+) -> Result<Negotiated, Refusal> {
     let shared = rec.shared().clone();
     let snap = rec.snapshot().clone();
     let Some(tls) = snap.tls.clone() else {
-        return rec.reset(app, FlowReason::NoIdentity, None);
+        return Err((FlowReason::NoIdentity, None));
     };
     if !rec.admit() {
-        return rec.reset(app, FlowReason::Overload, None);
+        return Err((FlowReason::Overload, None));
     }
     let Established {
         mut stream,
         peer,
         resumed,
         ..
-    } = match obtain(&shared, &tls, target.ip()).await {
-        Ok(e) => e,
-        Err(e) => return rec.reset(app, e.reason(), None),
-    };
+    } = obtain(&shared, &tls, target.ip())
+        .await
+        .map_err(|e| (e.reason(), None))?;
     rec.peer_identity = Some(peer.spiffe_id().to_string());
     rec.resumed = Some(resumed);
     if peer.name != pu.name || peer.namespace != pu.namespace {
         // Someone else answers at that address with a valid certificate.
-        return rec.reset(app, FlowReason::Impersonation, Some(Side::Client));
+        return Err((FlowReason::Impersonation, Some(Side::Client)));
     }
-    let d = decide(&snap, Direction::Outgoing, &peer, target.port(), &shared);
+    let d = decide(&snap, Direction::Outgoing, &peer, port, &shared);
     let (verdict, encrypt, reason) = (d.verdict, d.encrypt, reason_of(&d));
     rec.decided(d);
     if verdict == Verdict::Reject {
-        return rec.reset(app, reason, Some(Side::Client));
+        return Err((reason, Some(Side::Client)));
     }
+    let udp = port.protocol == Protocol::Udp;
     let limit = shared.settings.limits.handshake_timeout;
     let exchange = async {
         let request = Request {
             port: target.port(),
-            encrypt,
+            encrypt: encrypt || udp,
+            udp,
         };
         stream.write_all(&request.encode()).await?;
         stream.flush().await?;
@@ -189,14 +204,32 @@ pub(crate) async fn connect(
     };
     let resp = match tokio::time::timeout(limit, exchange).await {
         Ok(Ok(r)) => r,
-        Ok(Err(_)) | Err(_) => {
-            return rec.reset(app, FlowReason::TunnelProtocol, Some(Side::Server));
-        }
+        Ok(Err(_)) | Err(_) => return Err((FlowReason::TunnelProtocol, Some(Side::Server))),
     };
     if !resp.accept {
         rec.peer_reason = Some(resp.reason.as_str().into());
-        return rec.reset(app, reason, Some(Side::Server));
+        return Err((reason, Some(Side::Server)));
     }
+    Ok(Negotiated { stream, peer, resp })
+}
+
+/// Our PU connects to the registered PU `pu` at `target`.
+pub(crate) async fn connect(
+    mut rec: Recorder,
+    app: TcpStream,
+    target: SocketAddr,
+    pu: RegisteredPu,
+) {
+    let shared = rec.shared().clone();
+    let Negotiated {
+        mut stream,
+        peer,
+        resp,
+    } = match negotiate(&mut rec, target, &pu, FlowPort::tcp(target.port())).await {
+        Ok(n) => n,
+        Err((reason, by)) => return rec.reset(app, reason, by),
+    };
+    let limit = shared.settings.limits.handshake_timeout;
     let stop = rec.relaying(Peer::Pu(peer_tags(&peer)), target.port());
     let moved = if resp.encrypt {
         tls::relay(app, &mut stream, &stop.notify).await

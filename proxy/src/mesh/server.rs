@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use segmesh_api::{CloseReason, FlowReason, Side};
 use segmesh_identity::{WorkloadIdentity, peer_identity};
-use segmesh_policy::{Direction, Verdict};
+use segmesh_policy::{Direction, FlowPort, Verdict};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -20,8 +20,8 @@ use crate::flow::{Flow, Recorder, reason_of};
 use crate::metrics::{ErrorKind, Role};
 use crate::open::Peer;
 use crate::pool::SERVER_IDLE;
-use crate::relay::splice::{self, Close, Progress};
-use crate::relay::{Moved, tls};
+use crate::relay::splice::{self, Close, DataPath, Progress};
+use crate::relay::{Moved, datagrams, tls};
 use crate::snapshot::Snapshot;
 use crate::state::Shared;
 
@@ -138,7 +138,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     if !registered(&snap, from, &peer) {
         return rec.refuse(FlowReason::Impersonation, server);
     }
-    let d = decide(&snap, Direction::Incoming, &peer, req.port, &shared);
+    let port = if req.udp {
+        FlowPort::udp(req.port)
+    } else {
+        FlowPort::tcp(req.port)
+    };
+    let d = decide(&snap, Direction::Incoming, &peer, port, &shared);
     let (verdict, reason, encrypt) = (d.verdict, reason_of(&d), req.encrypt || d.encrypt);
     let wire_reason = if d.tier.is_some() {
         Reason::Policy
@@ -154,6 +159,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     if !rec.admit() {
         answer(&mut stream, Reason::Overload, true).await;
         return rec.refuse(FlowReason::Overload, server);
+    }
+    if req.udp {
+        rec.resumed = Some(resumed);
+        let peer = peer_tags(&peer);
+        return serve_udp(rec, stream, SocketAddr::new(local.ip(), req.port), peer).await;
     }
     let workload_addr = SocketAddr::new(local.ip(), req.port);
     let connect = crate::socket::connect(workload_addr, None, shared.settings.socket_mark);
@@ -209,4 +219,66 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     };
     rec.resumed = Some(resumed);
     rec.finish(moved);
+}
+
+/// A UDP session to our workload at `target`, its datagrams framed inside the tunnel.
+async fn serve_udp(
+    mut rec: Recorder,
+    mut stream: tokio_rustls::server::TlsStream<TcpStream>,
+    target: SocketAddr,
+    peer: segmesh_policy::TagSet,
+) {
+    let shared = rec.shared().clone();
+    let limits = shared.settings.limits;
+    let workload = async {
+        let s = tokio::net::UdpSocket::bind(SocketAddr::new(target.ip(), 0)).await?;
+        let _ = socket2::SockRef::from(&s).set_mark(shared.settings.socket_mark);
+        s.connect(target).await?;
+        Ok::<_, std::io::Error>(s)
+    };
+    let sock = match workload.await {
+        Ok(s) => s,
+        Err(_) => {
+            shared.error(ErrorKind::ConnectFailed);
+            answer(&mut stream, Reason::Unreachable, true).await;
+            return rec.unreachable(CloseReason::ConnectFailed);
+        }
+    };
+    let stop = rec.relaying(Peer::Pu(peer), FlowPort::udp(target.port()));
+    let accepted = async {
+        let ok = Response {
+            accept: true,
+            reason: Reason::Accepted,
+            encrypt: true,
+        };
+        stream.write_all(&ok.encode()).await?;
+        stream.flush().await
+    };
+    if !matches!(
+        tokio::time::timeout(limits.handshake_timeout, accepted).await,
+        Ok(Ok(()))
+    ) {
+        rec.datagrams = Some((0, 0));
+        return rec.finish(Moved::nothing(Close::Error, true));
+    }
+    let local = datagrams::Local {
+        sock: &sock,
+        early: None,
+    };
+    let ends = datagrams::Ends {
+        idle: limits.udp_idle_timeout,
+        stop: &stop.notify,
+        evict: None,
+        touch: &|| {},
+    };
+    let (c, close) = datagrams::relay(stream, local, ends).await;
+    // The flow's source is the peer: what came out of the tunnel went forward.
+    rec.datagrams = Some((c.received, c.sent));
+    rec.finish(Moved {
+        forward: c.received_bytes,
+        backward: c.sent_bytes,
+        path: DataPath::Datagrams,
+        close,
+        tls: true,
+    });
 }

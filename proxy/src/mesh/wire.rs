@@ -3,13 +3,18 @@
 //!
 //! Request (client → server), 6 bytes then `ext_len` bytes of extensions:
 //! `version u8 = 1 | flags u8 | target port u16 BE | ext_len u16 BE | ext`.
-//! Flags: bit 0 = the client's decision wants encryption. `ext_len` may not exceed
-//! [`MAX_EXT`]; extensions are reserved (ignored).
+//! Flags: bit 0 = the client's decision wants encryption; bit 1 = a UDP session (the
+//! target port is a UDP port; the data plane carries datagrams, see below). `ext_len`
+//! may not exceed [`MAX_EXT`]; extensions are reserved (ignored).
 //!
 //! Response (server → client), 4 bytes:
 //! `version u8 = 1 | status u8 (0 accept, 1 reject) | reason u8 | flags u8`.
 //! Flags: bit 0 = the data plane stays encrypted (set when either end's decision wants
 //! encryption: encrypted wins).
+//!
+//! UDP sessions stay inside TLS after an accept; each datagram travels as a frame:
+//! `length u16 BE | payload` (at most [`MAX_DATAGRAM`] bytes, an empty datagram is a
+//! frame of length 0).
 //!
 //! Nothing in either message says who the client is or what tags it has: those come only
 //! from its certificate.
@@ -23,11 +28,34 @@ pub const RESPONSE_LEN: usize = 4;
 pub const GO: u8 = 0x47;
 
 const FLAG_ENCRYPT: u8 = 1;
+const FLAG_UDP: u8 = 2;
+/// The largest datagram a frame carries.
+pub const MAX_DATAGRAM: usize = 65_507;
+
+/// One datagram as a frame.
+pub fn frame(datagram: &[u8]) -> Vec<u8> {
+    let n = datagram.len().min(MAX_DATAGRAM);
+    let mut out = Vec::with_capacity(2 + n);
+    out.extend_from_slice(&(n as u16).to_be_bytes());
+    out.extend_from_slice(&datagram[..n]);
+    out
+}
+
+/// A frame's length field, checked.
+pub fn frame_len(header: [u8; 2]) -> Result<usize, WireError> {
+    let n = u16::from_be_bytes(header) as usize;
+    if n > MAX_DATAGRAM {
+        return Err(WireError::TooLong(n));
+    }
+    Ok(n)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
     pub port: u16,
     pub encrypt: bool,
+    /// A UDP session (datagrams framed inside TLS).
+    pub udp: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +127,7 @@ impl Request {
         let p = self.port.to_be_bytes();
         [
             VERSION,
-            if self.encrypt { FLAG_ENCRYPT } else { 0 },
+            if self.encrypt { FLAG_ENCRYPT } else { 0 } | if self.udp { FLAG_UDP } else { 0 },
             p[0],
             p[1],
             0,
@@ -124,6 +152,7 @@ impl Request {
             Request {
                 port,
                 encrypt: b[1] & FLAG_ENCRYPT != 0,
+                udp: b[1] & FLAG_UDP != 0,
             },
             ext,
         ))
@@ -168,6 +197,7 @@ mod tests {
     #[test]
     fn request_round_trip() {
         let r = Request {
+            udp: false,
             port: 8080,
             encrypt: true,
         };
@@ -178,12 +208,31 @@ mod tests {
             Request::decode(&[1, 0, 0, 80, 0, 200]),
             Ok((
                 Request {
+                    udp: false,
                     port: 80,
                     encrypt: false
                 },
                 200
             ))
         );
+    }
+
+    #[test]
+    fn udp_requests_and_frames() {
+        let r = Request {
+            udp: true,
+            port: 53,
+            encrypt: true,
+        };
+        let b = r.encode();
+        assert_eq!(b, [1, 3, 0, 53, 0, 0]);
+        assert_eq!(Request::decode(&b), Ok((r, 0)));
+        let f = frame(b"abc");
+        assert_eq!(f, [0, 3, b'a', b'b', b'c']);
+        assert_eq!(frame_len([f[0], f[1]]), Ok(3));
+        assert_eq!(frame(b""), [0, 0]);
+        assert_eq!(frame_len([0xff, 0xff]), Err(WireError::TooLong(65535)));
+        assert_eq!(frame(&vec![7u8; 70_000]).len(), 2 + MAX_DATAGRAM);
     }
 
     #[test]

@@ -369,9 +369,12 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
     }
     let udp = &figures["udp"];
     if udp["direct"].is_object() && udp["enforcer"].is_object() {
-        md.push_str("\n## UDP (64-byte datagrams to a host outside the mesh, through the client's enforcer)\n\n| path | round trip p50 | p99 | mean | added mean vs direct | new sessions/s (a new socket per query) | vs direct | new session p50 |\n|---|---|---|---|---|---|---|---|\n");
-        for p in ["direct", "enforcer"] {
+        md.push_str("\n## UDP (64-byte datagrams: to a host outside the mesh through the client's enforcer, and between the two PUs through both enforcers' tunnel)\n\n| path | round trip p50 | p99 | mean | added mean vs direct | new sessions/s (a new socket per query) | vs direct | new session p50 |\n|---|---|---|---|---|---|---|---|\n");
+        for p in ["direct", "enforcer", "both enforcers (tunnel)"] {
             let u = &udp[p];
+            if !u.is_object() {
+                continue;
+            }
             md.push_str(&format!(
                 "| {p} | {:.1} µs | {:.1} µs | {:.1} µs | {:+.1} µs | {:.0} | {:.2}× | {:.1} µs |\n",
                 f(&u["round_trip"]["p50_us"]),

@@ -65,6 +65,8 @@ const RELAY_OUT: u16 = 14000;
 /// UDP echo servers on the `outside` host (an external network to the client's
 /// enforcer: UDP between PUs is not carried yet).
 const UDP_PORTS: u16 = 15500;
+/// UDP echo servers on the server PU (through both enforcers' tunnel).
+const UDP_MESH: u16 = 15600;
 
 /// Echoes every datagram back to its sender until `limit`.
 async fn udp_echo(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
@@ -83,6 +85,7 @@ async fn udp_echo(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
 /// (it is counted as the missing rounds).
 fn udp(
     topo: &Topology,
+    host: &str,
     listen: SocketAddr,
     to: SocketAddr,
     rounds: usize,
@@ -90,7 +93,7 @@ fn udp(
     limit: Duration,
 ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, f64)> {
     let _srv = in_ns(
-        topo.host("outside"),
+        topo.host(host),
         udp_echo(listen, limit * 2 + Duration::from_secs(5)),
     );
     std::thread::sleep(Duration::from_millis(100));
@@ -541,13 +544,15 @@ pub fn run(
         Ok((any(p), at_server(p)))
     })?;
     let outside = topo.host("outside").ip4;
-    let at_outside = |p: u16| SocketAddr::new(outside.into(), p);
     let mut udp_figures = serde_json::Map::new();
-    let udp_path = |topo: &Topology, p: u16| -> anyhow::Result<Value> {
+    // UDP echo on `host` at port `p`, asked from the client.
+    let udp_path = |topo: &Topology, host: &str, p: u16| -> anyhow::Result<Value> {
+        let to = SocketAddr::new(topo.host(host).ip4.into(), p);
         let (rr, each, per_second) = udp(
             topo,
+            host,
             any(p),
-            at_outside(p),
+            to,
             sizes.rr_rounds,
             sizes.connections as usize,
             limit,
@@ -560,7 +565,7 @@ pub fn run(
             "sessions": each.len(),
         }))
     };
-    udp_figures.insert("direct".into(), udp_path(&topo, UDP_PORTS)?);
+    udp_figures.insert("direct".into(), udp_path(&topo, "outside", UDP_PORTS)?);
 
     if relay_available(install_relay) {
         // Each scenario gets its own relay pair (socat forks per connection).
@@ -595,10 +600,12 @@ pub fn run(
             "kind: NetworkPolicy\nname: encrypted\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [tcp/{ENCRYPTED}-{}]\n---\n\
              kind: NetworkPolicy\nname: plain\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [tcp/{PLAIN}-{}]\nencrypt: false\n---\n\
              kind: ExternalNetwork\nname: outside\nnamespace: /lt\nentries: [{outside}]\n---\n\
-             kind: NetworkPolicy\nname: udp-out\nnamespace: /lt\naction: Allow\nmode: Outgoing\nsubject: [[app=client]]\nobject: [[ext:name=outside]]\nports: [udp/{UDP_PORTS}-{}]\n",
+             kind: NetworkPolicy\nname: udp-out\nnamespace: /lt\naction: Allow\nmode: Outgoing\nsubject: [[app=client]]\nobject: [[ext:name=outside]]\nports: [udp/{UDP_PORTS}-{}]\n---\n\
+             kind: NetworkPolicy\nname: udp-mesh\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [udp/{UDP_MESH}-{}]\n",
             ENCRYPTED + 999,
             PLAIN + 999,
-            UDP_PORTS + 99
+            UDP_PORTS + 99,
+            UDP_MESH + 99
         ),
     )?;
     let mut pids = Vec::new();
@@ -635,7 +642,15 @@ pub fn run(
     }
     // UDP through the client's enforcer (one enforcer: the server side is outside the
     // mesh), then the direct path again, so the baseline brackets the measurement.
-    udp_figures.insert("enforcer".into(), udp_path(&topo, UDP_PORTS + 1)?);
+    udp_figures.insert(
+        "enforcer".into(),
+        udp_path(&topo, "outside", UDP_PORTS + 1)?,
+    );
+    // Between the two PUs: both enforcers, datagrams framed inside the mesh tunnel.
+    udp_figures.insert(
+        "both enforcers (tunnel)".into(),
+        udp_path(&topo, "server", UDP_MESH)?,
+    );
     // Each held connection costs this process two descriptors (both ends) and each
     // enforcer two, plus a pipe (two more) for a second after its greeting: stay under
     // the descriptor limit this machine allows.

@@ -624,7 +624,7 @@ pub fn run(
         }
         let cfg = dir.join(format!("{name}.yaml"));
         let text = format!(
-            "pu: {{name: {name}, namespace: /lt, tags: [app={name}]}}\nidentity: {{cert: {name}.crt, key: {name}.key, bundle: {name}.bundle.crt}}\nregistry:\n{registry}policies: [policies.yaml]\nlimits: {{max_connections: 65536, max_handshakes: 1024}}\n"
+            "pu: {{name: {name}, namespace: /lt, tags: [app={name}]}}\nidentity: {{cert: {name}.crt, key: {name}.key, bundle: {name}.bundle.crt}}\nregistry:\n{registry}policies: [policies.yaml]\nlimits: {{max_connections: 65536, max_handshakes: 1024, udp_idle_timeout: 5s}}\n"
         );
         std::fs::write(&cfg, &text)?;
         let host = topo.host(name).clone();
@@ -640,17 +640,6 @@ pub fn run(
             Ok((any(p), at_server(p)))
         })?;
     }
-    // UDP through the client's enforcer (one enforcer: the server side is outside the
-    // mesh), then the direct path again, so the baseline brackets the measurement.
-    udp_figures.insert(
-        "enforcer".into(),
-        udp_path(&topo, "outside", UDP_PORTS + 1)?,
-    );
-    // Between the two PUs: both enforcers, datagrams framed inside the mesh tunnel.
-    udp_figures.insert(
-        "both enforcers (tunnel)".into(),
-        udp_path(&topo, "server", UDP_MESH)?,
-    );
     // Each held connection costs this process two descriptors (both ends) and each
     // enforcer two, plus a pipe (two more) for a second after its greeting: stay under
     // the descriptor limit this machine allows.
@@ -671,13 +660,24 @@ pub fn run(
             idle(&topo, any(p), at_server(p), idle_n, &pids, limit)?,
         );
     }
+    // UDP through the client's enforcer (one enforcer: the server side is outside the
+    // mesh), after the idle scenario: its sessions hold descriptors until they idle out.
+    udp_figures.insert(
+        "enforcer".into(),
+        udp_path(&topo, "outside", UDP_PORTS + 1)?,
+    );
+    // Between the two PUs: both enforcers, datagrams framed inside the mesh tunnel.
+    udp_figures.insert(
+        "both enforcers (tunnel)".into(),
+        udp_path(&topo, "server", UDP_MESH)?,
+    );
     // Full handshakes: the client's enforcer again, without resumption or a pool.
     let (cfg, text) = &configs[0];
     std::fs::write(
         cfg,
         text.replace(
-            "limits: {max_connections: 65536, max_handshakes: 1024}",
-            "limits: {max_connections: 65536, max_handshakes: 1024, tunnel_pool: 0}\ntunnel_resumption: false",
+            "limits: {max_connections: 65536, max_handshakes: 1024, udp_idle_timeout: 5s}",
+            "limits: {max_connections: 65536, max_handshakes: 1024, udp_idle_timeout: 5s, tunnel_pool: 0}\ntunnel_resumption: false",
         ),
     )?;
     topo.kill(pids[0].1);

@@ -714,6 +714,7 @@ fn run(d: &mut Demo) -> anyhow::Result<()> {
     .map(|&(f, t, p)| probe(d, f, t, p))
     .collect::<anyhow::Result<Vec<_>>>()?;
     table(d, &rows);
+    quarantine_udp_icmp(d)?;
     let closed_rec = ["api", "db"]
         .iter()
         .flat_map(|p| flow_log(d, p))
@@ -727,6 +728,89 @@ fn run(d: &mut Demo) -> anyhow::Result<()> {
     step(
         d,
         "done: removing every namespace, process and file the demo created",
+    );
+    Ok(())
+}
+
+/// The quarantined api sends UDP and pings, over IPv4 and IPv6, to a peer PU (db) and to
+/// the internet: nothing arrives (counted by the receivers), and the UDP attempts are
+/// in api's flow records with the deciding policy (ICMP is dropped by the capture rules).
+fn quarantine_udp_icmp(d: &Demo) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let targets = [("db", 5432u16), ("internet", 53u16)];
+    for (name, port) in targets {
+        let h = host_of(d, name);
+        for ip in [IpAddr::from(h.ip4), IpAddr::from(h.ip6)] {
+            let arrived = arrived.clone();
+            let _ = h.run(async move {
+                let Ok(s) = tokio::net::UdpSocket::bind(SocketAddr::new(ip, port)).await else {
+                    return;
+                };
+                let mut b = [0u8; 512];
+                while let Ok(Ok((n, from))) =
+                    tokio::time::timeout(Duration::from_secs(10), s.recv_from(&mut b)).await
+                {
+                    arrived.fetch_add(1, Ordering::SeqCst);
+                    let _ = s.send_to(&b[..n], from).await;
+                }
+            });
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200)); // the receivers bind (counted below)
+    let api = host_of(d, "api");
+    let mut lines = Vec::new();
+    for (name, port) in targets {
+        let h = host_of(d, name);
+        for ip in [IpAddr::from(h.ip4), IpAddr::from(h.ip6)] {
+            let to = SocketAddr::new(ip, port);
+            let answered = in_ns(api, async move {
+                let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                    .parse()
+                    .expect("an address");
+                let Ok(s) = tokio::net::UdpSocket::bind(any).await else {
+                    return false;
+                };
+                let _ = s.send_to(b"quarantine?", to).await;
+                let mut b = [0u8; 64];
+                tokio::time::timeout(Duration::from_millis(500), s.recv_from(&mut b))
+                    .await
+                    .is_ok()
+            });
+            let pinged = api
+                .exec(&["ping", "-c", "1", "-W", "1", &ip.to_string()])
+                .status
+                .success();
+            if answered || pinged {
+                bail!(
+                    "the quarantined api reached {name} at {ip} (udp: {answered}, ping: {pinged})"
+                );
+            }
+            lines.push(format!("{name} {ip}"));
+        }
+    }
+    if arrived.load(Ordering::SeqCst) > 0 {
+        bail!("a datagram from the quarantined api arrived");
+    }
+    let recorded = wait_for("api's UDP records", Duration::from_secs(5), || {
+        flow_log(d, "api")
+            .iter()
+            .filter(|r| {
+                r["protocol"] == "udp" && names(r).iter().any(|n| n.contains("quarantine-api"))
+            })
+            .count()
+            >= 4
+    })
+    .is_ok();
+    println!(
+        "  UDP and ping from api, IPv4 and IPv6, to {}: no answer, nothing arrived{}",
+        lines.join(", "),
+        if recorded {
+            "; the UDP attempts are recorded with quarantine-api (ICMP is dropped by capture)"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -57,6 +57,12 @@ fn netns_demo_runs_twice_and_cleans_up() {
         let after = row(&text, "web", "api", 8080);
         assert!(after.last().unwrap().contains("quarantine-api"), "{text}");
         assert!(text.contains("close_reason \"policy\""), "{text}");
+        // UDP and ICMP, both families, to a PU and the internet: nothing through.
+        assert!(
+            text.contains("UDP and ping from api, IPv4 and IPv6"),
+            "{text}"
+        );
+        assert!(text.contains("recorded with quarantine-api"), "{text}");
         let left: Vec<String> = std::fs::read_dir("/var/run/netns")
             .map(|d| {
                 d.flatten()

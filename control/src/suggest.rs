@@ -39,7 +39,8 @@ pub struct Suggested {
     pub mode: &'static str,
     pub subject: Vec<String>,
     pub object: Vec<String>,
-    pub ports: BTreeSet<u16>,
+    /// The ports seen, with their protocol (`tcp/N`, `udp/N`).
+    pub ports: BTreeSet<segmesh_policy::FlowPort>,
     /// How many discovered flows it covers.
     pub flows: usize,
 }
@@ -116,7 +117,7 @@ pub fn suggest(within: &NamespacePath, flows: &[StoredFlow], pus: &[PuRecord]) -
         .collect();
     // (namespace, subject, object) → (mode bits, ports, flows); bit 1 outgoing, 2 incoming.
     type Key = (String, Vec<String>, Vec<String>);
-    let mut found: BTreeMap<Key, (u8, BTreeSet<u16>, usize)> = BTreeMap::new();
+    let mut found: BTreeMap<Key, (u8, BTreeSet<segmesh_policy::FlowPort>, usize)> = BTreeMap::new();
     let mut out = Suggestion::default();
     let mut skipped = BTreeSet::new();
     for f in flows {
@@ -149,7 +150,11 @@ pub fn suggest(within: &NamespacePath, flows: &[StoredFlow], pus: &[PuRecord]) -
             .entry((ns.to_string(), subject, object))
             .or_insert((0, BTreeSet::new(), 0));
         e.0 |= bit;
-        e.1.insert(r.destination.port);
+        let port = r.destination.port;
+        e.1.insert(match r.protocol.as_deref() {
+            Some("udp") => segmesh_policy::FlowPort::udp(port),
+            _ => segmesh_policy::FlowPort::tcp(port),
+        });
         e.2 += 1;
     }
     let mut names = BTreeSet::new();
@@ -191,7 +196,7 @@ fn quoted(tags: &[String]) -> String {
 pub fn to_yaml(s: &Suggestion, header: &str) -> String {
     let mut y = format!("# {header}\n");
     for p in &s.policies {
-        let ports: Vec<String> = p.ports.iter().map(|p| format!("tcp/{p}")).collect();
+        let ports: Vec<String> = p.ports.iter().map(|p| p.to_string()).collect();
         y.push_str(&format!(
             "---\n# {} discovered flow{}\nkind: NetworkPolicy\nname: {}\nnamespace: {}\naction: Allow\nmode: {}\nsubject: [[{}]]\nobject: [[{}]]\nports: [{}]\n",
             p.flows,

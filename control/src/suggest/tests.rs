@@ -117,7 +117,13 @@ fn discovered_flows_become_least_privilege_policies_that_keep_only_them() {
     let summary: Vec<(&str, &str, Vec<u16>)> = s
         .policies
         .iter()
-        .map(|p| (p.name.as_str(), p.mode, p.ports.iter().copied().collect()))
+        .map(|p| {
+            (
+                p.name.as_str(),
+                p.mode,
+                p.ports.iter().map(|x| x.port).collect(),
+            )
+        })
         .collect();
     assert_eq!(
         summary,
@@ -179,4 +185,28 @@ fn discovered_flows_become_least_privilege_policies_that_keep_only_them() {
             "port {port}"
         );
     }
+}
+
+/// A discovered UDP flow is suggested as `udp/N`, never as the TCP port of that number.
+#[test]
+fn udp_flows_keep_their_protocol() {
+    let pus = vec![pu("/acme/lab", "client", &["app=client"])];
+    let mut f = flow(
+        "/acme/lab:client",
+        "outgoing",
+        ("10.0.0.1", Some("/acme/lab:client")),
+        ("198.51.100.53", None, &["/acme:dns"], 53),
+        "discovered",
+    );
+    f.record.protocol = Some("udp".into());
+    let tcp = flow(
+        "/acme/lab:client",
+        "outgoing",
+        ("10.0.0.1", Some("/acme/lab:client")),
+        ("198.51.100.53", None, &["/acme:dns"], 53),
+        "discovered",
+    );
+    let s = suggest(&"/acme/lab".parse().unwrap(), &[f, tcp], &pus);
+    let y = to_yaml(&s, "t");
+    assert!(y.contains("ports: [tcp/53, udp/53]"), "{y}");
 }

@@ -62,7 +62,10 @@ fn netns_demo_runs_twice_and_cleans_up() {
             text.contains("UDP and ping from api, IPv4 and IPv6"),
             "{text}"
         );
-        assert!(text.contains("recorded with quarantine-api"), "{text}");
+        assert!(
+            text.contains("ping attempts are recorded with quarantine-api"),
+            "{text}"
+        );
         let left: Vec<String> = std::fs::read_dir("/var/run/netns")
             .map(|d| {
                 d.flatten()

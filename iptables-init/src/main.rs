@@ -49,6 +49,9 @@ struct Cli {
     exclude_inbound_cidrs: Vec<IpNet>,
     #[arg(long, default_value = "0x539", value_parser = parse_u32)]
     tproxy_mark: u32,
+    /// The NFQUEUE number ICMP echo requests go to (the enforcer's `echo_queue`).
+    #[arg(long, default_value_t = 1337)]
+    echo_queue: u16,
     #[arg(long, default_value_t = 133)]
     route_table: u32,
     /// Print what would be applied, change nothing.
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         exclude_inbound_ports: cli.exclude_inbound_ports,
         exclude_outbound_cidrs: cli.exclude_outbound_cidrs,
         exclude_inbound_cidrs: cli.exclude_inbound_cidrs,
+        echo_queue: cli.echo_queue,
         tproxy_mark: cli.tproxy_mark,
         route_table: cli.route_table,
     };

@@ -25,8 +25,10 @@
 //! Other protocols (filter `OUTPUT` and `INPUT`, sidecar mode): everything but TCP and
 //! UDP is dropped, except what the network itself needs: loopback, ICMP errors related
 //! to a tracked flow (PMTU, unreachable: conntrack `RELATED`), and IPv6 neighbour
-//! discovery, router and multicast-listener messages. ICMP echo is dropped too (a policy's
-//! `icmp` port is not enforced at run time yet: dropping is the fail-closed side).
+//! discovery, router and multicast-listener messages. ICMP echo requests go to the
+//! enforcer through NFQUEUE (a policy's `icmp` port decides them; with no enforcer
+//! reading the queue the kernel drops them); replies of allowed ones pass as tracked
+//! flows.
 //!
 //! Every rule lives in the project's own chains, so removal is exact. Lines are written
 //! in the form `iptables-save` prints, so `--check` compares them textually.
@@ -90,6 +92,9 @@ pub struct Config {
     pub exclude_outbound_cidrs: Vec<IpNet>,
     /// Sources never captured inbound (e.g. an admin network's SSH in host mode).
     pub exclude_inbound_cidrs: Vec<IpNet>,
+    /// The NFQUEUE number ICMP echo requests go to for the enforcer's decision. Default
+    /// 1337.
+    pub echo_queue: u16,
     /// Mark TPROXY puts on diverted packets, and the routing table that delivers them.
     /// Defaults 0x539 and 133.
     pub tproxy_mark: u32,
@@ -112,6 +117,7 @@ impl Default for Config {
             exclude_inbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
             exclude_inbound_cidrs: Vec::new(),
+            echo_queue: 1337,
             tproxy_mark: 0x539,
             route_table: 133,
         }
@@ -156,8 +162,9 @@ pub fn jump_inbound() -> String {
 }
 
 /// Drops every protocol but TCP and UDP in both directions, except what the network
-/// needs (see the module doc).
-fn filter_rules(family: Family) -> Vec<String> {
+/// needs (see the module doc); echo requests go to the enforcer's queue (`queue`), their
+/// replies pass as tracked flows.
+fn filter_rules(family: Family, queue: u16) -> Vec<String> {
     let icmp = match family {
         Family::V4 => "icmp",
         Family::V6 => "ipv6-icmp",
@@ -181,6 +188,19 @@ fn filter_rules(family: Family) -> Vec<String> {
                 ));
             }
         }
+        // Echo: each request decided by the enforcer (NFQUEUE; with no enforcer reading
+        // the queue the kernel drops it), the replies of allowed ones pass.
+        out.push(format!(
+            "-A {chain} -p {icmp} -m conntrack --ctstate ESTABLISHED -j RETURN"
+        ));
+        out.push(match family {
+            Family::V4 => {
+                format!("-A {chain} -p icmp -m icmp --icmp-type 8 -j NFQUEUE --queue-num {queue}")
+            }
+            Family::V6 => format!(
+                "-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type 128 -j NFQUEUE --queue-num {queue}"
+            ),
+        });
         out.push(format!("-A {chain} -j DROP"));
     }
     out
@@ -285,7 +305,7 @@ impl Config {
             Mode::Sidecar => {
                 jumps.push(("filter", format!("-A OUTPUT -j {CHAIN_FILTER_OUT}")));
                 jumps.push(("filter", format!("-A INPUT -j {CHAIN_FILTER_IN}")));
-                filter_rules(family)
+                filter_rules(family, self.echo_queue)
             }
             // A host's own UDP and ICMP (monitoring, PMTU of forwarded traffic) are left
             // alone.

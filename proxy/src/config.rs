@@ -247,6 +247,8 @@ pub struct Settings {
     /// `SO_MARK` of every connection the enforcer opens; capture lets the proxy uid out
     /// only with it. Default 0x1337.
     pub socket_mark: u32,
+    /// The NFQUEUE number the capture rules send ICMP echo requests to. Default 1337.
+    pub echo_queue: u16,
 }
 
 impl Default for Settings {
@@ -259,6 +261,7 @@ impl Default for Settings {
             log_all_flows: false,
             mode: Mode::default(),
             socket_mark: DEFAULT_SOCKET_MARK,
+            echo_queue: d_echo_queue(),
         }
     }
 }
@@ -269,6 +272,10 @@ pub const DEFAULT_SOCKET_MARK: u32 = 0x1337;
 
 fn d_socket_mark() -> u32 {
     DEFAULT_SOCKET_MARK
+}
+
+fn d_echo_queue() -> u16 {
+    1337
 }
 
 /// Where the enforcer's configuration comes from; each mode has exactly its data.
@@ -354,6 +361,10 @@ pub struct LocalConfig {
     /// `--enforcer-mark`). Default 0x1337.
     #[serde(default = "d_socket_mark")]
     pub socket_mark: u32,
+    /// The NFQUEUE number of ICMP echo requests (the capture init's `--echo-queue`).
+    /// Default 1337.
+    #[serde(default = "d_echo_queue")]
+    pub echo_queue: u16,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -402,6 +413,7 @@ impl LocalConfig {
             log_all_flows: self.log_all_flows,
             mode: self.mode,
             socket_mark: self.socket_mark,
+            echo_queue: self.echo_queue,
         }
     }
 

@@ -220,8 +220,12 @@ impl Enforcer {
             .into_iter()
             .map(|l| tokio::spawn(crate::admin::serve(l, shared.clone())))
             .collect();
-        // Captured UDP (not with one listen address: no transparent sockets there).
+        // Captured UDP and echo requests (not with one listen address: no transparent
+        // sockets there, and no capture of its own).
         if settings.listeners.address.is_none() {
+            if let Err(e) = crate::echo::start(shared.clone(), settings.echo_queue) {
+                tracing::warn!(error = %e, queue = settings.echo_queue, "cannot read the echo queue: ICMP echo stays dropped");
+            }
             for addr in crate::udp::addresses(settings.listeners.outbound, ipv6_available()) {
                 let sock = crate::udp::listener(addr).map_err(|e| Error::Bind(addr, e))?;
                 tracing::info!(%addr, "udp listener established");

@@ -110,6 +110,9 @@ pub(crate) struct Recorder {
     pub(crate) peer_reason: Option<String>,
     /// A UDP session: datagrams each way (the record says `protocol: udp`).
     pub(crate) datagrams: Option<(u64, u64)>,
+    /// The protocol the record names when it is not TCP (`udp` is implied by
+    /// `datagrams`).
+    pub(crate) protocol: Option<&'static str>,
     permit: Option<OwnedSemaphorePermit>,
     relaying: Option<Relaying>,
     done: bool,
@@ -127,6 +130,7 @@ impl Recorder {
             resumed: None,
             peer_reason: None,
             datagrams: None,
+            protocol: None,
             permit: None,
             relaying: None,
             done: false,
@@ -360,7 +364,10 @@ impl Recorder {
                 .unwrap_or_default(),
             resumed: self.resumed,
             closed_by: Vec::new(),
-            protocol: self.datagrams.map(|_| "udp".to_owned()),
+            protocol: self
+                .protocol
+                .or(self.datagrams.map(|_| "udp"))
+                .map(str::to_owned),
             datagrams_sent: self.datagrams.map(|d| d.0),
             datagrams_received: self.datagrams.map(|d| d.1),
         }

@@ -14,6 +14,8 @@
 //!   reason codes).
 //! - `plain`: flows to and from external networks: connect and splice.
 //! - `udp`: UDP sessions our PU opens (TPROXY, one session per 5-tuple, bounded).
+//! - `echo`: ICMP echo requests queued by the capture rules (NFQUEUE), decided on
+//!   `icmp` policies.
 //! - `dns`: the names our PU resolved (learned from its own DNS answers), for
 //!   domain-name external networks.
 //! - `relay`: the byte movers: `relay::splice` (zero-copy, copy fallback) and
@@ -33,6 +35,7 @@ mod admin;
 pub mod config;
 mod dispatch;
 mod dns;
+mod echo;
 pub mod enforcer;
 mod flow;
 mod inbound;

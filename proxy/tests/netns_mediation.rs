@@ -31,6 +31,7 @@ action: Allow
 mode: Incoming
 subject: [[ext:name=everyone]]
 object: [[app=work]]
+ports: [tcp/1-65535]
 log: true
 ---
 kind: NetworkPolicy
@@ -283,8 +284,7 @@ fn netns_mediation_icmp_is_dropped_both_ways() {
 
 /// Quarantine means nobody: under an emergency reject-all, TCP, UDP and ICMP over both
 /// families to an external host and to a host behind another router get nothing
-/// through; TCP and UDP attempts are recorded with the deciding policy (ICMP is dropped
-/// by the capture rules, not recorded).
+/// through; every attempt is recorded with the deciding policy.
 #[test]
 fn netns_mediation_quarantine_means_nobody() {
     if !netns_enabled() {
@@ -416,10 +416,108 @@ log: true
         let r = flow_records(&dir);
         r.iter().filter(|r| r["protocol"].is_null()).count() >= 4
             && r.iter().filter(|r| r["protocol"] == "udp").count() >= 4
+            && r.iter().filter(|r| r["protocol"] == "icmp").count() >= 4
     });
     for r in flow_records(&dir) {
         assert_eq!(r["verdict"], "reject", "{r}");
         assert_eq!(r["policies"], serde_json::json!(["/lab:quarantine"]), "{r}");
         assert_eq!(r["tier"], "emergency", "{r}");
     }
+}
+
+/// An `icmp` policy lets echo through, per peer and direction (v4 and v6), and the
+/// decisions are recorded; echo no policy allows stays dropped.
+#[test]
+fn netns_mediation_echo_is_decided_by_policy() {
+    if !netns_enabled() {
+        return;
+    }
+    let topo = Topology::new(&["work", "ext", "other"]);
+    let (work, ext, other) = (
+        topo.host("work").clone(),
+        topo.host("ext").clone(),
+        topo.host("other").clone(),
+    );
+    let dir = Scratch::new("echo");
+    std::fs::write(
+        dir.0.join("policies.yaml"),
+        format!(
+            r#"
+kind: ExternalNetwork
+name: monitoring
+namespace: /lab
+entries: ["{}", "{}"]
+---
+kind: NetworkPolicy
+name: ping-monitoring
+namespace: /lab
+action: Allow
+mode: Outgoing
+subject: [[app=work]]
+object: [[ext:name=monitoring]]
+ports: [icmp]
+log: true
+---
+kind: NetworkPolicy
+name: monitoring-pings
+namespace: /lab
+action: Allow
+mode: Incoming
+subject: [[ext:name=monitoring]]
+object: [[app=work]]
+ports: [icmp]
+log: true
+"#,
+            ext.ip4, ext.ip6
+        ),
+    )
+    .unwrap();
+    let config = dir.0.join("enforcer.yaml");
+    std::fs::write(
+        &config,
+        "pu: {name: work, namespace: /lab, tags: [app=work]}\npolicies: [policies.yaml]\nflow_log: flows.jsonl\n",
+    )
+    .unwrap();
+    capture(&work);
+    start_enforcer(&topo, "work", &config);
+    for v6 in [false, true] {
+        assert!(
+            ping(&work, ip(&ext, v6)),
+            "work pings monitoring (v6: {v6})"
+        );
+        assert!(
+            ping(&ext, ip(&work, v6)),
+            "monitoring pings work (v6: {v6})"
+        );
+        let arrived = echo_counter(&other, v6);
+        assert!(!ping(&work, ip(&other, v6)), "work pinged other (v6: {v6})");
+        assert_eq!(arrived(), 0, "an echo request reached other (v6: {v6})");
+        assert!(!ping(&other, ip(&work, v6)), "other pinged work (v6: {v6})");
+    }
+    wait_until("the echo records", Duration::from_secs(10), || {
+        flow_records(&dir)
+            .iter()
+            .filter(|r| r["protocol"] == "icmp")
+            .count()
+            >= 8
+    });
+    let records = flow_records(&dir);
+    let find = |dir: &str, verdict: &str, policy: Option<&str>| {
+        records.iter().any(|r| {
+            r["protocol"] == "icmp"
+                && r["direction"] == dir
+                && r["verdict"] == verdict
+                && policy.is_none_or(|p| r["policies"] == serde_json::json!([p]))
+        })
+    };
+    assert!(
+        find("outgoing", "allow", Some("/lab:ping-monitoring")),
+        "{records:#?}"
+    );
+    assert!(
+        find("incoming", "allow", Some("/lab:monitoring-pings")),
+        "{records:#?}"
+    );
+    assert!(find("outgoing", "reject", None), "{records:#?}");
+    assert!(find("incoming", "reject", None), "{records:#?}");
 }

@@ -270,12 +270,17 @@ fn other_protocols_are_dropped_in_sidecar_mode() {
             "-A SEGMESH_FILTER_OUT -p tcp -j RETURN",
             "-A SEGMESH_FILTER_OUT -p udp -j RETURN",
             "-A SEGMESH_FILTER_OUT -p icmp -m conntrack --ctstate RELATED -j RETURN",
+            // Echo: requests decided by the enforcer, replies of allowed ones tracked.
+            "-A SEGMESH_FILTER_OUT -p icmp -m conntrack --ctstate ESTABLISHED -j RETURN",
+            "-A SEGMESH_FILTER_OUT -p icmp -m icmp --icmp-type 8 -j NFQUEUE --queue-num 1337",
             "-A SEGMESH_FILTER_OUT -j DROP",
             "-A SEGMESH_FILTER_IN -i lo -j RETURN",
             "-A SEGMESH_FILTER_IN -p tcp -j RETURN",
             // Inbound UDP only answers the enforcer's own sockets.
             "-A SEGMESH_FILTER_IN -p udp -m conntrack --ctstate ESTABLISHED -j RETURN",
             "-A SEGMESH_FILTER_IN -p icmp -m conntrack --ctstate RELATED -j RETURN",
+            "-A SEGMESH_FILTER_IN -p icmp -m conntrack --ctstate ESTABLISHED -j RETURN",
+            "-A SEGMESH_FILTER_IN -p icmp -m icmp --icmp-type 8 -j NFQUEUE --queue-num 1337",
             "-A SEGMESH_FILTER_IN -j DROP",
         ]
     );
@@ -288,8 +293,15 @@ fn other_protocols_are_dropped_in_sidecar_mode() {
     assert!(v6.filter.contains(
         &"-A SEGMESH_FILTER_OUT -p ipv6-icmp -m conntrack --ctstate RELATED -j RETURN".to_owned()
     ));
-    // Echo (128, 129) is not among the exceptions.
-    assert!(!v6.filter.iter().any(|r| r.contains("--icmpv6-type 128")));
+    // Echo requests (128) go to the enforcer, never straight through.
+    assert!(v6.filter.contains(
+        &"-A SEGMESH_FILTER_IN -p ipv6-icmp -m icmp6 --icmpv6-type 128 -j NFQUEUE --queue-num 1337".to_owned()
+    ));
+    assert!(
+        !v6.filter
+            .iter()
+            .any(|r| r.contains("--icmpv6-type 128 -j RETURN"))
+    );
     let host = Config {
         mode: Mode::Host,
         ..Config::default()

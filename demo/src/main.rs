@@ -548,7 +548,7 @@ fn setup(d: &mut Demo) -> anyhow::Result<()> {
             || enforcer_config(d, name)["registry"].as_u64() == Some(registered),
         )?;
     }
-    serve(host_of(d, "internet"), &[80, 443]);
+    serve(host_of(d, "internet"), &[80, 443, 8443]);
     Ok(())
 }
 
@@ -665,6 +665,8 @@ fn run(d: &mut Demo) -> anyhow::Result<()> {
     .collect::<anyhow::Result<Vec<_>>>()?;
     table(d, &rows);
 
+    dns_and_domains(d)?;
+
     step(
         d,
         "emergency: api is compromised; quarantine it while db has an open session from it",
@@ -729,6 +731,141 @@ fn run(d: &mut Demo) -> anyhow::Result<()> {
         d,
         "done: removing every namespace, process and file the demo created",
     );
+    Ok(())
+}
+
+/// A resolver in the internet namespace answering `names` with the internet host's
+/// address (TTL 60 s), NXDOMAIN for anything else, for `SERVE_LIMIT`.
+fn resolver(d: &Demo, names: &'static [&'static str]) {
+    use hickory_proto::op::{Message, ResponseCode};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record};
+    let h = host_of(d, "internet");
+    let ip = h.ip4;
+    let _ = h.run(async move {
+        let Ok(s) = tokio::net::UdpSocket::bind(SocketAddr::new(ip.into(), 53)).await else {
+            return;
+        };
+        let mut b = [0u8; 1500];
+        while let Ok(Ok((n, from))) = tokio::time::timeout(SERVE_LIMIT, s.recv_from(&mut b)).await {
+            let Ok(q) = Message::from_vec(&b[..n]) else {
+                continue;
+            };
+            let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+            r.add_queries(q.queries.clone());
+            for query in &q.queries {
+                let name = query.name().to_ascii();
+                if names.contains(&name.trim_end_matches('.')) {
+                    r.add_answer(Record::from_rdata(
+                        query.name().clone(),
+                        60,
+                        RData::A(A(ip)),
+                    ));
+                } else {
+                    r.metadata.response_code = ResponseCode::NXDomain;
+                }
+            }
+            if let Ok(bytes) = r.to_vec() {
+                let _ = s.send_to(&bytes, from).await;
+            }
+        }
+    });
+}
+
+/// `name`'s A records, asked from `h` of the resolver at `server`.
+fn resolve(h: &Host, server: SocketAddr, name: &str) -> Vec<IpAddr> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let Ok(n) = Name::from_ascii(name) else {
+        return Vec::new();
+    };
+    let mut q = Message::new(7, MessageType::Query, OpCode::Query);
+    q.add_query(Query::query(n, RecordType::A));
+    let Ok(query) = q.to_vec() else {
+        return Vec::new();
+    };
+    in_ns(h, async move {
+        let Ok(s) = tokio::net::UdpSocket::bind("0.0.0.0:0").await else {
+            return Vec::new();
+        };
+        let _ = s.send_to(&query, server).await;
+        let mut b = [0u8; 1500];
+        let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut b)).await
+        else {
+            return Vec::new();
+        };
+        Message::from_vec(&b[..n])
+            .map(|m| {
+                m.answers
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::A(a) => Some(IpAddr::V4(a.0)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// DNS and a domain-name external network: lab-client may reach `*.example.test` on
+/// 8443, which means the addresses it resolved such names to (its enforcer learns them
+/// from its DNS answers), nothing else.
+fn dns_and_domains(d: &Demo) -> anyhow::Result<()> {
+    step(
+        d,
+        "DNS and a domain: lab-client may reach *.example.test:8443, i.e. what it resolved such a name to",
+    );
+    resolver(d, &["shop.example.test", "shop.example.org"]);
+    let internet = host_of(d, "internet").ip4;
+    let file = d.dir.join("domains.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "kind: ExternalNetwork\nname: resolver\nnamespace: /acme/lab\nentries: [\"{internet}\"]\nports: [udp/53]\n---\n\
+             kind: ExternalNetwork\nname: example-test\nnamespace: /acme/lab\nentries: [\"*.example.test\"]\nports: [tcp/8443]\n---\n\
+             kind: NetworkPolicy\nname: lab-dns\nnamespace: /acme/lab\naction: Allow\nmode: Outgoing\n\
+             subject: [[app=lab-client]]\nobject: [[ext:name=resolver]]\nlog: true\n---\n\
+             kind: NetworkPolicy\nname: lab-to-example-test\nnamespace: /acme/lab\naction: Allow\nmode: Outgoing\n\
+             subject: [[app=lab-client]]\nobject: [[ext:name=example-test]]\nports: [tcp/8443]\nlog: true\n"
+        ),
+    )?;
+    ctl(d, &["apply", "-f", file.to_str().context("path")?])?;
+    let before = enforcer_config(d, "lab-client")["version"].clone();
+    print!("{}", indent(&ctl(d, &["commit"])?));
+    wait_for(
+        "lab-client's enforcer to take the commit",
+        Duration::from_secs(10),
+        || enforcer_config(d, "lab-client")["version"] != before,
+    )?;
+    let client = host_of(d, "lab-client").clone();
+    let server = SocketAddr::new(internet.into(), 53);
+    let mut rows = vec![probe(d, "lab-client", "internet", 8443)?];
+    println!("  before any lookup: refused (the address alone is no *.example.test)");
+    for name in ["shop.example.org.", "shop.example.test."] {
+        let got = resolve(&client, server, name);
+        if got != [IpAddr::V4(internet)] {
+            bail!("lab-client resolved {name} to {got:?}");
+        }
+        println!("  lab-client resolves {name} → {internet} (the query itself a flow: lab-dns)");
+        rows.push(probe(d, "lab-client", "internet", 8443)?);
+    }
+    table(d, &rows);
+    println!(
+        "  (rows: before any lookup; after shop.example.org, a name outside the wildcard; after shop.example.test)"
+    );
+    let rec = flow_log(d, "lab-client")
+        .into_iter()
+        .rev()
+        .find(|r| r["destination"]["port"] == 8443 && r["verdict"] == "allow");
+    match rec {
+        Some(r) => println!(
+            "  flow record: destination.domain {} (policies {})",
+            r["destination"]["domain"], r["policies"]
+        ),
+        None => bail!("no allowed record for lab-client → internet:8443"),
+    }
     Ok(())
 }
 

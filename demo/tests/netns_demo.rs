@@ -52,6 +52,15 @@ fn netns_demo_runs_twice_and_cleans_up() {
             row(&text, "lab-client", "lab-store", 22)[0].contains("reject"),
             "{text}"
         );
+        // DNS and a domain: refused until lab-client resolved a covered name.
+        let domain = row(&text, "lab-client", "internet", 8443);
+        assert!(domain[0].contains("reject"), "{text}");
+        assert!(domain[1].contains("reject"), "{text}");
+        assert!(domain[2].contains("lab-to-example-test"), "{text}");
+        assert!(
+            text.contains("destination.domain \"shop.example.test\""),
+            "{text}"
+        );
         // The quarantine.
         assert!(text.contains("the open session was closed"), "{text}");
         let after = row(&text, "web", "api", 8080);

@@ -271,6 +271,7 @@ impl Recorder {
                 (false, DataPath::Spliced) => "spliced",
                 (false, DataPath::Copied) => "copied",
                 (false, DataPath::Datagrams) => "datagrams",
+                (false, DataPath::Inspected) => "inspected",
             }
             .into(),
         );

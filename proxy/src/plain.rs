@@ -1,5 +1,5 @@
 //! Plain flows, to or from an address outside the mesh: connect to the destination and
-//! splice the two sockets together.
+//! splice the two sockets together (DNS over TCP is read on its way, see `relay::dns`).
 
 use std::net::SocketAddr;
 
@@ -45,6 +45,19 @@ pub(crate) async fn forward(mut rec: Recorder, app: TcpStream, target: SocketAdd
     };
     let peer = Peer::Address(rec.flow.peer_ip(), names);
     let stop = rec.relaying(peer, rec.flow.destination.port);
+    if rec.flow.direction == segmesh_policy::Direction::Outgoing && target.port() == 53 {
+        // DNS over TCP: read to learn names (see relay::dns).
+        let shared = rec.shared().clone();
+        let out = crate::relay::dns::relay(
+            app,
+            upstream,
+            limits.idle_timeout,
+            &stop.notify,
+            &shared.names,
+        )
+        .await;
+        return rec.finish(Moved::plain(out));
+    }
     let progress = Progress::default();
     let out = splice::relay_until(
         app,

@@ -3,6 +3,7 @@
 //! [`datagrams`] (UDP sessions framed inside the tunnel's TLS).
 
 pub(crate) mod datagrams;
+pub(crate) mod dns;
 pub mod splice;
 pub(crate) mod tls;
 

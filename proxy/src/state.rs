@@ -188,6 +188,8 @@ impl Shared {
             m.spliced_bytes.inc_by(total);
         } else if path == DataPath::Datagrams {
             m.udp_bytes.inc_by(total);
+        } else if path == DataPath::Inspected {
+            m.copied_bytes.inc_by(total);
         } else {
             m.copied_bytes.inc_by(total);
             m.copy_fallbacks.inc();

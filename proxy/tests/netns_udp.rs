@@ -249,6 +249,94 @@ async fn dns_server(
     }
 }
 
+/// The answer to a DNS query message for `names` (A records to `ip`, TTL `ttl`).
+fn dns_answer(query: &[u8], names: &[&str], ip: std::net::Ipv4Addr, ttl: u32) -> Option<Vec<u8>> {
+    use hickory_proto::op::{Message, ResponseCode};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record};
+    let q = Message::from_vec(query).ok()?;
+    let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+    r.add_queries(q.queries.clone());
+    for query in &q.queries {
+        if names.contains(&query.name().to_ascii().trim_end_matches('.')) {
+            r.add_answer(Record::from_rdata(
+                query.name().clone(),
+                ttl,
+                RData::A(A(ip)),
+            ));
+        } else {
+            r.metadata.response_code = ResponseCode::NXDomain;
+        }
+    }
+    r.to_vec().ok()
+}
+
+/// A DNS server over TCP (length-prefixed messages, RFC 1035 §4.2.2), one query per
+/// connection.
+async fn dns_tcp_server(
+    addr: SocketAddr,
+    names: &'static [&'static str],
+    ip: std::net::Ipv4Addr,
+    ttl: u32,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let until = tokio::time::Instant::now() + LIMIT;
+    while let Ok(Ok((mut s, _))) = tokio::time::timeout_at(until, l.accept()).await {
+        let mut h = [0u8; 2];
+        if s.read_exact(&mut h).await.is_err() {
+            continue;
+        }
+        let mut q = vec![0u8; u16::from_be_bytes(h) as usize];
+        if s.read_exact(&mut q).await.is_err() {
+            continue;
+        }
+        if let Some(a) = dns_answer(&q, names, ip, ttl) {
+            let _ = s.write_all(&(a.len() as u16).to_be_bytes()).await;
+            let _ = s.write_all(&a).await;
+        }
+    }
+}
+
+/// Resolves `name` (A) over TCP; the addresses answered.
+async fn resolve_tcp(server: SocketAddr, name: &str) -> Vec<std::net::IpAddr> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut q = Message::new(4343, MessageType::Query, OpCode::Query);
+    q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let q = q.to_vec().unwrap();
+    let Ok(Ok(mut s)) = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect(server),
+    )
+    .await
+    else {
+        return Vec::new();
+    };
+    let _ = s.write_all(&(q.len() as u16).to_be_bytes()).await;
+    let _ = s.write_all(&q).await;
+    let mut h = [0u8; 2];
+    if s.read_exact(&mut h).await.is_err() {
+        return Vec::new();
+    }
+    let mut b = vec![0u8; u16::from_be_bytes(h) as usize];
+    if s.read_exact(&mut b).await.is_err() {
+        return Vec::new();
+    }
+    Message::from_vec(&b)
+        .map(|m| {
+            m.answers
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Resolves `name` (A) with the server at `server`; the addresses answered.
 async fn resolve(server: SocketAddr, name: &str) -> Vec<std::net::IpAddr> {
     use hickory_proto::op::{Message, MessageType, OpCode, Query};
@@ -295,7 +383,7 @@ kind: ExternalNetwork
 name: resolver
 namespace: /lab
 entries: ["{}"]
-ports: [udp/53]
+ports: [udp/53, tcp/53]
 ---
 kind: ExternalNetwork
 name: examples
@@ -337,6 +425,10 @@ log: true
     let _ = in_ns(
         &dns,
         dns_server(server, &["a.example.test", "b.other.test"], ext.ip4, 3),
+    );
+    let _ = in_ns(
+        &dns,
+        dns_tcp_server(server, &["c.example.test"], ext.ip4, 3),
     );
     let seen = Arc::new(AtomicUsize::new(0));
     let target = SocketAddr::new(ext.ip4.into(), 7000);
@@ -382,6 +474,19 @@ log: true
     let before = seen.load(Ordering::SeqCst);
     refused_fast(in_ns(&work, attempt(target)).join().unwrap());
     assert_eq!(seen.load(Ordering::SeqCst), before, "refused after the TTL");
+    // DNS over TCP teaches names too.
+    assert_eq!(
+        in_ns(&work, async move {
+            resolve_tcp(server, "c.example.test.").await
+        })
+        .join()
+        .unwrap(),
+        vec![std::net::IpAddr::from(ext.ip4)]
+    );
+    assert_eq!(
+        in_ns(&work, attempt(target)).join().unwrap(),
+        Attempt::Greeted
+    );
 
     wait_until("the allowed flow's record", Duration::from_secs(10), || {
         flow_records(&dir)

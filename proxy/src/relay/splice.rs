@@ -30,6 +30,8 @@ pub enum DataPath {
     Copied,
     /// UDP datagrams, each relayed whole.
     Datagrams,
+    /// Copied on purpose, to read it (DNS over TCP).
+    Inspected,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,9 +18,10 @@
 //! and excluded destinations, gets the TPROXY mark, which policy routing sends back
 //! through `lo`, where TPROXY hands it to the enforcer's transparent UDP socket on the
 //! outbound port with its original destination (the standard technique for locally
-//! generated traffic, kernel `Documentation/networking/tproxy.rst`). Inbound UDP that is
-//! not a reply to one of the enforcer's own sockets is dropped: the enforcer does not
-//! serve inbound UDP yet, and nothing may reach the workload around it.
+//! generated traffic, kernel `Documentation/networking/tproxy.rst`). Inbound UDP: the
+//! first datagram of a new session goes to the enforcer through NFQUEUE for its decision
+//! (with no enforcer reading the queue, it is dropped); the rest of an accepted session
+//! and the workload's answers pass as the tracked flow.
 //!
 //! Other protocols (filter `OUTPUT` and `INPUT`, sidecar mode): everything but TCP and
 //! UDP is dropped, except what the network itself needs: loopback, ICMP errors related
@@ -173,11 +174,21 @@ fn filter_rules(family: Family, queue: u16) -> Vec<String> {
     for (chain, iface) in [(CHAIN_FILTER_OUT, "-o lo"), (CHAIN_FILTER_IN, "-i lo")] {
         out.push(format!("-A {chain} {iface} -j RETURN"));
         out.push(format!("-A {chain} -p tcp -j RETURN"));
-        out.push(match chain {
-            // Outbound UDP is captured (mangle); inbound only answers the enforcer.
-            CHAIN_FILTER_OUT => format!("-A {chain} -p udp -j RETURN"),
-            _ => format!("-A {chain} -p udp -m conntrack --ctstate ESTABLISHED -j RETURN"),
-        });
+        match chain {
+            // Outbound UDP is captured (mangle).
+            CHAIN_FILTER_OUT => out.push(format!("-A {chain} -p udp -j RETURN")),
+            // Inbound: the rest of tracked sessions (answers to the enforcer's sockets,
+            // sessions the enforcer accepted); a new session's first datagram goes to the
+            // enforcer for its decision.
+            _ => {
+                out.push(format!(
+                    "-A {chain} -p udp -m conntrack --ctstate ESTABLISHED -j RETURN"
+                ));
+                out.push(format!(
+                    "-A {chain} -p udp -m conntrack --ctstate NEW -j NFQUEUE --queue-num {queue}"
+                ));
+            }
+        }
         out.push(format!(
             "-A {chain} -p {icmp} -m conntrack --ctstate RELATED -j RETURN"
         ));
@@ -252,7 +263,13 @@ impl Config {
             "-A {CHAIN_UDP_OUT} -p udp -m owner --uid-owner {} -m udp --dport 53 -j RETURN",
             self.proxy_uid
         );
-        self.exemptions(CHAIN_UDP_OUT, &[dns], loopback, family)
+        // The workload's answers within inbound sessions the enforcer accepted (the reply
+        // direction of a tracked flow; its own sessions' datagrams are the original
+        // direction and stay captured).
+        let answers = format!(
+            "-A {CHAIN_UDP_OUT} -p udp -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN"
+        );
+        self.exemptions(CHAIN_UDP_OUT, &[dns, answers], loopback, family)
     }
 
     pub fn rules(&self, family: Family) -> Rules {

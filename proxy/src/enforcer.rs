@@ -223,8 +223,8 @@ impl Enforcer {
         // Captured UDP and echo requests (not with one listen address: no transparent
         // sockets there, and no capture of its own).
         if settings.listeners.address.is_none() {
-            if let Err(e) = crate::echo::start(shared.clone(), settings.echo_queue) {
-                tracing::warn!(error = %e, queue = settings.echo_queue, "cannot read the echo queue: ICMP echo stays dropped");
+            if let Err(e) = crate::queued::start(shared.clone(), settings.echo_queue) {
+                tracing::warn!(error = %e, queue = settings.echo_queue, "cannot read the decision queue: ICMP echo and inbound UDP stay dropped");
             }
             for addr in crate::udp::addresses(settings.listeners.outbound, ipv6_available()) {
                 let sock = crate::udp::listener(addr).map_err(|e| Error::Bind(addr, e))?;

@@ -14,8 +14,8 @@
 //!   reason codes).
 //! - `plain`: flows to and from external networks: connect and splice.
 //! - `udp`: UDP sessions our PU opens (TPROXY, one session per 5-tuple, bounded).
-//! - `echo`: ICMP echo requests queued by the capture rules (NFQUEUE), decided on
-//!   `icmp` policies.
+//! - `queued`: packets the capture rules queue to the enforcer (NFQUEUE): ICMP echo
+//!   requests and the first datagram of inbound UDP sessions, each decided on policy.
 //! - `dns`: the names our PU resolved (learned from its own DNS answers), for
 //!   domain-name external networks.
 //! - `relay`: the byte movers: `relay::splice` (zero-copy, copy fallback) and
@@ -35,7 +35,6 @@ mod admin;
 pub mod config;
 mod dispatch;
 mod dns;
-mod echo;
 pub mod enforcer;
 mod flow;
 mod inbound;
@@ -46,6 +45,7 @@ mod outbound;
 mod plain;
 mod plan;
 mod pool;
+mod queued;
 mod relay;
 mod sink;
 pub mod snapshot;

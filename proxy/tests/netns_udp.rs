@@ -700,3 +700,115 @@ ports: [udp/7002]
     assert_eq!(at(7002)["rejected_by"], "server", "{}", at(7002));
     assert_eq!(at(7002)["peer_reason"], "default", "{}", at(7002));
 }
+
+/// Inbound UDP from outside the mesh: the first datagram of a session is the enforcer's
+/// decision (incoming, `udp/N`, the source's external networks); an accepted session is
+/// answered by the workload itself, from its own address and port; anything else gets
+/// nothing through, v4 and v6, and the decisions are recorded.
+#[test]
+fn netns_udp_inbound_sessions_are_decided() {
+    if !netns_enabled() {
+        return;
+    }
+    let topo = Topology::new(&["work", "ext", "other"]);
+    let (work, ext, other) = (
+        topo.host("work").clone(),
+        topo.host("ext").clone(),
+        topo.host("other").clone(),
+    );
+    let dir = Scratch::new("udp-in");
+    std::fs::write(
+        dir.0.join("policies.yaml"),
+        format!(
+            r#"
+kind: ExternalNetwork
+name: clients
+namespace: /lab
+entries: ["{}", "{}"]
+---
+kind: NetworkPolicy
+name: clients-in
+namespace: /lab
+action: Allow
+mode: Incoming
+subject: [[ext:name=clients]]
+object: [[app=work]]
+ports: [udp/7000]
+log: true
+"#,
+            ext.ip4, ext.ip6
+        ),
+    )
+    .unwrap();
+    let config = dir.0.join("enforcer.yaml");
+    std::fs::write(
+        &config,
+        "pu: {name: work, namespace: /lab, tags: [app=work]}\npolicies: [policies.yaml]\nflow_log: flows.jsonl\n",
+    )
+    .unwrap();
+    capture(&work);
+    start_enforcer(&topo, "work", &config);
+    let seen = Arc::new(AtomicUsize::new(0));
+    for v6 in [false, true] {
+        for port in [7000, 7001] {
+            let _ = in_ns(
+                &work,
+                udp_echo(SocketAddr::new(ip(&work, v6), port), seen.clone()),
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200)); // echo servers bound (checked by outcomes)
+    for v6 in [false, true] {
+        let to = SocketAddr::new(ip(&work, v6), 7000);
+        let (answer, from) = in_ns(&ext, ask(to, b"ping"))
+            .join()
+            .unwrap()
+            .unwrap_or_else(|| panic!("no answer from {to}"));
+        assert_eq!(
+            (answer.as_slice(), from),
+            (&b"ping"[..], to),
+            "answered by the workload itself"
+        );
+        let before = seen.load(Ordering::SeqCst);
+        assert_eq!(
+            in_ns(&other, ask(to, b"ping")).join().unwrap(),
+            None,
+            "other (v6: {v6})"
+        );
+        let closed = SocketAddr::new(ip(&work, v6), 7001);
+        assert_eq!(
+            in_ns(&ext, ask(closed, b"ping")).join().unwrap(),
+            None,
+            "7001 (v6: {v6})"
+        );
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            before,
+            "a refused datagram got through"
+        );
+    }
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+    wait_until("the decisions' records", Duration::from_secs(10), || {
+        flow_records(&dir)
+            .iter()
+            .filter(|r| r["protocol"] == "udp")
+            .count()
+            >= 6
+    });
+    let records = flow_records(&dir);
+    let allowed: Vec<_> = records.iter().filter(|r| r["verdict"] == "allow").collect();
+    assert_eq!(allowed.len(), 2, "{records:#?}");
+    for r in allowed {
+        assert_eq!(r["direction"], "incoming", "{r}");
+        assert_eq!(r["policies"], serde_json::json!(["/lab:clients-in"]), "{r}");
+        assert_eq!(r["destination"]["port"], 7000, "{r}");
+    }
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["verdict"] == "reject" && r["protocol"] == "udp")
+            .count(),
+        4,
+        "{records:#?}"
+    );
+}

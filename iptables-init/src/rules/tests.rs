@@ -47,6 +47,7 @@ fn sidecar_v4_rules() {
             // Outbound UDP: marked in OUTPUT, routed back through lo, TPROXYed there.
             "-A SEGMESH_UDP_OUT -m owner --uid-owner 1337 -m mark --mark 0x1337 -j RETURN",
             "-A SEGMESH_UDP_OUT -p udp -m owner --uid-owner 1337 -m udp --dport 53 -j RETURN",
+            "-A SEGMESH_UDP_OUT -p udp -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN",
             "-A SEGMESH_UDP_OUT -d 127.0.0.0/8 -j RETURN",
             "-A SEGMESH_UDP_OUT -o lo -j RETURN",
             "-A SEGMESH_UDP_OUT -d 10.96.0.0/12 -j RETURN",
@@ -276,8 +277,9 @@ fn other_protocols_are_dropped_in_sidecar_mode() {
             "-A SEGMESH_FILTER_OUT -j DROP",
             "-A SEGMESH_FILTER_IN -i lo -j RETURN",
             "-A SEGMESH_FILTER_IN -p tcp -j RETURN",
-            // Inbound UDP only answers the enforcer's own sockets.
+            // Inbound UDP: tracked sessions pass, a new one is the enforcer's decision.
             "-A SEGMESH_FILTER_IN -p udp -m conntrack --ctstate ESTABLISHED -j RETURN",
+            "-A SEGMESH_FILTER_IN -p udp -m conntrack --ctstate NEW -j NFQUEUE --queue-num 1337",
             "-A SEGMESH_FILTER_IN -p icmp -m conntrack --ctstate RELATED -j RETURN",
             "-A SEGMESH_FILTER_IN -p icmp -m conntrack --ctstate ESTABLISHED -j RETURN",
             "-A SEGMESH_FILTER_IN -p icmp -m icmp --icmp-type 8 -j NFQUEUE --queue-num 1337",

@@ -1,10 +1,15 @@
-//! ICMP echo requests, queued to the enforcer by the capture rules (NFQUEUE): each
-//! request is decided on the `icmp` port of the policies — to or from an external
-//! network by its address (and the names our PU resolved to it), to or from a PU by what
-//! the registry proves without a certificate (its name and namespace: ICMP carries no
-//! identity). Allowed requests are accepted and their replies pass as tracked flows;
-//! refused ones are dropped. A decision is recorded once per peer and direction every
-//! [`RECORD_EVERY`] (a ping flood does not flood the flow log).
+//! Packets the capture rules queue to the enforcer (NFQUEUE) for a decision:
+//! - ICMP echo requests, both directions, decided on the `icmp` port of the policies — to
+//!   or from an external network by its address (and the names our PU resolved to it),
+//!   to or from a PU by what the registry proves without a certificate (its name and
+//!   namespace: ICMP carries no identity);
+//! - the first datagram of an inbound UDP session from outside the mesh, decided as
+//!   incoming on `udp/N` against the external networks of its source (a registered PU
+//!   must come through the tunnel). The rest of an accepted session, and the workload's
+//!   answers, pass as the kernel's tracked flow (conntrack), so the workload answers from
+//!   its own address and port.
+//! Accepted packets go on, refused ones are dropped. A decision is recorded once per
+//! peer, direction and port every [`RECORD_EVERY`] (a flood does not flood the flow log).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -39,14 +44,35 @@ fn addresses(packet: &[u8]) -> Option<(IpAddr, IpAddr)> {
     }
 }
 
-/// Decides one echo request from `src` to `dst`; `incoming`: it arrived for our PU.
-/// Returns whether it may pass. Records as [`RECORD_EVERY`] allows.
+/// What a queued packet asks for: ICMP echo, or a UDP datagram to this port.
+fn kind(packet: &[u8]) -> Option<FlowPort> {
+    // The transport header: after the IPv4 header (IHL words), or after the fixed IPv6
+    // header when no extension header precedes it (the capture rules queue only UDP and
+    // echo, which carry none in practice; anything else is refused).
+    let (proto, l4) = match packet.first()? >> 4 {
+        4 => (*packet.get(9)?, usize::from(packet[0] & 0x0f) * 4),
+        6 => (*packet.get(6)?, 40),
+        _ => return None,
+    };
+    match proto {
+        1 | 58 => Some(FlowPort::ICMP_ECHO),
+        17 => {
+            let p = packet.get(l4 + 2..l4 + 4)?;
+            Some(FlowPort::udp(u16::from_be_bytes([p[0], p[1]])))
+        }
+        _ => None,
+    }
+}
+
+/// Decides one queued packet from `src` to `dst` on `port`; `incoming`: it arrived for
+/// our PU. Returns whether it may pass. Records as [`RECORD_EVERY`] allows.
 fn decide(
     shared: &Arc<Shared>,
     src: IpAddr,
     dst: IpAddr,
+    port: FlowPort,
     incoming: bool,
-    last: &mut HashMap<(bool, IpAddr), Instant>,
+    last: &mut HashMap<(bool, IpAddr, FlowPort), Instant>,
 ) -> bool {
     let snap = shared.snapshot();
     if snap.is_fail_closed() {
@@ -57,7 +83,8 @@ fn decide(
     } else {
         (Direction::Outgoing, dst.to_canonical())
     };
-    let mut flow = Flow::new(dir, (src, 0).into(), (dst, 0).into());
+    let udp = port.protocol == segmesh_policy::Protocol::Udp;
+    let mut flow = Flow::new(dir, (src, 0).into(), (dst, port.port).into());
     let own = if incoming {
         &mut flow.destination
     } else {
@@ -69,8 +96,21 @@ fn decide(
     } else {
         &mut flow.destination
     };
-    let port = FlowPort::ICMP_ECHO;
     let peer = match snap.registry.get(&peer_ip) {
+        // UDP from a PU's address must come through the tunnel, with its certificate.
+        Some(r) if udp => {
+            peer_end.pu = Some(r.qualified());
+            if last
+                .get(&(incoming, peer_ip, port))
+                .is_none_or(|t| t.elapsed() >= RECORD_EVERY)
+            {
+                last.insert((incoming, peer_ip, port), Instant::now());
+                let mut rec = Recorder::new(shared, snap.clone(), flow);
+                rec.datagrams = Some((1, 0));
+                rec.refuse(segmesh_api::FlowReason::RegisteredPu, None);
+            }
+            return false;
+        }
         Some(r) => {
             peer_end.pu = Some(r.qualified());
             let mut tags = TagSet::new();
@@ -106,13 +146,18 @@ fn decide(
     let d = snap.engine.decide(dir, &snap.prepared, &peer, port);
     let allow = d.verdict == Verdict::Allow;
     let due = last
-        .get(&(incoming, peer_ip))
+        .get(&(incoming, peer_ip, port))
         .is_none_or(|t| t.elapsed() >= RECORD_EVERY);
     let wanted = !allow || d.log || shared.settings.log_all_flows;
     if due && wanted {
-        last.insert((incoming, peer_ip), Instant::now());
+        last.insert((incoming, peer_ip, port), Instant::now());
         let mut rec = Recorder::new(shared, snap.clone(), flow);
-        rec.protocol = Some("icmp");
+        if udp {
+            // The session's first datagram; the kernel carries the rest.
+            rec.datagrams = Some((1, 0));
+        } else {
+            rec.protocol = Some("icmp");
+        }
         let reason = reason_of(&d);
         rec.decided(d);
         if allow {
@@ -145,8 +190,11 @@ pub(crate) fn start(shared: Arc<Shared>, num: u16) -> std::io::Result<()> {
                     }
                 };
                 let incoming = msg.get_hook() == NF_INET_LOCAL_IN;
-                let allow = addresses(msg.get_payload())
-                    .is_some_and(|(s, d)| decide(&shared, s, d, incoming, &mut last));
+                let packet = msg.get_payload();
+                let allow = match (addresses(packet), kind(packet)) {
+                    (Some((s, d)), Some(port)) => decide(&shared, s, d, port, incoming, &mut last),
+                    _ => false,
+                };
                 msg.set_verdict(if allow {
                     nfq::Verdict::Accept
                 } else {
@@ -185,6 +233,17 @@ mod tests {
             Some(("fd00::1".parse().unwrap(), "fd00::2".parse().unwrap()))
         );
         assert_eq!(addresses(&v4[..19]), None);
+        // Protocol 1 (ICMP), then UDP to port 53 after a 20-byte header.
+        v4[9] = 1;
+        assert_eq!(kind(&v4), Some(FlowPort::ICMP_ECHO));
+        v4[9] = 17;
+        v4.extend_from_slice(&[0x9c, 0x40, 0, 53, 0, 8, 0, 0]);
+        assert_eq!(kind(&v4), Some(FlowPort::udp(53)));
+        v6[6] = 17;
+        v6.extend_from_slice(&[0x9c, 0x40, 0x1f, 0x40, 0, 8, 0, 0]);
+        assert_eq!(kind(&v6), Some(FlowPort::udp(8000)));
+        v6[6] = 6;
+        assert_eq!(kind(&v6), None);
         assert_eq!(addresses(&[0x70; 40]), None);
         assert_eq!(addresses(&[]), None);
     }

@@ -8,6 +8,7 @@
 //!   must come through the tunnel). The rest of an accepted session, and the workload's
 //!   answers, pass as the kernel's tracked flow (conntrack), so the workload answers from
 //!   its own address and port.
+//!
 //! Accepted packets go on, refused ones are dropped. A decision is recorded once per
 //! peer, direction and port every [`RECORD_EVERY`] (a flood does not flood the flow log).
 

@@ -10,7 +10,7 @@
 //!   its own address and port.
 //!
 //! Accepted packets go on, refused ones are dropped. A decision is recorded once per
-//! peer, direction and port every [`RECORD_EVERY`] (a flood does not flood the flow log).
+//! peer, direction, port and verdict every [`RECORD_EVERY`] (a flood does not flood the flow log).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -73,7 +73,7 @@ fn decide(
     dst: IpAddr,
     port: FlowPort,
     incoming: bool,
-    last: &mut HashMap<(bool, IpAddr, FlowPort), Instant>,
+    last: &mut HashMap<(bool, IpAddr, FlowPort, bool), Instant>,
 ) -> bool {
     let snap = shared.snapshot();
     if snap.is_fail_closed() {
@@ -102,10 +102,10 @@ fn decide(
         Some(r) if udp => {
             peer_end.pu = Some(r.qualified());
             if last
-                .get(&(incoming, peer_ip, port))
+                .get(&(incoming, peer_ip, port, false))
                 .is_none_or(|t| t.elapsed() >= RECORD_EVERY)
             {
-                last.insert((incoming, peer_ip, port), Instant::now());
+                last.insert((incoming, peer_ip, port, false), Instant::now());
                 let mut rec = Recorder::new(shared, snap.clone(), flow);
                 rec.datagrams = Some((1, 0));
                 rec.refuse(segmesh_api::FlowReason::RegisteredPu, None);
@@ -146,12 +146,13 @@ fn decide(
     };
     let d = snap.engine.decide(dir, &snap.prepared, &peer, port);
     let allow = d.verdict == Verdict::Allow;
+    // Per verdict too: a verdict that changed (a new snapshot) is recorded at once.
     let due = last
-        .get(&(incoming, peer_ip, port))
+        .get(&(incoming, peer_ip, port, allow))
         .is_none_or(|t| t.elapsed() >= RECORD_EVERY);
     let wanted = !allow || d.log || shared.settings.log_all_flows;
     if due && wanted {
-        last.insert((incoming, peer_ip, port), Instant::now());
+        last.insert((incoming, peer_ip, port, allow), Instant::now());
         let mut rec = Recorder::new(shared, snap.clone(), flow);
         if udp {
             // The session's first datagram; the kernel carries the rest.
@@ -168,6 +169,56 @@ fn decide(
         }
     }
     allow
+}
+
+/// Makes every inbound UDP session decide again: deletes the kernel's tracked UDP flows
+/// addressed to this namespace's addresses (`conntrack -D`, from conntrack-tools), so
+/// that each session's next datagram is new again and comes to the queue, where the
+/// snapshot of now decides it. Runs on a thread of its own; a failure is logged once.
+pub(crate) fn redecide_inbound_udp() {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return;
+    };
+    let ips: Vec<IpAddr> = addrs
+        .filter_map(|a| {
+            let a = a.address?;
+            a.as_sockaddr_in()
+                .map(|s| IpAddr::from(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::from(s.ip())))
+        })
+        .filter(|ip| !ip.is_loopback())
+        .collect();
+    std::thread::spawn(move || {
+        for ip in ips {
+            let family = if ip.is_ipv6() { "ipv6" } else { "ipv4" };
+            let out = std::process::Command::new("conntrack")
+                .args([
+                    "-D",
+                    "-f",
+                    family,
+                    "-p",
+                    "udp",
+                    "--orig-dst",
+                    &ip.to_string(),
+                ])
+                .output();
+            // Exit 1 with "0 flow entries" is the normal case of nothing to delete.
+            let failed = match &out {
+                Ok(o) => {
+                    !o.status.success()
+                        && !String::from_utf8_lossy(&o.stderr).contains("0 flow entries")
+                }
+                Err(_) => true,
+            };
+            if failed && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    ?out,
+                    "cannot make inbound UDP sessions decide again (conntrack -D): they keep their earlier decision until idle"
+                );
+            }
+        }
+    });
 }
 
 /// Reads queue `num` on a thread of its own until the queue fails (the process ends

@@ -145,6 +145,10 @@ impl Shared {
         *self.snapshot.write().expect("lock poisoned") = s.clone();
         self.reloaded("ok");
         if self.settings.recheck_open {
+            // Inbound UDP sessions are the kernel's tracked flows (see `queued`).
+            if self.settings.listeners.address.is_none() {
+                crate::queued::redecide_inbound_udp();
+            }
             let closed = self.open.recheck(&s);
             if closed > 0 {
                 tracing::info!(

@@ -34,15 +34,18 @@ use crate::state::Shared;
 /// The policy tags of a peer: its certificate's tags plus the automatic ones its SPIFFE
 /// ID proves. Nothing the peer says in the tunnel header is used.
 pub(crate) fn peer_tags(id: &WorkloadIdentity) -> TagSet {
-    let mut tags: TagSet = id
-        .tags
-        .iter()
-        .filter_map(|t| t.parse::<Tag>().ok())
-        .collect();
+    let mut tags = automatic_tags(&id.name, &id.namespace);
+    tags.extend(id.tags.iter().filter_map(|t| t.parse::<Tag>().ok()));
+    tags
+}
+
+/// The tags any PU has by its name and namespace alone.
+pub(crate) fn automatic_tags(name: &str, namespace: &str) -> TagSet {
+    let mut tags = TagSet::new();
     for (k, v) in [
         ("$identity", "processingunit"),
-        ("$namespace", id.namespace.as_str()),
-        ("$name", id.name.as_str()),
+        ("$namespace", namespace),
+        ("$name", name),
     ] {
         if let Ok(t) = Tag::new(k, v) {
             tags.insert(t);

@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use segmesh_policy::{Direction, FlowPort, PreparedPeer, Tag, TagSet, Verdict};
+use segmesh_policy::{Direction, FlowPort, PreparedPeer, Verdict};
 
 use crate::flow::{Flow, Recorder, reason_of};
 use crate::state::Shared;
@@ -114,16 +114,7 @@ fn decide(
         }
         Some(r) => {
             peer_end.pu = Some(r.qualified());
-            let mut tags = TagSet::new();
-            for (k, v) in [
-                ("$identity", "processingunit"),
-                ("$name", r.name.as_str()),
-                ("$namespace", r.namespace.as_str()),
-            ] {
-                if let Ok(t) = Tag::new(k, v) {
-                    tags.insert(t);
-                }
-            }
+            let tags = crate::mesh::automatic_tags(&r.name, &r.namespace);
             PreparedPeer::Pu(snap.engine.id_set(&tags))
         }
         None => {

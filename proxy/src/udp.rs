@@ -453,6 +453,17 @@ async fn tunnel(
     });
 }
 
+/// How a receive error ends a session: an ICMP port unreachable as a reset ends a TCP
+/// flow; any other error too (it is not activity that keeps the session alive).
+fn ended(e: &std::io::Error) -> Close {
+    if e.kind() == std::io::ErrorKind::ConnectionRefused {
+        Close::Reset
+    } else {
+        tracing::debug!(error = %e, "udp session");
+        Close::Error
+    }
+}
+
 /// A refused session leaves the table when idle.
 async fn expire_refused(shared: Arc<Shared>, key: Key, s: Arc<Session>) {
     let idle = shared.settings.limits.udp_idle_timeout;
@@ -505,11 +516,7 @@ async fn relay(
                     }
                 }
                 // The workload's socket is gone (ICMP port unreachable for an answer).
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break Close::Reset,
-                Err(e) => {
-                    tracing::debug!(error = %e, "udp session (workload side)");
-                    break Close::Error;
-                }
+                Err(e) => break ended(&e),
             },
             r = up.recv(&mut buf) => match r {
                 Ok(n) => {
@@ -528,13 +535,7 @@ async fn relay(
                         shared.metrics.udp_dropped.inc();
                     }
                 }
-                // ICMP port unreachable ends the session as a reset ends a TCP flow; any
-                // other error ends it too (it is not activity that keeps it alive).
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break Close::Reset,
-                Err(e) => {
-                    tracing::debug!(error = %e, "udp session");
-                    break Close::Error;
-                }
+                Err(e) => break ended(&e),
             },
             _ = tokio::time::sleep_until(until) => {
                 if s.last() + idle <= Instant::now() {

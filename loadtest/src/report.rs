@@ -387,6 +387,20 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
             ));
         }
     }
+    let dns = &figures["dns"];
+    if dns["direct"].is_object() && dns["enforcer"].is_object() {
+        md.push_str("\n## DNS over UDP (a new socket and a distinct name per query, one after another)\n\n| path | queries/s | vs direct | query p50 | p99 |\n|---|---|---|---|---|\n");
+        for p in ["direct", "enforcer"] {
+            let q = &dns[p];
+            md.push_str(&format!(
+                "| {p} | {:.0} | {:.2}× | {:.1} µs | {:.1} µs |\n",
+                f(&q["per_second"]),
+                f(&q["per_second"]) / f(&dns["direct"]["per_second"]).max(1e-9),
+                f(&q["query"]["p50_us"]),
+                f(&q["query"]["p99_us"])
+            ));
+        }
+    }
     md.push_str("\n## Idle connections held through both enforcers\n\n| mode | connections | enforcer | RSS before → held | RSS per connection | fds per connection |\n|---|---|---|---|---|---|\n");
     for mode in ["authenticated-only", "encrypted"] {
         let i = &figures["idle"][mode];

@@ -68,6 +68,77 @@ const UDP_PORTS: u16 = 15500;
 /// UDP echo servers on the server PU (through both enforcers' tunnel).
 const UDP_MESH: u16 = 15600;
 
+/// Answers every A query with one address (TTL 60 s) until `limit`.
+async fn dns_responder(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
+    use hickory_proto::op::Message;
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record};
+    let s = tokio::net::UdpSocket::bind(addr).await?;
+    let until = tokio::time::Instant::now() + limit;
+    let mut b = [0u8; 1500];
+    while let Ok(Ok((n, from))) = tokio::time::timeout_at(until, s.recv_from(&mut b)).await {
+        let Ok(q) = Message::from_vec(&b[..n]) else {
+            continue;
+        };
+        let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+        r.add_queries(q.queries.clone());
+        for query in &q.queries {
+            r.add_answer(Record::from_rdata(
+                query.name().clone(),
+                60,
+                RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+            ));
+        }
+        if let Ok(answer) = r.to_vec() {
+            let _ = s.send_to(&answer, from).await;
+        }
+    }
+    Ok(())
+}
+
+/// DNS queries (a distinct name each, from a new socket each, as a stub resolver does)
+/// to `to`, one after another: the queries per second and each one's time.
+fn dns_rate(
+    topo: &Topology,
+    to: SocketAddr,
+    queries: usize,
+    limit: Duration,
+) -> anyhow::Result<(f64, Vec<Duration>)> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    in_ns(topo.host("client"), async move {
+        let mut each = Vec::with_capacity(queries);
+        let start = Instant::now();
+        let mut b = [0u8; 1500];
+        for i in 0..queries {
+            if start.elapsed() > limit {
+                break;
+            }
+            let mut q = Message::new(i as u16, MessageType::Query, OpCode::Query);
+            q.add_query(Query::query(
+                Name::from_ascii(format!("q{i}.example.test."))?,
+                RecordType::A,
+            ));
+            let q = q.to_vec()?;
+            let t = Instant::now();
+            let s = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+            s.send_to(&q, to).await?;
+            match tokio::time::timeout(Duration::from_secs(1), s.recv(&mut b)).await {
+                Ok(Ok(n)) if Message::from_vec(&b[..n]).is_ok_and(|m| !m.answers.is_empty()) => {
+                    each.push(t.elapsed())
+                }
+                _ => break,
+            }
+        }
+        Ok((
+            each.len() as f64 / start.elapsed().as_secs_f64().max(1e-9),
+            each,
+        ))
+    })
+    .join()
+    .expect("client thread")
+}
+
 /// Echoes every datagram back to its sender until `limit`.
 async fn udp_echo(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
     let s = tokio::net::UdpSocket::bind(addr).await?;
@@ -566,6 +637,23 @@ pub fn run(
         }))
     };
     udp_figures.insert("direct".into(), udp_path(&topo, "outside", UDP_PORTS)?);
+    // A DNS server on `outside` for the whole run (queries decided, forwarded and learned
+    // from by the client's enforcer later).
+    let dns_server = SocketAddr::new(outside.into(), 53);
+    let _dns = in_ns(
+        topo.host("outside"),
+        dns_responder(
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 53),
+            Duration::from_secs(900),
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let mut dns_figures = serde_json::Map::new();
+    let dns_path = |topo: &Topology| -> anyhow::Result<Value> {
+        let (per_second, each) = dns_rate(topo, dns_server, sizes.connections as usize, limit)?;
+        Ok(json!({ "per_second": per_second, "query": quantiles(&each), "queries": each.len() }))
+    };
+    dns_figures.insert("direct".into(), dns_path(&topo)?);
 
     if relay_available(install_relay) {
         // Each scenario gets its own relay pair (socat forks per connection).
@@ -601,6 +689,7 @@ pub fn run(
              kind: NetworkPolicy\nname: plain\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [tcp/{PLAIN}-{}]\nencrypt: false\n---\n\
              kind: ExternalNetwork\nname: outside\nnamespace: /lt\nentries: [{outside}]\n---\n\
              kind: NetworkPolicy\nname: udp-out\nnamespace: /lt\naction: Allow\nmode: Outgoing\nsubject: [[app=client]]\nobject: [[ext:name=outside]]\nports: [udp/{UDP_PORTS}-{}]\n---\n\
+             kind: NetworkPolicy\nname: dns-out\nnamespace: /lt\naction: Allow\nmode: Outgoing\nsubject: [[app=client]]\nobject: [[ext:name=outside]]\nports: [udp/53]\n---\n\
              kind: NetworkPolicy\nname: udp-mesh\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [udp/{UDP_MESH}-{}]\n",
             ENCRYPTED + 999,
             PLAIN + 999,
@@ -666,6 +755,9 @@ pub fn run(
         "enforcer".into(),
         udp_path(&topo, "outside", UDP_PORTS + 1)?,
     );
+    // DNS through the client's enforcer: every query a new session, decided, forwarded,
+    // and its answer learned from.
+    dns_figures.insert("enforcer".into(), dns_path(&topo)?);
     // Between the two PUs: both enforcers, datagrams framed inside the mesh tunnel.
     udp_figures.insert(
         "both enforcers (tunnel)".into(),
@@ -724,6 +816,7 @@ pub fn run(
         "idle": idle_results,
         "fanout": fanout,
         "udp": udp_figures,
+        "dns": dns_figures,
         "notes": notes,
     }))
 }

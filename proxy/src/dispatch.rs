@@ -20,7 +20,7 @@ pub(crate) async fn carry_out(
     shared: Arc<Shared>,
     snap: Arc<Snapshot>,
     mut flow: Flow,
-    planned: Planned,
+    mut planned: Planned,
     since: Instant,
     stream: TcpStream,
     target: SocketAddr,
@@ -35,9 +35,9 @@ pub(crate) async fn carry_out(
         Direction::Outgoing => &mut flow.destination,
         Direction::Incoming => &mut flow.source,
     };
-    other.pu = planned.peer_pu;
-    other.external = planned.networks;
-    other.domain = planned.domain;
+    other.pu = planned.peer_pu.take();
+    other.external = std::mem::take(&mut planned.networks);
+    other.domain = planned.domain.take();
     let mut rec = Recorder::new(&shared, snap, flow);
     match planned.plan {
         Plan::Refuse { reason, decision } => {
@@ -49,7 +49,7 @@ pub(crate) async fn carry_out(
         Plan::Tunnel(pu) => crate::mesh::client::connect(rec, stream, target, pu).await,
         Plan::Forward(d) => {
             rec.decided(d);
-            crate::plain::forward(rec, stream, target).await;
+            crate::plain::forward(rec, stream, target, planned.names).await;
         }
     }
 }

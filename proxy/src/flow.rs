@@ -3,7 +3,7 @@
 //! decision, what the tunnel learned) and what an allowed flow holds while it relays
 //! (its connection permit, its place in the open-connections gauge and in the open
 //! flows a new snapshot re-decides). It is finished exactly once, with the outcome:
-//! [`refuse`](Recorder::refuse), [`unreachable`](Recorder::unreachable),
+//! [`refuse`](Recorder::refuse), [`ended_unrelayed`](Recorder::ended_unrelayed),
 //! [`finish`](Recorder::finish), or [`forget`](Recorder::forget) for a pooled tunnel
 //! connection that never carried a flow. One nobody finished records itself when
 //! dropped (reason `internal`, close reason `error`).
@@ -214,8 +214,9 @@ impl Recorder {
         self.relaying = None;
     }
 
-    /// Allowed, but the destination could not be reached (always recorded).
-    pub(crate) fn unreachable(mut self, close: CloseReason) {
+    /// Allowed, but no bytes moved through the enforcer: the destination could not be
+    /// reached, or (queued decisions) the kernel carries the flow. Always recorded.
+    pub(crate) fn ended_unrelayed(mut self, close: CloseReason) {
         let reason = self.decided_reason();
         let r = self.build(reason, close);
         self.done(r);

@@ -13,8 +13,13 @@ use crate::relay::Moved;
 use crate::relay::splice::{self, Progress};
 
 /// Connects to `target` and relays until the flow ends; the recorder holds the
-/// (allowing) decision.
-pub(crate) async fn forward(mut rec: Recorder, app: TcpStream, target: SocketAddr) {
+/// (allowing) decision, `names` what it considered of the peer's names.
+pub(crate) async fn forward(
+    mut rec: Recorder,
+    app: TcpStream,
+    target: SocketAddr,
+    names: Vec<String>,
+) {
     if !rec.admit() {
         return rec.reset(app, FlowReason::Overload, None);
     }
@@ -27,22 +32,15 @@ pub(crate) async fn forward(mut rec: Recorder, app: TcpStream, target: SocketAdd
             tracing::debug!(error = %e, %target, "connect failed");
             shared.error(ErrorKind::ConnectFailed);
             crate::socket::reset(app);
-            return rec.unreachable(CloseReason::ConnectFailed);
+            return rec.ended_unrelayed(CloseReason::ConnectFailed);
         }
         Err(_) => {
             shared.error(ErrorKind::ConnectTimeout);
             crate::socket::reset(app);
-            return rec.unreachable(CloseReason::ConnectTimeout);
+            return rec.ended_unrelayed(CloseReason::ConnectTimeout);
         }
     };
     let _ = upstream.set_nodelay(true);
-    let names = match &rec.flow.direction {
-        segmesh_policy::Direction::Outgoing => rec
-            .shared()
-            .names
-            .names(rec.flow.peer_ip(), std::time::Instant::now()),
-        segmesh_policy::Direction::Incoming => Vec::new(),
-    };
     let peer = Peer::Address(rec.flow.peer_ip(), names);
     let stop = rec.relaying(peer, rec.flow.destination.port);
     if rec.flow.direction == segmesh_policy::Direction::Outgoing && target.port() == 53 {

@@ -37,6 +37,9 @@ pub(crate) struct Planned {
     pub networks: Vec<String>,
     /// The name our PU resolved to the address that matched a domain entry.
     pub domain: Option<String>,
+    /// The names the decision considered (what our PU resolved to the address): an open
+    /// flow is re-decided with them.
+    pub names: Vec<String>,
 }
 
 impl Planned {
@@ -49,6 +52,7 @@ impl Planned {
             peer_pu: None,
             networks: Vec::new(),
             domain: None,
+            names: Vec::new(),
         }
     }
 
@@ -87,6 +91,7 @@ pub(crate) fn outbound(
             plan: Plan::Tunnel(r.clone()),
             networks: Vec::new(),
             domain: None,
+            names: Vec::new(),
         };
     }
     external(snap, Direction::Outgoing, ip, target.port(), names)
@@ -135,6 +140,7 @@ pub(crate) fn outbound_udp(snap: &Snapshot, target: SocketAddr, names: &[String]
             plan: Plan::Tunnel(r.clone()),
             networks: Vec::new(),
             domain: None,
+            names: Vec::new(),
         };
     }
     external(
@@ -180,6 +186,7 @@ fn external(
         networks,
         // Said only when a name made the difference to the networks.
         domain,
+        names: names.to_vec(),
     }
 }
 

@@ -154,7 +154,7 @@ fn decide(
         let reason = reason_of(&d);
         rec.decided(d);
         if allow {
-            rec.unreachable(segmesh_api::CloseReason::Closed);
+            rec.ended_unrelayed(segmesh_api::CloseReason::Closed);
         } else {
             rec.refuse(reason, None);
         }

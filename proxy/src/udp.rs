@@ -309,6 +309,7 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
     flow.destination.pu = planned.peer_pu;
     flow.destination.external = planned.networks;
     flow.destination.domain = planned.domain;
+    let names = planned.names;
     let mut rec = Recorder::new(shared, snap, flow);
     rec.datagrams = Some((1, 0));
     let limits = shared.settings.limits;
@@ -377,7 +378,7 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
         Err(e) => {
             tracing::debug!(error = %e, %to, "udp session");
             refused(shared);
-            return rec.unreachable(segmesh_api::CloseReason::ConnectFailed);
+            return rec.ended_unrelayed(segmesh_api::CloseReason::ConnectFailed);
         }
     };
     let up_addr = up.local_addr().ok();
@@ -396,7 +397,7 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
     shared
         .udp
         .insert(key, s.clone(), limits.max_udp_sessions, shared);
-    tokio::spawn(relay(shared.clone(), key, s, up, reply, rec));
+    tokio::spawn(relay(shared.clone(), key, s, up, reply, rec, names));
 }
 
 /// A session to a PU: the tunnel is negotiated (identity, both decisions), then the
@@ -490,8 +491,8 @@ async fn relay(
     up: Arc<UdpSocket>,
     reply: UdpSocket,
     mut rec: Recorder,
+    names: Vec<String>,
 ) {
-    let names = shared.names.names(key.1.ip(), std::time::Instant::now());
     let port = segmesh_policy::FlowPort::udp(key.1.port());
     let stop = rec.relaying(Peer::Address(key.1.ip(), names), port);
     // Answers of our PU's own DNS queries teach the names of addresses.

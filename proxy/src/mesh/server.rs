@@ -173,7 +173,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         _ => {
             shared.error(ErrorKind::ConnectFailed);
             answer(&mut stream, Reason::Unreachable, true).await;
-            return rec.unreachable(CloseReason::ConnectFailed);
+            return rec.ended_unrelayed(CloseReason::ConnectFailed);
         }
     };
     let _ = workload.set_nodelay(true);
@@ -241,7 +241,7 @@ async fn serve_udp(
         Err(_) => {
             shared.error(ErrorKind::ConnectFailed);
             answer(&mut stream, Reason::Unreachable, true).await;
-            return rec.unreachable(CloseReason::ConnectFailed);
+            return rec.ended_unrelayed(CloseReason::ConnectFailed);
         }
     };
     let stop = rec.relaying(Peer::Pu(peer), FlowPort::udp(target.port()));

@@ -737,9 +737,6 @@ fn run(d: &mut Demo) -> anyhow::Result<()> {
 /// A resolver in the internet namespace answering `names` with the internet host's
 /// address (TTL 60 s), NXDOMAIN for anything else, for `SERVE_LIMIT`.
 fn resolver(d: &Demo, names: &'static [&'static str]) {
-    use hickory_proto::op::{Message, ResponseCode};
-    use hickory_proto::rr::rdata::A;
-    use hickory_proto::rr::{RData, Record};
     let h = host_of(d, "internet");
     let ip = h.ip4;
     let _ = h.run(async move {
@@ -748,25 +745,9 @@ fn resolver(d: &Demo, names: &'static [&'static str]) {
         };
         let mut b = [0u8; 1500];
         while let Ok(Ok((n, from))) = tokio::time::timeout(SERVE_LIMIT, s.recv_from(&mut b)).await {
-            let Ok(q) = Message::from_vec(&b[..n]) else {
-                continue;
-            };
-            let mut r = Message::response(q.metadata.id, q.metadata.op_code);
-            r.add_queries(q.queries.clone());
-            for query in &q.queries {
-                let name = query.name().to_ascii();
-                if names.contains(&name.trim_end_matches('.')) {
-                    r.add_answer(Record::from_rdata(
-                        query.name().clone(),
-                        60,
-                        RData::A(A(ip)),
-                    ));
-                } else {
-                    r.metadata.response_code = ResponseCode::NXDomain;
-                }
-            }
-            if let Ok(bytes) = r.to_vec() {
-                let _ = s.send_to(&bytes, from).await;
+            let known = |n: &str| names.contains(&n);
+            if let Some(a) = segmesh_testkit::dns::answer(&b[..n], known, ip, 60) {
+                let _ = s.send_to(&a, from).await;
             }
         }
     });
@@ -774,14 +755,7 @@ fn resolver(d: &Demo, names: &'static [&'static str]) {
 
 /// `name`'s A records, asked from `h` of the resolver at `server`.
 fn resolve(h: &Host, server: SocketAddr, name: &str) -> Vec<IpAddr> {
-    use hickory_proto::op::{Message, MessageType, OpCode, Query};
-    use hickory_proto::rr::{Name, RData, RecordType};
-    let Ok(n) = Name::from_ascii(name) else {
-        return Vec::new();
-    };
-    let mut q = Message::new(7, MessageType::Query, OpCode::Query);
-    q.add_query(Query::query(n, RecordType::A));
-    let Ok(query) = q.to_vec() else {
+    let Some(query) = segmesh_testkit::dns::query(7, name) else {
         return Vec::new();
     };
     in_ns(h, async move {
@@ -790,22 +764,10 @@ fn resolve(h: &Host, server: SocketAddr, name: &str) -> Vec<IpAddr> {
         };
         let _ = s.send_to(&query, server).await;
         let mut b = [0u8; 1500];
-        let Ok(Ok((n, _))) =
-            tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut b)).await
-        else {
-            return Vec::new();
-        };
-        Message::from_vec(&b[..n])
-            .map(|m| {
-                m.answers
-                    .iter()
-                    .filter_map(|r| match &r.data {
-                        RData::A(a) => Some(IpAddr::V4(a.0)),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        match tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut b)).await {
+            Ok(Ok((n, _))) => segmesh_testkit::dns::addresses(&b[..n]),
+            _ => Vec::new(),
+        }
     })
 }
 

@@ -70,26 +70,12 @@ const UDP_MESH: u16 = 15600;
 
 /// Answers every A query with one address (TTL 60 s) until `limit`.
 async fn dns_responder(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
-    use hickory_proto::op::Message;
-    use hickory_proto::rr::rdata::A;
-    use hickory_proto::rr::{RData, Record};
     let s = tokio::net::UdpSocket::bind(addr).await?;
     let until = tokio::time::Instant::now() + limit;
     let mut b = [0u8; 1500];
     while let Ok(Ok((n, from))) = tokio::time::timeout_at(until, s.recv_from(&mut b)).await {
-        let Ok(q) = Message::from_vec(&b[..n]) else {
-            continue;
-        };
-        let mut r = Message::response(q.metadata.id, q.metadata.op_code);
-        r.add_queries(q.queries.clone());
-        for query in &q.queries {
-            r.add_answer(Record::from_rdata(
-                query.name().clone(),
-                60,
-                RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
-            ));
-        }
-        if let Ok(answer) = r.to_vec() {
+        let ip = Ipv4Addr::new(192, 0, 2, 1);
+        if let Some(answer) = segmesh_testkit::dns::answer(&b[..n], |_| true, ip, 60) {
             let _ = s.send_to(&answer, from).await;
         }
     }
@@ -104,8 +90,6 @@ fn dns_rate(
     queries: usize,
     limit: Duration,
 ) -> anyhow::Result<(f64, Vec<Duration>)> {
-    use hickory_proto::op::{Message, MessageType, OpCode, Query};
-    use hickory_proto::rr::{Name, RecordType};
     in_ns(topo.host("client"), async move {
         let mut each = Vec::with_capacity(queries);
         let start = Instant::now();
@@ -114,17 +98,13 @@ fn dns_rate(
             if start.elapsed() > limit {
                 break;
             }
-            let mut q = Message::new(i as u16, MessageType::Query, OpCode::Query);
-            q.add_query(Query::query(
-                Name::from_ascii(format!("q{i}.example.test."))?,
-                RecordType::A,
-            ));
-            let q = q.to_vec()?;
+            let q = segmesh_testkit::dns::query(i as u16, &format!("q{i}.example.test."))
+                .context("a DNS query")?;
             let t = Instant::now();
             let s = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
             s.send_to(&q, to).await?;
             match tokio::time::timeout(Duration::from_secs(1), s.recv(&mut b)).await {
-                Ok(Ok(n)) if Message::from_vec(&b[..n]).is_ok_and(|m| !m.answers.is_empty()) => {
+                Ok(Ok(n)) if !segmesh_testkit::dns::addresses(&b[..n]).is_empty() => {
                     each.push(t.elapsed())
                 }
                 _ => break,

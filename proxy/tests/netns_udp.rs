@@ -11,36 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use segmesh_testkit::{Topology, netns_enabled, wait_until};
+use segmesh_testkit::{Topology, dns, netns_enabled, wait_until};
 use tokio::net::UdpSocket;
-
-/// Echoes every datagram back to its sender; counts them. Runs for `LIMIT`.
-async fn udp_echo(addr: SocketAddr, seen: Arc<AtomicUsize>) {
-    let s = UdpSocket::bind(addr).await.unwrap();
-    let until = tokio::time::Instant::now() + LIMIT;
-    let mut b = [0u8; 2048];
-    while let Ok(Ok((n, from))) = tokio::time::timeout_at(until, s.recv_from(&mut b)).await {
-        seen.fetch_add(1, Ordering::SeqCst);
-        let _ = s.send_to(&b[..n], from).await;
-    }
-}
-
-/// Sends `msg` to `to` from a new socket; the answer and who sent it, within 2 s.
-async fn ask(to: SocketAddr, msg: &'static [u8]) -> Option<(Vec<u8>, SocketAddr)> {
-    let any: SocketAddr = if to.is_ipv4() {
-        "0.0.0.0:0".parse().unwrap()
-    } else {
-        "[::]:0".parse().unwrap()
-    };
-    let s = UdpSocket::bind(any).await.unwrap();
-    s.send_to(msg, to).await.unwrap();
-    let mut b = [0u8; 2048];
-    let (n, from) = tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut b))
-        .await
-        .ok()?
-        .ok()?;
-    Some((b[..n].to_vec(), from))
-}
 
 #[test]
 fn netns_udp_sessions_are_decided_answered_recorded_and_bounded() {
@@ -221,54 +193,14 @@ async fn dns_server(
     ip: std::net::Ipv4Addr,
     ttl: u32,
 ) {
-    use hickory_proto::op::{Message, ResponseCode};
-    use hickory_proto::rr::rdata::A;
-    use hickory_proto::rr::{RData, Record};
-    let s = UdpSocket::bind(addr).await.unwrap();
+    let s = tokio::net::UdpSocket::bind(addr).await.unwrap();
     let until = tokio::time::Instant::now() + LIMIT;
     let mut b = [0u8; 1500];
     while let Ok(Ok((n, from))) = tokio::time::timeout_at(until, s.recv_from(&mut b)).await {
-        let Ok(q) = Message::from_vec(&b[..n]) else {
-            continue;
-        };
-        let mut r = Message::response(q.metadata.id, q.metadata.op_code);
-        r.add_queries(q.queries.clone());
-        for query in &q.queries {
-            let name = query.name().to_ascii();
-            if names.contains(&name.trim_end_matches('.')) {
-                r.add_answer(Record::from_rdata(
-                    query.name().clone(),
-                    ttl,
-                    RData::A(A(ip)),
-                ));
-            } else {
-                r.metadata.response_code = ResponseCode::NXDomain;
-            }
-        }
-        let _ = s.send_to(&r.to_vec().unwrap(), from).await;
-    }
-}
-
-/// The answer to a DNS query message for `names` (A records to `ip`, TTL `ttl`).
-fn dns_answer(query: &[u8], names: &[&str], ip: std::net::Ipv4Addr, ttl: u32) -> Option<Vec<u8>> {
-    use hickory_proto::op::{Message, ResponseCode};
-    use hickory_proto::rr::rdata::A;
-    use hickory_proto::rr::{RData, Record};
-    let q = Message::from_vec(query).ok()?;
-    let mut r = Message::response(q.metadata.id, q.metadata.op_code);
-    r.add_queries(q.queries.clone());
-    for query in &q.queries {
-        if names.contains(&query.name().to_ascii().trim_end_matches('.')) {
-            r.add_answer(Record::from_rdata(
-                query.name().clone(),
-                ttl,
-                RData::A(A(ip)),
-            ));
-        } else {
-            r.metadata.response_code = ResponseCode::NXDomain;
+        if let Some(a) = dns::answer(&b[..n], |q| names.contains(&q), ip, ttl) {
+            let _ = s.send_to(&a, from).await;
         }
     }
-    r.to_vec().ok()
 }
 
 /// A DNS server over TCP (length-prefixed messages, RFC 1035 §4.2.2), one query per
@@ -291,7 +223,7 @@ async fn dns_tcp_server(
         if s.read_exact(&mut q).await.is_err() {
             continue;
         }
-        if let Some(a) = dns_answer(&q, names, ip, ttl) {
+        if let Some(a) = dns::answer(&q, |n| names.contains(&n), ip, ttl) {
             let _ = s.write_all(&(a.len() as u16).to_be_bytes()).await;
             let _ = s.write_all(&a).await;
         }
@@ -300,18 +232,10 @@ async fn dns_tcp_server(
 
 /// Resolves `name` (A) over TCP; the addresses answered.
 async fn resolve_tcp(server: SocketAddr, name: &str) -> Vec<std::net::IpAddr> {
-    use hickory_proto::op::{Message, MessageType, OpCode, Query};
-    use hickory_proto::rr::{Name, RData, RecordType};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut q = Message::new(4343, MessageType::Query, OpCode::Query);
-    q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
-    let q = q.to_vec().unwrap();
-    let Ok(Ok(mut s)) = tokio::time::timeout(
-        Duration::from_secs(3),
-        tokio::net::TcpStream::connect(server),
-    )
-    .await
-    else {
+    let q = dns::query(4343, name).unwrap();
+    let connect = tokio::net::TcpStream::connect(server);
+    let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(3), connect).await else {
         return Vec::new();
     };
     let _ = s.write_all(&(q.len() as u16).to_be_bytes()).await;
@@ -324,43 +248,20 @@ async fn resolve_tcp(server: SocketAddr, name: &str) -> Vec<std::net::IpAddr> {
     if s.read_exact(&mut b).await.is_err() {
         return Vec::new();
     }
-    Message::from_vec(&b)
-        .map(|m| {
-            m.answers
-                .iter()
-                .filter_map(|r| match &r.data {
-                    RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    dns::addresses(&b)
 }
 
 /// Resolves `name` (A) with the server at `server`; the addresses answered.
 async fn resolve(server: SocketAddr, name: &str) -> Vec<std::net::IpAddr> {
-    use hickory_proto::op::{Message, MessageType, OpCode, Query};
-    use hickory_proto::rr::{Name, RData, RecordType};
-    let mut q = Message::new(4242, MessageType::Query, OpCode::Query);
-    q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
-    let s = UdpSocket::bind("0.0.0.0:0").await.unwrap();
-    s.send_to(&q.to_vec().unwrap(), server).await.unwrap();
+    let s = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+    s.send_to(&dns::query(4242, name).unwrap(), server)
+        .await
+        .unwrap();
     let mut b = [0u8; 1500];
-    let Ok(Ok((n, _))) = tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut b)).await
-    else {
-        return Vec::new();
-    };
-    Message::from_vec(&b[..n])
-        .map(|m| {
-            m.answers
-                .iter()
-                .filter_map(|r| match &r.data {
-                    RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    match tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut b)).await {
+        Ok(Ok((n, _))) => dns::addresses(&b[..n]),
+        _ => Vec::new(),
+    }
 }
 
 #[test]

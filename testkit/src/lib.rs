@@ -9,6 +9,8 @@
 //! new thread that has entered the namespace (build a tokio runtime inside it);
 //! [`Host::command`] runs a program in it through `ip netns exec`.
 
+pub mod dns;
+
 use std::fs::File;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Command, Output, Stdio};

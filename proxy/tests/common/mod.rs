@@ -263,3 +263,31 @@ pub fn bin(name: &str) -> PathBuf {
     );
     p
 }
+
+/// Echoes every datagram back to its sender; counts them. Runs for `LIMIT`.
+pub async fn udp_echo(addr: SocketAddr, seen: Arc<AtomicUsize>) {
+    let s = tokio::net::UdpSocket::bind(addr).await.unwrap();
+    let until = tokio::time::Instant::now() + LIMIT;
+    let mut b = [0u8; 2048];
+    while let Ok(Ok((n, from))) = tokio::time::timeout_at(until, s.recv_from(&mut b)).await {
+        seen.fetch_add(1, Ordering::SeqCst);
+        let _ = s.send_to(&b[..n], from).await;
+    }
+}
+
+/// Sends `msg` to `to` from a new socket; the answer and who sent it, within 2 s.
+pub async fn ask(to: SocketAddr, msg: &'static [u8]) -> Option<(Vec<u8>, SocketAddr)> {
+    let any: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let s = tokio::net::UdpSocket::bind(any).await.unwrap();
+    s.send_to(msg, to).await.unwrap();
+    let mut b = [0u8; 2048];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut b))
+        .await
+        .ok()?
+        .ok()?;
+    Some((b[..n].to_vec(), from))
+}

@@ -101,6 +101,19 @@ fn netns_mediation_a_pod_is_no_relay() {
     let relayed = in_ns(&nbr, short_attempt(target)).join().unwrap();
     assert_ne!(relayed, Attempt::Greeted, "the pod relayed the connection");
     assert_eq!(seen.load(Ordering::SeqCst), 0, "nothing reached beyond");
+    // The same over IPv6.
+    let target6 = SocketAddr::new(beyond.ip6.into(), 7000);
+    let _ = in_ns(&beyond, greeter(target6, seen.clone()));
+    let via6 = work.ip6.to_string();
+    let route6 = format!("{}/128", beyond.ip6);
+    nbr.exec_ok(&["ip", "-6", "route", "replace", &route6, "via", &via6]);
+    let relayed6 = in_ns(&nbr, short_attempt(target6)).join().unwrap();
+    assert_ne!(relayed6, Attempt::Greeted, "the pod relayed over IPv6");
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "nothing reached beyond over IPv6"
+    );
 
     // Even if capture diverted it (older rules, a hand-made rule), the enforcer refuses
     // a connection for an address that is not the pod's own, and records it.
@@ -366,18 +379,10 @@ log: true
     }
     let udp_seen = Arc::new(AtomicUsize::new(0));
     for (h, v6) in [(&ext, false), (&ext, true), (&far, false), (&far, true)] {
-        let addr = SocketAddr::new(ip(h, v6), 7000);
-        let seen = udp_seen.clone();
-        let _ = in_ns(h, async move {
-            let s = tokio::net::UdpSocket::bind(addr).await.unwrap();
-            let mut b = [0u8; 64];
-            let until = tokio::time::Instant::now() + LIMIT;
-            while let Ok(Ok((n, from))) = tokio::time::timeout_at(until, s.recv_from(&mut b)).await
-            {
-                seen.fetch_add(1, Ordering::SeqCst);
-                let _ = s.send_to(&b[..n], from).await;
-            }
-        });
+        let _ = in_ns(
+            h,
+            udp_echo(SocketAddr::new(ip(h, v6), 7000), udp_seen.clone()),
+        );
     }
     // The control: ext reaches far through gw.
     wait_until("far answers through gw", Duration::from_secs(10), || {
@@ -392,17 +397,7 @@ log: true
     for (h, v6) in [(&ext, false), (&ext, true), (&far, false), (&far, true)] {
         let to = SocketAddr::new(ip(h, v6), 7000);
         refused_fast(in_ns(&work, attempt(to)).join().unwrap());
-        let answered = in_ns(&work, async move {
-            let any: SocketAddr = if v6 { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap();
-            let s = tokio::net::UdpSocket::bind(any).await.unwrap();
-            s.send_to(b"leak", to).await.unwrap();
-            let mut b = [0u8; 64];
-            tokio::time::timeout(Duration::from_millis(500), s.recv_from(&mut b))
-                .await
-                .is_ok()
-        })
-        .join()
-        .unwrap();
+        let answered = in_ns(&work, ask(to, b"leak")).join().unwrap().is_some();
         assert!(!answered, "a UDP answer from {to}");
         assert!(!ping(&work, ip(h, v6)), "a ping reached {}", ip(h, v6));
     }

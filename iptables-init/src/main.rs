@@ -11,7 +11,7 @@ use segmesh_iptables_init::rules::{self, Config, Family, Mode};
 #[command(
     name = "segmesh-iptables-init",
     version,
-    about = "Capture a workload's TCP traffic into its segmesh enforcer (IPv4 and IPv6)"
+    about = "Capture a workload's traffic into its segmesh enforcer (IPv4 and IPv6; TCP and UDP, other protocols dropped but ICMP echo decided)"
 )]
 struct Cli {
     #[arg(long, value_enum, default_value = "sidecar")]
@@ -54,6 +54,10 @@ struct Cli {
     echo_queue: u16,
     #[arg(long, default_value_t = 133)]
     route_table: u32,
+    /// Capture TCP only: UDP, ICMP and other protocols pass unmediated, bypassing
+    /// policy (for a host whose other traffic no policy describes yet).
+    #[arg(long)]
+    tcp_only: bool,
     /// Print what would be applied, change nothing.
     #[arg(long, conflicts_with_all = ["check", "cleanup"])]
     dry_run: bool,
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
         echo_queue: cli.echo_queue,
         tproxy_mark: cli.tproxy_mark,
         route_table: cli.route_table,
+        tcp_only: cli.tcp_only,
     };
     let families: Vec<Family> = if apply::ipv6_available() {
         vec![Family::V4, Family::V6]

@@ -13,7 +13,7 @@
 //! must not become a relay for a neighbour that routes a network through the pod).
 //! Packets of an already-diverted connection (a transparent socket) keep their mark.
 //!
-//! Outbound UDP (sidecar mode; mangle `OUTPUT`, then `PREROUTING` on `lo`): every
+//! Outbound UDP (both modes unless `tcp_only`; mangle `OUTPUT`, then `PREROUTING` on `lo`): every
 //! datagram a local process sends, except the enforcer's own (uid and mark), loopback
 //! and excluded destinations, gets the TPROXY mark, which policy routing sends back
 //! through `lo`, where TPROXY hands it to the enforcer's transparent UDP socket on the
@@ -23,10 +23,12 @@
 //! (with no enforcer reading the queue, it is dropped); the rest of an accepted session
 //! and the workload's answers pass as the tracked flow.
 //!
-//! Other protocols (filter `OUTPUT` and `INPUT`, sidecar mode): everything but TCP and
-//! UDP is dropped, except what the network itself needs: loopback, ICMP errors related
-//! to a tracked flow (PMTU, unreachable: conntrack `RELATED`), and IPv6 neighbour
-//! discovery, router and multicast-listener messages. ICMP echo requests go to the
+//! Other protocols (filter `OUTPUT` and `INPUT`, both modes unless `tcp_only`):
+//! everything but TCP and UDP is dropped, except what the network itself needs:
+//! loopback, ICMP errors related to a tracked flow (PMTU, unreachable: conntrack
+//! `RELATED`; in host mode also those the host sends about traffic it forwards), IPv6
+//! neighbour discovery, router and multicast-listener messages, and the excluded
+//! CIDRs (an admin network keeps every protocol). ICMP echo requests go to the
 //! enforcer through NFQUEUE (a policy's `icmp` port decides them; with no enforcer
 //! reading the queue the kernel drops them); replies of allowed ones pass as tracked
 //! flows.
@@ -60,7 +62,8 @@ pub enum Family {
 pub enum Mode {
     /// Inside a workload's own network namespace (a pod): capture everything.
     Sidecar,
-    /// On a host, for the host's own processes: inbound only for local addresses, so
+    /// On a host, for the host's own processes: only locally generated traffic and
+    /// traffic for the host's own addresses (the `OUTPUT` and `INPUT` paths), so
     /// forwarded traffic (containers, routing) is left alone.
     Host,
 }
@@ -100,6 +103,10 @@ pub struct Config {
     /// Defaults 0x539 and 133.
     pub tproxy_mark: u32,
     pub route_table: u32,
+    /// Capture TCP only: UDP, ICMP and every other protocol pass unmediated (they
+    /// bypass policy). For a host whose other traffic is not yet described by policy;
+    /// off by default in both modes.
+    pub tcp_only: bool,
 }
 
 impl Default for Config {
@@ -121,6 +128,7 @@ impl Default for Config {
             echo_queue: 1337,
             tproxy_mark: 0x539,
             route_table: 133,
+            tcp_only: false,
         }
     }
 }
@@ -163,9 +171,10 @@ pub fn jump_inbound() -> String {
 }
 
 /// Drops every protocol but TCP and UDP in both directions, except what the network
-/// needs (see the module doc); echo requests go to the enforcer's queue (`queue`), their
-/// replies pass as tracked flows.
-fn filter_rules(family: Family, queue: u16) -> Vec<String> {
+/// needs (see the module doc); echo requests go to the enforcer's queue, their replies
+/// pass as tracked flows.
+fn filter_rules(cfg: &Config, family: Family) -> Vec<String> {
+    let queue = cfg.echo_queue;
     let icmp = match family {
         Family::V4 => "icmp",
         Family::V6 => "ipv6-icmp",
@@ -173,6 +182,14 @@ fn filter_rules(family: Family, queue: u16) -> Vec<String> {
     let mut out = Vec::new();
     for (chain, iface) in [(CHAIN_FILTER_OUT, "-o lo"), (CHAIN_FILTER_IN, "-i lo")] {
         out.push(format!("-A {chain} {iface} -j RETURN"));
+        // Excluded networks keep every protocol, as they keep TCP.
+        let (excluded, flag) = match chain {
+            CHAIN_FILTER_OUT => (&cfg.exclude_outbound_cidrs, "-d"),
+            _ => (&cfg.exclude_inbound_cidrs, "-s"),
+        };
+        for net in excluded.iter().filter(|n| in_family(n, family)) {
+            out.push(format!("-A {chain} {flag} {} -j RETURN", net.trunc()));
+        }
         out.push(format!("-A {chain} -p tcp -j RETURN"));
         match chain {
             // Outbound UDP is captured (mangle).
@@ -318,17 +335,16 @@ impl Config {
             self.inbound_port
         ));
         let mut jumps = vec![("nat", jump_output()), ("mangle", jump_inbound())];
-        let filter = match self.mode {
-            Mode::Sidecar => {
-                jumps.push(("filter", format!("-A OUTPUT -j {CHAIN_FILTER_OUT}")));
-                jumps.push(("filter", format!("-A INPUT -j {CHAIN_FILTER_IN}")));
-                filter_rules(family, self.echo_queue)
-            }
-            // A host's own UDP and ICMP (monitoring, PMTU of forwarded traffic) are left
-            // alone.
-            Mode::Host => Vec::new(),
+        // Both modes mediate every protocol; `OUTPUT` and `INPUT` see only a host's own
+        // traffic, never what it forwards.
+        let filter = if self.tcp_only {
+            Vec::new()
+        } else {
+            jumps.push(("filter", format!("-A OUTPUT -j {CHAIN_FILTER_OUT}")));
+            jumps.push(("filter", format!("-A INPUT -j {CHAIN_FILTER_IN}")));
+            filter_rules(self, family)
         };
-        if self.mode == Mode::Sidecar {
+        if !self.tcp_only {
             let lo = match family {
                 Family::V4 => "127.0.0.1",
                 Family::V6 => "::1",

@@ -1,7 +1,9 @@
 //! Host mode: a host's own processes protected by `segmesh-iptables-init --mode host`
 //! and `segmesh-proxy --mode host` registered with a console. The host serves and
 //! connects as any host does; an admin network's SSH is never captured (not even with
-//! the enforcer down); the enforcer's own console traffic is not captured.
+//! the enforcer down); the enforcer's own console traffic is not captured. UDP and ICMP
+//! of the host's own processes are mediated like TCP; the admin network keeps every
+//! protocol.
 
 mod common;
 
@@ -85,7 +87,7 @@ fn netns_host_mode_protects_the_hosts_own_processes() {
          kind: NetworkPolicy\nname: peers-to-host\nnamespace: /acme/hosts\naction: Allow\nmode: Incoming\n\
          subject: [[ext:name=peers]]\nobject: [[role=host]]\nports: [tcp/8080]\n---\n\
          kind: NetworkPolicy\nname: host-to-peers\nnamespace: /acme/hosts\naction: Allow\nmode: Outgoing\n\
-         subject: [[role=host]]\nobject: [[ext:name=peers]]\nports: [tcp/80]\n",
+         subject: [[role=host]]\nobject: [[ext:name=peers]]\nports: [tcp/80, udp/7, icmp]\n",
         peer.ip4, other.ip4
     );
     let p = dir.0.join("hosts.yaml");
@@ -102,6 +104,7 @@ fn netns_host_mode_protects_the_hosts_own_processes() {
             greeter(SocketAddr::new(host.ip4.into(), port), seen.clone()),
         );
     }
+    let udp_seen = Arc::new(AtomicUsize::new(0));
     for h in [&peer, &other] {
         in_ns(
             h,
@@ -110,7 +113,15 @@ fn netns_host_mode_protects_the_hosts_own_processes() {
                 Arc::new(AtomicUsize::new(0)),
             ),
         );
+        in_ns(
+            h,
+            udp_echo(SocketAddr::new(h.ip4.into(), 7), udp_seen.clone()),
+        );
     }
+    in_ns(
+        &host,
+        udp_echo(SocketAddr::new(host.ip4.into(), 7), udp_seen.clone()),
+    );
     let admin_net = format!("{}/32", admin.ip4);
     host.exec_ok(&[
         bin("segmesh-iptables-init").to_str().unwrap(),
@@ -183,10 +194,49 @@ fn netns_host_mode_protects_the_hosts_own_processes() {
     assert_eq!(at(&admin, host.ip4, 22), Attempt::Greeted);
     refused_fast(at(&peer, host.ip4, 22));
 
+    // UDP and ICMP of the host's own processes: mediated like TCP.
+    let ask_from = |h: &segmesh_testkit::Host, ip: std::net::Ipv4Addr| {
+        in_ns(h, ask(SocketAddr::new(ip.into(), 7), b"hello"))
+            .join()
+            .unwrap()
+    };
+    let ping = |from: &segmesh_testkit::Host, to: std::net::Ipv4Addr| {
+        from.exec(&["ping", "-c", "1", "-W", "1", &to.to_string()])
+            .status
+            .success()
+    };
+    assert_eq!(
+        ask_from(&host, peer.ip4).map(|(b, _)| b),
+        Some(b"hello".to_vec()),
+        "the host's UDP to an allowed peer"
+    );
+    let before = udp_seen.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(ask_from(&host, other.ip4), None, "the host's UDP to other");
+    assert_eq!(ask_from(&other, host.ip4), None, "other's UDP to the host");
+    assert_eq!(
+        udp_seen.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "a refused datagram arrived"
+    );
+    assert!(ping(&host, peer.ip4), "the host pings an allowed peer");
+    assert!(!ping(&host, other.ip4), "the host pinged other");
+    assert!(!ping(&other, host.ip4), "other pinged the host");
+    // The admin network keeps every protocol.
+    assert!(ping(&admin, host.ip4), "the admin network pings the host");
+    assert_eq!(
+        ask_from(&admin, host.ip4).map(|(b, _)| b),
+        Some(b"hello".to_vec()),
+        "the admin network's UDP"
+    );
+
     // The records: inbound and outbound, and nothing about the enforcer's own console
     // connections.
     wait_until("flow records", Duration::from_secs(10), || {
-        flow_log(&dir.0.join("flows.jsonl")).len() >= 5
+        flow_log(&dir.0.join("flows.jsonl"))
+            .iter()
+            .filter(|r| r["protocol"] == "udp" || r["protocol"] == "icmp")
+            .count()
+            >= 3
     });
     let records = flow_log(&dir.0.join("flows.jsonl"));
     assert!(records.iter().any(|r| r["destination"]["port"] == 8080
@@ -197,6 +247,20 @@ fn netns_host_mode_protects_the_hosts_own_processes() {
             .iter()
             .any(|r| r["destination"]["port"] == 80 && r["verdict"] == "reject")
     );
+    let udp_to = |ip: std::net::Ipv4Addr, verdict: &str| {
+        records.iter().any(|r| {
+            r["protocol"] == "udp"
+                && r["destination"]["ip"] == ip.to_string()
+                && r["verdict"] == verdict
+        })
+    };
+    // (The allowed session is recorded when it ends, after the idle timeout.)
+    for (ip, verdict) in [(other.ip4, "reject"), (host.ip4, "reject")] {
+        assert!(udp_to(ip, verdict), "udp to {ip} {verdict}: {records:#?}");
+    }
+    assert!(records.iter().any(|r| r["protocol"] == "icmp"
+        && r["destination"]["ip"] == other.ip4.to_string()
+        && r["verdict"] == "reject"));
     assert!(
         !records
             .iter()

@@ -259,10 +259,10 @@ fn reserved_ports_are_merged_and_released_exactly() {
     assert_eq!(reserved_with("65535", &[65534]), "65534-65535");
 }
 
-/// Sidecar mode drops every other protocol, keeping what the network needs; host mode
-/// leaves the host's own ICMP alone.
+/// Both modes drop every other protocol, keeping what the network needs; `--tcp-only`
+/// leaves UDP and the rest alone.
 #[test]
-fn other_protocols_are_dropped_in_sidecar_mode() {
+fn other_protocols_are_dropped_in_both_modes() {
     let v4 = Config::default().rules(Family::V4);
     assert_eq!(
         v4.filter,
@@ -304,16 +304,40 @@ fn other_protocols_are_dropped_in_sidecar_mode() {
             .iter()
             .any(|r| r.contains("--icmpv6-type 128 -j RETURN"))
     );
+    // Host mode mediates the same way; excluded networks keep every protocol.
     let host = Config {
         mode: Mode::Host,
+        exclude_inbound_cidrs: vec!["192.0.2.0/24".parse().unwrap()],
+        exclude_outbound_cidrs: vec!["198.51.100.7/32".parse().unwrap()],
         ..Config::default()
     };
-    assert!(host.rules(Family::V4).filter.is_empty());
-    assert!(
-        !host
-            .rules(Family::V4)
-            .jumps
-            .iter()
-            .any(|(t, _)| *t == "filter")
+    let h = host.rules(Family::V4);
+    assert_eq!(
+        h.filter[1],
+        "-A SEGMESH_FILTER_OUT -d 198.51.100.7/32 -j RETURN"
     );
+    assert!(
+        h.filter
+            .contains(&"-A SEGMESH_FILTER_IN -s 192.0.2.0/24 -j RETURN".to_owned())
+    );
+    assert!(
+        h.filter
+            .ends_with(&["-A SEGMESH_FILTER_IN -j DROP".to_owned()])
+    );
+    assert!(
+        h.mangle
+            .iter()
+            .any(|r| r.contains("SEGMESH_UDP_DIVERT -i lo -p udp"))
+    );
+    assert_eq!(h.jumps.iter().filter(|(t, _)| *t == "filter").count(), 2);
+    // `--tcp-only`: neither UDP nor the filter chains.
+    let tcp = Config {
+        mode: Mode::Host,
+        tcp_only: true,
+        ..Config::default()
+    };
+    let t = tcp.rules(Family::V4);
+    assert!(t.filter.is_empty());
+    assert!(!t.jumps.iter().any(|(t, _)| *t == "filter"));
+    assert!(!t.mangle.iter().any(|r| r.contains("-p udp")));
 }

@@ -99,6 +99,25 @@ fn sysctl_error(e: std::io::Error) -> ApplyError {
     ApplyError::Spawn(format!("write {RESERVED_PORTS}"), e)
 }
 
+/// conntrack's per-flow packet and byte counters (per network namespace; exists once
+/// a rule uses conntrack).
+const CONNTRACK_ACCT: &str = "/proc/sys/net/netfilter/nf_conntrack_acct";
+
+/// Turns on conntrack's counters, which the enforcer reads when an inbound UDP session
+/// it accepted (and the kernel carried) ends. Left on by `--cleanup`: counting changes
+/// no packet's fate.
+pub fn count_flows(cfg: &Config) -> Result<(), ApplyError> {
+    if cfg.tcp_only {
+        return Ok(());
+    }
+    std::fs::write(CONNTRACK_ACCT, "1")
+        .map_err(|e| ApplyError::Spawn(format!("write {CONNTRACK_ACCT}"), e))
+}
+
+fn flows_counted() -> bool {
+    std::fs::read_to_string(CONNTRACK_ACCT).is_ok_and(|s| s.trim() == "1")
+}
+
 /// Reserves the enforcer's ports (keeping what was reserved). Idempotent.
 pub fn reserve_ports(cfg: &Config) -> Result<(), ApplyError> {
     let now = std::fs::read_to_string(RESERVED_PORTS).map_err(sysctl_error)?;
@@ -134,7 +153,7 @@ pub fn apply(cfg: &Config, f: Family) -> Result<(), ApplyError> {
     let payload = rules::install_payload(&cfg.rules(f), &live(f)?);
     let (_, restore) = tools(f);
     run(restore, &["-w", "5", "--noflush"], Some(&payload))?;
-    Ok(())
+    count_flows(cfg)
 }
 
 /// Problems found by `--check` for one family (empty: all as configured).
@@ -161,6 +180,11 @@ pub fn check(cfg: &Config, f: Family) -> Result<Vec<String>, ApplyError> {
         problems.push(format!(
             "the enforcer's ports {:?} are not all in net.ipv4.ip_local_reserved_ports",
             rules::enforcer_ports(cfg)
+        ));
+    }
+    if !cfg.tcp_only && !flows_counted() {
+        problems.push(format!(
+            "conntrack accounting is off ({CONNTRACK_ACCT}): inbound UDP sessions are recorded without byte counts"
         ));
     }
     Ok(problems)

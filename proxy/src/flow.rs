@@ -222,6 +222,16 @@ impl Recorder {
         self.done(r);
     }
 
+    /// Allowed, and the kernel carries the flow (an inbound UDP session): its record so
+    /// far, which the caller completes with the kernel's counters and writes
+    /// ([`Shared::record`]) when the flow ends.
+    pub(crate) fn carried(mut self) -> FlowRecord {
+        let reason = self.decided_reason();
+        let r = self.build(reason, CloseReason::Closed);
+        self.done = true;
+        r
+    }
+
     /// An allowed flow ended: its bytes are counted, its record written when the policy
     /// asks for it, the enforcer logs every flow, or a new snapshot closed it.
     pub(crate) fn finish(mut self, m: Moved) {

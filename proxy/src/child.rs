@@ -29,31 +29,20 @@ mod tests {
     /// The child dies with the thread that started it.
     #[test]
     fn the_child_ends_with_its_thread() {
-        let pid = std::thread::spawn(|| {
-            let child = spawn_bound_to_thread(Command::new("sleep").arg("30")).unwrap();
-            // The child is not waited for here; its thread ends now.
-            child.id()
-        })
-        .join()
-        .unwrap();
+        // Started on a thread that ends at once; handed back here to be reaped.
+        let mut child =
+            std::thread::spawn(|| spawn_bound_to_thread(Command::new("sleep").arg("30")).unwrap())
+                .join()
+                .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            // Killed: gone, or a zombie until reaped (we are its parent process).
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let state = stat
-                .rsplit(')')
-                .next()
-                .and_then(|s| s.split_whitespace().next());
-            if stat.is_empty() || state == Some("Z") {
-                break;
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
             }
-            assert!(
-                Instant::now() < deadline,
-                "pid {pid} outlived its thread: {stat}"
-            );
+            assert!(Instant::now() < deadline, "the child outlived its thread");
             std::thread::sleep(Duration::from_millis(20));
-        }
-        // Reap it.
-        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+        };
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "killed: {status:?}");
     }
 }

@@ -4,6 +4,7 @@
 //! - [`tag`]: tags (`key=value`), patterns (`key=*`) and tag sets.
 //! - [`selector`]: selectors, OR of ANDs of patterns.
 //! - [`ports`]: `tcp/N`, `tcp/N-M`, `any`.
+//! - [`service`]: Services, virtual addresses in front of endpoints.
 //! - [`namespace`]: the namespace tree and its settings (discovery, default tier).
 //! - [`network`]: external networks (CIDRs, IPs, domain names).
 //! - [`policy`]: network policies (action, mode, tier, staged, encrypt, log).
@@ -25,6 +26,7 @@ pub mod network;
 pub mod policy;
 pub mod ports;
 pub mod selector;
+pub mod service;
 pub mod set;
 pub mod tag;
 pub mod testcase;
@@ -38,6 +40,7 @@ pub use network::{Address, Entry, ExternalNetwork};
 pub use policy::{Action, Location, Mode, NetworkPolicy, PolicyId, Tier};
 pub use ports::{FlowPort, PortRange, Ports, Protocol};
 pub use selector::Selector;
+pub use service::{Endpoints, Service, ServicePort};
 pub use set::PolicySet;
 pub use tag::{Tag, TagPattern, TagSet};
 pub use testcase::{CaseEnd, CaseOutcome, EndResult, TestCase, evaluate};

@@ -1,5 +1,6 @@
 //! Loading YAML documents (`NetworkPolicy`, `ExternalNetwork`, `NetworkRuleSet`,
-//! `Namespace`, `PolicyTest`) into a validated [`PolicySet`] and test cases.
+//! `Namespace`, `PolicyTest`, `Service`) into a validated [`PolicySet`], test cases and
+//! Services.
 //!
 //! Every problem is reported with file, line, column, the field and what was expected;
 //! a set with any error is rejected whole. This module does no I/O: callers pass the
@@ -14,8 +15,9 @@ use crate::decision::Verdict;
 use crate::namespace::{Namespace, NamespacePath};
 use crate::network::{Address, Entry, ExternalNetwork};
 use crate::policy::{Action, Location, Mode, NetworkPolicy, Tier};
-use crate::ports::{PortRange, PortSpec, Ports};
+use crate::ports::{PortRange, PortSpec, Ports, Protocol};
 use crate::selector::{Selector, clause_is_external};
+use crate::service::{self, Endpoints, Service, ServicePort};
 use crate::set::PolicySet;
 use crate::tag::{Tag, TagPattern, TagSet};
 use crate::testcase::{CaseEnd, TestCase};
@@ -48,6 +50,8 @@ pub struct LoadError {
 pub struct Loaded {
     pub set: PolicySet,
     pub tests: Vec<TestCase>,
+    /// Services, sorted by namespace and name.
+    pub services: Vec<Service>,
 }
 
 /// Parses and validates all sources together (duplicate names are found across files).
@@ -80,6 +84,7 @@ struct Loader {
     externals: Vec<(ExternalNetwork, Location)>,
     namespaces: Vec<(Namespace, Location)>,
     tests: Vec<TestCase>,
+    services: Vec<(Service, Location)>,
 }
 
 /// A mapping's fields, checked against the allowed names.
@@ -435,12 +440,13 @@ impl Loader {
             Some("NetworkRuleSet") => self.ruleset(doc),
             Some("Namespace") => self.namespace_doc(doc),
             Some("PolicyTest") => self.policy_test(doc),
+            Some("Service") => self.service(doc),
             Some(other) => {
                 let other = other.to_owned();
                 self.err(
                     kind.pos,
                     Some("kind"),
-                    format!("unknown kind `{other}`, expected one of: NetworkPolicy, ExternalNetwork, NetworkRuleSet, Namespace, PolicyTest"),
+                    format!("unknown kind `{other}`, expected one of: NetworkPolicy, ExternalNetwork, NetworkRuleSet, Namespace, PolicyTest, Service"),
                 )
             }
             None => {}
@@ -663,6 +669,190 @@ impl Loader {
                 tags,
                 entries,
                 ports: Ports::from_specs(specs),
+            },
+            loc,
+        ));
+    }
+
+    /// A number in 1..=65535 (a port).
+    fn port_number(&mut self, node: &Node, field: &str) -> Option<u16> {
+        let s = self.scalar(node, field)?;
+        match s.parse::<u16>() {
+            Ok(p) if p > 0 => Some(p),
+            _ => {
+                self.err(
+                    node.pos,
+                    Some(field),
+                    format!("expected a port (1 to 65535), found `{s}`"),
+                );
+                None
+            }
+        }
+    }
+
+    /// A list of at most `max` IP addresses, none repeated.
+    fn ip_list(&mut self, node: &Node, field: &str, max: usize) -> Option<Vec<std::net::IpAddr>> {
+        let items = self.seq(node, field, "IP addresses")?;
+        if items.is_empty() || items.len() > max {
+            self.err(
+                node.pos,
+                Some(field),
+                format!("expected 1 to {max} addresses, found {}", items.len()),
+            );
+            return None;
+        }
+        let mut out = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("{field}[{i}]");
+            let Some(s) = self.scalar(item, &path) else {
+                ok = false;
+                continue;
+            };
+            match s.parse::<std::net::IpAddr>() {
+                Ok(ip) if out.contains(&ip.to_canonical()) => {
+                    self.err(item.pos, Some(&path), format!("`{s}` is listed twice"));
+                    ok = false;
+                }
+                Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
+                    self.err(
+                        item.pos,
+                        Some(&path),
+                        format!("`{s}` cannot be a Service's address or endpoint"),
+                    );
+                    ok = false;
+                }
+                Ok(ip) => out.push(ip.to_canonical()),
+                Err(_) => {
+                    self.err(item.pos, Some(&path), format!("`{s}` is not an IP address"));
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn service(&mut self, doc: &Node) {
+        const FIELDS: &[&str] = &[
+            "kind",
+            "name",
+            "description",
+            "namespace",
+            "addresses",
+            "ports",
+            "selector",
+            "endpoints",
+        ];
+        let Some(f) = self.fields(doc, "", FIELDS) else {
+            return;
+        };
+        let before = self.diagnostics.len();
+        let name = self.name(&f);
+        let namespace = self.namespace(&f, "namespace");
+        let addresses = self
+            .required(&f, "addresses")
+            .and_then(|n| self.ip_list(n, "addresses", service::MAX_ADDRESSES));
+        let mut ports = Vec::new();
+        if let Some(node) = self.required(&f, "ports") {
+            if let Some(items) = self.seq(node, "ports", "ports (`{port, targetPort, protocol}`)") {
+                if items.is_empty() || items.len() > service::MAX_PORTS {
+                    self.err(
+                        node.pos,
+                        Some("ports"),
+                        format!(
+                            "expected 1 to {} ports, found {}",
+                            service::MAX_PORTS,
+                            items.len()
+                        ),
+                    );
+                }
+                for (i, item) in items.iter().enumerate() {
+                    let path = format!("ports[{i}]");
+                    let Some(pf) =
+                        self.fields(item, &path, &["name", "port", "targetPort", "protocol"])
+                    else {
+                        continue;
+                    };
+                    let port = self
+                        .required(&pf, "port")
+                        .and_then(|n| self.port_number(n, &pf.path("port")));
+                    let target = match pf.get("targetPort") {
+                        None => port,
+                        Some(n) => self.port_number(n, &pf.path("targetPort")),
+                    };
+                    let protocol = match pf.get("protocol") {
+                        None => Some(Protocol::Tcp),
+                        Some(n) => self.choice(
+                            n,
+                            &pf.path("protocol"),
+                            &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)],
+                        ),
+                    };
+                    if let (Some(port), Some(target), Some(protocol)) = (port, target, protocol) {
+                        let p = ServicePort {
+                            protocol,
+                            port,
+                            target,
+                        };
+                        if ports
+                            .iter()
+                            .any(|o: &ServicePort| (o.protocol, o.port) == (protocol, port))
+                        {
+                            self.err(
+                                item.pos,
+                                Some(&path),
+                                format!("{}/{port} is listed twice", protocol.as_str()),
+                            );
+                        }
+                        ports.push(p);
+                    }
+                }
+            }
+        }
+        let endpoints = match (f.get("selector"), f.get("endpoints")) {
+            (Some(n), None) => self.tags(n, "selector").and_then(|t| {
+                if t.len() == 0 || t.len() > service::MAX_SELECTOR_TAGS {
+                    self.err(
+                        n.pos,
+                        Some("selector"),
+                        format!(
+                            "a selector has 1 to {} tags, found {}",
+                            service::MAX_SELECTOR_TAGS,
+                            t.len()
+                        ),
+                    );
+                    return None;
+                }
+                Some(Endpoints::Selector(t))
+            }),
+            (None, Some(n)) => self
+                .ip_list(n, "endpoints", service::MAX_ENDPOINTS)
+                .map(Endpoints::Addresses),
+            _ => {
+                self.err(
+                    f.pos,
+                    Some("selector"),
+                    "a Service has either `selector` (tags of registered PUs) or `endpoints` (addresses), exactly one",
+                );
+                None
+            }
+        };
+        if self.diagnostics.len() != before {
+            return;
+        }
+        let (Some(name), Some(namespace), Some(addresses), Some(endpoints)) =
+            (name, namespace, addresses, endpoints)
+        else {
+            return;
+        };
+        let loc = self.loc(f.pos);
+        self.services.push((
+            Service {
+                name,
+                namespace,
+                addresses,
+                ports,
+                endpoints,
             },
             loc,
         ));
@@ -1025,6 +1215,42 @@ impl Loader {
                 seen.insert(n.path.clone(), loc.clone());
             }
         }
+        let mut seen: HashMap<(String, String), Location> = HashMap::new();
+        let mut taken: HashMap<(std::net::IpAddr, Protocol, u16), String> = HashMap::new();
+        for (s, loc) in &self.services {
+            let key = (s.namespace.to_string(), s.name.clone());
+            if let Some(first) = seen.get(&key) {
+                self.diagnostics.push(Diagnostic {
+                    location: loc.clone(),
+                    field: Some("name".into()),
+                    message: format!(
+                        "duplicate Service `{}` in namespace {} (first defined at {first})",
+                        s.name, s.namespace
+                    ),
+                });
+                continue;
+            }
+            seen.insert(key, loc.clone());
+            // An address and port lead to one Service.
+            for ip in &s.addresses {
+                for p in &s.ports {
+                    let k = (*ip, p.protocol, p.port);
+                    if let Some(other) = taken.get(&k) {
+                        self.diagnostics.push(Diagnostic {
+                            location: loc.clone(),
+                            field: Some("addresses".into()),
+                            message: format!(
+                                "{ip} {}/{} already belongs to Service {other}",
+                                p.protocol.as_str(),
+                                p.port
+                            ),
+                        });
+                    } else {
+                        taken.insert(k, s.qualified_name());
+                    }
+                }
+            }
+        }
         let mut seen: HashMap<&str, &Location> = HashMap::new();
         for t in &self.tests {
             if let Some(first) = seen.get(t.name.as_str()) {
@@ -1062,9 +1288,12 @@ impl Loader {
         let externals = self.externals.into_iter().map(|(e, _)| e).collect();
         let set = PolicySet::new(policies, externals, namespaces.into_values().collect())
             .expect("duplicates were checked above");
+        let mut services: Vec<Service> = self.services.into_iter().map(|(s, _)| s).collect();
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         Ok(Loaded {
             set,
             tests: self.tests,
+            services,
         })
     }
 }

@@ -45,6 +45,10 @@ pub struct FlowEndpoint {
     /// of an external network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// `<namespace>:<name>` of the Service the connection was made to (its virtual
+    /// address and port); `ip` and `port` are then the endpoint it went to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 /// A staged policy that matched, and what it would have done.
@@ -326,6 +330,32 @@ pub struct Snapshot {
     pub externals: Vec<segmesh_policy::ExternalNetwork>,
     pub namespaces: Vec<segmesh_policy::Namespace>,
     pub registry: Vec<RegistryEntry>,
+    /// Every Service of the mesh, its endpoints resolved by the console.
+    #[serde(default)]
+    pub services: Vec<ServiceEntry>,
+}
+
+/// A Service as an enforcer needs it: where clients connect, and the endpoints to send
+/// them to (resolved: the PUs its selector picks, or the listed addresses, each the PU
+/// registered there or an address outside the mesh).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceEntry {
+    /// `<namespace>:<name>`.
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<segmesh_policy::ServicePort>,
+    pub endpoints: Vec<ServiceEndpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceEndpoint {
+    /// The address connections go to.
+    pub ip: IpAddr,
+    /// `<namespace>:<name>` of the PU registered at `ip`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pu: Option<String>,
 }
 
 #[cfg(test)]

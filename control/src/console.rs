@@ -21,6 +21,9 @@ pub enum ConsoleError {
     Store(#[from] StoreError),
     #[error("invalid documents; nothing was applied:\n{0}")]
     Invalid(LoadError),
+    /// The documents are valid alone but conflict with the draft's.
+    #[error("nothing was applied: {0}")]
+    Conflict(String),
     #[error("forbidden: {0}")]
     Forbidden(String),
     #[error("unknown or missing API token")]
@@ -36,6 +39,56 @@ pub enum ConsoleError {
     /// A renewal for a PU that was deleted: the enforcer must stop renewing.
     #[error("{0}")]
     Gone(String),
+}
+
+/// Services as enforcers need them: each with its endpoints resolved against the
+/// registered PUs (by their certified tags for a selector, by address for a list), in a
+/// stable order (PUs by namespace and name; listed addresses as listed).
+fn services_of<'a>(
+    services: impl Iterator<Item = &'a segmesh_policy::Service>,
+    pus: &[PuRecord],
+) -> Vec<segmesh_api::ServiceEntry> {
+    let mut sorted: Vec<&PuRecord> = pus.iter().collect();
+    sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let qualified = |p: &PuRecord| format!("{}:{}", p.namespace, p.name);
+    services
+        .map(|s| {
+            let endpoints = match &s.endpoints {
+                segmesh_policy::Endpoints::Selector(_) => sorted
+                    .iter()
+                    .filter(|p| {
+                        let tags: TagSet = p.tags.iter().filter_map(|t| t.parse().ok()).collect();
+                        p.namespace
+                            .parse::<NamespacePath>()
+                            .is_ok_and(|ns| s.selects(&ns, &tags))
+                    })
+                    // One address per PU: the tunnel reaches it at any of them.
+                    .filter_map(|p| {
+                        Some(segmesh_api::ServiceEndpoint {
+                            ip: *p.ips.first()?,
+                            pu: Some(qualified(p)),
+                        })
+                    })
+                    .collect(),
+                segmesh_policy::Endpoints::Addresses(ips) => ips
+                    .iter()
+                    .map(|ip| segmesh_api::ServiceEndpoint {
+                        ip: *ip,
+                        pu: sorted
+                            .iter()
+                            .find(|p| p.ips.iter().any(|a| a.to_canonical() == *ip))
+                            .map(|p| qualified(p)),
+                    })
+                    .collect(),
+            };
+            segmesh_api::ServiceEntry {
+                name: s.qualified_name(),
+                addresses: s.addresses.clone(),
+                ports: s.ports.clone(),
+                endpoints,
+            }
+        })
+        .collect()
 }
 
 /// Who is calling, from their token.
@@ -445,6 +498,11 @@ impl<S: Store> Console<S> {
                 denied.insert(e.namespace.to_string());
             }
         }
+        for s in &loaded.services {
+            if !caller.can_edit(&s.namespace) {
+                denied.insert(s.namespace.to_string());
+            }
+        }
         for n in set.namespaces() {
             // A namespace's own settings belong to whoever edits its parent.
             let ok = match n.path.parent() {
@@ -498,6 +556,31 @@ impl<S: Store> Console<S> {
             );
             docs.namespaces.insert(k, n.clone());
         }
+        for s in &loaded.services {
+            let k = key(&s.namespace, &s.name);
+            note(
+                format!("Service {k}"),
+                docs.services.get(&k).map(|o| same(o, s)),
+            );
+            docs.services.insert(k, s.clone());
+        }
+        // An address and port lead to one Service, across everything in the draft.
+        let mut taken = std::collections::HashMap::new();
+        for s in docs.services.values() {
+            for ip in &s.addresses {
+                for p in &s.ports {
+                    if let Some(other) = taken.insert((*ip, p.protocol, p.port), s.qualified_name())
+                    {
+                        return Err(ConsoleError::Conflict(format!(
+                            "{ip} {}/{} belongs to both Service {other} and Service {}",
+                            p.protocol.as_str(),
+                            p.port,
+                            s.qualified_name()
+                        )));
+                    }
+                }
+            }
+        }
         let summary = format!(
             "{} added, {} changed, {} unchanged",
             ch.added.len(),
@@ -528,6 +611,7 @@ impl<S: Store> Console<S> {
         let removed = match kind {
             "NetworkPolicy" => docs.policies.remove(&k).is_some(),
             "ExternalNetwork" => docs.externals.remove(&k).is_some(),
+            "Service" => docs.services.remove(&k).is_some(),
             _ => false,
         };
         if !removed {
@@ -598,6 +682,13 @@ impl<S: Store> Console<S> {
             &mut ch,
             &visible,
         );
+        cmp(
+            "Service",
+            &live.services,
+            &draft.services,
+            &mut ch,
+            &visible,
+        );
         Ok(ch)
     }
 
@@ -641,6 +732,8 @@ impl<S: Store> Console<S> {
         let live = self.store.live()?;
         let (version, docs) = live.map_or((0, Documents::default()), |v| (v.version, v.documents));
         let ancestors = namespace.self_and_ancestors();
+        let pus = self.store.pus()?;
+        let services = services_of(docs.services.values(), &pus);
         Ok(segmesh_api::Snapshot {
             revision,
             version,
@@ -659,9 +752,7 @@ impl<S: Store> Console<S> {
                 .into_values()
                 .filter(|n| ancestors.contains(&n.path))
                 .collect(),
-            registry: self
-                .store
-                .pus()?
+            registry: pus
                 .into_iter()
                 .map(|p| segmesh_api::RegistryEntry {
                     name: p.name,
@@ -669,7 +760,23 @@ impl<S: Store> Console<S> {
                     ips: p.ips,
                 })
                 .collect(),
+            services,
         })
+    }
+
+    /// The live Services the caller may view, resolved as enforcers get them.
+    pub fn services(
+        &self,
+        caller: &Caller,
+    ) -> Result<Vec<segmesh_api::ServiceEntry>, ConsoleError> {
+        let docs = self.store.live()?.map(|v| v.documents).unwrap_or_default();
+        let pus = self.store.pus()?;
+        Ok(services_of(
+            docs.services
+                .values()
+                .filter(|s| caller.can_view(&s.namespace)),
+            &pus,
+        ))
     }
 
     /// Who may fetch snapshots of `namespace`: a bootstrap token or an API token whose

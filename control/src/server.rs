@@ -86,6 +86,7 @@ fn error(e: ConsoleError) -> Response<Full<Bytes>> {
         ConsoleError::Namespace(_) => StatusCode::BAD_REQUEST,
         ConsoleError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         ConsoleError::Gone(_) => StatusCode::GONE,
+        ConsoleError::Conflict(_) => StatusCode::CONFLICT,
     };
     let mut body = serde_json::json!({ "error": e.to_string() });
     if let ConsoleError::Invalid(l) = &e {
@@ -361,6 +362,11 @@ async fn route(
                 serde_json::json!({ "version": v.version, "namespaces": visible })
             }
         }),
+        (Method::GET, "/v1/services") => console.services(&who).map(|s| serde_json::json!({ "services": s })),
+        (Method::DELETE, p) if p.starts_with("/v1/services/") => match named(p, "/v1/services") {
+            Ok((ns, name)) => console.delete(&who, "Service", &ns, name).map(|()| serde_json::json!({ "deleted": true })),
+            Err(r) => return r,
+        },
         (Method::DELETE, p) if p.starts_with("/v1/externalnetworks/") => match named(p, "/v1/externalnetworks") {
             Ok((ns, name)) => console.delete(&who, "ExternalNetwork", &ns, name).map(|()| serde_json::json!({ "deleted": true })),
             Err(r) => return r,

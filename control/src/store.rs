@@ -53,6 +53,9 @@ pub struct Documents {
     pub policies: BTreeMap<String, NetworkPolicy>,
     pub externals: BTreeMap<String, ExternalNetwork>,
     pub namespaces: BTreeMap<String, Namespace>,
+    /// (Stores written before Services existed have none.)
+    #[serde(default)]
+    pub services: BTreeMap<String, segmesh_policy::Service>,
 }
 
 /// A published version.

@@ -45,6 +45,7 @@ pub(crate) fn endpoint(addr: SocketAddr) -> FlowEndpoint {
         pu: None,
         external: Vec::new(),
         domain: None,
+        service: None,
     }
 }
 
@@ -342,6 +343,7 @@ impl Recorder {
             pu: None,
             external: Vec::new(),
             domain: None,
+            service: None,
         };
         FlowRecord {
             time: std::mem::take(&mut self.flow.time),

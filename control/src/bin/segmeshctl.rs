@@ -148,7 +148,7 @@ enum Command {
     },
     /// Show live policies or registered processing units.
     Get {
-        /// What to show: `policies`, `pus`, `externalnetworks` or `namespaces`.
+        /// What to show: `policies`, `pus`, `services`, `externalnetworks` or `namespaces`.
         what: String,
         #[command(flatten)]
         remote: Remote,
@@ -596,6 +596,51 @@ fn main() -> ExitCode {
                     }
                 });
             }
+            if what == "services" {
+                return remote(&r, "GET", "/v1/services", None, |v| {
+                    for s in v["services"].as_array().into_iter().flatten() {
+                        let addresses: Vec<String> = s["addresses"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|a| a.as_str().map(str::to_owned))
+                            .collect();
+                        let ports: Vec<String> = s["ports"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|p| {
+                                format!(
+                                    "{}/{}->{}",
+                                    p["protocol"].as_str().unwrap_or("tcp"),
+                                    p["port"],
+                                    p["target"]
+                                )
+                            })
+                            .collect();
+                        let endpoints: Vec<String> = s["endpoints"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|e| match e["pu"].as_str() {
+                                Some(pu) => format!("{}({pu})", e["ip"].as_str().unwrap_or("")),
+                                None => e["ip"].as_str().unwrap_or("").to_owned(),
+                            })
+                            .collect();
+                        println!(
+                            "{}  addresses {}  ports {}  endpoints {}",
+                            s["name"].as_str().unwrap_or(""),
+                            addresses.join(","),
+                            ports.join(","),
+                            if endpoints.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                endpoints.join(",")
+                            }
+                        );
+                    }
+                });
+            }
             if what == "externalnetworks" || what == "namespaces" {
                 let path = format!("/v1/{what}");
                 return remote(&r, "GET", &path, None, |v| {
@@ -607,7 +652,7 @@ fn main() -> ExitCode {
             }
             if what != "policies" {
                 eprintln!(
-                    "error: `get` knows `policies`, `pus`, `externalnetworks` and `namespaces`"
+                    "error: `get` knows `policies`, `pus`, `services`, `externalnetworks` and `namespaces`"
                 );
                 return ExitCode::from(EXIT_INVALID);
             }
@@ -639,6 +684,12 @@ fn main() -> ExitCode {
                     println!("deleted; enforcers drop it with the next push")
                 });
             }
+            if what == "service" {
+                let path = format!("/v1/services{}/{name}", namespace.trim_end_matches('/'));
+                return remote(&r, "DELETE", &path, None, |_| {
+                    println!("removed from the draft")
+                });
+            }
             if what == "externalnetwork" {
                 let path = format!(
                     "/v1/externalnetworks{}/{name}",
@@ -649,7 +700,7 @@ fn main() -> ExitCode {
                 });
             }
             if what != "policy" {
-                eprintln!("error: `delete` knows `policy`, `externalnetwork` and `pu`");
+                eprintln!("error: `delete` knows `policy`, `externalnetwork`, `service` and `pu`");
                 return ExitCode::from(EXIT_INVALID);
             }
             let path = format!("/v1/policies{}/{name}", namespace.trim_end_matches('/'));

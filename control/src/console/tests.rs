@@ -522,3 +522,113 @@ fn flow_records_are_stored_and_filtered_by_visibility() {
         "a viewer of /acme/shop sees what its PUs reported"
     );
 }
+
+/// Services are applied, versioned and pushed with their endpoints resolved: a
+/// selector picks registered PUs by their certified tags in its namespace subtree; listed
+/// addresses are the PU registered there or outside the mesh. An address and port lead
+/// to one Service across applies.
+#[test]
+fn services_are_resolved_for_enforcers() {
+    use segmesh_identity::{KeyAlgorithm, WorkloadKey};
+    let f = fixture("services");
+    let ca = Ca::new_root("segmesh.local", KeyAlgorithm::EcdsaP256).unwrap();
+    let boot = f
+        .console
+        .create_bootstrap_token(
+            &f.admin,
+            "nodes",
+            &"/acme".parse().unwrap(),
+            &["app=*".into()],
+        )
+        .unwrap();
+    let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    for (name, ns, app, ip) in [
+        ("api-1", "/acme/shop", "api", "10.0.0.11"),
+        ("api-2", "/acme/shop", "api", "10.0.0.12"),
+        ("api-lab", "/acme/lab", "api", "10.0.0.13"),
+        ("db-1", "/acme/shop", "db", "10.0.0.21"),
+    ] {
+        let r = Registration {
+            name: name.into(),
+            namespace: ns.into(),
+            tags: vec![format!("app={app}")],
+            ips: vec![ip.parse().unwrap()],
+            csr: key.csr_pem(name).unwrap(),
+            renew: false,
+        };
+        f.console.register(&boot, &ca, &r).unwrap();
+    }
+    let docs = "kind: Service\nname: api\nnamespace: /acme/shop\naddresses: [10.96.0.10]\n\
+                ports: [{port: 80, targetPort: 8080}]\nselector: [app=api]\n---\n\
+                kind: Service\nname: db\nnamespace: /acme/shop\naddresses: [10.96.0.20]\n\
+                ports: [{port: 5432}]\nendpoints: [10.0.0.21, 192.0.2.5]\n";
+    let ch = f.console.apply(&f.admin, &[src("s.yaml", docs)]).unwrap();
+    assert_eq!(
+        ch.added,
+        vec!["Service /acme/shop:api", "Service /acme/shop:db"]
+    );
+    // Not live before the commit.
+    assert!(f.console.services(&f.admin).unwrap().is_empty());
+    assert_eq!(f.console.diff(&f.admin).unwrap().added.len(), 2);
+    f.console.commit(&f.admin).unwrap();
+    let snap = f
+        .console
+        .snapshot_for(&"/acme/web".parse().unwrap())
+        .unwrap();
+    let ep = |ip: &str, pu: Option<&str>| segmesh_api::ServiceEndpoint {
+        ip: ip.parse().unwrap(),
+        pu: pu.map(str::to_owned),
+    };
+    assert_eq!(snap.services.len(), 2);
+    assert_eq!(snap.services[0].name, "/acme/shop:api");
+    assert_eq!(
+        snap.services[0].endpoints,
+        vec![
+            ep("10.0.0.11", Some("/acme/shop:api-1")),
+            ep("10.0.0.12", Some("/acme/shop:api-2")),
+        ],
+        "the lab's api is outside the Service's namespace"
+    );
+    assert_eq!(
+        snap.services[1].endpoints,
+        vec![
+            ep("10.0.0.21", Some("/acme/shop:db-1")),
+            ep("192.0.2.5", None)
+        ]
+    );
+    // A deleted PU leaves the endpoints with the next snapshot.
+    f.console
+        .delete_pu(&f.admin, &"/acme/shop".parse().unwrap(), "api-2")
+        .unwrap();
+    let snap = f
+        .console
+        .snapshot_for(&"/acme/web".parse().unwrap())
+        .unwrap();
+    assert_eq!(snap.services[0].endpoints.len(), 1);
+    // One address and port, one Service.
+    let clash = "kind: Service\nname: api2\nnamespace: /acme/shop\naddresses: [10.96.0.10]\n\
+                 ports: [{port: 80}]\nselector: [app=api]\n";
+    let e = f
+        .console
+        .apply(&f.admin, &[src("c.yaml", clash)])
+        .unwrap_err();
+    assert!(
+        e.to_string().contains(
+            "10.96.0.10 tcp/80 belongs to both Service /acme/shop:api and Service /acme/shop:api2"
+        ),
+        "{e}"
+    );
+    // Rights: an editor of /acme/lab may not define Services of /acme/shop.
+    let lab = caller(&f, "lab", Role::Editor, "/acme/lab");
+    assert!(matches!(
+        f.console.apply(&lab, &[src("s.yaml", docs)]),
+        Err(ConsoleError::Forbidden(_))
+    ));
+    f.console
+        .delete(&f.admin, "Service", &"/acme/shop".parse().unwrap(), "db")
+        .unwrap();
+    assert_eq!(
+        f.console.diff(&f.admin).unwrap().removed,
+        vec!["Service /acme/shop:db"]
+    );
+}

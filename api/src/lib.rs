@@ -160,6 +160,9 @@ pub enum FlowReason {
     /// A captured inbound connection for an address that is not this workload's own
     /// (a neighbour trying to relay through the pod).
     NotLocal,
+    /// A connection to a Service that has no endpoint (none registered, or none whose
+    /// tunnel could be opened).
+    NoEndpoint,
     /// The enforcer ended the flow's task without deciding it (a bug; its log says more).
     Internal,
     /// A reason this build does not know (a record from a newer enforcer), kept as is.
@@ -167,7 +170,7 @@ pub enum FlowReason {
 }
 
 impl FlowReason {
-    const NAMED: [(FlowReason, &'static str); 16] = [
+    const NAMED: [(FlowReason, &'static str); 17] = [
         (FlowReason::Policy, "policy"),
         (FlowReason::Default, "default"),
         (FlowReason::Discovered, "discovered"),
@@ -184,6 +187,7 @@ impl FlowReason {
         (FlowReason::BadRequest, "bad-request"),
         (FlowReason::Internal, "internal"),
         (FlowReason::NotLocal, "not-local"),
+        (FlowReason::NoEndpoint, "no-endpoint"),
     ];
     const PEER_CERTIFICATE: &'static str = "peer-certificate:";
 }
@@ -384,6 +388,7 @@ mod tests {
             "bad-request",
             "internal",
             "not-local",
+            "no-endpoint",
         ];
         for s in reasons {
             let r: FlowReason = s.parse().unwrap();

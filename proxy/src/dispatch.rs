@@ -38,6 +38,7 @@ pub(crate) async fn carry_out(
     other.pu = planned.peer_pu.take();
     other.external = std::mem::take(&mut planned.networks);
     other.domain = planned.domain.take();
+    other.service = planned.service.take();
     let mut rec = Recorder::new(&shared, snap, flow);
     match planned.plan {
         Plan::Refuse { reason, decision } => {
@@ -51,5 +52,6 @@ pub(crate) async fn carry_out(
             rec.decided(d);
             crate::plain::forward(rec, stream, target, planned.names).await;
         }
+        Plan::Service(s) => crate::service::connect(rec, stream, s.0).await,
     }
 }

@@ -48,6 +48,7 @@ mod plan;
 mod pool;
 mod queued;
 mod relay;
+mod service;
 mod sink;
 pub mod snapshot;
 mod socket;

@@ -4,13 +4,14 @@
 //! (decided here, against the external networks the address falls in).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use segmesh_api::FlowReason;
-use segmesh_policy::{Decision, Direction, FlowPort, PreparedPeer, Verdict};
+use segmesh_policy::{Decision, Direction, FlowPort, PreparedPeer, Protocol, Verdict};
 
 use crate::config::Listeners;
 use crate::flow::reason_of;
-use crate::snapshot::{RegisteredPu, Snapshot};
+use crate::snapshot::{RegisteredPu, ServiceTarget, Snapshot};
 
 /// What to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +26,22 @@ pub(crate) enum Plan {
     Tunnel(RegisteredPu),
     /// Allowed to or from an address outside the mesh: connect and relay.
     Forward(Decision),
+    /// To a Service's address and port: one of its endpoints, each decided as a flow
+    /// of its own (outbound only).
+    Service(ToService),
 }
+
+/// A Service's port (compared by identity: one per snapshot).
+#[derive(Debug, Clone)]
+pub(crate) struct ToService(pub Arc<ServiceTarget>);
+
+impl PartialEq for ToService {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ToService {}
 
 /// A plan and what the flow record learns from it about the other end.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +56,8 @@ pub(crate) struct Planned {
     /// The names the decision considered (what our PU resolved to the address): an open
     /// flow is re-decided with them.
     pub names: Vec<String>,
+    /// `<namespace>:<name>` of the Service the connection was addressed to.
+    pub service: Option<String>,
 }
 
 impl Planned {
@@ -53,6 +71,7 @@ impl Planned {
             networks: Vec::new(),
             domain: None,
             names: Vec::new(),
+            service: None,
         }
     }
 
@@ -85,6 +104,9 @@ pub(crate) fn outbound(
     if own && target.port() == listeners.outbound {
         return Planned::refuse(FlowReason::Loop);
     }
+    if let Some(s) = snap.services.get(&(ip, Protocol::Tcp, target.port())) {
+        return to_service(s);
+    }
     if let Some(r) = snap.registry.get(&ip) {
         return Planned {
             peer_pu: Some(r.qualified()),
@@ -92,9 +114,27 @@ pub(crate) fn outbound(
             networks: Vec::new(),
             domain: None,
             names: Vec::new(),
+            service: None,
         };
     }
     external(snap, Direction::Outgoing, ip, target.port(), names)
+}
+
+/// To a Service: refused at once when it has no endpoint.
+fn to_service(s: &Arc<ServiceTarget>) -> Planned {
+    let plan = if s.endpoints.is_empty() {
+        Plan::Refuse {
+            reason: FlowReason::NoEndpoint,
+            decision: None,
+        }
+    } else {
+        Plan::Service(ToService(s.clone()))
+    };
+    Planned {
+        plan,
+        service: Some(s.name.clone()),
+        ..Planned::refuse(FlowReason::NoEndpoint)
+    }
 }
 
 /// A plain connection from `peer` to our PU at `target` (captured inbound); `local`:
@@ -133,6 +173,9 @@ pub(crate) fn outbound_udp(snap: &Snapshot, target: SocketAddr, names: &[String]
     if snap.is_fail_closed() {
         return Planned::refuse(FlowReason::NoSnapshot);
     }
+    if let Some(s) = snap.services.get(&(ip, Protocol::Udp, target.port())) {
+        return to_service(s);
+    }
     if let Some(r) = snap.registry.get(&ip) {
         // PU to PU: through the mesh tunnel, decided at both ends on certificates.
         return Planned {
@@ -141,6 +184,7 @@ pub(crate) fn outbound_udp(snap: &Snapshot, target: SocketAddr, names: &[String]
             networks: Vec::new(),
             domain: None,
             names: Vec::new(),
+            service: None,
         };
     }
     external(
@@ -154,7 +198,7 @@ pub(crate) fn outbound_udp(snap: &Snapshot, target: SocketAddr, names: &[String]
 
 /// Decides against the external networks the peer address (or a name our PU resolved
 /// to it) falls in.
-fn external(
+pub(crate) fn external(
     snap: &Snapshot,
     dir: Direction,
     ip: IpAddr,
@@ -187,6 +231,7 @@ fn external(
         // Said only when a name made the difference to the networks.
         domain,
         names: names.to_vec(),
+        service: None,
     }
 }
 

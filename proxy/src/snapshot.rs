@@ -26,6 +26,117 @@ impl RegisteredPu {
     }
 }
 
+/// A Service's port as the enforcer follows it: where to send a connection made to
+/// one of the Service's addresses on that port.
+#[derive(Debug)]
+pub struct ServiceTarget {
+    /// `<namespace>:<name>`.
+    pub name: String,
+    /// The port on the endpoint.
+    pub target: u16,
+    pub endpoints: Vec<Endpoint>,
+    /// Round robin: where the next connection starts looking.
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// One endpoint of a Service: a PU (through the mesh tunnel) or an address outside
+/// the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub pu: Option<RegisteredPu>,
+}
+
+impl ServiceTarget {
+    pub fn new(name: String, target: u16, endpoints: Vec<Endpoint>) -> ServiceTarget {
+        ServiceTarget {
+            name,
+            target,
+            endpoints,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The endpoints in the order this connection tries them: round robin over
+    /// connections, so load spreads and a failing endpoint is followed by the next.
+    pub fn order(&self) -> Vec<Endpoint> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+        (0..n)
+            .map(|i| self.endpoints[(start + i) % n].clone())
+            .collect()
+    }
+}
+
+/// Services by virtual address, protocol and port.
+pub type Services = HashMap<(IpAddr, segmesh_policy::Protocol, u16), Arc<ServiceTarget>>;
+
+/// The Services the console pushed, keyed for lookup; endpoint PUs as the console named
+/// them (the registry says the same of their addresses).
+fn services_of(entries: &[segmesh_api::ServiceEntry]) -> Services {
+    let mut out = Services::new();
+    for s in entries {
+        let endpoints: Vec<Endpoint> = s
+            .endpoints
+            .iter()
+            .map(|e| Endpoint {
+                ip: e.ip.to_canonical(),
+                pu: e.pu.as_deref().and_then(|q| {
+                    let (ns, name) = q.rsplit_once(':')?;
+                    Some(RegisteredPu {
+                        name: name.to_owned(),
+                        namespace: ns.to_owned(),
+                    })
+                }),
+            })
+            .collect();
+        for p in &s.ports {
+            let target = Arc::new(ServiceTarget::new(
+                s.name.clone(),
+                p.target,
+                endpoints.clone(),
+            ));
+            for ip in &s.addresses {
+                out.insert((ip.to_canonical(), p.protocol, p.port), target.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Services of the local configuration's policy files: endpoints listed by address (a
+/// selector needs the PUs' certified tags, which only the console knows).
+fn local_services(
+    services: &[segmesh_policy::Service],
+    registry: &HashMap<IpAddr, RegisteredPu>,
+) -> Result<Services, ConfigError> {
+    let mut entries = Vec::new();
+    for s in services {
+        let segmesh_policy::Endpoints::Addresses(ips) = &s.endpoints else {
+            return Err(ConfigError::Pu(format!(
+                "Service {}: a selector needs the console (a local configuration knows no PU's tags); list `endpoints` by address",
+                s.qualified_name()
+            )));
+        };
+        entries.push(segmesh_api::ServiceEntry {
+            name: s.qualified_name(),
+            addresses: s.addresses.clone(),
+            ports: s.ports.clone(),
+            endpoints: ips
+                .iter()
+                .map(|ip| segmesh_api::ServiceEndpoint {
+                    ip: *ip,
+                    pu: registry.get(&ip.to_canonical()).map(|r| r.qualified()),
+                })
+                .collect(),
+        });
+    }
+    Ok(services_of(&entries))
+}
+
 pub struct Snapshot {
     /// A fingerprint of the inputs (file mode) or the console's revision, shown by
     /// `/config`.
@@ -38,6 +149,7 @@ pub struct Snapshot {
     pub engine: Engine,
     pub prepared: PreparedPu,
     pub registry: HashMap<IpAddr, RegisteredPu>,
+    pub services: Services,
     /// The local configuration (file mode).
     pub config: Option<LocalConfig>,
     fail_closed: bool,
@@ -62,6 +174,7 @@ impl Snapshot {
             engine,
             prepared,
             registry: HashMap::new(),
+            services: Services::new(),
             config: None,
             fail_closed: true,
             policy_count: 0,
@@ -109,6 +222,7 @@ impl Snapshot {
             engine,
             prepared,
             registry,
+            services: services_of(&snap.services),
             config: None,
             fail_closed: false,
             policy_count,
@@ -148,6 +262,7 @@ impl Snapshot {
         let policy_count = loaded.set.policies().len();
 
         let registry = registry_of(&cfg.registry)?;
+        let services = local_services(&loaded.services, &registry)?;
         // Contents only (not paths), so the same configuration has the same version.
         let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
         for (_, t) in &texts {
@@ -210,6 +325,7 @@ impl Snapshot {
             engine,
             prepared,
             registry,
+            services,
             config: Some(cfg),
             fail_closed: false,
             policy_count,

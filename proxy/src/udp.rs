@@ -291,6 +291,57 @@ async fn datagram(shared: &Arc<Shared>, from: SocketAddr, to: SocketAddr, data: 
     open(shared, key, data).await;
 }
 
+/// Where a new session goes.
+enum Route {
+    Refuse(segmesh_api::FlowReason, Option<segmesh_policy::Decision>),
+    /// Allowed outside the mesh, to this address.
+    Forward(segmesh_policy::Decision, SocketAddr),
+    /// Through the tunnel to the first of these PUs whose tunnel opens.
+    Tunnel(Vec<(SocketAddr, crate::snapshot::RegisteredPu)>),
+}
+
+/// A session to a Service's address and port (see `service`): its endpoints in
+/// round-robin turn; an endpoint outside the mesh decided as an external flow, PU
+/// endpoints through the tunnel (the first whose tunnel opens). The record's
+/// destination becomes the endpoint (a tunnel's once it is chosen).
+fn service_route(
+    snap: &crate::snapshot::Snapshot,
+    flow: &mut Flow,
+    svc: &crate::snapshot::ServiceTarget,
+) -> Route {
+    let order = svc.order();
+    let target = svc.target;
+    match order.first() {
+        None => Route::Refuse(segmesh_api::FlowReason::NoEndpoint, None),
+        Some(e) if e.pu.is_none() => {
+            let to = SocketAddr::new(e.ip, target);
+            flow.destination.ip = e.ip;
+            flow.destination.port = target;
+            let p = plan::external(
+                snap,
+                Direction::Outgoing,
+                e.ip,
+                segmesh_policy::FlowPort::udp(target),
+                &[],
+            );
+            flow.destination.external = p.networks;
+            match p.plan {
+                Plan::Forward(d) => Route::Forward(d, to),
+                Plan::Refuse { reason, decision } => Route::Refuse(reason, decision),
+                Plan::Tunnel(_) | Plan::Service(_) => {
+                    Route::Refuse(segmesh_api::FlowReason::Internal, None)
+                }
+            }
+        }
+        Some(_) => Route::Tunnel(
+            order
+                .iter()
+                .filter_map(|e| Some((SocketAddr::new(e.ip, target), e.pu.clone()?)))
+                .collect(),
+        ),
+    }
+}
+
 /// Decides a new session at its first datagram and starts it.
 async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
     let (from, to) = key;
@@ -309,7 +360,14 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
     flow.destination.pu = planned.peer_pu;
     flow.destination.external = planned.networks;
     flow.destination.domain = planned.domain;
+    flow.destination.service = planned.service;
     let names = planned.names;
+    let route = match planned.plan {
+        Plan::Refuse { reason, decision } => Route::Refuse(reason, decision),
+        Plan::Forward(d) => Route::Forward(d, to),
+        Plan::Tunnel(pu) => Route::Tunnel(vec![(to, pu)]),
+        Plan::Service(svc) => service_route(&snap, &mut flow, &svc.0),
+    };
     let mut rec = Recorder::new(shared, snap, flow);
     rec.datagrams = Some((1, 0));
     let limits = shared.settings.limits;
@@ -329,16 +387,16 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
         shared.metrics.udp_dropped.inc();
         tokio::spawn(expire_refused(shared.clone(), key, s));
     };
-    let d = match planned.plan {
-        Plan::Refuse { reason, decision } => {
+    let (d, upstream_to) = match route {
+        Route::Refuse(reason, decision) => {
             if let Some(d) = decision {
                 rec.decided(d);
             }
             refused(shared);
             return rec.refuse(reason, None);
         }
-        Plan::Forward(d) => d,
-        Plan::Tunnel(pu) => {
+        Route::Forward(d, upstream_to) => (d, upstream_to),
+        Route::Tunnel(candidates) => {
             // To a PU: through the mesh tunnel, decided at both ends on certificates.
             let (tx, rx) = tokio::sync::mpsc::channel(256);
             let _ = tx.try_send(first.to_vec());
@@ -353,7 +411,7 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
             shared
                 .udp
                 .insert(key, s.clone(), limits.max_udp_sessions, shared);
-            tokio::spawn(tunnel(shared.clone(), key, s, rx, rec, pu));
+            tokio::spawn(tunnel(shared.clone(), key, s, rx, rec, candidates));
             return;
         }
     };
@@ -362,12 +420,12 @@ async fn open(shared: &Arc<Shared>, key: Key, first: &[u8]) {
     let sockets = async {
         // Never the workload's own port (its socket may be closed already and the port
         // free): answers to it would come back to this socket.
-        let mut up = upstream_socket(to, mark).await?;
+        let mut up = upstream_socket(upstream_to, mark).await?;
         for _ in 0..4 {
             if up.local_addr()?.port() != from.port() {
                 break;
             }
-            up = upstream_socket(to, mark).await?;
+            up = upstream_socket(upstream_to, mark).await?;
         }
         let reply = reply_socket(from, to, mark)?;
         up.send(first).await?;
@@ -409,7 +467,7 @@ async fn tunnel(
     s: Arc<Session>,
     mut early: tokio::sync::mpsc::Receiver<Vec<u8>>,
     mut rec: Recorder,
-    pu: crate::snapshot::RegisteredPu,
+    candidates: Vec<(SocketAddr, crate::snapshot::RegisteredPu)>,
 ) {
     let (from, to) = key;
     let refuse = |rec: Recorder, reason, by| {
@@ -417,10 +475,31 @@ async fn tunnel(
         tokio::spawn(expire_refused(shared.clone(), key, s.clone()));
         rec.refuse(reason, by);
     };
-    let port = segmesh_policy::FlowPort::udp(to.port());
-    let n = match crate::mesh::client::negotiate(&mut rec, to, &pu, port).await {
-        Ok(n) => n,
-        Err((reason, by)) => return refuse(rec, reason, by),
+    let service = rec.flow.destination.service.is_some();
+    let mut negotiated = None;
+    for (dest, pu) in &candidates {
+        if service {
+            rec.flow.destination.ip = dest.ip();
+            rec.flow.destination.port = dest.port();
+            rec.flow.destination.pu = Some(pu.qualified());
+        }
+        let port = segmesh_policy::FlowPort::udp(dest.port());
+        match crate::mesh::client::negotiate(&mut rec, *dest, pu, port).await {
+            Ok(n) => {
+                negotiated = Some((n, port));
+                break;
+            }
+            // A Service's next endpoint when this one's tunnel fails.
+            Err((reason, _)) if service && crate::service::skippable(&reason) => {
+                rec.peer_identity = None;
+                rec.resumed = None;
+            }
+            Err((reason, by)) => return refuse(rec, reason, by),
+        }
+    }
+    let Some((n, port)) = negotiated else {
+        // Every endpoint's tunnel failed.
+        return refuse(rec, segmesh_api::FlowReason::NoEndpoint, None);
     };
     let reply = match reply_socket(from, to, shared.settings.socket_mark) {
         Ok(r) => r,

@@ -7,181 +7,18 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
+use common::console::Lab;
 use common::*;
-use segmesh_testkit::{Host, Topology, netns_enabled, wait_until};
+use segmesh_testkit::{netns_enabled, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const PUS: [(&str, &str); 3] = [("web", "app=web"), ("api", "app=api"), ("db", "app=db")];
-const CONSOLE_PORT: u16 = 8443;
 const PUSH_LIMIT: Duration = Duration::from_secs(10);
-
-struct Lab {
-    topo: Topology,
-    dir: Scratch,
-    console_pid: Option<u32>,
-    /// Extra arguments of the console.
-    console_args: Vec<String>,
-    enforcers: std::collections::HashMap<String, u32>,
-    admin: String,
-    boot: String,
-}
-
-impl Lab {
-    /// The namespaces and the console (with `console_args`), its admin token read.
-    fn new(tag: &str, hosts: &[&str], console_args: &[&str]) -> Lab {
-        let mut lab = Lab {
-            topo: Topology::new(hosts),
-            dir: Scratch::new(tag),
-            console_pid: None,
-            console_args: console_args.iter().map(|a| a.to_string()).collect(),
-            enforcers: Default::default(),
-            admin: String::new(),
-            boot: String::new(),
-        };
-        lab.start_console();
-        lab.admin = std::fs::read_to_string(lab.data().join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_owned();
-        lab
-    }
-
-    fn host(&self, n: &str) -> Host {
-        self.topo.host(n).clone()
-    }
-
-    fn url(&self) -> String {
-        format!("https://{}:{CONSOLE_PORT}", self.topo.host("console").ip4)
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.0.join("console-data")
-    }
-
-    /// Starts the console (again) on the same data directory.
-    fn start_console(&mut self) {
-        let c = self.host("console");
-        let mut cmd = c.command(bin("segmesh-control").to_str().unwrap());
-        cmd.arg("--data-dir")
-            .arg(self.data())
-            .arg("--listen")
-            .arg(format!("{}:{CONSOLE_PORT}", c.ip4))
-            .args(&self.console_args);
-        self.console_pid = Some(self.topo.spawn(cmd));
-        let addr = SocketAddr::new(c.ip4.into(), CONSOLE_PORT);
-        wait_until("the console listens", Duration::from_secs(20), || {
-            in_ns(&c, async move { TcpStream::connect(addr).await.is_ok() })
-                .join()
-                .unwrap()
-        });
-        // The enforcers (uid 1337) read the console's CA from the scratch folder.
-        std::fs::copy(
-            self.data().join("ca/bundle.crt"),
-            self.dir.0.join("console-ca.crt"),
-        )
-        .unwrap();
-    }
-
-    fn stop_console(&mut self) {
-        if let Some(pid) = self.console_pid.take() {
-            self.topo.kill(pid);
-        }
-    }
-
-    /// `segmeshctl` in the console's namespace with the admin token; its output.
-    fn ctl(&self, args: &[&str]) -> std::process::Output {
-        let c = self.host("console");
-        c.command(bin("segmeshctl").to_str().unwrap())
-            .args(args)
-            .env("SEGMESH_CONSOLE", self.url())
-            .env("SEGMESH_TOKEN", &self.admin)
-            .env("SEGMESH_CA", self.data().join("ca/bundle.crt"))
-            .env("NO_COLOR", "1")
-            .output()
-            .unwrap()
-    }
-
-    fn ctl_ok(&self, args: &[&str]) -> String {
-        let out = self.ctl(args);
-        assert!(
-            out.status.success(),
-            "segmeshctl {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Writes `text` as a policy file, applies and commits it.
-    fn publish(&self, file: &str, text: &str) {
-        let p = self.dir.0.join(file);
-        std::fs::write(&p, text).unwrap();
-        self.ctl_ok(&["apply", "-f", p.to_str().unwrap()]);
-        self.ctl_ok(&["commit"]);
-    }
-
-    /// Starts `name`'s enforcer in console mode as uid 1337; waits until it enforces a
-    /// snapshot (ready) unless `wait` is false.
-    fn start_enforcer(&mut self, name: &str, tags: &[&str], token: &str, wait: bool) {
-        let h = self.host(name);
-        let token_file = self.dir.0.join(format!("{name}.token"));
-        std::fs::write(&token_file, token).unwrap();
-        let mut cmd = h.enforcer_command(std::path::Path::new(env!("CARGO_BIN_EXE_segmesh-proxy")));
-        cmd.args([
-            "--console",
-            &self.url(),
-            "--console-ca",
-            self.dir.0.join("console-ca.crt").to_str().unwrap(),
-            "--bootstrap-token",
-            &format!("@{}", token_file.display()),
-            "--name",
-            name,
-            "--namespace",
-            "/acme/shop",
-            "--tag",
-            &tags.join(","),
-            "--state-dir",
-            self.dir.0.join(format!("{name}-state")).to_str().unwrap(),
-            "--flow-log",
-            self.dir.0.join(format!("{name}.jsonl")).to_str().unwrap(),
-        ]);
-        let pid = self.topo.spawn(cmd);
-        self.enforcers.insert(name.into(), pid);
-        if wait {
-            wait_until(
-                &format!("{name}'s enforcer is ready"),
-                Duration::from_secs(30),
-                || http_get(&h, "/ready").0 == 200,
-            );
-        }
-    }
-
-    fn stop_enforcer(&mut self, name: &str) {
-        if let Some(pid) = self.enforcers.remove(name) {
-            self.topo.kill(pid);
-        }
-        let h = self.host(name);
-        wait_until("the admin port is free", Duration::from_secs(10), || {
-            http_get(&h, "/healthz").0 == 0
-        });
-    }
-
-    fn config(&self, name: &str) -> serde_json::Value {
-        let (_, body) = http_get(&self.host(name), "/config");
-        let json = body.split("\r\n\r\n").nth(1).unwrap_or("{}");
-        serde_json::from_str(json.trim()).unwrap_or_default()
-    }
-
-    fn log(&self, name: &str) -> Vec<serde_json::Value> {
-        flow_log(&self.dir.0.join(format!("{name}.jsonl")))
-    }
-}
 
 /// The console, the three-tier policies committed, three enforcers registered and
 /// seeing each other, greeters on api:8080 and db:5432.

@@ -220,17 +220,22 @@ pub(crate) async fn connect(
     target: SocketAddr,
     pu: RegisteredPu,
 ) {
+    match negotiate(&mut rec, target, &pu, FlowPort::tcp(target.port())).await {
+        Ok(n) => carry(rec, app, target.port(), n).await,
+        Err((reason, by)) => rec.reset(app, reason, by),
+    }
+}
+
+/// Moves the bytes of a negotiated flow to `port` of the peer's workload until it ends.
+pub(crate) async fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated) {
     let shared = rec.shared().clone();
     let Negotiated {
         mut stream,
         peer,
         resp,
-    } = match negotiate(&mut rec, target, &pu, FlowPort::tcp(target.port())).await {
-        Ok(n) => n,
-        Err((reason, by)) => return rec.reset(app, reason, by),
-    };
+    } = n;
     let limit = shared.settings.limits.handshake_timeout;
-    let stop = rec.relaying(Peer::Pu(peer_tags(&peer)), target.port());
+    let stop = rec.relaying(Peer::Pu(peer_tags(&peer)), port);
     let moved = if resp.encrypt {
         tls::relay(app, &mut stream, &stop.notify).await
     } else {

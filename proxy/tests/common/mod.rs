@@ -1,6 +1,8 @@
 //! Helpers of the enforcer's network-namespace tests.
 #![allow(dead_code)]
 
+pub mod console;
+
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;

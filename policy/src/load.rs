@@ -811,7 +811,7 @@ impl Loader {
         }
         let endpoints = match (f.get("selector"), f.get("endpoints")) {
             (Some(n), None) => self.tags(n, "selector").and_then(|t| {
-                if t.len() == 0 || t.len() > service::MAX_SELECTOR_TAGS {
+                if t.is_empty() || t.len() > service::MAX_SELECTOR_TAGS {
                     self.err(
                         n.pos,
                         Some("selector"),

@@ -322,6 +322,31 @@ ports: [tcp/8080]
                 namespace: "/acme".into(),
                 ips: vec!["10.0.0.3".parse().unwrap(), "fd00::3".parse().unwrap()],
             }],
+            services: vec![
+                segmesh_api::ServiceEntry {
+                    name: "/acme:api".into(),
+                    addresses: vec!["10.96.0.3".parse().unwrap()],
+                    ports: vec![segmesh_policy::ServicePort {
+                        protocol: Protocol::Tcp,
+                        port: 80,
+                        target: 8080,
+                    }],
+                    endpoints: vec![segmesh_api::ServiceEndpoint {
+                        ip: "10.0.0.3".parse().unwrap(),
+                        pu: Some("/acme:api".into()),
+                    }],
+                },
+                segmesh_api::ServiceEntry {
+                    name: "/acme:none".into(),
+                    addresses: vec!["10.96.0.4".parse().unwrap()],
+                    ports: vec![segmesh_policy::ServicePort {
+                        protocol: Protocol::Udp,
+                        port: 53,
+                        target: 53,
+                    }],
+                    endpoints: Vec::new(),
+                },
+            ],
         };
         Snapshot::from_console("web", namespace, &["app=web".into()], &wire, None, "test").unwrap()
     }
@@ -336,7 +361,46 @@ ports: [tcp/8080]
             Plan::Refuse { reason, .. } => ("refuse", Some(reason.clone())),
             Plan::Tunnel(_) => ("tunnel", None),
             Plan::Forward(d) => ("forward", Some(reason_of(d))),
+            Plan::Service(_) => ("service", None),
         }
+    }
+
+    /// A Service's address and port (and protocol) lead to the Service; another port of
+    /// that address, or the other protocol, is an ordinary destination.
+    #[test]
+    fn services_by_address_port_and_protocol() {
+        let snap = snapshot("/acme");
+        let listeners = Listeners::default();
+        let p = outbound(&snap, &listeners, sa("10.96.0.3:80"), &[]);
+        assert_eq!(summary(&p), ("service", None));
+        assert_eq!(p.service.as_deref(), Some("/acme:api"));
+        let Plan::Service(s) = &p.plan else {
+            unreachable!("checked above")
+        };
+        assert_eq!(s.0.target, 8080);
+        assert_eq!(
+            summary(&outbound(&snap, &listeners, sa("10.96.0.3:81"), &[])),
+            ("refuse", Some(FlowReason::Default))
+        );
+        assert_eq!(
+            summary(&outbound_udp(&snap, sa("10.96.0.3:80"), &[])),
+            ("refuse", Some(FlowReason::Default))
+        );
+        let none = outbound_udp(&snap, sa("10.96.0.4:53"), &[]);
+        assert_eq!(summary(&none), ("refuse", Some(FlowReason::NoEndpoint)));
+        assert_eq!(none.service.as_deref(), Some("/acme:none"));
+        // Round robin over connections: each starts at the next endpoint and goes on
+        // with the others in turn.
+        let ep = |i: u8| crate::snapshot::Endpoint {
+            ip: std::net::IpAddr::from([10, 0, 0, i]),
+            pu: None,
+        };
+        let three = ServiceTarget::new("/acme:x".into(), 80, vec![ep(1), ep(2), ep(3)]);
+        let firsts: Vec<_> = (0..4).map(|_| three.order()).collect();
+        assert_eq!(firsts[0], vec![ep(1), ep(2), ep(3)]);
+        assert_eq!(firsts[1], vec![ep(2), ep(3), ep(1)]);
+        assert_eq!(firsts[2], vec![ep(3), ep(1), ep(2)]);
+        assert_eq!(firsts[3], firsts[0]);
     }
 
     /// (destination, plan, reason, peer PU, external networks)

@@ -295,6 +295,32 @@ impl<'de> Deserialize<'de> for FlowReason {
     }
 }
 
+/// A kubelet probe of the application that the enforcer makes instead, on loopback
+/// (`/app-health/<container>/<kind>` on its admin port; the injector rewrites the pod's
+/// probes to that path and hands the originals to the enforcer as JSON in
+/// `SEGMESH_APP_PROBES`, keyed by path).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum AppProbe {
+    /// GET `path` on `port`; passes on a status from 200 to 399.
+    HttpGet {
+        port: u16,
+        path: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        headers: Vec<(String, String)>,
+    },
+    /// Passes when a TCP connection to `port` opens.
+    TcpSocket { port: u16 },
+}
+
+/// The probes of one pod, by admin path.
+pub type AppProbes = std::collections::BTreeMap<String, AppProbe>;
+
+/// The admin path of a container's probe (`readiness`, `liveness` or `startup`).
+pub fn app_probe_path(container: &str, kind: &str) -> String {
+    format!("/app-health/{container}/{kind}")
+}
+
 /// What the console answers an enforcer's registration or renewal: the certificate it
 /// issued.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,6 +10,16 @@
 //! was added. Pods annotated `segmesh.io/inject: "false"` and pods already injected are
 //! left alone, so injecting twice changes nothing.
 //!
+//! Probes: the kubelet probes from the node's address, which default deny refuses. The
+//! app containers' `httpGet` (HTTP) and `tcpSocket` probes of the pod itself are
+//! rewritten to `httpGet` on the enforcer's admin port at
+//! `/app-health/<container>/<readiness|liveness|startup>`, and the originals go to the
+//! enforcer (`SEGMESH_APP_PROBES`), which makes them on loopback — the way Istio
+//! rewrites probes — so probes pass without opening the app to the node. Timing fields
+//! stay. HTTPS, `exec` and `grpc` probes, probes of another host, and named ports the
+//! container does not declare are left as they are; `segmesh.io/rewrite-probes:
+//! "false"` opts a pod out.
+//!
 //! Documents that are not workloads, or that are left alone, are copied byte for byte
 //! (comments included); a changed document is written anew by the YAML library, which
 //! keeps key order but not comments inside that document.
@@ -22,6 +32,10 @@ pub const INJECT_ANNOTATION: &str = "segmesh.io/inject";
 pub const INJECTED_ANNOTATION: &str = "segmesh.io/injected";
 /// What was added, as JSON.
 pub const STATUS_ANNOTATION: &str = "segmesh.io/status";
+/// `segmesh.io/rewrite-probes: "false"`: leave the pod's probes as they are.
+pub const REWRITE_PROBES_ANNOTATION: &str = "segmesh.io/rewrite-probes";
+/// The enforcer's admin port, where rewritten probes go.
+pub const ADMIN_PORT: u16 = 15020;
 
 const PROXY: &str = "segmesh-proxy";
 const INIT: &str = "segmesh-init";
@@ -69,6 +83,100 @@ pub struct Plan {
     pub proxy: Value,
     pub volumes: Vec<Value>,
     pub annotations: Vec<(String, String)>,
+    /// Probes rewritten to the admin port: (container index, field, new probe).
+    pub probes: Vec<(usize, &'static str, Value)>,
+}
+
+const PROBE_FIELDS: [(&str, &str); 3] = [
+    ("readinessProbe", "readiness"),
+    ("livenessProbe", "liveness"),
+    ("startupProbe", "startup"),
+];
+
+/// A port of a probe: a number, or a name the container declares.
+fn probe_port(port: &Value, container: &Value) -> Option<u16> {
+    match port {
+        Value::Number(n) => n.as_u64().and_then(|p| u16::try_from(p).ok()),
+        Value::String(name) => name.parse().ok().or_else(|| {
+            container["ports"]
+                .as_array()?
+                .iter()
+                .find(|p| p["name"] == name.as_str())?["containerPort"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+        }),
+        _ => None,
+    }
+}
+
+/// What the enforcer makes instead of `probe` (an `httpGet` over HTTP or a `tcpSocket`
+/// of the pod itself), or None to leave it alone.
+fn app_probe(probe: &Value, container: &Value) -> Option<segmesh_api::AppProbe> {
+    if let Some(h) = probe.get("httpGet") {
+        let scheme = h["scheme"].as_str().unwrap_or("HTTP");
+        if !scheme.eq_ignore_ascii_case("HTTP") || h.get("host").is_some() {
+            return None;
+        }
+        let headers = h["httpHeaders"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| {
+                Some((
+                    x["name"].as_str()?.to_owned(),
+                    x["value"].as_str()?.to_owned(),
+                ))
+            })
+            .collect();
+        return Some(segmesh_api::AppProbe::HttpGet {
+            port: probe_port(&h["port"], container)?,
+            path: h["path"].as_str().unwrap_or("/").to_owned(),
+            headers,
+        });
+    }
+    if let Some(t) = probe.get("tcpSocket") {
+        if t.get("host").is_some() {
+            return None;
+        }
+        return Some(segmesh_api::AppProbe::TcpSocket {
+            port: probe_port(&t["port"], container)?,
+        });
+    }
+    None
+}
+
+/// The pod's probes the enforcer makes instead: the rewrites and the originals by path.
+fn rewrite_probes(spec: &Value) -> (Vec<(usize, &'static str, Value)>, segmesh_api::AppProbes) {
+    let mut rewrites = Vec::new();
+    let mut originals = segmesh_api::AppProbes::new();
+    for (i, c) in spec["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let name = c["name"].as_str().unwrap_or_default();
+        for (field, kind) in PROBE_FIELDS {
+            let Some(probe) = c.get(field).filter(|p| p.is_object()) else {
+                continue;
+            };
+            let Some(original) = app_probe(probe, c) else {
+                continue;
+            };
+            let path = segmesh_api::app_probe_path(name, kind);
+            let mut new = probe.clone();
+            if let Some(m) = new.as_object_mut() {
+                m.remove("tcpSocket");
+                m.insert(
+                    "httpGet".into(),
+                    json!({ "path": path, "port": ADMIN_PORT, "scheme": "HTTP" }),
+                );
+            }
+            rewrites.push((i, field, new));
+            originals.insert(path, original);
+        }
+    }
+    (rewrites, originals)
 }
 
 /// Why a pod template is left alone, or what to add to it.
@@ -141,6 +249,12 @@ pub fn plan(template: &Value, k8s_namespace: Option<&str>, opts: &Options) -> De
                 .unwrap_or("default")
         )
     });
+    let (probes, originals) =
+        if ann.get(REWRITE_PROBES_ANNOTATION).and_then(Value::as_str) == Some("false") {
+            (Vec::new(), segmesh_api::AppProbes::new())
+        } else {
+            rewrite_probes(spec)
+        };
     let init = json!({
         "name": INIT,
         "image": opts.image,
@@ -187,6 +301,15 @@ pub fn plan(template: &Value, k8s_namespace: Option<&str>, opts: &Options) -> De
             { "name": CA_VOLUME, "mountPath": "/etc/segmesh/console", "readOnly": true }
         ]
     });
+    let mut proxy = proxy;
+    if !originals.is_empty() {
+        if let Some(env) = proxy["env"].as_array_mut() {
+            env.push(json!({
+                "name": "SEGMESH_APP_PROBES",
+                "value": serde_json::to_string(&originals).expect("probes serialize"),
+            }));
+        }
+    }
     let volumes = vec![
         json!({ "name": STATE_VOLUME, "emptyDir": {} }),
         json!({ "name": CA_VOLUME, "configMap": { "name": opts.ca_configmap } }),
@@ -197,6 +320,7 @@ pub fn plan(template: &Value, k8s_namespace: Option<&str>, opts: &Options) -> De
         "volumes": [STATE_VOLUME, CA_VOLUME],
         "image": opts.image,
         "namespace": namespace,
+        "probes": originals.keys().collect::<Vec<_>>(),
     });
     Decision::Inject(Box::new(Plan {
         init,
@@ -206,6 +330,7 @@ pub fn plan(template: &Value, k8s_namespace: Option<&str>, opts: &Options) -> De
             (INJECTED_ANNOTATION.into(), "true".into()),
             (STATUS_ANNOTATION.into(), status.to_string()),
         ],
+        probes,
     }))
 }
 
@@ -213,6 +338,9 @@ pub fn plan(template: &Value, k8s_namespace: Option<&str>, opts: &Options) -> De
 pub fn patch(pod: &Value, plan: &Plan) -> Vec<Value> {
     let mut ops = Vec::new();
     let spec = &pod["spec"];
+    for (i, field, probe) in &plan.probes {
+        ops.push(json!({ "op": "replace", "path": format!("/spec/containers/{i}/{field}"), "value": probe }));
+    }
     let mut list = |path: &str, present: bool, items: Vec<Value>| {
         if present {
             for i in items {
@@ -300,6 +428,13 @@ fn push(v: &mut Yaml, items: impl IntoIterator<Item = Yaml>) {
 /// Applies `plan` to a pod template in place.
 fn apply_plan(template: &mut Yaml, plan: &Plan) {
     let spec = get_mut(template, "spec");
+    if let Yaml::Sequence(containers) = get_mut(spec, "containers") {
+        for (i, field, probe) in &plan.probes {
+            if let Some(c) = containers.get_mut(*i) {
+                *get_mut(c, field) = yaml(probe);
+            }
+        }
+    }
     push(get_mut(spec, "initContainers"), [yaml(&plan.init)]);
     push(get_mut(spec, "containers"), [yaml(&plan.proxy)]);
     push(get_mut(spec, "volumes"), plan.volumes.iter().map(yaml));

@@ -249,6 +249,8 @@ pub struct Settings {
     pub socket_mark: u32,
     /// The NFQUEUE number the capture rules send ICMP echo requests to. Default 1337.
     pub echo_queue: u16,
+    /// The application's probes the admin port makes on the kubelet's behalf.
+    pub app_probes: segmesh_api::AppProbes,
 }
 
 impl Default for Settings {
@@ -259,6 +261,7 @@ impl Default for Settings {
             flow_log: None,
             recheck_open: true,
             log_all_flows: false,
+            app_probes: Default::default(),
             mode: Mode::default(),
             socket_mark: DEFAULT_SOCKET_MARK,
             echo_queue: d_echo_queue(),
@@ -365,6 +368,11 @@ pub struct LocalConfig {
     /// Default 1337.
     #[serde(default = "d_echo_queue")]
     pub echo_queue: u16,
+    /// The application's probes the admin port makes for the kubelet, by path
+    /// (`/app-health/<container>/<kind>`), as the injector writes them
+    /// (`{httpGet: {port: 8080, path: /healthz}}` or `{tcpSocket: {port: 8080}}`).
+    #[serde(default, with = "serde_norway::with::singleton_map_recursive")]
+    pub app_probes: segmesh_api::AppProbes,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -414,6 +422,7 @@ impl LocalConfig {
             mode: self.mode,
             socket_mark: self.socket_mark,
             echo_queue: self.echo_queue,
+            app_probes: self.app_probes.clone(),
         }
     }
 

@@ -76,6 +76,15 @@ struct Cli {
     /// `plain` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "plain")]
     log_format: String,
+    /// The application's probes to make on the kubelet's behalf (console mode; JSON, as
+    /// the injector writes it: `{"/app-health/<container>/<kind>": {"httpGet": {"port":
+    /// 8080, "path": "/healthz"}}}`).
+    #[arg(long, env = "SEGMESH_APP_PROBES", value_parser = parse_probes)]
+    app_probes: Option<segmesh_api::AppProbes>,
+}
+
+fn parse_probes(s: &str) -> Result<segmesh_api::AppProbes, String> {
+    serde_json::from_str(s).map_err(|e| format!("not the probes' JSON: {e}"))
 }
 
 impl Cli {
@@ -108,6 +117,7 @@ impl Cli {
             log_all_flows: self.log_all_flows,
             mode,
             socket_mark: self.socket_mark,
+            app_probes: self.app_probes.clone().unwrap_or_default(),
             ..Settings::default()
         };
         Ok(ConfigSource::Console(Box::new(ConsoleSource {

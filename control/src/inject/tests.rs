@@ -264,7 +264,7 @@ fn a_broken_document_is_reported_by_position() {
 /// Applies RFC 6902 `add` operations (all the webhook emits).
 fn apply_patch(doc: &mut Value, ops: &[Value]) {
     for op in ops {
-        assert_eq!(op["op"], "add");
+        assert!(op["op"] == "add" || op["op"] == "replace", "{op}");
         let path: Vec<String> = op["path"].as_str().unwrap()[1..]
             .split('/')
             .map(|p| p.replace("~1", "/").replace("~0", "~"))
@@ -272,7 +272,10 @@ fn apply_patch(doc: &mut Value, ops: &[Value]) {
         let (last, parents) = path.split_last().unwrap();
         let mut target = &mut *doc;
         for p in parents {
-            target = &mut target[p.as_str()];
+            target = match p.parse::<usize>() {
+                Ok(i) if target.is_array() => &mut target[i],
+                _ => &mut target[p.as_str()],
+            };
         }
         if last == "-" {
             target.as_array_mut().unwrap().push(op["value"].clone());
@@ -389,5 +392,112 @@ fn pods_running_as_the_proxy_uid_are_refused() {
             .unwrap()
             .contains("`app` runs as uid 1337"),
         "{r}"
+    );
+}
+
+const PROBED: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: api
+  namespace: shop
+  labels: {app: api}
+spec:
+  containers:
+    - name: api
+      image: shop/api:1
+      ports: [{name: http, containerPort: 8080}]
+      readinessProbe:
+        httpGet: {path: /ready, port: http, httpHeaders: [{name: X-Probe, value: "1"}]}
+        periodSeconds: 3
+      livenessProbe:
+        tcpSocket: {port: 8080}
+        failureThreshold: 5
+      startupProbe:
+        httpGet: {path: /up, port: 8443, scheme: HTTPS}
+    - name: sidekick
+      image: shop/sidekick:1
+      livenessProbe:
+        exec: {command: [true]}
+"#;
+
+/// HTTP and TCP probes of the pod go to the enforcer's admin port, timing kept, the
+/// originals handed to the enforcer; HTTPS and exec probes stay; the webhook's patch
+/// does the same; `segmesh.io/rewrite-probes: "false"` leaves them all.
+#[test]
+fn probes_are_rewritten_to_the_admin_port() {
+    let (text, _) = inject_stream(PROBED, &opts()).unwrap();
+    let pod = &docs(&text)[0];
+    let api = &pod["spec"]["containers"][0];
+    assert_eq!(
+        api["readinessProbe"],
+        json!({"httpGet": {"path": "/app-health/api/readiness", "port": 15020, "scheme": "HTTP"}, "periodSeconds": 3})
+    );
+    assert_eq!(
+        api["livenessProbe"],
+        json!({"httpGet": {"path": "/app-health/api/liveness", "port": 15020, "scheme": "HTTP"}, "failureThreshold": 5})
+    );
+    assert_eq!(
+        api["startupProbe"]["httpGet"]["scheme"], "HTTPS",
+        "HTTPS stays"
+    );
+    assert!(pod["spec"]["containers"][1]["livenessProbe"]["exec"].is_object());
+    let proxy = &pod["spec"]["containers"][2];
+    let probes: segmesh_api::AppProbes =
+        serde_json::from_str(env(proxy, "SEGMESH_APP_PROBES")["value"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        probes,
+        [
+            (
+                "/app-health/api/liveness".to_owned(),
+                segmesh_api::AppProbe::TcpSocket { port: 8080 }
+            ),
+            (
+                "/app-health/api/readiness".to_owned(),
+                segmesh_api::AppProbe::HttpGet {
+                    port: 8080,
+                    path: "/ready".into(),
+                    headers: vec![("X-Probe".into(), "1".into())]
+                }
+            ),
+        ]
+        .into_iter()
+        .collect()
+    );
+    // The webhook: the same pod.
+    let object = docs(PROBED)[0].clone();
+    let request = json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "namespace": "shop", "operation": "CREATE", "object": object.clone()}
+    });
+    let answer = review(&request, &opts()).unwrap();
+    use base64::Engine as _;
+    let ops: Vec<Value> = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(answer["response"]["patch"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let mut patched = object;
+    apply_patch(&mut patched, &ops);
+    assert_eq!(&patched, pod);
+    // Opted out: the probes stay, the enforcer gets none.
+    let out = PROBED.replace(
+        "  labels: {app: api}\n",
+        "  labels: {app: api}\n  annotations: {segmesh.io/rewrite-probes: \"false\"}\n",
+    );
+    let (text, _) = inject_stream(&out, &opts()).unwrap();
+    let pod = &docs(&text)[0];
+    assert_eq!(
+        pod["spec"]["containers"][0]["livenessProbe"]["tcpSocket"]["port"],
+        8080
+    );
+    let proxy = &pod["spec"]["containers"][2];
+    assert!(
+        !proxy["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "SEGMESH_APP_PROBES")
     );
 }

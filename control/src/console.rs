@@ -188,6 +188,8 @@ pub struct Console<S: Store> {
     pub store: S,
     /// Lifetime of the certificates issued to enforcers.
     pub cert_ttl: std::time::Duration,
+    /// The Kubernetes cluster as the console follows it (empty when it does not).
+    pub cluster: std::sync::Arc<crate::cluster::Cluster>,
 }
 
 impl Caller {
@@ -205,7 +207,22 @@ impl<S: Store> Console<S> {
         Console {
             store,
             cert_ttl: CERT_TTL,
+            cluster: Default::default(),
         }
+    }
+
+    /// What enforcers watch: the store's revision plus the cluster's changes (both only
+    /// grow, so their sum moves whenever either does).
+    pub fn revision(&self) -> Result<u64, ConsoleError> {
+        Ok(self.store.revision()? + self.cluster.generation())
+    }
+
+    /// Every Service enforcers follow: the cluster's, then the documents' (which win
+    /// where both claim an address and port).
+    fn all_services(&self, docs: &Documents) -> Vec<segmesh_policy::Service> {
+        let mut all = self.cluster.services();
+        all.extend(docs.services.values().cloned());
+        all
     }
 
     /// Creates a token; returns it (shown once, stored only hashed). Creating an editor
@@ -384,7 +401,37 @@ impl<S: Store> Console<S> {
             .collect();
         let mut tags = BTreeSet::new();
         let mut dropped = Vec::new();
-        for t in &req.tags {
+        // A pod of the cluster the console follows: its tags are what the cluster says
+        // (labels as the token allows, its namespace and service account), its addresses
+        // must be the pod's.
+        let mut claimed = req.tags.clone();
+        if let Some(k8s_ns) = ns
+            .as_str()
+            .strip_prefix("/k8s/")
+            .filter(|_| self.cluster.is_following())
+        {
+            let pod = self.cluster.pod(k8s_ns, &req.name).ok_or_else(|| {
+                ConsoleError::Forbidden(format!(
+                    "the cluster has no pod {k8s_ns}/{}: a PU of {ns} must be one",
+                    req.name
+                ))
+            })?;
+            if let Some(ip) = req
+                .ips
+                .iter()
+                .find(|ip| !pod.ips.contains(&ip.to_canonical()))
+            {
+                return Err(ConsoleError::Forbidden(format!(
+                    "{ip} is not an address of pod {k8s_ns}/{} ({:?})",
+                    req.name, pod.ips
+                )));
+            }
+            let labels: Vec<String> = pod.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            dropped.extend(req.tags.iter().filter(|t| !labels.contains(t)).cloned());
+            claimed = labels;
+            tags.extend(pod.cluster_tags(k8s_ns));
+        }
+        for t in &claimed {
             let ok = match t.parse::<Tag>() {
                 Ok(tag) if !tag.key().starts_with('$') => {
                     let one: TagSet = std::iter::once(tag).collect();
@@ -728,12 +775,12 @@ impl<S: Store> Console<S> {
     ) -> Result<segmesh_api::Snapshot, ConsoleError> {
         // Read the revision first: a change racing this read yields a newer revision on
         // the next poll, never a stale snapshot under a new revision.
-        let revision = self.store.revision()?;
+        let revision = self.revision()?;
         let live = self.store.live()?;
         let (version, docs) = live.map_or((0, Documents::default()), |v| (v.version, v.documents));
         let ancestors = namespace.self_and_ancestors();
         let pus = self.store.pus()?;
-        let services = services_of(docs.services.values(), &pus);
+        let services = services_of(self.all_services(&docs).iter(), &pus);
         Ok(segmesh_api::Snapshot {
             revision,
             version,
@@ -772,8 +819,8 @@ impl<S: Store> Console<S> {
         let docs = self.store.live()?.map(|v| v.documents).unwrap_or_default();
         let pus = self.store.pus()?;
         Ok(services_of(
-            docs.services
-                .values()
+            self.all_services(&docs)
+                .iter()
                 .filter(|s| caller.can_view(&s.namespace)),
             &pus,
         ))

@@ -13,6 +13,7 @@
 
 pub mod ca_cli;
 pub mod client;
+pub mod cluster;
 pub mod console;
 pub mod files;
 pub mod inject;

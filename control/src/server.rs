@@ -132,7 +132,7 @@ fn caller(console: &Console<RedbStore>, req: &Request<Incoming>) -> Result<Calle
 
 /// Tells long-polling watchers that the revision moved.
 fn changed(console: &Console<RedbStore>, changes: &watch::Sender<u64>) {
-    if let Ok(r) = console.store.revision() {
+    if let Ok(r) = console.revision() {
         changes.send_replace(r);
     }
 }
@@ -458,7 +458,17 @@ pub async fn serve(
 ) {
     let inject = Arc::new(inject);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let changes = Arc::new(watch::channel(console.store.revision().unwrap_or(0)).0);
+    let changes = Arc::new(watch::channel(console.revision().unwrap_or(0)).0);
+    // The cluster's changes wake watchers like commits do.
+    {
+        let (console, changes) = (console.clone(), changes.clone());
+        let mut rx = console.cluster.subscribe();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                changed(&console, &changes);
+            }
+        });
+    }
     let stop = std::future::pending();
     segmesh_api::net::accept_loop(listener, "console", stop, |tcp, peer| {
         let (acceptor, console, ca, changes, inject) = (

@@ -37,6 +37,21 @@ struct Cli {
     /// Sidecar injection: the console's API as seen from pods.
     #[arg(long)]
     inject_console_url: Option<String>,
+    /// Follow the Kubernetes cluster of this kubeconfig: its Services become segmesh
+    /// Services, its pods' labels, namespaces and service accounts the registering
+    /// PUs' tags.
+    #[arg(
+        long,
+        env = "SEGMESH_KUBECONFIG",
+        conflicts_with = "kubernetes_in_cluster"
+    )]
+    kubeconfig: Option<PathBuf>,
+    /// Follow the cluster the console runs in (its service account's token and CA).
+    #[arg(long, env = "SEGMESH_KUBERNETES_IN_CLUSTER")]
+    kubernetes_in_cluster: bool,
+    /// How often the cluster's watches start over with a full list (repairs drift).
+    #[arg(long, default_value = "10m")]
+    kubernetes_resync: humantime::Duration,
 }
 
 fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
@@ -119,6 +134,29 @@ async fn main() -> anyhow::Result<()> {
             chain,
             rustls_pki_types::PrivateKeyDer::Pkcs8(key.der().into()),
         )?;
+    let kube_config = if let Some(path) = &cli.kubeconfig {
+        let kc = kube::config::Kubeconfig::read_from(path)
+            .with_context(|| format!("read the kubeconfig {}", path.display()))?;
+        Some(
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("the kubeconfig {}", path.display()))?,
+        )
+    } else if cli.kubernetes_in_cluster {
+        Some(kube::Config::incluster().context("the in-cluster Kubernetes configuration")?)
+    } else {
+        None
+    };
+    if let Some(cfg) = kube_config {
+        let url = cfg.cluster_url.clone();
+        let client = kube::Client::try_from(cfg).context("the Kubernetes client")?;
+        tracing::info!(%url, "following the Kubernetes cluster");
+        tokio::spawn(segmesh_control::cluster::follow(
+            client,
+            console.cluster.clone(),
+            *cli.kubernetes_resync,
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("listen on {}", cli.listen))?;

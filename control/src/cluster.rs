@@ -314,3 +314,61 @@ where
 {
     s.state().iter().map(|a| (**a).clone()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// Headless and ExternalName Services have no address to follow; SCTP ports are left
+    /// out; a numeric targetPort is used without a slice; dual-stack addresses both
+    /// count; not-ready endpoints are left out.
+    #[test]
+    fn services_from_the_cluster() {
+        let services: Vec<KubeService> = vec![
+            from_json(serde_json::json!({"metadata": {"name": "dns", "namespace": "kube-system"},
+                "spec": {"clusterIPs": ["10.96.0.10", "fd00:96::10"], "ports": [
+                    {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+                    {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+                    {"name": "sig", "port": 9, "protocol": "SCTP"}]}})),
+            from_json(serde_json::json!({"metadata": {"name": "headless", "namespace": "shop"},
+                "spec": {"clusterIP": "None", "ports": [{"port": 80}]}})),
+            from_json(serde_json::json!({"metadata": {"name": "ext", "namespace": "shop"},
+                "spec": {"type": "ExternalName", "externalName": "example.com", "ports": [{"port": 80}]}})),
+        ];
+        let slices: Vec<EndpointSlice> = vec![from_json(serde_json::json!({
+            "metadata": {"name": "dns-1", "namespace": "kube-system", "labels": {"kubernetes.io/service-name": "dns"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.2"]}, {"addresses": ["10.0.0.3"], "conditions": {"ready": false}}]
+        }))];
+        let pods: Vec<Pod> = vec![from_json(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"}},
+            "status": {"podIPs": [{"ip": "10.0.0.7"}, {"ip": "fd00::7"}]}
+        }))];
+        let v = build(&services, &slices, &pods);
+        assert_eq!(v.services.len(), 1);
+        let dns = &v.services[0];
+        assert_eq!(dns.qualified_name(), "/k8s/kube-system:dns");
+        assert_eq!(dns.addresses.len(), 2);
+        assert_eq!(
+            dns.ports,
+            vec![
+                ServicePort { protocol: Protocol::Udp, port: 53, target: 5353 },
+                ServicePort { protocol: Protocol::Tcp, port: 53, target: 53 },
+            ]
+        );
+        assert_eq!(dns.endpoints, Endpoints::Addresses(vec!["10.0.0.2".parse().unwrap()]));
+        let web = &v.pods[&("shop".to_owned(), "web-1".to_owned())];
+        assert_eq!(web.ips.len(), 2);
+        assert_eq!(web.service_account, "default");
+        assert_eq!(web.cluster_tags("shop"), vec!["@k8s:ns=shop", "@k8s:sa=default"]);
+        // The generation moves only on a change.
+        let c = Cluster::default();
+        c.set(v.clone());
+        c.set(v);
+        assert_eq!(c.generation(), 1);
+    }
+}

@@ -329,15 +329,21 @@ mod tests {
     #[test]
     fn services_from_the_cluster() {
         let services: Vec<KubeService> = vec![
-            from_json(serde_json::json!({"metadata": {"name": "dns", "namespace": "kube-system"},
+            from_json(
+                serde_json::json!({"metadata": {"name": "dns", "namespace": "kube-system"},
                 "spec": {"clusterIPs": ["10.96.0.10", "fd00:96::10"], "ports": [
                     {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
                     {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
-                    {"name": "sig", "port": 9, "protocol": "SCTP"}]}})),
-            from_json(serde_json::json!({"metadata": {"name": "headless", "namespace": "shop"},
-                "spec": {"clusterIP": "None", "ports": [{"port": 80}]}})),
-            from_json(serde_json::json!({"metadata": {"name": "ext", "namespace": "shop"},
-                "spec": {"type": "ExternalName", "externalName": "example.com", "ports": [{"port": 80}]}})),
+                    {"name": "sig", "port": 9, "protocol": "SCTP"}]}}),
+            ),
+            from_json(
+                serde_json::json!({"metadata": {"name": "headless", "namespace": "shop"},
+                "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}),
+            ),
+            from_json(
+                serde_json::json!({"metadata": {"name": "ext", "namespace": "shop"},
+                "spec": {"type": "ExternalName", "externalName": "example.com", "ports": [{"port": 80}]}}),
+            ),
         ];
         let slices: Vec<EndpointSlice> = vec![from_json(serde_json::json!({
             "metadata": {"name": "dns-1", "namespace": "kube-system", "labels": {"kubernetes.io/service-name": "dns"}},
@@ -356,15 +362,29 @@ mod tests {
         assert_eq!(
             dns.ports,
             vec![
-                ServicePort { protocol: Protocol::Udp, port: 53, target: 5353 },
-                ServicePort { protocol: Protocol::Tcp, port: 53, target: 53 },
+                ServicePort {
+                    protocol: Protocol::Udp,
+                    port: 53,
+                    target: 5353
+                },
+                ServicePort {
+                    protocol: Protocol::Tcp,
+                    port: 53,
+                    target: 53
+                },
             ]
         );
-        assert_eq!(dns.endpoints, Endpoints::Addresses(vec!["10.0.0.2".parse().unwrap()]));
+        assert_eq!(
+            dns.endpoints,
+            Endpoints::Addresses(vec!["10.0.0.2".parse().unwrap()])
+        );
         let web = &v.pods[&("shop".to_owned(), "web-1".to_owned())];
         assert_eq!(web.ips.len(), 2);
         assert_eq!(web.service_account, "default");
-        assert_eq!(web.cluster_tags("shop"), vec!["@k8s:ns=shop", "@k8s:sa=default"]);
+        assert_eq!(
+            web.cluster_tags("shop"),
+            vec!["@k8s:ns=shop", "@k8s:sa=default"]
+        );
         // The generation moves only on a change.
         let c = Cluster::default();
         c.set(v.clone());

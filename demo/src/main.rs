@@ -3,7 +3,8 @@
 //! It builds namespaces (internet, admin, web, api, db, two lab workloads, the console),
 //! starts the console with its embedded store and one enforcer per workload (capture
 //! rules, console mode: each registers with a bootstrap token and its tags), applies
-//! `examples/three-tier/policies.yaml`, runs real connections between the workloads and
+//! `examples/three-tier/policies.yaml` and `services.yaml`, runs real connections
+//! between the workloads (PU to PU through the Services' addresses) and
 //! prints what happened from the enforcers' flow records; then shows discovery mode and
 //! `segmeshctl suggest` on the lab namespace, and an emergency quarantine taking effect
 //! on open connections. Everything it creates is removed at the end, on failure and on
@@ -43,6 +44,14 @@ const PUS: &[(&str, &str, &[&str], &[u16])] = &[
     ("db", "/acme/shop", &["app=db", "env=prod"], &[5432, 22]),
     ("lab-client", "/acme/lab", &["app=lab-client"], &[]),
     ("lab-store", "/acme/lab", &["app=lab-store"], &[6379, 22]),
+];
+
+/// The shop's Service addresses (`examples/three-tier/services.yaml`): PUs call each
+/// other through them, as pods of a cluster call Services.
+const SERVICES: &[(&str, Ipv4Addr)] = &[
+    ("web", Ipv4Addr::new(10, 96, 1, 10)),
+    ("api", Ipv4Addr::new(10, 96, 1, 20)),
+    ("db", Ipv4Addr::new(10, 96, 1, 30)),
 ];
 
 struct Demo {
@@ -205,7 +214,13 @@ fn probe(d: &Demo, from: &str, to: &str, port: u16) -> anyhow::Result<Row> {
     let client_ip = source.unwrap_or(IpAddr::V4(client.ip4));
     // Only records written after this connection started count.
     let (base_c, base_s) = (flow_log(d, from).len(), flow_log(d, to).len());
-    let (local, seen) = exchange(&client, SocketAddr::new(server.ip4.into(), port), source);
+    // PU → PU through the server's Service where it has one.
+    let service = SERVICES
+        .iter()
+        .find(|(n, _)| *n == to && is_pu(from))
+        .map(|(_, ip)| *ip);
+    let target = SocketAddr::new(service.unwrap_or(server.ip4).into(), port);
+    let (local, seen) = exchange(&client, target, source);
     if let Seen::Failed(why) = &seen {
         bail!("{from} → {to}:{port}: {why}");
     }
@@ -287,10 +302,15 @@ fn probe(d: &Demo, from: &str, to: &str, port: u16) -> anyhow::Result<Row> {
     let bytes = rec.as_ref().filter(|_| allowed).map_or(0, |r| {
         r["bytes_sent"].as_u64().unwrap_or(0) + r["bytes_received"].as_u64().unwrap_or(0)
     });
-    let note = if is_pu(from) && is_pu(to) && allowed {
-        "mTLS tunnel".into()
-    } else {
-        String::new()
+    let via = client_rec
+        .as_ref()
+        .and_then(|r| r["destination"]["service"].as_str())
+        .map(|s| format!("Service {s}"));
+    let note = match (is_pu(from) && is_pu(to) && allowed, via) {
+        (true, Some(s)) => format!("mTLS tunnel via {s}"),
+        (true, None) => "mTLS tunnel".into(),
+        (false, Some(s)) => format!("via {s}"),
+        (false, None) => String::new(),
     };
     Ok(Row {
         from: from.into(),
@@ -427,7 +447,10 @@ fn setup(d: &mut Demo) -> anyhow::Result<()> {
         "eth0",
     ]);
     for (name, ..) in PUS {
-        host_of(d, name).exec_ok(&["ip", "route", "add", "192.0.2.0/24", "dev", "eth0"]);
+        let h = host_of(d, name);
+        h.exec_ok(&["ip", "route", "add", "192.0.2.0/24", "dev", "eth0"]);
+        // The Services' range, routed as a cluster's (the enforcer captures it first).
+        h.exec_ok(&["ip", "route", "add", "10.96.1.0/24", "dev", "eth0"]);
     }
     for h in [
         "internet",
@@ -470,14 +493,24 @@ fn setup(d: &mut Demo) -> anyhow::Result<()> {
 
     step(
         d,
-        "policies: examples/three-tier/policies.yaml, applied and committed",
+        "policies and Services: examples/three-tier/{policies,services}.yaml, applied and committed",
     );
     let example =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/three-tier/policies.yaml");
     let example = example
         .canonicalize()
         .context("examples/three-tier/policies.yaml")?;
-    ctl(d, &["apply", "-f", example.to_str().context("path")?])?;
+    let services = example.with_file_name("services.yaml");
+    ctl(
+        d,
+        &[
+            "apply",
+            "-f",
+            example.to_str().context("path")?,
+            "-f",
+            services.to_str().context("path")?,
+        ],
+    )?;
     print!("{}", indent(&ctl(d, &["commit"])?));
     let boot = ctl(
         d,

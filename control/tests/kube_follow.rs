@@ -431,6 +431,33 @@ async fn the_console_follows_services_endpoints_and_pods() {
         console.register(&boot, &ca, &req("ghost", "10.0.0.50", &[])),
         Err(ConsoleError::Forbidden(_))
     ));
+    // A watched label change: the pod's next registration is certified with it.
+    let mut relabelled = pod("api-2", "10.0.0.12", "api", "api");
+    relabelled["metadata"]["labels"]["tier"] = json!("gold");
+    fake.put(PODS, relabelled);
+    let boot2 = console
+        .create_bootstrap_token(
+            &admin,
+            "pods-tier",
+            &"/k8s".parse().unwrap(),
+            &["app=*".into(), "tier=*".into()],
+        )
+        .unwrap();
+    until("the relabelled pod", || {
+        console
+            .cluster
+            .pod("shop", "api-2")
+            .is_some_and(|p| p.labels.get("tier").map(String::as_str) == Some("gold"))
+    })
+    .await;
+    let issued = console
+        .register(&boot2, &ca, &req("api-2", "10.0.0.12", &[]))
+        .unwrap();
+    assert!(
+        issued.tags.contains(&"tier=gold".to_owned()),
+        "{:?}",
+        issued.tags
+    );
     // The registered pod is its Service's endpoint as a PU.
     let snap = console.snapshot_for(&"/k8s/shop".parse().unwrap()).unwrap();
     assert_eq!(
@@ -438,5 +465,72 @@ async fn the_console_follows_services_endpoints_and_pods() {
         Some("/k8s/shop:api-1")
     );
     follower.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The console binary with `--kubeconfig`: it follows the cluster the file names, and
+/// `segmeshctl get services` shows the cluster's Services with their endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segmesh_control_follows_the_cluster_of_a_kubeconfig() {
+    let fake = Fake::new();
+    fake.put(SERVICES, service("api", "10.96.0.10", 80, "8080"));
+    fake.put(SLICES, slice("api-x1", "api", 8080, &[("10.0.0.11", true)]));
+    let addr = serve(fake.clone()).await;
+    let dir = std::env::temp_dir().join(format!("segmesh-kube-bin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: 'http://{addr}'}}}}]\n\
+             users: [{{name: fake, user: {{token: not-checked}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\ncurrent-context: fake\n"
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let data = dir.join("data");
+    let mut console = std::process::Command::new(env!("CARGO_BIN_EXE_segmesh-control"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let get = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_segmeshctl"))
+            .args(["get", "services"])
+            .env("SEGMESH_CONSOLE", format!("https://127.0.0.1:{port}"))
+            .env(
+                "SEGMESH_TOKEN",
+                format!("@{}", data.join("admin.token").display()),
+            )
+            .env("SEGMESH_CA", data.join("ca/bundle.crt"))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = String::new();
+    while !out
+        .contains("/k8s/shop:api  addresses 10.96.0.10  ports tcp/80->8080  endpoints 10.0.0.11")
+    {
+        if Instant::now() > deadline {
+            let _ = console.kill();
+            panic!("segmeshctl get services: {out}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        out = get();
+    }
+    let _ = console.kill();
+    let _ = console.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }

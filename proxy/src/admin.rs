@@ -85,6 +85,7 @@ async fn handle(
                 "tags": s.pu.tags.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
                 "policies": s.policy_count,
                 "registry": s.registry.len(),
+                "registry_conflicts": s.registry_conflicts,
                 "fail_closed": s.is_fail_closed(),
             });
             text(StatusCode::OK, "application/json", format!("{body}\n"))

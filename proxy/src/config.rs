@@ -18,8 +18,6 @@ pub enum ConfigError {
     Policy(#[from] segmesh_policy::LoadError),
     #[error("pu: {0}")]
     Pu(String),
-    #[error("registry: {0}")]
-    Registry(String),
     #[error("identity: {0}")]
     Identity(#[from] segmesh_identity::IdentityError),
     #[error("identity: the certificate names {found}, but the configuration's PU is {expected}")]

@@ -97,6 +97,7 @@ pub struct Metrics {
     pub udp_evictions: Counter,
     pub udp_bytes: Counter,
     pub udp_dropped: Counter,
+    pub registry_conflicts: Gauge,
 }
 
 impl Default for Metrics {
@@ -125,6 +126,7 @@ impl Default for Metrics {
             udp_evictions: Counter::default(),
             udp_bytes: Counter::default(),
             udp_dropped: Counter::default(),
+            registry_conflicts: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -231,6 +233,11 @@ impl Default for Metrics {
             "udp_dropped",
             "UDP datagrams dropped (refused sessions, full socket buffers)",
             m.udp_dropped.clone(),
+        );
+        registry.register(
+            "registry_conflicts",
+            "Addresses the enforced snapshot's registry gives to more than one PU (skipped: no PU is reachable there)",
+            m.registry_conflicts.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -149,6 +149,8 @@ pub struct Snapshot {
     pub engine: Engine,
     pub prepared: PreparedPu,
     pub registry: HashMap<IpAddr, RegisteredPu>,
+    /// Addresses skipped because several PUs claim them.
+    pub registry_conflicts: Vec<String>,
     pub services: Services,
     /// The local configuration (file mode).
     pub config: Option<LocalConfig>,
@@ -174,6 +176,7 @@ impl Snapshot {
             engine,
             prepared,
             registry: HashMap::new(),
+            registry_conflicts: Vec::new(),
             services: Services::new(),
             config: None,
             fail_closed: true,
@@ -208,7 +211,7 @@ impl Snapshot {
         )
         .map_err(|e| ConfigError::Pu(format!("the console's snapshot: {e}")))?;
         let policy_count = set.policies().len();
-        let registry = registry_of(&snap.registry)?;
+        let (registry, registry_conflicts) = registry_of(&snap.registry);
         let engine = Engine::compile(set);
         let prepared = engine.prepare_pu(&pu);
         Ok(Snapshot {
@@ -222,6 +225,7 @@ impl Snapshot {
             engine,
             prepared,
             registry,
+            registry_conflicts,
             services: services_of(&snap.services),
             config: None,
             fail_closed: false,
@@ -261,7 +265,7 @@ impl Snapshot {
         let loaded = segmesh_policy::load(&sources)?;
         let policy_count = loaded.set.policies().len();
 
-        let registry = registry_of(&cfg.registry)?;
+        let (registry, registry_conflicts) = registry_of(&cfg.registry);
         let services = local_services(&loaded.services, &registry)?;
         // Contents only (not paths), so the same configuration has the same version.
         let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
@@ -325,6 +329,7 @@ impl Snapshot {
             engine,
             prepared,
             registry,
+            registry_conflicts,
             services,
             config: Some(cfg),
             fail_closed: false,
@@ -395,26 +400,80 @@ fn pu_of<'a>(
 }
 
 /// The registry by address; an address registered twice is an error.
-fn registry_of(entries: &[RegistryEntry]) -> Result<HashMap<IpAddr, RegisteredPu>, ConfigError> {
-    let mut registry = HashMap::new();
+/// The registry by address. An address two PUs claim is given to neither (who is
+/// there cannot be known; one bad entry must not stop the enforcer from taking
+/// snapshots): it is skipped, and named in the returned conflicts (sorted, so every
+/// enforcer skips the same).
+fn registry_of(entries: &[RegistryEntry]) -> (HashMap<IpAddr, RegisteredPu>, Vec<String>) {
+    let mut registry: HashMap<IpAddr, RegisteredPu> = HashMap::new();
+    let mut conflicts = std::collections::BTreeMap::<IpAddr, Vec<String>>::new();
     for r in entries {
+        let pu = RegisteredPu {
+            name: r.name.clone(),
+            namespace: r.namespace.clone(),
+        };
         for ip in &r.ips {
-            let prev = registry.insert(
-                ip.to_canonical(),
-                RegisteredPu {
-                    name: r.name.clone(),
-                    namespace: r.namespace.clone(),
-                },
-            );
-            if let Some(prev) = prev {
-                return Err(ConfigError::Registry(format!(
-                    "{ip} is registered to both {} and {}:{}",
-                    prev.qualified(),
-                    r.namespace,
-                    r.name
-                )));
+            let ip = ip.to_canonical();
+            if let Some(c) = conflicts.get_mut(&ip) {
+                c.push(pu.qualified());
+                continue;
+            }
+            match registry.get(&ip) {
+                Some(prev) if *prev != pu => {
+                    let prev = registry.remove(&ip).expect("just found");
+                    conflicts.insert(ip, vec![prev.qualified(), pu.qualified()]);
+                }
+                Some(_) => {}
+                None => {
+                    registry.insert(ip, pu.clone());
+                }
             }
         }
     }
-    Ok(registry)
+    let conflicts = conflicts
+        .into_iter()
+        .map(|(ip, mut who)| {
+            who.sort();
+            who.dedup();
+            format!("{ip} claimed by {}", who.join(" and "))
+        })
+        .collect();
+    (registry, conflicts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, ips: &[&str]) -> RegistryEntry {
+        RegistryEntry {
+            name: name.into(),
+            namespace: "/acme".into(),
+            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+        }
+    }
+
+    /// An address two PUs claim (also as v4-mapped v6) goes to neither and is named, the
+    /// rest of the registry stands; the result does not depend on the entries' order.
+    #[test]
+    fn conflicting_registry_entries_are_skipped() {
+        let entries = vec![
+            entry("web", &["10.0.0.2", "fd00::2"]),
+            entry("evil", &["::ffff:10.0.0.2", "10.0.0.9"]),
+            entry("api", &["10.0.0.3"]),
+            entry("mallory", &["10.0.0.2"]),
+        ];
+        let (reg, conflicts) = registry_of(&entries);
+        assert!(!reg.contains_key(&"10.0.0.2".parse::<IpAddr>().unwrap()));
+        assert_eq!(reg[&"fd00::2".parse::<IpAddr>().unwrap()].name, "web");
+        assert_eq!(reg[&"10.0.0.9".parse::<IpAddr>().unwrap()].name, "evil");
+        assert_eq!(reg[&"10.0.0.3".parse::<IpAddr>().unwrap()].name, "api");
+        assert_eq!(
+            conflicts,
+            vec!["10.0.0.2 claimed by /acme:evil and /acme:mallory and /acme:web"]
+        );
+        let mut reversed = entries.clone();
+        reversed.reverse();
+        assert_eq!(registry_of(&reversed), (reg, conflicts));
+    }
 }

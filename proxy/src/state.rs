@@ -141,6 +141,12 @@ impl Shared {
     /// and closes those `s` rejects.
     pub fn install(&self, s: Snapshot, why: &str) {
         tracing::info!(version = %s.version, source = s.source, policies = s.policy_count, registry = s.registry.len(), reason = why, "snapshot installed");
+        if !s.registry_conflicts.is_empty() {
+            tracing::warn!(conflicts = ?s.registry_conflicts, "addresses several PUs claim are skipped (no PU is reachable there)");
+        }
+        self.metrics
+            .registry_conflicts
+            .set(s.registry_conflicts.len() as i64);
         let s = Arc::new(s);
         *self.snapshot.write().expect("lock poisoned") = s.clone();
         self.reloaded("ok");

@@ -190,7 +190,16 @@ pub struct Console<S: Store> {
     pub cert_ttl: std::time::Duration,
     /// The Kubernetes cluster as the console follows it (empty when it does not).
     pub cluster: std::sync::Arc<crate::cluster::Cluster>,
+    /// How long a PU stays registered without renewing its lease (its enforcer's
+    /// snapshot watch and renewals renew it).
+    pub lease: std::time::Duration,
+    /// When each PU's lease was last renewed (in memory: after a console restart every
+    /// registered PU starts with a fresh lease).
+    leases: std::sync::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>,
 }
+
+/// Default PU lease: three of the enforcers' 30 s snapshot watches.
+pub const PU_LEASE: std::time::Duration = std::time::Duration::from_secs(90);
 
 impl Caller {
     fn can_edit(&self, ns: &NamespacePath) -> bool {
@@ -208,7 +217,89 @@ impl<S: Store> Console<S> {
             store,
             cert_ttl: CERT_TTL,
             cluster: Default::default(),
+            lease: PU_LEASE,
+            leases: Default::default(),
         }
+    }
+
+    /// Renews `namespace:name`'s lease.
+    pub fn touch(&self, namespace: &str, name: &str) {
+        self.leases.lock().expect("lock poisoned").insert(
+            (namespace.to_owned(), name.to_owned()),
+            std::time::Instant::now(),
+        );
+    }
+
+    /// Whether a registered PU's lease runs (one never seen since the console started
+    /// gets a fresh one).
+    fn leased(&self, namespace: &str, name: &str) -> bool {
+        let mut l = self.leases.lock().expect("lock poisoned");
+        let at = l
+            .entry((namespace.to_owned(), name.to_owned()))
+            .or_insert_with(std::time::Instant::now);
+        at.elapsed() < self.lease
+    }
+
+    /// Removes the PUs whose lease lapsed (Kubernetes reuses pod addresses); their
+    /// names. Enforcers drop them with the next snapshot.
+    pub fn expire_leases(&self) -> Result<Vec<String>, ConsoleError> {
+        let mut gone = Vec::new();
+        for p in self.store.pus()? {
+            if !self.leased(&p.namespace, &p.name)
+                && self
+                    .store
+                    .delete_pu(&p.namespace, &p.name, ("console", "lease", "lapsed"))?
+            {
+                self.leases
+                    .lock()
+                    .expect("lock poisoned")
+                    .remove(&(p.namespace.clone(), p.name.clone()));
+                gone.push(format!("{}:{}", p.namespace, p.name));
+            }
+        }
+        Ok(gone)
+    }
+
+    /// The addresses a registration or renewal of `namespace:name` claims, canonical
+    /// (v4-mapped v6 as v4), if no other live PU holds any of them; with `source` (the
+    /// registering connection's address), it must be one of them unless `any_source`.
+    fn claimable(
+        &self,
+        namespace: &str,
+        name: &str,
+        ips: &[std::net::IpAddr],
+        source: Option<std::net::IpAddr>,
+        any_source: bool,
+    ) -> Result<Vec<std::net::IpAddr>, ConsoleError> {
+        let mut claimed: Vec<std::net::IpAddr> = ips.iter().map(|ip| ip.to_canonical()).collect();
+        claimed.sort();
+        claimed.dedup();
+        if let Some(src) = source.map(|s| s.to_canonical()) {
+            if !any_source && !claimed.contains(&src) {
+                return Err(ConsoleError::Forbidden(format!(
+                    "a PU registers from one of its own addresses: {src} is not among {claimed:?} (a token created with --any-source allows it)"
+                )));
+            }
+        }
+        for other in self.store.pus()? {
+            if other.namespace == namespace && other.name == name {
+                continue;
+            }
+            if let Some(ip) = other
+                .ips
+                .iter()
+                .map(|i| i.to_canonical())
+                .find(|i| claimed.contains(i))
+            {
+                if self.leased(&other.namespace, &other.name) {
+                    return Err(ConsoleError::Conflict(format!(
+                        "{ip} belongs to the live PU {}:{}",
+                        other.namespace, other.name
+                    )));
+                }
+            }
+        }
+        Ok(claimed)
     }
 
     /// What enforcers watch: the store's revision plus the cluster's changes (both only
@@ -250,6 +341,7 @@ impl<S: Store> Console<S> {
             role,
             namespace: namespace.to_string(),
             allowed_tags: Vec::new(),
+            any_source: false,
         };
         self.store.put_token(
             &hash_token(&token),
@@ -335,6 +427,19 @@ impl<S: Store> Console<S> {
         namespace: &NamespacePath,
         allowed_tags: &[String],
     ) -> Result<String, ConsoleError> {
+        self.create_bootstrap_token_with(by, name, namespace, allowed_tags, false)
+    }
+
+    /// A bootstrap token; `any_source`: its PUs may register from addresses they do not
+    /// claim (behind NAT).
+    pub fn create_bootstrap_token_with(
+        &self,
+        by: &Caller,
+        name: &str,
+        namespace: &NamespacePath,
+        allowed_tags: &[String],
+        any_source: bool,
+    ) -> Result<String, ConsoleError> {
         if !by.can_edit(namespace) {
             return Err(ConsoleError::Forbidden(format!(
                 "{} may not create bootstrap tokens for {namespace}",
@@ -351,6 +456,7 @@ impl<S: Store> Console<S> {
             role: Role::Enforcer,
             namespace: namespace.to_string(),
             allowed_tags: allowed_tags.to_vec(),
+            any_source,
         };
         let detail = format!(
             "{name}: bootstrap for {namespace}, tags {}",
@@ -369,6 +475,19 @@ impl<S: Store> Console<S> {
         bootstrap: &str,
         ca: &Ca,
         req: &Registration,
+    ) -> Result<Issued, ConsoleError> {
+        self.register_from(bootstrap, ca, req, None)
+    }
+
+    /// [`register`](Self::register) from the connection's address `source` (None: an
+    /// in-process caller). A live PU's name is not taken over with a token: its
+    /// enforcer renews with its certificate, anyone else waits until its lease lapses.
+    pub fn register_from(
+        &self,
+        bootstrap: &str,
+        ca: &Ca,
+        req: &Registration,
+        source: Option<std::net::IpAddr>,
     ) -> Result<Issued, ConsoleError> {
         let rec = self
             .store
@@ -394,6 +513,13 @@ impl<S: Store> Console<S> {
                 req.name
             )));
         }
+        if self.store.pu(ns.as_str(), &req.name)?.is_some() && self.leased(ns.as_str(), &req.name) {
+            return Err(ConsoleError::Conflict(format!(
+                "{ns}:{} is registered and live: only its current certificate re-registers it (or wait {:?} after its enforcer stops)",
+                req.name, self.lease
+            )));
+        }
+        let ips = self.claimable(ns.as_str(), &req.name, &req.ips, source, rec.any_source)?;
         let patterns: Vec<TagPattern> = rec
             .allowed_tags
             .iter()
@@ -458,7 +584,7 @@ impl<S: Store> Console<S> {
             name: req.name.clone(),
             namespace: ns.to_string(),
             tags: tags.clone(),
-            ips: req.ips.clone(),
+            ips,
             registered_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                 .to_string(),
             by: rec.name.clone(),
@@ -471,6 +597,7 @@ impl<S: Store> Console<S> {
                 &format!("{id} tags {}", tags.join(" ")),
             ),
         )?;
+        self.touch(ns.as_str(), &req.name);
         Ok(Issued {
             chain: issued.chain_pem,
             bundle: issued.bundle_pem,
@@ -487,6 +614,18 @@ impl<S: Store> Console<S> {
         holder: &segmesh_identity::WorkloadIdentity,
         ca: &Ca,
         req: &Registration,
+    ) -> Result<Issued, ConsoleError> {
+        self.renew_from(holder, ca, req, None)
+    }
+
+    /// [`renew_by_certificate`](Self::renew_by_certificate) from the connection's address
+    /// `source`: new addresses are checked like a registration's.
+    pub fn renew_from(
+        &self,
+        holder: &segmesh_identity::WorkloadIdentity,
+        ca: &Ca,
+        req: &Registration,
+        source: Option<std::net::IpAddr>,
     ) -> Result<Issued, ConsoleError> {
         if holder.namespace != req.namespace || holder.name != req.name {
             return Err(ConsoleError::Forbidden(format!(
@@ -508,13 +647,17 @@ impl<S: Store> Console<S> {
             .issue(&req.csr, &id, &pu.tags, self.cert_ttl)
             .map_err(|e| ConsoleError::Forbidden(format!("cannot issue: {e}")))?;
         if !req.ips.is_empty() {
-            pu.ips = req.ips.clone();
+            // The token's NAT allowance does not follow the certificate: a renewal from
+            // elsewhere keeps the addresses it had.
+            let any_source = source.is_some_and(|s| pu.ips.contains(&s.to_canonical()));
+            pu.ips = self.claimable(&pu.namespace, &pu.name, &req.ips, source, any_source)?;
         }
         let who = holder.spiffe_id().to_string();
         self.store.put_pu(
             &pu,
             (&who, "renew", &format!("{id} tags {}", pu.tags.join(" "))),
         )?;
+        self.touch(&pu.namespace, &pu.name);
         Ok(Issued {
             chain: issued.chain_pem,
             bundle: issued.bundle_pem,

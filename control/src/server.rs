@@ -67,6 +67,9 @@ struct NewToken {
     /// For `enforcer` (bootstrap) tokens: the tag patterns a PU may be certified with.
     #[serde(default)]
     allowed_tags: Vec<String>,
+    /// For `enforcer` tokens: PUs may register from addresses they do not claim (NAT).
+    #[serde(default)]
+    any_source: bool,
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
@@ -212,8 +215,13 @@ async fn snapshot(
         Ok(n) => n,
         Err(e) => return bad(e),
     };
-    // The PU's own certificate, or a token covering its namespace.
-    if !holds(peer, &pu) {
+    // The PU's own certificate (its watch renews its lease), or a token covering its
+    // namespace.
+    if holds(peer, &pu) {
+        if let Some((ns, name)) = pu.rsplit_once(':') {
+            console.touch(ns, name);
+        }
+    } else {
         let Some(token) = bearer(&req) else {
             return error(ConsoleError::Unauthenticated);
         };
@@ -225,12 +233,14 @@ async fn snapshot(
     let Some(since) = query(&req, "since").and_then(|s| s.parse::<u64>().ok()) else {
         return snapshot_answer(console, &ns);
     };
+    // A watch ends within a third of the lease, so the next one renews it in time.
     let wait = std::time::Duration::from_secs(
         query(&req, "wait")
             .and_then(|s| s.parse().ok())
             .unwrap_or(30)
             .min(60),
-    );
+    )
+    .min(console.lease / 3);
     let mut rx = changes.subscribe();
     if *rx.borrow_and_update() <= since {
         let _ = tokio::time::timeout(wait, async {
@@ -252,6 +262,7 @@ async fn route(
     changes: Arc<watch::Sender<u64>>,
     inject: Arc<crate::inject::Options>,
     peer: Option<Arc<segmesh_identity::WorkloadIdentity>>,
+    remote: std::net::IpAddr,
 ) -> Response<Full<Bytes>> {
     if req.method() == Method::GET && req.uri().path() == "/v1/snapshot" {
         return snapshot(req, &console, &changes, peer.as_deref()).await;
@@ -297,8 +308,8 @@ async fn route(
             Err(r) => return r,
         };
         let done = match (peer.as_deref(), token) {
-            (Some(holder), _) if r.renew => console.renew_by_certificate(holder, &ca, &r),
-            (_, Some(token)) => console.register(&token, &ca, &r),
+            (Some(holder), _) if r.renew => console.renew_from(holder, &ca, &r, Some(remote)),
+            (_, Some(token)) => console.register_from(&token, &ca, &r, Some(remote)),
             (_, None) => Err(ConsoleError::Unauthenticated),
         };
         return match done {
@@ -382,7 +393,7 @@ async fn route(
             };
             match t.namespace.parse::<NamespacePath>() {
                 Ok(ns) if t.role == Role::Enforcer => console
-                    .create_bootstrap_token(&who, &t.name, &ns, &t.allowed_tags)
+                    .create_bootstrap_token_with(&who, &t.name, &ns, &t.allowed_tags, t.any_source)
                     .map(|tok| serde_json::json!({ "token": tok })),
                 Ok(ns) => console.create_token(Some(&who), &t.name, t.role, &ns).map(|tok| serde_json::json!({ "token": tok })),
                 Err(e) => Err(e.into()),
@@ -459,6 +470,24 @@ pub async fn serve(
     let inject = Arc::new(inject);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let changes = Arc::new(watch::channel(console.revision().unwrap_or(0)).0);
+    // Lapsed leases leave the registry (a quarter of the lease apart).
+    {
+        let (console, changes) = (console.clone(), changes.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(console.lease / 4);
+            loop {
+                tick.tick().await;
+                match console.expire_leases() {
+                    Ok(gone) if !gone.is_empty() => {
+                        tracing::info!(?gone, "PU leases lapsed: removed from the registry");
+                        changed(&console, &changes);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot expire PU leases"),
+                }
+            }
+        });
+    }
     // The cluster's changes wake watchers like commits do.
     {
         let (console, changes) = (console.clone(), changes.clone());
@@ -488,6 +517,7 @@ pub async fn serve(
                 Ok(Ok(t)) => t,
                 _ => return tracing::debug!(%peer, "console TLS handshake failed"),
             };
+            let remote = peer.ip();
             // A workload certificate, if the client presented one (enforcers renewing).
             let peer = segmesh_identity::peer_identity(tls.get_ref().1)
                 .ok()
@@ -500,7 +530,11 @@ pub async fn serve(
                     inject.clone(),
                     peer.clone(),
                 );
-                async move { Ok::<_, Infallible>(route(req, console, ca, changes, inject, peer).await) }
+                async move {
+                    Ok::<_, Infallible>(
+                        route(req, console, ca, changes, inject, peer, remote).await,
+                    )
+                }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), svc)

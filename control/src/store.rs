@@ -103,6 +103,10 @@ pub struct TokenRecord {
     /// may receive.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_tags: Vec<String>,
+    /// For `Enforcer` tokens: a PU may register from an address it does not claim
+    /// (behind NAT). Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub any_source: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -91,7 +91,8 @@ fn apply_diff_commit_rollback_over_https() {
         out(&o)
     );
     let o = c.ctl(&admin, &["diff"]);
-    assert!(out(&o).contains("21 added"), "{}", out(&o));
+    assert!(out(&o).contains("24 added"), "{}", out(&o));
+    assert!(out(&o).contains("+ Service /acme/shop:api"), "{}", out(&o));
     let o = c.ctl(&admin, &["commit"]);
     assert!(out(&o).contains("published version 1"), "{}", out(&o));
     let o = c.ctl(&admin, &["get", "policies"]);
@@ -209,6 +210,27 @@ fn enforcer_registration_over_https() {
         ],
     );
     assert!(o.status.success(), "{}", out(&o));
+    let strict = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    // This test registers from 127.0.0.1 addresses it does not have: a token that
+    // allows it.
+    let o = c.ctl(
+        &admin,
+        &[
+            "token",
+            "--name",
+            "shop-nat",
+            "--role",
+            "enforcer",
+            "--namespace",
+            "/acme/shop",
+            "--allow-tag",
+            "app=*",
+            "--allow-tag",
+            "env=prod",
+            "--any-source",
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
     let boot = String::from_utf8_lossy(&o.stdout).trim().to_owned();
     // A bootstrap token does not administer.
     assert_eq!(c.ctl(&boot, &["diff"]).status.code(), Some(1));
@@ -219,6 +241,17 @@ fn enforcer_registration_over_https() {
         "name": "web", "namespace": "/acme/shop", "tags": ["app=web", "env=prod", "team=root"],
         "ips": ["10.0.0.7"], "csr": key.csr_pem("web").unwrap(),
     });
+    // The attack: claiming another address than the one registering. Refused.
+    let elsewhere =
+        segmesh_control::client::Client::new(&c.url, &strict, ca.to_str().unwrap()).unwrap();
+    let e = elsewhere
+        .call("POST", "/v1/enforcers/register", Some(body.clone()))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("registers from one of its own addresses"),
+        "{e}"
+    );
     let client = segmesh_control::client::Client::new(&c.url, &boot, ca.to_str().unwrap()).unwrap();
     let r = client
         .call("POST", "/v1/enforcers/register", Some(body.clone()))
@@ -291,6 +324,7 @@ fn snapshots_and_long_poll() {
             "/acme/shop",
             "--allow-tag",
             "app=*",
+            "--any-source",
         ],
     );
     let boot = String::from_utf8_lossy(&o.stdout).trim().to_owned();

@@ -394,3 +394,117 @@ fn netns_console_renews_certificates_and_stops_after_the_pu_is_deleted() {
     assert_eq!(errors(), refused, "renewals stopped after the refusal");
     assert!(lab.ctl_ok(&["get", "pus"]).trim().is_empty());
 }
+
+/// The attack: a second PU claims web's address. Its registration is refused (from its
+/// own address; and even with a token that allows any source), so web keeps its place
+/// in every registry and keeps taking commits. Then web's enforcer stops: its lease
+/// lapses, web leaves the registry, and a new PU may take the address.
+#[test]
+fn netns_console_an_address_belongs_to_one_live_pu_until_its_lease_lapses() {
+    if !netns_enabled() {
+        return;
+    }
+    let mut lab = Lab::new(
+        "lease",
+        &["console", "web", "api", "mallory", "eve"],
+        &["--pu-lease", "3s"],
+    );
+    let token = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "token",
+            "--name",
+            name,
+            "--role",
+            "enforcer",
+            "--namespace",
+            "/acme/shop",
+            "--allow-tag",
+            "app=*",
+        ];
+        args.extend_from_slice(extra);
+        lab.ctl_ok(&args).trim().to_owned()
+    };
+    let boot = token("shop", &[]);
+    let nat = token("shop-nat", &["--any-source"]);
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/three-tier/policies.yaml"
+    );
+    lab.ctl_ok(&["apply", "-f", example]);
+    lab.ctl_ok(&["commit"]);
+    for (name, app) in [("web", "app=web"), ("api", "app=api")] {
+        capture(&lab.host(name));
+        lab.start_enforcer(name, &[app], &boot, true);
+    }
+    let web_ip = lab.host("web").ip4.to_string();
+    // mallory claims web's address from its own address; eve too, with a token that
+    // allows registering from any address.
+    for (n, t) in [("mallory", &boot), ("eve", &nat)] {
+        let h = lab.host(n);
+        let token_file = lab.dir.0.join(format!("{n}.token"));
+        std::fs::write(&token_file, t).unwrap();
+        let mut cmd = h.enforcer_command(std::path::Path::new(env!("CARGO_BIN_EXE_segmesh-proxy")));
+        cmd.args([
+            "--console",
+            &lab.url(),
+            "--console-ca",
+            lab.dir.0.join("console-ca.crt").to_str().unwrap(),
+            "--bootstrap-token",
+            &format!("@{}", token_file.display()),
+            "--name",
+            n,
+            "--namespace",
+            "/acme/shop",
+            "--tag",
+            "app=web",
+            "--ip",
+            &web_ip,
+            "--state-dir",
+            lab.dir.0.join(format!("{n}-state")).to_str().unwrap(),
+        ]);
+        lab.topo.spawn(cmd);
+    }
+    // Each tried and was refused (the enforcers keep retrying; none is registered).
+    for n in ["mallory", "eve"] {
+        let h = lab.host(n);
+        wait_until(
+            &format!("{n}'s refused registration"),
+            Duration::from_secs(20),
+            || metric(&h, "segmesh_console_requests_total{result=\"error\"}") >= 1.0,
+        );
+    }
+    let pus = lab.ctl_ok(&["get", "pus"]);
+    assert!(!pus.contains("mallory") && !pus.contains("eve"), "{pus}");
+    assert!(
+        pus.contains(&format!("/acme/shop:web  ips {web_ip}")),
+        "{pus}"
+    );
+    // web keeps taking commits.
+    let version = lab.config("web")["version"].clone();
+    lab.publish(
+        "p.yaml",
+        "kind: NetworkPolicy\nname: more\nnamespace: /acme/shop\naction: Reject\nmode: Outgoing\nsubject: [[app=web]]\nobject: [[app=nothing]]\n",
+    );
+    wait_until("web takes the commit", PUSH_LIMIT, || {
+        lab.config("web")["version"] != version
+    });
+    assert_eq!(
+        lab.config("web")["registry_conflicts"],
+        serde_json::json!([])
+    );
+
+    // web's enforcer stops: its lease lapses (3 s) and web leaves the registry; now the
+    // NAT-token claim of its address succeeds.
+    lab.stop_enforcer("web");
+    wait_until("web's lease lapses", Duration::from_secs(20), || {
+        !lab.ctl_ok(&["get", "pus"]).contains("/acme/shop:web ")
+    });
+    wait_until(
+        "the address taken by a new PU",
+        Duration::from_secs(40),
+        || {
+            lab.ctl_ok(&["get", "pus"])
+                .contains(&format!("/acme/shop:eve  ips {web_ip}"))
+        },
+    );
+}

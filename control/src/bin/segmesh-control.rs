@@ -49,6 +49,10 @@ struct Cli {
     /// Follow the cluster the console runs in (its service account's token and CA).
     #[arg(long, env = "SEGMESH_KUBERNETES_IN_CLUSTER")]
     kubernetes_in_cluster: bool,
+    /// How long a PU stays registered after its enforcer last watched or renewed (its
+    /// addresses are then free for another PU).
+    #[arg(long, default_value = "90s")]
+    pu_lease: humantime::Duration,
     /// How often the cluster's watches start over with a full list (repairs drift).
     #[arg(long, default_value = "10m")]
     kubernetes_resync: humantime::Duration,
@@ -99,6 +103,10 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("--cert-ttl must be between 5s and 30d");
     }
     console.cert_ttl = *cli.cert_ttl;
+    if *cli.pu_lease < Duration::from_secs(2) {
+        anyhow::bail!("--pu-lease must be at least 2s");
+    }
+    console.lease = *cli.pu_lease;
     if fresh {
         let token = console.create_token(None, "admin", Role::Editor, &NamespacePath::root())?;
         write_private(&cli.data_dir.join("admin.token"), &format!("{token}\n"))?;

@@ -176,6 +176,10 @@ enum Command {
         /// with; repeatable.
         #[arg(long = "allow-tag")]
         allow_tags: Vec<String>,
+        /// For enforcer tokens: PUs may register from an address they do not claim
+        /// (behind NAT); by default a PU registers from one of its own addresses.
+        #[arg(long)]
+        any_source: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -713,6 +717,7 @@ fn main() -> ExitCode {
             role,
             namespace,
             allow_tags,
+            any_source,
             remote: r,
         } => {
             let role = match role {
@@ -720,7 +725,7 @@ fn main() -> ExitCode {
                 RoleArg::Editor => "editor",
                 RoleArg::Enforcer => "enforcer",
             };
-            let body = serde_json::json!({"name": name, "role": role, "namespace": namespace, "allowed_tags": allow_tags});
+            let body = serde_json::json!({"name": name, "role": role, "namespace": namespace, "allowed_tags": allow_tags, "any_source": any_source});
             remote(&r, "POST", "/v1/tokens", Some(body), |v| {
                 println!("{}", v["token"].as_str().unwrap_or(""))
             })

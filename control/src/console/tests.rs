@@ -312,12 +312,17 @@ fn registration_certifies_only_recorded_tags() {
     ));
     assert_eq!(f.console.store.pus().unwrap().len(), 1);
 
-    // Renewals go through the same path; deleting the PU stops them.
+    // A live PU is not registered again with a token (only its certificate renews it);
+    // deleting the PU stops renewals.
     let renew = Registration {
         renew: true,
         ..req("web", "/acme/shop", &["app=web"])
     };
-    f.console.register(&boot, &ca, &renew).unwrap();
+    assert!(matches!(
+        f.console
+            .register(&boot, &ca, &req("web", "/acme/shop", &["app=web"])),
+        Err(ConsoleError::Conflict(_))
+    ));
     // With the current certificate instead of the token: the recorded tags, whatever
     // the request claims; only for the PU the certificate names.
     let greedy = Registration {

@@ -48,6 +48,7 @@ pub fn contract(s: &dyn Store) {
         role: Role::Viewer,
         namespace: "/a".into(),
         allowed_tags: vec![],
+        any_source: false,
     };
     s.put_token("h1", &t, ("admin", "token", "ci")).unwrap();
     assert_eq!(s.token("h1").unwrap(), Some(t.clone()));

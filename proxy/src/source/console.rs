@@ -319,10 +319,13 @@ fn authenticated(client: &Client, st: &Mutex<State>) -> Option<Arc<Client>> {
 }
 
 /// Obtains and renews the certificate: at start (retrying until the console answers),
-/// then at 2/3 of each certificate's life. A renewal refused because the PU was deleted
-/// (410) ends renewals.
+/// then at 2/3 of each certificate's life. At start a valid cached certificate renews
+/// itself (the console lets only the PU's current certificate re-register a live PU);
+/// if the console refuses that, the bootstrap token registers anew. A renewal refused
+/// because the PU was deleted (410) ends renewals.
 async fn identity_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<State>>) {
-    let mut renew = false;
+    let mut renew = st.lock().expect("lock poisoned").identity.is_some();
+    let mut started = false;
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         match register(&client, &st, renew).await {
@@ -330,6 +333,7 @@ async fn identity_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<S
                 count(&shared, "ok");
                 backoff.succeed();
                 renew = true;
+                started = true;
                 let renew_at = id.renew_at;
                 {
                     let mut g = st.lock().expect("lock poisoned");
@@ -344,6 +348,11 @@ async fn identity_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<S
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();
                 tokio::time::sleep(wait).await;
+            }
+            Err(e @ CallError::Status { .. }) if renew && !started => {
+                count(&shared, "error");
+                tracing::warn!(error = %e, "the cached certificate cannot renew itself; registering with the bootstrap token");
+                renew = false;
             }
             Err(e @ CallError::Status { status: 410, .. }) => {
                 count(&shared, "error");

@@ -381,7 +381,8 @@ impl Engine {
                 let cand = Cand {
                     peer_hint,
                     policy: pi as u32,
-                    clause: u16::try_from(ci).expect("fewer than 65536 clauses in a selector"),
+                    // PolicySet::new bounds clauses to limits::MAX_CLAUSES (< u16::MAX).
+                    clause: u16::try_from(ci).unwrap_or(u16::MAX),
                     propagate: p.propagate,
                     ns: p.ns,
                     port_lo,

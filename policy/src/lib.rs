@@ -9,6 +9,7 @@
 //! - [`network`]: external networks (CIDRs, IPs, domain names).
 //! - [`policy`]: network policies (action, mode, tier, staged, encrypt, log).
 //! - [`set`]: a validated, deterministically ordered set of all of the above.
+//! - [`limits`]: bounds on every size the engine depends on.
 //! - [`load`]: YAML documents to a set, with file:line:col diagnostics.
 //! - [`decision`]: the inputs and the result of one enforcer's decision.
 //! - [`engine`]: the compiled, indexed evaluator enforcers use.
@@ -19,6 +20,7 @@
 pub mod decision;
 pub mod engine;
 pub mod explain;
+pub mod limits;
 pub mod load;
 pub mod naive;
 pub mod namespace;

@@ -62,6 +62,15 @@ pub fn load(sources: &[Source<'_>]) -> Result<Loaded, LoadError> {
         let first = l.diagnostics.len();
         match yaml::parse(src.text) {
             Err(e) => l.err(e.pos, None, format!("YAML syntax error: {}", e.message)),
+            Ok(docs) if docs.len() > crate::limits::MAX_DOCUMENTS => l.err(
+                Pos { line: 1, column: 1 },
+                None,
+                format!(
+                    "{} documents; a load has at most {}",
+                    docs.len(),
+                    crate::limits::MAX_DOCUMENTS
+                ),
+            ),
             Ok(docs) => {
                 for (doc, _) in docs {
                     if !doc.is_null() {
@@ -292,6 +301,18 @@ impl Loader {
 
     fn tags(&mut self, node: &Node, field: &str) -> Option<TagSet> {
         let items = self.seq(node, field, "tags (`key=value`)")?;
+        if items.len() > crate::limits::MAX_TAGS {
+            self.err(
+                node.pos,
+                Some(field),
+                format!(
+                    "{} tags; a list has at most {}",
+                    items.len(),
+                    crate::limits::MAX_TAGS
+                ),
+            );
+            return None;
+        }
         let mut out = TagSet::new();
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
@@ -321,6 +342,18 @@ impl Loader {
             self.err(node.pos, Some(field), "an empty selector matches nothing");
             return None;
         }
+        if clauses.len() > crate::limits::MAX_CLAUSES {
+            self.err(
+                node.pos,
+                Some(field),
+                format!(
+                    "{} clauses; a selector has at most {}",
+                    clauses.len(),
+                    crate::limits::MAX_CLAUSES
+                ),
+            );
+            return None;
+        }
         for (i, clause) in clauses.iter().enumerate() {
             let path = format!("{field}[{i}]");
             let Kind::Seq(patterns) = &clause.kind else {
@@ -340,6 +373,19 @@ impl Loader {
                     clause.pos,
                     Some(&path),
                     "an empty clause would match everything; list at least one tag (`key=*` matches any value)",
+                );
+                ok = false;
+                continue;
+            }
+            if patterns.len() > crate::limits::MAX_CLAUSE_TAGS {
+                self.err(
+                    clause.pos,
+                    Some(&path),
+                    format!(
+                        "{} tags; a clause has at most {}",
+                        patterns.len(),
+                        crate::limits::MAX_CLAUSE_TAGS
+                    ),
                 );
                 ok = false;
                 continue;
@@ -368,6 +414,18 @@ impl Loader {
 
     fn port_specs(&mut self, node: &Node, field: &str) -> Option<Vec<PortSpec>> {
         let items = self.seq(node, field, "ports (`tcp/N`, `tcp/N-M`, `any`)")?;
+        if items.len() > crate::limits::MAX_PORTS {
+            self.err(
+                node.pos,
+                Some(field),
+                format!(
+                    "{} ports; a list has at most {}",
+                    items.len(),
+                    crate::limits::MAX_PORTS
+                ),
+            );
+            return None;
+        }
         let mut out = Vec::new();
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
@@ -610,7 +668,24 @@ impl Loader {
         };
         let mut entries = Vec::new();
         if let Some(node) = self.required(&f, "entries") {
-            if let Some(items) = self.seq(node, "entries", "CIDRs, IPs, domain names or ports") {
+            if let Some(items) = self
+                .seq(node, "entries", "CIDRs, IPs, domain names or ports")
+                .filter(|items| {
+                    let ok = items.len() <= crate::limits::MAX_ENTRIES;
+                    if !ok {
+                        self.err(
+                            node.pos,
+                            Some("entries"),
+                            format!(
+                                "{} entries; an external network has at most {}",
+                                items.len(),
+                                crate::limits::MAX_ENTRIES
+                            ),
+                        );
+                    }
+                    ok
+                })
+            {
                 if items.is_empty() {
                     self.err(
                         node.pos,
@@ -1286,8 +1361,24 @@ impl Loader {
             })
             .collect();
         let externals = self.externals.into_iter().map(|(e, _)| e).collect();
-        let set = PolicySet::new(policies, externals, namespaces.into_values().collect())
-            .expect("duplicates were checked above");
+        let set = match PolicySet::new(policies, externals, namespaces.into_values().collect()) {
+            Ok(s) => s,
+            // Duplicates and per-document sizes were checked above with positions; what
+            // remains is the whole set's size.
+            Err(e) => {
+                return Err(LoadError {
+                    diagnostics: vec![Diagnostic {
+                        location: Location {
+                            file: self.file.clone(),
+                            line: 1,
+                            column: 1,
+                        },
+                        field: None,
+                        message: e.to_string(),
+                    }],
+                });
+            }
+        };
         let mut services: Vec<Service> = self.services.into_iter().map(|(s, _)| s).collect();
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         Ok(Loaded {

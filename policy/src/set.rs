@@ -24,6 +24,41 @@ pub enum SetError {
     DuplicateNamespace(NamespacePath),
     #[error("more than {} policies", u32::MAX)]
     TooMany,
+    /// A size beyond [`crate::limits`].
+    #[error("{0}")]
+    Bound(String),
+}
+
+/// Checks one policy or network against [`crate::limits`].
+fn bounded(
+    what: &str,
+    selectors: &[(&str, &crate::Selector)],
+    ports: &crate::Ports,
+) -> Result<(), SetError> {
+    use crate::limits::*;
+    for (side, s) in selectors {
+        if s.0.len() > MAX_CLAUSES {
+            return Err(SetError::Bound(format!(
+                "{what}: {side} has {} clauses (at most {MAX_CLAUSES})",
+                s.0.len()
+            )));
+        }
+        if let Some(c) = s.0.iter().find(|c| c.len() > MAX_CLAUSE_TAGS) {
+            return Err(SetError::Bound(format!(
+                "{what}: a clause of {side} has {} tags (at most {MAX_CLAUSE_TAGS})",
+                c.len()
+            )));
+        }
+    }
+    if let crate::Ports::Ranges(r) = ports {
+        if r.len() > MAX_PORTS {
+            return Err(SetError::Bound(format!(
+                "{what}: {} port ranges (at most {MAX_PORTS})",
+                r.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Policies sorted by (namespace, name), so a [`PolicyId`] and every decision are
@@ -41,8 +76,34 @@ impl PolicySet {
         mut externals: Vec<ExternalNetwork>,
         namespaces: Vec<Namespace>,
     ) -> Result<Self, SetError> {
+        use crate::limits::*;
         if u32::try_from(policies.len()).is_err() {
             return Err(SetError::TooMany);
+        }
+        if policies.len() > MAX_POLICIES || externals.len() > MAX_POLICIES {
+            return Err(SetError::Bound(format!(
+                "{} policies and {} external networks (at most {MAX_POLICIES} each)",
+                policies.len(),
+                externals.len()
+            )));
+        }
+        for p in &policies {
+            bounded(
+                &format!("policy {}", p.qualified_name()),
+                &[("subject", &p.subject), ("object", &p.object)],
+                &p.ports,
+            )?;
+        }
+        for e in &externals {
+            let what = format!("external network {}:{}", e.namespace, e.name);
+            bounded(&what, &[], &e.ports)?;
+            if e.entries.len() > MAX_ENTRIES || e.tags.len() > MAX_TAGS {
+                return Err(SetError::Bound(format!(
+                    "{what}: {} entries and {} tags (at most {MAX_ENTRIES} and {MAX_TAGS})",
+                    e.entries.len(),
+                    e.tags.len()
+                )));
+            }
         }
         policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         if let Some(w) = policies

@@ -398,3 +398,40 @@ fn test_cases_are_validated() {
         "not an IP address",
     );
 }
+
+/// The attack: a 65,537-clause selector (it used to pass validation and panic
+/// compilation) is a validation error at its position; so are the other bounds.
+#[test]
+fn sizes_are_bounded() {
+    let clauses = vec!["[a=1]"; 65_537].join(", ");
+    let yaml = format!(
+        "kind: NetworkPolicy\nname: big\naction: Allow\nmode: Bidirectional\nsubject: [{clauses}]\nobject: [[b=1]]\n"
+    );
+    assert_one(
+        &yaml,
+        "5:10",
+        "subject",
+        "65537 clauses; a selector has at most 256",
+    );
+    let tags = (0..65)
+        .map(|i| format!("t{i}=1"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let yaml = format!(
+        "kind: NetworkPolicy\nname: wide\naction: Allow\nmode: Bidirectional\nsubject: [[{tags}]]\nobject: [[b=1]]\n"
+    );
+    assert_one(
+        &yaml,
+        "5:11",
+        "subject[0]",
+        "65 tags; a clause has at most 64",
+    );
+    let ports = (1..=1025)
+        .map(|p| format!("tcp/{p}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let yaml = format!(
+        "kind: NetworkPolicy\nname: ports\naction: Allow\nmode: Bidirectional\nsubject: [[a=1]]\nobject: [[b=1]]\nports: [{ports}]\n"
+    );
+    assert_one(&yaml, "7:8", "ports", "1025 ports; a list has at most 1024");
+}

@@ -264,3 +264,60 @@ proptest! {
         }
     }
 }
+
+/// Large selectors, up to and beyond the bounds.
+fn big_selector() -> impl Strategy<Value = Selector> {
+    (1usize..400, 1usize..80).prop_map(|(clauses, tags)| {
+        Selector(
+            (0..clauses)
+                .map(|i| {
+                    (0..tags)
+                        .map(|j| format!("k{}=v{}", (i + j) % 97, j % 7).parse().unwrap())
+                        .collect()
+                })
+                .collect(),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Whatever the sizes, a set is either refused with a precise bound error or it
+    /// compiles and decides; nothing panics.
+    #[test]
+    fn large_sets_are_refused_or_compile(subject in big_selector(), object in big_selector(), n in 1usize..30) {
+        let base = NetworkPolicy {
+            name: String::new(),
+            namespace: NamespacePath::root(),
+            action: Action::Allow,
+            mode: Mode::Bidirectional,
+            subject: subject.clone(),
+            object: object.clone(),
+            ports: Ports::Any,
+            tier: Tier::Application,
+            propagate: true,
+            enforce: true,
+            encrypt: false,
+            log: false,
+            origin: None,
+        };
+        let policies: Vec<_> = (0..n).map(|i| NetworkPolicy { name: format!("p{i}"), ..base.clone() }).collect();
+        let within = |s: &Selector| s.0.len() <= segmesh_policy::limits::MAX_CLAUSES
+            && s.0.iter().all(|c| c.len() <= segmesh_policy::limits::MAX_CLAUSE_TAGS);
+        match PolicySet::new(policies, vec![], vec![]) {
+            Ok(set) => {
+                prop_assert!(within(&subject) && within(&object));
+                let engine = Engine::compile(set);
+                let pu = Pu::with_automatic_tags(NamespacePath::root(), TagSet::parse(["k1=v1"]).unwrap());
+                let prepared = engine.prepare_pu(&pu);
+                let peer = engine.prepare_peer(&Peer::Pu(TagSet::parse(["k2=v1"]).unwrap()));
+                let _ = engine.decide(Direction::Outgoing, &prepared, &peer, FlowPort::tcp(80));
+            }
+            Err(e) => {
+                prop_assert!(!(within(&subject) && within(&object)), "refused within bounds: {}", e);
+                prop_assert!(e.to_string().contains("at most"), "{}", e);
+            }
+        }
+    }
+}

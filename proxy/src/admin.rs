@@ -56,7 +56,15 @@ async fn handle(
         "/healthz" => text(StatusCode::OK, plain, "ok\n".into()),
         "/ready" => {
             if shared.is_ready() {
-                text(StatusCode::OK, plain, "ready\n".into())
+                let body = match shared.rejection() {
+                    // Still ready: the previous snapshot is enforced.
+                    Some(why) => format!(
+                        "ready (enforcing {}; the newest snapshot is unusable: {why})\n",
+                        shared.snapshot().version
+                    ),
+                    None => "ready\n".into(),
+                };
+                text(StatusCode::OK, plain, body)
             } else if shared.is_draining() {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,

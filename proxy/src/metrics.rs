@@ -98,6 +98,7 @@ pub struct Metrics {
     pub udp_bytes: Counter,
     pub udp_dropped: Counter,
     pub registry_conflicts: Gauge,
+    pub snapshot_rejected: Gauge,
 }
 
 impl Default for Metrics {
@@ -127,6 +128,7 @@ impl Default for Metrics {
             udp_bytes: Counter::default(),
             udp_dropped: Counter::default(),
             registry_conflicts: Gauge::default(),
+            snapshot_rejected: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -238,6 +240,11 @@ impl Default for Metrics {
             "registry_conflicts",
             "Addresses the enforced snapshot's registry gives to more than one PU (skipped: no PU is reachable there)",
             m.registry_conflicts.clone(),
+        );
+        registry.register(
+            "snapshot_rejected",
+            "1 while the newest snapshot offered cannot be built (the previous one is enforced; /ready says why)",
+            m.snapshot_rejected.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -45,6 +45,9 @@ pub struct Shared {
     idle: Notify,
     /// Set when the enforcer starts shutting down.
     draining: watch::Sender<bool>,
+    /// Why the newest snapshot offered could not be built (the previous one is
+    /// enforced meanwhile); None once a snapshot is installed.
+    rejected: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -63,8 +66,22 @@ impl Shared {
             active: AtomicUsize::new(0),
             idle: Notify::new(),
             draining: watch::channel(false).0,
+            rejected: std::sync::Mutex::new(None),
             settings,
         }
+    }
+
+    /// The newest snapshot offered was unusable (`why`): the previous one stays in force.
+    pub fn rejected(&self, why: String) {
+        tracing::warn!(error = %why, "snapshot unusable; still enforcing the previous one");
+        self.reloaded("error");
+        self.metrics.snapshot_rejected.set(1);
+        *self.rejected.lock().expect("lock poisoned") = Some(why);
+    }
+
+    /// Why the newest snapshot offered is not enforced, if it is not.
+    pub fn rejection(&self) -> Option<String> {
+        self.rejected.lock().expect("lock poisoned").clone()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -149,6 +166,8 @@ impl Shared {
             .set(s.registry_conflicts.len() as i64);
         let s = Arc::new(s);
         *self.snapshot.write().expect("lock poisoned") = s.clone();
+        *self.rejected.lock().expect("lock poisoned") = None;
+        self.metrics.snapshot_rejected.set(0);
         self.reloaded("ok");
         if self.settings.recheck_open {
             // Inbound UDP sessions are the kernel's tracked flows (see `queued`).

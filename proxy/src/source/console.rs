@@ -69,6 +69,8 @@ pub struct State {
     cfg: ConsoleConfig,
     snapshot: Option<segmesh_api::Snapshot>,
     identity: Option<Identity>,
+    /// The newest revision the console offered (taken or found unusable).
+    seen: Option<u64>,
     /// Tags from the cache, until a registration answers.
     cached_tags: Option<Vec<String>>,
     /// The console client authenticated by `identity`, built once per certificate (by
@@ -137,6 +139,7 @@ impl State {
             cfg: cfg.clone(),
             snapshot: None,
             identity: None,
+            seen: None,
             cached_tags: None,
             cert_client: None,
         };
@@ -215,9 +218,39 @@ fn install(shared: &Shared, st: &State, why: &str) {
     match st.build("console") {
         None => {}
         Some(Ok(s)) => shared.install(s, why),
-        Some(Err(e)) => {
-            shared.reloaded("error");
-            tracing::warn!(error = %e, "the console's snapshot is unusable; still enforcing the previous one")
+        Some(Err(e)) => shared.rejected(format!("the console's snapshot: {e}")),
+    }
+}
+
+/// Takes `s` from the console if it can be built: then it is cached and enforced. One
+/// that cannot is neither (the previous one stays in force and in the cache, so a
+/// restart does not fail closed on it); the next watch asks for what follows it.
+fn take(shared: &Shared, g: &mut State, s: segmesh_api::Snapshot) {
+    let revision = s.revision;
+    g.seen = Some(revision);
+    let previous = g.snapshot.replace(s);
+    let built = match g.build("console") {
+        Some(r) => r.map(Some),
+        // Before the first certificate (no tags of our own yet): the policies must
+        // still compile.
+        None => {
+            let snap = g.snapshot.as_ref().expect("just set");
+            Snapshot::from_console(&g.pu.name, &g.pu.namespace, &[], snap, None, "check")
+                .map(|_| None)
+        }
+    };
+    match built {
+        Ok(snap) => {
+            if let Err(e) = g.save() {
+                tracing::warn!(error = %e, "cannot write the snapshot cache");
+            }
+            if let Some(snap) = snap {
+                shared.install(snap, &format!("console revision {revision}"));
+            }
+        }
+        Err(e) => {
+            g.snapshot = previous;
+            shared.rejected(format!("the console's revision {revision}: {e}"));
         }
     }
 }
@@ -383,12 +416,10 @@ async fn watch_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<Stat
     let mut last_full = Instant::now();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
     loop {
-        let since = st
-            .lock()
-            .expect("lock poisoned")
-            .snapshot
-            .as_ref()
-            .map(|s| s.revision);
+        let since = {
+            let g = st.lock().expect("lock poisoned");
+            g.seen.or(g.snapshot.as_ref().map(|s| s.revision))
+        };
         // Without a snapshot, or at the re-poll interval: a plain fetch, answered at once.
         let full = since.is_none() || last_full.elapsed() >= repoll;
         let wait = WATCH_WAIT.min(repoll);
@@ -417,13 +448,10 @@ async fn watch_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<Stat
                     last_full = Instant::now();
                 }
                 let mut g = st.lock().expect("lock poisoned");
-                if g.snapshot.as_ref() != Some(&s) {
-                    let revision = s.revision;
-                    g.snapshot = Some(s);
-                    if let Err(e) = g.save() {
-                        tracing::warn!(error = %e, "cannot write the snapshot cache");
-                    }
-                    install(&shared, &g, &format!("console revision {revision}"));
+                if g.snapshot.as_ref() != Some(&s) && g.seen != Some(s.revision) {
+                    take(&shared, &mut g, s);
+                } else {
+                    g.seen = Some(s.revision);
                 }
             }
             Err(e) => {
@@ -530,4 +558,81 @@ pub fn spawn(
         tokio::spawn(watch_loop(shared.clone(), client.clone(), st.clone())),
         tokio::spawn(flow_loop(shared, client, st, pu, flows)),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use crate::sink::{FlowLog, Sinks};
+
+    fn wire(revision: u64, clauses: usize) -> segmesh_api::Snapshot {
+        let loaded = segmesh_policy::load(&[segmesh_policy::Source {
+            name: "p.yaml",
+            text: "kind: NetworkPolicy\nname: p\nnamespace: /acme\naction: Allow\nmode: Bidirectional\nsubject: [[app=web]]\nobject: [[app=api]]\n",
+        }])
+        .unwrap();
+        let mut p = loaded.set.policies()[0].clone();
+        p.subject = segmesh_policy::Selector(vec![vec!["app=web".parse().unwrap()]; clauses]);
+        segmesh_api::Snapshot {
+            revision,
+            version: revision,
+            policies: vec![p],
+            externals: Vec::new(),
+            namespaces: Vec::new(),
+            registry: Vec::new(),
+            services: Vec::new(),
+        }
+    }
+
+    /// The attack: a snapshot whose selector has 65,537 clauses. It is refused (no
+    /// panic), the previous one stays enforced and cached, `/ready` has the reason, and
+    /// a restart from the cache enforces the previous one (not fail-closed).
+    #[test]
+    fn an_unbuildable_snapshot_is_neither_enforced_nor_cached() {
+        let dir = std::env::temp_dir().join(format!("segmesh-take-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let pu = PuConfig {
+            name: "web".into(),
+            namespace: "/acme".into(),
+            tags: vec!["app=web".into()],
+        };
+        let cfg = ConsoleConfig {
+            url: "https://127.0.0.1:1".into(),
+            ca: dir.join("ca.crt"),
+            bootstrap_token: "t".into(),
+            state_dir: dir.clone(),
+            ips: Vec::new(),
+            repoll: Duration::from_secs(600),
+        };
+        let shared = Shared::new(
+            Settings::default(),
+            Snapshot::fail_closed(),
+            Sinks::new(FlowLog::open(None).unwrap(), None),
+        );
+        let mut st = State::load(&pu, &cfg);
+        st.cached_tags = Some(vec!["app=web".into()]);
+        take(&shared, &mut st, wire(1, 1));
+        assert!(shared.snapshot().version.contains("revision 1"));
+        assert_eq!(shared.rejection(), None);
+        take(&shared, &mut st, wire(2, 65_537));
+        assert!(
+            shared.snapshot().version.contains("revision 1"),
+            "the previous one"
+        );
+        let why = shared.rejection().expect("a reason");
+        assert!(why.contains("65537 clauses (at most 256)"), "{why}");
+        assert_eq!(shared.metrics.snapshot_rejected.get(), 1);
+        assert_eq!(st.seen, Some(2), "the next watch asks for what follows it");
+        let again = State::load(&pu, &cfg);
+        assert_eq!(
+            again.snapshot.map(|s| s.revision),
+            Some(1),
+            "the cache keeps revision 1"
+        );
+        take(&shared, &mut st, wire(3, 2));
+        assert!(shared.snapshot().version.contains("revision 3"));
+        assert_eq!(shared.rejection(), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

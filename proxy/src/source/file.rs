@@ -38,8 +38,7 @@ pub(crate) fn reload(shared: &Shared, path: &std::path::Path, why: &str) -> bool
             true
         }
         Err(e) => {
-            tracing::warn!(error = %e, reason = why, "configuration rejected; still enforcing the previous one");
-            shared.reloaded("error");
+            shared.rejected(format!("the configuration ({why}): {e}"));
             false
         }
     }

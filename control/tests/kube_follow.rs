@@ -424,7 +424,7 @@ async fn the_console_follows_services_endpoints_and_pods() {
     assert!(!issued.tags.contains(&"app=db".to_owned()));
     assert_eq!(issued.dropped, vec!["app=db", "role=admin"]);
     assert!(matches!(
-        console.register(&boot, &ca, &req("api-1", "10.0.0.99", &[])),
+        console.register(&boot, &ca, &req("api-2", "10.0.0.99", &[])),
         Err(ConsoleError::Forbidden(_))
     ));
     assert!(matches!(

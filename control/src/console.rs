@@ -334,6 +334,7 @@ impl<S: Store> Console<S> {
                 )));
             }
         }
+        self.name_free(name, namespace)?;
         let token = new_token();
         let who = by.map_or("console", |c| c.name.as_str());
         let rec = TokenRecord {
@@ -351,10 +352,27 @@ impl<S: Store> Console<S> {
         Ok(token)
     }
 
-    /// Revokes every token named `name` (API or bootstrap). Needs editor rights on each
-    /// token's namespace; the token making the call cannot revoke itself. Enforcers
-    /// registered with a revoked bootstrap token keep working with their certificates;
-    /// no new PU registers with it.
+    /// A token name is unique within its namespace.
+    fn name_free(&self, name: &str, namespace: &NamespacePath) -> Result<(), ConsoleError> {
+        let ns = namespace.to_string();
+        if self
+            .store
+            .tokens()?
+            .iter()
+            .any(|(_, t)| t.name == name && t.namespace == ns)
+        {
+            return Err(ConsoleError::Conflict(format!(
+                "a token named {name} exists in {namespace}; revoke it or choose another name"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Revokes the tokens named `name` (API or bootstrap) in the namespaces the caller
+    /// edits (names are unique per namespace; a same-named token elsewhere is not the
+    /// caller's and neither blocks nor is touched); the token making the call cannot
+    /// revoke itself. Enforcers registered with a revoked bootstrap token keep working
+    /// with their certificates; no new PU registers with it.
     pub fn revoke_token(
         &self,
         caller: &Caller,
@@ -366,7 +384,12 @@ impl<S: Store> Console<S> {
             .store
             .tokens()?
             .into_iter()
-            .filter(|(_, t)| t.name == name)
+            .filter(|(_, t)| {
+                t.name == name
+                    && t.namespace
+                        .parse::<NamespacePath>()
+                        .is_ok_and(|ns| caller.can_edit(&ns))
+            })
             .collect();
         if named.is_empty() {
             return Err(ConsoleError::NotFound {
@@ -375,14 +398,7 @@ impl<S: Store> Console<S> {
                 name: name.into(),
             });
         }
-        for (hash, t) in &named {
-            let ns: NamespacePath = t.namespace.parse()?;
-            if !caller.can_edit(&ns) {
-                return Err(ConsoleError::Forbidden(format!(
-                    "{} may not revoke tokens for {ns}",
-                    caller.name
-                )));
-            }
+        for (hash, _) in &named {
             if *hash == own {
                 return Err(ConsoleError::Forbidden(
                     "a token cannot revoke itself".into(),
@@ -450,6 +466,7 @@ impl<S: Store> Console<S> {
             p.parse::<TagPattern>()
                 .map_err(|e| ConsoleError::Forbidden(format!("bad tag pattern: {e}")))?;
         }
+        self.name_free(name, namespace)?;
         let token = new_token();
         let rec = TokenRecord {
             name: name.into(),
@@ -1016,29 +1033,27 @@ impl<S: Store> Console<S> {
         }
     }
 
-    /// Stores flow records reported by the enforcer of `pu` (`<namespace>:<name>`),
-    /// authenticated by a token that may watch its namespace.
-    pub fn report_flows(
-        &self,
-        token: &str,
-        pu: &str,
-        records: Vec<segmesh_api::FlowRecord>,
-    ) -> Result<usize, ConsoleError> {
-        let (ns, _) = pu
-            .rsplit_once(':')
-            .ok_or_else(|| ConsoleError::Forbidden(format!("`{pu}` is not <namespace>:<name>")))?;
-        self.may_watch(token, &ns.parse()?)?;
-        self.store_flows(pu, records)
-    }
-
-    /// Stores flow records of `pu`, its reporter already authenticated.
+    /// Stores the flow records the enforcer of `pu` reports, `pu` taken from its
+    /// certificate (the server accepts reports only with one): each record is stamped
+    /// with it as the reporter, and only records about `pu` itself (its end of the
+    /// flow: the source of an outgoing flow, the destination of an incoming one) are
+    /// kept. Returns (stored, refused).
     pub fn store_flows(
         &self,
         pu: &str,
         records: Vec<segmesh_api::FlowRecord>,
-    ) -> Result<usize, ConsoleError> {
+    ) -> Result<(usize, usize), ConsoleError> {
         let received_at =
             humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let total = records.len();
+        let own = |r: &segmesh_api::FlowRecord| {
+            let end = match r.direction.as_str() {
+                "outgoing" => &r.source,
+                _ => &r.destination,
+            };
+            end.pu.as_deref() == Some(pu)
+        };
+        let records: Vec<segmesh_api::FlowRecord> = records.into_iter().filter(own).collect();
         let n = records.len();
         let stored: Vec<StoredFlow> = records
             .into_iter()
@@ -1049,7 +1064,7 @@ impl<S: Store> Console<S> {
             })
             .collect();
         self.store.add_flows(&stored, FLOWS_KEPT)?;
-        Ok(n)
+        Ok((n, total - n))
     }
 
     /// Flow records the caller may see (reported by PUs in its subtree), oldest first,

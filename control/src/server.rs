@@ -18,7 +18,7 @@
 //! | `GET /v1/processingunits` (also `/v1/enforcers`) | | the registered PUs (each with its enforcer's registration) the caller may see |
 //! | `DELETE /v1/processingunits/<namespace path>/<name>` | | deletes a PU (leaves every registry; its renewals are refused) |
 //! | `POST /v1/admission` | an `admission.k8s.io/v1` AdmissionReview (no bearer: the Kubernetes API server calls it) | the review's answer: allowed, with a JSON Patch injecting the sidecar |
-//! | `POST /v1/flows?pu=<ns>:<name>` | flow records (bearer: the enforcer's bootstrap token) | `{"stored": N}` |
+//! | `POST /v1/flows?pu=<ns>:<name>` | flow records (the enforcer's certificate, no token; only records about that PU are kept) | `{"stored": N, "refused": M}` |
 //! | `GET /v1/flows?pu=&verdict=&since=&limit=` | | flow records reported by PUs the caller may see, oldest first |
 //! | `GET /v1/documents` | | the live policies, external networks and namespace settings that can apply in the caller's subtree |
 //! | `GET /v1/snapshot?pu=<ns>:<name>&since=R&wait=S` | (bearer: a bootstrap token or an API token covering the namespace) | the PU's [`segmesh_api::Snapshot`]; waits up to `S` seconds (default 30, at most 60) while the revision is not above `R`; at once without `since` |
@@ -280,22 +280,30 @@ async fn route(
         };
     }
     if req.method() == Method::POST && req.uri().path() == "/v1/flows" {
-        // Enforcers report for their PU, with its certificate or their bootstrap token.
+        // Only an enforcer, with its PU's certificate, reports flows (checked before
+        // the body is read); the console keeps only records about that PU.
         let Some(pu) = query(&req, "pu") else {
             return bad("expected ?pu=<namespace path>:<name>");
         };
-        let token = bearer(&req);
+        if !holds(peer.as_deref(), &pu) {
+            return error(ConsoleError::Forbidden(format!(
+                "only the enforcer of {pu}, with its certificate, reports its flows"
+            )));
+        }
         let records: Vec<segmesh_api::FlowRecord> = match body(req).await {
             Ok(r) => r,
             Err(r) => return r,
         };
-        let stored = match token {
-            _ if holds(peer.as_deref(), &pu) => console.store_flows(&pu, records),
-            Some(token) => console.report_flows(&token, &pu, records),
-            None => Err(ConsoleError::Unauthenticated),
-        };
-        return match stored {
-            Ok(n) => json(StatusCode::OK, serde_json::json!({ "stored": n })),
+        return match console.store_flows(&pu, records) {
+            Ok((n, refused)) => {
+                if refused > 0 {
+                    tracing::warn!(%pu, refused, "flow records about other PUs refused");
+                }
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({ "stored": n, "refused": refused }),
+                )
+            }
             Err(e) => error(e),
         };
     }

@@ -533,3 +533,42 @@ fn the_admission_webhook_answers_over_https() {
     );
     assert!(bad.is_err(), "not an AdmissionReview: 400");
 }
+
+/// The attack: a viewer (or any token) reporting flows in a PU's name. Only the PU's
+/// enforcer, with its certificate, may; the refusal comes before the body is read.
+#[test]
+fn only_enforcer_certificates_report_flows() {
+    let c = start("flow-auth");
+    let admin = c.admin();
+    let o = c.ctl(
+        &admin,
+        &[
+            "token",
+            "--name",
+            "v",
+            "--role",
+            "viewer",
+            "--namespace",
+            "/",
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    let viewer = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let ca = c.dir.join("ca/bundle.crt");
+    for token in [viewer, admin] {
+        let client =
+            segmesh_control::client::Client::new(&c.url, &token, ca.to_str().unwrap()).unwrap();
+        let e = client
+            .call(
+                "POST",
+                "/v1/flows?pu=/acme/shop:web",
+                Some(serde_json::json!([])),
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("only the enforcer of /acme/shop:web"),
+            "{e}"
+        );
+    }
+}

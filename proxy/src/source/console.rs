@@ -483,10 +483,11 @@ async fn flow_loop(
         let (client, st, path, shared) = (client.clone(), st.clone(), path.clone(), shared.clone());
         async move {
             let body = serde_json::to_vec(&batch).expect("flow records serialize");
-            let auth = authenticated(&client, &st);
+            // Only our certificate may report flows: before we have one, they wait.
+            let Some(auth) = authenticated(&client, &st) else {
+                return Err(batch);
+            };
             let sent = auth
-                .as_deref()
-                .unwrap_or(&client)
                 .call::<serde_json::Value>("POST", &path, Some(body), Duration::from_secs(10))
                 .await;
             match sent {

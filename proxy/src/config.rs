@@ -113,6 +113,10 @@ pub struct Limits {
     /// Tunnel handshakes in flight (both roles); more are refused. Default 256.
     #[serde(default = "d_handshakes")]
     pub max_handshakes: usize,
+    /// Tunnel handshakes in flight from one source address (server role), so that idle
+    /// connections from one address cannot take everyone's. Default 16.
+    #[serde(default = "d_handshakes_per_source")]
+    pub max_handshakes_per_source: usize,
     /// Pre-established tunnel connections kept per busy peer (0: none). Default 2.
     #[serde(default = "d_pool")]
     pub tunnel_pool: usize,
@@ -141,6 +145,10 @@ fn d_handshakes() -> usize {
     256
 }
 
+fn d_handshakes_per_source() -> usize {
+    16
+}
+
 fn d_max() -> usize {
     16384
 }
@@ -159,6 +167,7 @@ impl Default for Limits {
             connect_timeout: d_connect(),
             handshake_timeout: d_connect(),
             max_handshakes: d_handshakes(),
+            max_handshakes_per_source: d_handshakes_per_source(),
             tunnel_pool: d_pool(),
             max_udp_sessions: d_udp_sessions(),
             udp_idle_timeout: d_udp_idle(),

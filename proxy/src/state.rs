@@ -32,6 +32,8 @@ pub struct Shared {
     pub(crate) permits: Arc<Semaphore>,
     /// Tunnel handshakes in flight (both roles), at most `limits.max_handshakes`.
     pub(crate) handshakes: Arc<Semaphore>,
+    /// Server-side handshakes in flight per source address.
+    pub(crate) handshakes_by_source: Arc<PerSource>,
     pub(crate) pool: Pool,
     pub(crate) open: OpenFlows,
     /// UDP sessions by 5-tuple.
@@ -58,6 +60,9 @@ impl Shared {
             sinks,
             permits: Arc::new(Semaphore::new(settings.limits.max_connections)),
             handshakes: Arc::new(Semaphore::new(settings.limits.max_handshakes)),
+            handshakes_by_source: Arc::new(PerSource::new(
+                settings.limits.max_handshakes_per_source,
+            )),
             pool: Pool::default(),
             open: OpenFlows::default(),
             udp: Default::default(),
@@ -230,5 +235,71 @@ impl Shared {
             .errors
             .get_or_create(&ErrorLabels { kind })
             .inc();
+    }
+}
+
+/// Counts per source address, each at most `max`.
+pub(crate) struct PerSource {
+    counts: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    max: usize,
+}
+
+/// One counted slot of a source; given back when dropped.
+pub(crate) struct SourcePermit {
+    owner: Arc<PerSource>,
+    ip: std::net::IpAddr,
+}
+
+impl PerSource {
+    pub(crate) fn new(max: usize) -> PerSource {
+        PerSource {
+            counts: Default::default(),
+            max,
+        }
+    }
+
+    /// A slot for `ip`, if it has fewer than `max`.
+    pub(crate) fn try_acquire(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourcePermit> {
+        let mut c = self.counts.lock().expect("lock poisoned");
+        let n = c.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourcePermit {
+            owner: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourcePermit {
+    fn drop(&mut self) {
+        let mut c = self.owner.counts.lock().expect("lock poisoned");
+        if let Some(n) = c.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod per_source_tests {
+    use super::*;
+
+    #[test]
+    fn slots_per_source_come_back() {
+        let p = Arc::new(PerSource::new(2));
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let b: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let (x, y) = (p.try_acquire(a).unwrap(), p.try_acquire(a).unwrap());
+        assert!(p.try_acquire(a).is_none(), "a is at its limit");
+        assert!(p.try_acquire(b).is_some(), "b is not");
+        drop(x);
+        assert!(p.try_acquire(a).is_some());
+        drop(y);
+        assert!(p.counts.lock().unwrap().is_empty(), "every slot given back");
     }
 }

@@ -752,3 +752,57 @@ fn netns_tunnel_modes_which_end_checks_what() {
     assert_eq!(staged["staged"][0]["policy"], "/acme/shop:m7-staged");
     assert_eq!(staged["staged"][0]["action"], "allow");
 }
+
+/// The attack: 256 idle connections from one address to a PU's tunnel port, holding
+/// every handshake slot (256) so that no other PU's tunnel could be opened. One address
+/// gets at most 16 handshakes in flight; the rest of its connections are closed at
+/// once (counted, not each recorded), and api's tunnel to db opens.
+#[test]
+fn netns_tunnel_idle_connections_from_one_address_do_not_block_others() {
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("idle-flood", true, "");
+    let (api, db, internet) = (m.host("api"), m.host("db"), m.host("internet"));
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    in_ns(
+        &db,
+        greeter(SocketAddr::new(db.ip4.into(), 5432), seen.clone()),
+    );
+    let tunnel = SocketAddr::new(db.ip4.into(), 15008);
+    let (opened, hold) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let flood = internet.thread(move || {
+        let socks: Vec<std::net::TcpStream> = (0..256)
+            .filter_map(|_| std::net::TcpStream::connect(tunnel).ok())
+            .collect();
+        opened.send(socks.len()).unwrap();
+        // Idle until the test is done.
+        let _ = released.recv_timeout(Duration::from_secs(30));
+        drop(socks);
+    });
+    assert_eq!(
+        hold.recv().unwrap(),
+        256,
+        "the flood's connections were accepted by the kernel"
+    );
+    let target = SocketAddr::new(db.ip4.into(), 5432);
+    assert_eq!(
+        in_ns(&api, attempt(target)).join().unwrap(),
+        Attempt::Greeted,
+        "api's tunnel to db during the flood"
+    );
+    release.send(()).unwrap();
+    flood.join().unwrap();
+    assert!(
+        metric(&db, "segmesh_connection_errors_total{kind=\"Overload\"}") >= 200.0,
+        "the flood's surplus was refused and counted"
+    );
+    // Not one record per refused connection.
+    let records = flow_log(&m.path("db.jsonl"));
+    assert!(
+        records.iter().filter(|r| r["reason"] == "overload").count() == 0,
+        "{} overload records",
+        records.len()
+    );
+}

@@ -59,9 +59,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     let Some(tls) = snap.tls.clone() else {
         return rec.refuse(FlowReason::NoIdentity, server);
     };
+    // Overload refusals are counted, not each recorded (a flood must not flood the
+    // flow log): one address gets a bounded share of the handshakes in flight.
+    let Some(per_source) = shared.handshakes_by_source.try_acquire(from.ip()) else {
+        shared.error(ErrorKind::Overload);
+        return rec.forget();
+    };
     let Ok(handshake) = shared.handshakes.clone().try_acquire_owned() else {
         shared.error(ErrorKind::Overload);
-        return rec.refuse(FlowReason::Overload, server);
+        return rec.forget();
     };
     let limit = shared.settings.limits.handshake_timeout;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
@@ -101,6 +107,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     // the first byte may take up to SERVER_IDLE (the peer is authenticated); the rest
     // of the request is bounded by the handshake timeout.
     drop(handshake);
+    drop(per_source);
     let mut b = [0u8; REQUEST_LEN];
     let first = tokio::time::timeout(SERVER_IDLE, stream.read_exact(&mut b[..1]));
     let first = tokio::select! {

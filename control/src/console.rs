@@ -352,6 +352,13 @@ impl<S: Store> Console<S> {
         Ok(token)
     }
 
+    /// The tag prefixes `ns`'s tokens may certify (the live namespace settings).
+    fn tag_prefixes(&self, ns: &NamespacePath) -> Result<Option<Vec<String>>, ConsoleError> {
+        Ok(self
+            .live()?
+            .and_then(|(_, set)| set.tag_prefixes(ns).map(<[String]>::to_vec)))
+    }
+
     /// A token name is unique within its namespace.
     fn name_free(&self, name: &str, namespace: &NamespacePath) -> Result<(), ConsoleError> {
         let ns = namespace.to_string();
@@ -462,9 +469,19 @@ impl<S: Store> Console<S> {
                 by.name
             )));
         }
+        let prefixes = self.tag_prefixes(namespace)?;
         for p in allowed_tags {
-            p.parse::<TagPattern>()
+            let pattern = p
+                .parse::<TagPattern>()
                 .map_err(|e| ConsoleError::Forbidden(format!("bad tag pattern: {e}")))?;
+            if let Some(prefixes) = &prefixes {
+                if !segmesh_policy::Namespace::key_allowed(prefixes, pattern.key()) {
+                    return Err(ConsoleError::Forbidden(format!(
+                        "`{p}` is outside the tag prefixes {namespace} may certify ({})",
+                        prefixes.join(", ")
+                    )));
+                }
+            }
         }
         self.name_free(name, namespace)?;
         let token = new_token();
@@ -574,11 +591,17 @@ impl<S: Store> Console<S> {
             claimed = labels;
             tags.extend(pod.cluster_tags(k8s_ns));
         }
+        // The namespace's tag prefixes as they are now (they may have narrowed since the
+        // token was made).
+        let prefixes = self.tag_prefixes(&ns)?;
         for t in &claimed {
             let ok = match t.parse::<Tag>() {
                 Ok(tag) if !tag.key().starts_with('$') => {
+                    let within = prefixes
+                        .as_ref()
+                        .is_none_or(|p| segmesh_policy::Namespace::key_allowed(p, tag.key()));
                     let one: TagSet = std::iter::once(tag).collect();
-                    patterns.iter().any(|p| p.matches(&one))
+                    within && patterns.iter().any(|p| p.matches(&one))
                 }
                 _ => false,
             };

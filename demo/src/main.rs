@@ -724,8 +724,8 @@ fn run(d: &mut Demo) -> anyhow::Result<()> {
         &q,
         "kind: NetworkRuleSet\nname: quarantine-api\nnamespace: /acme/shop\ntier: emergency\n\
          subject: [[$name=api]]\n\
-         outgoingRules:\n  - {action: Reject, object: [[$identity=processingunit], [$identity=externalnetwork]], log: true}\n\
-         incomingRules:\n  - {action: Reject, object: [[$identity=processingunit], [$identity=externalnetwork]], log: true}\n",
+         outgoingRules:\n  - {action: Reject, object: [[$identity=processingunit, $namespace=*], [$identity=externalnetwork]], log: true}\n\
+         incomingRules:\n  - {action: Reject, object: [[$identity=processingunit, $namespace=*], [$identity=externalnetwork]], log: true}\n",
     )?;
     ctl(d, &["apply", "-f", q.to_str().context("path")?])?;
     let committed = Instant::now();

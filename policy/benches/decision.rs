@@ -209,6 +209,7 @@ fn generate() -> World {
         path: "/org/t7".parse().unwrap(),
         discovery: Some(true),
         default_tier: None,
+        tag_prefixes: None,
     }];
     let set = PolicySet::new(policies, externals, namespaces).unwrap();
     let mut pus = Vec::with_capacity(PUS);

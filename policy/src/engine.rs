@@ -52,6 +52,10 @@ pub struct Engine {
 pub struct IdSet {
     tags: Vec<u32>,
     keys: Vec<u32>,
+    /// Ids of the namespace its `$namespace` tag names (`/` without one) and of that
+    /// namespace's ancestors, as far as the set mentions them: which policies' subtrees
+    /// a PU peer lives in.
+    ns_within: Vec<u32>,
 }
 
 /// The enforcing PU, prepared once per PU (or per snapshot).
@@ -79,6 +83,9 @@ pub enum PreparedPeer {
 struct Clause {
     exact: Box<[u32]>,
     wild: Box<[u32]>,
+    /// The clause names a peer's namespace (`$namespace=…`): it may match PU peers
+    /// outside the policy's subtree.
+    names_ns: bool,
 }
 
 #[derive(Debug)]
@@ -195,6 +202,14 @@ impl IdSet {
 
     fn any_clause(&self, sel: &[Clause]) -> bool {
         sel.iter().any(|c| self.clause_matches(c))
+    }
+
+    /// As a PU peer of a policy of namespace `ns`: a clause matches only a peer inside
+    /// `ns`'s subtree unless it names the peer's namespace.
+    fn any_clause_within(&self, sel: &[Clause], ns: u32) -> bool {
+        let inside = self.ns_within.contains(&ns);
+        sel.iter()
+            .any(|c| (inside || c.names_ns) && self.clause_matches(c))
     }
 }
 
@@ -330,6 +345,7 @@ impl Engine {
                 Clause {
                     exact: exact.into(),
                     wild: wild.into(),
+                    names_ns: crate::selector::names_namespace(c),
                 }
             })
             .collect()
@@ -405,6 +421,11 @@ impl Engine {
         let mut s = IdSet {
             tags: Vec::with_capacity(tags.len()),
             keys: Vec::with_capacity(tags.len()),
+            ns_within: crate::selector::pu_namespace(tags)
+                .self_and_ancestors()
+                .iter()
+                .filter_map(|n| self.ns_ids.get(n).copied())
+                .collect(),
         };
         for t in tags.iter() {
             if let Some(&id) = self.tag_ids.get(t) {
@@ -497,9 +518,9 @@ impl Engine {
         PreparedPeer::Networks(self.resolve_address(pu, addr, port))
     }
 
-    fn peer_matches(&self, sel: &[Clause], peer: &PreparedPeer) -> bool {
+    fn peer_matches(&self, sel: &[Clause], peer: &PreparedPeer, policy_ns: u32) -> bool {
         match peer {
-            PreparedPeer::Pu(s) => s.any_clause(sel),
+            PreparedPeer::Pu(s) => s.any_clause_within(sel, policy_ns),
             PreparedPeer::Sets(alts) => alts.iter().any(|s| s.any_clause(sel)),
             PreparedPeer::Networks(ids) if ids.is_empty() => self.bare_external.any_clause(sel),
             PreparedPeer::Networks(ids) => ids
@@ -542,7 +563,7 @@ impl Engine {
             Direction::Outgoing => (&p.subject, &p.object),
             Direction::Incoming => (&p.object, &p.subject),
         };
-        pu.set.clause_matches(&own[c.clause as usize]) && self.peer_matches(other, peer)
+        pu.set.clause_matches(&own[c.clause as usize]) && self.peer_matches(other, peer, p.ns)
     }
 
     /// Decides one flow at one enforcer.

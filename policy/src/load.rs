@@ -1061,7 +1061,14 @@ impl Loader {
     }
 
     fn namespace_doc(&mut self, doc: &Node) {
-        const FIELDS: &[&str] = &["kind", "name", "description", "discovery", "defaultTier"];
+        const FIELDS: &[&str] = &[
+            "kind",
+            "name",
+            "description",
+            "discovery",
+            "defaultTier",
+            "tagPrefixes",
+        ];
         let Some(f) = self.fields(doc, "", FIELDS) else {
             return;
         };
@@ -1079,16 +1086,39 @@ impl Loader {
                 self.choice(n, "defaultTier", &options).map(Some).ok_or(())
             }
         };
+        let tag_prefixes = match f.get("tagPrefixes") {
+            None => Some(None),
+            Some(n) => self.seq(n, "tagPrefixes", "tag key prefixes").and_then(|items| {
+                let mut out = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    let path = format!("tagPrefixes[{i}]");
+                    let s = self.scalar(item, &path)?;
+                    if s.is_empty() || s.contains('=') || s.starts_with('$') || s.len() > 253 {
+                        self.err(
+                            item.pos,
+                            Some(&path),
+                            format!("`{s}`: a prefix of tag keys (not empty, no `=`, not an automatic `$` key)"),
+                        );
+                        return None;
+                    }
+                    out.push(s.to_owned());
+                }
+                Some(Some(out))
+            }),
+        };
         if self.diagnostics.len() != before {
             return;
         }
-        if let (Some(path), Ok(default_tier)) = (path, default_tier) {
+        if let (Some(path), Ok(default_tier), Some(tag_prefixes)) =
+            (path, default_tier, tag_prefixes)
+        {
             let loc = self.loc(f.pos);
             self.namespaces.push((
                 Namespace {
                     path,
                     discovery,
                     default_tier,
+                    tag_prefixes,
                 },
                 loc,
             ));

@@ -10,9 +10,11 @@ use crate::ports::FlowPort;
 use crate::selector::Selector;
 use crate::set::PolicySet;
 
-fn peer_matches(sel: &Selector, peer: &Peer) -> bool {
+fn peer_matches(sel: &Selector, peer: &Peer, policy_ns: &crate::NamespacePath) -> bool {
     match peer {
-        Peer::Pu(tags) => sel.matches(tags),
+        // A PU peer only within the policy's subtree, unless the clause names its
+        // namespace (see Selector::matches_pu).
+        Peer::Pu(tags) => sel.matches_pu(tags, policy_ns),
         Peer::External(alts) => sel.matches_any(alts),
     }
 }
@@ -38,7 +40,7 @@ pub fn applies(
         && p.namespace.covers(&own.namespace, p.propagate)
         && p.ports.contains(port)
         && own_side.matches(&own.tags)
-        && peer_matches(peer_side, peer)
+        && peer_matches(peer_side, peer, &p.namespace)
 }
 
 /// Decides one flow at one enforcer by scanning every policy.

@@ -128,6 +128,18 @@ pub struct Namespace {
     /// Tier given to policies of this namespace (and below) that name none.
     /// Default: application.
     pub default_tier: Option<Tier>,
+    /// The tag key prefixes the bootstrap tokens of this namespace (and below, unless
+    /// they declare their own) may certify (`app`, `team:`; a prefix matches keys that
+    /// start with it). None: no limit declared here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_prefixes: Option<Vec<String>>,
+}
+
+impl Namespace {
+    /// Whether a tag key is within `prefixes`.
+    pub fn key_allowed(prefixes: &[String], key: &str) -> bool {
+        prefixes.iter().any(|p| key.starts_with(p.as_str()))
+    }
 }
 
 #[cfg(test)]

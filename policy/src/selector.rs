@@ -29,10 +29,41 @@ impl Selector {
         alternatives.iter().any(|t| self.matches(t))
     }
 
+    /// Whether the selector of a policy of namespace `policy_ns` matches a PU peer with
+    /// `tags`: a clause matches only a peer in `policy_ns` or below, unless the clause
+    /// names the peer's namespace itself (a `$namespace` pattern), the way a Kubernetes
+    /// NetworkPolicy's pod selector stays in its namespace. The peer's namespace is its
+    /// `$namespace` tag (`/` without one).
+    pub fn matches_pu(&self, tags: &TagSet, policy_ns: &crate::NamespacePath) -> bool {
+        let inside = policy_ns.is_ancestor_or_self(&pu_namespace(tags));
+        self.0.iter().any(|clause| {
+            !clause.is_empty()
+                && clause.iter().all(|p| p.matches(tags))
+                && (inside || names_namespace(clause))
+        })
+    }
+
     /// Whether every clause can only ever match external networks.
     pub fn selects_only_external(&self) -> bool {
         !self.0.is_empty() && self.0.iter().all(|c| clause_is_external(c))
     }
+}
+
+/// The key of the automatic tag naming a PU's namespace.
+pub const NAMESPACE_KEY: &str = "$namespace";
+
+/// Whether a clause names a peer's namespace (`$namespace=/acme/lab`, `$namespace=*`):
+/// it then reaches beyond the policy's own subtree.
+pub fn names_namespace(clause: &[TagPattern]) -> bool {
+    clause.iter().any(|p| p.key() == NAMESPACE_KEY)
+}
+
+/// A PU's namespace from its `$namespace` tag (`/` without one).
+pub fn pu_namespace(tags: &TagSet) -> crate::NamespacePath {
+    tags.iter()
+        .find(|t| t.key() == NAMESPACE_KEY)
+        .and_then(|t| t.value().parse().ok())
+        .unwrap_or_else(crate::NamespacePath::root)
 }
 
 /// A clause selects external networks only when it requires `$identity=externalnetwork`

@@ -159,6 +159,22 @@ subject: [[role=kid]]
 object: [[role=kid]]
 ---
 kind: NetworkPolicy
+name: to-other-namespace
+namespace: /org/app/child
+action: Allow
+mode: Outgoing
+subject: [[role=kid]]
+object: [[role=partner, $namespace=/org/other]]
+---
+kind: NetworkPolicy
+name: to-any-namespace
+namespace: /org/app/child
+action: Allow
+mode: Outgoing
+subject: [[role=kid]]
+object: [[role=anyone, $namespace=*]]
+---
+kind: NetworkPolicy
 name: to-internet
 namespace: /org/app
 action: Allow
@@ -485,10 +501,43 @@ fn decision_procedure_table() {
             Outgoing,
             "/org/app/child",
             &["role=kid"],
-            P::Pu(APP, &["role=kid"]),
+            P::Pu("/org/app/child", &["role=kid"]),
             9,
             Allow,
             &["/org/app/child:child-policy"],
+        ),
+        // A selector's PU peers stay in the policy's subtree (tags certified in another
+        // namespace are not trusted by its policies) unless a clause names the peer's
+        // namespace.
+        row(
+            "a peer outside the policy's subtree is not matched by its tags",
+            Outgoing,
+            "/org/app/child",
+            &["role=kid"],
+            P::Pu(APP, &["role=kid"]),
+            9,
+            Reject,
+            &[],
+        ),
+        row(
+            "a clause naming the peer's namespace reaches it",
+            Outgoing,
+            "/org/app/child",
+            &["role=kid"],
+            P::Pu("/org/other", &["role=partner"]),
+            9,
+            Allow,
+            &["/org/app/child:to-other-namespace"],
+        ),
+        row(
+            "`$namespace=*` reaches every namespace",
+            Outgoing,
+            "/org/app/child",
+            &["role=kid"],
+            P::Pu("/org/third", &["role=anyone"]),
+            9,
+            Allow,
+            &["/org/app/child:to-any-namespace"],
         ),
         // Step 2: tiers and reject precedence.
         row(
@@ -863,5 +912,30 @@ fn decisions_do_not_depend_on_load_order() {
             (a.verdict, a.tier, a.encrypt),
             (b.verdict, b.tier, b.encrypt)
         );
+    }
+}
+
+/// The attack the namespace scope closes: a PU of `/acme/lab` whose (lab) token
+/// certified `app=web, env=prod` calls shop's api. `/acme/shop`'s `web-to-api` names those
+/// tags but only for peers of `/acme/shop`: refused, while the shop's own web passes.
+#[test]
+fn tags_certified_in_another_namespace_do_not_satisfy_a_policy() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/three-tier/policies.yaml"
+    ))
+    .unwrap();
+    let engine = Engine::compile(load_str(&text).set);
+    let web = ["app=web", "env=prod"];
+    for (peer_ns, want) in [("/acme/shop", Allow), ("/acme/lab", Reject)] {
+        let d = decide_both(
+            &engine,
+            Incoming,
+            "/acme/shop",
+            &["app=api", "env=prod"],
+            P::Pu(peer_ns, &web),
+            8080,
+        );
+        assert_eq!(d.verdict, want, "web's tags from {peer_ns}: {d:?}");
     }
 }

@@ -25,6 +25,8 @@ const PATTERNS: &[&str] = &[
     "ext:name=n1",
     "zone=z",
     "$namespace=/x",
+    "$namespace=/x/y",
+    "$namespace=*",
 ];
 const TAGS: &[&str] = &["a=1", "a=2", "a=3", "b=1", "b=2", "c=1", "zone=z", "d=9"];
 const ENTRIES: &[&str] = &[
@@ -200,6 +202,7 @@ fn set() -> impl Strategy<Value = PolicySet> {
                     path,
                     discovery,
                     default_tier,
+                    tag_prefixes: None,
                 })
                 .collect();
             PolicySet::new(policies, externals, namespaces).unwrap()

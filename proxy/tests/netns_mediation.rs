@@ -333,7 +333,7 @@ namespace: /lab
 action: Reject
 mode: Outgoing
 subject: [[state=quarantined]]
-object: [[$identity=processingunit], [$identity=externalnetwork]]
+object: [[$identity=processingunit, $namespace=*], [$identity=externalnetwork]]
 tier: emergency
 log: true
 "#,

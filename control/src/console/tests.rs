@@ -652,3 +652,57 @@ fn services_are_resolved_for_enforcers() {
         vec!["Service /acme/shop:db"]
     );
 }
+
+/// Namespaces declare the tag prefixes their tokens may certify: a token cannot allow
+/// more, and a registration is certified only within the prefixes as they are now.
+#[test]
+fn tokens_stay_within_their_namespace_tag_prefixes() {
+    use segmesh_identity::{KeyAlgorithm, WorkloadKey};
+    let f = fixture("prefixes");
+    let ca = Ca::new_root("segmesh.local", KeyAlgorithm::EcdsaP256).unwrap();
+    let ns = "kind: Namespace\nname: /acme/shop\ntagPrefixes: [app, env]\n";
+    f.console.apply(&f.admin, &[src("ns.yaml", ns)]).unwrap();
+    f.console.commit(&f.admin).unwrap();
+    let shop: NamespacePath = "/acme/shop".parse().unwrap();
+    assert!(matches!(
+        f.console
+            .create_bootstrap_token(&f.admin, "wide", &shop, &["role=*".into()]),
+        Err(ConsoleError::Forbidden(_))
+    ));
+    // Below /acme/shop the nearest declaration holds too.
+    assert!(matches!(
+        f.console.create_bootstrap_token(
+            &f.admin,
+            "wide",
+            &"/acme/shop/eu".parse().unwrap(),
+            &["team=*".into()]
+        ),
+        Err(ConsoleError::Forbidden(_))
+    ));
+    let boot = f
+        .console
+        .create_bootstrap_token(&f.admin, "ok", &shop, &["app=*".into(), "env=*".into()])
+        .unwrap();
+    // The namespace narrows to `app` afterwards: env= is no longer certified.
+    let ns = "kind: Namespace\nname: /acme/shop\ntagPrefixes: [app]\n";
+    f.console.apply(&f.admin, &[src("ns.yaml", ns)]).unwrap();
+    f.console.commit(&f.admin).unwrap();
+    let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let r = f
+        .console
+        .register(
+            &boot,
+            &ca,
+            &Registration {
+                name: "web".into(),
+                namespace: "/acme/shop".into(),
+                tags: vec!["app=web".into(), "env=prod".into()],
+                ips: vec!["10.0.0.7".parse().unwrap()],
+                csr: key.csr_pem("web").unwrap(),
+                renew: false,
+            },
+        )
+        .unwrap();
+    assert!(r.tags.contains(&"app=web".to_owned()));
+    assert_eq!(r.dropped, vec!["env=prod"]);
+}

@@ -18,6 +18,7 @@ pub fn contract(s: &dyn Store) {
             path: "/a".parse().unwrap(),
             discovery: Some(true),
             default_tier: None,
+            tag_prefixes: None,
         },
     );
     s.set_draft(&d, ("alice", "apply", "1")).unwrap();

@@ -186,9 +186,18 @@ impl Recorder {
             })
             .clone();
         gauge.inc();
-        let tracked = self.shared.open.track(dir, peer, port);
+        let tracked = self.shared.open.track(dir, peer.clone(), port);
         let stop = tracked.stop.clone();
         self.relaying = Some(Relaying { gauge, tracked });
+        // A snapshot installed between the decision and now re-decided the open flows
+        // without this one: decide it again here. (One installed after this check finds
+        // it tracked.)
+        if self.shared.settings.recheck_open {
+            let now = self.shared.snapshot();
+            if !Arc::ptr_eq(&now, &self.snap) {
+                crate::open::decide_again(&now, dir, &peer, port, &stop);
+            }
+        }
         stop
     }
 
@@ -467,6 +476,65 @@ mod tests {
         assert_eq!(r[1]["close_reason"], "rejected");
         // Addresses are recorded in their canonical form.
         assert_eq!(r[1]["destination"]["ip"], "192.0.2.1");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn snapshot_allowing(allow: bool) -> Snapshot {
+        let text = if allow {
+            "kind: NetworkPolicy\nname: web-to-api\nnamespace: /acme\naction: Allow\nmode: Outgoing\nsubject: [[app=web]]\nobject: [[app=api]]\nports: [tcp/8080]\n"
+        } else {
+            "kind: NetworkPolicy\nname: cut\nnamespace: /acme\naction: Reject\nmode: Outgoing\nsubject: [[app=web]]\nobject: [[app=api]]\nports: [tcp/8080]\n"
+        };
+        let loaded = segmesh_policy::load(&[segmesh_policy::Source {
+            name: "p.yaml",
+            text,
+        }])
+        .unwrap();
+        let wire = segmesh_api::Snapshot {
+            revision: u64::from(!allow),
+            version: 1,
+            policies: loaded.set.policies().to_vec(),
+            externals: Vec::new(),
+            namespaces: Vec::new(),
+            registry: Vec::new(),
+            services: Vec::new(),
+        };
+        Snapshot::from_console("web", "/acme", &["app=web".into()], &wire, None, "test").unwrap()
+    }
+
+    /// The race: a flow decided under a snapshot that allowed it, whose relay starts
+    /// after a rejecting snapshot was installed (and the open flows re-decided without
+    /// it), is decided again when it starts: stopped at once, by the rejecting policy.
+    #[tokio::test]
+    async fn a_flow_decided_before_a_new_snapshot_is_decided_again_when_it_starts() {
+        let dir = std::env::temp_dir().join(format!("segmesh-race-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("flows.jsonl");
+        let mut settings = Settings {
+            flow_log: Some(log.display().to_string()),
+            ..Settings::default()
+        };
+        // One listen address: no capture of its own (installing a snapshot then leaves
+        // this machine's tracked UDP flows alone).
+        settings.listeners.address = Some("127.0.0.1".parse().unwrap());
+        let sinks = Sinks::new(FlowLog::open(settings.flow_log.as_deref()).unwrap(), None);
+        let shared = Arc::new(Shared::new(settings, snapshot_allowing(true), sinks));
+        let api = segmesh_policy::Pu::with_automatic_tags(
+            "/acme".parse().unwrap(),
+            segmesh_policy::TagSet::parse(["app=api"]).unwrap(),
+        )
+        .tags;
+        // Allowed and kept relaying under the same snapshot: not stopped.
+        let mut ok = Recorder::new(&shared, shared.snapshot(), flow());
+        let stop = ok.relaying(Peer::Pu(api.clone()), FlowPort::tcp(8080));
+        assert!(stop.by.lock().unwrap().is_empty());
+        ok.forget();
+        // Decided, then a rejecting commit, then the relay starts.
+        let mut late = Recorder::new(&shared, shared.snapshot(), flow());
+        shared.install(snapshot_allowing(false), "test");
+        let stop = late.relaying(Peer::Pu(api), FlowPort::tcp(8080));
+        assert_eq!(*stop.by.lock().unwrap(), vec!["/acme:cut".to_owned()]);
+        late.forget();
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -117,31 +117,39 @@ impl OpenFlows {
             .values()
             .map(|t| (t.direction, t.peer.clone(), t.port, t.stop.clone()))
             .collect();
-        let mut stopped = 0;
-        for (dir, peer, port, stop) in open {
-            let prepared = match &peer {
-                Peer::Pu(tags) => PreparedPeer::Pu(snap.engine.id_set(tags)),
-                Peer::Address(ip, names) => {
-                    PreparedPeer::Networks(snap.resolve(*ip, names, port).0)
-                }
-            };
-            let d = if snap.is_fail_closed() {
-                None
-            } else {
-                Some(snap.engine.decide(dir, &snap.prepared, &prepared, port))
-            };
-            if d.as_ref().is_some_and(|d| d.verdict == Verdict::Allow) {
-                continue;
-            }
-            let names = d
-                .map(|d| d.policy_names(snap.engine.set()))
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| vec!["default".into()]);
-            *stop.by.lock().expect("lock poisoned") = names;
-            // A stored permit: the relay stops even if it is not waiting right now.
-            stop.notify.notify_one();
-            stopped += 1;
-        }
-        stopped
+        open.into_iter()
+            .filter(|(dir, peer, port, stop)| !decide_again(snap, *dir, peer, *port, stop))
+            .count()
     }
+}
+
+/// Decides one open flow again under `snap`; when `snap` rejects it, tells its relay
+/// to stop (with the rejecting policies) and returns false.
+pub fn decide_again(
+    snap: &Snapshot,
+    dir: Direction,
+    peer: &Peer,
+    port: FlowPort,
+    stop: &Stop,
+) -> bool {
+    let prepared = match peer {
+        Peer::Pu(tags) => PreparedPeer::Pu(snap.engine.id_set(tags)),
+        Peer::Address(ip, names) => PreparedPeer::Networks(snap.resolve(*ip, names, port).0),
+    };
+    let d = if snap.is_fail_closed() {
+        None
+    } else {
+        Some(snap.engine.decide(dir, &snap.prepared, &prepared, port))
+    };
+    if d.as_ref().is_some_and(|d| d.verdict == Verdict::Allow) {
+        return true;
+    }
+    let names = d
+        .map(|d| d.policy_names(snap.engine.set()))
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| vec!["default".into()]);
+    *stop.by.lock().expect("lock poisoned") = names;
+    // A stored permit: the relay stops even if it is not waiting right now.
+    stop.notify.notify_one();
+    false
 }

@@ -806,3 +806,102 @@ fn netns_tunnel_idle_connections_from_one_address_do_not_block_others() {
         records.len()
     );
 }
+
+/// The attack: a server holding db's own certificate (db compromised, its enforcer
+/// replaced) accepts api's flow but answers "no encryption", hoping to get the bytes
+/// in plaintext after TLS. api's decision asked for encryption: it refuses the answer,
+/// sends nothing in plaintext, and records why.
+#[test]
+fn netns_tunnel_a_server_cannot_drop_the_encryption_asked_for() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("downgrade", true, "");
+    let (api, db) = (m.host("api"), m.host("db"));
+    m.topo.kill(m.pids["db"]);
+    let db_cfg = {
+        let r = |f: &str| std::fs::read_to_string(m.path(f)).unwrap();
+        segmesh_identity::TlsConfigs::from_pem(
+            &r("db.crt"),
+            &r("db.key"),
+            &r("db.bundle.crt"),
+            "segmesh.local",
+            &segmesh_identity::Sessions::new().unwrap(),
+        )
+        .unwrap()
+        .server
+    };
+    let (got_tx, got) = std::sync::mpsc::channel::<Vec<u8>>();
+    let _rogue = in_ns(&db, async move {
+        let l = tokio::net::TcpListener::bind("0.0.0.0:15008")
+            .await
+            .unwrap();
+        let Ok(Ok((tcp, _))) = tokio::time::timeout(Duration::from_secs(20), l.accept()).await
+        else {
+            return;
+        };
+        let Ok(mut tls) = tokio_rustls::TlsAcceptor::from(db_cfg).accept(tcp).await else {
+            return;
+        };
+        let mut req = [0u8; 6];
+        if tls.read_exact(&mut req).await.is_err() {
+            return;
+        }
+        // Accepted (version 1, accept, reason 0), flags 0: no encryption.
+        let _ = tls.write_all(&[1, 0, 0, 0]).await;
+        tls.get_mut().1.send_close_notify();
+        let _ = tls.flush().await;
+        // Whatever arrives next, in TLS or raw.
+        let mut b = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut b))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or(0);
+        let (mut tcp, _) = tls.into_inner();
+        let _ = tcp.write_all(&[0x47]).await;
+        let mut raw = vec![0u8; 4096];
+        let m2 = tokio::time::timeout(Duration::from_secs(3), tcp.read(&mut raw))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or(0);
+        let mut all = b[..n].to_vec();
+        all.extend_from_slice(&raw[..m2]);
+        let _ = got_tx.send(all);
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let target = SocketAddr::new(db.ip4.into(), 5432);
+    let secret = in_ns(&api, async move {
+        let Ok(mut s) = TcpStream::connect(target).await else {
+            return false;
+        };
+        let _ = s.write_all(b"SECRET-PLAINTEXT").await;
+        let mut b = [0u8; 16];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+            Ok(Ok(n)) if n > 0
+        )
+    })
+    .join()
+    .unwrap();
+    assert!(!secret, "api's flow went on with the rogue server");
+    let seen = got
+        .recv_timeout(Duration::from_secs(15))
+        .unwrap_or_default();
+    assert!(
+        !seen.windows(16).any(|w| w == b"SECRET-PLAINTEXT"),
+        "the rogue server read api's bytes in plaintext"
+    );
+    wait_until("api's record", Duration::from_secs(10), || {
+        m.log("api")
+            .iter()
+            .any(|r| r["peer_reason"] == "dropped-encryption")
+    });
+    let log = m.log("api");
+    let r = find(&log, |r| r["peer_reason"] == "dropped-encryption");
+    assert_eq!(r["reason"], "tunnel-protocol");
+    assert_eq!(r["rejected_by"], "server");
+    assert_eq!(r["verdict"], "reject");
+}

@@ -210,6 +210,12 @@ pub(crate) async fn negotiate(
         rec.peer_reason = Some(resp.reason.as_str().into());
         return Err((reason, Some(Side::Server)));
     }
+    // Our decision asked for encryption: a server that answers without it (an honest
+    // one never does: it encrypts when either end asks) would get the flow in plaintext.
+    if (encrypt || udp) && !resp.encrypt {
+        rec.peer_reason = Some("dropped-encryption".into());
+        return Err((FlowReason::TunnelProtocol, Some(Side::Server)));
+    }
     Ok(Negotiated { stream, peer, resp })
 }
 

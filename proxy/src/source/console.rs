@@ -606,8 +606,12 @@ mod tests {
             ips: Vec::new(),
             repoll: Duration::from_secs(600),
         };
+        let mut settings = Settings::default();
+        // One listen address: no capture of its own (installing a snapshot then leaves
+        // this machine's tracked UDP flows alone).
+        settings.listeners.address = Some("127.0.0.1".parse().unwrap());
         let shared = Shared::new(
-            Settings::default(),
+            settings,
             Snapshot::fail_closed(),
             Sinks::new(FlowLog::open(None).unwrap(), None),
         );

@@ -352,6 +352,12 @@ impl<S: Store> Console<S> {
         Ok(token)
     }
 
+    /// Whether `token` is a bootstrap token (checked before a registration's body is
+    /// read).
+    pub fn is_bootstrap_token(&self, token: &str) -> bool {
+        matches!(self.store.token(&hash_token(token)), Ok(Some(t)) if t.role == Role::Enforcer)
+    }
+
     /// The tag prefixes `ns`'s tokens may certify (the live namespace settings).
     fn tag_prefixes(&self, ns: &NamespacePath) -> Result<Option<Vec<String>>, ConsoleError> {
         Ok(self

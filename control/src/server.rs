@@ -41,7 +41,16 @@ use crate::console::{Caller, Console, ConsoleError, FlowFilter, Registration};
 use crate::store::{RedbStore, Role, Store};
 
 /// Largest request body accepted (a big policy set fits easily).
-const MAX_BODY: usize = 32 << 20;
+/// Body limits per endpoint (a body beyond them is refused while it is read).
+const MAX_APPLY: usize = 8 << 20;
+const MAX_FLOWS: usize = 4 << 20;
+const MAX_ADMISSION: usize = 2 << 20;
+const MAX_SMALL: usize = 64 << 10;
+/// Connections the console serves at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 8192;
+/// A request's headers must arrive within this (and an idle keep-alive connection is
+/// closed after it).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Deserialize)]
 pub struct File {
@@ -107,8 +116,9 @@ fn bad(msg: impl std::fmt::Display) -> Response<Full<Bytes>> {
 
 async fn body<T: for<'de> Deserialize<'de>>(
     req: Request<Incoming>,
+    limit: usize,
 ) -> Result<T, Response<Full<Bytes>>> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
+    let bytes = Limited::new(req.into_body(), limit)
         .collect()
         .await
         .map_err(|e| bad(format!("body: {e}")))?
@@ -136,7 +146,13 @@ fn caller(console: &Console<RedbStore>, req: &Request<Incoming>) -> Result<Calle
 /// Tells long-polling watchers that the revision moved.
 fn changed(console: &Console<RedbStore>, changes: &watch::Sender<u64>) {
     if let Ok(r) = console.revision() {
-        changes.send_replace(r);
+        // Only a revision that moved wakes the watchers (a renewal that changes nothing
+        // does not).
+        changes.send_if_modified(|v| {
+            let moved = *v != r;
+            *v = r;
+            moved
+        });
     }
 }
 
@@ -270,7 +286,7 @@ async fn route(
     if req.method() == Method::POST && req.uri().path() == "/v1/admission" {
         // Called by the Kubernetes API server (its webhook configuration carries the
         // console's CA); it changes nothing here, it only answers with a patch.
-        let review: serde_json::Value = match body(req).await {
+        let review: serde_json::Value = match body(req, MAX_ADMISSION).await {
             Ok(r) => r,
             Err(r) => return r,
         };
@@ -290,7 +306,7 @@ async fn route(
                 "only the enforcer of {pu}, with its certificate, reports its flows"
             )));
         }
-        let records: Vec<segmesh_api::FlowRecord> = match body(req).await {
+        let records: Vec<segmesh_api::FlowRecord> = match body(req, MAX_FLOWS).await {
             Ok(r) => r,
             Err(r) => return r,
         };
@@ -311,7 +327,15 @@ async fn route(
         // Enforcers authenticate with a bootstrap token, or renew with their current
         // certificate (verified in the TLS handshake).
         let token = bearer(&req);
-        let r: Registration = match body(req).await {
+        // Authenticated before the body is read: a bootstrap token that exists, or a
+        // workload certificate.
+        if peer.is_none() {
+            match &token {
+                Some(t) if console.is_bootstrap_token(t) => {}
+                _ => return error(ConsoleError::Unauthenticated),
+            }
+        }
+        let r: Registration = match body(req, MAX_SMALL).await {
             Ok(r) => r,
             Err(r) => return r,
         };
@@ -338,7 +362,7 @@ async fn route(
     let path = req.uri().path().to_owned();
     let r = match (req.method().clone(), path.as_str()) {
         (Method::POST, "/v1/apply") => {
-            let a: Apply = match body(req).await {
+            let a: Apply = match body(req, MAX_APPLY).await {
                 Ok(a) => a,
                 Err(r) => return r,
             };
@@ -351,7 +375,7 @@ async fn route(
             serde_json::json!({ "version": v })
         }),
         (Method::POST, "/v1/rollback") => {
-            let r: Rollback = match body(req).await {
+            let r: Rollback = match body(req, MAX_SMALL).await {
                 Ok(r) => r,
                 Err(r) => return r,
             };
@@ -395,7 +419,7 @@ async fn route(
             Err(r) => return r,
         },
         (Method::POST, "/v1/tokens") => {
-            let t: NewToken = match body(req).await {
+            let t: NewToken = match body(req, MAX_SMALL).await {
                 Ok(t) => t,
                 Err(r) => return r,
             };
@@ -507,7 +531,13 @@ pub async fn serve(
         });
     }
     let stop = std::future::pending();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     segmesh_api::net::accept_loop(listener, "console", stop, |tcp, peer| {
+        // A bounded number of connections: beyond it, closed at once.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "console connection refused: {MAX_CONNECTIONS} open");
+            return;
+        };
         let (acceptor, console, ca, changes, inject) = (
             acceptor.clone(),
             console.clone(),
@@ -516,6 +546,7 @@ pub async fn serve(
             inject.clone(),
         );
         tokio::spawn(async move {
+            let _slot = slot;
             let tls = match tokio::time::timeout(
                 std::time::Duration::from_secs(10),
                 acceptor.accept(tcp),
@@ -545,6 +576,8 @@ pub async fn serve(
                 }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(tls), svc)
                 .await
             {

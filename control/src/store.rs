@@ -385,9 +385,9 @@ impl Store for RedbStore {
             .insert(key.as_str(), serde_json::to_vec(pu)?.as_slice())?
             .map(|v| serde_json::from_slice::<PuRecord>(v.value()))
             .transpose()?;
-        // Enforcers see PUs only through the registry (names and addresses): a renewal
-        // that changes neither is no news for them.
-        if old.is_none_or(|o| o.ips != pu.ips) {
+        // Enforcers see PUs through the registry (names and addresses) and the Services
+        // whose selectors pick them (tags): a renewal that changes none is no news.
+        if old.is_none_or(|o| o.ips != pu.ips || o.tags != pu.tags) {
             bump(&txn)?;
         }
         append_audit(&txn, audit)?;

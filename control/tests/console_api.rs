@@ -572,3 +572,55 @@ fn only_enforcer_certificates_report_flows() {
         );
     }
 }
+
+/// The attack: an unauthenticated client announces a 9 MB body (and sends a little of
+/// it), to make the console read and buffer it. The console answers 401 from the
+/// headers alone, without waiting for the body, on every authenticated endpoint and on
+/// registration.
+#[test]
+fn an_unauthenticated_body_is_not_read() {
+    let c = start("no-body");
+    let ca = segmesh_identity::ca::certs_from_pem(
+        &std::fs::read_to_string(c.dir.join("ca/bundle.crt")).unwrap(),
+    )
+    .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in ca {
+        roots.add(cert).unwrap();
+    }
+    let cfg = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(segmesh_identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let addr: std::net::SocketAddr = c.url.trim_start_matches("https://").parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for path in ["/v1/apply", "/v1/enforcers/register", "/v1/tokens"] {
+        let cfg = cfg.clone();
+        let status = rt.block_on(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+            let mut tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: console\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                9 << 20
+            );
+            tls.write_all(head.as_bytes()).await.unwrap();
+            tls.write_all(&[b' '; 1024]).await.unwrap();
+            tls.flush().await.unwrap();
+            let mut b = vec![0u8; 512];
+            let n = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut b))
+                .await
+                .expect("an answer without the body")
+                .unwrap();
+            String::from_utf8_lossy(&b[..n]).into_owned()
+        });
+        assert!(status.starts_with("HTTP/1.1 401"), "{path}: {status}");
+    }
+}

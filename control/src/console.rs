@@ -170,6 +170,8 @@ pub use segmesh_api::Issued;
 
 /// How many flow records the console keeps (the oldest go first).
 pub const FLOWS_KEPT: usize = 200_000;
+/// Flow records kept of any one reporting PU.
+pub const FLOWS_KEPT_PER_PU: usize = 20_000;
 
 /// Which flow records to show.
 #[derive(Debug, Clone, Default)]
@@ -182,6 +184,8 @@ pub struct FlowFilter {
     pub since: Option<std::time::Duration>,
     /// Only the last N matching records.
     pub limit: Option<usize>,
+    /// Only records stored before this one (`seq`): the next older page.
+    pub before: Option<u64>,
 }
 
 pub struct Console<S: Store> {
@@ -1087,12 +1091,14 @@ impl<S: Store> Console<S> {
         let stored: Vec<StoredFlow> = records
             .into_iter()
             .map(|record| StoredFlow {
+                seq: 0,
                 reporter: pu.to_owned(),
                 received_at: received_at.clone(),
                 record,
             })
             .collect();
-        self.store.add_flows(&stored, FLOWS_KEPT)?;
+        self.store
+            .add_flows(&stored, FLOWS_KEPT, FLOWS_KEPT_PER_PU)?;
         Ok((n, total - n))
     }
 
@@ -1131,6 +1137,7 @@ impl<S: Store> Console<S> {
                 visible
                     && pu_matches
                     && recent
+                    && filter.before.is_none_or(|b| f.seq < b)
                     && filter.verdict.as_ref().is_none_or(|v| &r.verdict == v)
             })
             .collect();

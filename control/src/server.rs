@@ -19,7 +19,7 @@
 //! | `DELETE /v1/processingunits/<namespace path>/<name>` | | deletes a PU (leaves every registry; its renewals are refused) |
 //! | `POST /v1/admission` | an `admission.k8s.io/v1` AdmissionReview (no bearer: the Kubernetes API server calls it) | the review's answer: allowed, with a JSON Patch injecting the sidecar |
 //! | `POST /v1/flows?pu=<ns>:<name>` | flow records (the enforcer's certificate, no token; only records about that PU are kept) | `{"stored": N, "refused": M}` |
-//! | `GET /v1/flows?pu=&verdict=&since=&limit=` | | flow records reported by PUs the caller may see, oldest first |
+//! | `GET /v1/flows?pu=&verdict=&since=&limit=&before=` | | flow records reported by PUs the caller may see, oldest first: the newest `limit` (at most 10,000) with `seq` below `before`; each carries its `seq` for the next page |
 //! | `GET /v1/documents` | | the live policies, external networks and namespace settings that can apply in the caller's subtree |
 //! | `GET /v1/snapshot?pu=<ns>:<name>&since=R&wait=S` | (bearer: a bootstrap token or an API token covering the namespace) | the PU's [`segmesh_api::Snapshot`]; waits up to `S` seconds (default 30, at most 60) while the revision is not above `R`; at once without `since` |
 
@@ -46,6 +46,8 @@ const MAX_APPLY: usize = 8 << 20;
 const MAX_FLOWS: usize = 4 << 20;
 const MAX_ADMISSION: usize = 2 << 20;
 const MAX_SMALL: usize = 64 << 10;
+/// Flow records in one answer at most.
+const MAX_FLOW_PAGE: usize = 10_000;
 /// Connections the console serves at once; more are closed at accept.
 const MAX_CONNECTIONS: usize = 8192;
 /// A request's headers must arrive within this (and an idle keep-alive connection is
@@ -462,11 +464,17 @@ async fn route(
                 Ok(s) => s,
                 Err(e) => return bad(format!("since: {e}")),
             };
+            // Pages: at most MAX_FLOW_PAGE records (the newest matching ones); the next
+            // older page with `before=<seq of the first record>`.
             let limit = match query(&req, "limit").map(|s| s.parse::<usize>()).transpose() {
-                Ok(l) => l,
+                Ok(l) => Some(l.unwrap_or(MAX_FLOW_PAGE).min(MAX_FLOW_PAGE)),
                 Err(e) => return bad(format!("limit: {e}")),
             };
-            let filter = FlowFilter { pu: query(&req, "pu"), verdict: query(&req, "verdict"), since, limit };
+            let before = match query(&req, "before").map(|s| s.parse::<u64>()).transpose() {
+                Ok(b) => b,
+                Err(e) => return bad(format!("before: {e}")),
+            };
+            let filter = FlowFilter { pu: query(&req, "pu"), verdict: query(&req, "verdict"), since, limit, before };
             console.flows(&who, &filter).map(|f| serde_json::to_value(f).unwrap_or_default())
         }
         (Method::GET, "/v1/processingunits") | (Method::GET, "/v1/enforcers") => console.store.pus().map_err(Into::into).map(|pus| {

@@ -158,8 +158,14 @@ pub trait Store: Send + Sync {
     /// that changes the registry, a PU deleted).
     fn revision(&self) -> Result<u64, StoreError>;
     /// Appends flow records reported by an enforcer, keeping at most `keep` records in
-    /// all (the oldest go first).
-    fn add_flows(&self, flows: &[StoredFlow], keep: usize) -> Result<(), StoreError>;
+    /// all and `per_reporter` of any one reporter (the oldest go first), so that one
+    /// reporter cannot evict everyone's records.
+    fn add_flows(
+        &self,
+        flows: &[StoredFlow],
+        keep: usize,
+        per_reporter: usize,
+    ) -> Result<(), StoreError>;
     /// The stored flow records, oldest first.
     fn flows(&self) -> Result<Vec<StoredFlow>, StoreError>;
 }
@@ -167,6 +173,9 @@ pub trait Store: Send + Sync {
 /// A flow record as the console keeps it: which enforcer reported it, and when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredFlow {
+    /// Its place in the store (set when read; cursors of paged queries).
+    #[serde(default)]
+    pub seq: u64,
     /// `<namespace>:<name>` of the reporting enforcer's PU.
     pub reporter: String,
     pub received_at: String,
@@ -192,6 +201,9 @@ const TOKENS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("t
 const AUDIT: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("audit");
 const PUS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("pus");
 const FLOWS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("flows");
+/// Each stored flow under its reporter, for the per-reporter bound.
+const FLOWS_BY_REPORTER: redb::TableDefinition<(&str, u64), ()> =
+    redb::TableDefinition::new("flows_by_reporter");
 
 /// The embedded store: one redb file.
 pub struct RedbStore {
@@ -252,6 +264,7 @@ impl RedbStore {
         txn.open_table(AUDIT)?;
         txn.open_table(PUS)?;
         txn.open_table(FLOWS)?;
+        txn.open_table(FLOWS_BY_REPORTER)?;
         txn.commit()?;
         Ok(RedbStore { db })
     }
@@ -416,20 +429,51 @@ impl Store for RedbStore {
         Ok(gone)
     }
 
-    fn add_flows(&self, flows: &[StoredFlow], keep: usize) -> Result<(), StoreError> {
-        use redb::ReadableTable;
+    fn add_flows(
+        &self,
+        flows: &[StoredFlow],
+        keep: usize,
+        per_reporter: usize,
+    ) -> Result<(), StoreError> {
+        use redb::{ReadableTable, ReadableTableMetadata};
         let txn = self.db.begin_write()?;
         {
             let mut t = txn.open_table(FLOWS)?;
+            let mut by = txn.open_table(FLOWS_BY_REPORTER)?;
             let mut next = t.last()?.map_or(1, |(k, _)| k.value() + 1);
             for f in flows {
                 t.insert(next, serde_json::to_vec(f)?.as_slice())?;
+                by.insert((f.reporter.as_str(), next), ())?;
                 next += 1;
             }
-            let first = t.first()?.map_or(next, |(k, _)| k.value());
-            let excess = (next - first).saturating_sub(keep as u64);
-            if excess > 0 {
-                t.retain_in(first..first + excess, |_, _| false)?;
+            // This reporter's oldest beyond its share.
+            let mut reporters: Vec<&str> = flows.iter().map(|f| f.reporter.as_str()).collect();
+            reporters.sort_unstable();
+            reporters.dedup();
+            for r in reporters {
+                let mine: Vec<u64> = by
+                    .range((r, 0)..=(r, u64::MAX))?
+                    .map(|e| e.map(|(k, _)| k.value().1))
+                    .collect::<Result<_, _>>()?;
+                for seq in mine.iter().take(mine.len().saturating_sub(per_reporter)) {
+                    t.remove(*seq)?;
+                    by.remove((r, *seq))?;
+                }
+            }
+            // Everyone's oldest beyond the total.
+            let excess = t.len()?.saturating_sub(keep as u64);
+            let oldest: Vec<(u64, String)> = t
+                .iter()?
+                .take(excess as usize)
+                .map(|e| {
+                    let (k, v) = e?;
+                    let f: StoredFlow = serde_json::from_slice(v.value())?;
+                    Ok::<_, StoreError>((k.value(), f.reporter))
+                })
+                .collect::<Result<_, _>>()?;
+            for (seq, reporter) in oldest {
+                t.remove(seq)?;
+                by.remove((reporter.as_str(), seq))?;
             }
         }
         txn.commit()?;
@@ -442,8 +486,10 @@ impl Store for RedbStore {
         let t = txn.open_table(FLOWS)?;
         t.iter()?
             .map(|r| {
-                let (_, v) = r?;
-                Ok(serde_json::from_slice(v.value())?)
+                let (k, v) = r?;
+                let mut f: StoredFlow = serde_json::from_slice(v.value())?;
+                f.seq = k.value();
+                Ok(f)
             })
             .collect()
     }

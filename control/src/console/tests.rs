@@ -528,6 +528,26 @@ fn flow_records_are_stored_and_filtered_by_visibility() {
         }),
         1
     );
+    // Pages: the newest first page, then the one before it by `seq`.
+    let page = |limit: usize, before: Option<u64>| {
+        f.console
+            .flows(
+                &f.admin,
+                &FlowFilter {
+                    limit: Some(limit),
+                    before,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+    };
+    let last = page(1, None);
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].reporter, "/acme/other:x");
+    let earlier = page(2, Some(last[0].seq));
+    assert_eq!(earlier.len(), 2);
+    assert!(earlier.iter().all(|f| f.seq < last[0].seq));
+    assert!(page(5, Some(earlier[0].seq)).is_empty());
     let shop = Caller {
         name: "shop".into(),
         role: Role::Viewer,

@@ -106,6 +106,7 @@ pub fn contract(s: &dyn Store) {
     assert_eq!(s.revision().unwrap(), 6, "a deletion is news");
 
     let flow = |port: u16| StoredFlow {
+        seq: 0,
         reporter: "/a:web".into(),
         received_at: "t".into(),
         record: serde_json::from_value(serde_json::json!({
@@ -117,15 +118,33 @@ pub fn contract(s: &dyn Store) {
         }))
         .unwrap(),
     };
-    s.add_flows(&[flow(1), flow(2), flow(3)], 4).unwrap();
-    s.add_flows(&[flow(4), flow(5)], 4).unwrap();
-    let ports: Vec<u16> = s
-        .flows()
-        .unwrap()
-        .iter()
-        .map(|f| f.record.destination.port)
-        .collect();
-    assert_eq!(ports, vec![2, 3, 4, 5], "the oldest records go first");
+    s.add_flows(&[flow(1), flow(2), flow(3)], 4, 10).unwrap();
+    s.add_flows(&[flow(4), flow(5)], 4, 10).unwrap();
+    let ports = |s: &dyn Store| -> Vec<(String, u16)> {
+        s.flows()
+            .unwrap()
+            .iter()
+            .map(|f| (f.reporter.clone(), f.record.destination.port))
+            .collect()
+    };
+    let web = |p: u16| ("/a:web".to_owned(), p);
+    assert_eq!(
+        ports(s),
+        vec![web(2), web(3), web(4), web(5)],
+        "the oldest records go first"
+    );
+    // One reporter's flood evicts its own records, not everyone's.
+    let other = StoredFlow {
+        reporter: "/a:db".into(),
+        ..flow(9)
+    };
+    s.add_flows(&[other], 4, 3).unwrap();
+    s.add_flows(&[flow(6), flow(7), flow(8)], 4, 3).unwrap();
+    assert_eq!(
+        ports(s),
+        vec![("/a:db".to_owned(), 9), web(6), web(7), web(8)],
+        "web keeps its 3 newest, db's record stays"
+    );
 
     assert!(s.delete_token("h1", ("admin", "revoke", "ci")).unwrap());
     assert!(!s.delete_token("h1", ("admin", "revoke", "ci")).unwrap());

@@ -22,6 +22,7 @@ fn flow(
     reason: &str,
 ) -> StoredFlow {
     StoredFlow {
+        seq: 0,
         reporter: reporter.into(),
         received_at: "t".into(),
         record: serde_json::from_value(serde_json::json!({

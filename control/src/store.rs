@@ -440,11 +440,10 @@ impl Store for RedbStore {
         {
             let mut t = txn.open_table(FLOWS)?;
             let mut by = txn.open_table(FLOWS_BY_REPORTER)?;
-            let mut next = t.last()?.map_or(1, |(k, _)| k.value() + 1);
-            for f in flows {
-                t.insert(next, serde_json::to_vec(f)?.as_slice())?;
-                by.insert((f.reporter.as_str(), next), ())?;
-                next += 1;
+            let first = t.last()?.map_or(1, |(k, _)| k.value() + 1);
+            for (seq, f) in (first..).zip(flows) {
+                t.insert(seq, serde_json::to_vec(f)?.as_slice())?;
+                by.insert((f.reporter.as_str(), seq), ())?;
             }
             // This reporter's oldest beyond its share.
             let mut reporters: Vec<&str> = flows.iter().map(|f| f.reporter.as_str()).collect();

@@ -243,7 +243,13 @@ pub(crate) async fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negot
     let limit = shared.settings.limits.handshake_timeout;
     let stop = rec.relaying(Peer::Pu(peer_tags(&peer)), port);
     let moved = if resp.encrypt {
-        tls::relay(app, &mut stream, &stop.notify).await
+        tls::relay(
+            app,
+            &mut stream,
+            shared.settings.limits.idle_timeout,
+            &stop.notify,
+        )
+        .await
     } else {
         // Leave TLS: the server's close_notify, ours, then the raw GO byte.
         let left = async {

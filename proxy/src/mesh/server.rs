@@ -204,9 +204,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         Moved::nothing(Close::Error, encrypt)
     } else if encrypt {
         // Relayed from the workload's side: the flow's source is the peer.
-        tls::relay(workload, &mut stream, &stop.notify)
-            .await
-            .reversed()
+        tls::relay(
+            workload,
+            &mut stream,
+            shared.settings.limits.idle_timeout,
+            &stop.notify,
+        )
+        .await
+        .reversed()
     } else {
         let left = async {
             read_close_notify(&mut stream).await?;

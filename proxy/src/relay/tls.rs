@@ -70,12 +70,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
 /// on every open encrypted flow, idle or not (see the load-test report).
 const TLS_BUF: usize = 64 * 1024;
 
-/// Relays through TLS until both sides end or `stop` is notified; what moved is counted
-/// from `app`'s side (app → peer is forward). A flow stopped by a policy resets the
-/// application's connection.
+/// Relays through TLS until both sides end, `stop` is notified, or no byte moved either
+/// way for `idle` (as spliced flows do); what moved is counted from `app`'s side (app →
+/// peer is forward). A flow stopped by a policy resets the application's connection.
 pub(crate) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     mut app: TcpStream,
     tls: &mut S,
+    idle: std::time::Duration,
     stop: &tokio::sync::Notify,
 ) -> Moved {
     let progress = Progress::default();
@@ -83,14 +84,49 @@ pub(crate) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         inner: &mut app,
         progress: &progress,
     };
-    let copied = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut counted, tls, TLS_BUF, TLS_BUF) => Some(r),
-        _ = stop.notified() => None,
+    let moved = || {
+        (
+            progress.forward.load(Ordering::Relaxed),
+            progress.backward.load(Ordering::Relaxed),
+        )
     };
-    let (f, b) = (
-        progress.forward.load(Ordering::Relaxed),
-        progress.backward.load(Ordering::Relaxed),
-    );
+    let idled = async {
+        let tick = (idle / 4).max(std::time::Duration::from_millis(10));
+        let (mut last, mut since) = (moved(), tokio::time::Instant::now());
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = moved();
+            if now != last {
+                (last, since) = (now, tokio::time::Instant::now());
+            } else if since.elapsed() >= idle {
+                return;
+            }
+        }
+    };
+    enum End {
+        Copied(std::io::Result<(u64, u64)>),
+        Stopped,
+        Idle,
+    }
+    let end = tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut counted, tls, TLS_BUF, TLS_BUF) => End::Copied(r),
+        _ = stop.notified() => End::Stopped,
+        _ = idled => End::Idle,
+    };
+    let (f, b) = moved();
+    let copied = match end {
+        End::Copied(r) => Some(r),
+        End::Stopped => None,
+        End::Idle => {
+            return Moved {
+                forward: f,
+                backward: b,
+                path: DataPath::Copied,
+                close: Close::Idle,
+                tls: true,
+            };
+        }
+    };
     let (forward, backward, close) = match copied {
         Some(Ok((a, b))) => (a, b, Close::Closed),
         None => (f, b, Close::Policy),
@@ -113,5 +149,31 @@ pub(crate) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         path: DataPath::Copied,
         close,
         tls: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An encrypted flow with no bytes either way ends after the idle timeout (it held
+    /// a connection and 128 KiB of buffers forever before).
+    #[tokio::test]
+    async fn an_idle_encrypted_flow_ends() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (app, _) = l.accept().await.unwrap();
+        let (mut peer, _other_end) = tokio::io::duplex(1024);
+        let stop = tokio::sync::Notify::new();
+        let started = std::time::Instant::now();
+        let m = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            relay(app, &mut peer, std::time::Duration::from_millis(200), &stop),
+        )
+        .await
+        .expect("ended by itself");
+        assert_eq!(m.close, Close::Idle);
+        assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+        drop(client);
     }
 }

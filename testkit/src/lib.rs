@@ -10,6 +10,7 @@
 //! [`Host::command`] runs a program in it through `ip netns exec`.
 
 pub mod dns;
+pub mod fuzz;
 
 use std::fs::File;
 use std::net::{Ipv4Addr, Ipv6Addr};

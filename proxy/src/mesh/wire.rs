@@ -192,6 +192,72 @@ impl Response {
 
 #[cfg(test)]
 mod tests {
+    /// Fuzz target: the tunnel's header as a server reads it from a peer (request and
+    /// its extension length, then datagram frames) and as a client reads the answer.
+    /// Nothing panics; what decodes encodes back the same.
+    #[test]
+    fn fuzz_tunnel_header() {
+        let seeds: Vec<Vec<u8>> = vec![
+            Request {
+                port: 8080,
+                encrypt: true,
+                udp: false,
+            }
+            .encode()
+            .to_vec(),
+            [
+                Request {
+                    port: 53,
+                    encrypt: true,
+                    udp: true,
+                }
+                .encode()
+                .to_vec(),
+                frame(b"query"),
+                frame(b""),
+            ]
+            .concat(),
+            Response {
+                accept: true,
+                reason: Reason::Accepted,
+                encrypt: false,
+            }
+            .encode()
+            .to_vec(),
+            vec![VERSION, 0, 0x1f, 0x90, 0xff, 0xff],
+        ];
+        let refs: Vec<&[u8]> = seeds.iter().map(Vec::as_slice).collect();
+        segmesh_testkit::fuzz::run(
+            "tunnel-header",
+            &refs,
+            &[&[VERSION], &[0xff, 0xff]],
+            |input| {
+                if let Some(head) = input.first_chunk::<REQUEST_LEN>() {
+                    if let Ok((req, ext)) = Request::decode(head) {
+                        assert!(ext <= MAX_EXT);
+                        if ext == 0 {
+                            assert_eq!(Request::decode(&req.encode()).unwrap().0, req);
+                        }
+                        let mut rest = input.get(REQUEST_LEN + ext..).unwrap_or(&[]);
+                        while let Some(h) = rest.first_chunk::<2>() {
+                            let Ok(n) = frame_len(*h) else { break };
+                            let Some(body) = rest.get(2..2 + n) else {
+                                break;
+                            };
+                            assert_eq!(frame(body)[2..], *body);
+                            rest = &rest[2 + n..];
+                        }
+                    }
+                }
+                if let Some(head) = input.first_chunk::<RESPONSE_LEN>() {
+                    if let Ok(r) = Response::decode(head) {
+                        assert_eq!(Response::decode(&r.encode()).unwrap(), r);
+                    }
+                }
+            },
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -299,20 +299,29 @@ impl Loader {
             .ok_or(())
     }
 
-    fn tags(&mut self, node: &Node, field: &str) -> Option<TagSet> {
-        let items = self.seq(node, field, "tags (`key=value`)")?;
-        if items.len() > crate::limits::MAX_TAGS {
+    /// A list of at most `max` `noun` (`whose` names what holds them in the error).
+    fn seq_at_most<'n>(
+        &mut self,
+        node: &'n Node,
+        field: &str,
+        what: &str,
+        (max, noun, whose): (usize, &str, &str),
+    ) -> Option<&'n [Node]> {
+        let items = self.seq(node, field, what)?;
+        if items.len() > max {
             self.err(
                 node.pos,
                 Some(field),
-                format!(
-                    "{} tags; a list has at most {}",
-                    items.len(),
-                    crate::limits::MAX_TAGS
-                ),
+                format!("{} {noun}; {whose} has at most {max}", items.len()),
             );
             return None;
         }
+        Some(items)
+    }
+
+    fn tags(&mut self, node: &Node, field: &str) -> Option<TagSet> {
+        let bound = (crate::limits::MAX_TAGS, "tags", "a list");
+        let items = self.seq_at_most(node, field, "tags (`key=value`)", bound)?;
         let mut out = TagSet::new();
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
@@ -413,19 +422,8 @@ impl Loader {
     }
 
     fn port_specs(&mut self, node: &Node, field: &str) -> Option<Vec<PortSpec>> {
-        let items = self.seq(node, field, "ports (`tcp/N`, `tcp/N-M`, `any`)")?;
-        if items.len() > crate::limits::MAX_PORTS {
-            self.err(
-                node.pos,
-                Some(field),
-                format!(
-                    "{} ports; a list has at most {}",
-                    items.len(),
-                    crate::limits::MAX_PORTS
-                ),
-            );
-            return None;
-        }
+        let bound = (crate::limits::MAX_PORTS, "ports", "a list");
+        let items = self.seq_at_most(node, field, "ports (`tcp/N`, `tcp/N-M`, `any`)", bound)?;
         let mut out = Vec::new();
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {

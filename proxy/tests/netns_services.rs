@@ -24,7 +24,9 @@ addresses: [10.97.0.30]\nports: [{port: 80}]\nselector: [app=nothing]\n---\n\
 kind: Service\nname: api-udp\nnamespace: /acme/shop\n\
 addresses: [10.97.0.10]\nports: [{port: 53, targetPort: 5353, protocol: udp}]\nselector: [app=api]\n---\n\
 kind: NetworkPolicy\nname: web-to-api-udp\nnamespace: /acme/shop\naction: Allow\nmode: Bidirectional\n\
-subject: [[app=web]]\nobject: [[app=api]]\nports: [udp/5353]\n";
+subject: [[app=web]]\nobject: [[app=api]]\nports: [udp/5353]\n---\n\
+kind: Service\nname: outside\nnamespace: /acme/shop\n\
+addresses: [10.97.0.40]\nports: [{port: 80, targetPort: 8443}]\nendpoints: [CONSOLE_IP]\n";
 
 #[test]
 fn netns_services_spread_skip_dead_endpoints_and_follow_policy() {
@@ -53,7 +55,11 @@ fn netns_services_spread_skip_dead_endpoints_and_follow_policy() {
         "/../examples/three-tier/policies.yaml"
     );
     lab.ctl_ok(&["apply", "-f", example]);
-    lab.publish("services.yaml", SERVICES);
+    let console_ip = lab.host("console").ip4.to_string();
+    lab.publish(
+        "services.yaml",
+        &SERVICES.replace("CONSOLE_IP", &console_ip),
+    );
     let seen: Vec<(&str, Arc<AtomicUsize>)> = ["api", "api2", "db"]
         .into_iter()
         .map(|n| (n, Arc::new(AtomicUsize::new(0))))
@@ -129,6 +135,10 @@ fn netns_services_spread_skip_dead_endpoints_and_follow_policy() {
     assert_eq!(seen[2].1.load(Ordering::SeqCst), 1);
     // A Service without endpoints: refused at once.
     refused_fast(from("web", vip("10.97.0.30", 80)));
+    // A Service whose endpoint is outside the mesh: an external flow to it, decided
+    // against the external networks its address falls in (none allows web to reach
+    // the console's port: refused).
+    refused_fast(from("web", vip("10.97.0.40", 80)));
     // A UDP Service: answered from the Service's address, by both endpoints in turn.
     let ask_dns = || {
         in_ns(&hosts["web"], ask(vip("10.97.0.10", 53), b"query"))
@@ -182,7 +192,7 @@ fn netns_services_spread_skip_dead_endpoints_and_follow_policy() {
             .iter()
             .filter(|r| r["destination"]["service"].is_string())
             .count()
-            >= 2
+            >= 3
     });
     let records = lab.log("web");
     let refused_db = records
@@ -199,6 +209,19 @@ fn netns_services_spread_skip_dead_endpoints_and_follow_policy() {
         !refused_db["policies"].as_array().unwrap().is_empty() || refused_db["reason"] == "default",
         "the deciding policy: {refused_db}"
     );
+    let outside = records
+        .iter()
+        .find(|r| r["destination"]["service"] == "/acme/shop:outside")
+        .unwrap_or_else(|| panic!("no record of the outside Service: {records:#?}"));
+    assert_eq!(outside["destination"]["ip"], console_ip, "{outside}");
+    assert_eq!(outside["destination"]["port"], 8443, "{outside}");
+    assert!(outside["destination"]["pu"].is_null(), "{outside}");
+    assert_eq!(
+        outside["destination"]["external"],
+        serde_json::json!(["/acme:internet"]),
+        "{outside}"
+    );
+    assert_eq!(outside["verdict"], "reject", "{outside}");
     let empty = records
         .iter()
         .find(|r| r["destination"]["service"] == "/acme/shop:empty")

@@ -638,6 +638,7 @@ impl<S: Store> Console<S> {
             registered_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                 .to_string(),
             by: rec.name.clone(),
+            any_source: rec.any_source,
         };
         self.store.put_pu(
             &pu,
@@ -697,10 +698,8 @@ impl<S: Store> Console<S> {
             .issue(&req.csr, &id, &pu.tags, self.cert_ttl)
             .map_err(|e| ConsoleError::Forbidden(format!("cannot issue: {e}")))?;
         if !req.ips.is_empty() {
-            // The token's NAT allowance does not follow the certificate: a renewal from
-            // elsewhere keeps the addresses it had.
-            let any_source = source.is_some_and(|s| pu.ips.contains(&s.to_canonical()));
-            pu.ips = self.claimable(&pu.namespace, &pu.name, &req.ips, source, any_source)?;
+            // A PU registered from behind NAT renews from there too.
+            pu.ips = self.claimable(&pu.namespace, &pu.name, &req.ips, source, pu.any_source)?;
         }
         let who = holder.spiffe_id().to_string();
         self.store.put_pu(

@@ -90,6 +90,10 @@ pub struct PuRecord {
     pub registered_at: String,
     /// The bootstrap token's name.
     pub by: String,
+    /// Registered with a token that allows any source address (NAT): its renewals may
+    /// come from an address it does not claim too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub any_source: bool,
 }
 
 /// An API token's rights (the token itself is stored only as a SHA-256 hash).

@@ -726,3 +726,63 @@ fn tokens_stay_within_their_namespace_tag_prefixes() {
     assert!(r.tags.contains(&"app=web".to_owned()));
     assert_eq!(r.dropped, vec!["env=prod"]);
 }
+
+/// A PU registered with a `--any-source` token (behind NAT) renews from its NAT address
+/// too; one registered with a plain token renews only from an address it claims.
+#[test]
+fn renewals_keep_the_source_rule_of_their_registration() {
+    use segmesh_identity::{KeyAlgorithm, WorkloadIdentity, WorkloadKey};
+    let f = fixture("nat-renew");
+    let ca = Ca::new_root("segmesh.local", KeyAlgorithm::EcdsaP256).unwrap();
+    let shop: NamespacePath = "/acme/shop".parse().unwrap();
+    let nat = f
+        .console
+        .create_bootstrap_token_with(&f.admin, "nat", &shop, &["app=*".into()], true)
+        .unwrap();
+    let plain = f
+        .console
+        .create_bootstrap_token(&f.admin, "plain", &shop, &["app=*".into()])
+        .unwrap();
+    let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let req = |name: &str, ip: &str| Registration {
+        name: name.into(),
+        namespace: "/acme/shop".into(),
+        tags: vec!["app=x".into()],
+        ips: vec![ip.parse().unwrap()],
+        csr: key.csr_pem(name).unwrap(),
+        renew: false,
+    };
+    let natted: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+    let holder = |issued: &segmesh_api::Issued| {
+        let chain = segmesh_identity::ca::certs_from_pem(&issued.chain).unwrap();
+        WorkloadIdentity::from_cert(&chain[0]).unwrap()
+    };
+    let a = f
+        .console
+        .register_from(&nat, &ca, &req("a", "10.0.0.7"), Some(natted))
+        .unwrap();
+    let renew = Registration {
+        renew: true,
+        ..req("a", "10.0.0.7")
+    };
+    f.console
+        .renew_from(&holder(&a), &ca, &renew, Some(natted))
+        .expect("a NAT PU renews from its NAT address");
+    let b = f
+        .console
+        .register_from(
+            &plain,
+            &ca,
+            &req("b", "10.0.0.8"),
+            Some("10.0.0.8".parse().unwrap()),
+        )
+        .unwrap();
+    let renew = Registration {
+        renew: true,
+        ..req("b", "10.0.0.8")
+    };
+    assert!(matches!(
+        f.console.renew_from(&holder(&b), &ca, &renew, Some(natted)),
+        Err(ConsoleError::Forbidden(_))
+    ));
+}

@@ -81,6 +81,7 @@ pub fn contract(s: &dyn Store) {
         ips: vec!["10.0.0.1".parse().unwrap()],
         registered_at: "t".into(),
         by: "boot".into(),
+        any_source: false,
     };
     s.put_pu(&pu, ("boot", "register", "web")).unwrap();
     s.put_pu(&pu, ("boot", "register", "web")).unwrap();

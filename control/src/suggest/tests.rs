@@ -11,6 +11,7 @@ fn pu(ns: &str, name: &str, tags: &[&str]) -> PuRecord {
         ips: vec![],
         registered_at: "t".into(),
         by: "b".into(),
+        any_source: false,
     }
 }
 

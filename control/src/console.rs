@@ -356,6 +356,83 @@ impl<S: Store> Console<S> {
         Ok(token)
     }
 
+    /// The tags a PU `namespace:name` is certified with: the `claimed` ones the token
+    /// `rec` allows within the namespace's tag prefixes as they are now (they may have
+    /// narrowed since the token was made), `extra` ones the console vouches for itself
+    /// (the cluster's), and the automatic ones. Also the claimed tags left out.
+    fn certified(
+        &self,
+        rec: &TokenRecord,
+        ns: &NamespacePath,
+        name: &str,
+        claimed: &[String],
+        extra: Vec<String>,
+    ) -> Result<(Vec<String>, Vec<String>), ConsoleError> {
+        let patterns: Vec<TagPattern> = rec
+            .allowed_tags
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        let prefixes = self.tag_prefixes(ns)?;
+        let mut tags: BTreeSet<String> = extra.into_iter().collect();
+        let mut dropped = Vec::new();
+        for t in claimed {
+            let ok = match t.parse::<Tag>() {
+                Ok(tag) if !tag.key().starts_with('$') => {
+                    let within = prefixes
+                        .as_ref()
+                        .is_none_or(|p| segmesh_policy::Namespace::key_allowed(p, tag.key()));
+                    let one: TagSet = std::iter::once(tag).collect();
+                    within && patterns.iter().any(|p| p.matches(&one))
+                }
+                _ => false,
+            };
+            if ok {
+                tags.insert(t.clone());
+            } else {
+                dropped.push(t.clone());
+            }
+        }
+        tags.insert("$identity=processingunit".into());
+        tags.insert(format!("$namespace={ns}"));
+        tags.insert(format!("$name={name}"));
+        Ok((tags.into_iter().collect(), dropped))
+    }
+
+    /// The tags a followed cluster's pod is certified with at a renewal: what the
+    /// cluster says of it now, through the token that registered it (the nearest of
+    /// that name above it); None when not a known pod or the token is gone (the recorded
+    /// tags stay).
+    fn renewed_pod_tags(&self, pu: &PuRecord) -> Result<Option<Vec<String>>, ConsoleError> {
+        let Some(k8s_ns) = pu
+            .namespace
+            .strip_prefix("/k8s/")
+            .filter(|_| self.cluster.is_following())
+        else {
+            return Ok(None);
+        };
+        let Some(pod) = self.cluster.pod(k8s_ns, &pu.name) else {
+            return Ok(None);
+        };
+        let ns: NamespacePath = pu.namespace.parse()?;
+        let token = self
+            .store
+            .tokens()?
+            .into_iter()
+            .map(|(_, t)| t)
+            .filter(|t| t.name == pu.by && t.role == Role::Enforcer)
+            .filter_map(|t| Some((t.namespace.parse::<NamespacePath>().ok()?, t)))
+            .filter(|(tns, _)| tns.is_ancestor_or_self(&ns))
+            .max_by_key(|(tns, _)| tns.as_str().len())
+            .map(|(_, t)| t);
+        let Some(token) = token else {
+            return Ok(None);
+        };
+        let labels: Vec<String> = pod.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let (tags, _) = self.certified(&token, &ns, &pu.name, &labels, pod.cluster_tags(k8s_ns))?;
+        Ok(Some(tags))
+    }
+
     /// Whether `token` is a bootstrap token (checked before a registration's body is
     /// read).
     pub fn is_bootstrap_token(&self, token: &str) -> bool {
@@ -564,12 +641,7 @@ impl<S: Store> Console<S> {
             )));
         }
         let ips = self.claimable(ns.as_str(), &req.name, &req.ips, source, rec.any_source)?;
-        let patterns: Vec<TagPattern> = rec
-            .allowed_tags
-            .iter()
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        let mut tags = BTreeSet::new();
+        let mut extra = Vec::new();
         let mut dropped = Vec::new();
         // A pod of the cluster the console follows: its tags are what the cluster says
         // (labels as the token allows, its namespace and service account), its addresses
@@ -599,32 +671,10 @@ impl<S: Store> Console<S> {
             let labels: Vec<String> = pod.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             dropped.extend(req.tags.iter().filter(|t| !labels.contains(t)).cloned());
             claimed = labels;
-            tags.extend(pod.cluster_tags(k8s_ns));
+            extra = pod.cluster_tags(k8s_ns);
         }
-        // The namespace's tag prefixes as they are now (they may have narrowed since the
-        // token was made).
-        let prefixes = self.tag_prefixes(&ns)?;
-        for t in &claimed {
-            let ok = match t.parse::<Tag>() {
-                Ok(tag) if !tag.key().starts_with('$') => {
-                    let within = prefixes
-                        .as_ref()
-                        .is_none_or(|p| segmesh_policy::Namespace::key_allowed(p, tag.key()));
-                    let one: TagSet = std::iter::once(tag).collect();
-                    within && patterns.iter().any(|p| p.matches(&one))
-                }
-                _ => false,
-            };
-            if ok {
-                tags.insert(t.clone());
-            } else {
-                dropped.push(t.clone());
-            }
-        }
-        tags.insert("$identity=processingunit".into());
-        tags.insert(format!("$namespace={ns}"));
-        tags.insert(format!("$name={}", req.name));
-        let tags: Vec<String> = tags.into_iter().collect();
+        let (tags, refused) = self.certified(&rec, &ns, &req.name, &claimed, extra)?;
+        dropped.extend(refused);
         let id = SpiffeId::new(ca.trust_domain(), ns.as_str(), &req.name)
             .map_err(|e| ConsoleError::Forbidden(e.to_string()))?;
         let issued = ca
@@ -692,15 +742,19 @@ impl<S: Store> Console<S> {
                 req.namespace, req.name
             )));
         };
+        if !req.ips.is_empty() {
+            // A PU registered from behind NAT renews from there too.
+            pu.ips = self.claimable(&pu.namespace, &pu.name, &req.ips, source, pu.any_source)?;
+        }
+        // A followed cluster's pod: its labels as they are now.
+        if let Some(tags) = self.renewed_pod_tags(&pu)? {
+            pu.tags = tags;
+        }
         let id = SpiffeId::new(ca.trust_domain(), &pu.namespace, &pu.name)
             .map_err(|e| ConsoleError::Forbidden(e.to_string()))?;
         let issued = ca
             .issue(&req.csr, &id, &pu.tags, self.cert_ttl)
             .map_err(|e| ConsoleError::Forbidden(format!("cannot issue: {e}")))?;
-        if !req.ips.is_empty() {
-            // A PU registered from behind NAT renews from there too.
-            pu.ips = self.claimable(&pu.namespace, &pu.name, &req.ips, source, pu.any_source)?;
-        }
         let who = holder.spiffe_id().to_string();
         self.store.put_pu(
             &pu,

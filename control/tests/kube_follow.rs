@@ -458,6 +458,37 @@ async fn the_console_follows_services_endpoints_and_pods() {
         "{:?}",
         issued.tags
     );
+    // Relabelled again: the certificate renewal carries the cluster's labels as they
+    // are now (through the token that registered the pod).
+    let mut relabelled = pod("api-2", "10.0.0.12", "api", "api");
+    relabelled["metadata"]["labels"]["tier"] = json!("platinum");
+    fake.put(PODS, relabelled);
+    until("the relabelled pod again", || {
+        console
+            .cluster
+            .pod("shop", "api-2")
+            .is_some_and(|p| p.labels.get("tier").map(String::as_str) == Some("platinum"))
+    })
+    .await;
+    let chain = segmesh_identity::ca::certs_from_pem(&issued.chain).unwrap();
+    let holder = segmesh_identity::WorkloadIdentity::from_cert(&chain[0]).unwrap();
+    let renewed = console
+        .renew_by_certificate(
+            &holder,
+            &ca,
+            &Registration {
+                renew: true,
+                ..req("api-2", "10.0.0.12", &[])
+            },
+        )
+        .unwrap();
+    assert!(
+        renewed.tags.contains(&"tier=platinum".to_owned()),
+        "{:?}",
+        renewed.tags
+    );
+    assert!(!renewed.tags.contains(&"tier=gold".to_owned()));
+    assert!(renewed.tags.contains(&"@k8s:sa=api".to_owned()));
     // The registered pod is its Service's endpoint as a PU.
     let snap = console.snapshot_for(&"/k8s/shop".parse().unwrap()).unwrap();
     assert_eq!(

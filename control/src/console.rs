@@ -301,6 +301,13 @@ impl<S: Store> Console<S> {
                         other.namespace, other.name
                     )));
                 }
+                // Lapsed: it leaves the registry now rather than at the next sweep, so
+                // that no enforcer sees the address claimed twice meanwhile.
+                self.store.delete_pu(
+                    &other.namespace,
+                    &other.name,
+                    ("console", "lease", "lapsed; its address is claimed again"),
+                )?;
             }
         }
         Ok(claimed)

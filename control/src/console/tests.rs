@@ -786,3 +786,41 @@ fn renewals_keep_the_source_rule_of_their_registration() {
         Err(ConsoleError::Forbidden(_))
     ));
 }
+
+/// An address whose PU's lease lapsed is free: the new claim succeeds and the lapsed PU
+/// leaves the registry at once (not at the next sweep); while the lease runs, the claim
+/// is a conflict.
+#[test]
+fn a_lapsed_lease_frees_the_address_at_once() {
+    use segmesh_identity::{KeyAlgorithm, WorkloadKey};
+    let mut f = fixture("lapse");
+    f.console.lease = std::time::Duration::from_millis(300);
+    let ca = Ca::new_root("segmesh.local", KeyAlgorithm::EcdsaP256).unwrap();
+    let boot = f
+        .console
+        .create_bootstrap_token(&f.admin, "b", &"/acme".parse().unwrap(), &[])
+        .unwrap();
+    let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let req = |name: &str| Registration {
+        name: name.into(),
+        namespace: "/acme/shop".into(),
+        tags: vec![],
+        ips: vec!["::ffff:10.0.0.7".parse().unwrap()],
+        csr: key.csr_pem(name).unwrap(),
+        renew: false,
+    };
+    f.console.register(&boot, &ca, &req("old")).unwrap();
+    assert!(matches!(
+        f.console.register(&boot, &ca, &req("new")),
+        Err(ConsoleError::Conflict(_))
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    f.console.register(&boot, &ca, &req("new")).unwrap();
+    let pus = f.console.store.pus().unwrap();
+    assert_eq!(pus.len(), 1);
+    assert_eq!(pus[0].name, "new");
+    assert_eq!(
+        pus[0].ips,
+        vec!["10.0.0.7".parse::<std::net::IpAddr>().unwrap()]
+    );
+}

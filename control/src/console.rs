@@ -448,9 +448,16 @@ impl<S: Store> Console<S> {
 
     /// The tag prefixes `ns`'s tokens may certify (the live namespace settings).
     fn tag_prefixes(&self, ns: &NamespacePath) -> Result<Option<Vec<String>>, ConsoleError> {
-        Ok(self
-            .live()?
-            .and_then(|(_, set)| set.tag_prefixes(ns).map(<[String]>::to_vec)))
+        // The live namespace documents alone (no policy set to build per registration).
+        let Some(live) = self.store.live()? else {
+            return Ok(None);
+        };
+        Ok(ns.self_and_ancestors().iter().find_map(|p| {
+            live.documents
+                .namespaces
+                .get(p.as_str())
+                .and_then(|n| n.tag_prefixes.clone())
+        }))
     }
 
     /// A token name is unique within its namespace.

@@ -344,23 +344,12 @@ impl Loader {
     }
 
     fn selector(&mut self, node: &Node, field: &str) -> Option<Selector> {
-        let clauses = self.seq(node, field, "lists of tags (OR of ANDs)")?;
+        let bound = (crate::limits::MAX_CLAUSES, "clauses", "a selector");
+        let clauses = self.seq_at_most(node, field, "lists of tags (OR of ANDs)", bound)?;
         let mut out = Vec::with_capacity(clauses.len());
         let mut ok = true;
         if clauses.is_empty() {
             self.err(node.pos, Some(field), "an empty selector matches nothing");
-            return None;
-        }
-        if clauses.len() > crate::limits::MAX_CLAUSES {
-            self.err(
-                node.pos,
-                Some(field),
-                format!(
-                    "{} clauses; a selector has at most {}",
-                    clauses.len(),
-                    crate::limits::MAX_CLAUSES
-                ),
-            );
             return None;
         }
         for (i, clause) in clauses.iter().enumerate() {
@@ -666,23 +655,9 @@ impl Loader {
         };
         let mut entries = Vec::new();
         if let Some(node) = self.required(&f, "entries") {
-            if let Some(items) = self
-                .seq(node, "entries", "CIDRs, IPs, domain names or ports")
-                .filter(|items| {
-                    let ok = items.len() <= crate::limits::MAX_ENTRIES;
-                    if !ok {
-                        self.err(
-                            node.pos,
-                            Some("entries"),
-                            format!(
-                                "{} entries; an external network has at most {}",
-                                items.len(),
-                                crate::limits::MAX_ENTRIES
-                            ),
-                        );
-                    }
-                    ok
-                })
+            let bound = (crate::limits::MAX_ENTRIES, "entries", "an external network");
+            if let Some(items) =
+                self.seq_at_most(node, "entries", "CIDRs, IPs, domain names or ports", bound)
             {
                 if items.is_empty() {
                     self.err(

@@ -159,16 +159,6 @@ impl PolicySet {
     /// Whether flows of PUs in `ns` that no enforced policy decides are allowed: the
     /// nearest namespace (itself or an ancestor) that sets `discovery` decides; default
     /// false.
-    /// The tag prefixes `ns`'s tokens may certify: the nearest declaration in it or an
-    /// ancestor; None when none declares any.
-    pub fn tag_prefixes(&self, ns: &NamespacePath) -> Option<&[String]> {
-        ns.self_and_ancestors().iter().find_map(|p| {
-            self.namespaces
-                .get(p)
-                .and_then(|n| n.tag_prefixes.as_deref())
-        })
-    }
-
     pub fn discovery(&self, ns: &NamespacePath) -> bool {
         ns.self_and_ancestors()
             .iter()

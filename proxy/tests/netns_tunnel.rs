@@ -35,6 +35,19 @@ impl Mesh {
     pub fn log(&self, name: &str) -> Vec<serde_json::Value> {
         flow_log(&self.dir.0.join(format!("{name}.jsonl")))
     }
+    /// The TLS configurations of `name`'s identity (what an attacker holding its key has).
+    pub fn tls(&self, name: &str) -> segmesh_identity::TlsConfigs {
+        let r = |f: &str| std::fs::read_to_string(self.path(f)).unwrap();
+        segmesh_identity::TlsConfigs::from_pem(
+            &r(&format!("{name}.crt")),
+            &r(&format!("{name}.key")),
+            &r(&format!("{name}.bundle.crt")),
+            "segmesh.local",
+            &segmesh_identity::Sessions::new().unwrap(),
+        )
+        .unwrap()
+    }
+
     pub fn path(&self, f: &str) -> PathBuf {
         self.dir.0.join(f)
     }
@@ -423,18 +436,7 @@ fn netns_tunnel_attacks_fail_and_are_recorded() {
     let expired = m.ca.sign_leaf(&key.csr_pem("api").unwrap(), &spec).unwrap();
     segmesh_identity::ca::save_issued(&m.path("expired"), &expired, &key).unwrap();
 
-    let web_cfg = {
-        let r = |f: &str| std::fs::read_to_string(m.path(f)).unwrap();
-        segmesh_identity::TlsConfigs::from_pem(
-            &r("web.crt"),
-            &r("web.key"),
-            &r("web.bundle.crt"),
-            "segmesh.local",
-            &segmesh_identity::Sessions::new().unwrap(),
-        )
-        .unwrap()
-        .client
-    };
+    let web_cfg = m.tls("web").client;
     let api_files = (m.path("api.crt"), m.path("api.key"));
     let attacks: Vec<(&str, Arc<rustls::ClientConfig>, &'static [u8])> = vec![
         (
@@ -518,18 +520,7 @@ fn netns_tunnel_attacks_fail_and_are_recorded() {
 
     // A server answering at a registered address with another PU's (valid) certificate.
     m.topo.kill(m.pids["api"]);
-    let db_cfg = {
-        let r = |f: &str| std::fs::read_to_string(m.path(f)).unwrap();
-        segmesh_identity::TlsConfigs::from_pem(
-            &r("db.crt"),
-            &r("db.key"),
-            &r("db.bundle.crt"),
-            "segmesh.local",
-            &segmesh_identity::Sessions::new().unwrap(),
-        )
-        .unwrap()
-        .server
-    };
+    let db_cfg = m.tls("db").server;
     let _fake = in_ns(&api, async move {
         let l = tokio::net::TcpListener::bind("0.0.0.0:15008")
             .await
@@ -820,18 +811,7 @@ fn netns_tunnel_a_server_cannot_drop_the_encryption_asked_for() {
     let m = mesh("downgrade", true, "");
     let (api, db) = (m.host("api"), m.host("db"));
     m.topo.kill(m.pids["db"]);
-    let db_cfg = {
-        let r = |f: &str| std::fs::read_to_string(m.path(f)).unwrap();
-        segmesh_identity::TlsConfigs::from_pem(
-            &r("db.crt"),
-            &r("db.key"),
-            &r("db.bundle.crt"),
-            "segmesh.local",
-            &segmesh_identity::Sessions::new().unwrap(),
-        )
-        .unwrap()
-        .server
-    };
+    let db_cfg = m.tls("db").server;
     let (got_tx, got) = std::sync::mpsc::channel::<Vec<u8>>();
     let _rogue = in_ns(&db, async move {
         let l = tokio::net::TcpListener::bind("0.0.0.0:15008")

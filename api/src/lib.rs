@@ -165,12 +165,17 @@ pub enum FlowReason {
     NoEndpoint,
     /// The enforcer ended the flow's task without deciding it (a bug; its log says more).
     Internal,
+    /// A ticket (authenticated-only tunnel flow) that was never issued, was already
+    /// used or expired.
+    TicketUnknown,
+    /// A valid ticket presented from another address than the PU it was issued to.
+    TicketAddress,
     /// A reason this build does not know (a record from a newer enforcer), kept as is.
     Unknown(String),
 }
 
 impl FlowReason {
-    const NAMED: [(FlowReason, &'static str); 17] = [
+    const NAMED: [(FlowReason, &'static str); 19] = [
         (FlowReason::Policy, "policy"),
         (FlowReason::Default, "default"),
         (FlowReason::Discovered, "discovered"),
@@ -188,6 +193,8 @@ impl FlowReason {
         (FlowReason::Internal, "internal"),
         (FlowReason::NotLocal, "not-local"),
         (FlowReason::NoEndpoint, "no-endpoint"),
+        (FlowReason::TicketUnknown, "ticket-unknown"),
+        (FlowReason::TicketAddress, "ticket-address"),
     ];
     const PEER_CERTIFICATE: &'static str = "peer-certificate:";
 }

@@ -16,7 +16,7 @@ use crate::verify::{ClientVerifier, PeerVerifier};
 use crate::{IdentityError, WorkloadIdentity};
 
 /// The ALPN protocol of the mesh tunnel.
-pub const ALPN: &[u8] = b"segmesh/1";
+pub const ALPN: &[u8] = b"segmesh/2";
 
 /// TLS session state (resumption) of one certificate of a workload: the client's session
 /// cache, the server's cache and its ticket keys.

@@ -117,9 +117,6 @@ pub struct Limits {
     /// connections from one address cannot take everyone's. Default 16.
     #[serde(default = "d_handshakes_per_source")]
     pub max_handshakes_per_source: usize,
-    /// Pre-established tunnel connections kept per busy peer (0: none). Default 2.
-    #[serde(default = "d_pool")]
-    pub tunnel_pool: usize,
     /// UDP sessions (5-tuples) kept at most; a new one evicts the least recently used.
     /// Default 4096.
     #[serde(default = "d_udp_sessions")]
@@ -135,10 +132,6 @@ fn d_udp_sessions() -> usize {
 
 fn d_udp_idle() -> Duration {
     Duration::from_secs(60)
-}
-
-fn d_pool() -> usize {
-    2
 }
 
 fn d_handshakes() -> usize {
@@ -168,7 +161,6 @@ impl Default for Limits {
             handshake_timeout: d_connect(),
             max_handshakes: d_handshakes(),
             max_handshakes_per_source: d_handshakes_per_source(),
-            tunnel_pool: d_pool(),
             max_udp_sessions: d_udp_sessions(),
             udp_idle_timeout: d_udp_idle(),
         }

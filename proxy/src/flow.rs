@@ -60,13 +60,6 @@ impl Flow {
         }
     }
 
-    /// The flow starts now (a pooled tunnel connection's flow starts with its request,
-    /// not with its handshake).
-    pub(crate) fn restart(&mut self) {
-        self.started = Instant::now();
-        self.time = now_rfc3339();
-    }
-
     /// The address of the other end, as our PU sees it.
     pub(crate) fn peer_ip(&self) -> std::net::IpAddr {
         match self.direction {
@@ -218,12 +211,6 @@ impl Recorder {
         self.refuse(reason, by);
     }
 
-    /// Gives up relaying before any byte moved (the tunnel broke while leaving TLS):
-    /// the flow is no longer open.
-    pub(crate) fn abandon_relay(&mut self) {
-        self.relaying = None;
-    }
-
     /// Allowed, but no bytes moved through the enforcer: the destination could not be
     /// reached, or (queued decisions) the kernel carries the flow. Always recorded.
     pub(crate) fn ended_unrelayed(mut self, close: CloseReason) {
@@ -302,11 +289,6 @@ impl Recorder {
         }
         r.closed_by = closed_by;
         self.done(r);
-    }
-
-    /// Nothing to record: a pooled tunnel connection closed before it carried a flow.
-    pub(crate) fn forget(mut self) {
-        self.done = true;
     }
 
     fn decided_reason(&self) -> FlowReason {
@@ -465,9 +447,6 @@ mod tests {
         refused.refuse(FlowReason::NoSnapshot, None);
         assert_eq!(shared.active(), 0);
 
-        let pooled = Recorder::new(&shared, snap, flow());
-        pooled.forget();
-
         let r = records(&shared, &log).await;
         assert_eq!(r.len(), 2, "{r:?}");
         assert_eq!(r[0]["reason"], "internal");
@@ -528,13 +507,13 @@ mod tests {
         let mut ok = Recorder::new(&shared, shared.snapshot(), flow());
         let stop = ok.relaying(Peer::Pu(api.clone()), FlowPort::tcp(8080));
         assert!(stop.by.lock().unwrap().is_empty());
-        ok.forget();
+        ok.finish(Moved::nothing(Close::Closed, false));
         // Decided, then a rejecting commit, then the relay starts.
         let mut late = Recorder::new(&shared, shared.snapshot(), flow());
         shared.install(snapshot_allowing(false), "test");
         let stop = late.relaying(Peer::Pu(api), FlowPort::tcp(8080));
         assert_eq!(*stop.by.lock().unwrap(), vec!["/acme:cut".to_owned()]);
-        late.forget();
+        late.finish(Moved::nothing(Close::Policy, false));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

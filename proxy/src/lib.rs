@@ -10,8 +10,9 @@
 //!   or a plain flow decided against external networks (table-tested).
 //! - `dispatch`: carries a plan out.
 //! - `mesh`: the tunnel between enforcers: `mesh::client` (our PU connects),
-//!   `mesh::server` (a peer's PU connects to ours), `mesh::wire` (request, response,
-//!   reason codes).
+//!   `mesh::server` (a peer's PU connects to ours), `mesh::conns` (one multiplexed
+//!   connection per peer enforcer), `mesh::tickets` (authenticated-only flows'
+//!   single-use tickets), `mesh::wire` (requests, answers, tickets, reason codes).
 //! - `plain`: flows to and from external networks: connect and splice.
 //! - `udp`: UDP sessions our PU opens (TPROXY, one session per 5-tuple, bounded).
 //! - `queued`: packets the capture rules queue to the enforcer (NFQUEUE): ICMP echo
@@ -26,7 +27,6 @@
 //! - [`state`]: the settings the enforcer started with, apart from its runtime handles.
 //! - [`snapshot`]: what is enforced (PU, compiled policies, registry), swapped whole.
 //! - `open`: the open flows, re-decided on every new snapshot.
-//! - `pool`: pre-established tunnel connections to busy peers.
 //! - `sink`: where flow records go (JSON lines, the console).
 //! - [`config`], [`metrics`], `admin`, `socket`: the configuration, Prometheus
 //!   metrics and the admin endpoints, socket options and syscalls.
@@ -45,7 +45,6 @@ mod open;
 mod outbound;
 mod plain;
 mod plan;
-mod pool;
 mod queued;
 mod relay;
 mod service;

@@ -1,31 +1,33 @@
 //! The mesh tunnel between enforcers, for flows from one PU to another.
 //!
-//! Client ([`client`], the enforcer of the PU that connects): TCP to
-//! `<peer ip>:15008`, TLS 1.3 with our workload certificate; the server's certificate
-//! must name the PU registered at that IP (else: impersonation); we decide as outgoing
-//! on the *certificate's* tags, then send the request (target port, our encrypt wish)
-//! and read the server's answer. Server ([`server`]): decides as incoming on the
-//! client's certificate tags and answers with a reason code. A reject at either end
-//! becomes an RST to the connecting application. The wire format is in [`wire`].
+//! One TLS 1.3 connection per pair of enforcers carries HTTP/2 ([`conns`]); each flow is
+//! one `CONNECT` stream on it ([`wire`]), so no flow pays a handshake. Client
+//! ([`client`], the enforcer of the PU that connects): the connection to `<peer
+//! ip>:15008` must present the certificate of the PU registered at that IP (else:
+//! impersonation); we decide as outgoing on the *certificate's* tags, then open a stream
+//! (target port, our encrypt wish) and read the server's answer. Server ([`server`]): the
+//! connection's certificate must name the PU registered at its source address; each
+//! stream is decided as incoming on those certificate tags and answered with a reason
+//! code. A reject at either end becomes an RST to the connecting application.
 //!
-//! UDP sessions (request flag) stay inside TLS after the accept, each datagram a frame
-//! (see `wire` and `relay::datagrams`).
-//!
-//! Data after an accept: encrypted through TLS when either decision asks for it;
-//! otherwise both ends leave TLS and splice plaintext. Leaving TLS loses and duplicates
-//! nothing because neither side can read the other's plaintext into its TLS buffer:
-//! the server sends its answer and `close_notify`, then nothing until it has read the
-//! client's `close_notify`; the client reads the server's `close_notify`, sends its own,
-//! and sends no plaintext until it has read the raw [`GO`](wire::GO) byte the server
-//! sends after that.
+//! Data after an accept: encrypted in the flow's stream when either decision asks for it
+//! (UDP sessions always, each datagram a frame); otherwise the server answers with a
+//! single-use ticket ([`tickets`]) and the client opens a plain TCP connection to the
+//! tunnel port that presents it; the server checks that it comes from the address of
+//! the PU it issued it to, and both ends splice. docs/design.md gives the threat model.
 
 pub(crate) mod client;
+pub(crate) mod conns;
 pub(crate) mod server;
+pub(crate) mod tickets;
 pub mod wire;
+
+/// The body type of tunnel requests and answers: empty (a flow's bytes travel in the
+/// upgraded stream).
+pub(crate) type Body = http_body_util::Empty<bytes::Bytes>;
 
 use segmesh_identity::{IdentityError, WorkloadIdentity};
 use segmesh_policy::{Decision, Direction, PreparedPeer, Tag, TagSet};
-use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::metrics::{HandshakeLabels, Role};
 use crate::snapshot::Snapshot;
@@ -86,21 +88,4 @@ fn rejection_of(e: &std::io::Error) -> &'static str {
         .and_then(|i| i.downcast_ref::<rustls::Error>())
         .and_then(IdentityError::from_rustls)
         .map_or("tls_error", |r| r.as_str())
-}
-
-/// Reads until the peer's `close_notify` (EOF of the TLS stream); any data is a
-/// protocol violation.
-async fn read_close_notify<S: AsyncRead + Unpin>(tls: &mut S) -> std::io::Result<()> {
-    let mut b = [0u8; 1];
-    match tls.read(&mut b).await? {
-        0 => Ok(()),
-        _ => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "data after the tunnel answer",
-        )),
-    }
-}
-
-fn invalid(what: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, what)
 }

@@ -89,6 +89,7 @@ pub struct Metrics {
     pub handshakes: Family<HandshakeLabels, Counter>,
     pub tls_bytes: Counter,
     pub pool: Family<PoolLabels, Counter>,
+    pub tickets: Family<PoolLabels, Counter>,
     pub console_flows_dropped: Counter,
     pub console_flows_sent: Counter,
     pub console_requests: Family<ReloadLabels, Counter>,
@@ -119,6 +120,7 @@ impl Default for Metrics {
             handshakes: Family::default(),
             tls_bytes: Counter::default(),
             pool: Family::default(),
+            tickets: Family::default(),
             console_flows_dropped: Counter::default(),
             console_flows_sent: Counter::default(),
             console_requests: Family::default(),
@@ -192,9 +194,14 @@ impl Default for Metrics {
             m.tls_bytes.clone(),
         );
         registry.register(
-            "tunnel_pool",
-            "Outbound tunnel flows by whether a pre-established connection was ready",
+            "tunnel_connections",
+            "Outbound tunnel flows by whether they took an established multiplexed connection (`reused`) or needed a new one (`new`)",
             m.pool.clone(),
+        );
+        registry.register(
+            "tunnel_tickets",
+            "Authenticated-only tunnel tickets: `issued`, `redeemed`, `expired`, `unknown` (never issued, used or expired), `address` (presented from another address), `full` (none issued: the table is full)",
+            m.tickets.clone(),
         );
         registry.register(
             "console_flow_records_dropped",

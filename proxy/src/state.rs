@@ -16,7 +16,6 @@ use crate::metrics::{
     direction_label,
 };
 use crate::open::OpenFlows;
-use crate::pool::Pool;
 use crate::relay::splice::DataPath;
 use crate::sink::Sinks;
 use crate::snapshot::Snapshot;
@@ -34,7 +33,10 @@ pub struct Shared {
     pub(crate) handshakes: Arc<Semaphore>,
     /// Server-side handshakes in flight per source address.
     pub(crate) handshakes_by_source: Arc<PerSource>,
-    pub(crate) pool: Pool,
+    /// Multiplexed tunnel connections to peer enforcers (client role).
+    pub(crate) conns: crate::mesh::conns::Conns,
+    /// Tickets issued to peers for authenticated-only flows (server role).
+    pub(crate) tickets: crate::mesh::tickets::Tickets,
     pub(crate) open: OpenFlows,
     /// UDP sessions by 5-tuple.
     pub(crate) udp: crate::udp::Sessions,
@@ -63,7 +65,8 @@ impl Shared {
             handshakes_by_source: Arc::new(PerSource::new(
                 settings.limits.max_handshakes_per_source,
             )),
-            pool: Pool::default(),
+            conns: Default::default(),
+            tickets: Default::default(),
             open: OpenFlows::default(),
             udp: Default::default(),
             names: Default::default(),

@@ -501,6 +501,10 @@ async fn tunnel(
         // Every endpoint's tunnel failed.
         return refuse(rec, segmesh_api::FlowReason::NoEndpoint, None);
     };
+    let crate::mesh::client::Data::Stream(stream) = n.data else {
+        // A UDP request is always encrypted: negotiate refuses a ticket for it.
+        return refuse(rec, segmesh_api::FlowReason::Internal, None);
+    };
     let reply = match reply_socket(from, to, shared.settings.socket_mark) {
         Ok(r) => r,
         Err(e) => {
@@ -508,7 +512,7 @@ async fn tunnel(
             return refuse(rec, segmesh_api::FlowReason::Internal, None);
         }
     };
-    rec.peer_reason = Some(n.resp.reason.as_str().into());
+    rec.peer_reason = Some(n.reason.as_str().into());
     let stop = rec.relaying(Peer::Pu(crate::mesh::peer_tags(&n.peer)), port);
     let local = crate::relay::datagrams::Local {
         sock: &reply,
@@ -521,7 +525,7 @@ async fn tunnel(
         evict: Some(&s.evict),
         touch: &touch,
     };
-    let (c, close) = crate::relay::datagrams::relay(n.stream, local, ends).await;
+    let (c, close) = crate::relay::datagrams::relay(stream, local, ends).await;
     shared.udp.remove(&key, &s, &shared);
     rec.datagrams = Some((c.sent, c.received));
     rec.finish(Moved {

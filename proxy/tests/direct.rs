@@ -3,7 +3,7 @@
 //! namespaces, no capture rules. What capture would do is done by hand: the test accepts
 //! the application's connection and hands it to the enforcer with its original
 //! destination ([`Enforcer::proxy_outbound`]). Tested here: the tunnel protocol at both
-//! ends, impersonation, the pool, reloads, the re-decision of open flows, graceful
+//! ends, impersonation, one multiplexed connection for every flow, tickets, reloads, the re-decision of open flows, graceful
 //! shutdown, and the flow records' shape.
 
 use std::net::SocketAddr;
@@ -72,7 +72,7 @@ impl Lab {
 
     /// Starts `name`'s enforcer at its address; its certificate names `cert_name` (the
     /// PU itself, unless the test impersonates).
-    async fn enforcer(&self, name: &str, cert_name: &str, tags: &[&str], pool: usize) -> Enforcer {
+    async fn enforcer(&self, name: &str, cert_name: &str, tags: &[&str]) -> Enforcer {
         let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
         let id = SpiffeId::new("segmesh.local", "/acme/shop", cert_name).unwrap();
         let tag_list: Vec<String> = tags.iter().map(|s| s.to_string()).collect();
@@ -99,7 +99,7 @@ impl Lab {
              policies: [policies.yaml]\n\
              flow_log: {name}.jsonl\n\
              listeners: {{outbound: 0, inbound: 0, admin: 0, tunnel: {tunnel}, address: {addr}}}\n\
-             limits: {{handshake_timeout: 2s, tunnel_pool: {pool}}}\n",
+             limits: {{handshake_timeout: 2s}}\n",
             tags = tags.join(", "),
             tunnel = self.tunnel,
         );
@@ -199,7 +199,7 @@ struct Pair {
     out_only: SocketAddr,
 }
 
-async fn pair(tag: &str, pool: usize) -> Pair {
+async fn pair(tag: &str) -> Pair {
     let lab = Lab::new(tag, &[WEB, API]);
     let (enc, plain, out_only) = (
         echo_server(API.1).await,
@@ -207,8 +207,8 @@ async fn pair(tag: &str, pool: usize) -> Pair {
         echo_server(API.1).await,
     );
     lab.policies(&policies(enc.port(), plain.port(), out_only.port()));
-    let web = Arc::new(lab.enforcer("web", "web", &["app=web"], pool).await);
-    let api = Arc::new(lab.enforcer("api", "api", &["app=api"], pool).await);
+    let web = Arc::new(lab.enforcer("web", "web", &["app=web"]).await);
+    let api = Arc::new(lab.enforcer("api", "api", &["app=api"]).await);
     Pair {
         lab,
         web,
@@ -221,7 +221,7 @@ async fn pair(tag: &str, pool: usize) -> Pair {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_carries_encrypted_and_spliced_flows_and_records_both_ends() {
-    let p = pair("modes", 0).await;
+    let p = pair("modes").await;
     for (target, path) in [(p.enc, "tls"), (p.plain, "spliced")] {
         let app = app_connect(&p.web, WEB.1, target).await;
         let msg = vec![7u8; 300_000];
@@ -260,7 +260,7 @@ async fn tunnel_carries_encrypted_and_spliced_flows_and_records_both_ends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_end_decides_and_says_who_refused() {
-    let p = pair("ends", 0).await;
+    let p = pair("ends").await;
     // Allowed as outgoing at web, but api's enforcer has no incoming allow.
     let app = app_connect(&p.web, WEB.1, p.out_only).await;
     let err = exchange(app, b"x").await.unwrap_err();
@@ -302,8 +302,8 @@ async fn a_valid_certificate_at_another_pus_address_is_an_impersonation() {
     let lab = Lab::new("imp", &[WEB, API]);
     let target = echo_server(API.1).await;
     lab.policies(&policies(target.port(), 1, 2));
-    let web = Arc::new(lab.enforcer("web", "web", &["app=web"], 0).await);
-    let _db = lab.enforcer("api", "db", &["app=api"], 0).await;
+    let web = Arc::new(lab.enforcer("web", "web", &["app=web"]).await);
+    let _db = lab.enforcer("api", "db", &["app=api"]).await;
     let app = app_connect(&web, WEB.1, target).await;
     assert!(exchange(app, b"x").await.is_err());
     let r = lab.record("web", |r| r["reason"] == "impersonation").await;
@@ -323,26 +323,109 @@ fn metric(e: &Enforcer, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Every flow between two enforcers, encrypted or not, takes the one connection made
+/// for the first: one TLS handshake at each end, whatever the number of flows; the
+/// authenticated-only ones each redeem one ticket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pooled_connections_carry_later_flows() {
-    let p = pair("pool", 2).await;
+async fn one_connection_carries_every_flow() {
+    let p = pair("mux").await;
     for i in 0..6 {
-        let app = app_connect(&p.web, WEB.1, p.enc).await;
+        let target = if i % 2 == 0 { p.enc } else { p.plain };
+        let app = app_connect(&p.web, WEB.1, target).await;
         let msg = format!("flow {i}");
         assert_eq!(exchange(app, msg.as_bytes()).await.unwrap(), msg.as_bytes());
     }
-    let hits = metric(&p.web, "segmesh_tunnel_pool_total{result=\"hit\"}");
-    assert!(hits >= 4.0, "pool hits: {hits}");
-    // Each flow is recorded once at each end, pooled or not.
+    let full = "segmesh_tunnel_handshakes_total{role=\"Client\",result=\"ok\"}";
+    assert_eq!(metric(&p.web, full), 1.0);
+    let served = "segmesh_tunnel_handshakes_total{role=\"Server\",result=\"ok\"}";
+    assert_eq!(metric(&p.api, served), 1.0);
+    let reused = "segmesh_tunnel_connections_total{result=\"reused\"}";
+    assert_eq!(metric(&p.web, reused), 5.0);
+    let redeemed = "segmesh_tunnel_tickets_total{result=\"redeemed\"}";
+    assert_eq!(metric(&p.api, redeemed), 3.0);
+    // Each flow is recorded once at each end.
     eventually("six records at each end", || {
         p.lab.records("web").len() == 6 && p.lab.records("api").len() == 6
     })
     .await;
+    let spliced = p.lab.records("api");
+    let spliced: Vec<&Value> = spliced
+        .iter()
+        .filter(|r| r["destination"]["port"] == p.plain.port())
+        .collect();
+    assert_eq!(spliced.len(), 3);
+    for r in spliced {
+        assert_eq!(r["data_path"], "spliced", "{r}");
+        assert_eq!(r["source"]["ip"], WEB.1, "{r}");
+    }
+}
+
+/// Flows that share a connection do not hold each other up: one whose application
+/// never reads (its stream's window fills) leaves another free to move megabytes; a
+/// reset of one ends only that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_on_one_connection_are_isolated() {
+    let lab = Lab::new("isolated", &[WEB, API]);
+    let enc = echo_server(API.1).await;
+    // A server that accepts and never reads.
+    let stuck_server = TcpListener::bind((API.1, 0)).await.unwrap();
+    let stuck_addr = stuck_server.local_addr().unwrap();
+    lab.policies(
+        &policies(enc.port(), stuck_addr.port(), 1).replace("encrypt: false", "encrypt: true"),
+    );
+    let web = Arc::new(lab.enforcer("web", "web", &["app=web"]).await);
+    let _api = lab.enforcer("api", "api", &["app=api"]).await;
+    let held = tokio::spawn(async move {
+        let (s, _) = stuck_server.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(s);
+    });
+    let mut stuck = app_connect(&web, WEB.1, stuck_addr).await;
+    // Fill the stuck flow: writes stop completing once every buffer on its path is full.
+    let chunk = vec![1u8; 64 << 10];
+    let mut pushed = 0usize;
+    while let Ok(Ok(())) =
+        tokio::time::timeout(Duration::from_millis(500), stuck.write_all(&chunk)).await
+    {
+        pushed += chunk.len();
+        assert!(pushed < 256 << 20, "the stuck flow never filled");
+    }
+    // Meanwhile another flow on the same connection moves 8 MiB both ways.
+    let app = app_connect(&web, WEB.1, enc).await;
+    let (mut rd, mut wr) = app.into_split();
+    let writer = tokio::spawn(async move {
+        let msg = vec![9u8; 8 << 20];
+        wr.write_all(&msg).await.unwrap();
+        wr.shutdown().await.unwrap();
+    });
+    let mut echoed = Vec::new();
+    tokio::time::timeout(LIMIT, rd.read_to_end(&mut echoed))
+        .await
+        .expect("the free flow is not held up")
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(echoed.len(), 8 << 20);
+    // Resetting the stuck flow ends it alone; the connection carries the next flow.
+    app_reset(stuck);
+    let app = app_connect(&web, WEB.1, enc).await;
+    assert_eq!(exchange(app, b"after").await.unwrap(), b"after");
+    let full = "segmesh_tunnel_handshakes_total{role=\"Client\",result=\"ok\"}";
+    assert_eq!(metric(&web, full), 1.0, "all on one connection");
+    held.abort();
+}
+
+/// An RST from the application: SO_LINGER 0, then close.
+fn app_reset(s: TcpStream) {
+    let s = s.into_std().unwrap();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_rejects_closes_open_flows_and_new_ones() {
-    let p = pair("reload", 0).await;
+    let p = pair("reload").await;
     let mut app = app_connect(&p.web, WEB.1, p.plain).await;
     app.write_all(b"hello").await.unwrap();
     let mut b = [0u8; 5];
@@ -376,7 +459,7 @@ async fn a_reload_that_rejects_closes_open_flows_and_new_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_then_closes_and_records() {
-    let p = pair("drain", 0).await;
+    let p = pair("drain").await;
     // One flow that ends during the drain, one that never ends by itself.
     let mut finishing = app_connect(&p.web, WEB.1, p.enc).await;
     let mut lingering = app_connect(&p.web, WEB.1, p.plain).await;
@@ -443,7 +526,7 @@ fn p_port(records: &[Value], path: &str) -> u16 {
 /// holds what the enforcer wrote before its reasons were typed: the JSON is unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flow_records_keep_their_shape() {
-    let p = pair("shape", 0).await;
+    let p = pair("shape").await;
     for target in [p.enc, p.plain, p.out_only] {
         let app = app_connect(&p.web, WEB.1, target).await;
         let _ = exchange(app, b"shape").await;

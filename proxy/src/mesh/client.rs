@@ -1,43 +1,30 @@
-//! The tunnel's client role: our PU connects to a registered PU. A pooled connection
-//! (TCP, TLS and the peer's identity done ahead) or a new one; the peer's certificate
-//! must name the PU registered at the address; our decision on its certificate tags;
-//! the request and the server's answer; then the bytes, encrypted or spliced.
+//! The tunnel's client role: our PU connects to a registered PU. The flow takes the
+//! multiplexed connection to the peer's enforcer ([`conns`](super::conns)); the peer's
+//! certificate must name the PU registered at the address; our decision on its
+//! certificate tags; the request and the server's answer on a new stream; then the bytes,
+//! encrypted in that stream or, with the server's ticket, spliced on a connection of
+//! their own.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use rustls_pki_types::ServerName;
+use hyper_util::rt::TokioIo;
 use segmesh_api::{FlowReason, Side};
 use segmesh_identity::WorkloadIdentity;
-use segmesh_identity::{TlsConfigs, peer_identity};
 use segmesh_policy::{Direction, FlowPort, Protocol, Verdict};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
-use super::wire::{GO, RESPONSE_LEN, Request, Response};
-use super::{decide, handshake_result, invalid, peer_tags, read_close_notify, rejection_of};
+use super::conns::{Conn, EstablishError};
+use super::wire::{Reason, Request, Response};
+use super::{Body, decide, peer_tags};
 use crate::flow::{Recorder, reason_of};
-use crate::metrics::{ErrorKind, PoolLabels, Role};
+use crate::metrics::PoolLabels;
 use crate::open::Peer;
-use crate::pool::Established;
 use crate::relay::splice::{self, Progress};
 use crate::relay::{Moved, tls};
 use crate::snapshot::RegisteredPu;
 use crate::state::Shared;
-
-/// Why no tunnel connection could be made.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum EstablishError {
-    #[error("the peer's tunnel port cannot be reached")]
-    Unreachable,
-    #[error("the peer's certificate was refused: {0}")]
-    PeerCertificate(&'static str),
-    #[error("the TLS handshake did not finish in time")]
-    HandshakeTimeout,
-    #[error("too many tunnel handshakes in flight")]
-    Overload,
-}
 
 impl EstablishError {
     fn reason(&self) -> FlowReason {
@@ -50,110 +37,62 @@ impl EstablishError {
     }
 }
 
-/// TCP, TLS and the peer's identity: a tunnel connection ready for a request.
-async fn establish(
-    shared: &Shared,
-    tls: &Arc<TlsConfigs>,
-    ip: IpAddr,
-) -> Result<Established, EstablishError> {
-    let listeners = &shared.settings.listeners;
-    let limits = &shared.settings.limits;
-    let peer_addr = SocketAddr::new(ip, listeners.tunnel);
-    let mark = shared.settings.socket_mark;
-    let connect = crate::socket::connect(peer_addr, listeners.address, mark);
-    let tcp = match tokio::time::timeout(limits.connect_timeout, connect).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(_)) | Err(_) => {
-            shared.error(ErrorKind::ConnectFailed);
-            return Err(EstablishError::Unreachable);
-        }
-    };
-    let _ = tcp.set_nodelay(true);
-    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
-    let handshake = connector.connect(ServerName::IpAddress(ip.into()), tcp);
-    let stream = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let why = rejection_of(&e);
-            handshake_result(shared, Role::Client, why);
-            return Err(EstablishError::PeerCertificate(why));
-        }
-        Err(_) => {
-            handshake_result(shared, Role::Client, "timeout");
-            return Err(EstablishError::HandshakeTimeout);
-        }
-    };
-    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    handshake_result(shared, Role::Client, if resumed { "resumed" } else { "ok" });
-    let peer = peer_identity(stream.get_ref().1)
-        .map_err(|e| EstablishError::PeerCertificate(e.rejection().as_str()))?;
-    Ok(Established::new(stream, peer, resumed, tls.clone()))
+/// Where a negotiated flow's bytes go.
+pub(crate) enum Data {
+    /// Encrypted: the flow's own stream on the multiplexed connection.
+    Stream(TokioIo<hyper::upgrade::Upgraded>),
+    /// Authenticated-only: a plain connection to the peer's tunnel port that presented
+    /// the server's ticket.
+    Plain(TcpStream),
 }
 
-/// Brings the peer's pool back to its size, in the background.
-fn refill(shared: &Arc<Shared>, tls: &Arc<TlsConfigs>, ip: IpAddr) {
-    let addr = SocketAddr::new(ip, shared.settings.listeners.tunnel);
-    for _ in 0..shared
-        .pool
-        .reserve(addr, shared.settings.limits.tunnel_pool)
-    {
-        let (shared, tls) = (shared.clone(), tls.clone());
-        tokio::spawn(async move {
-            let Ok(_permit) = shared.handshakes.clone().try_acquire_owned() else {
-                return shared.pool.failed(addr);
-            };
-            match establish(&shared, &tls, ip).await {
-                Ok(e) => shared.pool.put(addr, e),
-                Err(_) => shared.pool.failed(addr),
-            }
-        });
-    }
-}
-
-/// A tunnel connection to `ip`: from the pool, or made now.
-async fn obtain(
-    shared: &Arc<Shared>,
-    tls: &Arc<TlsConfigs>,
-    ip: IpAddr,
-) -> Result<Established, EstablishError> {
-    let addr = SocketAddr::new(ip, shared.settings.listeners.tunnel);
-    let pooled = shared.pool.take(addr, tls);
-    shared
-        .metrics
-        .pool
-        .get_or_create(&PoolLabels {
-            result: if pooled.is_some() { "hit" } else { "miss" },
-        })
-        .inc();
-    let established = match pooled {
-        Some(e) => Ok(e),
-        None => match shared.handshakes.clone().try_acquire_owned() {
-            Ok(_handshake) => establish(shared, tls, ip).await,
-            Err(_) => {
-                shared.error(ErrorKind::Overload);
-                Err(EstablishError::Overload)
-            }
-        },
-    };
-    if shared.settings.limits.tunnel_pool > 0 {
-        refill(shared, tls, ip);
-    }
-    established
-}
-
-/// A tunnel connection to the PU registered at `target`, its identity checked, our
-/// decision on its certificate taken, the request sent and accepted: what the flow's
-/// data plane then uses. The error is the refusal and who refused.
+/// A flow to the PU registered at `target`, its identity checked, our decision on its
+/// certificate taken, the request sent and accepted: what the flow's data plane then
+/// uses. The error is the refusal and who refused.
 pub(crate) struct Negotiated {
-    pub stream: TlsStream<TcpStream>,
+    pub data: Data,
     pub peer: WorkloadIdentity,
-    pub resp: Response,
+    pub reason: Reason,
 }
 
 pub(crate) type Refusal = (FlowReason, Option<Side>);
 
+/// The connection to the peer at `ip`, counted as reused or new.
+async fn connection(
+    shared: &Arc<Shared>,
+    tls: &Arc<segmesh_identity::TlsConfigs>,
+    ip: std::net::IpAddr,
+) -> Result<(Arc<Conn>, bool), EstablishError> {
+    let got = shared.conns.get(shared, tls, ip).await;
+    if let Ok((_, new)) = &got {
+        shared
+            .metrics
+            .pool
+            .get_or_create(&PoolLabels {
+                result: if *new { "new" } else { "reused" },
+            })
+            .inc();
+    }
+    got
+}
+
+/// Sends `request` on `conn` and reads the answer (bounded by the handshake timeout).
+async fn exchange(
+    shared: &Shared,
+    conn: &Conn,
+    request: http::Request<Body>,
+) -> Result<http::Response<hyper::body::Incoming>, ()> {
+    let mut send = conn.send.clone();
+    let limit = shared.settings.limits.handshake_timeout;
+    let sent = async {
+        send.ready().await.map_err(|_| ())?;
+        send.send_request(request).await.map_err(|_| ())
+    };
+    tokio::time::timeout(limit, sent).await.map_err(|_| ())?
+}
+
 /// Negotiates a flow to `pu` at `target` on `port` (`udp/N`: a UDP session, which stays
-/// encrypted inside TLS).
+/// encrypted in its stream).
 pub(crate) async fn negotiate(
     rec: &mut Recorder,
     target: SocketAddr,
@@ -168,55 +107,95 @@ pub(crate) async fn negotiate(
     if !rec.admit() {
         return Err((FlowReason::Overload, None));
     }
-    let Established {
-        mut stream,
-        peer,
-        resumed,
-        ..
-    } = obtain(&shared, &tls, target.ip())
+    let ip = target.ip();
+    let (mut conn, mut new) = connection(&shared, &tls, ip)
         .await
         .map_err(|e| (e.reason(), None))?;
-    rec.peer_identity = Some(peer.spiffe_id().to_string());
-    rec.resumed = Some(resumed);
-    if peer.name != pu.name || peer.namespace != pu.namespace {
+    rec.peer_identity = Some(conn.peer.spiffe_id().to_string());
+    rec.resumed = Some(conn.resumed);
+    if conn.peer.name != pu.name || conn.peer.namespace != pu.namespace {
         // Someone else answers at that address with a valid certificate.
         return Err((FlowReason::Impersonation, Some(Side::Client)));
     }
-    let d = decide(&snap, Direction::Outgoing, &peer, port, &shared);
+    let d = decide(&snap, Direction::Outgoing, &conn.peer, port, &shared);
     let (verdict, encrypt, reason) = (d.verdict, d.encrypt, reason_of(&d));
     rec.decided(d);
     if verdict == Verdict::Reject {
         return Err((reason, Some(Side::Client)));
     }
     let udp = port.protocol == Protocol::Udp;
-    let limit = shared.settings.limits.handshake_timeout;
-    let exchange = async {
-        let request = Request {
-            port: target.port(),
-            encrypt: encrypt || udp,
-            udp,
-        };
-        stream.write_all(&request.encode()).await?;
-        stream.flush().await?;
-        let mut b = [0u8; RESPONSE_LEN];
-        stream.read_exact(&mut b).await?;
-        Response::decode(&b).map_err(invalid)
+    let request = Request {
+        port: target.port(),
+        encrypt: encrypt || udp,
+        udp,
     };
-    let resp = match tokio::time::timeout(limit, exchange).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) | Err(_) => return Err((FlowReason::TunnelProtocol, Some(Side::Server))),
+    let to_http = || request.to_http(target).map(|()| Body::new());
+    let answer = loop {
+        match exchange(&shared, &conn, to_http()).await {
+            Ok(a) => break a,
+            // A reused connection the server was closing as we sent: once more on a
+            // new one (the server never saw the stream).
+            Err(()) if !new => {
+                shared
+                    .conns
+                    .discard(ip, shared.settings.listeners.tunnel, &conn)
+                    .await;
+                (conn, new) = connection(&shared, &tls, ip)
+                    .await
+                    .map_err(|e| (e.reason(), None))?;
+                if conn.peer.name != pu.name || conn.peer.namespace != pu.namespace {
+                    return Err((FlowReason::Impersonation, Some(Side::Client)));
+                }
+            }
+            Err(()) => return Err((FlowReason::TunnelProtocol, Some(Side::Server))),
+        }
     };
-    if !resp.accept {
+    let resp = match Response::from_http(answer.status(), answer.headers()) {
+        Ok(r) => r,
+        Err(_) => return Err((FlowReason::TunnelProtocol, Some(Side::Server))),
+    };
+    if !resp.accept() {
         rec.peer_reason = Some(resp.reason.as_str().into());
         return Err((reason, Some(Side::Server)));
     }
-    // Our decision asked for encryption: a server that answers without it (an honest
-    // one never does: it encrypts when either end asks) would get the flow in plaintext.
-    if (encrypt || udp) && !resp.encrypt {
-        rec.peer_reason = Some("dropped-encryption".into());
-        return Err((FlowReason::TunnelProtocol, Some(Side::Server)));
-    }
-    Ok(Negotiated { stream, peer, resp })
+    let data = match resp.ticket {
+        None => match hyper::upgrade::on(answer).await {
+            Ok(up) => Data::Stream(TokioIo::new(up)),
+            Err(_) => return Err((FlowReason::TunnelProtocol, Some(Side::Server))),
+        },
+        // Our decision asked for encryption: a server that answers with a ticket (an
+        // honest one never does: it encrypts when either end asks) would get the flow in
+        // plaintext.
+        Some(_) if request.encrypt => {
+            rec.peer_reason = Some("dropped-encryption".into());
+            return Err((FlowReason::TunnelProtocol, Some(Side::Server)));
+        }
+        Some(ticket) => {
+            let peer_addr = SocketAddr::new(ip, shared.settings.listeners.tunnel);
+            let listeners = &shared.settings.listeners;
+            let limit = shared.settings.limits.connect_timeout;
+            let opened = async {
+                let mut tcp = crate::socket::connect(
+                    peer_addr,
+                    listeners.address,
+                    shared.settings.socket_mark,
+                )
+                .await?;
+                let _ = tcp.set_nodelay(true);
+                tcp.write_all(&ticket.preface()).await?;
+                Ok::<_, std::io::Error>(tcp)
+            };
+            match tokio::time::timeout(limit, opened).await {
+                Ok(Ok(tcp)) => Data::Plain(tcp),
+                _ => return Err((FlowReason::TunnelUnreachable, Some(Side::Server))),
+            }
+        }
+    };
+    Ok(Negotiated {
+        data,
+        peer: conn.peer.clone(),
+        reason: resp.reason,
+    })
 }
 
 /// Our PU connects to the registered PU `pu` at `target`.
@@ -235,47 +214,16 @@ pub(crate) async fn connect(
 /// Moves the bytes of a negotiated flow to `port` of the peer's workload until it ends.
 pub(crate) async fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated) {
     let shared = rec.shared().clone();
-    let Negotiated {
-        mut stream,
-        peer,
-        resp,
-    } = n;
-    let limit = shared.settings.limits.handshake_timeout;
+    let Negotiated { data, peer, reason } = n;
     let stop = rec.relaying(Peer::Pu(peer_tags(&peer)), port);
-    let moved = if resp.encrypt {
-        tls::relay(
-            app,
-            &mut stream,
-            shared.settings.limits.idle_timeout,
-            &stop.notify,
-        )
-        .await
-    } else {
-        // Leave TLS: the server's close_notify, ours, then the raw GO byte.
-        let left = async {
-            read_close_notify(&mut stream).await?;
-            stream.get_mut().1.send_close_notify();
-            stream.flush().await?;
-            let (mut tcp, _) = stream.into_inner();
-            let mut go = [0u8; 1];
-            tcp.read_exact(&mut go).await?;
-            if go[0] != GO {
-                return Err(invalid("no GO byte"));
-            }
-            Ok(tcp)
-        };
-        match tokio::time::timeout(limit, left).await {
-            Ok(Ok(tcp)) => {
-                let p = Progress::default();
-                let idle = shared.settings.limits.idle_timeout;
-                Moved::plain(splice::relay_until(app, tcp, idle, false, &p, &stop.notify).await)
-            }
-            _ => {
-                rec.abandon_relay();
-                return rec.reset(app, FlowReason::TunnelProtocol, Some(Side::Server));
-            }
+    let idle = shared.settings.limits.idle_timeout;
+    let moved = match data {
+        Data::Stream(mut s) => tls::relay(app, &mut s, idle, &stop.notify).await,
+        Data::Plain(tcp) => {
+            let p = Progress::default();
+            Moved::plain(splice::relay_until(app, tcp, idle, false, &p, &stop.notify).await)
         }
     };
-    rec.peer_reason = Some(resp.reason.as_str().into());
+    rec.peer_reason = Some(reason.as_str().into());
     rec.finish(moved);
 }

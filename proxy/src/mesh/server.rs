@@ -1,50 +1,48 @@
-//! The tunnel's server role: a peer enforcer connects to our tunnel port. Its
-//! certificate must chain to our bundle and name the PU registered at the address it
-//! comes from; the request is bounded in size and time; we decide as incoming on its
-//! certificate's tags (with the snapshot of the request's moment), answer, connect to
-//! our workload and relay.
+//! The tunnel's server role: a peer enforcer connects to our tunnel port. A connection
+//! that starts with a ticket preface is an authenticated-only flow's data
+//! ([`tickets`](super::tickets)); any other must be TLS whose certificate chains to our
+//! bundle and names the PU registered at the address it comes from, then HTTP/2. Each
+//! stream is one flow: decided as incoming on the certificate's tags (with the snapshot
+//! of the stream's moment), answered, connected to our workload and relayed.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use http_body_util::Empty;
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use segmesh_api::{CloseReason, FlowReason, Side};
 use segmesh_identity::{WorkloadIdentity, peer_identity};
 use segmesh_policy::{Direction, FlowPort, Verdict};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::wire::{GO, MAX_EXT, REQUEST_LEN, Reason, Request, Response};
-use super::{decide, handshake_result, invalid, peer_tags, read_close_notify, rejection_of};
+use super::conns::{CONNECTION_WINDOW, MAX_AGE, MAX_FRAME, SERVER_IDLE, STREAM_WINDOW};
+use super::tickets::Pending;
+use super::wire::{MAGIC, Reason, Request, Response};
+use super::{Body, decide, handshake_result, peer_tags, rejection_of};
 use crate::flow::{Flow, Recorder, reason_of};
 use crate::metrics::{ErrorKind, Role};
 use crate::open::Peer;
-use crate::pool::SERVER_IDLE;
-use crate::relay::splice::{self, Close, DataPath, Progress};
+use crate::relay::splice::Close;
 use crate::relay::{Moved, datagrams, tls};
 use crate::snapshot::Snapshot;
 use crate::state::Shared;
 
-/// Sends an answer; a peer that went away meanwhile changes nothing.
-async fn answer<S: AsyncWrite + Unpin>(stream: &mut S, reason: Reason, encrypt: bool) {
-    let r = Response {
-        accept: reason == Reason::Accepted,
-        reason,
-        encrypt,
-    };
-    let _ = stream.write_all(&r.encode()).await;
-    let _ = stream.flush().await;
-}
+/// Streams (flows) one connection may have open at once: idle long-lived flows must
+/// not hold up new ones, so this is as high as the enforcer's own connection limit.
+const MAX_STREAMS: u32 = 16_384;
 
 /// The certificate names the PU registered at the address the connection comes from: a
 /// valid certificate presented from another workload's address is an impersonation.
-fn registered(snap: &Snapshot, from: SocketAddr, peer: &WorkloadIdentity) -> bool {
+pub(crate) fn registered(snap: &Snapshot, from: SocketAddr, peer: &WorkloadIdentity) -> bool {
     snap.registry
         .get(&from.ip())
         .is_some_and(|r| r.name == peer.name && r.namespace == peer.namespace)
 }
 
-/// Serves one tunnel connection from `from`.
+/// Serves one connection to the tunnel port from `from`.
 pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr) {
     let snap = shared.snapshot();
     let from = SocketAddr::new(from.ip().to_canonical(), from.port());
@@ -52,36 +50,50 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         .local_addr()
         .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
         .unwrap_or(from);
-    let mut flow = Flow::new(Direction::Incoming, from, local);
-    flow.destination.pu = Some(snap.pu_qualified());
-    let mut rec = Recorder::new(&shared, snap.clone(), flow);
+    let refusal = |snap: Arc<Snapshot>| {
+        let mut flow = Flow::new(Direction::Incoming, from, local);
+        flow.destination.pu = Some(snap.pu_qualified());
+        Recorder::new(&shared, snap, flow)
+    };
     let server = Some(Side::Server);
     let Some(tls) = snap.tls.clone() else {
-        return rec.refuse(FlowReason::NoIdentity, server);
+        return refusal(snap).refuse(FlowReason::NoIdentity, server);
     };
     // Overload refusals are counted, not each recorded (a flood must not flood the
     // flow log): one address gets a bounded share of the handshakes in flight.
     let Some(per_source) = shared.handshakes_by_source.try_acquire(from.ip()) else {
         shared.error(ErrorKind::Overload);
-        return rec.forget();
+        return;
     };
     let Ok(handshake) = shared.handshakes.clone().try_acquire_owned() else {
         shared.error(ErrorKind::Overload);
-        return rec.forget();
+        return;
     };
     let limit = shared.settings.limits.handshake_timeout;
+    // A ticket or a TLS handshake: the first byte tells.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limit, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == MAGIC[0] => {
+            let permits = (handshake, per_source);
+            return super::tickets::serve(shared.clone(), tcp, from, local, permits).await;
+        }
+        Ok(Ok(1)) => {}
+        // Closed before a byte: nothing was asked.
+        Ok(_) => return,
+        Err(_) => return refusal(snap).refuse(FlowReason::HandshakeTimeout, server),
+    }
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
-    let mut stream = match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+    let stream = match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let why = rejection_of(&e);
             handshake_result(&shared, Role::Server, why);
             tracing::info!(%from, reason = why, "tunnel handshake refused");
-            return rec.refuse(FlowReason::PeerCertificate(why.into()), server);
+            return refusal(snap).refuse(FlowReason::PeerCertificate(why.into()), server);
         }
         Err(_) => {
             handshake_result(&shared, Role::Server, "timeout");
-            return rec.refuse(FlowReason::HandshakeTimeout, server);
+            return refusal(snap).refuse(FlowReason::HandshakeTimeout, server);
         }
     };
     let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
@@ -94,185 +106,286 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         Ok(p) => p,
         Err(e) => {
             let why = e.rejection().as_str().into();
-            return rec.refuse(FlowReason::PeerCertificate(why), server);
+            return refusal(snap).refuse(FlowReason::PeerCertificate(why), server);
         }
     };
-    rec.peer_identity = Some(peer.spiffe_id().to_string());
-    rec.flow.source.pu = Some(format!("{}:{}", peer.namespace, peer.name));
+    let identified = |snap| {
+        let mut rec = refusal(snap);
+        rec.peer_identity = Some(peer.spiffe_id().to_string());
+        rec.flow.source.pu = Some(format!("{}:{}", peer.namespace, peer.name));
+        rec
+    };
     if !registered(&snap, from, &peer) {
-        return rec.refuse(FlowReason::Impersonation, server);
+        return identified(snap).refuse(FlowReason::Impersonation, server);
     }
-
-    // The request: bounded in size and time. A pooled connection waits for its flow:
-    // the first byte may take up to SERVER_IDLE (the peer is authenticated); the rest
-    // of the request is bounded by the handshake timeout.
+    if stream.get_ref().1.alpn_protocol() != Some(segmesh_identity::ALPN) {
+        return identified(snap).refuse(FlowReason::BadRequest, server);
+    }
     drop(handshake);
     drop(per_source);
-    let mut b = [0u8; REQUEST_LEN];
-    let first = tokio::time::timeout(SERVER_IDLE, stream.read_exact(&mut b[..1]));
-    let first = tokio::select! {
-        r = first => r,
-        // Shutting down: a connection waiting for its flow just closes.
-        _ = shared.stopping() => return rec.forget(),
+
+    let conn = Arc::new(Connection {
+        shared: shared.clone(),
+        from,
+        local,
+        peer: peer.clone(),
+        resumed,
+        flows: AtomicUsize::new(0),
+        streamed: AtomicBool::new(false),
+        idle: tokio::sync::Notify::new(),
+    });
+    let service = {
+        let conn = conn.clone();
+        hyper::service::service_fn(move |req| {
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(conn.stream(req).await) }
+        })
     };
-    match first {
-        Ok(Ok(_)) => {}
-        // The client closed a pooled connection it never used: no flow.
-        Ok(Err(_)) => return rec.forget(),
-        Err(_) => return rec.refuse(FlowReason::IdleBeforeRequest, server),
-    }
-    let read_request = async {
-        stream.read_exact(&mut b[1..]).await?;
-        let (req, ext) = Request::decode(&b).map_err(invalid)?;
-        let mut skip = [0u8; MAX_EXT];
-        stream.read_exact(&mut skip[..ext]).await?;
-        Ok::<_, std::io::Error>(req)
-    };
-    let req = match tokio::time::timeout(limit, read_request).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) | Err(_) => {
-            answer(&mut stream, Reason::BadRequest, true).await;
-            return rec.refuse(FlowReason::BadRequest, server);
-        }
-    };
-    rec.flow.destination.port = req.port;
-    // A pooled connection's flow starts with its request, not with its handshake.
-    rec.flow.restart();
-    // A pooled connection may have waited for its request across a snapshot change:
-    // decide with the snapshot of now, not the one of the handshake.
-    let snap = shared.snapshot();
-    rec.use_snapshot(snap.clone());
-    if !registered(&snap, from, &peer) {
-        return rec.refuse(FlowReason::Impersonation, server);
-    }
-    let port = if req.udp {
-        FlowPort::udp(req.port)
-    } else {
-        FlowPort::tcp(req.port)
-    };
-    let d = decide(&snap, Direction::Incoming, &peer, port, &shared);
-    let (verdict, reason, encrypt) = (d.verdict, reason_of(&d), req.encrypt || d.encrypt);
-    let wire_reason = if d.tier.is_some() {
-        Reason::Policy
-    } else {
-        Reason::Default
-    };
-    rec.decided(d);
-    if verdict == Verdict::Reject {
-        answer(&mut stream, wire_reason, true).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-        return rec.refuse(reason, server);
-    }
-    if !rec.admit() {
-        answer(&mut stream, Reason::Overload, true).await;
-        return rec.refuse(FlowReason::Overload, server);
-    }
-    if req.udp {
-        rec.resumed = Some(resumed);
-        let peer = peer_tags(&peer);
-        return serve_udp(rec, stream, SocketAddr::new(local.ip(), req.port), peer).await;
-    }
-    let workload_addr = SocketAddr::new(local.ip(), req.port);
-    let connect = crate::socket::connect(workload_addr, None, shared.settings.socket_mark);
-    let workload = match tokio::time::timeout(shared.settings.limits.connect_timeout, connect).await
-    {
-        Ok(Ok(w)) => w,
-        _ => {
-            shared.error(ErrorKind::ConnectFailed);
-            answer(&mut stream, Reason::Unreachable, true).await;
-            return rec.ended_unrelayed(CloseReason::ConnectFailed);
-        }
-    };
-    let _ = workload.set_nodelay(true);
-    let stop = rec.relaying(Peer::Pu(peer_tags(&peer)), req.port);
-    let sent = async {
-        let accepted = Response {
-            accept: true,
-            reason: Reason::Accepted,
-            encrypt,
-        };
-        stream.write_all(&accepted.encode()).await?;
-        if !encrypt {
-            stream.get_mut().1.send_close_notify();
-        }
-        stream.flush().await
-    };
-    let ok = tokio::time::timeout(limit, sent)
-        .await
-        .is_ok_and(|r| r.is_ok());
-    let moved = if !ok {
-        Moved::nothing(Close::Error, encrypt)
-    } else if encrypt {
-        // Relayed from the workload's side: the flow's source is the peer.
-        tls::relay(
-            workload,
-            &mut stream,
-            shared.settings.limits.idle_timeout,
-            &stop.notify,
-        )
-        .await
-        .reversed()
-    } else {
-        let left = async {
-            read_close_notify(&mut stream).await?;
-            let (mut tcp, _) = stream.into_inner();
-            tcp.write_all(&[GO]).await?;
-            Ok::<_, std::io::Error>(tcp)
-        };
-        match tokio::time::timeout(limit, left).await {
-            Ok(Ok(tcp)) => {
-                let p = Progress::default();
-                let idle = shared.settings.limits.idle_timeout;
-                let o = splice::relay_until(tcp, workload, idle, false, &p, &stop.notify).await;
-                Moved::plain(o)
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.max_concurrent_streams(MAX_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(16 << 10);
+    let http = b.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(http);
+    let started = tokio::time::Instant::now();
+    let mut closing = false;
+    let ended = loop {
+        let idle_since = tokio::time::Instant::now();
+        tokio::select! {
+            r = http.as_mut() => break r,
+            // No flow for SERVER_IDLE, the connection's age, or shutdown: no new streams,
+            // open ones finish.
+            _ = idle_for(&conn, idle_since), if !closing => {
+                closing = true;
+                http.as_mut().graceful_shutdown();
             }
-            _ => Moved::nothing(Close::Error, false),
+            _ = tokio::time::sleep_until(started + MAX_AGE), if !closing => {
+                closing = true;
+                http.as_mut().graceful_shutdown();
+            }
+            _ = shared.stopping(), if !closing => {
+                closing = true;
+                http.as_mut().graceful_shutdown();
+            }
         }
     };
-    rec.resumed = Some(resumed);
-    rec.finish(moved);
+    if !conn.streamed.load(Ordering::Relaxed) {
+        // A connection that never carried a stream: either it said nothing we could
+        // read (garbage, not HTTP/2) or nothing at all.
+        let reason = if ended.is_err() {
+            FlowReason::BadRequest
+        } else {
+            FlowReason::IdleBeforeRequest
+        };
+        identified(shared.snapshot()).refuse(reason, server);
+    }
 }
 
-/// A UDP session to our workload at `target`, its datagrams framed inside the tunnel.
+/// Resolves when `conn` has carried no flow for [`SERVER_IDLE`].
+async fn idle_for(conn: &Connection, mut since: tokio::time::Instant) {
+    loop {
+        if conn.flows.load(Ordering::Relaxed) == 0 {
+            tokio::select! {
+                _ = tokio::time::sleep_until(since + SERVER_IDLE) => {
+                    if conn.flows.load(Ordering::Relaxed) == 0 {
+                        return;
+                    }
+                }
+                _ = conn.idle.notified() => {}
+            }
+        } else {
+            conn.idle.notified().await;
+        }
+        since = tokio::time::Instant::now();
+    }
+}
+
+/// One authenticated connection from a peer enforcer.
+struct Connection {
+    shared: Arc<Shared>,
+    from: SocketAddr,
+    local: SocketAddr,
+    peer: WorkloadIdentity,
+    resumed: bool,
+    /// Flows relaying in streams of this connection.
+    flows: AtomicUsize,
+    /// Whether any stream arrived.
+    streamed: AtomicBool,
+    /// Notified when a flow starts or ends.
+    idle: tokio::sync::Notify,
+}
+
+/// A flow relaying in a stream of the connection (for its idle timer).
+struct InStream(Arc<Connection>);
+
+impl InStream {
+    fn new(c: &Arc<Connection>) -> InStream {
+        c.flows.fetch_add(1, Ordering::Relaxed);
+        c.idle.notify_waiters();
+        InStream(c.clone())
+    }
+}
+
+impl Drop for InStream {
+    fn drop(&mut self) {
+        self.0.flows.fetch_sub(1, Ordering::Relaxed);
+        self.0.idle.notify_waiters();
+    }
+}
+
+fn answer(reason: Reason) -> http::Response<Body> {
+    Response::refused(reason).to_http().map(|()| Empty::new())
+}
+
+impl Connection {
+    /// One stream: a flow's request. Returns the answer; an accepted flow's relay runs
+    /// on in a task of its own.
+    async fn stream(
+        self: Arc<Self>,
+        mut req: http::Request<hyper::body::Incoming>,
+    ) -> http::Response<Body> {
+        self.streamed.store(true, Ordering::Relaxed);
+        // Any stream is use: the idle timer starts again.
+        self.idle.notify_waiters();
+        let shared = &self.shared;
+        let server = Some(Side::Server);
+        // Decided with the snapshot of now, not the one of the handshake.
+        let snap = shared.snapshot();
+        let mut flow = Flow::new(Direction::Incoming, self.from, self.local);
+        flow.destination.pu = Some(snap.pu_qualified());
+        let mut rec = Recorder::new(shared, snap.clone(), flow);
+        rec.peer_identity = Some(self.peer.spiffe_id().to_string());
+        rec.flow.source.pu = Some(format!("{}:{}", self.peer.namespace, self.peer.name));
+        rec.resumed = Some(self.resumed);
+        let Ok(r) = Request::from_http(&req) else {
+            rec.refuse(FlowReason::BadRequest, server);
+            return answer(Reason::BadRequest);
+        };
+        rec.flow.destination.port = r.port;
+        if !registered(&snap, self.from, &self.peer) {
+            rec.refuse(FlowReason::Impersonation, server);
+            return answer(Reason::Policy);
+        }
+        let port = if r.udp {
+            FlowPort::udp(r.port)
+        } else {
+            FlowPort::tcp(r.port)
+        };
+        let d = decide(&snap, Direction::Incoming, &self.peer, port, shared);
+        let (verdict, reason) = (d.verdict, reason_of(&d));
+        let encrypt = r.encrypt || r.udp || d.encrypt;
+        let refused = if d.tier.is_some() {
+            Reason::Policy
+        } else {
+            Reason::Default
+        };
+        rec.decided(d);
+        if verdict == Verdict::Reject {
+            rec.refuse(reason, server);
+            return answer(refused);
+        }
+        if !rec.admit() {
+            rec.refuse(FlowReason::Overload, server);
+            return answer(Reason::Overload);
+        }
+        let workload_addr = SocketAddr::new(self.local.ip(), r.port);
+        let accepted = Response::refused(Reason::Accepted);
+        if r.udp {
+            let sock = match udp_socket(shared, workload_addr).await {
+                Ok(s) => s,
+                Err(_) => {
+                    shared.error(ErrorKind::ConnectFailed);
+                    rec.ended_unrelayed(CloseReason::ConnectFailed);
+                    return answer(Reason::Unreachable);
+                }
+            };
+            let upgrade = hyper::upgrade::on(&mut req);
+            let guard = InStream::new(&self);
+            let peer = peer_tags(&self.peer);
+            tokio::spawn(async move {
+                let _guard = guard;
+                match upgrade.await {
+                    Ok(up) => serve_udp(rec, TokioIo::new(up), sock, workload_addr, peer).await,
+                    Err(_) => {
+                        rec.datagrams = Some((0, 0));
+                        rec.finish(Moved::nothing(Close::Error, true))
+                    }
+                }
+            });
+            return accepted.to_http().map(|()| Empty::new());
+        }
+        let connect = crate::socket::connect(workload_addr, None, shared.settings.socket_mark);
+        let workload =
+            match tokio::time::timeout(shared.settings.limits.connect_timeout, connect).await {
+                Ok(Ok(w)) => w,
+                _ => {
+                    shared.error(ErrorKind::ConnectFailed);
+                    rec.ended_unrelayed(CloseReason::ConnectFailed);
+                    return answer(Reason::Unreachable);
+                }
+            };
+        let _ = workload.set_nodelay(true);
+        if !encrypt {
+            let pending = Pending {
+                rec,
+                workload,
+                holder: self.from.ip(),
+                peer: self.peer.clone(),
+                port: r.port,
+            };
+            return match shared.tickets.issue(shared, pending) {
+                Some(ticket) => Response {
+                    reason: Reason::Accepted,
+                    ticket: Some(ticket),
+                }
+                .to_http()
+                .map(|()| Empty::new()),
+                None => answer(Reason::Overload),
+            };
+        }
+        let upgrade = hyper::upgrade::on(&mut req);
+        let guard = InStream::new(&self);
+        let peer = peer_tags(&self.peer);
+        let idle = shared.settings.limits.idle_timeout;
+        tokio::spawn(async move {
+            let _guard = guard;
+            let stop = rec.relaying(Peer::Pu(peer), r.port);
+            let moved = match upgrade.await {
+                // Relayed from the workload's side: the flow's source is the peer.
+                Ok(up) => {
+                    let mut s = TokioIo::new(up);
+                    tls::relay(workload, &mut s, idle, &stop.notify)
+                        .await
+                        .reversed()
+                }
+                Err(_) => Moved::nothing(Close::Error, true),
+            };
+            rec.finish(moved);
+        });
+        accepted.to_http().map(|()| Empty::new())
+    }
+}
+
+async fn udp_socket(shared: &Shared, target: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let s = tokio::net::UdpSocket::bind(SocketAddr::new(target.ip(), 0)).await?;
+    let _ = socket2::SockRef::from(&s).set_mark(shared.settings.socket_mark);
+    s.connect(target).await?;
+    Ok(s)
+}
+
+/// A UDP session to our workload at `target`, its datagrams framed in the stream.
 async fn serve_udp(
     mut rec: Recorder,
-    mut stream: tokio_rustls::server::TlsStream<TcpStream>,
+    stream: TokioIo<hyper::upgrade::Upgraded>,
+    sock: tokio::net::UdpSocket,
     target: SocketAddr,
     peer: segmesh_policy::TagSet,
 ) {
     let shared = rec.shared().clone();
     let limits = shared.settings.limits;
-    let workload = async {
-        let s = tokio::net::UdpSocket::bind(SocketAddr::new(target.ip(), 0)).await?;
-        let _ = socket2::SockRef::from(&s).set_mark(shared.settings.socket_mark);
-        s.connect(target).await?;
-        Ok::<_, std::io::Error>(s)
-    };
-    let sock = match workload.await {
-        Ok(s) => s,
-        Err(_) => {
-            shared.error(ErrorKind::ConnectFailed);
-            answer(&mut stream, Reason::Unreachable, true).await;
-            return rec.ended_unrelayed(CloseReason::ConnectFailed);
-        }
-    };
     let stop = rec.relaying(Peer::Pu(peer), FlowPort::udp(target.port()));
-    let accepted = async {
-        let ok = Response {
-            accept: true,
-            reason: Reason::Accepted,
-            encrypt: true,
-        };
-        stream.write_all(&ok.encode()).await?;
-        stream.flush().await
-    };
-    if !matches!(
-        tokio::time::timeout(limits.handshake_timeout, accepted).await,
-        Ok(Ok(()))
-    ) {
-        rec.datagrams = Some((0, 0));
-        return rec.finish(Moved::nothing(Close::Error, true));
-    }
     let local = datagrams::Local {
         sock: &sock,
         early: None,
@@ -289,7 +402,7 @@ async fn serve_udp(
     rec.finish(Moved {
         forward: c.received_bytes,
         backward: c.sent_bytes,
-        path: DataPath::Datagrams,
+        path: crate::relay::splice::DataPath::Datagrams,
         close,
         tls: true,
     });

@@ -1,34 +1,42 @@
-//! The mesh tunnel's wire format, spoken inside TLS 1.3 right after the handshake. No
-//! I/O here: encoding, strict decoding and the reason codes.
+//! The mesh tunnel's wire format (ALPN `segmesh/2`). No I/O here: the requests and
+//! answers as HTTP/2 messages, the ticket preface, datagram frames, strict decoding and
+//! the reason codes.
 //!
-//! Request (client → server), 6 bytes then `ext_len` bytes of extensions:
-//! `version u8 = 1 | flags u8 | target port u16 BE | ext_len u16 BE | ext`.
-//! Flags: bit 0 = the client's decision wants encryption; bit 1 = a UDP session (the
-//! target port is a UDP port; the data plane carries datagrams, see below). `ext_len`
-//! may not exceed [`MAX_EXT`]; extensions are reserved (ignored).
+//! One TLS 1.3 connection between two enforcers carries HTTP/2; every flow is one
+//! `CONNECT` stream on it (the way ztunnel's HBONE does), so a flow pays no handshake:
 //!
-//! Response (server → client), 4 bytes:
-//! `version u8 = 1 | status u8 (0 accept, 1 reject) | reason u8 | flags u8`.
-//! Flags: bit 0 = the data plane stays encrypted (set when either end's decision wants
-//! encryption: encrypted wins).
-//!
-//! UDP sessions stay inside TLS after an accept; each datagram travels as a frame:
-//! `length u16 BE | payload` (at most [`MAX_DATAGRAM`] bytes, an empty datagram is a
-//! frame of length 0).
-//!
-//! Nothing in either message says who the client is or what tags it has: those come only
-//! from its certificate.
+//! - Request: `CONNECT <target ip>:<port>`, with `segmesh-encrypt: 1` when the client's
+//!   decision wants encryption and `segmesh-protocol: udp` for a UDP session (always
+//!   encrypted). Nothing else is read; nothing in it says who the client is or what tags
+//!   it has: those come only from its certificate.
+//! - Answer: a status and `segmesh-reason` (`accepted` with 200; `policy` or `default`
+//!   with 403; `no-snapshot` or `overload` with 503; `bad-request` with 400; `unreachable`
+//!   with 502). An encrypted flow's bytes then travel in the stream. An authenticated-only
+//!   flow's answer carries `segmesh-ticket: <64 hex digits>` instead: 32 random bytes the
+//!   client presents, once, on a new plain TCP connection to the tunnel port as the
+//!   [`PREFACE_LEN`]-byte preface `SMT 0x02 | ticket`, after which the bytes of the flow
+//!   follow unframed (spliced at both ends). A ticket in the answer to a request that
+//!   asked for encryption is a protocol violation (the client refuses the flow).
+//! - UDP sessions: each datagram travels in the stream as a frame `length u16 BE |
+//!   payload` (at most [`MAX_DATAGRAM`] bytes; an empty datagram is a frame of length 0).
 
-pub const VERSION: u8 = 1;
-pub const MAX_EXT: usize = 256;
-pub const REQUEST_LEN: usize = 6;
-pub const RESPONSE_LEN: usize = 4;
-/// The raw byte the server sends after both `close_notify`s in authenticated-only mode;
-/// plaintext flows only after it (see [`crate::mesh`]).
-pub const GO: u8 = 0x47;
+use std::net::SocketAddr;
 
-const FLAG_ENCRYPT: u8 = 1;
-const FLAG_UDP: u8 = 2;
+/// Request header: the client's decision wants encryption (`1`).
+pub const H_ENCRYPT: &str = "segmesh-encrypt";
+/// Request header: `udp` for a UDP session (absent: TCP).
+pub const H_PROTOCOL: &str = "segmesh-protocol";
+/// Answer header: the reason code.
+pub const H_REASON: &str = "segmesh-reason";
+/// Answer header: the single-use ticket of an authenticated-only flow.
+pub const H_TICKET: &str = "segmesh-ticket";
+
+/// The ticket preface's first four bytes. The first is not a TLS record type (0x16),
+/// which is how the tunnel port tells a ticket from a TLS handshake.
+pub const MAGIC: [u8; 4] = *b"SMT\x02";
+pub const TICKET_LEN: usize = 32;
+pub const PREFACE_LEN: usize = MAGIC.len() + TICKET_LEN;
+
 /// The largest datagram a frame carries.
 pub const MAX_DATAGRAM: usize = 65_507;
 
@@ -54,300 +62,376 @@ pub fn frame_len(header: [u8; 2]) -> Result<usize, WireError> {
 pub struct Request {
     pub port: u16,
     pub encrypt: bool,
-    /// A UDP session (datagrams framed inside TLS).
+    /// A UDP session (datagrams framed inside the stream).
     pub udp: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum Reason {
-    Accepted = 0,
+    Accepted,
     /// An enforced policy rejected it.
-    Policy = 1,
+    Policy,
     /// No enforced policy matched.
-    Default = 2,
+    Default,
     /// The server has no valid configuration.
-    NoSnapshot = 3,
+    NoSnapshot,
     /// The request was malformed.
-    BadRequest = 4,
+    BadRequest,
     /// The server is at its connection limit.
-    Overload = 5,
+    Overload,
     /// The server could not reach its workload.
-    Unreachable = 6,
+    Unreachable,
+}
+
+/// A single-use ticket for an authenticated-only flow.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ticket(pub [u8; TICKET_LEN]);
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret itself, in logs or panics.
+        f.write_str("Ticket(..)")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Response {
-    pub accept: bool,
     pub reason: Reason,
-    pub encrypt: bool,
+    /// Authenticated-only: the flow's bytes go on a new connection with this ticket.
+    pub ticket: Option<Ticket>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
-    #[error("unsupported tunnel version {0}")]
-    Version(u8),
-    #[error("extensions of {0} bytes exceed the limit of {MAX_EXT}")]
+    #[error("a datagram frame of {0} bytes exceeds the limit of {MAX_DATAGRAM}")]
     TooLong(usize),
-    #[error("port 0")]
+    #[error("not a CONNECT request")]
+    Method,
+    #[error("no target port, or port 0")]
     Port,
-    #[error("unknown status or reason ({0}, {1})")]
-    Status(u8, u8),
+    #[error("bad header {0}")]
+    Header(&'static str),
+    #[error("the status does not match the reason")]
+    Status,
+    #[error("not a ticket preface")]
+    Preface,
 }
 
 impl Reason {
-    fn from_u8(v: u8) -> Option<Reason> {
-        Some(match v {
-            0 => Reason::Accepted,
-            1 => Reason::Policy,
-            2 => Reason::Default,
-            3 => Reason::NoSnapshot,
-            4 => Reason::BadRequest,
-            5 => Reason::Overload,
-            6 => Reason::Unreachable,
-            _ => return None,
-        })
-    }
+    const ALL: [(Reason, &'static str, u16); 7] = [
+        (Reason::Accepted, "accepted", 200),
+        (Reason::Policy, "policy", 403),
+        (Reason::Default, "default", 403),
+        (Reason::NoSnapshot, "no-snapshot", 503),
+        (Reason::BadRequest, "bad-request", 400),
+        (Reason::Overload, "overload", 503),
+        (Reason::Unreachable, "unreachable", 502),
+    ];
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Accepted => "accepted",
-            Reason::Policy => "policy",
-            Reason::Default => "default",
-            Reason::NoSnapshot => "no-snapshot",
-            Reason::BadRequest => "bad-request",
-            Reason::Overload => "overload",
-            Reason::Unreachable => "unreachable",
+        Self::ALL.iter().find(|(r, ..)| *r == self).expect("all").1
+    }
+
+    fn status(self) -> u16 {
+        Self::ALL.iter().find(|(r, ..)| *r == self).expect("all").2
+    }
+
+    fn parse(s: &[u8]) -> Option<Reason> {
+        Self::ALL
+            .iter()
+            .find(|(_, n, _)| n.as_bytes() == s)
+            .map(|(r, ..)| *r)
+    }
+}
+
+impl Ticket {
+    /// 32 bytes from the TLS provider's secure random source.
+    pub fn random() -> Ticket {
+        let mut b = [0u8; TICKET_LEN];
+        segmesh_identity::tls::provider()
+            .secure_random
+            .fill(&mut b)
+            .expect("the system's random source works");
+        Ticket(b)
+    }
+
+    pub fn to_hex(self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Exactly 64 lowercase hex digits.
+    pub fn from_hex(s: &[u8]) -> Result<Ticket, WireError> {
+        let bad = WireError::Header(H_TICKET);
+        if s.len() != 2 * TICKET_LEN {
+            return Err(bad);
         }
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            _ => Err(bad.clone()),
+        };
+        let mut out = [0u8; TICKET_LEN];
+        for (i, pair) in s.chunks_exact(2).enumerate() {
+            out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Ok(Ticket(out))
+    }
+
+    pub fn preface(self) -> [u8; PREFACE_LEN] {
+        let mut p = [0u8; PREFACE_LEN];
+        p[..MAGIC.len()].copy_from_slice(&MAGIC);
+        p[MAGIC.len()..].copy_from_slice(&self.0);
+        p
+    }
+
+    pub fn from_preface(p: &[u8; PREFACE_LEN]) -> Result<Ticket, WireError> {
+        if p[..MAGIC.len()] != MAGIC {
+            return Err(WireError::Preface);
+        }
+        let mut t = [0u8; TICKET_LEN];
+        t.copy_from_slice(&p[MAGIC.len()..]);
+        Ok(Ticket(t))
     }
 }
 
 impl Request {
-    pub fn encode(&self) -> [u8; REQUEST_LEN] {
-        let p = self.port.to_be_bytes();
-        [
-            VERSION,
-            if self.encrypt { FLAG_ENCRYPT } else { 0 } | if self.udp { FLAG_UDP } else { 0 },
-            p[0],
-            p[1],
-            0,
-            0,
-        ]
+    /// The request for a flow to `target` (its port is the workload's).
+    pub fn to_http(self, target: SocketAddr) -> http::Request<()> {
+        let mut b = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(target.to_string());
+        if self.encrypt {
+            b = b.header(H_ENCRYPT, "1");
+        }
+        if self.udp {
+            b = b.header(H_PROTOCOL, "udp");
+        }
+        b.body(()).expect("a socket address is a valid authority")
     }
 
-    /// Decodes the fixed part; returns the request and how many extension bytes follow.
-    pub fn decode(b: &[u8; REQUEST_LEN]) -> Result<(Request, usize), WireError> {
-        if b[0] != VERSION {
-            return Err(WireError::Version(b[0]));
+    pub fn from_http<B>(r: &http::Request<B>) -> Result<Request, WireError> {
+        if r.method() != http::Method::CONNECT {
+            return Err(WireError::Method);
         }
-        let port = u16::from_be_bytes([b[2], b[3]]);
-        if port == 0 {
-            return Err(WireError::Port);
-        }
-        let ext = u16::from_be_bytes([b[4], b[5]]) as usize;
-        if ext > MAX_EXT {
-            return Err(WireError::TooLong(ext));
-        }
-        Ok((
-            Request {
-                port,
-                encrypt: b[1] & FLAG_ENCRYPT != 0,
-                udp: b[1] & FLAG_UDP != 0,
-            },
-            ext,
-        ))
+        let port = r
+            .uri()
+            .port_u16()
+            .filter(|p| *p != 0)
+            .ok_or(WireError::Port)?;
+        let flag = |name: &'static str, yes: &[u8]| match r.headers().get(name) {
+            None => Ok(false),
+            Some(v) if v.as_bytes() == yes => Ok(true),
+            Some(_) => Err(WireError::Header(name)),
+        };
+        Ok(Request {
+            port,
+            encrypt: flag(H_ENCRYPT, b"1")?,
+            udp: flag(H_PROTOCOL, b"udp")?,
+        })
     }
 }
 
 impl Response {
-    pub fn encode(&self) -> [u8; RESPONSE_LEN] {
-        [
-            VERSION,
-            u8::from(!self.accept),
-            self.reason as u8,
-            if self.encrypt { FLAG_ENCRYPT } else { 0 },
-        ]
+    pub fn refused(reason: Reason) -> Response {
+        Response {
+            reason,
+            ticket: None,
+        }
     }
 
-    pub fn decode(b: &[u8; RESPONSE_LEN]) -> Result<Response, WireError> {
-        if b[0] != VERSION {
-            return Err(WireError::Version(b[0]));
+    pub fn accept(&self) -> bool {
+        self.reason == Reason::Accepted
+    }
+
+    pub fn to_http(self) -> http::Response<()> {
+        let mut b = http::Response::builder()
+            .status(self.reason.status())
+            .header(H_REASON, self.reason.as_str());
+        if let Some(t) = self.ticket {
+            b = b.header(H_TICKET, t.to_hex());
         }
-        let reason = Reason::from_u8(b[2]).ok_or(WireError::Status(b[1], b[2]))?;
-        let accept = match b[1] {
-            0 => true,
-            1 => false,
-            _ => return Err(WireError::Status(b[1], b[2])),
+        b.body(()).expect("valid status and headers")
+    }
+
+    /// Strict: a known reason that matches the status; a ticket only with an accept.
+    pub fn from_http(
+        status: http::StatusCode,
+        headers: &http::HeaderMap,
+    ) -> Result<Response, WireError> {
+        let reason = headers
+            .get(H_REASON)
+            .and_then(|v| Reason::parse(v.as_bytes()))
+            .ok_or(WireError::Header(H_REASON))?;
+        if status.as_u16() != reason.status() {
+            return Err(WireError::Status);
+        }
+        let ticket = match headers.get(H_TICKET) {
+            None => None,
+            Some(_) if reason != Reason::Accepted => return Err(WireError::Header(H_TICKET)),
+            Some(v) => Some(Ticket::from_hex(v.as_bytes())?),
         };
-        if accept != (reason == Reason::Accepted) {
-            return Err(WireError::Status(b[1], b[2]));
-        }
-        Ok(Response {
-            accept,
-            reason,
-            encrypt: b[3] & FLAG_ENCRYPT != 0,
-        })
+        Ok(Response { reason, ticket })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    /// Fuzz target: the tunnel's header as a server reads it from a peer (request and
-    /// its extension length, then datagram frames) and as a client reads the answer.
+    use super::*;
+
+    /// Fuzz target: what a server reads from a peer (the request's method, target and
+    /// flags, a ticket preface, datagram frames) and what a client reads in an answer.
     /// Nothing panics; what decodes encodes back the same.
     #[test]
     fn fuzz_tunnel_header() {
+        let t = Ticket([7; TICKET_LEN]);
         let seeds: Vec<Vec<u8>> = vec![
-            Request {
-                port: 8080,
-                encrypt: true,
-                udp: false,
-            }
-            .encode()
-            .to_vec(),
-            [
-                Request {
-                    port: 53,
-                    encrypt: true,
-                    udp: true,
-                }
-                .encode()
-                .to_vec(),
-                frame(b"query"),
-                frame(b""),
-            ]
-            .concat(),
-            Response {
-                accept: true,
-                reason: Reason::Accepted,
-                encrypt: false,
-            }
-            .encode()
-            .to_vec(),
-            vec![VERSION, 0, 0x1f, 0x90, 0xff, 0xff],
+            b"CONNECT\n10.0.0.2:8080\n1\n\n".to_vec(),
+            b"CONNECT\n[fd00::2]:53\n\nudp\n".to_vec(),
+            b"GET\n/\n\n\n".to_vec(),
+            [t.preface().to_vec(), frame(b"query"), frame(b"")].concat(),
+            format!("200\naccepted\n{}", t.to_hex()).into_bytes(),
+            b"403\npolicy\n".to_vec(),
         ];
         let refs: Vec<&[u8]> = seeds.iter().map(Vec::as_slice).collect();
         segmesh_testkit::fuzz::run(
             "tunnel-header",
             &refs,
-            &[&[VERSION], &[0xff, 0xff]],
+            &[b"CONNECT", b"\n", b":", b"udp", &MAGIC, b"accepted", b"200"],
             |input| {
-                if let Some(head) = input.first_chunk::<REQUEST_LEN>() {
-                    if let Ok((req, ext)) = Request::decode(head) {
-                        assert!(ext <= MAX_EXT);
-                        if ext == 0 {
-                            assert_eq!(Request::decode(&req.encode()).unwrap().0, req);
-                        }
-                        let mut rest = input.get(REQUEST_LEN + ext..).unwrap_or(&[]);
-                        while let Some(h) = rest.first_chunk::<2>() {
-                            let Ok(n) = frame_len(*h) else { break };
-                            let Some(body) = rest.get(2..2 + n) else {
-                                break;
-                            };
-                            assert_eq!(frame(body)[2..], *body);
-                            rest = &rest[2 + n..];
-                        }
+                let parts: Vec<&[u8]> = input.split(|b| *b == b'\n').collect();
+                let part = |i: usize| parts.get(i).copied().unwrap_or(b"");
+                // A request as hyper would hand it over (what it accepts as method, URI
+                // and header values; the rest never reaches us).
+                let req = http::Request::builder()
+                    .method(part(0))
+                    .uri(part(1))
+                    .header(H_ENCRYPT, part(2))
+                    .header(H_PROTOCOL, part(3))
+                    .body(());
+                if let Ok(req) = req {
+                    if let Ok(r) = Request::from_http(&req) {
+                        let target = SocketAddr::from(([10, 0, 0, 2], r.port));
+                        assert_eq!(Request::from_http(&r.to_http(target)).unwrap(), r);
                     }
                 }
-                if let Some(head) = input.first_chunk::<RESPONSE_LEN>() {
-                    if let Ok(r) = Response::decode(head) {
-                        assert_eq!(Response::decode(&r.encode()).unwrap(), r);
+                if let (Ok(status), Ok(reason), Ok(ticket)) = (
+                    http::StatusCode::from_bytes(part(0)),
+                    http::HeaderValue::from_bytes(part(1)),
+                    http::HeaderValue::from_bytes(part(2)),
+                ) {
+                    let mut h = http::HeaderMap::new();
+                    h.insert(H_REASON, reason);
+                    if !ticket.is_empty() {
+                        h.insert(H_TICKET, ticket);
                     }
+                    if let Ok(r) = Response::from_http(status, &h) {
+                        let back = r.to_http();
+                        assert_eq!(
+                            Response::from_http(back.status(), back.headers()).unwrap(),
+                            r
+                        );
+                    }
+                }
+                if let Some(p) = input.first_chunk::<PREFACE_LEN>() {
+                    if let Ok(t) = Ticket::from_preface(p) {
+                        assert_eq!(t.preface(), *p);
+                    }
+                }
+                let mut rest = input;
+                while let Some(h) = rest.first_chunk::<2>() {
+                    let Ok(n) = frame_len(*h) else { break };
+                    let Some(body) = rest.get(2..2 + n) else {
+                        break;
+                    };
+                    assert_eq!(frame(body)[2..], *body);
+                    rest = &rest[2 + n..];
                 }
             },
         );
     }
 
-    use super::*;
-
     #[test]
-    fn request_round_trip() {
-        let r = Request {
-            udp: false,
-            port: 8080,
-            encrypt: true,
-        };
-        let b = r.encode();
-        assert_eq!(b, [1, 1, 0x1f, 0x90, 0, 0]);
-        assert_eq!(Request::decode(&b), Ok((r, 0)));
-        assert_eq!(
-            Request::decode(&[1, 0, 0, 80, 0, 200]),
-            Ok((
-                Request {
-                    udp: false,
-                    port: 80,
-                    encrypt: false
-                },
-                200
-            ))
-        );
-    }
-
-    #[test]
-    fn udp_requests_and_frames() {
-        let r = Request {
-            udp: true,
-            port: 53,
-            encrypt: true,
-        };
-        let b = r.encode();
-        assert_eq!(b, [1, 3, 0, 53, 0, 0]);
-        assert_eq!(Request::decode(&b), Ok((r, 0)));
-        let f = frame(b"abc");
-        assert_eq!(f, [0, 3, b'a', b'b', b'c']);
-        assert_eq!(frame_len([f[0], f[1]]), Ok(3));
-        assert_eq!(frame(b""), [0, 0]);
-        assert_eq!(frame_len([0xff, 0xff]), Err(WireError::TooLong(65535)));
-        assert_eq!(frame(&vec![7u8; 70_000]).len(), 2 + MAX_DATAGRAM);
-    }
-
-    #[test]
-    fn request_rejects_lies_and_garbage() {
-        assert_eq!(
-            Request::decode(&[2, 0, 0, 80, 0, 0]),
-            Err(WireError::Version(2))
-        );
-        assert_eq!(Request::decode(&[1, 0, 0, 0, 0, 0]), Err(WireError::Port));
-        assert_eq!(
-            Request::decode(&[1, 0, 0, 80, 0xff, 0xff]),
-            Err(WireError::TooLong(65535))
-        );
-        assert_eq!(
-            Request::decode(&[1, 0, 0, 80, 1, 1]),
-            Err(WireError::TooLong(257))
-        );
-    }
-
-    #[test]
-    fn response_round_trip_and_checks() {
+    fn requests_round_trip_and_lies_are_refused() {
         for r in [
-            Response {
-                accept: true,
-                reason: Reason::Accepted,
-                encrypt: false,
-            },
-            Response {
-                accept: false,
-                reason: Reason::Policy,
+            Request {
+                port: 8080,
                 encrypt: true,
+                udp: false,
             },
-            Response {
-                accept: false,
-                reason: Reason::Unreachable,
+            Request {
+                port: 53,
+                encrypt: true,
+                udp: true,
+            },
+            Request {
+                port: 1,
                 encrypt: false,
+                udp: false,
             },
         ] {
-            assert_eq!(Response::decode(&r.encode()), Ok(r));
+            let to = SocketAddr::from(([10, 1, 2, 3], r.port));
+            assert_eq!(Request::from_http(&r.to_http(to)).unwrap(), r);
+            let v6: SocketAddr = format!("[fd00::1]:{}", r.port).parse().unwrap();
+            assert_eq!(Request::from_http(&r.to_http(v6)).unwrap(), r);
         }
-        assert!(
-            Response::decode(&[1, 0, 1, 0]).is_err(),
-            "accept with a reject reason"
+        let bad = |b: http::request::Builder| Request::from_http(&b.body(()).unwrap()).unwrap_err();
+        let connect = || http::Request::builder().method(http::Method::CONNECT);
+        assert_eq!(bad(http::Request::builder().uri("/x")), WireError::Method);
+        assert_eq!(bad(connect().uri("10.0.0.1:0")), WireError::Port);
+        assert_eq!(bad(connect().uri("10.0.0.1")), WireError::Port);
+        assert_eq!(
+            bad(connect().uri("10.0.0.1:80").header(H_ENCRYPT, "yes")),
+            WireError::Header(H_ENCRYPT)
         );
-        assert!(
-            Response::decode(&[1, 1, 0, 0]).is_err(),
-            "reject with the accept reason"
+        assert_eq!(
+            bad(connect().uri("10.0.0.1:80").header(H_PROTOCOL, "sctp")),
+            WireError::Header(H_PROTOCOL)
         );
-        assert!(Response::decode(&[1, 2, 1, 0]).is_err());
-        assert!(Response::decode(&[1, 1, 99, 0]).is_err());
+    }
+
+    #[test]
+    fn answers_round_trip_and_are_checked() {
+        let t = Ticket::random();
+        assert_ne!(t, Ticket::random(), "random");
+        for r in [
+            Response {
+                reason: Reason::Accepted,
+                ticket: Some(t),
+            },
+            Response::refused(Reason::Accepted),
+            Response::refused(Reason::Policy),
+            Response::refused(Reason::Unreachable),
+        ] {
+            let h = r.to_http();
+            assert_eq!(Response::from_http(h.status(), h.headers()).unwrap(), r);
+        }
+        let mut h = http::HeaderMap::new();
+        h.insert(H_REASON, "policy".parse().unwrap());
+        assert_eq!(
+            Response::from_http(http::StatusCode::OK, &h).unwrap_err(),
+            WireError::Status
+        );
+        h.insert(H_TICKET, t.to_hex().parse().unwrap());
+        assert_eq!(
+            Response::from_http(http::StatusCode::FORBIDDEN, &h).unwrap_err(),
+            WireError::Header(H_TICKET),
+            "no ticket with a refusal"
+        );
+        h.insert(H_REASON, "accepted".parse().unwrap());
+        h.insert(H_TICKET, t.to_hex().to_uppercase().parse().unwrap());
+        assert!(Response::from_http(http::StatusCode::OK, &h).is_err());
+        assert_eq!(Ticket::from_preface(&t.preface()).unwrap(), t);
+        let mut p = t.preface();
+        p[0] = 0x16;
+        assert_eq!(Ticket::from_preface(&p).unwrap_err(), WireError::Preface);
+        assert_eq!(format!("{t:?}"), "Ticket(..)");
+    }
+
+    #[test]
+    fn frames() {
+        assert_eq!(frame(b"abc"), vec![0, 3, b'a', b'b', b'c']);
+        assert_eq!(frame_len([0, 3]).unwrap(), 3);
+        assert!(frame_len([0xff, 0xff]).is_err());
+        assert_eq!(frame(&vec![1u8; 70_000]).len(), 2 + MAX_DATAGRAM);
     }
 }

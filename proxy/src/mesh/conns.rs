@@ -1,0 +1,196 @@
+//! The client role's connections: one long-lived HTTP/2 connection over mTLS per peer
+//! enforcer, made on the first flow to that peer and shared by every flow after it (each
+//! flow one stream, see [`wire`](super::wire)). A flow pays no handshake unless it is the
+//! first to the peer, the connection broke, our certificate changed, or it sat idle for
+//! [`CLIENT_IDLE`] (the server closes connections idle for [`SERVER_IDLE`], longer, so a
+//! client never picks a connection the server is closing).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+use segmesh_identity::{TlsConfigs, WorkloadIdentity, peer_identity};
+
+use super::{Body, handshake_result, rejection_of};
+use crate::metrics::{ErrorKind, Role};
+use crate::state::Shared;
+
+/// A connection with no flow for this long is not used again (the server closes it
+/// after [`SERVER_IDLE`]).
+pub const CLIENT_IDLE: Duration = Duration::from_secs(20);
+/// How long a server keeps a connection that carries no flow.
+pub const SERVER_IDLE: Duration = Duration::from_secs(30);
+/// A connection is replaced after this long even when busy (its flows go on), so that
+/// certificates and registrations are checked again by a fresh handshake.
+pub const MAX_AGE: Duration = Duration::from_secs(600);
+/// Flow-control windows: per stream (one flow) and per connection. Large enough for one
+/// bulk flow to fill a fast link; what a peer can make us buffer per flow is bounded by
+/// the stream window.
+pub const STREAM_WINDOW: u32 = 1 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// HTTP/2 frames up to 64 KiB: fewer frames per byte (TLS cuts its own records).
+pub const MAX_FRAME: u32 = 64 << 10;
+
+/// Why no tunnel connection could be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum EstablishError {
+    #[error("the peer's tunnel port cannot be reached")]
+    Unreachable,
+    #[error("the peer's certificate was refused: {0}")]
+    PeerCertificate(&'static str),
+    #[error("the TLS handshake did not finish in time")]
+    HandshakeTimeout,
+    #[error("too many tunnel handshakes in flight")]
+    Overload,
+}
+
+/// An established connection to a peer enforcer, its identity checked.
+pub(crate) struct Conn {
+    pub send: http2::SendRequest<Body>,
+    pub peer: WorkloadIdentity,
+    /// Whether its TLS session was resumed.
+    pub resumed: bool,
+    created: Instant,
+    last_used: Mutex<Instant>,
+    /// The configuration it was made with: a rotated certificate retires it.
+    tls: Arc<TlsConfigs>,
+}
+
+impl Conn {
+    fn usable(&self, tls: &Arc<TlsConfigs>) -> bool {
+        let idle = self.last_used.lock().expect("lock poisoned").elapsed();
+        !self.send.is_closed()
+            && Arc::ptr_eq(&self.tls, tls)
+            && idle < CLIENT_IDLE
+            && self.created.elapsed() < MAX_AGE
+    }
+
+    fn touch(&self) {
+        *self.last_used.lock().expect("lock poisoned") = Instant::now();
+    }
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
+
+/// The connections by peer tunnel address.
+#[derive(Default)]
+pub(crate) struct Conns {
+    peers: Mutex<HashMap<SocketAddr, Slot>>,
+}
+
+impl Conns {
+    /// The connection to the enforcer at `ip`, and whether it was made for this flow.
+    /// Flows that arrive while it is being made wait for it (one handshake per peer).
+    pub(crate) async fn get(
+        &self,
+        shared: &Shared,
+        tls: &Arc<TlsConfigs>,
+        ip: IpAddr,
+    ) -> Result<(Arc<Conn>, bool), EstablishError> {
+        let addr = SocketAddr::new(ip, shared.settings.listeners.tunnel);
+        let slot = self
+            .peers
+            .lock()
+            .expect("lock poisoned")
+            .entry(addr)
+            .or_default()
+            .clone();
+        let mut held = slot.lock().await;
+        if let Some(c) = held.as_ref().filter(|c| c.usable(tls)) {
+            c.touch();
+            return Ok((c.clone(), false));
+        }
+        // A connection replaced here keeps carrying its open flows, then closes.
+        *held = None;
+        let Ok(_permit) = shared.handshakes.clone().try_acquire_owned() else {
+            shared.error(ErrorKind::Overload);
+            return Err(EstablishError::Overload);
+        };
+        let c = Arc::new(establish(shared, tls, addr).await?);
+        *held = Some(c.clone());
+        Ok((c, true))
+    }
+
+    /// Forgets `conn` (it failed a request): the next flow makes a new one.
+    pub(crate) async fn discard(&self, ip: IpAddr, port: u16, conn: &Arc<Conn>) {
+        let slot = self
+            .peers
+            .lock()
+            .expect("lock poisoned")
+            .get(&SocketAddr::new(ip, port))
+            .cloned();
+        if let Some(slot) = slot {
+            let mut held = slot.lock().await;
+            if held.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+                *held = None;
+            }
+        }
+    }
+}
+
+/// TCP, TLS, the peer's identity and the HTTP/2 preface.
+async fn establish(
+    shared: &Shared,
+    tls: &Arc<TlsConfigs>,
+    addr: SocketAddr,
+) -> Result<Conn, EstablishError> {
+    let listeners = &shared.settings.listeners;
+    let limits = &shared.settings.limits;
+    let connect = crate::socket::connect(addr, listeners.address, shared.settings.socket_mark);
+    let tcp = match tokio::time::timeout(limits.connect_timeout, connect).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(_)) | Err(_) => {
+            shared.error(ErrorKind::ConnectFailed);
+            return Err(EstablishError::Unreachable);
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+    let handshake = connector.connect(ServerName::IpAddress(addr.ip().into()), tcp);
+    let stream = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let why = rejection_of(&e);
+            handshake_result(shared, Role::Client, why);
+            return Err(EstablishError::PeerCertificate(why));
+        }
+        Err(_) => {
+            handshake_result(shared, Role::Client, "timeout");
+            return Err(EstablishError::HandshakeTimeout);
+        }
+    };
+    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    handshake_result(shared, Role::Client, if resumed { "resumed" } else { "ok" });
+    let peer = peer_identity(stream.get_ref().1)
+        .map_err(|e| EstablishError::PeerCertificate(e.rejection().as_str()))?;
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(16 << 10);
+    let (send, conn) =
+        match tokio::time::timeout(limits.handshake_timeout, b.handshake(TokioIo::new(stream)))
+            .await
+        {
+            Ok(Ok(c)) => c,
+            _ => return Err(EstablishError::HandshakeTimeout),
+        };
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, peer = %addr, "tunnel connection ended");
+        }
+    });
+    let now = Instant::now();
+    Ok(Conn {
+        send,
+        peer,
+        resumed,
+        created: now,
+        last_used: Mutex::new(now),
+        tls: tls.clone(),
+    })
+}

@@ -161,9 +161,9 @@ fn netns_console_commit_and_rollback_reach_enforcers_and_close_open_connections(
     eprintln!("rollback: the old verdict is back {allowed_after:?} after it");
 
     // A reject at the server only: web's enforcer still allows and sends the flow over
-    // a tunnel connection it established (pooled) before the commit; api decides with
-    // the snapshot of the moment the request arrives.
-    let pooled_before = metric(&web, "segmesh_tunnel_pool_total{result=\"hit\"}");
+    // a tunnel connection it established before the commit; api decides with the
+    // snapshot of the moment the request arrives.
+    let pooled_before = metric(&web, "segmesh_tunnel_connections_total{result=\"reused\"}");
     let api_version = lab.config("api")["version"].clone();
     lab.publish(
         "server-cut.yaml",
@@ -173,7 +173,7 @@ fn netns_console_commit_and_rollback_reach_enforcers_and_close_open_connections(
     wait_until("api takes the commit", PUSH_LIMIT, || {
         lab.config("api")["version"] != api_version
     });
-    // The very next flow: over a connection pooled before the commit, and refused.
+    // The very next flow: over a connection made before the commit, and refused.
     refused_fast(try_from(&lab, "web", api));
     wait_until("web's record of the server's refusal", PUSH_LIMIT, || {
         lab.log("web").iter().any(|r| {
@@ -183,8 +183,8 @@ fn netns_console_commit_and_rollback_reach_enforcers_and_close_open_connections(
         })
     });
     assert!(
-        metric(&web, "segmesh_tunnel_pool_total{result=\"hit\"}") > pooled_before,
-        "the refused flow came over a pooled tunnel connection"
+        metric(&web, "segmesh_tunnel_connections_total{result=\"reused\"}") > pooled_before,
+        "the refused flow came over a tunnel connection made before the commit"
     );
     lab.ctl_ok(&["rollback"]);
     time_until(&lab, "web", api, true);

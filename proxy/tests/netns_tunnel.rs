@@ -215,7 +215,7 @@ fn three_tier(encrypt: bool) {
         0,
         "no rejected flow reached a server"
     );
-    // Allowed again, through a resumed session.
+    // Allowed again, over the connection already open.
     assert_eq!(
         in_ns(&m.host("web"), attempt(ip("api", 8080)))
             .join()
@@ -286,14 +286,35 @@ fn three_tier(encrypt: bool) {
     );
     assert_eq!(r["data_path"], if encrypt { "tls" } else { "spliced" });
 
-    // Resumption is used; the bytes went the way the mode says.
+    // One connection per peer: web's enforcer made one handshake to api and one to db
+    // (refused by web's own decision after it), and every later flow took them; the
+    // bytes went the way the mode says.
     let web_host = m.host("web");
+    assert_eq!(
+        metric(
+            &web_host,
+            "segmesh_tunnel_handshakes_total{role=\"Client\",result=\"ok\"}"
+        ),
+        2.0,
+        "{}",
+        http_get(&web_host, "/metrics").1
+    );
     assert!(
         metric(
             &web_host,
-            "segmesh_tunnel_handshakes_total{role=\"Client\",result=\"resumed\"}"
-        ) >= 1.0
+            "segmesh_tunnel_connections_total{result=\"reused\"}"
+        ) >= 2.0
     );
+    if !encrypt {
+        let api_host = m.host("api");
+        assert!(
+            metric(
+                &api_host,
+                "segmesh_tunnel_tickets_total{result=\"redeemed\"}"
+            ) >= 2.0,
+            "authenticated-only flows come with tickets"
+        );
+    }
     let db_host = m.host("db");
     if encrypt {
         assert!(metric(&db_host, "segmesh_tls_bytes_total") >= 2.0 * BULK as f64);
@@ -406,6 +427,44 @@ async fn tls_attempt(cfg: Arc<rustls::ClientConfig>, to: SocketAddr, then: &'sta
     }
 }
 
+type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// TLS as `cfg` (bypassing the capture rules), then HTTP/2: what a peer enforcer (or
+/// someone holding its key) opens to `to`'s tunnel port.
+async fn h2_connect(cfg: Arc<rustls::ClientConfig>, to: SocketAddr) -> Option<H2> {
+    let tcp = bypass(to).await;
+    let name = rustls_pki_types::ServerName::IpAddress(to.ip().into());
+    let tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .ok()?;
+    tokio::spawn(conn);
+    Some(send)
+}
+
+/// Sends `req` on a new connection as `cfg`: the answer's status and headers.
+async fn h2_request(
+    cfg: Arc<rustls::ClientConfig>,
+    to: SocketAddr,
+    req: http::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> Option<(u16, http::HeaderMap)> {
+    let mut send = h2_connect(cfg, to).await?;
+    let r = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    Some((r.status().as_u16(), r.headers().clone()))
+}
+
 #[test]
 fn netns_tunnel_attacks_fail_and_are_recorded() {
     if !netns_enabled() {
@@ -438,38 +497,43 @@ fn netns_tunnel_attacks_fail_and_are_recorded() {
 
     let web_cfg = m.tls("web").client;
     let api_files = (m.path("api.crt"), m.path("api.key"));
+    const NOT_H2: &[u8] = b"GET / HTTP/1.1\r\nHost: db\r\n\r\n";
     let attacks: Vec<(&str, Arc<rustls::ClientConfig>, &'static [u8])> = vec![
-        (
-            "web's certificate from api's address",
-            web_cfg,
-            &[1, 1, 0x15, 0x38, 0, 0],
-        ),
+        ("web's certificate from api's address", web_cfg, NOT_H2),
         (
             "another CA",
             rogue(Some((&m.path("other/api.crt"), &m.path("other/api.key")))),
-            &[1, 1, 0x15, 0x38, 0, 0],
+            NOT_H2,
         ),
         (
             "expired",
             rogue(Some((&m.path("expired.crt"), &m.path("expired.key")))),
-            &[1, 1, 0x15, 0x38, 0, 0],
+            NOT_H2,
         ),
-        ("no certificate", rogue(None), &[1, 1, 0x15, 0x38, 0, 0]),
+        ("no certificate", rogue(None), NOT_H2),
         (
-            "a header that claims 65535 bytes of extensions",
+            "api's own certificate, then bytes that are not HTTP/2",
             rogue(Some((&api_files.0, &api_files.1))),
-            &[1, 1, 0x15, 0x38, 0xff, 0xff],
-        ),
-        (
-            "a header that promises 200 bytes and sends 4",
-            rogue(Some((&api_files.0, &api_files.1))),
-            &[1, 1, 0x15, 0x38, 0, 200, 1, 2, 3, 4],
+            NOT_H2,
         ),
     ];
     for (what, cfg, then) in attacks {
         eprintln!("attack: {what}");
         in_ns(&api, tls_attempt(cfg, tunnel, then)).join().unwrap();
     }
+    eprintln!("attack: api's own certificate, then a request that is not CONNECT");
+    let api_cfg = rogue(Some((&api_files.0, &api_files.1)));
+    let answer = in_ns(&api, async move {
+        let get = http::Request::get(format!("http://{tunnel}/"))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        h2_request(api_cfg, tunnel, get).await
+    })
+    .join()
+    .unwrap();
+    let (status, headers) = answer.expect("an answer");
+    assert_eq!(status, 400);
+    assert_eq!(headers["segmesh-reason"], "bad-request");
     // A plain TCP client, and a slow one that never starts the handshake.
     in_ns(&api, async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -477,6 +541,19 @@ fn netns_tunnel_attacks_fail_and_are_recorded() {
         let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: db\r\n\r\n").await;
         let mut b = [0u8; 64];
         let _ = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await;
+        // Not TLS, and not a ticket preface although it starts like one.
+        let mut s = bypass(tunnel).await;
+        let _ = s
+            .write_all(b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n")
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await;
+        // A made-up ticket.
+        let mut s = bypass(tunnel).await;
+        let _ = s
+            .write_all(&[b"SMT\x02".as_slice(), &[0x5a; 32]].concat())
+            .await;
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await;
+        assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "closed: {n:?}");
         let mut slow = bypass(tunnel).await;
         let t = std::time::Instant::now();
         let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut b))
@@ -492,7 +569,7 @@ fn netns_tunnel_attacks_fail_and_are_recorded() {
     .unwrap();
 
     wait_until("all attacks recorded", Duration::from_secs(10), || {
-        m.log("db").len() >= 8
+        m.log("db").len() >= 10
     });
     let db_log = m.log("db");
     let reasons: Vec<&str> = db_log.iter().filter_map(|r| r["reason"].as_str()).collect();
@@ -503,12 +580,13 @@ fn netns_tunnel_attacks_fail_and_are_recorded() {
         "peer-certificate:no_certificate",
         "peer-certificate:tls_error",
         "handshake-timeout",
+        "ticket-unknown",
     ] {
         assert!(reasons.contains(&want), "{want} not recorded: {reasons:?}");
     }
     assert_eq!(
         reasons.iter().filter(|r| **r == "bad-request").count(),
-        2,
+        3,
         "{reasons:?}"
     );
     let imp = find(&db_log, |r| r["reason"] == "impersonation");
@@ -733,9 +811,9 @@ fn netns_tunnel_modes_which_end_checks_what() {
             assert_eq!(decider["tier"], tier, "port {port}");
         }
     }
-    // Flows after the first found pre-established tunnel connections.
+    // Flows after the first took the connection it made.
     assert!(
-        metric(&web, "segmesh_tunnel_pool_total{result=\"hit\"}") >= 4.0,
+        metric(&web, "segmesh_tunnel_connections_total{result=\"reused\"}") >= 4.0,
         "{}",
         http_get(&web, "/metrics").1
     );
@@ -799,9 +877,9 @@ fn netns_tunnel_idle_connections_from_one_address_do_not_block_others() {
 }
 
 /// The attack: a server holding db's own certificate (db compromised, its enforcer
-/// replaced) accepts api's flow but answers "no encryption", hoping to get the bytes
-/// in plaintext after TLS. api's decision asked for encryption: it refuses the answer,
-/// sends nothing in plaintext, and records why.
+/// replaced) accepts api's flow but answers with a ticket, hoping to get the bytes in
+/// plaintext on a ticket connection. api's decision asked for encryption: it refuses the
+/// answer, sends nothing in plaintext, and records why.
 #[test]
 fn netns_tunnel_a_server_cannot_drop_the_encryption_asked_for() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -817,39 +895,45 @@ fn netns_tunnel_a_server_cannot_drop_the_encryption_asked_for() {
         let l = tokio::net::TcpListener::bind("0.0.0.0:15008")
             .await
             .unwrap();
-        let Ok(Ok((tcp, _))) = tokio::time::timeout(Duration::from_secs(20), l.accept()).await
-        else {
-            return;
-        };
-        let Ok(mut tls) = tokio_rustls::TlsAcceptor::from(db_cfg).accept(tcp).await else {
-            return;
-        };
-        let mut req = [0u8; 6];
-        if tls.read_exact(&mut req).await.is_err() {
-            return;
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        while let Ok(Ok((tcp, _))) = tokio::time::timeout_at(until, l.accept()).await {
+            let (db_cfg, got_tx) = (db_cfg.clone(), got_tx.clone());
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if tcp.peek(&mut first).await.is_err() {
+                    return;
+                }
+                if first[0] != 0x16 {
+                    // Whatever comes in plaintext.
+                    let mut tcp = tcp;
+                    let mut raw = vec![0u8; 4096];
+                    let n = tokio::time::timeout(Duration::from_secs(3), tcp.read(&mut raw))
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .unwrap_or(0);
+                    let _ = got_tx.send(raw[..n].to_vec());
+                    return;
+                }
+                let Ok(tls) = tokio_rustls::TlsAcceptor::from(db_cfg).accept(tcp).await else {
+                    return;
+                };
+                // Every flow accepted, with a ticket: "no encryption".
+                let answer = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .header("segmesh-reason", "accepted")
+                            .header("segmesh-ticket", "ab".repeat(32))
+                            .body(http_body_util::Empty::<bytes::Bytes>::new())
+                            .unwrap(),
+                    )
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), answer)
+                        .await;
+            });
         }
-        // Accepted (version 1, accept, reason 0), flags 0: no encryption.
-        let _ = tls.write_all(&[1, 0, 0, 0]).await;
-        tls.get_mut().1.send_close_notify();
-        let _ = tls.flush().await;
-        // Whatever arrives next, in TLS or raw.
-        let mut b = vec![0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut b))
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .unwrap_or(0);
-        let (mut tcp, _) = tls.into_inner();
-        let _ = tcp.write_all(&[0x47]).await;
-        let mut raw = vec![0u8; 4096];
-        let m2 = tokio::time::timeout(Duration::from_secs(3), tcp.read(&mut raw))
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .unwrap_or(0);
-        let mut all = b[..n].to_vec();
-        all.extend_from_slice(&raw[..m2]);
-        let _ = got_tx.send(all);
     });
     std::thread::sleep(Duration::from_millis(200));
     let target = SocketAddr::new(db.ip4.into(), 5432);
@@ -867,21 +951,101 @@ fn netns_tunnel_a_server_cannot_drop_the_encryption_asked_for() {
     .join()
     .unwrap();
     assert!(!secret, "api's flow went on with the rogue server");
-    let seen = got
-        .recv_timeout(Duration::from_secs(15))
-        .unwrap_or_default();
-    assert!(
-        !seen.windows(16).any(|w| w == b"SECRET-PLAINTEXT"),
-        "the rogue server read api's bytes in plaintext"
-    );
     wait_until("api's record", Duration::from_secs(10), || {
         m.log("api")
             .iter()
             .any(|r| r["peer_reason"] == "dropped-encryption")
     });
+    // A plaintext connection, had api opened one, would have come before the record;
+    // the rogue reads it for up to 3 s.
+    let seen = got.recv_timeout(Duration::from_secs(4)).unwrap_or_default();
+    assert!(
+        seen.is_empty() && !seen.windows(16).any(|w| w == b"SECRET-PLAINTEXT"),
+        "api opened a plaintext connection to the rogue server: {seen:?}"
+    );
     let log = m.log("api");
     let r = find(&log, |r| r["peer_reason"] == "dropped-encryption");
     assert_eq!(r["reason"], "tunnel-protocol");
     assert_eq!(r["rejected_by"], "server");
     assert_eq!(r["verdict"], "reject");
+}
+
+/// The attacks on tickets. web's enforcer key (what web's enforcer holds) asks api for
+/// an authenticated-only flow and gets a ticket. Presented from db's address (another
+/// registered PU that learned it) it is refused and recorded, and stays good for its
+/// holder; presented from web's address the flow reaches api's server; presented again
+/// it is unknown.
+#[test]
+fn netns_tunnel_tickets_are_single_use_and_bound_to_their_holder() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("tickets", false, "");
+    let (web, api, db) = (m.host("web"), m.host("api"), m.host("db"));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let _server = in_ns(
+        &api,
+        greeter(SocketAddr::new(api.ip4.into(), 8080), seen.clone()),
+    );
+    let tunnel = SocketAddr::new(api.ip4.into(), 15008);
+    let web_cfg = m.tls("web").client;
+    let (status, headers) = in_ns(&web, async move {
+        let req = http::Request::connect(SocketAddr::new(tunnel.ip(), 8080).to_string())
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        h2_request(web_cfg, tunnel, req).await
+    })
+    .join()
+    .unwrap()
+    .expect("an answer");
+    assert_eq!(status, 200);
+    assert_eq!(headers["segmesh-reason"], "accepted");
+    let hex = headers["segmesh-ticket"].to_str().unwrap().to_owned();
+    assert_eq!(hex.len(), 64);
+    let ticket: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let preface = [b"SMT\x02".as_slice(), &ticket].concat();
+    // Presents the ticket from `host`: what the connection then reads.
+    let present = |host: &Host| {
+        let preface = preface.clone();
+        in_ns(host, async move {
+            let mut s = bypass(tunnel).await;
+            s.write_all(&preface).await.unwrap();
+            let mut b = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut b)).await;
+            b
+        })
+        .join()
+        .unwrap()
+    };
+    assert!(present(&db).is_empty(), "stolen: nothing from db's address");
+    assert_eq!(present(&web), b"hello\n", "the holder's flow");
+    assert!(present(&web).is_empty(), "replayed: nothing");
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        1,
+        "one connection reached the server"
+    );
+    wait_until("api's records", Duration::from_secs(10), || {
+        let log = m.log("api");
+        ["ticket-address", "ticket-unknown"]
+            .iter()
+            .all(|r| log.iter().any(|l| l["reason"] == *r))
+    });
+    let log = m.log("api");
+    let stolen = find(&log, |r| r["reason"] == "ticket-address");
+    assert_eq!(stolen["source"]["ip"], db.ip4.to_string());
+    assert_eq!(
+        stolen["peer_identity"], "spiffe://segmesh.local/ns/acme/shop/pu/web",
+        "the record names whose ticket it was"
+    );
+    assert_eq!(stolen["rejected_by"], "server");
+    let replayed = find(&log, |r| r["reason"] == "ticket-unknown");
+    assert_eq!(replayed["source"]["ip"], web.ip4.to_string());
+    assert_eq!(
+        metric(&api, "segmesh_tunnel_tickets_total{result=\"redeemed\"}"),
+        1.0
+    );
 }

@@ -2,11 +2,10 @@
 //! encrypted and decrypted by rustls in user space. Kernel TLS would carry them without
 //! user-space copies; this build only detects it ([`ktls_available`], logged at start).
 
-use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Moved;
@@ -18,57 +17,66 @@ pub fn ktls_available() -> bool {
         .is_ok_and(|s| s.split_whitespace().any(|u| u == "tls"))
 }
 
-/// A stream that counts what is read from it (`forward`) and written to it
-/// (`backward`), so a relay stopped midway still knows what it moved.
-struct Counted<'a, S> {
-    inner: &'a mut S,
-    progress: &'a Progress,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        this.progress.forward.fetch_add(n, Ordering::Relaxed);
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut *this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            this.progress
-                .backward
-                .fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-/// Copy buffer per direction of an encrypted flow. 64 KiB: 16 KiB (one TLS record) cut
-/// encrypted bulk throughput by about half on the load-test machine; the price is memory
-/// on every open encrypted flow, idle or not (see the load-test report).
+/// Copy buffer of one direction while bytes flow. 64 KiB: 16 KiB (one TLS record) cut
+/// encrypted bulk throughput by about half on the load-test machine.
 const TLS_BUF: usize = 64 * 1024;
+
+/// Polls `f` once: its output if ready now, None if it would wait (the future is then
+/// dropped, so it must be cancel-safe).
+async fn now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| match f.as_mut().poll(cx) {
+        Poll::Ready(v) => Poll::Ready(Some(v)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+/// Copies `r` to `w` until `r` ends, then shuts `w` down; `moved` counts the bytes. An
+/// idle direction waits with one byte of room: the copy buffer is taken when bytes
+/// arrive and given back as soon as none are waiting, so an idle flow holds none.
+async fn copy_lazily<R, W>(mut r: R, mut w: W, moved: &AtomicU64) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let mut first = [0u8; 1];
+        if r.read(&mut first).await? == 0 {
+            return w.shutdown().await;
+        }
+        let mut buf = Vec::with_capacity(TLS_BUF);
+        buf.push(first[0]);
+        let mut ended = false;
+        loop {
+            // Whatever else is already there, without waiting.
+            while buf.len() < TLS_BUF {
+                match now(r.read_buf(&mut buf)).await {
+                    Some(Ok(0)) => {
+                        ended = true;
+                        break;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e),
+                    None => break,
+                }
+            }
+            if buf.is_empty() {
+                break;
+            }
+            w.write_all(&buf).await?;
+            moved.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            buf.clear();
+            if ended {
+                break;
+            }
+        }
+        w.flush().await?;
+        if ended {
+            return w.shutdown().await;
+        }
+    }
+}
 
 /// Relays through TLS until both sides end, `stop` is notified, or no byte moved either
 /// way for `idle` (as spliced flows do); what moved is counted from `app`'s side (app →
@@ -80,10 +88,6 @@ pub(crate) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     stop: &tokio::sync::Notify,
 ) -> Moved {
     let progress = Progress::default();
-    let mut counted = Counted {
-        inner: &mut app,
-        progress: &progress,
-    };
     let moved = || {
         (
             progress.forward.load(Ordering::Relaxed),
@@ -109,7 +113,14 @@ pub(crate) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         Idle,
     }
     let end = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut counted, tls, TLS_BUF, TLS_BUF) => End::Copied(r),
+        r = async {
+            let (app_r, app_w) = app.split();
+            let (tls_r, tls_w) = tokio::io::split(&mut *tls);
+            tokio::try_join!(
+                copy_lazily(app_r, tls_w, &progress.forward),
+                copy_lazily(tls_r, app_w, &progress.backward),
+            )
+        } => End::Copied(r.map(|_| moved())),
         _ = stop.notified() => End::Stopped,
         _ = idled => End::Idle,
     };
@@ -175,5 +186,34 @@ mod tests {
         assert_eq!(m.close, Close::Idle);
         assert!(started.elapsed() >= std::time::Duration::from_millis(200));
         drop(client);
+    }
+
+    /// A lazy copy moves every byte in order, bursts and trickles alike, counts them,
+    /// and passes the end on as a shutdown.
+    #[tokio::test]
+    async fn lazy_copies_are_exact_and_pass_the_end_on() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut src, r) = tokio::io::duplex(4096);
+        let (w, mut dst) = tokio::io::duplex(4096);
+        let moved = std::sync::Arc::new(AtomicU64::new(0));
+        let m = moved.clone();
+        let copy = tokio::spawn(async move { copy_lazily(r, w, &m).await });
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            // A trickle of single bytes, then bulk.
+            for b in &sent[..100] {
+                src.write_all(&[*b]).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            src.write_all(&sent[100..]).await.unwrap();
+            src.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        dst.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        copy.await.unwrap().unwrap();
+        assert_eq!(got, data);
+        assert_eq!(moved.load(Ordering::Relaxed), data.len() as u64);
     }
 }

@@ -102,18 +102,6 @@ fn proxy_path(proxy: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-/// Waits until the enforcer in `host` no longer answers on its admin port.
-fn wait_admin_down(host: &Host) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http_ok(host, "/healthz") {
-        if Instant::now() > deadline {
-            bail!("the enforcer in {} does not stop", host.name);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
 /// Capture rules (both families) and an enforcer as uid 1337 in `host`; waits for it
 /// and returns its pid.
 fn start_enforcer(

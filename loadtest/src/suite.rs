@@ -529,36 +529,80 @@ struct PathFigures {
     bulk8: serde_json::Map<String, Value>,
     latency: serde_json::Map<String, Value>,
     rate: serde_json::Map<String, Value>,
+    cpu: serde_json::Map<String, Value>,
+}
+
+/// CPU time (user and system, every thread) the processes `pids` used so far, in ms.
+/// Far steadier on a shared machine than any rate: it is what the work cost.
+fn cpu_ms(pids: &[(&'static str, u32)]) -> f64 {
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    pids.iter()
+        .map(|&(_, p)| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // Fields after the command name: state is the first, utime the 12th, stime
+            // the 13th (proc(5): fields 14 and 15).
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            (ticks(11) + ticks(12)) as f64 * 1000.0 / tick
+        })
+        .sum()
 }
 
 impl PathFigures {
     /// Measures one path; `endpoints` gives each scenario a fresh (server listen
     /// address, client target) pair.
+    /// `pids`: the enforcers on the path, whose CPU time per unit of work is recorded
+    /// (none for the baselines).
     fn path(
         &mut self,
         name: &str,
         topo: &Topology,
         sizes: &Sizes,
+        pids: &[(&'static str, u32)],
         mut endpoints: impl FnMut() -> anyhow::Result<(SocketAddr, SocketAddr)>,
     ) -> anyhow::Result<()> {
         let (bytes, limit) = (sizes.bulk_bytes, sizes.limit);
         let (listen, to) = endpoints()?;
+        let c0 = cpu_ms(pids);
         self.bulk1
             .insert(name.into(), json!(bulk(topo, listen, to, 1, bytes, limit)?));
+        let per_gb = (cpu_ms(pids) - c0) / (bytes as f64 / 1e9);
         let (listen, to) = endpoints()?;
         self.bulk8
             .insert(name.into(), json!(bulk(topo, listen, to, 8, bytes, limit)?));
         let (listen, to) = endpoints()?;
-        self.latency.insert(
-            name.into(),
-            quantiles(&rr(topo, listen, to, sizes.rr_rounds, limit)?),
-        );
+        let c0 = cpu_ms(pids);
+        let rounds = rr(topo, listen, to, sizes.rr_rounds, limit)?;
+        // The warm-up rounds count: the enforcers did that work too.
+        let per_1000_requests = (cpu_ms(pids) - c0) / ((rounds.len() + 100) as f64 / 1000.0);
+        self.latency.insert(name.into(), quantiles(&rounds));
         let (listen, to) = endpoints()?;
+        let c0 = cpu_ms(pids);
         let (r, lat) = conn_rate(topo, listen, to, sizes.connections, limit)?;
+        let per_1000_connections = (cpu_ms(pids) - c0) / (lat.len().max(1) as f64 / 1000.0);
         self.rate.insert(
             name.into(),
             json!({ "per_second": r, "connect": quantiles(&lat) }),
         );
+        if !pids.is_empty() {
+            self.cpu.insert(
+                name.into(),
+                json!({
+                    "ms_per_gb_1_stream": per_gb,
+                    "ms_per_1000_requests": per_1000_requests,
+                    "ms_per_1000_connections": per_1000_connections,
+                }),
+            );
+        }
         Ok(())
     }
 }
@@ -590,7 +634,7 @@ pub fn run(
     };
 
     // Baselines, before any capture rule exists.
-    figures.path("direct", &topo, sizes, || {
+    figures.path("direct", &topo, sizes, &[], || {
         let p = DIRECT + next();
         Ok((any(p), at_server(p)))
     })?;
@@ -637,7 +681,7 @@ pub fn run(
 
     if relay_available(install_relay) {
         // Each scenario gets its own relay pair (socat forks per connection).
-        figures.path("relay", &topo, sizes, || {
+        figures.path("relay", &topo, sizes, &[], || {
             let i = next();
             start_relays(&topo, RELAY_IN + i, RELAY_HOP + i, RELAY_OUT + i);
             wait_listening(&client, RELAY_IN + i)?;
@@ -678,7 +722,6 @@ pub fn run(
         ),
     )?;
     let mut pids = Vec::new();
-    let mut configs = Vec::new();
     for name in ["client", "server"] {
         let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256)?;
         let id = SpiffeId::new("segmesh.local", "/lt", name)?;
@@ -701,10 +744,9 @@ pub fn run(
             if name == "client" { "client" } else { "server" },
             start_enforcer(&topo, &host, &proxy, &cfg)?,
         ));
-        configs.push((cfg, text));
     }
     for (mode, base) in [("authenticated-only", PLAIN), ("encrypted", ENCRYPTED)] {
-        figures.path(mode, &topo, sizes, || {
+        figures.path(mode, &topo, sizes, &pids, || {
             let p = base + next();
             Ok((any(p), at_server(p)))
         })?;
@@ -743,24 +785,6 @@ pub fn run(
         "both enforcers (tunnel)".into(),
         udp_path(&topo, "server", UDP_MESH)?,
     );
-    // Full handshakes: the client's enforcer again, without resumption or a pool.
-    let (cfg, text) = &configs[0];
-    std::fs::write(
-        cfg,
-        text.replace(
-            "limits: {max_connections: 65536, max_handshakes: 1024, udp_idle_timeout: 5s}",
-            "limits: {max_connections: 65536, max_handshakes: 1024, udp_idle_timeout: 5s, tunnel_pool: 0}\ntunnel_resumption: false",
-        ),
-    )?;
-    topo.kill(pids[0].1);
-    crate::wait_admin_down(&client)?;
-    pids[0].1 = start_enforcer(&topo, &client, &proxy, cfg)?;
-    let p = ENCRYPTED + next();
-    let (r, lat) = conn_rate(&topo, any(p), at_server(p), sizes.connections, limit)?;
-    figures.rate.insert(
-        "encrypted, full handshake, no pool".into(),
-        json!({ "per_second": r, "connect": quantiles(&lat) }),
-    );
     drop(topo);
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -793,6 +817,7 @@ pub fn run(
         "bulk_gbps": { "1": figures.bulk1, "8": figures.bulk8 },
         "latency": figures.latency,
         "connections": figures.rate,
+        "enforcer_cpu": figures.cpu,
         "idle": idle_results,
         "fanout": fanout,
         "udp": udp_figures,

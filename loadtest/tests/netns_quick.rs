@@ -47,11 +47,22 @@ fn netns_loadtest_quick_runs_every_scenario_and_writes_the_report() {
         );
         assert!(fig["connections"][path]["per_second"].as_f64().unwrap() > 0.0);
     }
+    for path in ["authenticated-only", "encrypted"] {
+        let cpu = &fig["enforcer_cpu"][path];
+        for unit in [
+            "ms_per_gb_1_stream",
+            "ms_per_1000_requests",
+            "ms_per_1000_connections",
+        ] {
+            assert!(cpu[unit].as_f64().unwrap() >= 0.0, "{path} {unit}: {cpu}");
+        }
+    }
     assert!(
-        fig["connections"]["encrypted, full handshake, no pool"]["per_second"]
+        fig["enforcer_cpu"]["encrypted"]["ms_per_1000_connections"]
             .as_f64()
             .unwrap()
-            > 0.0
+            > 0.0,
+        "new connections cost the enforcers CPU time"
     );
     for mode in ["authenticated-only", "encrypted"] {
         assert_eq!(fig["idle"][mode]["connections"], 200, "{mode}");

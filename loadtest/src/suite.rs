@@ -407,20 +407,31 @@ fn idle(
         let start = Instant::now();
         let mut b = [0u8; 6];
         while held.len() < n && start.elapsed() < hold {
-            let mut s = TcpStream::connect(to).await?;
-            s.read_exact(&mut b).await?;
-            held.push(s);
+            let opened = async {
+                let mut s = TcpStream::connect(to).await?;
+                s.read_exact(&mut b).await?;
+                Ok::<_, std::io::Error>(s)
+            };
+            match opened.await {
+                Ok(s) => held.push(s),
+                Err(e) => {
+                    let _ =
+                        ready_tx.send(Err(format!("connection {} of {n}: {e}", held.len() + 1)));
+                    return Ok(());
+                }
+            }
         }
-        let _ = ready_tx.send((held.len(), start.elapsed()));
+        let _ = ready_tx.send(Ok((held.len(), start.elapsed())));
         let _ = tokio::time::timeout(hold, done_rx).await;
         drop(held);
         Ok::<_, anyhow::Error>(())
     });
     let (opened, took) = ready_rx
         .recv_timeout(hold + Duration::from_secs(10))
-        .context("idle connections")?;
+        .context("idle connections")?
+        .map_err(|e| anyhow::anyhow!("idle connections: {e}"))?;
     // Let the enforcers settle: pool refills, records, and the spliced directions give
-    // their pipes back after a second without bytes.
+    // their pipes back after 100 ms without bytes.
     std::thread::sleep(Duration::from_millis(1500));
     let mut per = Vec::new();
     for (i, &(name, pid)) in pids.iter().enumerate() {

@@ -33,6 +33,10 @@ pub struct Shared {
     pub(crate) handshakes: Arc<Semaphore>,
     /// Server-side handshakes in flight per source address.
     pub(crate) handshakes_by_source: Arc<PerSource>,
+    /// Tunnel-port connections from registered PUs' addresses that have not yet said
+    /// whether they are TLS or a ticket, per source: every authenticated-only flow opens
+    /// one, so a peer enforcer gets a larger share than an unknown address.
+    pub(crate) tickets_by_source: Arc<PerSource>,
     /// Multiplexed tunnel connections to peer enforcers (client role).
     pub(crate) conns: crate::mesh::conns::Conns,
     /// Tickets issued to peers for authenticated-only flows (server role).
@@ -64,6 +68,9 @@ impl Shared {
             handshakes: Arc::new(Semaphore::new(settings.limits.max_handshakes)),
             handshakes_by_source: Arc::new(PerSource::new(
                 settings.limits.max_handshakes_per_source,
+            )),
+            tickets_by_source: Arc::new(PerSource::new(
+                settings.limits.max_handshakes_per_source.saturating_mul(64),
             )),
             conns: Default::default(),
             tickets: Default::default(),

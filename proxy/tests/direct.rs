@@ -73,6 +73,17 @@ impl Lab {
     /// Starts `name`'s enforcer at its address; its certificate names `cert_name` (the
     /// PU itself, unless the test impersonates).
     async fn enforcer(&self, name: &str, cert_name: &str, tags: &[&str]) -> Enforcer {
+        self.enforcer_with(name, cert_name, tags, "").await
+    }
+
+    /// [`enforcer`](Self::enforcer) with more `limits` (YAML map entries).
+    async fn enforcer_with(
+        &self,
+        name: &str,
+        cert_name: &str,
+        tags: &[&str],
+        limits: &str,
+    ) -> Enforcer {
         let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
         let id = SpiffeId::new("segmesh.local", "/acme/shop", cert_name).unwrap();
         let tag_list: Vec<String> = tags.iter().map(|s| s.to_string()).collect();
@@ -99,7 +110,7 @@ impl Lab {
              policies: [policies.yaml]\n\
              flow_log: {name}.jsonl\n\
              listeners: {{outbound: 0, inbound: 0, admin: 0, tunnel: {tunnel}, address: {addr}}}\n\
-             limits: {{handshake_timeout: 2s}}\n",
+             limits: {{handshake_timeout: 2s{limits}}}\n",
             tags = tags.join(", "),
             tunnel = self.tunnel,
         );
@@ -358,6 +369,36 @@ async fn one_connection_carries_every_flow() {
         assert_eq!(r["data_path"], "spliced", "{r}");
         assert_eq!(r["source"]["ip"], WEB.1, "{r}");
     }
+}
+
+/// Many authenticated-only flows set up at once from one peer (each opens a data
+/// connection to the tunnel port) all pass: a peer enforcer's address is not held to the
+/// small share of undecided connections an unknown address gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_authenticated_only_flows_at_once_all_pass() {
+    let lab = Lab::new("burst", &[WEB, API]);
+    let plain = echo_server(API.1).await;
+    lab.policies(&policies(1, plain.port(), 2));
+    // One handshake in flight per unknown address: a peer enforcer still gets 64
+    // undecided connections.
+    let tight = ", max_handshakes_per_source: 1";
+    let web = Arc::new(lab.enforcer_with("web", "web", &["app=web"], tight).await);
+    let api = lab.enforcer_with("api", "api", &["app=api"], tight).await;
+    let mut flows = Vec::new();
+    for i in 0..200 {
+        let app = app_connect(&web, WEB.1, plain).await;
+        flows.push(tokio::spawn(async move {
+            let msg = format!("flow {i}");
+            exchange(app, msg.as_bytes())
+                .await
+                .map(|b| b == msg.as_bytes())
+        }));
+    }
+    for f in flows {
+        assert!(f.await.unwrap().unwrap(), "echoed");
+    }
+    let redeemed = "segmesh_tunnel_tickets_total{result=\"redeemed\"}";
+    assert_eq!(metric(&api, redeemed), 200.0);
 }
 
 /// Flows that share a connection do not hold each other up: one whose application

@@ -130,6 +130,21 @@ pub(crate) async fn negotiate(
         udp,
     };
     let to_http = || request.to_http(target).map(|()| Body::new());
+    // An authenticated-only flow will need its data connection: opened while the
+    // request is out, so its handshake costs no round trip of its own (dropped unused
+    // when the answer is a refusal; the server sees a connection that says nothing).
+    let early = (!request.encrypt).then(|| {
+        let shared = shared.clone();
+        Early(tokio::spawn(async move {
+            let addr = SocketAddr::new(ip, shared.settings.listeners.tunnel);
+            let l = &shared.settings.listeners;
+            let c = crate::socket::connect(addr, l.address, shared.settings.socket_mark);
+            match tokio::time::timeout(shared.settings.limits.connect_timeout, c).await {
+                Ok(r) => r,
+                Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+            }
+        }))
+    });
     let answer = loop {
         match exchange(&shared, &conn, to_http()).await {
             Ok(a) => break a,
@@ -171,23 +186,20 @@ pub(crate) async fn negotiate(
             return Err((FlowReason::TunnelProtocol, Some(Side::Server)));
         }
         Some(ticket) => {
-            let peer_addr = SocketAddr::new(ip, shared.settings.listeners.tunnel);
-            let listeners = &shared.settings.listeners;
-            let limit = shared.settings.limits.connect_timeout;
+            let Some(mut early) = early else {
+                return Err((FlowReason::Internal, None));
+            };
             let opened = async {
-                let mut tcp = crate::socket::connect(
-                    peer_addr,
-                    listeners.address,
-                    shared.settings.socket_mark,
-                )
-                .await?;
+                let mut tcp = (&mut early.0)
+                    .await
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::Interrupted))??;
                 let _ = tcp.set_nodelay(true);
                 tcp.write_all(&ticket.preface()).await?;
                 Ok::<_, std::io::Error>(tcp)
             };
-            match tokio::time::timeout(limit, opened).await {
-                Ok(Ok(tcp)) => Data::Plain(tcp),
-                _ => return Err((FlowReason::TunnelUnreachable, Some(Side::Server))),
+            match opened.await {
+                Ok(tcp) => Data::Plain(tcp),
+                Err(_) => return Err((FlowReason::TunnelUnreachable, Some(Side::Server))),
             }
         }
     };
@@ -196,6 +208,15 @@ pub(crate) async fn negotiate(
         peer: conn.peer.clone(),
         reason: resp.reason,
     })
+}
+
+/// A data connection being opened ahead of the answer; aborted when dropped unused.
+struct Early(tokio::task::JoinHandle<std::io::Result<TcpStream>>);
+
+impl Drop for Early {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Our PU connects to the registered PU `pu` at `target`.

@@ -60,12 +60,17 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         return refusal(snap).refuse(FlowReason::NoIdentity, server);
     };
     // Overload refusals are counted, not each recorded (a flood must not flood the
-    // flow log): one address gets a bounded share of the handshakes in flight.
-    let Some(per_source) = shared.handshakes_by_source.try_acquire(from.ip()) else {
-        shared.error(ErrorKind::Overload);
-        return;
+    // flow log): one address gets a bounded share of the connections that have not
+    // proven anything yet. A registered PU's address (its enforcer opens a connection
+    // per authenticated-only flow) gets a larger share of those than an unknown one,
+    // and the same small share of TLS handshakes.
+    let registered_source = snap.registry.contains_key(&from.ip());
+    let undecided = if registered_source {
+        shared.tickets_by_source.try_acquire(from.ip())
+    } else {
+        shared.handshakes_by_source.try_acquire(from.ip())
     };
-    let Ok(handshake) = shared.handshakes.clone().try_acquire_owned() else {
+    let Some(undecided) = undecided else {
         shared.error(ErrorKind::Overload);
         return;
     };
@@ -74,14 +79,29 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     let mut first = [0u8; 1];
     match tokio::time::timeout(limit, tcp.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] == MAGIC[0] => {
-            let permits = (handshake, per_source);
-            return super::tickets::serve(shared.clone(), tcp, from, local, permits).await;
+            return super::tickets::serve(shared.clone(), tcp, from, local, undecided).await;
         }
         Ok(Ok(1)) => {}
-        // Closed before a byte: nothing was asked.
+        // Closed before a byte: nothing was asked (an unused early data connection).
         Ok(_) => return,
         Err(_) => return refusal(snap).refuse(FlowReason::HandshakeTimeout, server),
     }
+    let per_source = if registered_source {
+        drop(undecided);
+        match shared.handshakes_by_source.try_acquire(from.ip()) {
+            Some(p) => p,
+            None => {
+                shared.error(ErrorKind::Overload);
+                return;
+            }
+        }
+    } else {
+        undecided
+    };
+    let Ok(handshake) = shared.handshakes.clone().try_acquire_owned() else {
+        shared.error(ErrorKind::Overload);
+        return;
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
     let stream = match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,

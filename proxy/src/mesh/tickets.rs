@@ -8,8 +8,9 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use segmesh_api::{CloseReason, FlowReason, Side};
 use segmesh_identity::WorkloadIdentity;
@@ -26,8 +27,10 @@ use crate::relay::Moved;
 use crate::relay::splice::{self, Progress};
 use crate::state::Shared;
 
-/// How long a ticket waits for its connection.
+/// How long a ticket waits for its connection (expired ones are swept every
+/// [`SWEEP`]).
 pub const TTL: Duration = Duration::from_secs(10);
+const SWEEP: Duration = Duration::from_secs(1);
 /// Tickets waiting at most (each also holds a connection permit).
 pub const MAX_PENDING: usize = 8192;
 
@@ -43,7 +46,8 @@ pub(crate) struct Pending {
 
 #[derive(Default)]
 pub(crate) struct Tickets {
-    pending: Mutex<HashMap<Ticket, Pending>>,
+    pending: Mutex<HashMap<Ticket, (Pending, Instant)>>,
+    sweeping: AtomicBool,
 }
 
 fn count(shared: &Shared, result: &'static str) {
@@ -68,24 +72,12 @@ impl Tickets {
                 p.rec.refuse(FlowReason::Overload, Some(Side::Server));
                 return None;
             }
-            pending.insert(t, p);
+            pending.insert(t, (p, Instant::now() + TTL));
         }
         count(shared, "issued");
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(TTL).await;
-            let expired = shared
-                .tickets
-                .pending
-                .lock()
-                .expect("lock poisoned")
-                .remove(&t);
-            if let Some(p) = expired {
-                count(&shared, "expired");
-                // Allowed, but no byte ever came: recorded like a flow that idled out.
-                p.rec.ended_unrelayed(CloseReason::Idle);
-            }
-        });
+        if !self.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(shared)));
+        }
         Some(t)
     }
 
@@ -93,10 +85,43 @@ impl Tickets {
     fn redeem(&self, t: &Ticket, from: IpAddr) -> Result<Pending, Refused> {
         let mut pending = self.pending.lock().expect("lock poisoned");
         match pending.get(t) {
+            // Expired but not swept yet: as good as gone.
             None => Err(Refused::Unknown),
+            Some((_, expires)) if *expires <= Instant::now() => Err(Refused::Unknown),
             // The rightful holder can still use it: a thief cannot burn it.
-            Some(p) if p.holder != from => Err(Refused::Address(p.peer.spiffe_id().to_string())),
-            Some(_) => Ok(pending.remove(t).expect("present")),
+            Some((p, _)) if p.holder != from => {
+                Err(Refused::Address(p.peer.spiffe_id().to_string()))
+            }
+            Some(_) => Ok(pending.remove(t).expect("present").0),
+        }
+    }
+}
+
+/// Ends the flows of expired tickets, every [`SWEEP`], for as long as the enforcer
+/// lives (one task, not one per ticket).
+async fn sweep(shared: Weak<Shared>) {
+    loop {
+        tokio::time::sleep(SWEEP).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let expired: Vec<Pending> = {
+            let mut pending = shared.tickets.pending.lock().expect("lock poisoned");
+            let gone: Vec<Ticket> = pending
+                .iter()
+                .filter(|(_, (_, e))| *e <= now)
+                .map(|(t, _)| *t)
+                .collect();
+            gone.iter()
+                .filter_map(|t| pending.remove(t))
+                .map(|(p, _)| p)
+                .collect()
+        };
+        for p in expired {
+            count(&shared, "expired");
+            // Allowed, but no byte ever came: recorded like a flow that idled out.
+            p.rec.ended_unrelayed(CloseReason::Idle);
         }
     }
 }

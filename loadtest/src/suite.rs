@@ -430,7 +430,7 @@ fn idle(
         .recv_timeout(hold + Duration::from_secs(10))
         .context("idle connections")?
         .map_err(|e| anyhow::anyhow!("idle connections: {e}"))?;
-    // Let the enforcers settle: pool refills, records, and the spliced directions give
+    // Let the enforcers settle: records, and the spliced directions give
     // their pipes back after 100 ms without bytes.
     std::thread::sleep(Duration::from_millis(1500));
     let mut per = Vec::new();

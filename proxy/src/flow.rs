@@ -4,9 +4,8 @@
 //! (its connection permit, its place in the open-connections gauge and in the open
 //! flows a new snapshot re-decides). It is finished exactly once, with the outcome:
 //! [`refuse`](Recorder::refuse), [`ended_unrelayed`](Recorder::ended_unrelayed),
-//! [`finish`](Recorder::finish), or [`forget`](Recorder::forget) for a pooled tunnel
-//! connection that never carried a flow. One nobody finished records itself when
-//! dropped (reason `internal`, close reason `error`).
+//! [`finish`](Recorder::finish) or [`carried`](Recorder::carried). One nobody finished
+//! records itself when dropped (reason `internal`, close reason `error`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

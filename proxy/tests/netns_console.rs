@@ -163,7 +163,7 @@ fn netns_console_commit_and_rollback_reach_enforcers_and_close_open_connections(
     // A reject at the server only: web's enforcer still allows and sends the flow over
     // a tunnel connection it established before the commit; api decides with the
     // snapshot of the moment the request arrives.
-    let pooled_before = metric(&web, "segmesh_tunnel_connections_total{result=\"reused\"}");
+    let reused_before = metric(&web, "segmesh_tunnel_connections_total{result=\"reused\"}");
     let api_version = lab.config("api")["version"].clone();
     lab.publish(
         "server-cut.yaml",
@@ -183,7 +183,7 @@ fn netns_console_commit_and_rollback_reach_enforcers_and_close_open_connections(
         })
     });
     assert!(
-        metric(&web, "segmesh_tunnel_connections_total{result=\"reused\"}") > pooled_before,
+        metric(&web, "segmesh_tunnel_connections_total{result=\"reused\"}") > reused_before,
         "the refused flow came over a tunnel connection made before the commit"
     );
     lab.ctl_ok(&["rollback"]);

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use segmesh_iptables_init::{apply, rules};
 use segmesh_testkit::{Host, Topology, wait_until};
 
+mod clients;
 mod fanout;
 mod report;
 mod suite;
@@ -109,9 +110,15 @@ fn start_enforcer(
     host: &Host,
     proxy: &std::path::Path,
     cfg: &std::path::Path,
+    exclude_ports: &[u16],
 ) -> anyhow::Result<u32> {
-    host.thread(|| {
-        let c = rules::Config::default();
+    let exclude = exclude_ports.to_vec();
+    host.thread(move || {
+        let c = rules::Config {
+            exclude_outbound_ports: exclude.clone(),
+            exclude_inbound_ports: exclude,
+            ..rules::Config::default()
+        };
         apply::apply(&c, rules::Family::V4).and_then(|_| apply::apply(&c, rules::Family::V6))
     })
     .join()

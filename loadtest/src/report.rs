@@ -225,6 +225,21 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
             "KiB",
         ),
     ];
+    // Real clients (medians of alternating rounds), when they were measured.
+    let real = &figures["clients"]["figures"];
+    let median = |scenario: &str, path: &str| f(&real[scenario][path]["median"]);
+    let set = "redis SET, 10 clients, requests/s";
+    if real[set]["direct"].is_object() {
+        for (mode, goal) in [("authenticated-only", 0.8), ("encrypted", 0.5)] {
+            targets.push(target(
+                &format!("redis SET (10 clients) vs direct, {mode} (median of the rounds)"),
+                median(set, mode) / median(set, "direct").max(1e-9),
+                goal,
+                true,
+                "×",
+            ));
+        }
+    }
     if let Some(p99) = fanout_p99 {
         targets.push(target(
             "push fan-out to 1,000 watchers, p99",
@@ -417,6 +432,37 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
                 f(&q["query"]["p50_us"]),
                 f(&q["query"]["p99_us"])
             ));
+        }
+    }
+    if real.is_object() {
+        let rounds = &figures["clients"]["rounds"];
+        md.push_str(&format!("\n## Real clients (wrk against nginx, redis-benchmark against redis-server; paths alternating, {rounds} rounds: median, range, and the medians' ratio to direct)\n\n| scenario | path | median | range | vs direct |\n|---|---|---|---|---|\n"));
+        for (scenario, by_path) in real.as_object().into_iter().flatten() {
+            for path in ["direct", "authenticated-only", "encrypted"] {
+                let v = &by_path[path];
+                if !v.is_object() {
+                    continue;
+                }
+                md.push_str(&format!(
+                    "| {scenario} | {path} | {:.0} | {:.0}–{:.0} | {:.2}× |\n",
+                    f(&v["median"]),
+                    f(&v["min"]),
+                    f(&v["max"]),
+                    f(&v["median"]) / f(&by_path["direct"]["median"]).max(1e-9)
+                ));
+            }
+        }
+        md.push_str("\n| enforcer CPU (both) | path | median | range |\n|---|---|---|---|\n");
+        let cpu = &figures["clients"]["enforcer_cpu"];
+        for (unit, by_path) in cpu.as_object().into_iter().flatten() {
+            for (path, v) in by_path.as_object().into_iter().flatten() {
+                md.push_str(&format!(
+                    "| {unit} | {path} | {:.1} ms | {:.1}–{:.1} ms |\n",
+                    f(&v["median"]),
+                    f(&v["min"]),
+                    f(&v["max"])
+                ));
+            }
         }
     }
     md.push_str("\n## Enforcer CPU time per unit of work (both enforcers, user + system, from /proc/<pid>/stat)\n\n| mode | per GB (1 stream) | per 1,000 requests (64 B round trips) | per 1,000 new connections |\n|---|---|---|---|\n");

@@ -27,6 +27,7 @@ pub struct Sizes {
     pub fanout: Vec<usize>,
     pub fanout_rounds: usize,
     pub limit: Duration,
+    pub clients: crate::clients::Sizes,
 }
 
 impl Sizes {
@@ -39,6 +40,11 @@ impl Sizes {
             fanout: vec![100, 1_000],
             fanout_rounds: 5,
             limit: Duration::from_secs(30),
+            clients: crate::clients::Sizes {
+                rounds: 3,
+                wrk: Duration::from_secs(5),
+                redis: 100_000,
+            },
         }
     }
 
@@ -51,6 +57,11 @@ impl Sizes {
             fanout: vec![20],
             fanout_rounds: 2,
             limit: Duration::from_secs(15),
+            clients: crate::clients::Sizes {
+                rounds: 1,
+                wrk: Duration::from_secs(1),
+                redis: 2_000,
+            },
         }
     }
 }
@@ -67,6 +78,10 @@ const RELAY_OUT: u16 = 14000;
 const UDP_PORTS: u16 = 15500;
 /// UDP echo servers on the server PU (through both enforcers' tunnel).
 const UDP_MESH: u16 = 15600;
+/// The real clients' direct path (HTTP, Redis): ports the capture rules leave alone, so
+/// that direct runs can alternate with the enforcers' paths.
+const DIRECT_HTTP: u16 = 16100;
+const DIRECT_REDIS: u16 = 16101;
 
 /// Answers every A query with one address (TTL 60 s) until `limit`.
 async fn dns_responder(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
@@ -519,7 +534,7 @@ fn start_relays(topo: &Topology, port_in: u16, hop: u16, out: u16) {
 
 /// Waits until something listens on `port` in `h` (asked of the kernel with `ss`, so
 /// that no probe connection goes through a relay).
-fn wait_listening(h: &Host, port: u16) -> anyhow::Result<()> {
+pub(crate) fn wait_listening(h: &Host, port: u16) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let out = h.exec(&["ss", "-Hltn", &format!("sport = :{port}")]);
@@ -545,7 +560,7 @@ struct PathFigures {
 
 /// CPU time (user and system, every thread) the processes `pids` used so far, in ms.
 /// Far steadier on a shared machine than any rate: it is what the work cost.
-fn cpu_ms(pids: &[(&'static str, u32)]) -> f64 {
+pub(crate) fn cpu_ms(pids: &[(&'static str, u32)]) -> f64 {
     let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
@@ -753,7 +768,7 @@ pub fn run(
         let host = topo.host(name).clone();
         pids.push((
             if name == "client" { "client" } else { "server" },
-            start_enforcer(&topo, &host, &proxy, &cfg)?,
+            start_enforcer(&topo, &host, &proxy, &cfg, &[DIRECT_HTTP, DIRECT_REDIS])?,
         ));
     }
     for (mode, base) in [("authenticated-only", PLAIN), ("encrypted", ENCRYPTED)] {
@@ -761,6 +776,38 @@ pub fn run(
             let p = base + next();
             Ok((any(p), at_server(p)))
         })?;
+    }
+    // Real clients, the paths alternating.
+    let mut clients = Value::Null;
+    let missing = crate::clients::missing();
+    if missing.is_empty() {
+        let paths = [
+            crate::clients::Path3 {
+                name: "direct",
+                http_port: DIRECT_HTTP,
+                redis_port: DIRECT_REDIS,
+                pids: Vec::new(),
+            },
+            crate::clients::Path3 {
+                name: "authenticated-only",
+                http_port: PLAIN + next(),
+                redis_port: PLAIN + next(),
+                pids: pids.clone(),
+            },
+            crate::clients::Path3 {
+                name: "encrypted",
+                http_port: ENCRYPTED + next(),
+                redis_port: ENCRYPTED + next(),
+                pids: pids.clone(),
+            },
+        ];
+        crate::clients::start_servers(&topo, &dir, &paths)?;
+        clients = crate::clients::measure(&topo, server.ip4, &paths, &sizes.clients)?;
+    } else {
+        notes.push(format!(
+            "real clients not measured: {} missing (scripts/install-deps installs them)",
+            missing.join(", ")
+        ));
     }
     // Each held connection costs this process two descriptors (both ends) and each
     // enforcer two, plus a pipe (two more) for a second after its greeting: stay under
@@ -829,6 +876,7 @@ pub fn run(
         "latency": figures.latency,
         "connections": figures.rate,
         "enforcer_cpu": figures.cpu,
+        "clients": clients,
         "idle": idle_results,
         "fanout": fanout,
         "udp": udp_figures,

@@ -67,6 +67,28 @@ fn netns_loadtest_quick_runs_every_scenario_and_writes_the_report() {
     for mode in ["authenticated-only", "encrypted"] {
         assert_eq!(fig["idle"][mode]["connections"], 200, "{mode}");
     }
+    // Real clients (CI installs them with scripts/install-deps).
+    let real = &fig["clients"]["figures"];
+    for scenario in [
+        "http keep-alive requests/s",
+        "http new connections/s",
+        "redis SET, 10 clients, requests/s",
+        "redis GET, 10 clients, requests/s",
+        "redis SET, 10 clients, pipeline 16, requests/s",
+    ] {
+        for path in ["direct", "authenticated-only", "encrypted"] {
+            assert!(
+                real[scenario][path]["median"].as_f64().unwrap_or(0.0) > 0.0,
+                "{scenario} {path}: {real}"
+            );
+        }
+    }
+    assert!(
+        fig["clients"]["enforcer_cpu"]["ms per 1,000 redis SETs"]["encrypted"]["median"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
     assert_eq!(fig["fanout"][0]["missed"], 0);
     assert!(report["machine"]["cores"].as_u64().unwrap() > 0);
     assert!(report["targets"].as_array().unwrap().len() >= 5);

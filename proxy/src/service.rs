@@ -67,7 +67,14 @@ pub(crate) async fn connect(mut rec: Recorder, app: TcpStream, svc: Arc<ServiceT
         let Some(pu) = &ep.pu else { continue };
         let to = SocketAddr::new(ep.ip, svc.target);
         aim(&mut rec, to, ep);
-        match crate::mesh::client::negotiate(&mut rec, to, pu, FlowPort::tcp(svc.target)).await {
+        match Box::pin(crate::mesh::client::negotiate(
+            &mut rec,
+            to,
+            pu,
+            FlowPort::tcp(svc.target),
+        ))
+        .await
+        {
             Ok(n) => return crate::mesh::client::carry(rec, app, svc.target, n).await,
             Err((reason, _)) if skippable(&reason) => {
                 tracing::debug!(service = %svc.name, endpoint = %to, %reason, "endpoint skipped");

@@ -226,7 +226,16 @@ pub(crate) async fn connect(
     target: SocketAddr,
     pu: RegisteredPu,
 ) {
-    match negotiate(&mut rec, target, &pu, FlowPort::tcp(target.port())).await {
+    // Boxed: the negotiation's state (the request's futures, several KiB) is freed when
+    // it ends instead of staying part of the flow's task for as long as it relays.
+    match Box::pin(negotiate(
+        &mut rec,
+        target,
+        &pu,
+        FlowPort::tcp(target.port()),
+    ))
+    .await
+    {
         Ok(n) => carry(rec, app, target.port(), n).await,
         Err((reason, by)) => rec.reset(app, reason, by),
     }

@@ -86,6 +86,49 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         Ok(_) => return,
         Err(_) => return refusal(snap).refuse(FlowReason::HandshakeTimeout, server),
     }
+    // Boxed: a ticket connection's task, which lives as long as its flow, does not
+    // carry the (much larger) state of a TLS and HTTP/2 connection.
+    let tls_conn = Handshaking {
+        tcp,
+        from,
+        local,
+        snap,
+        tls,
+        registered_source,
+        undecided,
+    };
+    Box::pin(serve_tls(shared, tls_conn)).await
+}
+
+/// A tunnel-port connection that starts a TLS handshake.
+struct Handshaking {
+    tcp: TcpStream,
+    from: SocketAddr,
+    local: SocketAddr,
+    snap: Arc<Snapshot>,
+    tls: Arc<segmesh_identity::TlsConfigs>,
+    registered_source: bool,
+    undecided: crate::state::SourcePermit,
+}
+
+/// TLS, the peer's identity, then HTTP/2 until the connection ends.
+async fn serve_tls(shared: Arc<Shared>, h: Handshaking) {
+    let Handshaking {
+        tcp,
+        from,
+        local,
+        snap,
+        tls,
+        registered_source,
+        undecided,
+    } = h;
+    let refusal = |snap: Arc<Snapshot>| {
+        let mut flow = Flow::new(Direction::Incoming, from, local);
+        flow.destination.pu = Some(snap.pu_qualified());
+        Recorder::new(&shared, snap, flow)
+    };
+    let server = Some(Side::Server);
+    let limit = shared.settings.limits.handshake_timeout;
     let per_source = if registered_source {
         drop(undecided);
         match shared.handshakes_by_source.try_acquire(from.ip()) {

@@ -1,5 +1,8 @@
 //! The data plane of an allowed flow: bytes move between the two sockets with
-//! `splice(2)` through a pipe in each direction, never through user space. A FIN in one
+//! `splice(2)` through a pipe in each direction, never through user space, once a
+//! direction carries bulk; a read shorter than [`SMALL`] (requests and answers of a
+//! chatty protocol) is copied through a short-lived buffer of that size instead, which
+//! costs the same two syscalls without a pipe to make and keep. A FIN in one
 //! direction is passed on with `shutdown(SHUT_WR)` while the other direction keeps
 //! flowing; a reset is passed on as a reset; a connection idle in both directions past
 //! the timeout is closed. Copying through a buffer is the fallback only when splicing is
@@ -107,8 +110,13 @@ fn is_reset(e: &io::Error) -> bool {
 /// per enforcer); long enough that a bulk flow keeps its pipe between reads.
 const PIPE_IDLE: Duration = Duration::from_millis(100);
 
-/// Moves bytes from `src` to `dst` until EOF (then sends a FIN on `dst`), through a pipe
-/// taken when bytes arrive and given back after `PIPE_IDLE` without any.
+/// Reads up to this size are copied (see the module doc); a read that fills it means
+/// bulk, and the direction takes a pipe and splices until it idles for [`PIPE_IDLE`].
+pub const SMALL: usize = 4096;
+
+/// Moves bytes from `src` to `dst` until EOF (then sends a FIN on `dst`): short reads
+/// through a buffer taken for the read, bulk through a pipe taken when a read fills that
+/// buffer and given back after `PIPE_IDLE` without bytes.
 async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut held: Option<Pipe> = None;
@@ -125,9 +133,21 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> i
         } else {
             src.readable().await?;
         }
-        let pipe = match &mut held {
-            Some(p) => &*p,
-            slot => &*slot.insert(pipe()?),
+        let Some(pipe) = &held else {
+            let mut small = vec![0u8; SMALL];
+            let n = match after_read(src.try_read(&mut small), dst)? {
+                Read::Bytes(n) => n,
+                Read::Again => continue,
+                Read::End => return Ok(()),
+            };
+            write_out(dst, n, counter, |done, _| {
+                nix::unistd::write(dst.as_fd(), &small[done..n]).map_err(io::Error::from)
+            })
+            .await?;
+            if n == SMALL {
+                held = Some(pipe()?);
+            }
+            continue;
         };
         let read = src.try_io(Interest::READABLE, || {
             splice(

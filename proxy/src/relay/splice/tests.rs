@@ -110,3 +110,39 @@ async fn idle_connections_are_closed() {
         "the client sees the connection reset"
     );
 }
+
+/// Short messages (copied) and bulk (spliced) in one direction, switching back and
+/// forth (the pipe idles out in between): every byte arrives, in order.
+#[tokio::test]
+async fn short_reads_and_bulk_interleave_in_order() {
+    let (mut client, mut server, h) = setup(false, Duration::from_secs(30)).await;
+    let mut sent = Vec::new();
+    let mut got = Vec::new();
+    for round in 0..3u64 {
+        for i in 0..50u64 {
+            let msg = stream(round * 100 + i, 100);
+            client.write_all(&msg).await.unwrap();
+            let mut b = vec![0u8; msg.len()];
+            server.read_exact(&mut b).await.unwrap();
+            got.extend_from_slice(&b);
+            sent.extend_from_slice(&msg);
+        }
+        let bulk = stream(round + 7, 2 << 20);
+        let (mut r, _w) = server.split();
+        let read = async {
+            let mut b = vec![0u8; bulk.len()];
+            r.read_exact(&mut b).await.unwrap();
+            b
+        };
+        let (b, ()) = tokio::join!(read, async { client.write_all(&bulk).await.unwrap() });
+        got.extend_from_slice(&b);
+        sent.extend_from_slice(&bulk);
+        // Long enough for the pipe to be given back.
+        tokio::time::sleep(PIPE_IDLE * 2).await;
+    }
+    assert!(got == sent, "every byte, in order");
+    drop(client);
+    drop(server);
+    let o = h.await.unwrap();
+    assert_eq!(o.forward, sent.len() as u64);
+}

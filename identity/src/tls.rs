@@ -1,4 +1,4 @@
-//! rustls configurations for enforcer-to-enforcer mTLS: TLS 1.3 only, ALPN `segmesh/1`,
+//! rustls configurations for enforcer-to-enforcer mTLS: TLS 1.3 only, ALPN `segmesh/2`,
 //! a peer certificate required and verified both ways, session resumption on (tickets
 //! and a server-side cache), secret extraction on (for kernel TLS).
 

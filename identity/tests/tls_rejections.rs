@@ -70,7 +70,7 @@ async fn accepted_peers_see_each_others_identity_and_tags_and_resume() {
     assert_eq!(s_id.tags, vec!["app=web", "env=prod"]);
     assert_eq!(c_id.name, "api");
     assert_eq!(c_id.tags, vec!["app=api"]);
-    assert_eq!(c.alpn.as_deref(), Some(&b"segmesh/1"[..]));
+    assert_eq!(c.alpn.as_deref(), Some(&b"segmesh/2"[..]));
     assert!(!c.resumed && !s.resumed);
     // The second connection resumes, and both ends still learn the peer's identity.
     let (s, c) = handshake(api.server.clone(), web.client.clone()).await;

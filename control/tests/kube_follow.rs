@@ -318,6 +318,7 @@ async fn the_console_follows_services_endpoints_and_pods() {
     let _ = std::fs::remove_dir_all(&dir);
     let console = Arc::new(Console::new(RedbStore::open(&dir).unwrap()));
     let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    segmesh_identity::tls::install_default_provider();
     let client = kube::Client::try_from(config).unwrap();
     let follower = tokio::spawn(segmesh_control::cluster::follow(
         client,

@@ -60,6 +60,13 @@ pub fn provider() -> Arc<CryptoProvider> {
     provider_named(name).expect("a known provider")
 }
 
+/// Makes [`provider`] the process-wide default, for libraries that build their own
+/// rustls configurations without naming a provider (kube-rs's client): with two
+/// providers compiled in, rustls cannot pick one by itself. Idempotent.
+pub fn install_default_provider() {
+    let _ = CryptoProvider::install_default((*provider()).clone());
+}
+
 /// The provider called `name` (one of [`PROVIDERS`]).
 pub fn provider_named(name: &str) -> Option<Arc<CryptoProvider>> {
     match name {

@@ -157,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
     };
     if let Some(cfg) = kube_config {
         let url = cfg.cluster_url.clone();
+        segmesh_identity::tls::install_default_provider();
         let client = kube::Client::try_from(cfg).context("the Kubernetes client")?;
         tracing::info!(%url, "following the Kubernetes cluster");
         tokio::spawn(segmesh_control::cluster::follow(

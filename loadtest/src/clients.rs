@@ -67,8 +67,10 @@ pub fn start_servers(topo: &Topology, dir: &Path, paths: &[Path3]) -> anyhow::Re
         .map(|p| format!("    listen {};\n", p.http_port))
         .collect();
     let d = dir.display();
+    // One process (no master and workers): killing it ends nginx, where a killed master
+    // would leave its worker running, holding whatever it inherited.
     let conf = format!(
-        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
+        "master_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 10000000;\n\
            client_body_temp_path {d}/nginx-body;\n  proxy_temp_path {d}/nginx-proxy;\n\
@@ -80,7 +82,7 @@ pub fn start_servers(topo: &Topology, dir: &Path, paths: &[Path3]) -> anyhow::Re
     std::fs::write(&path, conf)?;
     let mut nginx = server.command("nginx");
     nginx.arg("-c").arg(&path);
-    topo.spawn(nginx);
+    topo.spawn(quiet(nginx));
     for p in paths {
         let mut redis = server.command("redis-server");
         redis.args([
@@ -101,13 +103,21 @@ pub fn start_servers(topo: &Topology, dir: &Path, paths: &[Path3]) -> anyhow::Re
             "--dir",
         ]);
         redis.arg(dir);
-        topo.spawn(redis);
+        topo.spawn(quiet(redis));
     }
     for p in paths {
         crate::suite::wait_listening(server, p.http_port)?;
         crate::suite::wait_listening(server, p.redis_port)?;
     }
     Ok(())
+}
+
+/// A server's output goes nowhere: it must not hold the harness's own output open (a
+/// test reading the harness's output would wait for it).
+fn quiet(mut c: std::process::Command) -> std::process::Command {
+    c.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    c
 }
 
 /// `program args…` in the client namespace, bounded by `limit`; its standard output.

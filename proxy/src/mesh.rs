@@ -19,12 +19,9 @@
 pub(crate) mod client;
 pub(crate) mod conns;
 pub(crate) mod server;
+pub(crate) mod stream;
 pub(crate) mod tickets;
 pub mod wire;
-
-/// The body type of tunnel requests and answers: empty (a flow's bytes travel in the
-/// upgraded stream).
-pub(crate) type Body = http_body_util::Empty<bytes::Bytes>;
 
 use segmesh_identity::{IdentityError, WorkloadIdentity};
 use segmesh_policy::{Decision, Direction, PreparedPeer, Tag, TagSet};

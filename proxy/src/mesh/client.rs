@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hyper_util::rt::TokioIo;
 use segmesh_api::{FlowReason, Side};
 use segmesh_identity::WorkloadIdentity;
 use segmesh_policy::{Direction, FlowPort, Protocol, Verdict};
@@ -16,8 +15,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::conns::{Conn, EstablishError};
+use super::stream::H2Stream;
 use super::wire::{Reason, Request, Response};
-use super::{Body, decide, peer_tags};
+use super::{decide, peer_tags};
 use crate::flow::{Recorder, reason_of};
 use crate::metrics::PoolLabels;
 use crate::open::Peer;
@@ -40,7 +40,7 @@ impl EstablishError {
 /// Where a negotiated flow's bytes go.
 pub(crate) enum Data {
     /// Encrypted: the flow's own stream on the multiplexed connection.
-    Stream(TokioIo<hyper::upgrade::Upgraded>),
+    Stream(H2Stream),
     /// Authenticated-only: a plain connection to the peer's tunnel port that presented
     /// the server's ticket.
     Plain(TcpStream),
@@ -76,17 +76,19 @@ async fn connection(
     got
 }
 
-/// Sends `request` on `conn` and reads the answer (bounded by the handshake timeout).
+/// Sends `request` on a new stream of `conn` and reads the answer (bounded by the
+/// handshake timeout): the answer and the stream's send half.
 async fn exchange(
     shared: &Shared,
     conn: &Conn,
-    request: http::Request<Body>,
-) -> Result<http::Response<hyper::body::Incoming>, ()> {
-    let mut send = conn.send.clone();
+    request: http::Request<()>,
+) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<bytes::Bytes>), ()> {
+    let send = conn.send.clone();
     let limit = shared.settings.limits.handshake_timeout;
     let sent = async {
-        send.ready().await.map_err(|_| ())?;
-        send.send_request(request).await.map_err(|_| ())
+        let mut send = send.ready().await.map_err(|_| ())?;
+        let (answer, stream) = send.send_request(request, false).map_err(|_| ())?;
+        Ok((answer.await.map_err(|_| ())?, stream))
     };
     tokio::time::timeout(limit, sent).await.map_err(|_| ())?
 }
@@ -129,7 +131,7 @@ pub(crate) async fn negotiate(
         encrypt: encrypt || udp,
         udp,
     };
-    let to_http = || request.to_http(target).map(|()| Body::new());
+    let to_http = || request.to_http(target);
     // An authenticated-only flow will need its data connection: opened while the
     // request is out, so its handshake costs no round trip of its own (dropped unused
     // when the answer is a refusal; the server sees a connection that says nothing).
@@ -145,7 +147,7 @@ pub(crate) async fn negotiate(
             }
         }))
     });
-    let answer = loop {
+    let (answer, stream) = loop {
         match exchange(&shared, &conn, to_http()).await {
             Ok(a) => break a,
             // A reused connection the server was closing as we sent: once more on a
@@ -174,10 +176,7 @@ pub(crate) async fn negotiate(
         return Err((reason, Some(Side::Server)));
     }
     let data = match resp.ticket {
-        None => match hyper::upgrade::on(answer).await {
-            Ok(up) => Data::Stream(TokioIo::new(up)),
-            Err(_) => return Err((FlowReason::TunnelProtocol, Some(Side::Server))),
-        },
+        None => Data::Stream(H2Stream::new(stream, answer.into_body())),
         // Our decision asked for encryption: a server that answers with a ticket (an
         // honest one never does: it encrypts when either end asks) would get the flow in
         // plaintext.

@@ -7,15 +7,15 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use bytes::Bytes;
 use rustls_pki_types::ServerName;
 use segmesh_identity::{TlsConfigs, WorkloadIdentity, peer_identity};
 
-use super::{Body, handshake_result, rejection_of};
+use super::{handshake_result, rejection_of};
 use crate::metrics::{ErrorKind, Role};
 use crate::state::Shared;
 
@@ -50,7 +50,9 @@ pub(crate) enum EstablishError {
 
 /// An established connection to a peer enforcer, its identity checked.
 pub(crate) struct Conn {
-    pub send: http2::SendRequest<Body>,
+    pub send: h2::client::SendRequest<Bytes>,
+    /// Set when the connection ended (its task finished).
+    closed: Arc<AtomicBool>,
     pub peer: WorkloadIdentity,
     /// Whether its TLS session was resumed.
     pub resumed: bool,
@@ -63,7 +65,7 @@ pub(crate) struct Conn {
 impl Conn {
     fn usable(&self, tls: &Arc<TlsConfigs>) -> bool {
         let idle = self.last_used.lock().expect("lock poisoned").elapsed();
-        !self.send.is_closed()
+        !self.closed.load(Ordering::Relaxed)
             && Arc::ptr_eq(&self.tls, tls)
             && idle < CLIENT_IDLE
             && self.created.elapsed() < MAX_AGE
@@ -167,26 +169,28 @@ async fn establish(
     handshake_result(shared, Role::Client, if resumed { "resumed" } else { "ok" });
     let peer = peer_identity(stream.get_ref().1)
         .map_err(|e| EstablishError::PeerCertificate(e.rejection().as_str()))?;
-    let mut b = http2::Builder::new(TokioExecutor::new());
-    b.initial_stream_window_size(STREAM_WINDOW)
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_header_list_size(16 << 10);
-    let (send, conn) =
-        match tokio::time::timeout(limits.handshake_timeout, b.handshake(TokioIo::new(stream)))
-            .await
-        {
-            Ok(Ok(c)) => c,
-            _ => return Err(EstablishError::HandshakeTimeout),
-        };
+    let handshake = b.handshake::<_, Bytes>(stream);
+    let (send, conn) = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+        Ok(Ok(c)) => c,
+        _ => return Err(EstablishError::HandshakeTimeout),
+    };
+    let closed = Arc::new(AtomicBool::new(false));
+    let ended = closed.clone();
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, peer = %addr, "tunnel connection ended");
         }
+        ended.store(true, Ordering::Relaxed);
     });
     let now = Instant::now();
     Ok(Conn {
         send,
+        closed,
         peer,
         resumed,
         created: now,

@@ -5,23 +5,21 @@
 //! stream is one flow: decided as incoming on the certificate's tags (with the snapshot
 //! of the stream's moment), answered, connected to our workload and relayed.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use http_body_util::Empty;
-use hyper::server::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use bytes::Bytes;
 use segmesh_api::{CloseReason, FlowReason, Side};
 use segmesh_identity::{WorkloadIdentity, peer_identity};
 use segmesh_policy::{Direction, FlowPort, Verdict};
 use tokio::net::TcpStream;
 
 use super::conns::{CONNECTION_WINDOW, MAX_AGE, MAX_FRAME, SERVER_IDLE, STREAM_WINDOW};
+use super::stream::H2Stream;
 use super::tickets::Pending;
 use super::wire::{MAGIC, Reason, Request, Response};
-use super::{Body, decide, handshake_result, peer_tags, rejection_of};
+use super::{decide, handshake_result, peer_tags, rejection_of};
 use crate::flow::{Flow, Recorder, reason_of};
 use crate::metrics::{ErrorKind, Role};
 use crate::open::Peer;
@@ -197,47 +195,55 @@ async fn serve_tls(shared: Arc<Shared>, h: Handshaking) {
         streamed: AtomicBool::new(false),
         idle: tokio::sync::Notify::new(),
     });
-    let service = {
-        let conn = conn.clone();
-        hyper::service::service_fn(move |req| {
-            let conn = conn.clone();
-            async move { Ok::<_, Infallible>(conn.stream(req).await) }
-        })
-    };
-    let mut b = http2::Builder::new(TokioExecutor::new());
+    let mut b = h2::server::Builder::new();
     b.max_concurrent_streams(MAX_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_header_list_size(16 << 10);
-    let http = b.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(http);
+    // The client's HTTP/2 preface: anything else is not our protocol.
+    let handshake = b.handshake::<_, Bytes>(stream);
+    let mut h2c = match tokio::time::timeout(limit, handshake).await {
+        Ok(Ok(c)) => c,
+        _ => return identified(shared.snapshot()).refuse(FlowReason::BadRequest, server),
+    };
     let started = tokio::time::Instant::now();
     let mut closing = false;
-    let ended = loop {
+    let mut failed = false;
+    loop {
         let idle_since = tokio::time::Instant::now();
         tokio::select! {
-            r = http.as_mut() => break r,
+            next = h2c.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    let conn = conn.clone();
+                    tokio::spawn(async move { conn.stream(req, respond).await });
+                }
+                Some(Err(e)) => {
+                    failed = !e.is_go_away() && !e.is_io();
+                    break;
+                }
+                None => break,
+            },
             // No flow for SERVER_IDLE, the connection's age, or shutdown: no new streams,
             // open ones finish.
             _ = idle_for(&conn, idle_since), if !closing => {
                 closing = true;
-                http.as_mut().graceful_shutdown();
+                h2c.graceful_shutdown();
             }
             _ = tokio::time::sleep_until(started + MAX_AGE), if !closing => {
                 closing = true;
-                http.as_mut().graceful_shutdown();
+                h2c.graceful_shutdown();
             }
             _ = shared.stopping(), if !closing => {
                 closing = true;
-                http.as_mut().graceful_shutdown();
+                h2c.graceful_shutdown();
             }
         }
-    };
+    }
     if !conn.streamed.load(Ordering::Relaxed) {
         // A connection that never carried a stream: either it said nothing we could
         // read (garbage, not HTTP/2) or nothing at all.
-        let reason = if ended.is_err() {
+        let reason = if failed {
             FlowReason::BadRequest
         } else {
             FlowReason::IdleBeforeRequest
@@ -298,17 +304,19 @@ impl Drop for InStream {
     }
 }
 
-fn answer(reason: Reason) -> http::Response<Body> {
-    Response::refused(reason).to_http().map(|()| Empty::new())
+/// Answers a stream with `r` and ends it.
+fn answer(mut respond: h2::server::SendResponse<Bytes>, r: Response) {
+    let _ = respond.send_response(r.to_http(), true);
 }
 
 impl Connection {
-    /// One stream: a flow's request. Returns the answer; an accepted flow's relay runs
-    /// on in a task of its own.
+    /// One stream: a flow's request, answered; an accepted flow's bytes then travel in
+    /// it (encrypted) or on the connection its ticket opens.
     async fn stream(
         self: Arc<Self>,
-        mut req: http::Request<hyper::body::Incoming>,
-    ) -> http::Response<Body> {
+        req: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+    ) {
         self.streamed.store(true, Ordering::Relaxed);
         // Any stream is use: the idle timer starts again.
         self.idle.notify_waiters();
@@ -324,12 +332,12 @@ impl Connection {
         rec.resumed = Some(self.resumed);
         let Ok(r) = Request::from_http(&req) else {
             rec.refuse(FlowReason::BadRequest, server);
-            return answer(Reason::BadRequest);
+            return answer(respond, Response::refused(Reason::BadRequest));
         };
         rec.flow.destination.port = r.port;
         if !registered(&snap, self.from, &self.peer) {
             rec.refuse(FlowReason::Impersonation, server);
-            return answer(Reason::Policy);
+            return answer(respond, Response::refused(Reason::Policy));
         }
         let port = if r.udp {
             FlowPort::udp(r.port)
@@ -347,11 +355,11 @@ impl Connection {
         rec.decided(d);
         if verdict == Verdict::Reject {
             rec.refuse(reason, server);
-            return answer(refused);
+            return answer(respond, Response::refused(refused));
         }
         if !rec.admit() {
             rec.refuse(FlowReason::Overload, server);
-            return answer(Reason::Overload);
+            return answer(respond, Response::refused(Reason::Overload));
         }
         let workload_addr = SocketAddr::new(self.local.ip(), r.port);
         let accepted = Response::refused(Reason::Accepted);
@@ -361,23 +369,16 @@ impl Connection {
                 Err(_) => {
                     shared.error(ErrorKind::ConnectFailed);
                     rec.ended_unrelayed(CloseReason::ConnectFailed);
-                    return answer(Reason::Unreachable);
+                    return answer(respond, Response::refused(Reason::Unreachable));
                 }
             };
-            let upgrade = hyper::upgrade::on(&mut req);
-            let guard = InStream::new(&self);
-            let peer = peer_tags(&self.peer);
-            tokio::spawn(async move {
-                let _guard = guard;
-                match upgrade.await {
-                    Ok(up) => serve_udp(rec, TokioIo::new(up), sock, workload_addr, peer).await,
-                    Err(_) => {
-                        rec.datagrams = Some((0, 0));
-                        rec.finish(Moved::nothing(Close::Error, true))
-                    }
-                }
-            });
-            return accepted.to_http().map(|()| Empty::new());
+            let Ok(send) = respond.send_response(accepted.to_http(), false) else {
+                rec.datagrams = Some((0, 0));
+                return rec.finish(Moved::nothing(Close::Error, true));
+            };
+            let _guard = InStream::new(&self);
+            let stream = H2Stream::new(send, req.into_body());
+            return serve_udp(rec, stream, sock, workload_addr, peer_tags(&self.peer)).await;
         }
         let connect = crate::socket::connect(workload_addr, None, shared.settings.socket_mark);
         let workload =
@@ -386,7 +387,7 @@ impl Connection {
                 _ => {
                     shared.error(ErrorKind::ConnectFailed);
                     rec.ended_unrelayed(CloseReason::ConnectFailed);
-                    return answer(Reason::Unreachable);
+                    return answer(respond, Response::refused(Reason::Unreachable));
                 }
             };
         let _ = workload.set_nodelay(true);
@@ -398,36 +399,27 @@ impl Connection {
                 peer: self.peer.clone(),
                 port: r.port,
             };
-            return match shared.tickets.issue(shared, pending) {
+            let r = match shared.tickets.issue(shared, pending) {
                 Some(ticket) => Response {
                     reason: Reason::Accepted,
                     ticket: Some(ticket),
-                }
-                .to_http()
-                .map(|()| Empty::new()),
-                None => answer(Reason::Overload),
+                },
+                None => Response::refused(Reason::Overload),
             };
+            return answer(respond, r);
         }
-        let upgrade = hyper::upgrade::on(&mut req);
-        let guard = InStream::new(&self);
-        let peer = peer_tags(&self.peer);
+        let Ok(send) = respond.send_response(accepted.to_http(), false) else {
+            return rec.finish(Moved::nothing(Close::Error, true));
+        };
+        let _guard = InStream::new(&self);
+        let mut stream = H2Stream::new(send, req.into_body());
+        let stop = rec.relaying(Peer::Pu(peer_tags(&self.peer)), r.port);
         let idle = shared.settings.limits.idle_timeout;
-        tokio::spawn(async move {
-            let _guard = guard;
-            let stop = rec.relaying(Peer::Pu(peer), r.port);
-            let moved = match upgrade.await {
-                // Relayed from the workload's side: the flow's source is the peer.
-                Ok(up) => {
-                    let mut s = TokioIo::new(up);
-                    tls::relay(workload, &mut s, idle, &stop.notify)
-                        .await
-                        .reversed()
-                }
-                Err(_) => Moved::nothing(Close::Error, true),
-            };
-            rec.finish(moved);
-        });
-        accepted.to_http().map(|()| Empty::new())
+        // Relayed from the workload's side: the flow's source is the peer.
+        let moved = tls::relay(workload, &mut stream, idle, &stop.notify)
+            .await
+            .reversed();
+        rec.finish(moved);
     }
 }
 
@@ -441,7 +433,7 @@ async fn udp_socket(shared: &Shared, target: SocketAddr) -> std::io::Result<toki
 /// A UDP session to our workload at `target`, its datagrams framed in the stream.
 async fn serve_udp(
     mut rec: Recorder,
-    stream: TokioIo<hyper::upgrade::Upgraded>,
+    stream: H2Stream,
     sock: tokio::net::UdpSocket,
     target: SocketAddr,
     peer: segmesh_policy::TagSet,

@@ -1,0 +1,111 @@
+//! A flow's HTTP/2 stream as a byte stream (`AsyncRead` + `AsyncWrite`), on the h2 crate
+//! directly: a write hands its bytes to the stream's send half from the writing task
+//! (no task or channel in between, as hyper's upgraded streams have), a read hands over
+//! the bytes of the frames received, releasing their flow-control capacity. Shutdown
+//! ends the stream (the peer reads EOF); dropping it unended resets it.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+pub(crate) struct H2Stream {
+    send: h2::SendStream<Bytes>,
+    recv: h2::RecvStream,
+    /// Received bytes not read yet.
+    pending: Bytes,
+    ended: bool,
+}
+
+impl H2Stream {
+    pub(crate) fn new(send: h2::SendStream<Bytes>, recv: h2::RecvStream) -> H2Stream {
+        H2Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            ended: false,
+        }
+    }
+}
+
+/// A stream error as the relays understand it: a reset by the peer is a reset.
+fn io_error(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::ErrorKind::BrokenPipe.into());
+    }
+    match e.reason() {
+        Some(h2::Reason::CANCEL) | Some(h2::Reason::STREAM_CLOSED) => {
+            io::Error::new(io::ErrorKind::ConnectionReset, e)
+        }
+        _ => io::Error::other(e),
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        while me.pending.is_empty() {
+            match ready!(me.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Ok(b)) => me.pending = b,
+                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => {
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+            }
+        }
+        let n = me.pending.len().min(out.remaining());
+        out.put_slice(&me.pending[..n]);
+        me.pending.advance(n);
+        let _ = me.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let me = self.get_mut();
+        me.send.reserve_capacity(buf.len());
+        while me.send.capacity() == 0 {
+            match ready!(me.send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+        let n = me.send.capacity().min(buf.len());
+        me.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(io_error)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        if !me.ended {
+            me.ended = true;
+            me.send.reserve_capacity(0);
+            me.send.send_data(Bytes::new(), true).map_err(io_error)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}

@@ -300,7 +300,7 @@ mod tests {
             |input| {
                 let parts: Vec<&[u8]> = input.split(|b| *b == b'\n').collect();
                 let part = |i: usize| parts.get(i).copied().unwrap_or(b"");
-                // A request as hyper would hand it over (what it accepts as method, URI
+                // A request as the h2 crate would hand it over (what it accepts as method, URI
                 // and header values; the rest never reaches us).
                 let req = http::Request::builder()
                     .method(part(0))

@@ -9,30 +9,22 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use criterion::Criterion;
 use rustls::client::Resumption;
 use rustls::{ClientConfig, HandshakeKind, ServerConfig};
 use rustls_pki_types::ServerName;
-use segmesh_identity::{Ca, KeyAlgorithm, Sessions, SpiffeId, TlsConfigs, WorkloadKey};
+use segmesh_identity::{Ca, KeyAlgorithm, Sessions, TlsConfigs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 
-const TD: &str = "segmesh.local";
+mod common;
+use common::TD;
 
 fn configs(ca: &Ca, name: &str, alg: KeyAlgorithm) -> TlsConfigs {
-    let key = WorkloadKey::generate(alg).unwrap();
-    let id = SpiffeId::new(TD, "/bench", name).unwrap();
-    let issued = ca
-        .issue(
-            &key.csr_pem(name).unwrap(),
-            &id,
-            &["app=bench".to_owned()],
-            Duration::from_secs(3600),
-        )
-        .unwrap();
+    let (key, issued) = common::issue(ca, name, alg);
     TlsConfigs::from_pem(
         &issued.chain_pem,
         &key.pem(),

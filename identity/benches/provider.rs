@@ -12,23 +12,15 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput};
 use rustls::{ClientConnection, ServerConnection};
 use rustls_pki_types::ServerName;
-use segmesh_identity::{Ca, KeyAlgorithm, Sessions, SpiffeId, TlsConfigs, WorkloadKey};
+use segmesh_identity::{Ca, KeyAlgorithm, Sessions, TlsConfigs};
 
-const TD: &str = "segmesh.local";
+mod common;
+use common::TD;
 const BULK: usize = 16 << 20;
 
 fn configs(ca: &Ca, name: &str, provider: &str) -> TlsConfigs {
     use rustls_pki_types::pem::PemObject;
-    let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-    let id = SpiffeId::new(TD, "/bench", name).unwrap();
-    let issued = ca
-        .issue(
-            &key.csr_pem(name).unwrap(),
-            &id,
-            &["app=bench".to_owned()],
-            Duration::from_secs(3600),
-        )
-        .unwrap();
+    let (key, issued) = common::issue(ca, name, KeyAlgorithm::EcdsaP256);
     let sessions = Sessions::new().unwrap();
     TlsConfigs::with_provider(
         segmesh_identity::ca::certs_from_pem(&issued.chain_pem).unwrap(),

@@ -48,11 +48,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         .local_addr()
         .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
         .unwrap_or(from);
-    let refusal = |snap: Arc<Snapshot>| {
-        let mut flow = Flow::new(Direction::Incoming, from, local);
-        flow.destination.pu = Some(snap.pu_qualified());
-        Recorder::new(&shared, snap, flow)
-    };
+    let refusal = |snap: Arc<Snapshot>| refusal(&shared, snap, from, local);
     let server = Some(Side::Server);
     let Some(tls) = snap.tls.clone() else {
         return refusal(snap).refuse(FlowReason::NoIdentity, server);
@@ -98,6 +94,18 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
     Box::pin(serve_tls(shared, tls_conn)).await
 }
 
+/// The recorder of a tunnel-port connection refused before any stream.
+pub(crate) fn refusal(
+    shared: &Arc<Shared>,
+    snap: Arc<Snapshot>,
+    from: SocketAddr,
+    local: SocketAddr,
+) -> Recorder {
+    let mut flow = Flow::new(Direction::Incoming, from, local);
+    flow.destination.pu = Some(snap.pu_qualified());
+    Recorder::new(shared, snap, flow)
+}
+
 /// A tunnel-port connection that starts a TLS handshake.
 struct Handshaking {
     tcp: TcpStream,
@@ -120,11 +128,7 @@ async fn serve_tls(shared: Arc<Shared>, h: Handshaking) {
         registered_source,
         undecided,
     } = h;
-    let refusal = |snap: Arc<Snapshot>| {
-        let mut flow = Flow::new(Direction::Incoming, from, local);
-        flow.destination.pu = Some(snap.pu_qualified());
-        Recorder::new(&shared, snap, flow)
-    };
+    let refusal = |snap: Arc<Snapshot>| refusal(&shared, snap, from, local);
     let server = Some(Side::Server);
     let limit = shared.settings.limits.handshake_timeout;
     let per_source = if registered_source {

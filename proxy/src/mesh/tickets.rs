@@ -14,13 +14,12 @@ use std::time::{Duration, Instant};
 
 use segmesh_api::{CloseReason, FlowReason, Side};
 use segmesh_identity::WorkloadIdentity;
-use segmesh_policy::Direction;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use super::wire::{PREFACE_LEN, Ticket};
 use super::{peer_tags, server::registered};
-use crate::flow::{Flow, Recorder};
+use crate::flow::Recorder;
 use crate::metrics::{ErrorKind, PoolLabels};
 use crate::open::Peer;
 use crate::relay::Moved;
@@ -149,10 +148,7 @@ pub(crate) async fn serve(
     )
     .await;
     let refuse = |reason: FlowReason, holder: Option<String>| {
-        let snap = shared.snapshot();
-        let mut flow = Flow::new(Direction::Incoming, from, local);
-        flow.destination.pu = Some(snap.pu_qualified());
-        let mut rec = Recorder::new(&shared, snap, flow);
+        let mut rec = super::server::refusal(&shared, shared.snapshot(), from, local);
         rec.peer_identity = holder;
         rec.refuse(reason, Some(Side::Server));
     };

@@ -134,16 +134,11 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> i
             src.readable().await?;
         }
         let Some(pipe) = &held else {
-            let mut small = vec![0u8; SMALL];
-            let n = match after_read(src.try_read(&mut small), dst)? {
+            let n = match copy_once(src, dst, &mut vec![0u8; SMALL], counter).await? {
                 Read::Bytes(n) => n,
                 Read::Again => continue,
                 Read::End => return Ok(()),
             };
-            write_out(dst, n, counter, |done, _| {
-                nix::unistd::write(dst.as_fd(), &small[done..n]).map_err(io::Error::from)
-            })
-            .await?;
             if n == SMALL {
                 held = Some(pipe()?);
             }
@@ -216,20 +211,31 @@ async fn write_out(
     Ok(())
 }
 
+/// One read from `src` (readable) into `buf`, written out to `dst` and counted.
+async fn copy_once(
+    src: &TcpStream,
+    dst: &TcpStream,
+    buf: &mut [u8],
+    counter: &AtomicU64,
+) -> io::Result<Read> {
+    let read = after_read(src.try_read(buf), dst)?;
+    if let Read::Bytes(n) = read {
+        write_out(dst, n, counter, |done, _| {
+            nix::unistd::write(dst.as_fd(), &buf[done..n]).map_err(io::Error::from)
+        })
+        .await?;
+    }
+    Ok(read)
+}
+
 /// The same through a user-space buffer.
 async fn pump_copy(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
         src.readable().await?;
-        let n = match after_read(src.try_read(&mut buf), dst)? {
-            Read::Bytes(n) => n,
-            Read::Again => continue,
-            Read::End => return Ok(()),
-        };
-        write_out(dst, n, counter, |done, _| {
-            nix::unistd::write(dst.as_fd(), &buf[done..n]).map_err(io::Error::from)
-        })
-        .await?;
+        if let Read::End = copy_once(src, dst, &mut buf, counter).await? {
+            return Ok(());
+        }
     }
 }
 

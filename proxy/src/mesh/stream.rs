@@ -109,3 +109,66 @@ impl AsyncWrite for H2Stream {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client and a server stream of one HTTP/2 connection over an in-memory pipe.
+    async fn pair() -> (H2Stream, H2Stream) {
+        let (c, s) = tokio::io::duplex(64 << 10);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(s).await.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            let send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            // The connection is driven for as long as the test runs.
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            H2Stream::new(send, req.into_body())
+        });
+        let (send_request, conn) = h2::client::handshake(c).await.unwrap();
+        tokio::spawn(conn);
+        let mut send_request = send_request.ready().await.unwrap();
+        let req = http::Request::connect("10.0.0.1:80").body(()).unwrap();
+        let (answer, send) = send_request.send_request(req, false).unwrap();
+        let client = H2Stream::new(send, answer.await.unwrap().into_body());
+        (client, server.await.unwrap())
+    }
+
+    /// Bytes both ways, more than the stream's window; a shutdown is the other side's
+    /// EOF while the other direction keeps going (half-close).
+    #[tokio::test]
+    async fn carries_bytes_both_ways_and_half_closes() {
+        let (mut client, mut server) = pair().await;
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got == data, "every byte, in order");
+        server.write_all(b"done").await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"done");
+    }
+
+    /// A stream dropped before it ended is a reset at the other end.
+    #[tokio::test]
+    async fn dropping_an_unended_stream_resets_it() {
+        let (mut client, mut server) = pair().await;
+        client.write_all(b"partial").await.unwrap();
+        let mut b = [0u8; 7];
+        server.read_exact(&mut b).await.unwrap();
+        drop(client);
+        let mut rest = Vec::new();
+        let e = server.read_to_end(&mut rest).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+    }
+}

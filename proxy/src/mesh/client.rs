@@ -110,13 +110,14 @@ pub(crate) async fn negotiate(
         return Err((FlowReason::Overload, None));
     }
     let ip = target.ip();
+    // Someone else answers at that address with a valid certificate.
+    let impersonated = |c: &Conn| c.peer.name != pu.name || c.peer.namespace != pu.namespace;
     let (mut conn, mut new) = connection(&shared, &tls, ip)
         .await
         .map_err(|e| (e.reason(), None))?;
     rec.peer_identity = Some(conn.peer.spiffe_id().to_string());
     rec.resumed = Some(conn.resumed);
-    if conn.peer.name != pu.name || conn.peer.namespace != pu.namespace {
-        // Someone else answers at that address with a valid certificate.
+    if impersonated(&conn) {
         return Err((FlowReason::Impersonation, Some(Side::Client)));
     }
     let d = decide(&snap, Direction::Outgoing, &conn.peer, port, &shared);
@@ -160,7 +161,7 @@ pub(crate) async fn negotiate(
                 (conn, new) = connection(&shared, &tls, ip)
                     .await
                     .map_err(|e| (e.reason(), None))?;
-                if conn.peer.name != pu.name || conn.peer.namespace != pu.namespace {
+                if impersonated(&conn) {
                     return Err((FlowReason::Impersonation, Some(Side::Client)));
                 }
             }

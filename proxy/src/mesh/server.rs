@@ -80,18 +80,22 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         Ok(_) => return,
         Err(_) => return refusal(snap).refuse(FlowReason::HandshakeTimeout, server),
     }
+    // A TLS handshake: a registered PU's address too gets only the small share.
+    let per_source = if registered_source {
+        drop(undecided);
+        match shared.handshakes_by_source.try_acquire(from.ip()) {
+            Some(p) => p,
+            None => {
+                shared.error(ErrorKind::Overload);
+                return;
+            }
+        }
+    } else {
+        undecided
+    };
     // Boxed: a ticket connection's task, which lives as long as its flow, does not
     // carry the (much larger) state of a TLS and HTTP/2 connection.
-    let tls_conn = Handshaking {
-        tcp,
-        from,
-        local,
-        snap,
-        tls,
-        registered_source,
-        undecided,
-    };
-    Box::pin(serve_tls(shared, tls_conn)).await
+    Box::pin(serve_tls(shared, tcp, from, local, snap, tls, per_source)).await
 }
 
 /// The recorder of a tunnel-port connection refused before any stream.
@@ -106,43 +110,20 @@ pub(crate) fn refusal(
     Recorder::new(shared, snap, flow)
 }
 
-/// A tunnel-port connection that starts a TLS handshake.
-struct Handshaking {
+/// TLS, the peer's identity, then HTTP/2 until the connection ends (`per_source`: the
+/// source's share of handshakes in flight, held until the peer is identified).
+async fn serve_tls(
+    shared: Arc<Shared>,
     tcp: TcpStream,
     from: SocketAddr,
     local: SocketAddr,
     snap: Arc<Snapshot>,
     tls: Arc<segmesh_identity::TlsConfigs>,
-    registered_source: bool,
-    undecided: crate::state::SourcePermit,
-}
-
-/// TLS, the peer's identity, then HTTP/2 until the connection ends.
-async fn serve_tls(shared: Arc<Shared>, h: Handshaking) {
-    let Handshaking {
-        tcp,
-        from,
-        local,
-        snap,
-        tls,
-        registered_source,
-        undecided,
-    } = h;
+    per_source: crate::state::SourcePermit,
+) {
     let refusal = |snap: Arc<Snapshot>| refusal(&shared, snap, from, local);
     let server = Some(Side::Server);
     let limit = shared.settings.limits.handshake_timeout;
-    let per_source = if registered_source {
-        drop(undecided);
-        match shared.handshakes_by_source.try_acquire(from.ip()) {
-            Some(p) => p,
-            None => {
-                shared.error(ErrorKind::Overload);
-                return;
-            }
-        }
-    } else {
-        undecided
-    };
     let Ok(handshake) = shared.handshakes.clone().try_acquire_owned() else {
         shared.error(ErrorKind::Overload);
         return;

@@ -51,10 +51,22 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("segmesh-direct-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        // A port free on the first address; the others are distinct addresses.
-        let probe = std::net::TcpListener::bind((pus[0].1, 0)).unwrap();
-        let tunnel = probe.local_addr().unwrap().port();
-        drop(probe);
+        // A port free on every address of the lab, below the ephemeral range (a port the
+        // kernel handed out and freed again could go to the next client socket before
+        // the enforcers bind it: the tests open hundreds of connections at once), and
+        // distinct for each lab of this process.
+        static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        let tunnel = loop {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let port = 20_000 + (std::process::id() % 64) as u16 * 128 + n % 128;
+            if pus
+                .iter()
+                .all(|(_, a)| std::net::TcpListener::bind((*a, port)).is_ok())
+            {
+                break port;
+            }
+            assert!(n < 1024, "no free tunnel port for the lab");
+        };
         Lab {
             dir,
             ca: Ca::new_root("segmesh.local", KeyAlgorithm::EcdsaP256).unwrap(),

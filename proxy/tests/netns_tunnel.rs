@@ -554,6 +554,19 @@ fn netns_tunnel_attacks_fail_and_are_recorded() {
             .await;
         let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await;
         assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "closed: {n:?}");
+        // A ticket preface that stops after its magic: closed after the handshake
+        // timeout, not held.
+        let mut stalled = bypass(tunnel).await;
+        let _ = stalled.write_all(b"SMT\x02").await;
+        let t = std::time::Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut b))
+            .await
+            .expect("the server gives up on a stalled preface");
+        assert!(matches!(n, Ok(0) | Err(_)), "closed: {n:?}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(900),
+            "after the timeout"
+        );
         let mut slow = bypass(tunnel).await;
         let t = std::time::Instant::now();
         let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut b))
@@ -569,7 +582,7 @@ fn netns_tunnel_attacks_fail_and_are_recorded() {
     .unwrap();
 
     wait_until("all attacks recorded", Duration::from_secs(10), || {
-        m.log("db").len() >= 10
+        m.log("db").len() >= 11
     });
     let db_log = m.log("db");
     let reasons: Vec<&str> = db_log.iter().filter_map(|r| r["reason"].as_str()).collect();

@@ -35,11 +35,40 @@ pub enum CallError {
     Body(String),
 }
 
-/// An HTTPS client for the console API: one connection per request (a long-poll holds
-/// one for up to 30 s; flow batches go once a second at most).
-pub struct Client {
+/// One console replica's address.
+#[derive(Debug, Clone)]
+struct Endpoint {
     host: String,
     port: u16,
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> Result<Endpoint, CallError> {
+        let bad = || CallError::Setup(format!("console URL `{url}`: expected https://host:port"));
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(bad)?
+            .trim_end_matches('/');
+        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        Ok(Endpoint {
+            host: host.trim_matches(['[', ']']).to_owned(),
+            port,
+        })
+    }
+}
+
+/// How long connecting to one replica may take before the next is tried.
+const CONNECT_EACH: Duration = Duration::from_secs(3);
+
+/// An HTTPS client for the console API: one connection per request (a long-poll holds
+/// one for up to 30 s; flow batches go once a second at most). Given several console
+/// replicas, it talks to one and moves to the next when that one cannot be reached or
+/// stops answering; clients derived with [`Client::with_identity`] move together.
+pub struct Client {
+    endpoints: Arc<[Endpoint]>,
+    /// The replica in use (an index into `endpoints`), shared with derived clients.
+    current: Arc<std::sync::atomic::AtomicUsize>,
     /// Sent as a bearer token unless empty.
     token: String,
     roots: Arc<rustls::RootCertStore>,
@@ -53,13 +82,18 @@ impl Client {
     /// `url`: `https://host:port`; `token`: sent as a bearer token unless empty;
     /// `ca_pem`: the console's CA.
     pub fn new(url: &str, token: &str, ca_pem: &str) -> Result<Client, CallError> {
-        let bad = || CallError::Setup(format!("console URL `{url}`: expected https://host:port"));
-        let rest = url
-            .strip_prefix("https://")
-            .ok_or_else(bad)?
-            .trim_end_matches('/');
-        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-        let port: u16 = port.parse().map_err(|_| bad())?;
+        Client::replicas(&[url.to_owned()], token, ca_pem)
+    }
+
+    /// A client of several console replicas (`https://host:port` each), tried in turn.
+    pub fn replicas(urls: &[String], token: &str, ca_pem: &str) -> Result<Client, CallError> {
+        let endpoints = urls
+            .iter()
+            .map(|u| Endpoint::parse(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(CallError::Setup("no console URL".into()));
+        }
         let setup = |e: &dyn std::fmt::Display| CallError::Setup(format!("console CA: {e}"));
         let mut roots = rustls::RootCertStore::empty();
         for c in segmesh_identity::ca::certs_from_pem(ca_pem).map_err(|e| setup(&e))? {
@@ -72,8 +106,8 @@ impl Client {
             .with_root_certificates(roots.clone())
             .with_no_client_auth();
         Ok(Client {
-            host: host.trim_matches(['[', ']']).to_owned(),
-            port,
+            endpoints: endpoints.into(),
+            current: Default::default(),
             token: token.to_owned(),
             roots,
             tls: Arc::new(tls),
@@ -88,8 +122,56 @@ impl Client {
         self
     }
 
-    async fn connect(&self) -> Result<tokio::net::TcpStream, CallError> {
-        let addr = format!("{}:{}", self.host, self.port);
+    /// The replica in use.
+    pub fn console(&self) -> String {
+        let e = &self.endpoints[self.current() % self.endpoints.len()];
+        format!("https://{}:{}", e.host, e.port)
+    }
+
+    fn current(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Connects to the replica in use, or else to the next one that answers (which is
+    /// then the one in use); the replica's index.
+    async fn connect(&self) -> Result<(tokio::net::TcpStream, usize), CallError> {
+        let n = self.endpoints.len();
+        let first = self.current() % n;
+        let mut errors = Vec::new();
+        for i in (first..first + n).map(|i| i % n) {
+            let e = &self.endpoints[i];
+            match tokio::time::timeout(CONNECT_EACH, self.connect_to(e)).await {
+                Ok(Ok(tcp)) => {
+                    if i != first {
+                        tracing::info!(console = %format!("https://{}:{}", e.host, e.port), "moved to another console replica");
+                        self.current.store(i, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return Ok((tcp, i));
+                }
+                Ok(Err(err)) => errors.push(err.to_string()),
+                Err(_) => errors.push(format!(
+                    "{}:{}: no connection within {CONNECT_EACH:?}",
+                    e.host, e.port
+                )),
+            }
+        }
+        Err(CallError::Unreachable(errors.join("; ")))
+    }
+
+    /// After a failed exchange with replica `i`, the next call starts with the next one.
+    fn move_on(&self, i: usize) {
+        if self.endpoints.len() > 1 {
+            let _ = self.current.compare_exchange(
+                i,
+                (i + 1) % self.endpoints.len(),
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
+    async fn connect_to(&self, e: &Endpoint) -> Result<tokio::net::TcpStream, CallError> {
+        let addr = format!("{}:{}", e.host, e.port);
         let unreachable =
             |e: &dyn std::fmt::Display| CallError::Unreachable(format!("{addr}: {e}"));
         let mut last = None;
@@ -132,8 +214,8 @@ impl Client {
             .with_client_auth_cert(chain, key)
             .map_err(|e| e.to_string())?;
         Ok(Client {
-            host: self.host.clone(),
-            port: self.port,
+            endpoints: self.endpoints.clone(),
+            current: self.current.clone(),
             token: String::new(),
             roots: self.roots.clone(),
             tls: Arc::new(tls),
@@ -149,11 +231,14 @@ impl Client {
         body: Option<Vec<u8>>,
         limit: Duration,
     ) -> Result<T, CallError> {
+        let used = std::sync::atomic::AtomicUsize::new(usize::MAX);
         let exchange = async {
-            let addr = format!("{}:{}", self.host, self.port);
-            let tcp = self.connect().await?;
-            let name = ServerName::try_from(self.host.clone())
-                .map_err(|e| CallError::Unreachable(format!("{}: {e}", self.host)))?;
+            let (tcp, i) = self.connect().await?;
+            used.store(i, std::sync::atomic::Ordering::Relaxed);
+            let ep = &self.endpoints[i];
+            let addr = format!("{}:{}", ep.host, ep.port);
+            let name = ServerName::try_from(ep.host.clone())
+                .map_err(|e| CallError::Unreachable(format!("{}: {e}", ep.host)))?;
             let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
                 .connect(name, tcp)
                 .await
@@ -165,7 +250,7 @@ impl Client {
             let mut req = hyper::Request::builder()
                 .method(method)
                 .uri(path)
-                .header("host", &self.host)
+                .header("host", &ep.host)
                 .header("content-type", "application/json");
             if !self.token.is_empty() {
                 req = req.header("authorization", format!("Bearer {}", self.token));
@@ -192,12 +277,21 @@ impl Client {
             }
             serde_json::from_slice(&bytes).map_err(|e| CallError::Body(e.to_string()))
         };
-        tokio::time::timeout(limit, exchange)
+        let result = tokio::time::timeout(limit, exchange)
             .await
             .unwrap_or_else(|_| {
                 Err(CallError::Unreachable(format!(
                     "no answer within {limit:?}"
                 )))
-            })
+            });
+        // A replica that took the connection and then broke it or did not answer in
+        // time: the next call tries another.
+        if let Err(CallError::Unreachable(_)) = &result {
+            let i = used.load(std::sync::atomic::Ordering::Relaxed);
+            if i != usize::MAX {
+                self.move_on(i);
+            }
+        }
+        result
     }
 }

@@ -132,6 +132,18 @@ fn key(ns: &NamespacePath, name: &str) -> String {
 }
 
 /// The documents' content, without where they were read from.
+/// One document of `docs` by kind and key, comparable.
+fn document(docs: &Documents, kind: &str, k: &str) -> Option<serde_json::Value> {
+    let v = match kind {
+        "NetworkPolicy" => docs.policies.get(k).map(serde_json::to_value),
+        "ExternalNetwork" => docs.externals.get(k).map(serde_json::to_value),
+        "Namespace" => docs.namespaces.get(k).map(serde_json::to_value),
+        "Service" => docs.services.get(k).map(serde_json::to_value),
+        _ => None,
+    };
+    v.and_then(Result::ok)
+}
+
 fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
     let strip = |v: &T| {
         let mut j = serde_json::to_value(v).unwrap_or_default();
@@ -197,9 +209,23 @@ pub struct Console<S: Store> {
     /// How long a PU stays registered without renewing its lease (its enforcer's
     /// snapshot watch and renewals renew it).
     pub lease: std::time::Duration,
-    /// When each PU's lease was last renewed (in memory: after a console restart every
-    /// registered PU starts with a fresh lease).
+    /// When each PU's lease was last renewed through this console (with the embedded
+    /// store, the only record: after a restart every registered PU starts with a fresh
+    /// lease).
     leases: std::sync::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>,
+    /// When this console last renewed each PU's lease in a store that keeps leases
+    /// (etcd: its replicas share them); renewed there at most every quarter lease.
+    renewed_in_store:
+        std::sync::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>,
+    /// With a store that keeps leases, PUs get one lease of grace after this console
+    /// starts (their enforcers may have waited for a console).
+    started: std::time::Instant,
+}
+
+/// Which PUs hold a lease, read once for a sweep or a registration.
+struct LeaseView {
+    /// From a store that keeps leases; `None` with the embedded store.
+    shared: Option<std::collections::HashSet<String>>,
 }
 
 /// Default PU lease: three of the enforcers' 30 s snapshot watches.
@@ -223,33 +249,74 @@ impl<S: Store> Console<S> {
             cluster: Default::default(),
             lease: PU_LEASE,
             leases: Default::default(),
+            renewed_in_store: Default::default(),
+            started: std::time::Instant::now(),
         }
     }
 
-    /// Renews `namespace:name`'s lease.
+    /// Renews `namespace:name`'s lease (here, and in a store that keeps leases at most
+    /// every quarter lease).
     pub fn touch(&self, namespace: &str, name: &str) {
-        self.leases.lock().expect("lock poisoned").insert(
-            (namespace.to_owned(), name.to_owned()),
-            std::time::Instant::now(),
-        );
+        let id = (namespace.to_owned(), name.to_owned());
+        let now = std::time::Instant::now();
+        self.leases
+            .lock()
+            .expect("lock poisoned")
+            .insert(id.clone(), now);
+        let due = self
+            .renewed_in_store
+            .lock()
+            .expect("lock poisoned")
+            .get(&id)
+            .is_none_or(|at| at.elapsed() >= self.lease / 4);
+        if due {
+            match self.store.renew_lease(namespace, name, self.lease) {
+                Ok(()) => {
+                    self.renewed_in_store
+                        .lock()
+                        .expect("lock poisoned")
+                        .insert(id, now);
+                }
+                Err(e) => {
+                    tracing::warn!(pu = %format!("{namespace}:{name}"), error = %e, "cannot renew the lease in the store")
+                }
+            }
+        }
     }
 
-    /// Whether a registered PU's lease runs (one never seen since the console started
-    /// gets a fresh one).
-    fn leased(&self, namespace: &str, name: &str) -> bool {
+    fn lease_view(&self) -> Result<LeaseView, ConsoleError> {
+        Ok(LeaseView {
+            shared: self.store.leases()?,
+        })
+    }
+
+    /// Whether a registered PU's lease runs: renewed here within the lease, or (a store
+    /// that keeps leases) held in the store, or this console started less than a lease
+    /// ago; with the embedded store, one never seen since the console started gets a
+    /// fresh one.
+    fn leased(&self, view: &LeaseView, namespace: &str, name: &str) -> bool {
         let mut l = self.leases.lock().expect("lock poisoned");
-        let at = l
-            .entry((namespace.to_owned(), name.to_owned()))
-            .or_insert_with(std::time::Instant::now);
-        at.elapsed() < self.lease
+        let id = (namespace.to_owned(), name.to_owned());
+        match &view.shared {
+            None => {
+                let at = l.entry(id).or_insert_with(std::time::Instant::now);
+                at.elapsed() < self.lease
+            }
+            Some(held) => {
+                l.get(&id).is_some_and(|at| at.elapsed() < self.lease)
+                    || held.contains(&format!("{namespace}:{name}"))
+                    || self.started.elapsed() < self.lease
+            }
+        }
     }
 
     /// Removes the PUs whose lease lapsed (Kubernetes reuses pod addresses); their
     /// names. Enforcers drop them with the next snapshot.
     pub fn expire_leases(&self) -> Result<Vec<String>, ConsoleError> {
         let mut gone = Vec::new();
+        let view = self.lease_view()?;
         for p in self.store.pus()? {
-            if !self.leased(&p.namespace, &p.name)
+            if !self.leased(&view, &p.namespace, &p.name)
                 && self
                     .store
                     .delete_pu(&p.namespace, &p.name, ("console", "lease", "lapsed"))?
@@ -285,6 +352,7 @@ impl<S: Store> Console<S> {
                 )));
             }
         }
+        let view = self.lease_view()?;
         for other in self.store.pus()? {
             if other.namespace == namespace && other.name == name {
                 continue;
@@ -295,7 +363,7 @@ impl<S: Store> Console<S> {
                 .map(|i| i.to_canonical())
                 .find(|i| claimed.contains(i))
             {
-                if self.leased(&other.namespace, &other.name) {
+                if self.leased(&view, &other.namespace, &other.name) {
                     return Err(ConsoleError::Conflict(format!(
                         "{ip} belongs to the live PU {}:{}",
                         other.namespace, other.name
@@ -648,7 +716,9 @@ impl<S: Store> Console<S> {
                 req.name
             )));
         }
-        if self.store.pu(ns.as_str(), &req.name)?.is_some() && self.leased(ns.as_str(), &req.name) {
+        if self.store.pu(ns.as_str(), &req.name)?.is_some()
+            && self.leased(&self.lease_view()?, ns.as_str(), &req.name)
+        {
             return Err(ConsoleError::Conflict(format!(
                 "{ns}:{} is registered and live: only its current certificate re-registers it (or wait {:?} after its enforcer stops)",
                 req.name, self.lease
@@ -783,13 +853,6 @@ impl<S: Store> Console<S> {
         })
     }
 
-    fn base(&self) -> Result<Documents, ConsoleError> {
-        Ok(match self.store.draft()? {
-            Some(d) => d,
-            None => self.store.live()?.map(|v| v.documents).unwrap_or_default(),
-        })
-    }
-
     /// Validates `files` together, checks rights, merges them into the draft.
     pub fn apply(&self, caller: &Caller, files: &[Source<'_>]) -> Result<Changes, ConsoleError> {
         let loaded = segmesh_policy::load(files).map_err(ConsoleError::Invalid)?;
@@ -832,7 +895,76 @@ impl<S: Store> Console<S> {
                 denied.into_iter().collect::<Vec<_>>().join(", ")
             )));
         }
-        let mut docs = self.base()?;
+        let mut touched = Vec::new();
+        touched.extend(
+            set.policies()
+                .iter()
+                .map(|p| ("NetworkPolicy", key(&p.namespace, &p.name))),
+        );
+        touched.extend(
+            set.externals()
+                .iter()
+                .map(|e| ("ExternalNetwork", key(&e.namespace, &e.name))),
+        );
+        touched.extend(set.namespaces().map(|n| ("Namespace", n.path.to_string())));
+        touched.extend(
+            loaded
+                .services
+                .iter()
+                .map(|s| ("Service", key(&s.namespace, &s.name))),
+        );
+        self.edit_draft(&touched, |docs| {
+            let ch = Self::merge(docs, &set, &loaded.services)?;
+            let summary = format!(
+                "{} added, {} changed, {} unchanged",
+                ch.added.len(),
+                ch.changed.len(),
+                ch.unchanged.len()
+            );
+            Ok((ch, (caller.name.clone(), "apply", summary)))
+        })
+    }
+
+    /// Edits the draft with `edit` (which also says what to audit), again from the new
+    /// draft when another edit got there first, unless that edit changed one of the
+    /// `touched` documents: then this one is refused, naming it.
+    fn edit_draft<T>(
+        &self,
+        touched: &[(&str, String)],
+        edit: impl Fn(&mut Documents) -> Result<(T, (String, &'static str, String)), ConsoleError>,
+    ) -> Result<T, ConsoleError> {
+        const ATTEMPTS: usize = 5;
+        for _ in 0..ATTEMPTS {
+            let (base, stamp) = self.store.draft_base()?;
+            let mut docs = base.clone();
+            let (out, (who, action, detail)) = edit(&mut docs)?;
+            match self.store.set_draft(&docs, stamp, (&who, action, &detail)) {
+                Ok(()) => return Ok(out),
+                Err(crate::store::StoreError::Conflict) => {
+                    let (now, _) = self.store.draft_base()?;
+                    if let Some((kind, k)) = touched
+                        .iter()
+                        .find(|(kind, k)| document(&base, kind, k) != document(&now, kind, k))
+                    {
+                        return Err(ConsoleError::Conflict(format!(
+                            "{kind} {k} was changed by another edit of the draft (or a commit) while this {action} was prepared; nothing was changed: look at `segmeshctl diff` and try again"
+                        )));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ConsoleError::Conflict(format!(
+            "the draft kept changing under other edits ({ATTEMPTS} attempts); nothing was changed: try again"
+        )))
+    }
+
+    /// Merges loaded documents into `docs` (by identity); what changed.
+    fn merge(
+        docs: &mut Documents,
+        set: &PolicySet,
+        services: &[segmesh_policy::Service],
+    ) -> Result<Changes, ConsoleError> {
         let mut ch = Changes::default();
         let mut note = |k: String, old: Option<bool>| match old {
             None => ch.added.push(k),
@@ -863,7 +995,7 @@ impl<S: Store> Console<S> {
             );
             docs.namespaces.insert(k, n.clone());
         }
-        for s in &loaded.services {
+        for s in services {
             let k = key(&s.namespace, &s.name);
             note(
                 format!("Service {k}"),
@@ -888,14 +1020,6 @@ impl<S: Store> Console<S> {
                 }
             }
         }
-        let summary = format!(
-            "{} added, {} changed, {} unchanged",
-            ch.added.len(),
-            ch.changed.len(),
-            ch.unchanged.len()
-        );
-        self.store
-            .set_draft(&docs, (&caller.name, "apply", &summary))?;
         Ok(ch)
     }
 
@@ -913,24 +1037,23 @@ impl<S: Store> Console<S> {
                 caller.name
             )));
         }
-        let mut docs = self.base()?;
         let k = key(namespace, name);
-        let removed = match kind {
-            "NetworkPolicy" => docs.policies.remove(&k).is_some(),
-            "ExternalNetwork" => docs.externals.remove(&k).is_some(),
-            "Service" => docs.services.remove(&k).is_some(),
-            _ => false,
-        };
-        if !removed {
-            return Err(ConsoleError::NotFound {
-                kind: kind.into(),
-                namespace: namespace.to_string(),
-                name: name.into(),
-            });
-        }
-        self.store
-            .set_draft(&docs, (&caller.name, "delete", &format!("{kind} {k}")))?;
-        Ok(())
+        self.edit_draft(&[(kind, k.clone())], |docs| {
+            let removed = match kind {
+                "NetworkPolicy" => docs.policies.remove(&k).is_some(),
+                "ExternalNetwork" => docs.externals.remove(&k).is_some(),
+                "Service" => docs.services.remove(&k).is_some(),
+                _ => false,
+            };
+            if !removed {
+                return Err(ConsoleError::NotFound {
+                    kind: kind.into(),
+                    namespace: namespace.to_string(),
+                    name: name.into(),
+                });
+            }
+            Ok(((), (caller.name.clone(), "delete", format!("{kind} {k}"))))
+        })
     }
 
     /// The draft against what is live.

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`ca_cli`]: `segmeshctl ca init|issue|inspect`, an offline CA.
-//! - [`store`]: the console's storage trait and its embedded (redb) implementation.
+//! - [`store`]: the console's storage trait, embedded (redb) and on etcd (replicas).
+//! - [`shared`]: what replicas share through etcd, sealed under a key-encryption key.
 //! - [`console`]: apply/diff/commit/rollback, tokens and roles, on a store.
 //! - [`server`]: the console's HTTPS API; [`client`]: segmeshctl's side of it.
 //! - [`inject`]: Kubernetes sidecar injection (CLI and admission webhook).
@@ -19,6 +20,7 @@ pub mod files;
 pub mod inject;
 pub mod offline;
 pub mod server;
+pub mod shared;
 pub mod store;
 pub mod style;
 pub mod suggest;

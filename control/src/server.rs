@@ -38,7 +38,7 @@ use tokio::sync::watch;
 use segmesh_identity::Ca;
 
 use crate::console::{Caller, Console, ConsoleError, FlowFilter, Registration};
-use crate::store::{RedbStore, Role, Store};
+use crate::store::{Role, Store};
 
 /// Largest request body accepted (a big policy set fits easily).
 /// Body limits per endpoint (a body beyond them is refused while it is read).
@@ -141,12 +141,15 @@ fn bearer(req: &Request<Incoming>) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn caller(console: &Console<RedbStore>, req: &Request<Incoming>) -> Result<Caller, ConsoleError> {
+fn caller<S: Store + 'static>(
+    console: &Console<S>,
+    req: &Request<Incoming>,
+) -> Result<Caller, ConsoleError> {
     console.authenticate(&bearer(req).ok_or(ConsoleError::Unauthenticated)?)
 }
 
 /// Tells long-polling watchers that the revision moved.
-fn changed(console: &Console<RedbStore>, changes: &watch::Sender<u64>) {
+fn changed<S: Store + 'static>(console: &Console<S>, changes: &watch::Sender<u64>) {
     if let Ok(r) = console.revision() {
         // Only a revision that moved wakes the watchers (a renewal that changes nothing
         // does not).
@@ -210,16 +213,19 @@ fn holds(peer: Option<&segmesh_identity::WorkloadIdentity>, pu: &str) -> bool {
     peer.is_some_and(|p| format!("{}:{}", p.namespace, p.name) == pu)
 }
 
-fn snapshot_answer(console: &Console<RedbStore>, ns: &NamespacePath) -> Response<Full<Bytes>> {
+fn snapshot_answer<S: Store + 'static>(
+    console: &Console<S>,
+    ns: &NamespacePath,
+) -> Response<Full<Bytes>> {
     match console.snapshot_for(ns) {
         Ok(s) => json(StatusCode::OK, serde_json::to_value(s).unwrap_or_default()),
         Err(e) => error(e),
     }
 }
 
-async fn snapshot(
+async fn snapshot<S: Store + 'static>(
     req: Request<Incoming>,
-    console: &Console<RedbStore>,
+    console: &Console<S>,
     changes: &watch::Sender<u64>,
     peer: Option<&segmesh_identity::WorkloadIdentity>,
 ) -> Response<Full<Bytes>> {
@@ -260,7 +266,10 @@ async fn snapshot(
     )
     .min(console.lease / 3);
     let mut rx = changes.subscribe();
-    if *rx.borrow_and_update() <= since {
+    // A revision above ours was counted elsewhere (another replica following a cluster
+    // of its own, or a store that started over): answer at once rather than wait for it.
+    let current = *rx.borrow_and_update();
+    if current == since {
         let _ = tokio::time::timeout(wait, async {
             while rx.changed().await.is_ok() {
                 if *rx.borrow_and_update() > since {
@@ -273,9 +282,9 @@ async fn snapshot(
     snapshot_answer(console, &ns)
 }
 
-async fn route(
+async fn route<S: Store + 'static>(
     req: Request<Incoming>,
-    console: Arc<Console<RedbStore>>,
+    console: Arc<Console<S>>,
     ca: Arc<Ca>,
     changes: Arc<watch::Sender<u64>>,
     inject: Arc<crate::inject::Options>,
@@ -500,10 +509,10 @@ async fn route(
 }
 
 /// Serves until the task is dropped. A connection's error never stops the listener.
-pub async fn serve(
+pub async fn serve<S: Store + 'static>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    console: Arc<Console<RedbStore>>,
+    console: Arc<Console<S>>,
     ca: Arc<Ca>,
     inject: crate::inject::Options,
 ) {
@@ -525,6 +534,15 @@ pub async fn serve(
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot expire PU leases"),
                 }
+            }
+        });
+    }
+    // Other replicas' changes (etcd's watch) wake watchers like this one's do.
+    if let Some(mut rx) = console.store.follow_revision() {
+        let (console, changes) = (console.clone(), changes.clone());
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                changed(&console, &changes);
             }
         });
     }

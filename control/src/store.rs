@@ -1,10 +1,15 @@
 //! The console's storage: the draft, the published versions, API tokens and the audit
-//! log, behind a trait so that an etcd backend can replace the embedded one and pass the
-//! same tests. Every mutation is one transaction, together with its audit entry: it
-//! happens whole or not at all.
+//! log, behind a trait with two backends that pass the same contract tests: one redb file
+//! ([`RedbStore`], one console on one machine) and etcd ([`EtcdStore`], several console
+//! replicas on one etcd cluster). Every mutation is one transaction, together with its
+//! audit entry: it happens whole or not at all.
 
-use std::collections::BTreeMap;
+mod etcd;
+pub use etcd::{EtcdOptions, EtcdStore};
+
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::time::Duration;
 
 use segmesh_policy::{ExternalNetwork, Namespace, NetworkPolicy};
 use serde::{Deserialize, Serialize};
@@ -19,7 +24,19 @@ pub enum StoreError {
     NoDraft,
     #[error("version {0} does not exist")]
     NoSuchVersion(u64),
+    #[error(
+        "the draft changed since this edit read it (another apply, delete, commit or rollback, on this console or another replica)"
+    )]
+    Conflict,
+    #[error("etcd: {0}")]
+    Etcd(String),
 }
+
+/// What an edit of the draft started from: a change to the draft or to the live version
+/// since then makes [`Store::set_draft`] refuse the edit with [`StoreError::Conflict`]
+/// (two editors, perhaps on two replicas, cannot overwrite each other's changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DraftStamp(pub u64);
 
 impl From<redb::DatabaseError> for StoreError {
     fn from(e: redb::DatabaseError) -> Self {
@@ -126,8 +143,18 @@ pub struct AuditEntry {
 /// What the console keeps.
 pub trait Store: Send + Sync {
     fn draft(&self) -> Result<Option<Documents>, StoreError>;
-    /// Replaces the draft, recording `audit` in the same transaction.
-    fn set_draft(&self, docs: &Documents, audit: (&str, &str, &str)) -> Result<(), StoreError>;
+    /// What an edit starts from: the draft, or the live version's documents when there
+    /// is none (empty before the first commit), and the stamp to hand to
+    /// [`Store::set_draft`].
+    fn draft_base(&self) -> Result<(Documents, DraftStamp), StoreError>;
+    /// Replaces the draft, recording `audit` in the same transaction, unless the draft or
+    /// the live version changed since `since` was taken ([`StoreError::Conflict`]).
+    fn set_draft(
+        &self,
+        docs: &Documents,
+        since: DraftStamp,
+        audit: (&str, &str, &str),
+    ) -> Result<(), StoreError>;
     /// Publishes the draft as the next version and clears it.
     fn commit(&self, audit: (&str, &str, &str)) -> Result<u64, StoreError>;
     /// Publishes the documents of version `to` as the next version.
@@ -172,6 +199,22 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     /// The stored flow records, oldest first.
     fn flows(&self) -> Result<Vec<StoredFlow>, StoreError>;
+    /// Renews PU `namespace:name`'s lease for `ttl` in the store, where the store keeps
+    /// leases (etcd: replicas share them). The embedded store keeps none: one console's
+    /// memory is the lease table.
+    fn renew_lease(&self, _namespace: &str, _name: &str, _ttl: Duration) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The PUs (`<namespace>:<name>`) whose lease in the store runs; `None` where the
+    /// store keeps no leases.
+    fn leases(&self) -> Result<Option<HashSet<String>>, StoreError> {
+        Ok(None)
+    }
+    /// Follows the revision as other console replicas move it (etcd's watch); `None`
+    /// where this console is the only writer.
+    fn follow_revision(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// A flow record as the console keeps it: which enforcer reported it, and when.
@@ -186,17 +229,33 @@ pub struct StoredFlow {
     pub record: segmesh_api::FlowRecord,
 }
 
-/// Adds one to the revision inside a write transaction.
-fn bump(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
-    use redb::ReadableTable;
-    let mut meta = txn.open_table(META)?;
-    let current = meta.get("revision")?.map_or(0, |v| {
+fn read_counter(
+    meta: &impl redb::ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> Result<u64, StoreError> {
+    Ok(meta.get(name)?.map_or(0, |v| {
         let mut b = [0u8; 8];
         b.copy_from_slice(&v.value()[..8]);
         u64::from_be_bytes(b)
-    });
-    meta.insert("revision", (current + 1).to_be_bytes().as_slice())?;
+    }))
+}
+
+/// Adds one to the counter `name` inside a write transaction.
+fn count_up(txn: &redb::WriteTransaction, name: &str) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(META)?;
+    let current = read_counter(&meta, name)?;
+    meta.insert(name, (current + 1).to_be_bytes().as_slice())?;
     Ok(())
+}
+
+/// Adds one to the revision inside a write transaction.
+fn bump(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    count_up(txn, "revision")
+}
+
+/// Marks a change of the draft or of the live version (what draft stamps compare).
+fn draft_moved(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    count_up(txn, "draft-stamp")
 }
 
 const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
@@ -293,10 +352,35 @@ impl Store for RedbStore {
         self.read_json(META, "draft")
     }
 
-    fn set_draft(&self, docs: &Documents, audit: (&str, &str, &str)) -> Result<(), StoreError> {
+    fn draft_base(&self) -> Result<(Documents, DraftStamp), StoreError> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let stamp = DraftStamp(read_counter(&meta, "draft-stamp")?);
+        if let Some(d) = meta.get("draft")? {
+            return Ok((serde_json::from_slice(d.value())?, stamp));
+        }
+        let versions = txn.open_table(VERSIONS)?;
+        let docs = match versions.last()? {
+            Some((_, v)) => serde_json::from_slice::<Version>(v.value())?.documents,
+            None => Documents::default(),
+        };
+        Ok((docs, stamp))
+    }
+
+    fn set_draft(
+        &self,
+        docs: &Documents,
+        since: DraftStamp,
+        audit: (&str, &str, &str),
+    ) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
+        if read_counter(&txn.open_table(META)?, "draft-stamp")? != since.0 {
+            return Err(StoreError::Conflict);
+        }
         txn.open_table(META)?
             .insert("draft", serde_json::to_vec(docs)?.as_slice())?;
+        draft_moved(&txn)?;
         append_audit(&txn, audit)?;
         txn.commit()?;
         Ok(())
@@ -313,6 +397,7 @@ impl Store for RedbStore {
         };
         let v = publish(&txn, draft, audit.0, "commit".into())?;
         bump(&txn)?;
+        draft_moved(&txn)?;
         append_audit(&txn, audit)?;
         txn.commit()?;
         Ok(v)
@@ -329,6 +414,7 @@ impl Store for RedbStore {
         };
         let v = publish(&txn, docs, audit.0, format!("rollback to {to}"))?;
         bump(&txn)?;
+        draft_moved(&txn)?;
         append_audit(&txn, audit)?;
         txn.commit()?;
         Ok(v)
@@ -500,12 +586,7 @@ impl Store for RedbStore {
     fn revision(&self) -> Result<u64, StoreError> {
         use redb::ReadableDatabase;
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(META)?;
-        Ok(t.get("revision")?.map_or(0, |v| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&v.value()[..8]);
-            u64::from_be_bytes(b)
-        }))
+        read_counter(&txn.open_table(META)?, "revision")
     }
 
     fn pus(&self) -> Result<Vec<PuRecord>, StoreError> {

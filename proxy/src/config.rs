@@ -172,8 +172,10 @@ impl Default for Limits {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsoleConfig {
-    /// `https://host:port`.
-    pub url: String,
+    /// `https://host:port`, or a list of them: console replicas (sharing one etcd), of
+    /// which the enforcer watches one and moves to the next when it stops answering.
+    #[serde(deserialize_with = "one_or_many")]
+    pub url: Vec<String>,
     /// The console's CA bundle (its data dir's `ca/bundle.crt`), to verify its HTTPS
     /// certificate.
     pub ca: PathBuf,
@@ -191,6 +193,20 @@ pub struct ConsoleConfig {
     /// 10 min.
     #[serde(default = "d_repoll", with = "humantime_serde_compat")]
     pub repoll: Duration,
+}
+
+/// A string or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 fn d_state() -> PathBuf {
@@ -301,11 +317,15 @@ pub struct ConsoleSource {
 
 impl ConsoleSource {
     pub fn check(&self) -> Result<(), ConfigError> {
-        if !self.console.url.starts_with("https://") {
-            return Err(ConfigError::Console(format!(
-                "url `{}`: expected https://host:port",
-                self.console.url
-            )));
+        if self.console.url.is_empty() {
+            return Err(ConfigError::Console("no console url".into()));
+        }
+        for u in &self.console.url {
+            if !u.starts_with("https://") {
+                return Err(ConfigError::Console(format!(
+                    "url `{u}`: expected https://host:port"
+                )));
+            }
         }
         Ok(())
     }

@@ -22,9 +22,11 @@ struct Cli {
     #[arg(long, env = "SEGMESH_LOCAL_CONFIG")]
     local_config: Option<PathBuf>,
     /// Console mode: the console's API, https://host:port. Policies, registry and
-    /// identity then come from the console.
-    #[arg(long, env = "SEGMESH_CONSOLE", requires_all = ["console_ca", "bootstrap_token", "namespace"])]
-    console: Option<String>,
+    /// identity then come from the console. Repeat it (or separate with commas) for
+    /// console replicas: the enforcer watches one and moves to another when it stops
+    /// answering.
+    #[arg(long, env = "SEGMESH_CONSOLE", value_delimiter = ',', requires_all = ["console_ca", "bootstrap_token", "namespace"])]
+    console: Vec<String>,
     /// The console's CA bundle (its data dir's `ca/bundle.crt`).
     #[arg(long, env = "SEGMESH_CONSOLE_CA")]
     console_ca: Option<PathBuf>,
@@ -127,7 +129,7 @@ impl Cli {
                 tags: self.tags.clone(),
             },
             console: ConsoleConfig {
-                url: need(&self.console),
+                url: self.console.clone(),
                 ca: self
                     .console_ca
                     .clone()
@@ -191,10 +193,9 @@ async fn run(cli: Cli, workers: usize) -> anyhow::Result<()> {
     } else {
         builder.init();
     }
-    match (&cli.local_config, &cli.console) {
-        (Some(c), _) => tracing::info!(config = %c.display(), "starting"),
-        (None, Some(url)) => tracing::info!(console = %url, "starting in console mode"),
-        _ => {}
+    match &cli.local_config {
+        Some(c) => tracing::info!(config = %c.display(), "starting"),
+        None => tracing::info!(console = ?cli.console, "starting in console mode"),
     }
     tracing::info!(workers, "runtime");
     let enforcer = Enforcer::start(cli.source()?).await?;

@@ -10,6 +10,7 @@
 //! [`Host::command`] runs a program in it through `ip netns exec`.
 
 pub mod dns;
+pub mod etcd;
 pub mod fuzz;
 
 use std::fs::File;

@@ -1,5 +1,8 @@
 //! `segmesh-control`: the console. The first start in a data directory creates the CA,
 //! the API's serving certificate and an admin token (`<data-dir>/admin.token`, 0600).
+//! With `--store etcd`, several replicas share one etcd cluster: the first replica to
+//! start creates the CA and the admin token and seals both into etcd under the
+//! key-encryption key; every replica takes them from there.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -9,16 +12,39 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use segmesh_control::console::Console;
-use segmesh_control::store::{RedbStore, Role};
+use segmesh_control::shared::Kek;
+use segmesh_control::store::{EtcdOptions, EtcdStore, RedbStore, Role, Store};
 use segmesh_identity::{Ca, KeyAlgorithm, WorkloadKey};
 use segmesh_policy::NamespacePath;
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    /// One redb file in the data directory: one console on one machine.
+    Redb,
+    /// An etcd cluster shared by several console replicas.
+    Etcd,
+}
 
 #[derive(Parser)]
 #[command(name = "segmesh-control", version, about = "segmesh console")]
 struct Cli {
-    /// Where the store, the CA and the admin token live.
+    /// Where the store (redb), the CA (redb) and the admin token live.
     #[arg(long, env = "SEGMESH_DATA_DIR")]
     data_dir: PathBuf,
+    /// Where policies, PUs, tokens and the audit log live.
+    #[arg(long, value_enum, default_value = "redb", env = "SEGMESH_STORE")]
+    store: StoreKind,
+    /// etcd members (`http://host:port`), comma separated or repeated (`--store etcd`).
+    #[arg(long, value_delimiter = ',', env = "SEGMESH_ETCD_ENDPOINTS")]
+    etcd_endpoints: Vec<String>,
+    /// Every key the console writes in etcd lives below this prefix.
+    #[arg(long, default_value = "/segmesh/", env = "SEGMESH_ETCD_PREFIX")]
+    etcd_prefix: String,
+    /// The key-encryption key sealing the CA and the first admin token in etcd: 32
+    /// bytes, raw or as 64 hexadecimal digits (`openssl rand -hex 32`); the same file on
+    /// every replica (`--store etcd`).
+    #[arg(long, env = "SEGMESH_KEK_FILE")]
+    kek_file: Option<PathBuf>,
     /// The API's address.
     #[arg(long, env = "SEGMESH_LISTEN", default_value = "127.0.0.1:8443")]
     listen: SocketAddr,
@@ -88,16 +114,84 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    std::fs::create_dir_all(&cli.data_dir)
+        .with_context(|| format!("data directory {}", cli.data_dir.display()))?;
     let ca_dir = cli.data_dir.join("ca");
-    let fresh = !ca_dir.join("ca.key").exists();
-    let ca = if fresh {
-        let ca = Ca::new_root(&cli.trust_domain, KeyAlgorithm::EcdsaP256)?;
-        ca.save(&ca_dir)?;
-        ca
-    } else {
-        Ca::load(&ca_dir)?
-    };
-    let mut console = Console::new(RedbStore::open(&cli.data_dir)?);
+    match cli.store {
+        StoreKind::Redb => {
+            if !cli.etcd_endpoints.is_empty() || cli.kek_file.is_some() {
+                anyhow::bail!("--etcd-endpoints and --kek-file go with --store etcd");
+            }
+            let fresh = !ca_dir.join("ca.key").exists();
+            let ca = if fresh {
+                let ca = Ca::new_root(&cli.trust_domain, KeyAlgorithm::EcdsaP256)?;
+                ca.save(&ca_dir)?;
+                ca
+            } else {
+                Ca::load(&ca_dir)?
+            };
+            let console = Console::new(RedbStore::open(&cli.data_dir)?);
+            let admin = if fresh {
+                Some(console.create_token(None, "admin", Role::Editor, &NamespacePath::root())?)
+            } else {
+                None
+            };
+            run(cli, console, ca, admin).await
+        }
+        StoreKind::Etcd => {
+            if cli.etcd_endpoints.is_empty() {
+                anyhow::bail!("--store etcd needs --etcd-endpoints");
+            }
+            let kek_file = cli
+                .kek_file
+                .clone()
+                .context("--store etcd needs --kek-file (the key sealing the CA in etcd)")?;
+            let kek = Kek::load(&kek_file)?;
+            let mut opts = EtcdOptions::new(cli.etcd_endpoints.clone());
+            opts.prefix = cli.etcd_prefix.clone();
+            let store = EtcdStore::connect(&opts).context("connect to etcd")?;
+            let td = cli.trust_domain.clone();
+            let (ca, created) = segmesh_control::shared::shared_ca(&store, &kek, || {
+                Ok(Ca::new_root(&td, KeyAlgorithm::EcdsaP256)?)
+            })?;
+            // The bundle where enforcers and segmeshctl expect it (no key on disk).
+            std::fs::create_dir_all(&ca_dir)?;
+            std::fs::write(ca_dir.join("bundle.crt"), ca.bundle_pem())?;
+            let console = Console::new(store);
+            let admin = if created {
+                let token =
+                    console.create_token(None, "admin", Role::Editor, &NamespacePath::root())?;
+                segmesh_control::shared::publish_admin_token(&console.store, &kek, &token)?;
+                tracing::info!("a new console: CA and admin token created and sealed in etcd");
+                Some(token)
+            } else {
+                // Written by the replica that created the CA, moments ago perhaps.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    if let Some(t) = segmesh_control::shared::admin_token(&console.store, &kek)? {
+                        break (!cli.data_dir.join("admin.token").exists()).then_some(t);
+                    }
+                    if std::time::Instant::now() > deadline {
+                        tracing::warn!(
+                            "no admin token in etcd yet: the replica that created the CA did not publish one"
+                        );
+                        break None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            run(cli, console, ca, admin).await
+        }
+    }
+}
+
+async fn run<S: Store + 'static>(
+    cli: Cli,
+    mut console: Console<S>,
+    ca: Ca,
+    admin: Option<String>,
+) -> anyhow::Result<()> {
+    let ca_dir = cli.data_dir.join("ca");
     if *cli.cert_ttl < Duration::from_secs(5) || *cli.cert_ttl > Duration::from_secs(30 * 24 * 3600)
     {
         anyhow::bail!("--cert-ttl must be between 5s and 30d");
@@ -107,10 +201,9 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("--pu-lease must be at least 2s");
     }
     console.lease = *cli.pu_lease;
-    if fresh {
-        let token = console.create_token(None, "admin", Role::Editor, &NamespacePath::root())?;
+    if let Some(token) = admin {
         write_private(&cli.data_dir.join("admin.token"), &format!("{token}\n"))?;
-        tracing::info!(file = %cli.data_dir.join("admin.token").display(), "admin token created");
+        tracing::info!(file = %cli.data_dir.join("admin.token").display(), "admin token written");
     }
     // The API's certificate: a fresh key every start, named by the listen address.
     let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256)?;

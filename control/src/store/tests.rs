@@ -21,15 +21,38 @@ pub fn contract(s: &dyn Store) {
             tag_prefixes: None,
         },
     );
-    s.set_draft(&d, ("alice", "apply", "1")).unwrap();
+    let (base, stamp) = s.draft_base().unwrap();
+    assert_eq!(base, Documents::default(), "nothing yet: an empty base");
+    s.set_draft(&d, stamp, ("alice", "apply", "1")).unwrap();
     assert_eq!(s.draft().unwrap(), Some(d.clone()));
+    // An edit prepared on what was there before alice's is refused whole.
+    assert!(matches!(
+        s.set_draft(&Documents::default(), stamp, ("mallory", "apply", "stale")),
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        s.draft().unwrap(),
+        Some(d.clone()),
+        "the refused edit left nothing"
+    );
+    let (base, before_commit) = s.draft_base().unwrap();
+    assert_eq!(base, d, "the draft is the base");
     assert_eq!(s.commit(("alice", "commit", "")).unwrap(), 1);
     assert_eq!(s.draft().unwrap(), None, "a commit clears the draft");
     assert_eq!(s.live().unwrap().unwrap().documents, d);
+    assert!(
+        matches!(
+            s.set_draft(&d, before_commit, ("mallory", "apply", "stale")),
+            Err(StoreError::Conflict)
+        ),
+        "a commit moves the base too"
+    );
+    let (base, stamp) = s.draft_base().unwrap();
+    assert_eq!(base, d, "no draft: the live version is the base");
 
     let mut d2 = d.clone();
     d2.namespaces.clear();
-    s.set_draft(&d2, ("bob", "apply", "2")).unwrap();
+    s.set_draft(&d2, stamp, ("bob", "apply", "2")).unwrap();
     assert_eq!(s.commit(("bob", "commit", "")).unwrap(), 2);
     assert_eq!(s.live().unwrap().unwrap().documents, d2);
     assert_eq!(s.rollback(1, ("alice", "rollback", "")).unwrap(), 3);
@@ -179,4 +202,196 @@ fn redb_store_meets_the_contract_and_persists() {
         "flow records survive a restart"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn etcd_store(etcd: &segmesh_testkit::etcd::EtcdCluster, prefix: &str) -> EtcdStore {
+    let mut o = EtcdOptions::new(etcd.endpoints());
+    o.prefix = format!("/{prefix}-{}/", std::process::id());
+    EtcdStore::connect(&o).unwrap()
+}
+
+#[test]
+fn etcd_store_meets_the_contract_and_persists() {
+    let etcd = segmesh_testkit::etcd::EtcdCluster::start(1);
+    {
+        let s = etcd_store(&etcd, "contract");
+        contract(&s);
+    }
+    // Another client (a console restarted, or another replica) sees the same.
+    let s = etcd_store(&etcd, "contract");
+    assert_eq!(s.live().unwrap().unwrap().version, 3);
+    assert_eq!(s.audit_log().unwrap().len(), 11);
+    assert_eq!(s.pus().unwrap().len(), 0);
+    assert_eq!(s.flows().unwrap().len(), 4);
+    // The keys of another prefix are another store.
+    assert!(etcd_store(&etcd, "elsewhere").live().unwrap().is_none());
+}
+
+#[test]
+fn etcd_flow_records_keep_their_bounds_across_many_transactions() {
+    let etcd = segmesh_testkit::etcd::EtcdCluster::start(1);
+    let s = etcd_store(&etcd, "flows");
+    let flow = |reporter: &str, port: u16| StoredFlow {
+        seq: 0,
+        reporter: reporter.into(),
+        received_at: "t".into(),
+        record: serde_json::from_value(serde_json::json!({
+            "time": "t", "direction": "outgoing",
+            "source": {"ip": "10.0.0.2", "port": 40000},
+            "destination": {"ip": "10.0.0.3", "port": port},
+            "verdict": "allow", "reason": "policy", "policies": [], "encrypt": false,
+            "bytes_sent": 0, "bytes_received": 0, "duration_ms": 0, "close_reason": "closed"
+        }))
+        .unwrap(),
+    };
+    // 300 records in one call: many more than one etcd transaction may hold.
+    let batch: Vec<StoredFlow> = (0..300).map(|i| flow("/a:web", i)).collect();
+    s.add_flows(&batch, 1000, 120).unwrap();
+    s.add_flows(&[flow("/a:db", 7)], 1000, 120).unwrap();
+    let got = s.flows().unwrap();
+    let web: Vec<u16> = got
+        .iter()
+        .filter(|f| f.reporter == "/a:web")
+        .map(|f| f.record.destination.port)
+        .collect();
+    assert_eq!(
+        web,
+        (180..300).collect::<Vec<u16>>(),
+        "web keeps its newest 120"
+    );
+    assert_eq!(got.len(), 121);
+    assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "oldest first");
+    // The total bound, across reporters.
+    s.add_flows(&[flow("/a:api", 1), flow("/a:api", 2)], 50, 120)
+        .unwrap();
+    let got = s.flows().unwrap();
+    assert_eq!(got.len(), 50);
+    assert_eq!(got.last().unwrap().reporter, "/a:api");
+}
+
+#[test]
+fn etcd_replicas_committing_at_once_get_distinct_versions() {
+    let etcd = segmesh_testkit::etcd::EtcdCluster::start(1);
+    let replicas: Vec<std::sync::Arc<EtcdStore>> = (0..2)
+        .map(|_| std::sync::Arc::new(etcd_store(&etcd, "race")))
+        .collect();
+    let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let handles: Vec<_> = replicas
+        .iter()
+        .enumerate()
+        .map(|(r, s)| {
+            let (s, start) = (s.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                let mut mine = Vec::new();
+                let mut conflicts = 0;
+                for i in 0..15 {
+                    // Each replica applies a namespace of its own, then commits.
+                    loop {
+                        let (mut docs, stamp) = s.draft_base().unwrap();
+                        let k = format!("/r{r}/n{i}");
+                        docs.namespaces.insert(
+                            k.clone(),
+                            Namespace {
+                                path: k.parse().unwrap(),
+                                discovery: None,
+                                default_tier: None,
+                                tag_prefixes: None,
+                            },
+                        );
+                        match s.set_draft(&docs, stamp, ("r", "apply", &k)) {
+                            Ok(()) => break,
+                            Err(StoreError::Conflict) => conflicts += 1,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    match s.commit(("r", "commit", "")) {
+                        Ok(v) => mine.push(v),
+                        // The other replica published this draft with its own.
+                        Err(StoreError::NoDraft) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                (mine, conflicts)
+            })
+        })
+        .collect();
+    let mut versions = Vec::new();
+    let mut conflicts = 0;
+    for h in handles {
+        let (v, c) = h.join().unwrap();
+        versions.extend(v);
+        conflicts += c;
+    }
+    let n = versions.len();
+    versions.sort_unstable();
+    versions.dedup();
+    assert_eq!(versions.len(), n, "no version number given twice");
+    assert_eq!(versions, (1..=n as u64).collect::<Vec<_>>(), "none skipped");
+    let live = replicas[0].live().unwrap().unwrap();
+    assert_eq!(live.version, n as u64);
+    assert_eq!(
+        live.documents.namespaces.len(),
+        30,
+        "every apply of both replicas is in the live version ({conflicts} edits were refused and made again)"
+    );
+    assert_eq!(
+        replicas[1].revision().unwrap(),
+        n as u64,
+        "one revision per commit"
+    );
+    let log = replicas[1].audit_log().unwrap();
+    assert!(
+        log.windows(2).all(|w| w[0].seq + 1 == w[1].seq),
+        "audit entries numbered once each"
+    );
+}
+
+#[test]
+fn etcd_leases_lapse_in_the_store_and_replicas_see_each_others_revision() {
+    let etcd = segmesh_testkit::etcd::EtcdCluster::start(1);
+    let a = etcd_store(&etcd, "leases");
+    let b = etcd_store(&etcd, "leases");
+    a.renew_lease("/a", "web", Duration::from_secs(2)).unwrap();
+    a.renew_lease("/a", "db", Duration::from_secs(60)).unwrap();
+    let held = b.leases().unwrap().unwrap();
+    assert!(
+        held.contains("/a:web") && held.contains("/a:db"),
+        "{held:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while b.leases().unwrap().unwrap().contains("/a:web") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "web's 2 s lease never lapsed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(b.leases().unwrap().unwrap().contains("/a:db"));
+    // A commit on one replica reaches the other's revision watch.
+    let mut rx = b.follow_revision().unwrap();
+    let (_, stamp) = a.draft_base().unwrap();
+    a.set_draft(&Documents::default(), stamp, ("a", "apply", ""))
+        .unwrap();
+    let v = a.commit(("a", "commit", "")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|r| *r >= v))
+            .await
+            .expect("b's watch sees a's commit")
+            .unwrap();
+    });
+}
+
+#[test]
+fn an_unreachable_etcd_is_a_clear_error() {
+    let mut o = EtcdOptions::new(vec!["http://127.0.0.1:9".into()]);
+    o.call_limit = Duration::from_secs(2);
+    let e = EtcdStore::connect(&o)
+        .err()
+        .expect("nothing listens on port 9");
+    assert!(e.to_string().contains("127.0.0.1:9"), "{e}");
 }

@@ -38,7 +38,7 @@ pub use segmesh_api::client::{CallError, Client};
 /// bootstrap token resolved).
 pub fn client(cfg: &ConsoleConfig) -> Result<Client, ConfigError> {
     let pem = std::fs::read_to_string(&cfg.ca).map_err(|e| ConfigError::Read(cfg.ca.clone(), e))?;
-    Client::new(&cfg.url, &cfg.token()?, &pem).map_err(|e| ConfigError::Console(e.to_string()))
+    Client::replicas(&cfg.url, &cfg.token()?, &pem).map_err(|e| ConfigError::Console(e.to_string()))
 }
 
 /// What is kept on disk next to the identity files.
@@ -599,7 +599,7 @@ mod tests {
             tags: vec!["app=web".into()],
         };
         let cfg = ConsoleConfig {
-            url: "https://127.0.0.1:1".into(),
+            url: vec!["https://127.0.0.1:1".into()],
             ca: dir.join("ca.crt"),
             bootstrap_token: "t".into(),
             state_dir: dir.clone(),

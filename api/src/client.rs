@@ -160,12 +160,23 @@ impl Client {
 
     /// After a failed exchange with replica `i`, the next call starts with the next one.
     fn move_on(&self, i: usize) {
-        if self.endpoints.len() > 1 {
-            let _ = self.current.compare_exchange(
-                i,
-                (i + 1) % self.endpoints.len(),
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
+        let next = (i + 1) % self.endpoints.len();
+        if self.endpoints.len() > 1
+            && self
+                .current
+                .compare_exchange(
+                    i,
+                    next,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            let (from, to) = (&self.endpoints[i], &self.endpoints[next]);
+            tracing::info!(
+                from = %format!("https://{}:{}", from.host, from.port),
+                to = %format!("https://{}:{}", to.host, to.port),
+                "console replica stopped answering; moving to the next"
             );
         }
     }

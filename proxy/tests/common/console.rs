@@ -15,7 +15,9 @@ pub const CONSOLE_PORT: u16 = 8443;
 pub struct Lab {
     pub topo: Topology,
     pub dir: Scratch,
-    pub console_pid: Option<u32>,
+    /// Console replica `i` listens on `CONSOLE_PORT + i` with data in `console-data`
+    /// (`console-data<i>` for `i > 0`); one unless [`Lab::replicas`].
+    pub console_pids: Vec<Option<u32>>,
     /// Extra arguments of the console.
     pub console_args: Vec<String>,
     pub enforcers: std::collections::HashMap<String, u32>,
@@ -26,16 +28,30 @@ pub struct Lab {
 impl Lab {
     /// The namespaces and the console (with `console_args`), its admin token read.
     pub fn new(tag: &str, hosts: &[&str], console_args: &[&str]) -> Lab {
+        Lab::replicas(tag, hosts, console_args, 1)
+    }
+
+    /// Like [`Lab::new`] with `n` console replicas (their store given in
+    /// `console_args`: `--store etcd ...`); the admin token read from whichever replica
+    /// wrote it.
+    pub fn replicas(tag: &str, hosts: &[&str], console_args: &[&str], n: usize) -> Lab {
+        Lab::replicas_in(Topology::new(hosts), tag, console_args, n)
+    }
+
+    /// Like [`Lab::replicas`] in namespaces made beforehand (to start etcd in one).
+    pub fn replicas_in(topo: Topology, tag: &str, console_args: &[&str], n: usize) -> Lab {
         let mut lab = Lab {
-            topo: Topology::new(hosts),
+            topo,
             dir: Scratch::new(tag),
-            console_pid: None,
+            console_pids: vec![None; n],
             console_args: console_args.iter().map(|a| a.to_string()).collect(),
             enforcers: Default::default(),
             admin: String::new(),
             boot: String::new(),
         };
-        lab.start_console();
+        for i in 0..n {
+            lab.start_replica(i);
+        }
         lab.admin = std::fs::read_to_string(lab.data().join("admin.token"))
             .unwrap()
             .trim()
@@ -48,24 +64,45 @@ impl Lab {
     }
 
     pub fn url(&self) -> String {
-        format!("https://{}:{CONSOLE_PORT}", self.topo.host("console").ip4)
+        self.url_of(0)
+    }
+
+    pub fn url_of(&self, replica: usize) -> String {
+        format!(
+            "https://{}:{}",
+            self.topo.host("console").ip4,
+            CONSOLE_PORT + replica as u16
+        )
     }
 
     pub fn data(&self) -> PathBuf {
-        self.dir.0.join("console-data")
+        self.data_of(0)
+    }
+
+    pub fn data_of(&self, replica: usize) -> PathBuf {
+        match replica {
+            0 => self.dir.0.join("console-data"),
+            i => self.dir.0.join(format!("console-data{i}")),
+        }
     }
 
     /// Starts the console (again) on the same data directory.
     pub fn start_console(&mut self) {
+        self.start_replica(0);
+    }
+
+    /// Starts console replica `i` (again) on its data directory.
+    pub fn start_replica(&mut self, i: usize) {
         let c = self.host("console");
+        let port = CONSOLE_PORT + i as u16;
         let mut cmd = c.command(bin("segmesh-control").to_str().unwrap());
         cmd.arg("--data-dir")
-            .arg(self.data())
+            .arg(self.data_of(i))
             .arg("--listen")
-            .arg(format!("{}:{CONSOLE_PORT}", c.ip4))
+            .arg(format!("{}:{port}", c.ip4))
             .args(&self.console_args);
-        self.console_pid = Some(self.topo.spawn(cmd));
-        let addr = SocketAddr::new(c.ip4.into(), CONSOLE_PORT);
+        self.console_pids[i] = Some(self.topo.spawn(cmd));
+        let addr = SocketAddr::new(c.ip4.into(), port);
         wait_until("the console listens", Duration::from_secs(20), || {
             in_ns(&c, async move { TcpStream::connect(addr).await.is_ok() })
                 .join()
@@ -73,24 +110,33 @@ impl Lab {
         });
         // The enforcers (uid 1337) read the console's CA from the scratch folder.
         std::fs::copy(
-            self.data().join("ca/bundle.crt"),
+            self.data_of(i).join("ca/bundle.crt"),
             self.dir.0.join("console-ca.crt"),
         )
         .unwrap();
     }
 
     pub fn stop_console(&mut self) {
-        if let Some(pid) = self.console_pid.take() {
+        self.stop_replica(0);
+    }
+
+    pub fn stop_replica(&mut self, i: usize) {
+        if let Some(pid) = self.console_pids[i].take() {
             self.topo.kill(pid);
         }
     }
 
     /// `segmeshctl` in the console's namespace with the admin token; its output.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        self.ctl_on(0, args)
+    }
+
+    /// `segmeshctl` against replica `i`.
+    pub fn ctl_on(&self, i: usize, args: &[&str]) -> std::process::Output {
         let c = self.host("console");
         c.command(bin("segmeshctl").to_str().unwrap())
             .args(args)
-            .env("SEGMESH_CONSOLE", self.url())
+            .env("SEGMESH_CONSOLE", self.url_of(i))
             .env("SEGMESH_TOKEN", &self.admin)
             .env("SEGMESH_CA", self.data().join("ca/bundle.crt"))
             .env("NO_COLOR", "1")
@@ -99,7 +145,11 @@ impl Lab {
     }
 
     pub fn ctl_ok(&self, args: &[&str]) -> String {
-        let out = self.ctl(args);
+        self.ctl_ok_on(0, args)
+    }
+
+    pub fn ctl_ok_on(&self, i: usize, args: &[&str]) -> String {
+        let out = self.ctl_on(i, args);
         assert!(
             out.status.success(),
             "segmeshctl {args:?}: {}{}",
@@ -124,9 +174,10 @@ impl Lab {
         let token_file = self.dir.0.join(format!("{name}.token"));
         std::fs::write(&token_file, token).unwrap();
         let mut cmd = h.enforcer_command(std::path::Path::new(env!("CARGO_BIN_EXE_segmesh-proxy")));
+        for i in 0..self.console_pids.len() {
+            cmd.args(["--console", &self.url_of(i)]);
+        }
         cmd.args([
-            "--console",
-            &self.url(),
             "--console-ca",
             self.dir.0.join("console-ca.crt").to_str().unwrap(),
             "--bootstrap-token",

@@ -220,6 +220,18 @@ pub struct Console<S: Store> {
     /// With a store that keeps leases, PUs get one lease of grace after this console
     /// starts (their enforcers may have waited for a console).
     started: std::time::Instant,
+    /// The live documents and the registry as read for the last snapshot, with the
+    /// revision read just before: watchers woken by one commit share one read of the
+    /// store (on etcd, two requests instead of two per watcher).
+    snapshot_state: std::sync::Mutex<Option<SnapshotState>>,
+}
+
+/// What snapshots are cut from, at one revision.
+struct SnapshotState {
+    revision: u64,
+    version: u64,
+    docs: std::sync::Arc<Documents>,
+    pus: std::sync::Arc<Vec<crate::store::PuRecord>>,
 }
 
 /// Which PUs hold a lease, read once for a sweep or a registration.
@@ -251,6 +263,7 @@ impl<S: Store> Console<S> {
             leases: Default::default(),
             renewed_in_store: Default::default(),
             started: std::time::Instant::now(),
+            snapshot_state: Default::default(),
         }
     }
 
@@ -383,8 +396,17 @@ impl<S: Store> Console<S> {
 
     /// What enforcers watch: the store's revision plus the cluster's changes (both only
     /// grow, so their sum moves whenever either does).
+    ///
+    /// A store that follows other replicas' changes (etcd) answers from its watch
+    /// without a request: it may trail the store by a watch event's delivery, which
+    /// only delays a wake-up, never labels old content with a new revision (content is
+    /// read after the revision).
     pub fn revision(&self) -> Result<u64, ConsoleError> {
-        Ok(self.store.revision()? + self.cluster.generation())
+        let store = match self.store.follow_revision() {
+            Some(rx) => *rx.borrow(),
+            None => self.store.revision()?,
+        };
+        Ok(store + self.cluster.generation())
     }
 
     /// Every Service enforcers follow: the cluster's, then the documents' (which win
@@ -1159,35 +1181,63 @@ impl<S: Store> Console<S> {
         // Read the revision first: a change racing this read yields a newer revision on
         // the next poll, never a stale snapshot under a new revision.
         let revision = self.revision()?;
-        let live = self.store.live()?;
-        let (version, docs) = live.map_or((0, Documents::default()), |v| (v.version, v.documents));
+        // Everything a snapshot holds moves the revision (commits, rollbacks, registry
+        // changes, the cluster's changes), so the state read for this revision serves
+        // every snapshot of it. (Read after the revision, it may be newer than it: the
+        // next revision's watchers then read again, never the other way round.)
+        let cached = self
+            .snapshot_state
+            .lock()
+            .expect("lock poisoned")
+            .as_ref()
+            .filter(|s| s.revision == revision)
+            .map(|s| (s.version, s.docs.clone(), s.pus.clone()));
+        let (version, docs, pus) = match cached {
+            Some(c) => c,
+            None => {
+                let live = self.store.live()?;
+                let (version, docs) =
+                    live.map_or((0, Documents::default()), |v| (v.version, v.documents));
+                let state = SnapshotState {
+                    revision,
+                    version,
+                    docs: std::sync::Arc::new(docs),
+                    pus: std::sync::Arc::new(self.store.pus()?),
+                };
+                let out = (version, state.docs.clone(), state.pus.clone());
+                *self.snapshot_state.lock().expect("lock poisoned") = Some(state);
+                out
+            }
+        };
         let ancestors = namespace.self_and_ancestors();
-        let pus = self.store.pus()?;
         let services = services_of(self.all_services(&docs).iter(), &pus);
         Ok(segmesh_api::Snapshot {
             revision,
             version,
             policies: docs
                 .policies
-                .into_values()
+                .values()
                 .filter(|p| p.namespace.covers(namespace, p.propagate))
+                .cloned()
                 .collect(),
             externals: docs
                 .externals
-                .into_values()
+                .values()
                 .filter(|e| e.namespace.is_ancestor_or_self(namespace))
+                .cloned()
                 .collect(),
             namespaces: docs
                 .namespaces
-                .into_values()
+                .values()
                 .filter(|n| ancestors.contains(&n.path))
+                .cloned()
                 .collect(),
             registry: pus
-                .into_iter()
+                .iter()
                 .map(|p| segmesh_api::RegistryEntry {
-                    name: p.name,
-                    namespace: p.namespace,
-                    ips: p.ips,
+                    name: p.name.clone(),
+                    namespace: p.namespace.clone(),
+                    ips: p.ips.clone(),
                 })
                 .collect(),
             services,

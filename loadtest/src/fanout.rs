@@ -1,8 +1,10 @@
-//! Push fan-out: a console process on loopback and N simulated enforcers, each holding
+//! Push fan-out: console processes on loopback and N simulated enforcers, each holding
 //! the same long-poll watch an enforcer holds (`segmesh_api::client::Client`, one TLS
 //! connection per request). Each round commits a change and measures, for every
 //! watcher, the time from just before the commit request to the moment its long-poll
-//! returned the new revision.
+//! returned the new revision. Three setups: one console on its redb file; one console on
+//! etcd; two console replicas on the same etcd with the watchers spread over both (the
+//! commit made on the first: the second learns of it through etcd's watch).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,8 +14,29 @@ use anyhow::{Context, bail};
 use segmesh_api::client::Client;
 use tokio::sync::mpsc;
 
+/// Where the consoles keep their state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setup {
+    Redb,
+    /// `replicas` consoles on one etcd member on loopback.
+    Etcd {
+        replicas: usize,
+    },
+}
+
+impl Setup {
+    pub fn name(&self) -> String {
+        match self {
+            Setup::Redb => "1 console, redb".into(),
+            Setup::Etcd { replicas: 1 } => "1 console, etcd".into(),
+            Setup::Etcd { replicas } => format!("{replicas} replicas, etcd"),
+        }
+    }
+}
+
 /// One N: the per-watcher latencies of every round.
 pub struct FanoutResult {
+    pub setup: Setup,
     pub clients: usize,
     pub latencies: Vec<Duration>,
     /// Watchers that had not seen a round's revision by its deadline.
@@ -59,17 +82,18 @@ fn client(c: &Console, token: &str) -> anyhow::Result<Client> {
     Ok(Client::new(&c.url, token, &ca)?)
 }
 
-fn start_console(control: &Path) -> anyhow::Result<Console> {
+fn start_console(control: &Path, n: usize, store: &[String]) -> anyhow::Result<Console> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let dir = std::env::temp_dir().join(format!("segmesh-fanout-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("segmesh-fanout-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let child = std::process::Command::new(control)
         .arg("--data-dir")
         .arg(&dir)
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        .args(store)
         .env("RUST_LOG", "warn")
         .spawn()
         .with_context(|| control.display().to_string())?;
@@ -106,20 +130,25 @@ async fn publish(admin: &Client, round: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `rounds` commits against `clients` watchers.
+/// Runs `rounds` commits (on the first console) against `clients` watchers spread
+/// over `consoles`.
 async fn measure(
-    c: &Console,
+    setup: Setup,
+    consoles: &[Console],
     admin: &Client,
     boot: &str,
     clients: usize,
     rounds: usize,
     round_limit: Duration,
 ) -> anyhow::Result<FanoutResult> {
-    let watcher = Arc::new(client(c, boot)?);
+    let watchers = consoles
+        .iter()
+        .map(|c| client(c, boot).map(Arc::new))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, u64, Instant)>();
     let mut tasks = Vec::with_capacity(clients);
     for i in 0..clients {
-        let (w, tx) = (watcher.clone(), tx.clone());
+        let (w, tx) = (watchers[i % watchers.len()].clone(), tx.clone());
         tasks.push(tokio::spawn(async move {
             let mut since: Option<u64> = None;
             loop {
@@ -194,27 +223,51 @@ async fn measure(
         t.abort();
     }
     Ok(FanoutResult {
+        setup,
         clients,
         latencies,
         missed,
     })
 }
 
-/// Starts a console, then measures each N in `clients`.
+/// Starts the consoles of `setup` (and etcd for it), then measures each N in
+/// `clients`.
 pub fn run(
     control: &Path,
+    setup: Setup,
     clients: &[usize],
     rounds: usize,
     round_limit: Duration,
 ) -> anyhow::Result<Vec<FanoutResult>> {
     raise_nofile();
-    let c = start_console(control)?;
+    let etcd;
+    let kek = std::env::temp_dir().join(format!("segmesh-fanout-kek-{}", std::process::id()));
+    let consoles = match setup {
+        Setup::Redb => vec![start_console(control, 0, &[])?],
+        Setup::Etcd { replicas } => {
+            etcd = segmesh_testkit::etcd::EtcdCluster::start(1);
+            std::fs::write(&kek, "6f".repeat(32))?;
+            let args = vec![
+                "--store".to_owned(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                etcd.endpoints().join(","),
+                "--kek-file".into(),
+                kek.display().to_string(),
+            ];
+            // One after the other: the first creates the CA and the admin token.
+            (0..replicas)
+                .map(|n| start_console(control, n, &args))
+                .collect::<anyhow::Result<Vec<_>>>()?
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
+    let result = rt.block_on(async {
+        let c = &consoles[0];
         let token = std::fs::read_to_string(c.dir.join("admin.token"))?;
-        let admin = client(&c, token.trim())?;
+        let admin = client(c, token.trim())?;
         let t: serde_json::Value = admin
             .call(
                 "POST",
@@ -230,8 +283,11 @@ pub fn run(
         let boot = t["token"].as_str().context("a bootstrap token")?.to_owned();
         let mut out = Vec::new();
         for &n in clients {
-            out.push(measure(&c, &admin, &boot, n, rounds, round_limit).await?);
+            out.push(measure(setup, &consoles, &admin, &boot, n, rounds, round_limit).await?);
         }
         Ok(out)
-    })
+    });
+    drop(consoles);
+    let _ = std::fs::remove_file(&kek);
+    result
 }

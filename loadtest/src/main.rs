@@ -143,15 +143,29 @@ fn fanout_report(clients: &[usize], rounds: usize, control: Option<PathBuf>) -> 
             control.display()
         );
     }
-    let results = fanout::run(&control, clients, rounds, Duration::from_secs(30))?;
+    let mut results = Vec::new();
+    for setup in [
+        fanout::Setup::Redb,
+        fanout::Setup::Etcd { replicas: 1 },
+        fanout::Setup::Etcd { replicas: 2 },
+    ] {
+        results.extend(fanout::run(
+            &control,
+            setup,
+            clients,
+            rounds,
+            Duration::from_secs(30),
+        )?);
+    }
     println!("push fan-out: commit → every watcher holds the new snapshot ({rounds} commits each)");
     println!(
-        "{:>8} {:>10} {:>10} {:>10} {:>8}",
-        "watchers", "p50", "p99", "max", "missed"
+        "{:>18} {:>8} {:>10} {:>10} {:>10} {:>8}",
+        "consoles", "watchers", "p50", "p99", "max", "missed"
     );
     for r in &results {
         println!(
-            "{:>8} {:>10.1?} {:>10.1?} {:>10.1?} {:>8}",
+            "{:>18} {:>8} {:>10.1?} {:>10.1?} {:>10.1?} {:>8}",
+            r.setup.name(),
             r.clients,
             r.quantile(0.5),
             r.quantile(0.99),

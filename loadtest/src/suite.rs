@@ -846,16 +846,25 @@ pub fn run(
     drop(topo);
     let _ = std::fs::remove_dir_all(&dir);
 
-    let fanout = crate::fanout::run(
-        control,
-        &sizes.fanout,
-        sizes.fanout_rounds,
-        Duration::from_secs(30),
-    )?;
+    let mut fanout = Vec::new();
+    for setup in [
+        crate::fanout::Setup::Redb,
+        crate::fanout::Setup::Etcd { replicas: 1 },
+        crate::fanout::Setup::Etcd { replicas: 2 },
+    ] {
+        fanout.extend(crate::fanout::run(
+            control,
+            setup,
+            &sizes.fanout,
+            sizes.fanout_rounds,
+            Duration::from_secs(30),
+        )?);
+    }
     let fanout: Vec<Value> = fanout
         .iter()
         .map(|r| {
             json!({
+                "setup": r.setup.name(),
                 "watchers": r.clients,
                 "p50_ms": r.quantile(0.5).as_secs_f64() * 1e3,
                 "p99_ms": r.quantile(0.99).as_secs_f64() * 1e3,

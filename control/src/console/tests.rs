@@ -824,3 +824,183 @@ fn a_lapsed_lease_frees_the_address_at_once() {
         vec!["10.0.0.7".parse::<std::net::IpAddr>().unwrap()]
     );
 }
+
+/// A store that runs `before_set` (once) just before its next draft write: another
+/// replica's edit landing between this console's read of the draft and its write.
+struct Racing<S: Store> {
+    inner: S,
+    before_set: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl<S: Store> Store for Racing<S> {
+    fn draft(&self) -> Result<Option<Documents>, crate::store::StoreError> {
+        self.inner.draft()
+    }
+    fn draft_base(
+        &self,
+    ) -> Result<(Documents, crate::store::DraftStamp), crate::store::StoreError> {
+        self.inner.draft_base()
+    }
+    fn set_draft(
+        &self,
+        docs: &Documents,
+        since: crate::store::DraftStamp,
+        audit: (&str, &str, &str),
+    ) -> Result<(), crate::store::StoreError> {
+        if let Some(race) = self.before_set.lock().unwrap().take() {
+            race();
+        }
+        self.inner.set_draft(docs, since, audit)
+    }
+    fn commit(&self, audit: (&str, &str, &str)) -> Result<u64, crate::store::StoreError> {
+        self.inner.commit(audit)
+    }
+    fn rollback(
+        &self,
+        to: u64,
+        audit: (&str, &str, &str),
+    ) -> Result<u64, crate::store::StoreError> {
+        self.inner.rollback(to, audit)
+    }
+    fn live(&self) -> Result<Option<Version>, crate::store::StoreError> {
+        self.inner.live()
+    }
+    fn version(&self, v: u64) -> Result<Option<Version>, crate::store::StoreError> {
+        self.inner.version(v)
+    }
+    fn put_token(
+        &self,
+        hash: &str,
+        token: &crate::store::TokenRecord,
+        audit: (&str, &str, &str),
+    ) -> Result<(), crate::store::StoreError> {
+        self.inner.put_token(hash, token, audit)
+    }
+    fn token(
+        &self,
+        hash: &str,
+    ) -> Result<Option<crate::store::TokenRecord>, crate::store::StoreError> {
+        self.inner.token(hash)
+    }
+    fn tokens(&self) -> Result<Vec<(String, crate::store::TokenRecord)>, crate::store::StoreError> {
+        self.inner.tokens()
+    }
+    fn delete_token(
+        &self,
+        hash: &str,
+        audit: (&str, &str, &str),
+    ) -> Result<bool, crate::store::StoreError> {
+        self.inner.delete_token(hash, audit)
+    }
+    fn audit_log(&self) -> Result<Vec<crate::store::AuditEntry>, crate::store::StoreError> {
+        self.inner.audit_log()
+    }
+    fn put_pu(
+        &self,
+        pu: &crate::store::PuRecord,
+        audit: (&str, &str, &str),
+    ) -> Result<(), crate::store::StoreError> {
+        self.inner.put_pu(pu, audit)
+    }
+    fn pus(&self) -> Result<Vec<crate::store::PuRecord>, crate::store::StoreError> {
+        self.inner.pus()
+    }
+    fn pu(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<crate::store::PuRecord>, crate::store::StoreError> {
+        self.inner.pu(namespace, name)
+    }
+    fn delete_pu(
+        &self,
+        namespace: &str,
+        name: &str,
+        audit: (&str, &str, &str),
+    ) -> Result<bool, crate::store::StoreError> {
+        self.inner.delete_pu(namespace, name, audit)
+    }
+    fn revision(&self) -> Result<u64, crate::store::StoreError> {
+        self.inner.revision()
+    }
+    fn add_flows(
+        &self,
+        flows: &[crate::store::StoredFlow],
+        keep: usize,
+        per_reporter: usize,
+    ) -> Result<(), crate::store::StoreError> {
+        self.inner.add_flows(flows, keep, per_reporter)
+    }
+    fn flows(&self) -> Result<Vec<crate::store::StoredFlow>, crate::store::StoreError> {
+        self.inner.flows()
+    }
+}
+
+/// Two replicas on one etcd edit the draft at the same moment: an edit of another
+/// document is merged with theirs, an edit of the same document is refused, naming it,
+/// and leaves the other replica's version in place.
+#[test]
+fn etcd_replicas_editing_one_draft_merge_or_refuse_clearly() {
+    use crate::store::{EtcdOptions, EtcdStore};
+    let etcd = segmesh_testkit::etcd::EtcdCluster::start(1);
+    let mut o = EtcdOptions::new(etcd.endpoints());
+    o.prefix = format!("/drafts-{}/", std::process::id());
+    let b = std::sync::Arc::new(Console::new(EtcdStore::connect(&o).unwrap()));
+    let a = Console::new(Racing {
+        inner: EtcdStore::connect(&o).unwrap(),
+        before_set: Default::default(),
+    });
+    let token = b
+        .create_token(None, "admin", Role::Editor, &NamespacePath::root())
+        .unwrap();
+    let (on_a, on_b) = (
+        a.authenticate(&token).unwrap(),
+        b.authenticate(&token).unwrap(),
+    );
+    let race = |doc: String| -> Box<dyn FnOnce() + Send> {
+        let (b, on_b) = (b.clone(), on_b.clone());
+        Box::new(move || {
+            b.apply(&on_b, &[src("b.yaml", &doc)]).unwrap();
+        })
+    };
+
+    // Another document: both land.
+    *a.store.before_set.lock().unwrap() = Some(race(policy("/acme", "theirs", 80)));
+    a.apply(&on_a, &[src("a.yaml", &policy("/acme", "ours", 81))])
+        .unwrap();
+    let draft = a.store.draft().unwrap().unwrap();
+    assert!(
+        draft.policies.contains_key("/acme:theirs") && draft.policies.contains_key("/acme:ours")
+    );
+
+    // The same document: refused, naming it; the other replica's version stays.
+    *a.store.before_set.lock().unwrap() = Some(race(policy("/acme", "shared", 443)));
+    let e = a
+        .apply(&on_a, &[src("a.yaml", &policy("/acme", "shared", 8443))])
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, ConsoleError::Conflict(_)), "{msg}");
+    assert!(
+        msg.contains("NetworkPolicy /acme:shared") && msg.contains("nothing was changed"),
+        "{msg}"
+    );
+    let draft = a.store.draft().unwrap().unwrap();
+    assert!(
+        serde_json::to_string(&draft.policies["/acme:shared"])
+            .unwrap()
+            .contains("443")
+            && !serde_json::to_string(&draft.policies["/acme:shared"])
+                .unwrap()
+                .contains("8443"),
+        "the other replica's edit stays"
+    );
+    // And the refused apply wrote no audit entry.
+    let applies = a
+        .store
+        .audit_log()
+        .unwrap()
+        .iter()
+        .filter(|e| e.action == "apply")
+        .count();
+    assert_eq!(applies, 3, "theirs, ours, the other replica's shared");
+}

@@ -122,6 +122,11 @@ impl Client {
         self
     }
 
+    /// How many console replicas this client knows.
+    pub fn replica_count(&self) -> usize {
+        self.endpoints.len()
+    }
+
     /// The replica in use.
     pub fn console(&self) -> String {
         let e = &self.endpoints[self.current() % self.endpoints.len()];

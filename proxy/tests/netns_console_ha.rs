@@ -130,6 +130,7 @@ fn netns_console_replicas_on_etcd_survive_a_member_and_a_replica() {
         let p = lab.dir.0.join(format!("p{i}.yaml"));
         std::fs::write(&p, policy(i)).unwrap();
         lab.ctl_ok_on(replica, &["apply", "-f", p.to_str().unwrap()]);
+        let t0 = std::time::Instant::now();
         let out = lab.ctl_ok_on(replica, &["commit"]);
         let v: u64 = out
             .trim()
@@ -144,6 +145,10 @@ fn netns_console_replicas_on_etcd_survive_a_member_and_a_replica() {
                 || policies(lab, h) == base + i as u64,
             );
         }
+        eprintln!(
+            "commit {i} on replica {replica}: both enforcers hold it {:?} after segmeshctl commit started",
+            t0.elapsed()
+        );
     };
     // Commits alternate between the replicas.
     for i in 1..=4 {

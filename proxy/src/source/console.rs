@@ -456,7 +456,12 @@ async fn watch_loop(shared: Arc<Shared>, client: Arc<Client>, st: Arc<Mutex<Stat
             }
             Err(e) => {
                 count(&shared, "error");
-                let wait = backoff.fail();
+                let mut wait = backoff.fail();
+                // With console replicas the client has moved to the next one: ask it at
+                // once (the backoff paces the failures after that).
+                if backoff.failures() == 1 && client.replica_count() > 1 {
+                    wait = Duration::ZERO;
+                }
                 if backoff.failures() == 1 {
                     tracing::warn!(error = %e, "cannot fetch the snapshot; enforcing the last one");
                 } else {

@@ -5,7 +5,7 @@
 //! audit entry: it happens whole or not at all.
 
 mod etcd;
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;

@@ -16,7 +16,18 @@ struct Member {
     name: String,
     client: u16,
     peer: u16,
+    /// `/health` over plain HTTP (clients may need TLS).
+    metrics: u16,
     child: Option<Child>,
+}
+
+/// TLS for the members' client port: their certificate and key, and the CA clients'
+/// certificates must chain to (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 pub struct EtcdCluster {
@@ -26,6 +37,7 @@ pub struct EtcdCluster {
     dir: PathBuf,
     initial_cluster: String,
     token: String,
+    tls: Option<EtcdTlsFiles>,
 }
 
 /// Ports for etcd members: below the ephemeral range (32768+) and away from the ranges
@@ -50,6 +62,21 @@ impl EtcdCluster {
 
     /// `n` members listening on `ip`, run inside `host`'s namespace when given.
     pub fn start_on(n: usize, ip: Ipv4Addr, host: Option<&Host>) -> EtcdCluster {
+        EtcdCluster::start_with(n, ip, host, None)
+    }
+
+    /// `n` members on loopback whose clients must speak TLS and present a certificate
+    /// signed by `tls.client_ca`.
+    pub fn start_tls(n: usize, tls: EtcdTlsFiles) -> EtcdCluster {
+        EtcdCluster::start_with(n, Ipv4Addr::LOCALHOST, None, Some(tls))
+    }
+
+    pub fn start_with(
+        n: usize,
+        ip: Ipv4Addr,
+        host: Option<&Host>,
+        tls: Option<EtcdTlsFiles>,
+    ) -> EtcdCluster {
         assert!(
             Command::new("etcd")
                 .arg("--version")
@@ -68,6 +95,7 @@ impl EtcdCluster {
                 name: format!("m{i}"),
                 client: next_port(),
                 peer: next_port(),
+                metrics: next_port(),
                 child: None,
             })
             .collect();
@@ -83,6 +111,7 @@ impl EtcdCluster {
             dir,
             initial_cluster,
             token,
+            tls,
         };
         for i in 0..n {
             c.spawn(i);
@@ -104,14 +133,26 @@ impl EtcdCluster {
             Some(h) => h.command("etcd"),
             None => Command::new("etcd"),
         };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.client_ca)
+                .arg("--client-cert-auth");
+        }
         cmd.args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&data)
             .args([
                 "--listen-client-urls",
-                &format!("http://{ip}:{}", m.client),
+                &format!("{scheme}://{ip}:{}", m.client),
                 "--advertise-client-urls",
-                &format!("http://{ip}:{}", m.client),
+                &format!("{scheme}://{ip}:{}", m.client),
+                "--listen-metrics-urls",
+                &format!("http://{ip}:{}", m.metrics),
                 "--listen-peer-urls",
                 &format!("http://{ip}:{}", m.peer),
                 "--initial-advertise-peer-urls",
@@ -137,9 +178,10 @@ impl EtcdCluster {
 
     /// Client URLs of every member (dead ones too: clients must cope).
     pub fn endpoints(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         self.members
             .iter()
-            .map(|m| format!("http://{}:{}", self.ip, m.client))
+            .map(|m| format!("{scheme}://{}:{}", self.ip, m.client))
             .collect()
     }
 
@@ -163,7 +205,7 @@ impl EtcdCluster {
     pub fn wait_healthy(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         for m in self.members.iter().filter(|m| m.child.is_some()) {
-            let addr = format!("{}:{}", self.ip, m.client);
+            let addr = format!("{}:{}", self.ip, m.metrics);
             loop {
                 if self.health(&addr) {
                     break;
@@ -211,6 +253,18 @@ impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for i in 0..self.members.len() {
             self.kill(i);
+        }
+        // A failing test shows what etcd said.
+        if std::thread::panicking() {
+            for m in &self.members {
+                let log = std::fs::read_to_string(self.dir.join(format!("{}.log", m.name)))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                eprintln!("etcd member {} (last lines, newest first):", m.name);
+                for l in tail {
+                    eprintln!("  {l}");
+                }
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -37,6 +37,16 @@ struct Cli {
     /// etcd members (`http://host:port`), comma separated or repeated (`--store etcd`).
     #[arg(long, value_delimiter = ',', env = "SEGMESH_ETCD_ENDPOINTS")]
     etcd_endpoints: Vec<String>,
+    /// The CA of etcd's client certificates (its `--trusted-ca-file`'s issuer): TLS to
+    /// etcd, with `https://` endpoints.
+    #[arg(long, env = "SEGMESH_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// The console's client certificate for etcd (`--client-cert-auth`), with
+    /// `--etcd-key`.
+    #[arg(long, env = "SEGMESH_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "SEGMESH_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     /// Every key the console writes in etcd lives below this prefix.
     #[arg(long, default_value = "/segmesh/", env = "SEGMESH_ETCD_PREFIX")]
     etcd_prefix: String,
@@ -119,8 +129,8 @@ async fn main() -> anyhow::Result<()> {
     let ca_dir = cli.data_dir.join("ca");
     match cli.store {
         StoreKind::Redb => {
-            if !cli.etcd_endpoints.is_empty() || cli.kek_file.is_some() {
-                anyhow::bail!("--etcd-endpoints and --kek-file go with --store etcd");
+            if !cli.etcd_endpoints.is_empty() || cli.kek_file.is_some() || cli.etcd_ca.is_some() {
+                anyhow::bail!("--etcd-endpoints, --etcd-ca and --kek-file go with --store etcd");
             }
             let fresh = !ca_dir.join("ca.key").exists();
             let ca = if fresh {
@@ -149,6 +159,18 @@ async fn main() -> anyhow::Result<()> {
             let kek = Kek::load(&kek_file)?;
             let mut opts = EtcdOptions::new(cli.etcd_endpoints.clone());
             opts.prefix = cli.etcd_prefix.clone();
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))
+            };
+            if let Some(ca) = &cli.etcd_ca {
+                opts.tls = Some(segmesh_control::store::EtcdTls {
+                    ca_pem: read(ca)?,
+                    identity: match (&cli.etcd_cert, &cli.etcd_key) {
+                        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                        _ => None,
+                    },
+                });
+            }
             let store = EtcdStore::connect(&opts).context("connect to etcd")?;
             let td = cli.trust_domain.clone();
             let (ca, created) = segmesh_control::shared::shared_ca(&store, &kek, || {

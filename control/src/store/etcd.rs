@@ -38,8 +38,11 @@ use super::{
 /// How to reach etcd.
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
-    /// `http://host:port` of each member (or `host:port`).
+    /// `http://host:port` or `https://host:port` of each member.
     pub endpoints: Vec<String>,
+    /// TLS to etcd (`https://` endpoints): the CA that signed the members' certificates,
+    /// and the console's client certificate and key for etcd's `--client-cert-auth`.
+    pub tls: Option<EtcdTls>,
     /// Every key lives below it (several meshes, or tests, can share one etcd).
     pub prefix: String,
     /// How long one store call may take, retries included, before it fails.
@@ -50,10 +53,19 @@ impl EtcdOptions {
     pub fn new(endpoints: Vec<String>) -> EtcdOptions {
         EtcdOptions {
             endpoints,
+            tls: None,
             prefix: "/segmesh/".into(),
             call_limit: Duration::from_secs(10),
         }
     }
+}
+
+/// PEM texts for TLS to etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca_pem: String,
+    /// The console's client certificate and key (both or neither).
+    pub identity: Option<(String, String)>,
 }
 
 /// Records appended per transaction: etcd refuses transactions of more than 128
@@ -368,14 +380,36 @@ impl EtcdStore {
             .map_err(|e| StoreError::Etcd(format!("a runtime for the etcd client: {e}")))?;
         let endpoints = opts.endpoints.clone();
         let limit = opts.call_limit;
+        let tls_wanted = opts.tls.is_some();
+        if endpoints
+            .iter()
+            .any(|e| e.starts_with("https://") != tls_wanted)
+        {
+            return Err(StoreError::Etcd(if tls_wanted {
+                "with an etcd CA, every endpoint is https://".into()
+            } else {
+                "https:// etcd endpoints need the CA that signed them (--etcd-ca)".into()
+            }));
+        }
+        let tls = opts.tls.clone().map(|t| {
+            let mut o = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(t.ca_pem));
+            if let Some((cert, key)) = t.identity {
+                o = o.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            o
+        });
         let client = wait_on(
             &rt,
             async move {
-                let o = ConnectOptions::new()
+                let mut o = ConnectOptions::new()
                     .with_connect_timeout(Duration::from_secs(2))
                     .with_timeout(limit)
                     .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
                     .with_keep_alive_while_idle(true);
+                if let Some(t) = tls {
+                    o = o.with_tls(t);
+                }
                 let c = Client::connect(&endpoints, Some(o))
                     .await
                     .map_err(etcd_err)?;

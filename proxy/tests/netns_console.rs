@@ -347,14 +347,7 @@ fn netns_console_renews_certificates_and_stops_after_the_pu_is_deleted() {
     );
     capture(&lab.host("web"));
     lab.start_enforcer("web", &["app=web"], &boot, true);
-    let cert = lab.dir.0.join("web-state/identity.crt");
-    let not_after = || {
-        let pem = std::fs::read_to_string(&cert).unwrap_or_default();
-        segmesh_identity::ca::certs_from_pem(&pem)
-            .ok()
-            .and_then(|c| segmesh_identity::WorkloadIdentity::from_cert(&c[0]).ok())
-            .map(|id| id.not_after)
-    };
+    let not_after = || lab.not_after("web");
     let first = not_after().expect("a certificate");
     wait_until("a renewal", Duration::from_secs(15), || {
         not_after().is_some_and(|t| t > first)

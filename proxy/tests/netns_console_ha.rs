@@ -66,23 +66,8 @@ fn netns_console_replicas_on_etcd_survive_a_member_and_a_replica() {
         std::fs::read(lab.data_of(0).join("admin.token")).unwrap(),
         std::fs::read(lab.data_of(1).join("admin.token")).unwrap()
     );
-    let boot = lab
-        .ctl_ok_on(
-            1,
-            &[
-                "token",
-                "--name",
-                "b",
-                "--role",
-                "enforcer",
-                "--namespace",
-                "/acme/shop",
-                "--allow-tag",
-                "app=*",
-            ],
-        )
-        .trim()
-        .to_owned();
+    // Any replica takes any request: the token is made on the second.
+    let boot = lab.shop_token_on(1);
     lab.publish(
         "allow.yaml",
         "kind: NetworkPolicy\nname: web-to-api\nnamespace: /acme/shop\naction: Allow\nmode: Bidirectional\nsubject: [[app=web]]\nobject: [[app=api]]\nports: [tcp/8080]\nencrypt: true\n",
@@ -117,14 +102,6 @@ fn netns_console_replicas_on_etcd_survive_a_member_and_a_replica() {
 
     let policies = |lab: &Lab, h: &str| lab.config(h)["policies"].as_u64().unwrap_or(0);
     let base = policies(&lab, "web");
-    let cert = lab.dir.0.join("web-state/identity.crt");
-    let not_after = || {
-        let pem = std::fs::read_to_string(&cert).unwrap_or_default();
-        segmesh_identity::ca::certs_from_pem(&pem)
-            .ok()
-            .and_then(|c| segmesh_identity::WorkloadIdentity::from_cert(&c[0]).ok())
-            .map(|id| id.not_after)
-    };
     let mut versions = Vec::new();
     let mut commit = |lab: &Lab, i: usize, replica: usize| {
         let p = lab.dir.0.join(format!("p{i}.yaml"));
@@ -162,14 +139,14 @@ fn netns_console_replicas_on_etcd_survive_a_member_and_a_replica() {
     // The replica the enforcers watch (the first they were given) killed: they move to
     // the other and keep renewing.
     lab.stop_replica(0);
-    let before = not_after().expect("a certificate");
+    let before = lab.not_after("web").expect("a certificate");
     for i in 7..=8 {
         commit(&lab, i, 1);
     }
     wait_until(
         "web renews through the live replica",
         Duration::from_secs(20),
-        || not_after().is_some_and(|t| t > before),
+        || lab.not_after("web").is_some_and(|t| t > before),
     );
     assert_eq!(http_get(&lab.host("web"), "/ready").0, 200);
     // The connection opened before all this still carries bytes.

@@ -2,6 +2,23 @@
 
 use super::*;
 
+/// A flow record of `reporter` to port `port`.
+fn stored_flow(reporter: &str, port: u16) -> StoredFlow {
+    StoredFlow {
+        seq: 0,
+        reporter: reporter.into(),
+        received_at: "t".into(),
+        record: serde_json::from_value(serde_json::json!({
+            "time": "t", "direction": "outgoing",
+            "source": {"ip": "10.0.0.2", "port": 40000},
+            "destination": {"ip": "10.0.0.3", "port": port},
+            "verdict": "allow", "reason": "policy", "policies": [], "encrypt": false,
+            "bytes_sent": 0, "bytes_received": 0, "duration_ms": 0, "close_reason": "closed"
+        }))
+        .unwrap(),
+    }
+}
+
 pub fn contract(s: &dyn Store) {
     assert_eq!(s.draft().unwrap(), None);
     assert!(s.live().unwrap().is_none());
@@ -129,19 +146,7 @@ pub fn contract(s: &dyn Store) {
     assert_eq!(s.pus().unwrap(), vec![]);
     assert_eq!(s.revision().unwrap(), 6, "a deletion is news");
 
-    let flow = |port: u16| StoredFlow {
-        seq: 0,
-        reporter: "/a:web".into(),
-        received_at: "t".into(),
-        record: serde_json::from_value(serde_json::json!({
-            "time": "t", "direction": "outgoing",
-            "source": {"ip": "10.0.0.2", "port": 40000},
-            "destination": {"ip": "10.0.0.3", "port": port},
-            "verdict": "allow", "reason": "policy", "policies": [], "encrypt": false,
-            "bytes_sent": 0, "bytes_received": 0, "duration_ms": 0, "close_reason": "closed"
-        }))
-        .unwrap(),
-    };
+    let flow = |port: u16| stored_flow("/a:web", port);
     s.add_flows(&[flow(1), flow(2), flow(3)], 4, 10).unwrap();
     s.add_flows(&[flow(4), flow(5)], 4, 10).unwrap();
     let ports = |s: &dyn Store| -> Vec<(String, u16)> {
@@ -231,19 +236,7 @@ fn etcd_store_meets_the_contract_and_persists() {
 fn etcd_flow_records_keep_their_bounds_across_many_transactions() {
     let etcd = segmesh_testkit::etcd::EtcdCluster::start(1);
     let s = etcd_store(&etcd, "flows");
-    let flow = |reporter: &str, port: u16| StoredFlow {
-        seq: 0,
-        reporter: reporter.into(),
-        received_at: "t".into(),
-        record: serde_json::from_value(serde_json::json!({
-            "time": "t", "direction": "outgoing",
-            "source": {"ip": "10.0.0.2", "port": 40000},
-            "destination": {"ip": "10.0.0.3", "port": port},
-            "verdict": "allow", "reason": "policy", "policies": [], "encrypt": false,
-            "bytes_sent": 0, "bytes_received": 0, "duration_ms": 0, "close_reason": "closed"
-        }))
-        .unwrap(),
-    };
+    let flow = stored_flow;
     // 300 records in one call: many more than one etcd transaction may hold.
     let batch: Vec<StoredFlow> = (0..300).map(|i| flow("/a:web", i)).collect();
     s.add_flows(&batch, 1000, 120).unwrap();

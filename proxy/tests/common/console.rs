@@ -159,6 +159,36 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A bootstrap token for `/acme/shop` allowing `app=*`, made on replica `i`.
+    pub fn shop_token_on(&self, i: usize) -> String {
+        self.ctl_ok_on(
+            i,
+            &[
+                "token",
+                "--name",
+                "b",
+                "--role",
+                "enforcer",
+                "--namespace",
+                "/acme/shop",
+                "--allow-tag",
+                "app=*",
+            ],
+        )
+        .trim()
+        .to_owned()
+    }
+
+    /// When `name`'s current certificate (in its state folder) expires.
+    pub fn not_after(&self, name: &str) -> Option<std::time::SystemTime> {
+        let pem = std::fs::read_to_string(self.dir.0.join(format!("{name}-state/identity.crt")))
+            .unwrap_or_default();
+        segmesh_identity::ca::certs_from_pem(&pem)
+            .ok()
+            .and_then(|c| segmesh_identity::WorkloadIdentity::from_cert(&c[0]).ok())
+            .map(|id| id.not_after)
+    }
+
     /// Writes `text` as a policy file, applies and commits it.
     pub fn publish(&self, file: &str, text: &str) {
         let p = self.dir.0.join(file);

@@ -363,6 +363,9 @@ pub struct EtcdStore {
     /// which is allowed inside another runtime.
     rt: Option<tokio::runtime::Runtime>,
     revision: tokio::sync::watch::Receiver<u64>,
+    /// The etcd lease behind each PU's lease key, as this replica last granted it:
+    /// renewed with a keep-alive (no write) while it lives and its key is there.
+    lease_ids: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
 }
 
 impl EtcdStore {
@@ -434,6 +437,7 @@ impl EtcdStore {
             call_limit: opts.call_limit,
             rt: Some(rt),
             revision: rx,
+            lease_ids: Default::default(),
         })
     }
 
@@ -985,9 +989,18 @@ impl Store for EtcdStore {
     fn renew_lease(&self, namespace: &str, name: &str, ttl: Duration) -> Result<(), StoreError> {
         let k = format!("leases/{namespace}:{name}");
         let secs = ttl.as_secs().max(1) as i64;
+        let ids = self.lease_ids.clone();
         self.run(move |e| {
-            let k = k.clone();
+            let (k, ids) = (k.clone(), ids.clone());
             async move {
+                let known = ids.lock().expect("lock poisoned").get(&k).copied();
+                if let Some(id) = known {
+                    // Alive, and its key still there (a deleted PU's key is gone)?
+                    let kept = e.client.lease_client().keep_alive(id).await.is_ok();
+                    if kept && e.count(&k).await? == 1 {
+                        return Ok(());
+                    }
+                }
                 let lease = e
                     .client
                     .lease_client()
@@ -1003,6 +1016,7 @@ impl Store for EtcdStore {
                     )
                     .await
                     .map_err(etcd_err)?;
+                ids.lock().expect("lock poisoned").insert(k, lease.id());
                 Ok(())
             }
         })

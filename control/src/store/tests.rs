@@ -361,6 +361,28 @@ fn etcd_leases_lapse_in_the_store_and_replicas_see_each_others_revision() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(b.leases().unwrap().unwrap().contains("/a:db"));
+    // Renewed (a keep-alive of the same lease); a deleted PU's key is granted again.
+    a.renew_lease("/a", "db", Duration::from_secs(60)).unwrap();
+    let pu = PuRecord {
+        name: "db".into(),
+        namespace: "/a".into(),
+        tags: vec![],
+        ips: vec![],
+        registered_at: "t".into(),
+        by: "boot".into(),
+        any_source: false,
+    };
+    a.put_pu(&pu, ("boot", "register", "db")).unwrap();
+    assert!(b.delete_pu("/a", "db", ("x", "delete", "pu")).unwrap());
+    assert!(
+        !b.leases().unwrap().unwrap().contains("/a:db"),
+        "the deletion took the lease key"
+    );
+    a.renew_lease("/a", "db", Duration::from_secs(60)).unwrap();
+    assert!(
+        b.leases().unwrap().unwrap().contains("/a:db"),
+        "renewed after re-registering"
+    );
     // A commit on one replica reaches the other's revision watch.
     let mut rx = b.follow_revision().unwrap();
     let (_, stamp) = a.draft_base().unwrap();

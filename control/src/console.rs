@@ -1185,28 +1185,26 @@ impl<S: Store> Console<S> {
         // changes, the cluster's changes), so the state read for this revision serves
         // every snapshot of it. (Read after the revision, it may be newer than it: the
         // next revision's watchers then read again, never the other way round.)
-        let cached = self
-            .snapshot_state
-            .lock()
-            .expect("lock poisoned")
-            .as_ref()
-            .filter(|s| s.revision == revision)
-            .map(|s| (s.version, s.docs.clone(), s.pus.clone()));
-        let (version, docs, pus) = match cached {
-            Some(c) => c,
-            None => {
-                let live = self.store.live()?;
-                let (version, docs) =
-                    live.map_or((0, Documents::default()), |v| (v.version, v.documents));
-                let state = SnapshotState {
-                    revision,
-                    version,
-                    docs: std::sync::Arc::new(docs),
-                    pus: std::sync::Arc::new(self.store.pus()?),
-                };
-                let out = (version, state.docs.clone(), state.pus.clone());
-                *self.snapshot_state.lock().expect("lock poisoned") = Some(state);
-                out
+        // One reader fills it while the others wait for that read (watchers woken
+        // together would otherwise all miss at once).
+        let (version, docs, pus) = {
+            let mut state = self.snapshot_state.lock().expect("lock poisoned");
+            match state.as_ref().filter(|s| s.revision == revision) {
+                Some(s) => (s.version, s.docs.clone(), s.pus.clone()),
+                None => {
+                    let live = self.store.live()?;
+                    let (version, docs) =
+                        live.map_or((0, Documents::default()), |v| (v.version, v.documents));
+                    let fresh = SnapshotState {
+                        revision,
+                        version,
+                        docs: std::sync::Arc::new(docs),
+                        pus: std::sync::Arc::new(self.store.pus()?),
+                    };
+                    let out = (version, fresh.docs.clone(), fresh.pus.clone());
+                    *state = Some(fresh);
+                    out
+                }
             }
         };
         let ancestors = namespace.self_and_ancestors();

@@ -41,9 +41,19 @@ pub struct FanoutResult {
     pub latencies: Vec<Duration>,
     /// Watchers that had not seen a round's revision by its deadline.
     pub missed: usize,
+    /// How long each round's commit request took (the store's write: on etcd, a quorum
+    /// write to disk), part of every latency above.
+    pub commits: Vec<Duration>,
 }
 
 impl FanoutResult {
+    /// The median commit request.
+    pub fn commit_p50(&self) -> Duration {
+        let mut v = self.commits.clone();
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    }
+
     pub fn quantile(&self, q: f64) -> Duration {
         let mut v = self.latencies.clone();
         v.sort();
@@ -193,6 +203,7 @@ async fn measure(
     // Let every watcher park its long-poll again.
     tokio::time::sleep(Duration::from_millis(200 + clients as u64)).await;
     let mut latencies = Vec::with_capacity(clients * rounds);
+    let mut commits = Vec::with_capacity(rounds);
     let mut missed = 0;
     for round in 0..rounds {
         publish(admin, round).await?;
@@ -200,6 +211,7 @@ async fn measure(
         admin
             .call::<serde_json::Value>("POST", "/v1/commit", None, Duration::from_secs(10))
             .await?;
+        commits.push(t0.elapsed());
         let target = seen.iter().copied().max().unwrap_or(0) + 1;
         let mut done = 0;
         let deadline = t0 + round_limit;
@@ -227,6 +239,7 @@ async fn measure(
         clients,
         latencies,
         missed,
+        commits,
     })
 }
 

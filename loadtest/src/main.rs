@@ -159,18 +159,19 @@ fn fanout_report(clients: &[usize], rounds: usize, control: Option<PathBuf>) -> 
     }
     println!("push fan-out: commit → every watcher holds the new snapshot ({rounds} commits each)");
     println!(
-        "{:>18} {:>8} {:>10} {:>10} {:>10} {:>8}",
-        "consoles", "watchers", "p50", "p99", "max", "missed"
+        "{:>18} {:>8} {:>10} {:>10} {:>10} {:>8} {:>12}",
+        "consoles", "watchers", "p50", "p99", "max", "missed", "commit p50"
     );
     for r in &results {
         println!(
-            "{:>18} {:>8} {:>10.1?} {:>10.1?} {:>10.1?} {:>8}",
+            "{:>18} {:>8} {:>10.1?} {:>10.1?} {:>10.1?} {:>8} {:>12.1?}",
             r.setup.name(),
             r.clients,
             r.quantile(0.5),
             r.quantile(0.99),
             r.quantile(1.0),
-            r.missed
+            r.missed,
+            r.commit_p50()
         );
     }
     Ok(())

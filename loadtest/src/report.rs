@@ -498,16 +498,17 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
             ));
         }
     }
-    md.push_str("\n## Push fan-out (consoles on loopback, simulated enforcers watching)\n\nOne console on its redb file, one on etcd (one member on loopback), and two replicas on that etcd with the watchers spread over both (each commit made on the first; the second learns of it through etcd's watch).\n\n![fanout](fanout.svg)\n\n| consoles | watchers | p50 | p99 | max | missed |\n|---|---|---|---|---|---|\n");
+    md.push_str("\n## Push fan-out (consoles on loopback, simulated enforcers watching)\n\nOne console on its redb file, one on etcd (one member on loopback), and two replicas on that etcd with the watchers spread over both (each commit made on the first; the second learns of it through etcd's watch).\n\n![fanout](fanout.svg)\n\n| consoles | watchers | p50 | p99 | max | missed | commit request p50 |\n|---|---|---|---|---|---|---|\n");
     for r in &fan {
         md.push_str(&format!(
-            "| {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {} |\n",
+            "| {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {:.1} ms |\n",
             r["setup"].as_str().unwrap_or("1 console, redb"),
             r["watchers"],
             f(&r["p50_ms"]),
             f(&r["p99_ms"]),
             f(&r["max_ms"]),
-            r["missed"]
+            r["missed"],
+            f(&r["commit_p50_ms"])
         ));
     }
     md.push_str("\n## Policy decisions\n\n");

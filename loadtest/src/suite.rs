@@ -870,6 +870,7 @@ pub fn run(
                 "p99_ms": r.quantile(0.99).as_secs_f64() * 1e3,
                 "max_ms": r.quantile(1.0).as_secs_f64() * 1e3,
                 "missed": r.missed,
+                "commit_p50_ms": r.commit_p50().as_secs_f64() * 1e3,
             })
         })
         .collect();

@@ -300,14 +300,109 @@ impl Client {
                     "no answer within {limit:?}"
                 )))
             });
-        // A replica that took the connection and then broke it or did not answer in
-        // time: the next call tries another.
-        if let Err(CallError::Unreachable(_)) = &result {
+        // A replica that took the connection and then broke it, did not answer in time,
+        // or cannot reach its store (503): the next call tries another.
+        if let Err(CallError::Unreachable(_) | CallError::Status { status: 503, .. }) = &result {
             let i = used.load(std::sync::atomic::Ordering::Relaxed);
             if i != usize::MAX {
                 self.move_on(i);
             }
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A TLS server on loopback answering every request with `status` and `{}`.
+    async fn replica(ca: &segmesh_identity::Ca, status: &'static str) -> String {
+        use segmesh_identity::{KeyAlgorithm, WorkloadKey};
+        let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let issued = ca
+            .issue_server(
+                &key.csr_pem("console").unwrap(),
+                &[],
+                &["127.0.0.1".parse().unwrap()],
+                Duration::from_secs(600),
+            )
+            .unwrap();
+        let chain = segmesh_identity::ca::certs_from_pem(&issued.chain_pem).unwrap();
+        let tls = rustls::ServerConfig::builder_with_provider(segmesh_identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                chain,
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut req = Vec::new();
+                    let mut b = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let answer = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+                    );
+                    let _ = s.write_all(answer.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        url
+    }
+
+    /// Given several replicas, the client skips one that refuses connections and moves
+    /// on from one that answers 503 (it cannot reach its store); every client derived
+    /// from it moves too.
+    #[tokio::test]
+    async fn a_client_moves_to_a_replica_that_answers() {
+        let ca = segmesh_identity::Ca::new_root(
+            "segmesh.local",
+            segmesh_identity::KeyAlgorithm::EcdsaP256,
+        )
+        .unwrap();
+        let sick = replica(&ca, "503 Service Unavailable").await;
+        let good = replica(&ca, "200 OK").await;
+        // Nothing listens here: a port taken and released.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("https://{}", l.local_addr().unwrap())
+        };
+        let limit = Duration::from_secs(5);
+        let c = Client::replicas(&[dead.clone(), good.clone()], "", &ca.bundle_pem()).unwrap();
+        c.call::<serde_json::Value>("GET", "/", None, limit)
+            .await
+            .expect("the live replica answers");
+        assert_eq!(c.console(), good, "the dead one was skipped");
+
+        let c = Client::replicas(&[sick.clone(), good.clone()], "", &ca.bundle_pem()).unwrap();
+        let derived = c.with_identity(&ca.chain_pem(), ca.key_pem()).unwrap();
+        let e = c
+            .call::<serde_json::Value>("GET", "/", None, limit)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CallError::Status { status: 503, .. }), "{e}");
+        assert_eq!(c.console(), good, "moved on after the 503");
+        assert_eq!(derived.console(), good, "derived clients move together");
+        c.call::<serde_json::Value>("GET", "/", None, limit)
+            .await
+            .expect("the next call goes to the live replica");
     }
 }

@@ -98,6 +98,11 @@ fn error(e: ConsoleError) -> Response<Full<Bytes>> {
         ConsoleError::Unauthenticated => StatusCode::UNAUTHORIZED,
         ConsoleError::NotFound { .. } => StatusCode::NOT_FOUND,
         ConsoleError::Namespace(_) => StatusCode::BAD_REQUEST,
+        // This replica cannot reach its store now; another may (clients move on).
+        ConsoleError::Store(crate::store::StoreError::EtcdUnavailable(_)) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ConsoleError::Store(crate::store::StoreError::Conflict) => StatusCode::CONFLICT,
         ConsoleError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         ConsoleError::Gone(_) => StatusCode::GONE,
         ConsoleError::Conflict(_) => StatusCode::CONFLICT,

@@ -30,6 +30,8 @@ pub enum StoreError {
     Conflict,
     #[error("etcd: {0}")]
     Etcd(String),
+    #[error("etcd unavailable: {0}")]
+    EtcdUnavailable(String),
 }
 
 /// What an edit of the draft started from: a change to the draft or to the live version

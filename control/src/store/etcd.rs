@@ -78,32 +78,30 @@ const PAGE: i64 = 500;
 /// Attempts of one transaction that keeps meeting concurrent changes.
 const MAX_ATTEMPTS: usize = 200;
 
+/// An etcd error; [`StoreError::EtcdUnavailable`] when the same request may succeed a
+/// moment later (the member or the connection went away, no leader for a moment).
 fn etcd_err(e: etcd_client::Error) -> StoreError {
-    StoreError::Etcd(e.to_string())
-}
-
-/// Errors worth another try with the same request: the member or the connection went
-/// away, or the cluster had no leader for a moment.
-fn transient(e: &StoreError) -> bool {
-    match e {
-        StoreError::Etcd(m) => {
-            let m = m.to_ascii_lowercase();
-            [
-                "transport",
-                "unavailable",
-                "connection",
-                "leader",
-                "deadline",
-                "timed out",
-                "broken pipe",
-                "reset",
-                "canceled",
-            ]
-            .iter()
-            .any(|w| m.contains(w))
+    use etcd_client::Error as E;
+    use tonic::Code;
+    let unavailable = match &e {
+        E::TransportError(_) | E::IoError(_) => true,
+        E::GRpcStatus(s) => {
+            matches!(
+                s.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Cancelled
+            ) || (s.code() == Code::Unknown && s.message().contains("transport"))
         }
         _ => false,
+    };
+    if unavailable {
+        StoreError::EtcdUnavailable(e.to_string())
+    } else {
+        StoreError::Etcd(e.to_string())
     }
+}
+
+fn transient(e: &StoreError) -> bool {
+    matches!(e, StoreError::EtcdUnavailable(_))
 }
 
 fn counter_value(v: Option<&[u8]>) -> Result<u64, StoreError> {
@@ -591,9 +589,11 @@ fn wait_on<T: Send + 'static>(
 ) -> Result<T, StoreError> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     rt.spawn(async move {
-        let r = tokio::time::timeout(limit, f)
-            .await
-            .unwrap_or_else(|_| Err(StoreError::Etcd(format!("no answer within {limit:?}"))));
+        let r = tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
+            Err(StoreError::EtcdUnavailable(format!(
+                "no answer within {limit:?}"
+            )))
+        });
         let _ = tx.send(r);
     });
     let wait = move || {

@@ -487,3 +487,32 @@ fn etcd_over_mutual_tls() {
     assert!(e.contains("--etcd-ca"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// etcd gone after the start: calls fail within the call limit as "unavailable" (the API
+/// answers 503 and enforcers move to another replica), and work again when it is back.
+#[test]
+fn etcd_gone_is_unavailable_then_recovers() {
+    let mut etcd = segmesh_testkit::etcd::EtcdCluster::start(1);
+    let mut o = EtcdOptions::new(etcd.endpoints());
+    o.prefix = format!("/gone-{}/", std::process::id());
+    o.call_limit = Duration::from_secs(2);
+    let s = EtcdStore::connect(&o).unwrap();
+    assert!(s.live().unwrap().is_none());
+    etcd.kill(0);
+    let started = std::time::Instant::now();
+    let e = s.live().unwrap_err();
+    assert!(matches!(e, StoreError::EtcdUnavailable(_)), "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "within the call limit"
+    );
+    etcd.restart(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while s.live().is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "etcd back, the store works again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -240,6 +240,56 @@ impl Etcd {
     }
 }
 
+/// The member this store talks to: one at a time, the next after an error that says the
+/// member or its connection is gone. (etcd-client's balanced channel over every endpoint
+/// keeps sending a share of the requests to a dead member: with one of three members
+/// killed, store calls took seconds in a row.)
+struct Members {
+    endpoints: Vec<String>,
+    options: ConnectOptions,
+    prefix: Arc<str>,
+    current: std::sync::Mutex<(usize, Etcd)>,
+}
+
+impl Members {
+    /// A client of one member (connecting is lazy).
+    async fn client_of(&self, i: usize) -> Result<Etcd, StoreError> {
+        let c = Client::connect([&self.endpoints[i]], Some(self.options.clone()))
+            .await
+            .map_err(etcd_err)?;
+        Ok(Etcd {
+            client: c,
+            prefix: self.prefix.clone(),
+        })
+    }
+
+    fn get(&self) -> (usize, Etcd) {
+        let g = self.current.lock().expect("lock poisoned");
+        (g.0, g.1.clone())
+    }
+
+    /// After a failure on member `from`: the next one, unless another call moved on
+    /// already.
+    async fn move_on(&self, from: usize) {
+        if self.endpoints.len() < 2 || self.get().0 != from {
+            return;
+        }
+        let next = (from + 1) % self.endpoints.len();
+        match self.client_of(next).await {
+            Ok(e) => {
+                let mut g = self.current.lock().expect("lock poisoned");
+                if g.0 == from {
+                    tracing::info!(from = %self.endpoints[from], to = %self.endpoints[next], "etcd member unavailable; using the next");
+                    *g = (next, e);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(endpoint = %self.endpoints[next], error = %err, "cannot set up an etcd client")
+            }
+        }
+    }
+}
+
 /// One optimistic transaction: what it read is compared at commit, what it writes is
 /// applied only then.
 struct Stm<'a> {
@@ -355,7 +405,7 @@ macro_rules! optimistic {
 
 /// The etcd backend of [`Store`].
 pub struct EtcdStore {
-    e: Etcd,
+    members: Arc<Members>,
     call_limit: Duration,
     /// Its own runtime (the trait is synchronous); shut down in the background on drop,
     /// which is allowed inside another runtime.
@@ -400,38 +450,67 @@ impl EtcdStore {
             }
             o
         });
-        let client = wait_on(
+        let mut o = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(limit)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true)
+            // A member cut off from the others fails requests and watches at once
+            // instead of serving stale reads or a silent watch.
+            .with_require_leader(true);
+        if let Some(t) = tls {
+            o = o.with_tls(t);
+        }
+        let prefix: Arc<str> = opts.prefix.clone().into();
+        let members = wait_on(
             &rt,
             async move {
-                let mut o = ConnectOptions::new()
-                    .with_connect_timeout(Duration::from_secs(2))
-                    .with_timeout(limit)
-                    .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
-                    .with_keep_alive_while_idle(true);
-                if let Some(t) = tls {
-                    o = o.with_tls(t);
+                // The first member that answers.
+                let mut errors = Vec::new();
+                for (i, ep) in endpoints.iter().enumerate() {
+                    let c = match Client::connect([ep], Some(o.clone())).await {
+                        Ok(c) => c,
+                        Err(err) => {
+                            errors.push(format!("{ep}: {err}"));
+                            continue;
+                        }
+                    };
+                    // Connecting is lazy: ask once so that a wrong endpoint fails here.
+                    match c
+                        .kv_client()
+                        .get("/", Some(GetOptions::new().with_count_only()))
+                        .await
+                    {
+                        Ok(_) => {
+                            return Ok(Members {
+                                endpoints: endpoints.clone(),
+                                options: o,
+                                current: std::sync::Mutex::new((
+                                    i,
+                                    Etcd {
+                                        client: c,
+                                        prefix: prefix.clone(),
+                                    },
+                                )),
+                                prefix,
+                            });
+                        }
+                        Err(err) => errors.push(format!("{ep}: {err}")),
+                    }
                 }
-                let c = Client::connect(&endpoints, Some(o))
-                    .await
-                    .map_err(etcd_err)?;
-                // Connecting is lazy: ask once so that a wrong endpoint fails here.
-                c.kv_client()
-                    .get("/", Some(GetOptions::new().with_count_only()))
-                    .await
-                    .map_err(etcd_err)?;
-                Ok(c)
+                Err(StoreError::Etcd(format!(
+                    "no etcd member answered: {}",
+                    errors.join("; ")
+                )))
             },
-            limit,
+            limit * opts.endpoints.len().max(1) as u32,
         )
         .map_err(|e| StoreError::Etcd(format!("{} ({})", e, opts.endpoints.join(", "))))?;
-        let e = Etcd {
-            client,
-            prefix: opts.prefix.clone().into(),
-        };
+        let members = Arc::new(members);
         let (tx, rx) = tokio::sync::watch::channel(0);
-        rt.spawn(follow(e.clone(), tx));
+        rt.spawn(follow(members.clone(), tx));
         Ok(EtcdStore {
-            e,
+            members,
             call_limit: opts.call_limit,
             rt: Some(rt),
             revision: rx,
@@ -447,20 +526,24 @@ impl EtcdStore {
         F: Fn(Etcd) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, StoreError>> + Send,
     {
-        let e = self.e.clone();
+        let members = self.members.clone();
         let limit = self.call_limit;
         let rt = self.rt.as_ref().expect("runtime lives until drop");
         wait_on(
             rt,
             async move {
                 let deadline = Instant::now() + limit;
-                let mut pause = Duration::from_millis(20);
+                let mut pause = Duration::ZERO;
                 loop {
-                    match op(e.clone()).await {
+                    let (i, e) = members.get();
+                    match op(e).await {
                         Err(err) if transient(&err) && Instant::now() + pause < deadline => {
                             tracing::debug!(error = %err, "etcd call failed; trying again");
+                            members.move_on(i).await;
+                            // At once on the next member; paced once every member failed.
                             tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(Duration::from_millis(500));
+                            pause = (pause * 2)
+                                .clamp(Duration::from_millis(10), Duration::from_millis(500));
                         }
                         other => return other,
                     }
@@ -610,12 +693,13 @@ fn wait_on<T: Send + 'static>(
 
 /// Follows `meta/revision` with etcd's watch (and reads it afresh after every broken
 /// watch), publishing each value.
-async fn follow(e: Etcd, tx: tokio::sync::watch::Sender<u64>) {
+async fn follow(members: Arc<Members>, tx: tokio::sync::watch::Sender<u64>) {
     let mut pause = Duration::from_millis(100);
     loop {
         if tx.is_closed() {
             return;
         }
+        let (i, e) = members.get();
         let key = e.key("meta/revision");
         let read = async {
             // Read first, then watch from just after the read: nothing falls between.
@@ -652,6 +736,7 @@ async fn follow(e: Etcd, tx: tokio::sync::watch::Sender<u64>) {
             Ok(()) => pause = Duration::from_millis(100),
             Err(err) => {
                 tracing::warn!(error = %err, "etcd watch of the revision broke; following again");
+                members.move_on(i).await;
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }

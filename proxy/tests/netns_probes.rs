@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 
 use common::*;
-use segmesh_testkit::{Topology, netns_enabled};
+use segmesh_testkit::{Topology, netns_enabled, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -100,6 +100,19 @@ app_probes:
     in_ns(&pod, app(SocketAddr::new(pod.ip4.into(), 8080)));
     // (The app listens on the pod's address; the enforcer probes on loopback.)
     in_ns(&pod, app("127.0.0.1:8080".parse().unwrap()));
+    // The app's threads bind in the background: wait until it listens on loopback (a
+    // probe before that fails like a dead app would).
+    wait_until(
+        "the app listens",
+        std::time::Duration::from_secs(10),
+        || {
+            in_ns(&pod, async {
+                TcpStream::connect("127.0.0.1:8080").await.is_ok()
+            })
+            .join()
+            .unwrap()
+        },
+    );
     let admin = SocketAddr::new(pod.ip4.into(), 15020);
     assert_eq!(get(&node, admin, "/app-health/api/readiness"), 200);
     assert_eq!(get(&node, admin, "/app-health/api/liveness"), 200);

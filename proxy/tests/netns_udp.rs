@@ -761,11 +761,19 @@ log: true
         assert_eq!(r["data_path"], "kernel", "{r}");
         assert_ne!(r["source"]["port"], 0, "{r}");
         let n = r["datagrams_sent"].as_u64().unwrap();
+        let answered = r["datagrams_received"].as_u64().unwrap();
         assert!(n >= 1, "{r}");
-        assert_eq!(r["datagrams_received"], n, "every datagram answered: {r}");
+        if r["close_reason"] == "policy" {
+            // The session decided again: a datagram in flight when its tracked flow was
+            // deleted reaches the workload, and its answer, a new flow then, does not
+            // come back (CI saw 2 sent, 1 answered).
+            assert!((1..=n).contains(&answered), "{r}");
+        } else {
+            assert_eq!(answered, n, "every datagram answered: {r}");
+        }
         let len = if r["bytes_sent"] == 4 * n { 4 } else { 5 };
         assert_eq!(r["bytes_sent"], len * n, "payload bytes: {r}");
-        assert_eq!(r["bytes_received"], len * n, "{r}");
+        assert_eq!(r["bytes_received"], len * answered, "{r}");
         assert!(
             ["idle", "policy"].contains(&r["close_reason"].as_str().unwrap()),
             "{r}"

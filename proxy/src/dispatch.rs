@@ -16,7 +16,10 @@ use crate::state::Shared;
 
 /// `planned` was made from `snap` for `flow` at `since` (for the decision-time metric);
 /// `target` is where the application wanted to go (outbound) or our workload (inbound).
-pub(crate) async fn carry_out(
+/// The record is set up here, synchronously: the future returned holds only what the
+/// connection's path needs (an async fn would keep its arguments, the flow and the plan,
+/// in every flow's task for as long as the flow lives).
+pub(crate) fn carry_out(
     shared: Arc<Shared>,
     snap: Arc<Snapshot>,
     mut flow: Flow,
@@ -24,7 +27,7 @@ pub(crate) async fn carry_out(
     since: Instant,
     stream: TcpStream,
     target: SocketAddr,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
     if planned.decided() {
         shared
             .metrics
@@ -39,19 +42,23 @@ pub(crate) async fn carry_out(
     other.external = std::mem::take(&mut planned.networks);
     other.domain = planned.domain.take();
     other.service = planned.service.take();
-    let mut rec = Recorder::new(&shared, snap, flow);
-    match planned.plan {
-        Plan::Refuse { reason, decision } => {
-            if let Some(d) = decision {
-                rec.decided(d);
+    let rec = Recorder::new(&shared, snap, flow);
+    let (plan, names) = (planned.plan, planned.names);
+    async move {
+        let mut rec = rec;
+        match plan {
+            Plan::Refuse { reason, decision } => {
+                if let Some(d) = decision {
+                    rec.decided(d);
+                }
+                rec.reset(stream, reason, None);
             }
-            rec.reset(stream, reason, None);
+            Plan::Tunnel(pu) => crate::mesh::client::connect(rec, stream, target, pu).await,
+            Plan::Forward(d) => {
+                rec.decided(d);
+                crate::plain::forward(rec, stream, target, names).await;
+            }
+            Plan::Service(s) => crate::service::connect(rec, stream, s.0).await,
         }
-        Plan::Tunnel(pu) => crate::mesh::client::connect(rec, stream, target, pu).await,
-        Plan::Forward(d) => {
-            rec.decided(d);
-            crate::plain::forward(rec, stream, target, planned.names).await;
-        }
-        Plan::Service(s) => crate::service::connect(rec, stream, s.0).await,
     }
 }

@@ -258,20 +258,7 @@ fn netns_console_certifies_only_recorded_tags_and_refuses_bad_tokens() {
         return;
     }
     let mut lab = Lab::new("console-tokens", &["console", "web"], &[]);
-    let boot = lab
-        .ctl_ok(&[
-            "token",
-            "--name",
-            "b",
-            "--role",
-            "enforcer",
-            "--namespace",
-            "/acme/shop",
-            "--allow-tag",
-            "app=*",
-        ])
-        .trim()
-        .to_owned();
+    let boot = lab.shop_token_on(0);
     lab.publish(
         "p.yaml",
         concat!(
@@ -327,20 +314,7 @@ fn netns_console_renews_certificates_and_stops_after_the_pu_is_deleted() {
     }
     // Short certificates: renewed every 4 s.
     let mut lab = Lab::new("console-renew", &["console", "web"], &["--cert-ttl", "6s"]);
-    let boot = lab
-        .ctl_ok(&[
-            "token",
-            "--name",
-            "b",
-            "--role",
-            "enforcer",
-            "--namespace",
-            "/acme/shop",
-            "--allow-tag",
-            "app=*",
-        ])
-        .trim()
-        .to_owned();
+    let boot = lab.shop_token_on(0);
     lab.publish(
         "p.yaml",
         "kind: NetworkPolicy\nname: none\nnamespace: /acme/shop\naction: Reject\nmode: Outgoing\nsubject: [[app=web]]\nobject: [[app=nothing]]\n",

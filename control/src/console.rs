@@ -354,6 +354,7 @@ impl<S: Store> Console<S> {
         ips: &[std::net::IpAddr],
         source: Option<std::net::IpAddr>,
         any_source: bool,
+        view: &LeaseView,
     ) -> Result<Vec<std::net::IpAddr>, ConsoleError> {
         let mut claimed: Vec<std::net::IpAddr> = ips.iter().map(|ip| ip.to_canonical()).collect();
         claimed.sort();
@@ -365,7 +366,6 @@ impl<S: Store> Console<S> {
                 )));
             }
         }
-        let view = self.lease_view()?;
         for other in self.store.pus()? {
             if other.namespace == namespace && other.name == name {
                 continue;
@@ -376,7 +376,7 @@ impl<S: Store> Console<S> {
                 .map(|i| i.to_canonical())
                 .find(|i| claimed.contains(i))
             {
-                if self.leased(&view, &other.namespace, &other.name) {
+                if self.leased(view, &other.namespace, &other.name) {
                     return Err(ConsoleError::Conflict(format!(
                         "{ip} belongs to the live PU {}:{}",
                         other.namespace, other.name
@@ -732,21 +732,29 @@ impl<S: Store> Console<S> {
                 rec.name
             )));
         }
-        if req.renew && self.store.pu(ns.as_str(), &req.name)?.is_none() {
+        let registered = self.store.pu(ns.as_str(), &req.name)?.is_some();
+        if req.renew && !registered {
             return Err(ConsoleError::Gone(format!(
                 "{ns}:{} is not registered (deleted?): no renewal",
                 req.name
             )));
         }
-        if self.store.pu(ns.as_str(), &req.name)?.is_some()
-            && self.leased(&self.lease_view()?, ns.as_str(), &req.name)
-        {
+        // One read of the leases for the name's and the addresses' checks.
+        let view = self.lease_view()?;
+        if registered && self.leased(&view, ns.as_str(), &req.name) {
             return Err(ConsoleError::Conflict(format!(
                 "{ns}:{} is registered and live: only its current certificate re-registers it (or wait {:?} after its enforcer stops)",
                 req.name, self.lease
             )));
         }
-        let ips = self.claimable(ns.as_str(), &req.name, &req.ips, source, rec.any_source)?;
+        let ips = self.claimable(
+            ns.as_str(),
+            &req.name,
+            &req.ips,
+            source,
+            rec.any_source,
+            &view,
+        )?;
         let mut extra = Vec::new();
         let mut dropped = Vec::new();
         // A pod of the cluster the console follows: its tags are what the cluster says
@@ -850,7 +858,15 @@ impl<S: Store> Console<S> {
         };
         if !req.ips.is_empty() {
             // A PU registered from behind NAT renews from there too.
-            pu.ips = self.claimable(&pu.namespace, &pu.name, &req.ips, source, pu.any_source)?;
+            let view = self.lease_view()?;
+            pu.ips = self.claimable(
+                &pu.namespace,
+                &pu.name,
+                &req.ips,
+                source,
+                pu.any_source,
+                &view,
+            )?;
         }
         // A followed cluster's pod: its labels as they are now.
         if let Some(tags) = self.renewed_pod_tags(&pu)? {

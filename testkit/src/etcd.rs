@@ -193,6 +193,23 @@ impl EtcdCluster {
         }
     }
 
+    /// Stops member `i` without closing anything (SIGSTOP): its connections stay open and
+    /// it answers nothing, as a hung or partitioned member would.
+    pub fn stall(&mut self, i: usize) {
+        self.signal(i, nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a stalled member go on (SIGCONT).
+    pub fn unstall(&mut self, i: usize) {
+        self.signal(i, nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, i: usize, sig: nix::sys::signal::Signal) {
+        if let Some(c) = &self.members[i].child {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig);
+        }
+    }
+
     /// Starts member `i` again on its data; waits until the cluster is healthy.
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
@@ -252,6 +269,7 @@ fn health(addr: &str) -> bool {
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for i in 0..self.members.len() {
+            self.unstall(i);
             self.kill(i);
         }
         // A failing test shows what etcd said.

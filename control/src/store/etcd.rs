@@ -452,8 +452,11 @@ impl EtcdStore {
         });
         let mut o = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(limit)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            // One request gives up well within the call's limit, so that a member that
+            // stalls (open connections, no answers) is left for the next one while the
+            // call can still succeed there.
+            .with_timeout((limit / 4).max(Duration::from_secs(1)))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true)
             // A member cut off from the others fails requests and watches at once
             // instead of serving stale reads or a silent watch.

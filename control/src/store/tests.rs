@@ -545,3 +545,29 @@ fn etcd_store_leaves_a_dead_member_for_good() {
         "commits waiting on the dead member: {slow:?}"
     );
 }
+
+/// The attack of a peer that stalls: the member in use stops answering but keeps its
+/// connections open (SIGSTOP). The store gives up on it after one request's time and
+/// goes on with a live member; it does not spend every call's whole limit on it.
+#[test]
+fn etcd_store_leaves_a_stalled_member() {
+    let mut etcd = segmesh_testkit::etcd::EtcdCluster::start(3);
+    let s = etcd_store(&etcd, "stalled-member");
+    s.revision().unwrap();
+    etcd.stall(0);
+    let started = std::time::Instant::now();
+    for i in 0..5 {
+        let (_, stamp) = s.draft_base().unwrap();
+        s.set_draft(&Documents::default(), stamp, ("a", "apply", ""))
+            .unwrap();
+        assert_eq!(s.commit(("a", "commit", "")).unwrap(), i + 1);
+    }
+    // One request's timeout on the stalled member, then milliseconds each: well below
+    // the 8 s (keep-alive) to 10 s (call limit) a call spent on it before.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "five commits took {:?} with a stalled member",
+        started.elapsed()
+    );
+    etcd.unstall(0);
+}

@@ -139,23 +139,44 @@ impl Client {
 
     /// Connects to the replica in use, or else to the next one that answers (which is
     /// then the one in use); the replica's index.
-    async fn connect(&self) -> Result<(tokio::net::TcpStream, usize), CallError> {
+    /// Connecting includes the TLS handshake: a replica that takes connections but does
+    /// not answer (hung, stopped) is skipped within [`CONNECT_EACH`] like one that refuses.
+    async fn connect(
+        &self,
+    ) -> Result<
+        (
+            tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+            usize,
+        ),
+        CallError,
+    > {
         let n = self.endpoints.len();
         let first = self.current() % n;
         let mut errors = Vec::new();
         for i in (first..first + n).map(|i| i % n) {
             let e = &self.endpoints[i];
-            match tokio::time::timeout(CONNECT_EACH, self.connect_to(e)).await {
-                Ok(Ok(tcp)) => {
+            let open = async {
+                let tcp = self.connect_to(e).await?;
+                let name = ServerName::try_from(e.host.clone())
+                    .map_err(|err| CallError::Unreachable(format!("{}: {err}", e.host)))?;
+                tokio_rustls::TlsConnector::from(self.tls.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|err| {
+                        CallError::Unreachable(format!("{}:{}: TLS: {err}", e.host, e.port))
+                    })
+            };
+            match tokio::time::timeout(CONNECT_EACH, open).await {
+                Ok(Ok(tls)) => {
                     if i != first {
                         tracing::info!(console = %format!("https://{}:{}", e.host, e.port), "moved to another console replica");
                         self.current.store(i, std::sync::atomic::Ordering::Relaxed);
                     }
-                    return Ok((tcp, i));
+                    return Ok((tls, i));
                 }
                 Ok(Err(err)) => errors.push(err.to_string()),
                 Err(_) => errors.push(format!(
-                    "{}:{}: no connection within {CONNECT_EACH:?}",
+                    "{}:{}: no TLS connection within {CONNECT_EACH:?}",
                     e.host, e.port
                 )),
             }
@@ -249,16 +270,9 @@ impl Client {
     ) -> Result<T, CallError> {
         let used = std::sync::atomic::AtomicUsize::new(usize::MAX);
         let exchange = async {
-            let (tcp, i) = self.connect().await?;
+            let (tls, i) = self.connect().await?;
             used.store(i, std::sync::atomic::Ordering::Relaxed);
             let ep = &self.endpoints[i];
-            let addr = format!("{}:{}", ep.host, ep.port);
-            let name = ServerName::try_from(ep.host.clone())
-                .map_err(|e| CallError::Unreachable(format!("{}: {e}", ep.host)))?;
-            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(|e| CallError::Unreachable(format!("{addr}: TLS: {e}")))?;
             let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
                 .await
                 .map_err(|e| CallError::Unreachable(e.to_string()))?;
@@ -366,6 +380,39 @@ mod tests {
             }
         });
         url
+    }
+
+    /// The attack of a replica that stalls: it takes connections (its listening socket
+    /// is there) and answers nothing. The call skips it within the connect time and is
+    /// answered by the next replica, instead of spending its whole limit on it.
+    #[tokio::test]
+    async fn a_call_skips_a_replica_that_takes_connections_and_never_answers() {
+        let ca = segmesh_identity::Ca::new_root(
+            "segmesh.local",
+            segmesh_identity::KeyAlgorithm::EcdsaP256,
+        )
+        .unwrap();
+        let good = replica(&ca, "200 OK").await;
+        let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stalled = format!("https://{}", hung.local_addr().unwrap());
+        // Accepts and holds every connection, silent.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = hung.accept().await {
+                held.push(s);
+            }
+        });
+        let c = Client::replicas(&[stalled, good.clone()], "", &ca.bundle_pem()).unwrap();
+        let started = std::time::Instant::now();
+        c.call::<serde_json::Value>("GET", "/", None, Duration::from_secs(20))
+            .await
+            .expect("answered by the live replica within the call");
+        assert!(
+            started.elapsed() < CONNECT_EACH + Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(c.console(), good);
     }
 
     /// Given several replicas, the client skips one that refuses connections and moves

@@ -103,6 +103,7 @@ fn error(e: ConsoleError) -> Response<Full<Bytes>> {
             StatusCode::SERVICE_UNAVAILABLE
         }
         ConsoleError::Store(crate::store::StoreError::Conflict) => StatusCode::CONFLICT,
+        ConsoleError::Store(crate::store::StoreError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
         ConsoleError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         ConsoleError::Gone(_) => StatusCode::GONE,
         ConsoleError::Conflict(_) => StatusCode::CONFLICT,

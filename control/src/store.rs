@@ -32,6 +32,10 @@ pub enum StoreError {
     Etcd(String),
     #[error("etcd unavailable: {0}")]
     EtcdUnavailable(String),
+    #[error(
+        "too large for etcd ({0}): etcd takes at most its --max-request-bytes in one request (1.5 MiB by default)"
+    )]
+    TooLarge(String),
 }
 
 /// What an edit of the draft started from: a change to the draft or to the live version

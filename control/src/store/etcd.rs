@@ -93,7 +93,11 @@ fn etcd_err(e: etcd_client::Error) -> StoreError {
         }
         _ => false,
     };
-    if unavailable {
+    let too_large = matches!(&e, E::GRpcStatus(s)
+        if s.code() == Code::ResourceExhausted || s.message().contains("too large"));
+    if too_large {
+        StoreError::TooLarge(e.to_string())
+    } else if unavailable {
         StoreError::EtcdUnavailable(e.to_string())
     } else {
         StoreError::Etcd(e.to_string())

@@ -571,3 +571,46 @@ fn etcd_store_leaves_a_stalled_member() {
     );
     etcd.unstall(0);
 }
+
+/// Input far too large for etcd (a draft past its 1.5 MiB request limit): refused whole
+/// with etcd's reason, the draft as it was, the store working on.
+#[test]
+fn etcd_refuses_a_draft_past_its_request_limit_whole() {
+    let etcd = segmesh_testkit::etcd::EtcdCluster::start(1);
+    let s = etcd_store(&etcd, "huge");
+    let (mut small, stamp) = s.draft_base().unwrap();
+    let ns = |p: String| Namespace {
+        path: p.parse().unwrap(),
+        discovery: None,
+        default_tier: None,
+        tag_prefixes: None,
+    };
+    small.namespaces.insert("/a".into(), ns("/a".into()));
+    s.set_draft(&small, stamp, ("a", "apply", "small")).unwrap();
+    let (mut huge, stamp) = s.draft_base().unwrap();
+    for i in 0..40_000 {
+        let p = format!("/n{i:05}/with/a/longer/path");
+        huge.namespaces.insert(p.clone(), ns(p));
+    }
+    assert!(serde_json::to_vec(&huge).unwrap().len() > 2 << 20);
+    let started = std::time::Instant::now();
+    let e = s
+        .set_draft(&huge, stamp, ("a", "apply", "huge"))
+        .unwrap_err();
+    assert!(e.to_string().contains("too large"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused at once, not retried"
+    );
+    assert_eq!(s.draft().unwrap(), Some(small), "the draft as it was");
+    assert_eq!(
+        s.audit_log().unwrap().len(),
+        1,
+        "no audit entry for the refused edit"
+    );
+    assert_eq!(
+        s.commit(("a", "commit", "")).unwrap(),
+        1,
+        "the store works on"
+    );
+}

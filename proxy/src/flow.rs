@@ -298,6 +298,7 @@ impl Recorder {
                 (false, DataPath::Copied) => "copied",
                 (false, DataPath::Datagrams) => "datagrams",
                 (false, DataPath::Inspected) => "inspected",
+                (false, DataPath::Kernel) => "kernel",
             }
             .into(),
         );

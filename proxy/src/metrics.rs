@@ -80,6 +80,7 @@ pub struct Metrics {
     pub open: Family<DirLabels, Gauge>,
     pub bytes: Family<DirLabels, Counter>,
     pub spliced_bytes: Counter,
+    pub kernel_bytes: Counter,
     pub copied_bytes: Counter,
     pub copy_fallbacks: Counter,
     pub decision_seconds: Histogram,
@@ -110,6 +111,7 @@ impl Default for Metrics {
             open: Family::default(),
             bytes: Family::default(),
             spliced_bytes: Counter::default(),
+            kernel_bytes: Counter::default(),
             copied_bytes: Counter::default(),
             copy_fallbacks: Counter::default(),
             // 100 ns .. ~3.3 ms.
@@ -152,6 +154,11 @@ impl Default for Metrics {
             "spliced_bytes",
             "Bytes moved with splice(2), never copied to user space",
             m.spliced_bytes.clone(),
+        );
+        registry.register(
+            "kernel_bytes",
+            "Bytes the kernel redirected between a flow's sockets (BPF sockmap)",
+            m.kernel_bytes.clone(),
         );
         registry.register(
             "copied_bytes",

@@ -4,6 +4,7 @@
 
 pub(crate) mod datagrams;
 pub(crate) mod dns;
+pub mod sockmap;
 pub mod splice;
 pub(crate) mod tls;
 

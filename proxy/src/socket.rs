@@ -120,6 +120,62 @@ fn set_mark(sock: &impl std::os::fd::AsFd, mark: u32) {
     }
 }
 
+/// Bytes written into this TCP socket's send queue since it was created: those sent
+/// once (`tcpi_bytes_sent` less `tcpi_bytes_retrans`) and those not yet sent
+/// (`tcpi_notsent_bytes`), from `TCP_INFO` (tcp(7); the byte counters since Linux 4.19).
+pub fn tcp_written(fd: &impl AsRawFd) -> io::Result<u64> {
+    // Safety: tcp_info is plain integers, for which all-zero bytes are a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // Safety: `fd` is a live descriptor for the duration of the call; the kernel writes
+    // at most `len` bytes into `info` (it copies the smaller of its struct and `len`)
+    // and stores the length it wrote in `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_retrans) + 8;
+    if (len as usize) < needed {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this kernel's TCP_INFO has no byte counters (Linux 4.19 or later needed)",
+        ));
+    }
+    Ok(info.tcpi_bytes_sent - info.tcpi_bytes_retrans + u64::from(info.tcpi_notsent_bytes))
+}
+
+/// Sets `SO_RCVLOWAT` to 1 (its default). For TCP this also runs the socket's
+/// data-ready callback when bytes are queued (`tcp_set_rcvlowat` calls
+/// `tcp_data_ready`): a socket just put under a BPF stream verdict has the verdict see
+/// the bytes that arrived before, instead of waiting for more.
+pub fn poke_data_ready(fd: &impl AsRawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // Safety: `fd` is a live descriptor for the call; the value points to a live c_int
+    // and its exact size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Closes with an RST instead of a FIN (SO_LINGER with a zero timeout, socket(7)).
 pub fn reset(stream: tokio::net::TcpStream) {
     let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));

@@ -230,6 +230,8 @@ impl Shared {
             m.tls_bytes.inc_by(total);
         } else if path == DataPath::Spliced {
             m.spliced_bytes.inc_by(total);
+        } else if path == DataPath::Kernel {
+            m.kernel_bytes.inc_by(total);
         } else if path == DataPath::Datagrams {
             m.udp_bytes.inc_by(total);
         } else if path == DataPath::Inspected {

@@ -35,6 +35,8 @@ pub enum DataPath {
     Datagrams,
     /// Copied on purpose, to read it (DNS over TCP).
     Inspected,
+    /// Redirected by the kernel (BPF sockmap), never waking the enforcer.
+    Kernel,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

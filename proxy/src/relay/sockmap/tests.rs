@@ -1,0 +1,260 @@
+//! The kernel relay against real sockets on loopback. Loading BPF needs root (CI is
+//! root); without it these tests fail, unless `SEGMESH_SKIP_NETNS=1` says the person
+//! running them cannot give root.
+
+use super::*;
+use std::io;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+fn load() -> Option<Arc<Sockmap>> {
+    match Sockmap::load() {
+        Ok(s) => Some(s),
+        Err(e) if std::env::var_os("SEGMESH_SKIP_NETNS").is_some_and(|v| v == "1") => {
+            eprintln!("skipped (SEGMESH_SKIP_NETNS=1): {e}");
+            None
+        }
+        Err(e) => panic!("BPF sockmap unavailable ({e}); run as root, or set SEGMESH_SKIP_NETNS=1"),
+    }
+}
+
+async fn pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (s, _) = l.accept().await.unwrap();
+    (c, s)
+}
+
+struct Relayed {
+    client: TcpStream,
+    server: TcpStream,
+    stop: Arc<Notify>,
+    progress: Arc<Progress>,
+    relay: tokio::task::JoinHandle<Outcome>,
+}
+
+/// client <-> [a kernel b] <-> server. `first`: what the client sent before the hand-off
+/// (queued on `a` when it is handed over).
+async fn relayed(sm: &Arc<Sockmap>, first: &[u8], idle: Duration) -> Relayed {
+    let (mut client, a) = pair().await;
+    let (b, server) = pair().await;
+    client.write_all(first).await.unwrap();
+    // The bytes are on `a` before it goes into the map.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !first.is_empty() && a.peek(&mut [0u8; 1]).await.unwrap() == 0 {
+        assert!(Instant::now() < deadline);
+    }
+    let stop = Arc::new(Notify::new());
+    let progress = Arc::new(Progress::default());
+    let (sm2, stop2, p2) = (sm.clone(), stop.clone(), progress.clone());
+    let relay = tokio::spawn(async move {
+        match sm2.relay(a, b, idle, &p2, &stop2).await {
+            Handoff::Done(o) => o,
+            Handoff::Declined(..) => panic!("the kernel declined the flow"),
+        }
+    });
+    Relayed {
+        client,
+        server,
+        stop,
+        progress,
+        relay,
+    }
+}
+
+fn stream(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: timed out"))
+}
+
+/// The request the application sent before the enforcer decided is carried at once
+/// (nothing else arrives to wake the verdict), and the answer comes back.
+#[tokio::test]
+async fn a_request_queued_before_the_hand_off_is_answered() {
+    let Some(sm) = load() else { return };
+    let mut r = relayed(&sm, b"GET / HTTP/1.1\r\n\r\n", Duration::from_secs(30)).await;
+    let mut got = [0u8; 18];
+    within("the queued request", r.server.read_exact(&mut got)).await.unwrap();
+    assert_eq!(&got, b"GET / HTTP/1.1\r\n\r\n");
+    r.server.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.unwrap();
+    let mut answer = [0u8; 27];
+    within("the answer", r.client.read_exact(&mut answer)).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 204 No Content\r\n\r\n");
+    assert_eq!(sm.flows(), 1);
+    drop(r.client);
+    drop(r.server);
+    let o = within("the end", r.relay).await.unwrap();
+    assert_eq!((o.forward, o.backward, o.close), (18, 27, Close::Closed));
+    assert_eq!(o.path, DataPath::Kernel);
+    assert_eq!(sm.flows(), 0, "the flow left the maps");
+}
+
+/// Bulk both ways, each side half-closing: every byte arrives in order before the FIN,
+/// though the server's small receive buffer keeps redirected bytes waiting in the
+/// kernel's backlog (and the direction paused) when the client's FIN comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_then_half_close_loses_nothing() {
+    let Some(sm) = load() else { return };
+    let r = relayed(&sm, b"", Duration::from_secs(30)).await;
+    SockRef::from(&r.server).set_recv_buffer_size(64 << 10).unwrap();
+    let up = stream(1, 16 << 20);
+    let down = stream(2, 3 << 20);
+    let (up2, down2) = (up.clone(), down.clone());
+    let (mut client, mut server) = (r.client, r.server);
+    let c = tokio::spawn(async move {
+        let (mut rd, mut wr) = client.split();
+        let send = async {
+            wr.write_all(&up2).await.unwrap();
+            wr.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let recv = rd.read_to_end(&mut got);
+        let ((), n) = tokio::join!(send, recv);
+        n.unwrap();
+        got
+    });
+    let s = tokio::spawn(async move {
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        server.write_all(&down2).await.unwrap();
+        server.shutdown().await.unwrap();
+        got
+    });
+    let s = within("the server's side", s).await.unwrap();
+    assert_eq!(s.len(), up.len(), "upstream length");
+    assert!(s == up, "upstream bytes intact and in order");
+    assert!(within("the client's side", c).await.unwrap() == down, "downstream intact");
+    let o = within("the relay", r.relay).await.unwrap();
+    assert_eq!(
+        (o.forward, o.backward, o.close, o.path),
+        (up.len() as u64, down.len() as u64, Close::Closed, DataPath::Kernel)
+    );
+}
+
+/// A reset on one side is passed on as a reset.
+#[tokio::test]
+async fn a_reset_is_passed_on() {
+    let Some(sm) = load() else { return };
+    let mut r = relayed(&sm, b"x", Duration::from_secs(30)).await;
+    let mut one = [0u8; 1];
+    within("the first byte", r.server.read_exact(&mut one)).await.unwrap();
+    socket::reset(r.client);
+    let o = within("the relay", r.relay).await.unwrap();
+    assert_eq!(o.close, Close::Reset);
+    let e = within("the server's read", r.server.read(&mut one)).await;
+    assert!(
+        matches!(&e, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+        "the server sees a reset: {e:?}"
+    );
+}
+
+/// A flow stopped by the enforcer (a snapshot rejects it) moves no byte after the stop:
+/// both applications are reset and bytes sent after it never arrive.
+#[tokio::test]
+async fn a_stopped_flow_moves_nothing_more() {
+    let Some(sm) = load() else { return };
+    let mut r = relayed(&sm, b"before", Duration::from_secs(30)).await;
+    let mut got = [0u8; 6];
+    within("bytes before the stop", r.server.read_exact(&mut got)).await.unwrap();
+    let stopped = Instant::now();
+    r.stop.notify_one();
+    let o = within("the relay", r.relay).await.unwrap();
+    assert!(stopped.elapsed() < Duration::from_millis(100), "{:?}", stopped.elapsed());
+    assert_eq!((o.close, o.forward), (Close::Policy, 6));
+    // The client may still write into its own buffer, but nothing reaches the server.
+    let _ = r.client.write_all(b"after").await;
+    let mut rest = Vec::new();
+    let end = within("the server's read", r.server.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "bytes after the stop arrived: {rest:?}");
+    assert!(end.is_err(), "the server is reset, not closed: {end:?}");
+}
+
+/// A flow idle in both directions past the timeout is closed; its counts are the
+/// kernel's.
+#[tokio::test]
+async fn an_idle_flow_is_closed_with_the_kernels_counts() {
+    let Some(sm) = load() else { return };
+    let mut r = relayed(&sm, b"ping", Duration::from_millis(200)).await;
+    let mut got = [0u8; 4];
+    within("the ping", r.server.read_exact(&mut got)).await.unwrap();
+    let o = within("the relay", r.relay).await.unwrap();
+    assert_eq!((o.close, o.forward, o.backward), (Close::Idle, 4, 0));
+    assert_eq!(r.progress.forward.load(Ordering::Relaxed), 4);
+}
+
+/// The wrappers the relay needs: `TCP_INFO`'s count of bytes written, and
+/// `SO_RCVLOWAT`'s poke (which must not fail on an ordinary socket).
+#[tokio::test]
+async fn tcp_written_counts_what_entered_the_send_queue() {
+    let (mut c, mut s) = pair().await;
+    let before = socket::tcp_written(&c).unwrap();
+    c.write_all(&[7u8; 100_000]).await.unwrap();
+    assert_eq!(socket::tcp_written(&c).unwrap() - before, 100_000);
+    let mut buf = vec![0u8; 100_000];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(socket::tcp_written(&c).unwrap() - before, 100_000);
+    socket::poke_data_ready(&s).unwrap();
+}
+
+/// A server that does not read cannot make the kernel hold what its client sends: the
+/// kernel gave redirected bytes no back-pressure (a client parked 512 MiB in seconds), so
+/// the enforcer pauses a direction whose backlog outgrows its budget. When the server
+/// reads again, every byte arrives, in order, across the pauses and resumptions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_does_not_read_holds_back_its_client() {
+    let Some(sm) = load() else { return };
+    let r = relayed(&sm, b"", Duration::from_secs(30)).await;
+    let (client, mut server) = (r.client, r.server);
+    let pattern = |at: usize, n: usize| (at..at + n).map(|i| (i % 251) as u8).collect::<Vec<_>>();
+    // Write until the client's writes stop being taken for 300 ms (or 256 MiB).
+    let mut sent = 0usize;
+    let started = Instant::now();
+    while sent < (256 << 20) && started.elapsed() < Duration::from_secs(10) {
+        let chunk = pattern(sent, 256 << 10);
+        match client.try_write(&chunk) {
+            Ok(n) => {
+                sent += n;
+                // The client is another process in real life: let the enforcer run.
+                tokio::task::yield_now().await;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if tokio::time::timeout(Duration::from_millis(300), client.writable())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Err(e) => panic!("client write: {e}"),
+        }
+    }
+    assert!(
+        sent < 48 << 20,
+        "the client parked {} MiB with a server that does not read",
+        sent >> 20
+    );
+    // Now the server reads: everything arrives, in order, and the flow goes on.
+    let mut got = vec![0u8; sent];
+    within("the backlog", server.read_exact(&mut got)).await.unwrap();
+    assert!(got == pattern(0, sent), "bytes in order across pauses");
+    let mut client = client;
+    client.write_all(b"more").await.unwrap();
+    let mut more = [0u8; 4];
+    within("bytes after the backlog", server.read_exact(&mut more)).await.unwrap();
+    assert_eq!(&more, b"more");
+    eprintln!("a client held back after {} KiB", sent >> 10);
+}

@@ -44,6 +44,7 @@ pub struct IdentityFiles {
 }
 
 /// A PU this enforcer may meet (the console's wire type: one definition for both).
+pub use crate::relay::sockmap::SockmapMode;
 pub use segmesh_api::RegistryEntry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -266,6 +267,8 @@ pub struct Settings {
     pub echo_queue: u16,
     /// The application's probes the admin port makes on the kubelet's behalf.
     pub app_probes: segmesh_api::AppProbes,
+    /// Whether spliced flows are handed to the kernel (BPF sockmap). Default `auto`.
+    pub sockmap: SockmapMode,
 }
 
 impl Default for Settings {
@@ -277,6 +280,7 @@ impl Default for Settings {
             recheck_open: true,
             log_all_flows: false,
             app_probes: Default::default(),
+            sockmap: SockmapMode::default(),
             mode: Mode::default(),
             socket_mark: DEFAULT_SOCKET_MARK,
             echo_queue: d_echo_queue(),
@@ -392,6 +396,11 @@ pub struct LocalConfig {
     /// (`{httpGet: {port: 8080, path: /healthz}}` or `{tcpSocket: {port: 8080}}`).
     #[serde(default, with = "serde_norway::with::singleton_map_recursive")]
     pub app_probes: segmesh_api::AppProbes,
+    /// Hand allowed spliced flows to the kernel (BPF sockmap): `auto` (default: where
+    /// the kernel allows, else say why at start and splice), `require` (or do not
+    /// start), `off`.
+    #[serde(default)]
+    pub sockmap: SockmapMode,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -442,6 +451,7 @@ impl LocalConfig {
             socket_mark: self.socket_mark,
             echo_queue: self.echo_queue,
             app_probes: self.app_probes.clone(),
+            sockmap: self.sockmap,
         }
     }
 

@@ -27,6 +27,8 @@ pub enum Error {
     FlowLog(#[source] std::io::Error),
     #[error("{0}")]
     Config(#[from] ConfigError),
+    #[error("sockmap: require, but BPF sockmap is unavailable: {0}")]
+    Sockmap(#[source] crate::relay::sockmap::Unavailable),
 }
 
 /// What a listener accepts.
@@ -105,6 +107,30 @@ fn wanted(settings: &Settings) -> Vec<(SocketAddr, bool, Listener)> {
         .collect()
 }
 
+/// Loads the kernel relay as the settings ask, saying what spliced flows will use.
+fn start_kernel_relay(shared: &Shared) -> Result<(), Error> {
+    use crate::relay::sockmap::{Sockmap, SockmapMode};
+    let mode = shared.settings.sockmap;
+    if mode == SockmapMode::Off {
+        tracing::info!("sockmap: off; allowed plaintext flows are spliced in user space");
+        return Ok(());
+    }
+    match Sockmap::load() {
+        Ok(k) => {
+            tracing::info!(
+                "BPF sockmap loaded: the kernel moves allowed plaintext flows' bytes (authenticated-only and external), waking the enforcer only at their ends"
+            );
+            shared.set_kernel(k);
+            Ok(())
+        }
+        Err(e) if mode == SockmapMode::Require => Err(Error::Sockmap(e)),
+        Err(e) => {
+            tracing::warn!(error = %e, "BPF sockmap unavailable; allowed plaintext flows are spliced in user space");
+            Ok(())
+        }
+    }
+}
+
 fn bind(addr: SocketAddr, transparent: bool) -> Result<TcpListener, Error> {
     socket::listener(addr, transparent, 1024).map_err(|e| Error::Bind(addr, e))
 }
@@ -180,6 +206,7 @@ impl Enforcer {
                 "no kernel TLS (tls ULP) here: tunnels are encrypted with rustls in user space"
             );
         }
+        start_kernel_relay(&shared)?;
         let settings = &shared.settings;
         let bound = wanted(settings)
             .into_iter()

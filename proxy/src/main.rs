@@ -75,6 +75,11 @@ struct Cli {
     /// SIGTERM exits at once).
     #[arg(long, env = "SEGMESH_DRAIN", default_value = "5s", value_parser = humantime::parse_duration)]
     drain: std::time::Duration,
+    /// Hand allowed spliced flows to the kernel (BPF sockmap; console mode, the file's
+    /// `sockmap:` otherwise): `auto` where the kernel allows (else it says why and
+    /// splices), `require` (or do not start), `off`.
+    #[arg(long, env = "SEGMESH_SOCKMAP", value_enum, default_value = "auto")]
+    sockmap: segmesh_proxy::config::SockmapMode,
     /// `plain` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "plain")]
     log_format: String,
@@ -120,6 +125,7 @@ impl Cli {
             mode,
             socket_mark: self.socket_mark,
             app_probes: self.app_probes.clone().unwrap_or_default(),
+            sockmap: self.sockmap,
             ..Settings::default()
         };
         Ok(ConfigSource::Console(Box::new(ConsoleSource {

@@ -64,6 +64,7 @@ pub(crate) async fn forward(
         false,
         &progress,
         &stop.notify,
+        shared.kernel(),
     )
     .await;
     rec.finish(Moved::plain(out));

@@ -51,6 +51,8 @@ pub struct Shared {
     /// notification when the last one ends (shutdown waits for it).
     active: AtomicUsize,
     idle: Notify,
+    /// The kernel relay (BPF sockmap), when loaded.
+    kernel: std::sync::OnceLock<Arc<crate::relay::sockmap::Sockmap>>,
     /// Set when the enforcer starts shutting down.
     draining: watch::Sender<bool>,
     /// Why the newest snapshot offered could not be built (the previous one is
@@ -82,8 +84,23 @@ impl Shared {
             idle: Notify::new(),
             draining: watch::channel(false).0,
             rejected: std::sync::Mutex::new(None),
+            kernel: std::sync::OnceLock::new(),
             settings,
         }
+    }
+
+    /// The kernel relay spliced flows are handed to, if it was loaded.
+    pub(crate) fn kernel(&self) -> Option<&crate::relay::sockmap::Sockmap> {
+        self.kernel.get().map(|k| &**k)
+    }
+
+    pub(crate) fn set_kernel(&self, k: Arc<crate::relay::sockmap::Sockmap>) {
+        let _ = self.kernel.set(k);
+    }
+
+    /// Whether allowed plaintext flows go to the kernel relay.
+    pub fn kernel_relay(&self) -> bool {
+        self.kernel.get().is_some()
     }
 
     /// The newest snapshot offered was unusable (`why`): the previous one stays in force.

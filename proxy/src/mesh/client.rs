@@ -251,7 +251,8 @@ pub(crate) async fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negot
         Data::Stream(mut s) => tls::relay(app, &mut s, idle, &stop.notify).await,
         Data::Plain(tcp) => {
             let p = Progress::default();
-            Moved::plain(splice::relay_until(app, tcp, idle, false, &p, &stop.notify).await)
+            let k = shared.kernel();
+            Moved::plain(splice::relay_until(app, tcp, idle, false, &p, &stop.notify, k).await)
         }
     };
     rec.peer_reason = Some(reason.as_str().into());

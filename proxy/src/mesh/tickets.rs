@@ -191,6 +191,7 @@ pub(crate) async fn serve(
     let stop = rec.relaying(Peer::Pu(peer_tags(&peer)), port);
     let progress = Progress::default();
     let idle = shared.settings.limits.idle_timeout;
-    let o = splice::relay_until(tcp, workload, idle, false, &progress, &stop.notify).await;
+    let k = shared.kernel();
+    let o = splice::relay_until(tcp, workload, idle, false, &progress, &stop.notify, k).await;
     rec.finish(Moved::plain(o));
 }

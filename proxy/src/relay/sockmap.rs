@@ -167,8 +167,9 @@ impl Side {
 pub(crate) enum Handoff {
     /// The kernel carried it to its end.
     Done(Outcome),
-    /// The maps refused it (full, or a socket the kernel will not take): splice it.
-    Declined(TcpStream, TcpStream),
+    /// The maps refused it (full, or a socket that has had its FIN, which the kernel
+    /// does not take): splice it. The bytes moved while handing it over, each way.
+    Declined(TcpStream, TcpStream, (u64, u64)),
 }
 
 impl Sockmap {
@@ -191,8 +192,8 @@ impl Sockmap {
             HashMap::try_from(map(&mut bpf, "DIRS")?).map_err(|e| kernel("the DIRS map", e))?;
         let ctrl =
             HashMap::try_from(map(&mut bpf, "CTRL")?).map_err(|e| kernel("the CTRL map", e))?;
-        let events = RingBuf::try_from(map(&mut bpf, "EVENTS")?)
-            .map_err(|e| kernel("the EVENTS map", e))?;
+        let events =
+            RingBuf::try_from(map(&mut bpf, "EVENTS")?).map_err(|e| kernel("the EVENTS map", e))?;
         let prog: &mut SkSkb = bpf
             .program_mut("segmesh_redirect")
             .ok_or_else(|| kernel("the BPF object", "no program segmesh_redirect"))?
@@ -240,14 +241,21 @@ impl Sockmap {
         progress: &Progress,
         stop: &Notify,
     ) -> Handoff {
+        // What is queued now may start inside a buffer the enforcer read part of (a
+        // ticket's preface): the verdict would carry that buffer whole, so it is moved
+        // here, and only buffers that arrive from now on reach the verdict.
+        let queued = match (forward_queued(&a, &b).await, forward_queued(&b, &a).await) {
+            (Ok(f), Ok(b)) => (f, b),
+            _ => return Handoff::Declined(a, b, (0, 0)),
+        };
         let ids = (SockRef::from(&a).cookie(), SockRef::from(&b).cookie());
         let base = (socket::tcp_written(&a), socket::tcp_written(&b));
         let (Ok(ca), Ok(cb), Ok(base_a), Ok(base_b)) = (ids.0, ids.1, base.0, base.1) else {
-            return Handoff::Declined(a, b);
+            return Handoff::Declined(a, b, queued);
         };
         if let Err(e) = self.insert(ca, &a, cb, &b) {
             tracing::debug!(error = %e, "the kernel did not take a flow; splicing it");
-            return Handoff::Declined(a, b);
+            return Handoff::Declined(a, b, queued);
         }
         // From here the flow is the kernel's; the guard takes it out of the maps.
         let signals = Arc::new(Signals::default());
@@ -293,6 +301,7 @@ impl Sockmap {
             Direction::new(Side::A, ca, cb, base_b),
             Direction::new(Side::B, cb, ca, base_a),
         ];
+        let queued = [queued.0, queued.1];
         let tick = (idle / 4).max(Duration::from_millis(10));
         let mut last = (0, 0);
         let mut since = Instant::now();
@@ -325,7 +334,7 @@ impl Sockmap {
             if dirs.iter().all(|d| d.done) {
                 break Close::Closed;
             }
-            let counts = (dirs[0].moved(), dirs[1].moved());
+            let counts = (queued[0] + dirs[0].moved(), queued[1] + dirs[1].moved());
             progress.forward.store(counts.0, Ordering::Relaxed);
             progress.backward.store(counts.1, Ordering::Relaxed);
             if counts != last {
@@ -351,7 +360,10 @@ impl Sockmap {
         };
         // Out of the maps before the sockets close: no byte moves after this.
         let (fwd, bwd) = self.counts(ca, cb);
-        let counts = (fwd + dirs[0].copied, bwd + dirs[1].copied);
+        let counts = (
+            queued[0] + fwd + dirs[0].copied,
+            queued[1] + bwd + dirs[1].copied,
+        );
         drop(guard);
         progress.forward.store(counts.0, Ordering::Relaxed);
         progress.backward.store(counts.1, Ordering::Relaxed);
@@ -463,14 +475,23 @@ impl Sockmap {
     fn insert(&self, ca: u64, a: &TcpStream, cb: u64, b: &TcpStream) -> Result<(), String> {
         let mut m = self.maps.lock().expect("lock poisoned");
         let done = (|| {
-            m.dirs.insert(ca, [cb, 0, 0, 0], 0).map_err(|e| e.to_string())?;
-            m.dirs.insert(cb, [ca, 0, 0, 0], 0).map_err(|e| e.to_string())?;
-            m.ctrl.insert(ca, [BUDGET, 0, 0], 0).map_err(|e| e.to_string())?;
-            m.ctrl.insert(cb, [BUDGET, 0, 0], 0).map_err(|e| e.to_string())?;
-            m.targets.insert(ca, a.as_raw_fd(), 0).map_err(|e| e.to_string())?;
-            m.targets.insert(cb, b.as_raw_fd(), 0).map_err(|e| e.to_string())?;
-            m.sources.insert(ca, a.as_raw_fd(), 0).map_err(|e| e.to_string())?;
-            m.sources.insert(cb, b.as_raw_fd(), 0).map_err(|e| e.to_string())
+            let err = |what: &'static str| move |e: aya::maps::MapError| format!("{what}: {e:?}");
+            m.dirs.insert(ca, [cb, 0, 0, 0], 0).map_err(err("DIRS"))?;
+            m.dirs.insert(cb, [ca, 0, 0, 0], 0).map_err(err("DIRS"))?;
+            m.ctrl.insert(ca, [BUDGET, 0, 0], 0).map_err(err("CTRL"))?;
+            m.ctrl.insert(cb, [BUDGET, 0, 0], 0).map_err(err("CTRL"))?;
+            m.targets
+                .insert(ca, a.as_raw_fd(), 0)
+                .map_err(err("TARGETS"))?;
+            m.targets
+                .insert(cb, b.as_raw_fd(), 0)
+                .map_err(err("TARGETS"))?;
+            m.sources
+                .insert(ca, a.as_raw_fd(), 0)
+                .map_err(err("SOURCES"))?;
+            m.sources
+                .insert(cb, b.as_raw_fd(), 0)
+                .map_err(err("SOURCES"))
         })();
         if done.is_err() {
             m.remove(ca, cb);
@@ -489,7 +510,8 @@ impl Sockmap {
         (self.dir(ca)[1], self.dir(cb)[1])
     }
 
-    /// Flows in the kernel now (for tests and the admin port).
+    /// Flows in the kernel now.
+    #[cfg(test)]
     pub fn flows(&self) -> usize {
         self.watch.flows.lock().expect("lock poisoned").len() / 2
     }
@@ -541,6 +563,32 @@ impl Direction {
             tail: Vec::new(),
             done: false,
             bytes: 0,
+        }
+    }
+}
+
+/// Moves what is queued on `src` to `dst` (before the hand-off); returns the bytes moved.
+/// A FIN among them is left for the relay that takes the flow.
+async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> std::io::Result<u64> {
+    let mut buf = [0u8; super::splice::SMALL];
+    let mut moved = 0;
+    loop {
+        match src.try_read(&mut buf) {
+            Ok(0) => return Ok(moved),
+            Ok(n) => {
+                let mut done = 0;
+                while done < n {
+                    dst.writable().await?;
+                    match dst.try_write(&buf[done..n]) {
+                        Ok(m) => done += m,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                moved += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(moved),
+            Err(e) => return Err(e),
         }
     }
 }

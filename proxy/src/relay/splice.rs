@@ -274,19 +274,32 @@ pub async fn relay(
         force_copy,
         progress,
         &tokio::sync::Notify::new(),
+        None,
     )
     .await
 }
 
 /// [`relay`], also ending (both sides reset, [`Close::Policy`]) when `stop` is notified.
-pub async fn relay_until(
-    a: TcpStream,
-    b: TcpStream,
+/// With `kernel`, the flow is handed to the kernel relay (BPF sockmap) if it takes it.
+pub(crate) async fn relay_until(
+    mut a: TcpStream,
+    mut b: TcpStream,
     idle: Duration,
     force_copy: bool,
     progress: &Progress,
     stop: &tokio::sync::Notify,
+    kernel: Option<&super::sockmap::Sockmap>,
 ) -> Outcome {
+    if let (false, Some(k)) = (force_copy, kernel) {
+        match k.relay(a, b, idle, progress, stop).await {
+            super::sockmap::Handoff::Done(o) => return o,
+            super::sockmap::Handoff::Declined(x, y, (fwd, bwd)) => {
+                (a, b) = (x, y);
+                progress.forward.store(fwd, Ordering::Relaxed);
+                progress.backward.store(bwd, Ordering::Relaxed);
+            }
+        }
+    }
     // Whether TCP sockets splice here, checked once with a pipe that is closed again
     // (a kernel property: every relay is between two TCP sockets); the pumps take their
     // own pipes only while bytes flow.

@@ -293,8 +293,9 @@ pub fn plan(template: &Value, k8s_namespace: Option<&str>, opts: &Options) -> De
             "runAsNonRoot": true,
             "allowPrivilegeEscalation": false,
             // NET_BIND_SERVICE: UDP answers leave from the original destination, which
-            // may be a port below 1024 (DNS).
-            "capabilities": { "add": ["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"], "drop": ["ALL"] }
+            // may be a port below 1024 (DNS). BPF (with NET_ADMIN): the kernel relay's
+            // verdict program and maps; without it the enforcer splices.
+            "capabilities": { "add": ["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE", "BPF"], "drop": ["ALL"] }
         },
         "volumeMounts": [
             { "name": STATE_VOLUME, "mountPath": "/var/lib/segmesh" },

@@ -302,8 +302,9 @@ impl Host {
             format!("--reuid={ENFORCER_UID}"),
             format!("--regid={ENFORCER_UID}"),
             "--clear-groups".into(),
-            "--inh-caps=+net_admin,+net_raw,+net_bind_service".into(),
-            "--ambient-caps=+net_admin,+net_raw,+net_bind_service".into(),
+            // BPF: the kernel relay's verdict program and maps (with NET_ADMIN).
+            "--inh-caps=+net_admin,+net_raw,+net_bind_service,+bpf".into(),
+            "--ambient-caps=+net_admin,+net_raw,+net_bind_service,+bpf".into(),
             "--".into(),
         ])
         .arg(program);

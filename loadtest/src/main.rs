@@ -42,6 +42,10 @@ struct Cli {
     /// Install socat (the relay baseline) with apt-get if it is missing.
     #[arg(long)]
     install_relay: bool,
+    /// The enforcers' `sockmap:` setting: `auto` (the kernel relay where it loads),
+    /// `require`, or `off` (splice in user space), to compare the two in alternating runs.
+    #[arg(long, default_value = "auto")]
+    sockmap: String,
     #[command(subcommand)]
     scenario: Option<Scenario>,
 }
@@ -213,7 +217,16 @@ fn main() -> anyhow::Result<()> {
             None => std::env::current_exe()?.with_file_name("segmesh-control"),
         };
         let started = Instant::now();
-        let mut figures = suite::run(&sizes, cli.proxy, &control, cli.install_relay)?;
+        if !["auto", "require", "off"].contains(&cli.sockmap.as_str()) {
+            bail!("--sockmap is auto, require or off");
+        }
+        let mut figures = suite::run(
+            &sizes,
+            cli.proxy,
+            &control,
+            cli.install_relay,
+            &cli.sockmap,
+        )?;
         let target_dir = std::env::current_exe()?
             .parent()
             .and_then(|p| p.parent())

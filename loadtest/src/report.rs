@@ -344,7 +344,7 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
 
     let m = &report["machine"];
     let mut md = format!(
-        "# {title}\n\n{}: {} cores ({}), {} GiB, kernel {}, kernel TLS {}.\n\n\
+        "# {title}\n\n{}: {} cores ({}), {} GiB, kernel {}, kernel TLS {}; enforcers' `sockmap: {}`.\n\n\
          Every figure below was measured in this run, on one topology (a client and a server \
          network namespace joined by a veth bridge), baselines first. Reproduce with \
          `cargo build --release --workspace --bins && sudo target/release/segmesh-loadtest --out DIR`.\n\n",
@@ -357,7 +357,8 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
             "available"
         } else {
             "not available (tunnels encrypt with rustls)"
-        }
+        },
+        report["figures"]["sockmap"].as_str().unwrap_or("auto")
     );
     md.push_str("## Targets\n\n| target | measured | goal | state |\n|---|---|---|---|\n");
     for t in report["targets"].as_array().into_iter().flatten() {

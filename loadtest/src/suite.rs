@@ -642,6 +642,7 @@ pub fn run(
     proxy: Option<PathBuf>,
     control: &Path,
     install_relay: bool,
+    sockmap: &str,
 ) -> anyhow::Result<Value> {
     use segmesh_identity::{Ca, KeyAlgorithm, SpiffeId, WorkloadKey};
     let proxy = proxy_path(proxy)?;
@@ -762,7 +763,7 @@ pub fn run(
         }
         let cfg = dir.join(format!("{name}.yaml"));
         let text = format!(
-            "pu: {{name: {name}, namespace: /lt, tags: [app={name}]}}\nidentity: {{cert: {name}.crt, key: {name}.key, bundle: {name}.bundle.crt}}\nregistry:\n{registry}policies: [policies.yaml]\nlimits: {{max_connections: 65536, max_handshakes: 1024, udp_idle_timeout: 5s}}\n"
+            "pu: {{name: {name}, namespace: /lt, tags: [app={name}]}}\nidentity: {{cert: {name}.crt, key: {name}.key, bundle: {name}.bundle.crt}}\nregistry:\n{registry}policies: [policies.yaml]\nlimits: {{max_connections: 65536, max_handshakes: 1024, udp_idle_timeout: 5s}}\nsockmap: {sockmap}\n"
         );
         std::fs::write(&cfg, &text)?;
         let host = topo.host(name).clone();
@@ -892,5 +893,6 @@ pub fn run(
         "udp": udp_figures,
         "dns": dns_figures,
         "notes": notes,
+        "sockmap": sockmap,
     }))
 }

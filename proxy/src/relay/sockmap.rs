@@ -298,14 +298,15 @@ impl Sockmap {
         }
 
         let mut dirs = [
-            Direction::new(Side::A, ca, cb, base_b),
-            Direction::new(Side::B, cb, ca, base_a),
+            Direction::new(Side::A, ca, base_b),
+            Direction::new(Side::B, cb, base_a),
         ];
         let queued = [queued.0, queued.1];
         let tick = (idle / 4).max(Duration::from_millis(10));
         let mut last = (0, 0);
         let mut since = Instant::now();
         let mut backoff = WAIT_FIRST;
+        let mut interest = (ENDS, ENDS);
         let close = loop {
             // Budget records are taken; ends and errors stay.
             let seen = signals.seen.fetch_and(!(OVER_A | OVER_B), Ordering::AcqRel);
@@ -330,6 +331,32 @@ impl Sockmap {
             }
             if broken {
                 break Close::Reset;
+            }
+            // A held direction's source is watched for bytes to forward, its peer for
+            // write space.
+            let want = |s: Side| {
+                let mut f = ENDS;
+                for d in &dirs {
+                    if d.held && !d.done {
+                        if d.side == s {
+                            f |= EpollFlags::EPOLLIN;
+                        } else {
+                            f |= EpollFlags::EPOLLOUT;
+                        }
+                    }
+                }
+                f
+            };
+            let wanted = (want(Side::A), want(Side::B));
+            if wanted != interest {
+                let set = self
+                    .watch
+                    .interest(&a, ca, wanted.0)
+                    .and_then(|_| self.watch.interest(&b, cb, wanted.1));
+                if set.is_err() {
+                    break Close::Error;
+                }
+                interest = wanted;
             }
             if dirs.iter().all(|d| d.done) {
                 break Close::Closed;
@@ -404,6 +431,10 @@ impl Sockmap {
             }
             return match forward(d, src, dst)? {
                 Forward::Blocked => Ok(Step::Waiting),
+                // The socket reports its end while held bytes may still wait in the
+                // kernel's queue for its receive buffer: the end is only after them.
+                // (Counted again: bytes and the FIN may have come since `held` was read.)
+                Forward::End if d.read < self.dir(d.src)[3] => Ok(Step::Waiting),
                 Forward::End => {
                     dst.shutdown(Shutdown::Write)?;
                     d.done = true;
@@ -418,8 +449,6 @@ impl Sockmap {
                         // Nothing held beyond what was forwarded: the verdict
                         // redirects again.
                         d.held = false;
-                        self.watch.interest(src, d.src, ENDS)?;
-                        self.watch.interest(dst, d.dst, ENDS)?;
                     }
                     // Else bytes came in between: they wake the flow.
                     Ok(Step::Settled)
@@ -437,10 +466,6 @@ impl Sockmap {
             if backlog_cost > BACKLOG_LOW {
                 self.set_ctrl(d, [d.limit, 1, d.copied])?;
                 d.held = true;
-                self.watch
-                    .interest(src, d.src, ENDS | EpollFlags::EPOLLIN)?;
-                self.watch
-                    .interest(dst, d.dst, ENDS | EpollFlags::EPOLLOUT)?;
                 return Ok(Step::Waiting);
             }
             d.limit = cost + BUDGET - backlog_cost;
@@ -526,7 +551,6 @@ const WAIT_MAX: Duration = Duration::from_secs(1);
 struct Direction {
     side: Side,
     src: u64,
-    dst: u64,
     /// What the enforcer had written to `dst` before the hand-off (`TCP_INFO`).
     base: u64,
     /// The cost at which the verdict tells the enforcer.
@@ -535,7 +559,9 @@ struct Direction {
     ctrl: [u64; 3],
     /// The verdict passes the direction's bytes to `src`, and the enforcer forwards them.
     held: bool,
-    /// Bytes the enforcer forwarded, and those read but not yet written.
+    /// Bytes the enforcer read of those held, those it forwarded, and those read but
+    /// not yet written.
+    read: u64,
     copied: u64,
     tail: Vec<u8>,
     /// The FIN was passed on.
@@ -550,15 +576,15 @@ impl Direction {
         self.bytes + self.copied
     }
 
-    fn new(side: Side, src: u64, dst: u64, base: u64) -> Direction {
+    fn new(side: Side, src: u64, base: u64) -> Direction {
         Direction {
             side,
             src,
-            dst,
             base,
             limit: BUDGET,
             ctrl: [BUDGET, 0, 0],
             held: false,
+            read: 0,
             copied: 0,
             tail: Vec::new(),
             done: false,
@@ -614,6 +640,7 @@ fn forward(d: &mut Direction, src: &StdTcpStream, dst: &StdTcpStream) -> std::io
                 Ok(n) => {
                     buf.truncate(n);
                     d.tail = buf;
+                    d.read += n as u64;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Forward::CaughtUp),
                 Err(e) => return Err(e),

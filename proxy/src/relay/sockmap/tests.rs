@@ -357,3 +357,33 @@ async fn a_partly_read_buffer_is_not_carried_twice() {
         assert_eq!((o.forward, o.backward), (5, 10), "iteration {i}");
     }
 }
+
+/// Bulk both ways at once, each side half-closing when it has sent everything (as the
+/// enforcer tests' bulk client and server do): every byte arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_both_ways_at_once() {
+    let Some(sm) = load() else { return };
+    let r = relayed(&sm, b"", Duration::from_secs(30)).await;
+    let n = 64 << 20;
+    let side = |s: TcpStream, out: Vec<u8>| async move {
+        let (mut rd, mut wr) = s.into_split();
+        let send = async {
+            wr.write_all(&out).await.unwrap();
+            wr.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let recv = rd.read_to_end(&mut got);
+        let ((), res) = tokio::join!(send, recv);
+        res.unwrap();
+        got
+    };
+    let (up, down) = (stream(5, n), stream(6, n));
+    let c = tokio::spawn(side(r.client, up.clone()));
+    let s = tokio::spawn(side(r.server, down.clone()));
+    let got_s = within("server side", s).await.unwrap();
+    let got_c = within("client side", c).await.unwrap();
+    assert_eq!((got_s.len(), got_c.len()), (n, n), "lengths");
+    assert!(got_s == up && got_c == down, "bytes intact and in order");
+    let o = within("the relay", r.relay).await.unwrap();
+    assert_eq!((o.forward, o.backward, o.close), (n as u64, n as u64, Close::Closed));
+}

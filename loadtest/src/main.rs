@@ -42,9 +42,10 @@ struct Cli {
     /// Install socat (the relay baseline) with apt-get if it is missing.
     #[arg(long)]
     install_relay: bool,
-    /// The enforcers' `sockmap:` setting: `auto` (the kernel relay where it loads),
-    /// `require`, or `off` (splice in user space), to compare the two in alternating runs.
-    #[arg(long, default_value = "auto")]
+    /// The enforcers' `sockmap:` setting: `off` (the default: splice in user space),
+    /// `auto` (the kernel relay where it loads) or `require`, to compare the two in
+    /// alternating runs.
+    #[arg(long, default_value = "off")]
     sockmap: String,
     #[command(subcommand)]
     scenario: Option<Scenario>,
@@ -220,13 +221,7 @@ fn main() -> anyhow::Result<()> {
         if !["auto", "require", "off"].contains(&cli.sockmap.as_str()) {
             bail!("--sockmap is auto, require or off");
         }
-        let mut figures = suite::run(
-            &sizes,
-            cli.proxy,
-            &control,
-            cli.install_relay,
-            &cli.sockmap,
-        )?;
+        let mut figures = suite::run(&sizes, cli.proxy, &control, cli.install_relay, &cli.sockmap)?;
         let target_dir = std::env::current_exe()?
             .parent()
             .and_then(|p| p.parent())

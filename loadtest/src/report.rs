@@ -358,7 +358,7 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
         } else {
             "not available (tunnels encrypt with rustls)"
         },
-        report["figures"]["sockmap"].as_str().unwrap_or("auto")
+        report["figures"]["sockmap"].as_str().unwrap_or("off")
     );
     md.push_str("## Targets\n\n| target | measured | goal | state |\n|---|---|---|---|\n");
     for t in report["targets"].as_array().into_iter().flatten() {

@@ -267,7 +267,7 @@ pub struct Settings {
     pub echo_queue: u16,
     /// The application's probes the admin port makes on the kubelet's behalf.
     pub app_probes: segmesh_api::AppProbes,
-    /// Whether spliced flows are handed to the kernel (BPF sockmap). Default `auto`.
+    /// Whether spliced flows are handed to the kernel (BPF sockmap). Default `off`.
     pub sockmap: SockmapMode,
 }
 
@@ -396,9 +396,9 @@ pub struct LocalConfig {
     /// (`{httpGet: {port: 8080, path: /healthz}}` or `{tcpSocket: {port: 8080}}`).
     #[serde(default, with = "serde_norway::with::singleton_map_recursive")]
     pub app_probes: segmesh_api::AppProbes,
-    /// Hand allowed spliced flows to the kernel (BPF sockmap): `auto` (default: where
-    /// the kernel allows, else say why at start and splice), `require` (or do not
-    /// start), `off`.
+    /// Hand allowed spliced flows to the kernel (BPF sockmap): `off` (default: splice),
+    /// `auto` (where the kernel allows, else say why at start and splice), `require` (or
+    /// do not start).
     #[serde(default)]
     pub sockmap: SockmapMode,
 }

@@ -115,7 +115,7 @@ fn start_kernel_relay(shared: &Shared) -> Result<(), Error> {
         tracing::info!("sockmap: off; allowed plaintext flows are spliced in user space");
         return Ok(());
     }
-    match Sockmap::load() {
+    match Sockmap::load(shared.metrics.kernel_flows.clone()) {
         Ok(k) => {
             tracing::info!(
                 "BPF sockmap loaded: the kernel moves allowed plaintext flows' bytes (authenticated-only and external), waking the enforcer only at their ends"

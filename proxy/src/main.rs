@@ -76,9 +76,9 @@ struct Cli {
     #[arg(long, env = "SEGMESH_DRAIN", default_value = "5s", value_parser = humantime::parse_duration)]
     drain: std::time::Duration,
     /// Hand allowed spliced flows to the kernel (BPF sockmap; console mode, the file's
-    /// `sockmap:` otherwise): `auto` where the kernel allows (else it says why and
-    /// splices), `require` (or do not start), `off`.
-    #[arg(long, env = "SEGMESH_SOCKMAP", value_enum, default_value = "auto")]
+    /// `sockmap:` otherwise): `off` (default: splice), `auto` where the kernel allows
+    /// (else it says why and splices), `require` (or do not start).
+    #[arg(long, env = "SEGMESH_SOCKMAP", value_enum, default_value = "off")]
     sockmap: segmesh_proxy::config::SockmapMode,
     /// `plain` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "plain")]

@@ -81,6 +81,7 @@ pub struct Metrics {
     pub bytes: Family<DirLabels, Counter>,
     pub spliced_bytes: Counter,
     pub kernel_bytes: Counter,
+    pub kernel_flows: Gauge,
     pub copied_bytes: Counter,
     pub copy_fallbacks: Counter,
     pub decision_seconds: Histogram,
@@ -112,6 +113,7 @@ impl Default for Metrics {
             bytes: Family::default(),
             spliced_bytes: Counter::default(),
             kernel_bytes: Counter::default(),
+            kernel_flows: Gauge::default(),
             copied_bytes: Counter::default(),
             copy_fallbacks: Counter::default(),
             // 100 ns .. ~3.3 ms.
@@ -159,6 +161,11 @@ impl Default for Metrics {
             "kernel_bytes",
             "Bytes the kernel redirected between a flow's sockets (BPF sockmap)",
             m.kernel_bytes.clone(),
+        );
+        registry.register(
+            "kernel_flows",
+            "Flows the kernel relay (BPF sockmap) is moving now",
+            m.kernel_flows.clone(),
         );
         registry.register(
             "copied_bytes",

@@ -178,24 +178,21 @@ fn scenario(v6: bool) {
     assert_eq!(bulk_rec["policies"][0], "/lab:to-partner");
     assert_eq!(bulk_rec["bytes_sent"], BULK);
     assert_eq!(bulk_rec["bytes_received"], BULK);
-    assert_eq!(bulk_rec["data_path"], "kernel");
+    assert_eq!(bulk_rec["data_path"], "spliced");
     let inbound_rej = records
         .iter()
         .find(|r| r["direction"] == "incoming" && r["verdict"] == "reject")
         .expect("inbound reject record");
     assert_eq!(inbound_rej["reason"], "default");
 
-    // 5. The kernel relay carried every byte (a flow whose client sent its FIN before
-    // the decision is spliced: the kernel takes no such socket).
+    // 5. The spliced path carried every byte (the kernel relay is off by default).
     let moved = records
         .iter()
         .filter(|r| r["verdict"] == "allow")
         .map(|r| r["bytes_sent"].as_u64().unwrap() + r["bytes_received"].as_u64().unwrap())
         .sum::<u64>();
     wait_until("metrics settle", Duration::from_secs(5), || {
-        metric(&work, "segmesh_kernel_bytes_total") as u64
-            + metric(&work, "segmesh_spliced_bytes_total") as u64
-            == moved
+        metric(&work, "segmesh_spliced_bytes_total") as u64 == moved
     });
     assert!(moved >= 2 * BULK as u64);
     assert_eq!(metric(&work, "segmesh_copied_bytes_total"), 0.0);

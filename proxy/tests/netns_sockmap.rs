@@ -85,8 +85,10 @@ fn netns_sockmap_carries_half_close_and_reset() {
     let at = |port| SocketAddr::new(ext.ip4.into(), port);
 
     // ext:7000 reads the client's bytes to its FIN, then answers and closes; ext:7001
-    // resets after the ping.
+    // resets after the ping, once the flow is in the kernel (told through `go`: a reset
+    // before the hand-off makes the kernel refuse the socket, and the flow is spliced).
     let (a7000, a7001) = (at(7000), at(7001));
+    let (go, gone) = tokio::sync::oneshot::channel::<()>();
     let server = in_ns(&ext, async move {
         let l0 = TcpListener::bind(a7000).await.unwrap();
         let l1 = TcpListener::bind(a7001).await.unwrap();
@@ -101,6 +103,7 @@ fn netns_sockmap_carries_half_close_and_reset() {
         });
         let (mut s, _) = l1.accept().await.unwrap();
         ping_pong(&mut s).await;
+        tokio::time::timeout(LIMIT, gone).await.unwrap().unwrap();
         let s = s.into_std().unwrap();
         socket2::SockRef::from(&s)
             .set_linger(Some(Duration::ZERO))
@@ -119,7 +122,17 @@ fn netns_sockmap_carries_half_close_and_reset() {
             .unwrap()
             .unwrap();
         // Reset: passed on as a reset.
-        let mut r = client_ping(a7001).await;
+        // Out of this thread's runtime: the next step runs on another.
+        let r = client_ping(a7001).await.into_std().unwrap();
+        (back, r)
+    });
+    let (back, r) = client.join().unwrap();
+    wait_until("the flow in the kernel", Duration::from_secs(10), || {
+        metric(&work, "segmesh_kernel_flows") == 1.0
+    });
+    go.send(()).unwrap();
+    let client = in_ns(&work, async move {
+        let mut r = TcpStream::from_std(r).unwrap();
         let end = tokio::time::timeout(LIMIT, r.read(&mut [0u8; 16]))
             .await
             .unwrap();

@@ -270,7 +270,7 @@ fn three_tier(encrypt: bool) {
     let r = find(&db, |r| {
         r["verdict"] == "allow" && r["source"]["pu"] == "/acme/shop:api"
     });
-    assert_eq!(r["data_path"], if encrypt { "tls" } else { "kernel" });
+    assert_eq!(r["data_path"], if encrypt { "tls" } else { "spliced" });
     assert_eq!(r["encrypt"], encrypt);
     assert_eq!(
         (r["bytes_sent"].as_u64(), r["bytes_received"].as_u64()),
@@ -284,7 +284,7 @@ fn three_tier(encrypt: bool) {
         r["peer_identity"],
         "spiffe://segmesh.local/ns/acme/shop/pu/db"
     );
-    assert_eq!(r["data_path"], if encrypt { "tls" } else { "kernel" });
+    assert_eq!(r["data_path"], if encrypt { "tls" } else { "spliced" });
 
     // One connection per peer: web's enforcer made one handshake to api and one to db
     // (refused by web's own decision after it), and every later flow took them; the
@@ -320,10 +320,9 @@ fn three_tier(encrypt: bool) {
     let db_host = m.host("db");
     if encrypt {
         assert!(metric(&db_host, "segmesh_tls_bytes_total") >= 2.0 * BULK as f64);
-        assert_eq!(metric(&db_host, "segmesh_kernel_bytes_total"), 0.0);
+        assert_eq!(metric(&db_host, "segmesh_spliced_bytes_total"), 0.0);
     } else {
-        // Moved by the kernel relay (the enforcers have CAP_BPF here).
-        assert!(metric(&db_host, "segmesh_kernel_bytes_total") >= 2.0 * BULK as f64);
+        assert!(metric(&db_host, "segmesh_spliced_bytes_total") >= 2.0 * BULK as f64);
         assert_eq!(metric(&db_host, "segmesh_tls_bytes_total"), 0.0);
     }
 }

@@ -60,22 +60,27 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/re
 
 /// A direction's budget: the cost (bytes, plus 512 per kernel buffer) it may redirect
 /// before the verdict tells the enforcer. With the peer keeping up this is one wake-up
-/// per 2 MiB moved (splice: two per read of up to 1 MiB, four per small read).
-const BUDGET: u64 = 2 << 20;
-/// A backlog costing more than this when a budget runs out pauses the direction; it
-/// resumes once the backlog costs this or less.
-const BACKLOG_LOW: u64 = BUDGET / 4;
+/// per 4 MiB moved (splice: two per read of up to 1 MiB, four per small read).
+const BUDGET: u64 = 4 << 20;
+/// A backlog costing more than this when a budget runs out holds the direction. The
+/// kernel sends redirected bytes from a worker, so a bulk flow always has some in its
+/// backlog (about a millisecond's worth: 1.25 MB at 10 Gbit/s); holding below that
+/// moved most bytes through user space (a first cut at 512 KiB: 4.8 s of enforcer CPU
+/// per GB, 1 Gbit/s). A direction's backlog stays under this plus one budget.
+const BACKLOG_HIGH: u64 = 2 * BUDGET;
 
-/// How the enforcer treats BPF sockmap (`sockmap:` in the file, `--sockmap`).
+/// How the enforcer treats BPF sockmap (`sockmap:` in the file, `--sockmap`). Off by
+/// default: on the load harness's two-enforcer path the kernel relay moved bulk streams
+/// at a tenth of splice's rate (docs/design.md, "BPF sockmap").
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SockmapMode {
     /// Use it where the kernel allows; otherwise say why at start and splice.
-    #[default]
     Auto,
     /// Use it or do not start.
     Require,
     /// Splice in user space.
+    #[default]
     Off,
 }
 
@@ -96,6 +101,8 @@ fn kernel(what: &str, e: impl std::fmt::Display) -> Unavailable {
 pub struct Sockmap {
     maps: Mutex<Maps>,
     watch: Arc<Watch>,
+    /// Flows in the kernel now (the `kernel_flows` gauge).
+    flows: prometheus_client::metrics::gauge::Gauge,
 }
 
 struct Maps {
@@ -175,7 +182,9 @@ pub(crate) enum Handoff {
 impl Sockmap {
     /// Loads and attaches the verdict program, and starts the task that watches the
     /// ends of handed-off flows (on the current tokio runtime).
-    pub fn load() -> Result<Arc<Sockmap>, Unavailable> {
+    pub fn load(
+        flows: prometheus_client::metrics::gauge::Gauge,
+    ) -> Result<Arc<Sockmap>, Unavailable> {
         if OBJECT.is_empty() {
             return Err(Unavailable::NotBuilt);
         }
@@ -227,6 +236,7 @@ impl Sockmap {
                 _bpf: bpf,
             }),
             watch,
+            flows,
         }))
     }
 
@@ -259,6 +269,7 @@ impl Sockmap {
         }
         // From here the flow is the kernel's; the guard takes it out of the maps.
         let signals = Arc::new(Signals::default());
+        self.flows.inc();
         let guard = Taken {
             sm: self,
             ca,
@@ -267,8 +278,8 @@ impl Sockmap {
         };
         let failed = |close| {
             Handoff::Done(Outcome {
-                forward: 0,
-                backward: 0,
+                forward: queued.0,
+                backward: queued.1,
                 path: DataPath::Kernel,
                 close,
             })
@@ -368,7 +379,7 @@ impl Sockmap {
                 last = counts;
                 since = Instant::now();
             } else if since.elapsed() >= idle {
-                // Idle both ways, or a FIN or a paused direction whose bytes the peer
+                // Idle both ways, or a FIN or a held direction whose bytes the peer
                 // has not taken for that long.
                 break Close::Idle;
             }
@@ -463,12 +474,12 @@ impl Sockmap {
             } else {
                 (u128::from(backlog) * u128::from(cost) / u128::from(bytes)) as u64
             };
-            if backlog_cost > BACKLOG_LOW {
+            if backlog_cost > BACKLOG_HIGH {
                 self.set_ctrl(d, [d.limit, 1, d.copied])?;
                 d.held = true;
                 return Ok(Step::Waiting);
             }
-            d.limit = cost + BUDGET - backlog_cost;
+            d.limit = cost + BUDGET.saturating_sub(backlog_cost).max(BUDGET / 4);
             self.set_ctrl(d, [d.limit, 0, d.copied])?;
             if self.dir(d.src)[2] > d.limit {
                 // The budget ran out again before the grant landed.
@@ -619,6 +630,9 @@ async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> std::io::Result<u64
     }
 }
 
+/// How much of a held direction is read at once.
+const HELD_READ: usize = 256 << 10;
+
 /// What forwarding a held direction came to.
 enum Forward {
     /// The peer's send queue is full.
@@ -634,7 +648,7 @@ fn forward(d: &mut Direction, src: &StdTcpStream, dst: &StdTcpStream) -> std::io
     use std::io::{ErrorKind, Read, Write};
     loop {
         if d.tail.is_empty() {
-            let mut buf = vec![0u8; super::splice::SMALL * 16];
+            let mut buf = vec![0u8; HELD_READ];
             match (&*src).read(&mut buf) {
                 Ok(0) => return Ok(Forward::End),
                 Ok(n) => {
@@ -687,6 +701,7 @@ struct Taken<'a> {
 
 impl Drop for Taken<'_> {
     fn drop(&mut self) {
+        self.sm.flows.dec();
         self.sm
             .maps
             .lock()

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 fn load() -> Option<Arc<Sockmap>> {
-    match Sockmap::load() {
+    match Sockmap::load(Default::default()) {
         Ok(s) => Some(s),
         Err(e) if std::env::var_os("SEGMESH_SKIP_NETNS").is_some_and(|v| v == "1") => {
             eprintln!("skipped (SEGMESH_SKIP_NETNS=1): {e}");
@@ -385,5 +385,50 @@ async fn bulk_both_ways_at_once() {
     assert_eq!((got_s.len(), got_c.len()), (n, n), "lengths");
     assert!(got_s == up && got_c == down, "bytes intact and in order");
     let o = within("the relay", r.relay).await.unwrap();
-    assert_eq!((o.forward, o.backward, o.close), (n as u64, n as u64, Close::Closed));
+    assert_eq!(
+        (o.forward, o.backward, o.close),
+        (n as u64, n as u64, Close::Closed)
+    );
+}
+
+/// A sender that writes at full speed from before the hand-off to well past it, to a
+/// receiver that keeps up (the load harness's bulk stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_sender_from_before_the_hand_off() {
+    let Some(sm) = load() else { return };
+    let (mut client, a) = pair().await;
+    let (b, mut server) = pair().await;
+    let total: usize = 512 << 20;
+    let send = tokio::spawn(async move {
+        let buf = vec![0x5au8; 1 << 20];
+        let mut sent = 0;
+        while sent < total {
+            client.write_all(&buf).await.unwrap();
+            sent += buf.len();
+        }
+        client.shutdown().await.unwrap();
+        client
+    });
+    let (sm2, stop) = (sm.clone(), Arc::new(Notify::new()));
+    let relay = tokio::spawn(async move {
+        let p = Progress::default();
+        match sm2.relay(a, b, Duration::from_secs(30), &p, &stop).await {
+            Handoff::Done(o) => o,
+            Handoff::Declined(..) => panic!("declined"),
+        }
+    });
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = within("the sink", server.read(&mut buf)).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert_eq!(got, total);
+    drop(server);
+    let _client = within("the sender", send).await.unwrap();
+    let o = within("the relay", relay).await.unwrap();
+    assert_eq!((o.forward, o.close), (total as u64, Close::Closed));
 }

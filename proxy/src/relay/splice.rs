@@ -291,7 +291,9 @@ pub(crate) async fn relay_until(
     kernel: Option<&super::sockmap::Sockmap>,
 ) -> Outcome {
     if let (false, Some(k)) = (force_copy, kernel) {
-        match k.relay(a, b, idle, progress, stop).await {
+        // Boxed: inline, the kernel relay's state would make every spliced flow's task
+        // as large as a kernel-relayed one's (docs/design.md, "what an idle flow costs").
+        match Box::pin(k.relay(a, b, idle, progress, stop)).await {
             super::sockmap::Handoff::Done(o) => return o,
             super::sockmap::Handoff::Declined(x, y, (fwd, bwd)) => {
                 (a, b) = (x, y);

@@ -254,9 +254,17 @@ impl Sockmap {
         // What is queued now may start inside a buffer the enforcer read part of (a
         // ticket's preface): the verdict would carry that buffer whole, so it is moved
         // here, and only buffers that arrive from now on reach the verdict.
-        let queued = match (forward_queued(&a, &b).await, forward_queued(&b, &a).await) {
-            (Ok(f), Ok(b)) => (f, b),
-            _ => return Handoff::Declined(a, b, (0, 0)),
+        let fwd = forward_queued(&a, &b).await;
+        let bwd = forward_queued(&b, &a).await;
+        let queued = match (fwd, bwd) {
+            (Ok((f, true)), Ok((w, true))) => (f, w),
+            (f, w) => {
+                // A sender that kept the queue full is spliced (after an I/O error too:
+                // the splice relay meets it again and ends the flow as it should).
+                let moved = |r: std::io::Result<(u64, bool)>| r.map_or(0, |(n, _)| n);
+                let counts = (moved(f), moved(w));
+                return Handoff::Declined(a, b, counts);
+            }
         };
         let ids = (SockRef::from(&a).cookie(), SockRef::from(&b).cookie());
         let base = (socket::tcp_written(&a), socket::tcp_written(&b));
@@ -322,6 +330,11 @@ impl Sockmap {
             // Budget records are taken; ends and errors stay.
             let seen = signals.seen.fetch_and(!(OVER_A | OVER_B), Ordering::AcqRel);
             if seen & ERR != 0 {
+                tracing::debug!(
+                    a = ?SockRef::from(&a).take_error(),
+                    b = ?SockRef::from(&b).take_error(),
+                    "a kernel-relayed flow ended with an error"
+                );
                 break Close::Reset;
             }
             let mut waiting = false;
@@ -335,7 +348,7 @@ impl Sockmap {
                     Ok(Step::Settled) => {}
                     Ok(Step::Waiting) => waiting = true,
                     Err(e) => {
-                        tracing::debug!(error = %e, "a kernel-relayed flow broke");
+                        tracing::warn!(error = %e, "a kernel-relayed flow broke; resetting it");
                         broken = true;
                     }
                 }
@@ -604,14 +617,21 @@ impl Direction {
     }
 }
 
-/// Moves what is queued on `src` to `dst` (before the hand-off); returns the bytes moved.
-/// A FIN among them is left for the relay that takes the flow.
-async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> std::io::Result<u64> {
+/// Moves what is queued on `src` to `dst` (before the hand-off), until the queue is
+/// empty: a buffer the enforcer read part of would be carried whole by the verdict, and
+/// even reading exactly what `FIONREAD` counted is not enough, since a segment arriving
+/// meanwhile is appended to the last buffer (seen: 62 KiB carried twice). Returns the
+/// bytes moved and whether the queue emptied: a sender that kept it full for
+/// [`QUEUED_MAX`] bytes is spliced.
+async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> std::io::Result<(u64, bool)> {
     let mut buf = [0u8; super::splice::SMALL];
     let mut moved = 0;
     loop {
+        if moved >= QUEUED_MAX {
+            return Ok((moved, false));
+        }
         match src.try_read(&mut buf) {
-            Ok(0) => return Ok(moved),
+            Ok(0) => return Ok((moved, true)),
             Ok(n) => {
                 let mut done = 0;
                 while done < n {
@@ -624,11 +644,14 @@ async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> std::io::Result<u64
                 }
                 moved += n as u64;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(moved),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok((moved, true)),
             Err(e) => return Err(e),
         }
     }
 }
+
+/// The most moved in user space while handing a flow over.
+const QUEUED_MAX: u64 = 1 << 20;
 
 /// How much of a held direction is read at once.
 const HELD_READ: usize = 256 << 10;

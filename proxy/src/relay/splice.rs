@@ -388,4 +388,4 @@ pub(crate) async fn relay_until(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

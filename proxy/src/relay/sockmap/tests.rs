@@ -3,6 +3,7 @@
 //! running them cannot give root.
 
 use super::*;
+use crate::relay::splice::tests::stream;
 use std::io;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -61,18 +62,6 @@ async fn relayed(sm: &Arc<Sockmap>, first: &[u8], idle: Duration) -> Relayed {
         progress,
         relay,
     }
-}
-
-fn stream(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {

@@ -21,7 +21,8 @@ async fn setup(
     (client, server, h)
 }
 
-fn stream(seed: u64, n: usize) -> Vec<u8> {
+/// `n` pseudo-random bytes (xorshift from `seed`): loss, duplication and reordering show.
+pub(crate) fn stream(seed: u64, n: usize) -> Vec<u8> {
     let mut x = seed | 1;
     (0..n)
         .map(|_| {

@@ -286,9 +286,10 @@ fn three_tier(encrypt: bool) {
     );
     assert_eq!(r["data_path"], if encrypt { "tls" } else { "spliced" });
 
-    // One connection per peer: web's enforcer made one handshake to api and one to db
-    // (refused by web's own decision after it), and every later flow took them; the
-    // bytes went the way the mode says.
+    // One connection per peer: web's enforcer made one full handshake to api and one to
+    // db (refused by web's own decision after it), and every later flow took them, or,
+    // where the bulk phase outlasted the pool's idle limit (20 s: seen in CI with the
+    // suite's tests in parallel), a resumed one; the bytes went the way the mode says.
     let web_host = m.host("web");
     assert_eq!(
         metric(
@@ -299,11 +300,16 @@ fn three_tier(encrypt: bool) {
         "{}",
         http_get(&web_host, "/metrics").1
     );
+    let reused = metric(
+        &web_host,
+        "segmesh_tunnel_connections_total{result=\"reused\"}",
+    );
+    let resumed = metric(
+        &web_host,
+        "segmesh_tunnel_handshakes_total{role=\"Client\",result=\"resumed\"}",
+    );
     assert!(
-        metric(
-            &web_host,
-            "segmesh_tunnel_connections_total{result=\"reused\"}"
-        ) >= 2.0,
+        reused + resumed >= 2.0,
         "{}",
         http_get(&web_host, "/metrics").1
     );

@@ -89,9 +89,11 @@ fn netns_sockmap_carries_half_close_and_reset() {
     // before the hand-off makes the kernel refuse the socket, and the flow is spliced).
     let (a7000, a7001) = (at(7000), at(7001));
     let (go, gone) = tokio::sync::oneshot::channel::<()>();
+    let (ready, listening) = std::sync::mpsc::channel();
     let server = in_ns(&ext, async move {
         let l0 = TcpListener::bind(a7000).await.unwrap();
         let l1 = TcpListener::bind(a7001).await.unwrap();
+        ready.send(()).unwrap();
         let half = tokio::spawn(async move {
             let (mut s, _) = l0.accept().await.unwrap();
             ping_pong(&mut s).await;
@@ -111,6 +113,9 @@ fn netns_sockmap_carries_half_close_and_reset() {
         drop(s);
         tokio::time::timeout(LIMIT, half).await.unwrap().unwrap()
     });
+    // Connecting before the servers listen would be refused (the enforcer then resets
+    // the client), which is not what this test is about.
+    listening.recv_timeout(LIMIT).unwrap();
     let client = in_ns(&work, async move {
         // Half-close: the server sees every byte and the FIN, and still answers.
         let mut s = client_ping(a7000).await;
@@ -188,14 +193,17 @@ fn netns_sockmap_a_rejecting_reload_stops_the_kernel_within_100ms() {
     let a7002 = SocketAddr::new(ext.ip4.into(), 7002);
 
     // The server streams until its writes fail (bounded: 30 s).
+    let (ready, listening) = std::sync::mpsc::channel();
     let _server = in_ns(&ext, async move {
         let l = TcpListener::bind(a7002).await.unwrap();
+        ready.send(()).unwrap();
         let (mut s, _) = l.accept().await.unwrap();
         ping_pong(&mut s).await;
         let chunk = vec![5u8; 64 << 10];
         let until = Instant::now() + Duration::from_secs(30);
         while Instant::now() < until && s.write_all(&chunk).await.is_ok() {}
     });
+    listening.recv_timeout(LIMIT).unwrap();
     let received = Arc::new(Mutex::new((0usize, Instant::now())));
     let seen = received.clone();
     let client = in_ns(&work, async move {

@@ -1,6 +1,6 @@
 //! Socket options and syscalls the enforcer needs. socket2 and nix cover most of them;
-//! the one `unsafe` block (IPV6_TRANSPARENT, which neither wraps) is here, commented and
-//! tested.
+//! the `unsafe` blocks for those neither wraps (an integer option: IPV6_TRANSPARENT,
+//! SO_RCVLOWAT; TCP_INFO's byte counters) are here, commented and tested.
 
 use std::io;
 use std::net::SocketAddr;
@@ -30,15 +30,24 @@ pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
 /// Sets `IPV6_TRANSPARENT` (ipv6(7)): the socket may accept connections TPROXY diverts to
 /// it for addresses that are not its own.
 pub fn set_ipv6_transparent(sock: &Socket) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // Safety: `sock` owns a valid descriptor for the duration of the call; the option
-    // value points to a live c_int and its exact size is passed, as setsockopt(2) needs.
+    set_int(sock, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)
+}
+
+/// setsockopt(2) with an integer value.
+fn set_int(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // Safety: `fd` is a live descriptor for the duration of the call; the option value
+    // points to a live c_int and its exact size is passed, as setsockopt(2) needs.
     let rc = unsafe {
         libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_IPV6,
-            libc::IPV6_TRANSPARENT,
-            (&on as *const libc::c_int).cast(),
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -157,23 +166,7 @@ pub fn tcp_written(fd: &impl AsRawFd) -> io::Result<u64> {
 /// `tcp_data_ready`): a socket just put under a BPF stream verdict has the verdict see
 /// the bytes that arrived before, instead of waiting for more.
 pub fn poke_data_ready(fd: &impl AsRawFd) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // Safety: `fd` is a live descriptor for the call; the value points to a live c_int
-    // and its exact size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    set_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
 }
 
 /// Closes with an RST instead of a FIN (SO_LINGER with a zero timeout, socket(7)).

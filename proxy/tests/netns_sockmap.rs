@@ -11,17 +11,27 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use segmesh_testkit::{Topology, netns_enabled, wait_until};
+use segmesh_testkit::{Host, Topology, netns_enabled, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn policies(ports: &str, ext: &segmesh_testkit::Host) -> String {
+fn policies(ports: &str, ext: &Host) -> String {
     format!(
-        "kind: ExternalNetwork\nname: partner\nnamespace: /lab\nentries: [\"{}\"]\n---\n\
+        "kind: ExternalNetwork\nname: partner\nnamespace: /lab\nentries: [\"{}\", \"{}\"]\n---\n\
          kind: NetworkPolicy\nname: to-partner\nnamespace: /lab\naction: Allow\nmode: Outgoing\n\
          subject: [[app=work]]\nobject: [[ext:name=partner]]\nports: [{ports}]\nlog: true\n",
-        ext.ip4
+        ext.ip4, ext.ip6
     )
+}
+
+/// `work` with capture and its enforcer (`sockmap: require`), and `ext`.
+fn lab(tag: &str) -> (Topology, Host, Host, Scratch) {
+    let topo = Topology::new(&["work", "ext"]);
+    let (work, ext) = (topo.host("work").clone(), topo.host("ext").clone());
+    let (dir, cfg) = setup(tag, &topo);
+    capture(&work);
+    start_enforcer(&topo, "work", &cfg);
+    (topo, work, ext, dir)
 }
 
 fn setup(tag: &str, topo: &Topology) -> (Scratch, PathBuf) {
@@ -77,11 +87,7 @@ fn netns_sockmap_carries_half_close_and_reset() {
     if !netns_enabled() {
         return;
     }
-    let topo = Topology::new(&["work", "ext"]);
-    let (work, ext) = (topo.host("work").clone(), topo.host("ext").clone());
-    let (dir, cfg) = setup("sockmap", &topo);
-    capture(&work);
-    start_enforcer(&topo, "work", &cfg);
+    let (_topo, work, ext, dir) = lab("sockmap");
     let at = |port| SocketAddr::new(ext.ip4.into(), port);
 
     // ext:7000 reads the client's bytes to its FIN, then answers and closes; ext:7001
@@ -182,15 +188,27 @@ fn netns_sockmap_carries_half_close_and_reset() {
 /// A stream the kernel is moving stops within 100 ms of the snapshot that rejects it.
 #[test]
 fn netns_sockmap_a_rejecting_reload_stops_the_kernel_within_100ms() {
-    if !netns_enabled() {
-        return;
+    if netns_enabled() {
+        stops_within_100ms(false);
     }
-    let topo = Topology::new(&["work", "ext"]);
-    let (work, ext) = (topo.host("work").clone(), topo.host("ext").clone());
-    let (dir, cfg) = setup("sockmap-reload", &topo);
-    capture(&work);
-    start_enforcer(&topo, "work", &cfg);
-    let a7002 = SocketAddr::new(ext.ip4.into(), 7002);
+}
+
+/// The same over IPv6: the kernel relay takes IPv6 sockets too, and a rejected IPv6 flow
+/// must not outlive its policy in the kernel.
+#[test]
+fn netns_sockmap_a_rejecting_reload_stops_the_kernel_within_100ms_ipv6() {
+    if netns_enabled() {
+        stops_within_100ms(true);
+    }
+}
+
+fn stops_within_100ms(v6: bool) {
+    let (_topo, work, ext, dir) = lab(if v6 {
+        "sockmap-reload6"
+    } else {
+        "sockmap-reload"
+    });
+    let a7002 = SocketAddr::new(ip(&ext, v6), 7002);
 
     // The server streams until its writes fail (bounded: 30 s).
     let (ready, listening) = std::sync::mpsc::channel();
@@ -225,7 +243,7 @@ fn netns_sockmap_a_rejecting_reload_stops_the_kernel_within_100ms() {
     wait_until("the stream flows", Duration::from_secs(20), || {
         received.lock().unwrap().0 >= 4 * MB
     });
-    let version = |h: &segmesh_testkit::Host| {
+    let version = |h: &Host| {
         let (_, body) = http_get(h, "/config");
         let body = body.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
         serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default()["version"].clone()

@@ -535,8 +535,10 @@ fn etcd_store_leaves_a_dead_member_for_good() {
             .unwrap();
         assert_eq!(s.commit(("a", "commit", "")).unwrap(), i + 1);
         // Far above a quorum write here (milliseconds), far below the dead member's
-        // connect timeout and retries.
-        if t.elapsed() > Duration::from_secs(1) {
+        // connect timeout and retries. The first commit after the kill may pay one
+        // request limit to find the member dead (1.4 s seen in CI on a busy machine);
+        // every later one must not (before the fix each took 2-6 s).
+        if i > 0 && t.elapsed() > Duration::from_secs(1) {
             slow.push((i, t.elapsed()));
         }
     }

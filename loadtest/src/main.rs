@@ -47,6 +47,11 @@ struct Cli {
     /// alternating runs.
     #[arg(long, default_value = "off")]
     sockmap: String,
+    /// Record the enforcers with `perf record -g` during each scenario of each mesh
+    /// path, one file per scenario in this directory (`perf report -i FILE`); the
+    /// figures of such a run are not measurements (perf costs the enforcers CPU).
+    #[arg(long)]
+    perf: Option<PathBuf>,
     #[command(subcommand)]
     scenario: Option<Scenario>,
 }
@@ -221,7 +226,14 @@ fn main() -> anyhow::Result<()> {
         if !["auto", "require", "off"].contains(&cli.sockmap.as_str()) {
             bail!("--sockmap is auto, require or off");
         }
-        let mut figures = suite::run(&sizes, cli.proxy, &control, cli.install_relay, &cli.sockmap)?;
+        let mut figures = suite::run(
+            &sizes,
+            cli.proxy,
+            &control,
+            cli.install_relay,
+            &cli.sockmap,
+            cli.perf,
+        )?;
         let target_dir = std::env::current_exe()?
             .parent()
             .and_then(|p| p.parent())

@@ -556,6 +556,51 @@ struct PathFigures {
     latency: serde_json::Map<String, Value>,
     rate: serde_json::Map<String, Value>,
     cpu: serde_json::Map<String, Value>,
+    /// Where `perf record` writes a profile of the enforcers per scenario, if asked.
+    perf: Option<PathBuf>,
+}
+
+/// `perf record -g` of some processes while it lives (stopped with SIGINT when dropped,
+/// and waited for, so that the file is complete).
+struct Profile(Option<std::process::Child>);
+
+impl Profile {
+    fn start(dir: Option<&Path>, name: &str, pids: &[(&'static str, u32)]) -> Profile {
+        let Some(dir) = dir.filter(|_| !pids.is_empty()) else {
+            return Profile(None);
+        };
+        let pids: Vec<String> = pids.iter().map(|(_, p)| p.to_string()).collect();
+        let out = dir.join(format!("{name}.data"));
+        let child = std::process::Command::new("perf")
+            .args(["record", "-q", "-g", "-o"])
+            .arg(&out)
+            .args(["-p", &pids.join(",")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        match child {
+            Ok(c) => Profile(Some(c)),
+            Err(e) => {
+                eprintln!(
+                    "perf record not started ({e}): no profile {}",
+                    out.display()
+                );
+                Profile(None)
+            }
+        }
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            let _ = c.wait();
+        }
+    }
 }
 
 /// CPU time (user and system, every thread) the processes `pids` used so far, in ms.
@@ -597,23 +642,32 @@ impl PathFigures {
         mut endpoints: impl FnMut() -> anyhow::Result<(SocketAddr, SocketAddr)>,
     ) -> anyhow::Result<()> {
         let (bytes, limit) = (sizes.bulk_bytes, sizes.limit);
+        let perf = self.perf.clone();
+        let profile =
+            |scenario: &str| Profile::start(perf.as_deref(), &format!("{name}-{scenario}"), pids);
         let (listen, to) = endpoints()?;
         let c0 = cpu_ms(pids);
+        let p = profile("bulk1");
         self.bulk1
             .insert(name.into(), json!(bulk(topo, listen, to, 1, bytes, limit)?));
+        drop(p);
         let per_gb = (cpu_ms(pids) - c0) / (bytes as f64 / 1e9);
         let (listen, to) = endpoints()?;
         self.bulk8
             .insert(name.into(), json!(bulk(topo, listen, to, 8, bytes, limit)?));
         let (listen, to) = endpoints()?;
         let c0 = cpu_ms(pids);
+        let p = profile("rr");
         let rounds = rr(topo, listen, to, sizes.rr_rounds, limit)?;
+        drop(p);
         // The warm-up rounds count: the enforcers did that work too.
         let per_1000_requests = (cpu_ms(pids) - c0) / ((rounds.len() + 100) as f64 / 1000.0);
         self.latency.insert(name.into(), quantiles(&rounds));
         let (listen, to) = endpoints()?;
         let c0 = cpu_ms(pids);
+        let p = profile("connections");
         let (r, lat) = conn_rate(topo, listen, to, sizes.connections, limit)?;
+        drop(p);
         let per_1000_connections = (cpu_ms(pids) - c0) / (lat.len().max(1) as f64 / 1000.0);
         self.rate.insert(
             name.into(),
@@ -643,6 +697,7 @@ pub fn run(
     control: &Path,
     install_relay: bool,
     sockmap: &str,
+    perf: Option<PathBuf>,
 ) -> anyhow::Result<Value> {
     use segmesh_identity::{Ca, KeyAlgorithm, SpiffeId, WorkloadKey};
     let proxy = proxy_path(proxy)?;
@@ -652,7 +707,13 @@ pub fn run(
     let at_server = |p: u16| SocketAddr::new(server.ip4.into(), p);
     let local = |p: u16| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), p);
     let limit = sizes.limit;
-    let mut figures = PathFigures::default();
+    if let Some(dir) = &perf {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut figures = PathFigures {
+        perf,
+        ..Default::default()
+    };
     let mut notes: Vec<String> = Vec::new();
     let mut port = 0u16;
     let mut next = || {

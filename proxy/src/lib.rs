@@ -32,6 +32,7 @@
 //!   metrics and the admin endpoints, socket options and syscalls.
 
 mod admin;
+pub mod alloc;
 mod child;
 pub mod config;
 mod dispatch;

@@ -203,7 +203,9 @@ async fn run(cli: Cli, workers: usize) -> anyhow::Result<()> {
         Some(c) => tracing::info!(config = %c.display(), "starting"),
         None => tracing::info!(console = ?cli.console, "starting in console mode"),
     }
-    tracing::info!(workers, "runtime");
+    // Freed relay chunks stay for the next ones (see alloc.rs).
+    let kept = segmesh_proxy::alloc::keep_freed_memory(segmesh_proxy::alloc::KEEP);
+    tracing::info!(workers, allocator_keeps_freed = kept, "runtime");
     let enforcer = Enforcer::start(cli.source()?).await?;
     tracing::info!(admin = %enforcer.admin_addr, "ready to enforce");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -248,7 +248,7 @@ pub(crate) async fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negot
     let stop = rec.relaying(Peer::Pu(peer_tags(&peer)), port);
     let idle = shared.settings.limits.idle_timeout;
     let moved = match data {
-        Data::Stream(mut s) => tls::relay(app, &mut s, idle, &stop.notify).await,
+        Data::Stream(s) => tls::relay(app, s, idle, &stop.notify).await,
         Data::Plain(tcp) => {
             let p = Progress::default();
             let k = shared.kernel();

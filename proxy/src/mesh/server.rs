@@ -397,11 +397,11 @@ impl Connection {
             return rec.finish(Moved::nothing(Close::Error, true));
         };
         let _guard = InStream::new(&self);
-        let mut stream = H2Stream::new(send, req.into_body());
+        let stream = H2Stream::new(send, req.into_body());
         let stop = rec.relaying(Peer::Pu(peer_tags(&self.peer)), r.port);
         let idle = shared.settings.limits.idle_timeout;
         // Relayed from the workload's side: the flow's source is the peer.
-        let moved = tls::relay(workload, &mut stream, idle, &stop.notify)
+        let moved = tls::relay(workload, stream, idle, &stop.notify)
             .await
             .reversed();
         rec.finish(moved);

@@ -30,8 +30,17 @@ impl H2Stream {
     }
 }
 
+impl H2Stream {
+    /// The stream's two halves, for a relay that moves frames as they are (the encrypted
+    /// TCP relay): only before anything was read through this wrapper.
+    pub(crate) fn into_parts(self) -> (h2::SendStream<Bytes>, h2::RecvStream) {
+        debug_assert!(self.pending.is_empty() && !self.ended, "a fresh stream");
+        (self.send, self.recv)
+    }
+}
+
 /// A stream error as the relays understand it: a reset by the peer is a reset.
-fn io_error(e: h2::Error) -> io::Error {
+pub(crate) fn io_error(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e
             .into_io()
@@ -111,12 +120,12 @@ impl AsyncWrite for H2Stream {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A client and a server stream of one HTTP/2 connection over an in-memory pipe.
-    async fn pair() -> (H2Stream, H2Stream) {
+    pub(crate) async fn pair() -> (H2Stream, H2Stream) {
         let (c, s) = tokio::io::duplex(64 << 10);
         let server = tokio::spawn(async move {
             let mut conn = h2::server::handshake(s).await.unwrap();

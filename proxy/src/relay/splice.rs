@@ -213,6 +213,28 @@ async fn write_out(
     Ok(())
 }
 
+/// One non-blocking read of `src` into `buf`. A read that does not fill `buf` emptied the
+/// socket's receive queue, so the socket's readiness is cleared as an EAGAIN would clear
+/// it: the relay then waits instead of making the read that would only say EAGAIN (one
+/// syscall of three per message of a request/response flow). Nothing is missed: tokio
+/// clears only the readiness this read answered (bytes that arrived after it set it
+/// again), and never clears an end of stream.
+pub(crate) fn read_draining(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut drained = None;
+    let r = src.try_io(Interest::READABLE, || {
+        let n = nix::unistd::read(src.as_fd(), buf).map_err(io::Error::from)?;
+        if n > 0 && n < buf.len() {
+            drained = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (r, drained) {
+        (_, Some(n)) => Ok(n),
+        (r, None) => r,
+    }
+}
+
 /// One read from `src` (readable) into `buf`, written out to `dst` and counted.
 async fn copy_once(
     src: &TcpStream,
@@ -220,7 +242,7 @@ async fn copy_once(
     buf: &mut [u8],
     counter: &AtomicU64,
 ) -> io::Result<Read> {
-    let read = after_read(src.try_read(buf), dst)?;
+    let read = after_read(read_draining(src, buf), dst)?;
     if let Read::Bytes(n) = read {
         write_out(dst, n, counter, |done, _| {
             nix::unistd::write(dst.as_fd(), &buf[done..n]).map_err(io::Error::from)

@@ -2,11 +2,14 @@
 //! encrypted and decrypted by rustls in user space. Kernel TLS would carry them without
 //! user-space copies; this build only detects it ([`ktls_available`], logged at start).
 
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
+
+use crate::mesh::stream::{H2Stream, io_error};
 
 use super::Moved;
 use super::splice::{Close, DataPath, Progress};
@@ -17,9 +20,151 @@ pub fn ktls_available() -> bool {
         .is_ok_and(|s| s.split_whitespace().any(|u| u == "tls"))
 }
 
-/// Copy buffer of one direction while bytes flow. 64 KiB: 16 KiB (one TLS record) cut
-/// encrypted bulk throughput by about half on the load-test machine.
-const TLS_BUF: usize = 64 * 1024;
+/// Largest read from the application's socket: one HTTP/2 frame's worth ([`MAX_FRAME`]),
+/// TLS then cuts it in records of 16 KiB. A read that fills [`SMALL`] makes the next
+/// one this large; a read shorter than that makes the next one small again, so that a
+/// request/response flow does not clear 64 KiB per message.
+///
+/// [`MAX_FRAME`]: crate::mesh::conns::MAX_FRAME
+const CHUNK: usize = 64 * 1024;
+use super::splice::SMALL;
+
+/// Application → tunnel: each read is a chunk handed to the stream as it is (no copy:
+/// h2 frames it from the buffer the socket was read into). The buffer is taken when
+/// bytes wait and given back when none do, so an idle direction holds none. The end of
+/// the application's stream ends ours.
+async fn up(
+    app: &TcpStream,
+    send: &mut h2::SendStream<Bytes>,
+    moved: &AtomicU64,
+) -> io::Result<()> {
+    let mut size = SMALL;
+    loop {
+        app.readable().await?;
+        let mut buf = BytesMut::zeroed(size);
+        let n = match super::splice::read_draining(app, &mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            send.reserve_capacity(0);
+            send.send_data(Bytes::new(), true).map_err(io_error)?;
+            return Ok(());
+        }
+        size = if n == size { CHUNK } else { SMALL };
+        buf.truncate(n);
+        send_all(send, buf.freeze()).await?;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Hands `data` to the stream as the peer's flow-control window admits it (a peer that
+/// does not read holds us back here, and the application behind us).
+async fn send_all(send: &mut h2::SendStream<Bytes>, mut data: Bytes) -> io::Result<()> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let room = std::future::poll_fn(|cx| {
+            loop {
+                let c = send.capacity();
+                if c > 0 {
+                    return Poll::Ready(Ok(c));
+                }
+                match std::task::ready!(send.poll_capacity(cx)) {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+                    None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                }
+            }
+        })
+        .await?;
+        let chunk = data.split_to(room.min(data.len()));
+        send.send_data(chunk, false).map_err(io_error)?;
+    }
+    Ok(())
+}
+
+/// Frames written to the application in one `writev` at most.
+const GATHER: usize = 16;
+
+/// Tunnel → application: the frames received are written from h2's own buffers (no
+/// copy), those already there gathered in one `writev`; their flow-control capacity is
+/// released once the application's socket took them. The end of the stream is a FIN.
+async fn down(recv: &mut h2::RecvStream, app: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    loop {
+        let mut ended = false;
+        // Wait for one frame, then take what else is already there.
+        loop {
+            let next = if chunks.is_empty() {
+                std::future::poll_fn(|cx| recv.poll_data(cx).map(Some)).await
+            } else {
+                now(std::future::poll_fn(|cx| recv.poll_data(cx))).await
+            };
+            match next {
+                None => break,
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                Some(Some(Ok(b))) => {
+                    if !b.is_empty() {
+                        chunks.push(b);
+                    }
+                    if chunks.len() == GATHER {
+                        break;
+                    }
+                }
+                Some(Some(Err(e))) if e.reason() == Some(h2::Reason::NO_ERROR) => {
+                    ended = true;
+                    break;
+                }
+                Some(Some(Err(e))) => return Err(io_error(e)),
+            }
+        }
+        let total: usize = chunks.iter().map(Bytes::len).sum();
+        write_all_chunks(app, &mut chunks).await?;
+        if total > 0 {
+            let _ = recv.flow_control().release_capacity(total);
+            moved.fetch_add(total as u64, Ordering::Relaxed);
+        }
+        if ended {
+            crate::socket::shutdown_write(app)?;
+            return Ok(());
+        }
+        // Nothing kept while waiting for the next frame.
+        chunks = Vec::new();
+    }
+}
+
+/// Writes every chunk to `app`, as many at once as the socket takes.
+async fn write_all_chunks(app: &TcpStream, chunks: &mut Vec<Bytes>) -> io::Result<()> {
+    let mut first = 0;
+    while first < chunks.len() {
+        app.writable().await?;
+        let slices: Vec<io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .map(|b| io::IoSlice::new(b))
+            .collect();
+        let mut n = match app.try_write_vectored(&slices) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        drop(slices);
+        while n > 0 {
+            let c = &mut chunks[first];
+            let take = n.min(c.len());
+            c.advance(take);
+            n -= take;
+            if c.is_empty() {
+                first += 1;
+            }
+        }
+    }
+    chunks.clear();
+    Ok(())
+}
 
 /// Polls `f` once: its output if ready now, None if it would wait (the future is then
 /// dropped, so it must be cancel-safe).
@@ -32,61 +177,16 @@ async fn now<F: std::future::Future>(f: F) -> Option<F::Output> {
     .await
 }
 
-/// Copies `r` to `w` until `r` ends, then shuts `w` down; `moved` counts the bytes. An
-/// idle direction waits with one byte of room: the copy buffer is taken when bytes
-/// arrive and given back as soon as none are waiting, so an idle flow holds none.
-async fn copy_lazily<R, W>(mut r: R, mut w: W, moved: &AtomicU64) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    loop {
-        let mut first = [0u8; 1];
-        if r.read(&mut first).await? == 0 {
-            return w.shutdown().await;
-        }
-        let mut buf = Vec::with_capacity(TLS_BUF);
-        buf.push(first[0]);
-        let mut ended = false;
-        loop {
-            // Whatever else is already there, without waiting.
-            while buf.len() < TLS_BUF {
-                match now(r.read_buf(&mut buf)).await {
-                    Some(Ok(0)) => {
-                        ended = true;
-                        break;
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(e),
-                    None => break,
-                }
-            }
-            if buf.is_empty() {
-                break;
-            }
-            w.write_all(&buf).await?;
-            moved.fetch_add(buf.len() as u64, Ordering::Relaxed);
-            buf.clear();
-            if ended {
-                break;
-            }
-        }
-        w.flush().await?;
-        if ended {
-            return w.shutdown().await;
-        }
-    }
-}
-
 /// Relays through TLS until both sides end, `stop` is notified, or no byte moved either
 /// way for `idle` (as spliced flows do); what moved is counted from `app`'s side (app →
 /// peer is forward). A flow stopped by a policy resets the application's connection.
-pub(crate) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
-    mut app: TcpStream,
-    tls: &mut S,
+pub(crate) async fn relay(
+    app: TcpStream,
+    stream: H2Stream,
     idle: std::time::Duration,
     stop: &tokio::sync::Notify,
 ) -> Moved {
+    let (mut send, mut recv) = stream.into_parts();
     let progress = Progress::default();
     let moved = || {
         (
@@ -114,11 +214,9 @@ pub(crate) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let end = tokio::select! {
         r = async {
-            let (app_r, app_w) = app.split();
-            let (tls_r, tls_w) = tokio::io::split(&mut *tls);
             tokio::try_join!(
-                copy_lazily(app_r, tls_w, &progress.forward),
-                copy_lazily(tls_r, app_w, &progress.backward),
+                up(&app, &mut send, &progress.forward),
+                down(&mut recv, &app, &progress.backward),
             )
         } => End::Copied(r.map(|_| moved())),
         _ = stop.notified() => End::Stopped,
@@ -166,20 +264,27 @@ pub(crate) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connected pair of sockets on loopback.
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (app, _) = l.accept().await.unwrap();
+        (client, app)
+    }
 
     /// An encrypted flow with no bytes either way ends after the idle timeout (it held
     /// a connection and 128 KiB of buffers forever before).
     #[tokio::test]
     async fn an_idle_encrypted_flow_ends() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (app, _) = l.accept().await.unwrap();
-        let (mut peer, _other_end) = tokio::io::duplex(1024);
+        let (client, app) = tcp_pair().await;
+        let (ours, _theirs) = crate::mesh::stream::tests::pair().await;
         let stop = tokio::sync::Notify::new();
         let started = std::time::Instant::now();
         let m = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            relay(app, &mut peer, std::time::Duration::from_millis(200), &stop),
+            relay(app, ours, std::time::Duration::from_millis(200), &stop),
         )
         .await
         .expect("ended by itself");
@@ -188,32 +293,90 @@ mod tests {
         drop(client);
     }
 
-    /// A lazy copy moves every byte in order, bursts and trickles alike, counts them,
-    /// and passes the end on as a shutdown.
+    /// Every byte both ways, in order and counted, trickles (one byte at a time, small
+    /// reads) and bulk (full chunks, more than the stream's window) alike; each side's
+    /// end is passed on as the other's EOF while the other direction goes on.
     #[tokio::test]
-    async fn lazy_copies_are_exact_and_pass_the_end_on() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut src, r) = tokio::io::duplex(4096);
-        let (w, mut dst) = tokio::io::duplex(4096);
-        let moved = std::sync::Arc::new(AtomicU64::new(0));
-        let m = moved.clone();
-        let copy = tokio::spawn(async move { copy_lazily(r, w, &m).await });
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let sent = data.clone();
+    async fn a_relayed_stream_is_exact_both_ways_and_passes_the_end_on() {
+        let (mut client, app) = tcp_pair().await;
+        let (ours, mut theirs) = crate::mesh::stream::tests::pair().await;
+        let stop = tokio::sync::Notify::new();
+        let relay = tokio::spawn(async move {
+            relay(app, ours, std::time::Duration::from_secs(30), &stop).await
+        });
+        let up: Vec<u8> = crate::relay::splice::tests::stream(7, 5 << 20);
+        let down: Vec<u8> = crate::relay::splice::tests::stream(8, 3 << 20);
+        let (up2, down2) = (up.clone(), down.clone());
         let writer = tokio::spawn(async move {
-            // A trickle of single bytes, then bulk.
-            for b in &sent[..100] {
-                src.write_all(&[*b]).await.unwrap();
+            for b in &up2[..100] {
+                client.write_all(&[*b]).await.unwrap();
                 tokio::task::yield_now().await;
             }
-            src.write_all(&sent[100..]).await.unwrap();
-            src.shutdown().await.unwrap();
+            client.write_all(&up2[100..]).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
         });
         let mut got = Vec::new();
-        dst.read_to_end(&mut got).await.unwrap();
-        writer.await.unwrap();
-        copy.await.unwrap().unwrap();
-        assert_eq!(got, data);
-        assert_eq!(moved.load(Ordering::Relaxed), data.len() as u64);
+        theirs.read_to_end(&mut got).await.unwrap();
+        assert!(
+            got == up,
+            "every byte up, in order ({} of {})",
+            got.len(),
+            up.len()
+        );
+        for b in &down2[..100] {
+            theirs.write_all(&[*b]).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        theirs.write_all(&down2[100..]).await.unwrap();
+        theirs.shutdown().await.unwrap();
+        let back = writer.await.unwrap();
+        assert!(
+            back == down,
+            "every byte down, in order ({} of {})",
+            back.len(),
+            down.len()
+        );
+        let m = relay.await.unwrap();
+        assert_eq!(m.close, Close::Closed);
+        assert_eq!(
+            (m.forward, m.backward),
+            (up.len() as u64, down.len() as u64)
+        );
+    }
+
+    /// An application that does not read holds the peer back (flow control): the relay
+    /// does not buffer the stream's bytes without bound.
+    #[tokio::test]
+    async fn an_application_that_does_not_read_holds_the_peer_back() {
+        let (client, app) = tcp_pair().await;
+        let (ours, mut theirs) = crate::mesh::stream::tests::pair().await;
+        let stop = tokio::sync::Notify::new();
+        let _relay = tokio::spawn(async move {
+            relay(app, ours, std::time::Duration::from_secs(30), &stop).await
+        });
+        let chunk = vec![0u8; 64 << 10];
+        let mut sent = 0usize;
+        // Writes succeed until the stream's window, the socket buffers and what the
+        // relay holds are full; then they wait.
+        loop {
+            match tokio::time::timeout(
+                std::time::Duration::from_millis(500),
+                theirs.write_all(&chunk),
+            )
+            .await
+            {
+                Ok(r) => r.unwrap(),
+                Err(_) => break,
+            }
+            sent += chunk.len();
+            assert!(
+                sent < 64 << 20,
+                "64 MiB taken from a peer whose application reads nothing"
+            );
+        }
+        drop(client);
     }
 }

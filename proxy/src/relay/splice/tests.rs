@@ -147,3 +147,54 @@ async fn short_reads_and_bulk_interleave_in_order() {
     let o = h.await.unwrap();
     assert_eq!(o.forward, sent.len() as u64);
 }
+
+/// A short read clears the socket's readiness without the EAGAIN read: bytes that arrive
+/// after it wake the reader again, and bytes followed by a FIN that both arrived before
+/// the read still end the stream at the next wait (the end of stream is never cleared).
+#[tokio::test]
+async fn a_draining_read_misses_neither_later_bytes_nor_the_end() {
+    let (mut w, r) = pair().await;
+    let mut buf = [0u8; 64];
+    for round in 0..100u8 {
+        w.write_all(&[round; 10]).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                r.readable().await.unwrap();
+                match read_draining(&r, &mut buf) {
+                    Ok(n) => return n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        })
+        .await
+        .expect("woken for bytes written after a draining read");
+        assert_eq!(&buf[..n], &[round; 10][..n]);
+        // A message split over two reads would show as a short count here.
+        if n < 10 {
+            r.readable().await.unwrap();
+            let m = read_draining(&r, &mut buf[n..]).unwrap();
+            assert_eq!(n + m, 10);
+        }
+    }
+    // Bytes and the FIN both queued before the read.
+    w.write_all(b"last").await.unwrap();
+    w.shutdown().await.unwrap();
+    // Time for the FIN to arrive before the read (should it come later, the test covers
+    // the other order, which must pass as well).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    r.readable().await.unwrap();
+    assert_eq!(read_draining(&r, &mut buf).unwrap(), 4);
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            r.readable().await.unwrap();
+            match read_draining(&r, &mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other.unwrap(),
+            }
+        }
+    })
+    .await
+    .expect("the end of stream is seen after a draining read");
+    assert_eq!(end, 0);
+}

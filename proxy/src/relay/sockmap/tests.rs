@@ -422,3 +422,45 @@ async fn a_fast_sender_from_before_the_hand_off() {
     let o = within("the relay", relay).await.unwrap();
     assert_eq!((o.forward, o.close), (total as u64, Close::Closed));
 }
+
+/// The last bytes and the FIN in one segment (the sender corks, writes and closes):
+/// the FIN wakes the enforcer on one CPU while the verdict for that segment may still be
+/// to run on the other. Passing the FIN on before the verdict's bytes were sent would
+/// shut the peer's socket under them (EPIPE from the kernel's backlog, the bytes lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_bytes_and_the_fin_in_one_segment_all_arrive() {
+    let Some(sm) = load() else { return };
+    for i in 0..200usize {
+        let r = relayed(&sm, b"", Duration::from_secs(30)).await;
+        // In the kernel's hands before the client writes (a client that sends its FIN
+        // before the hand-off is spliced instead).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sm.flows() == 0 {
+            assert!(Instant::now() < deadline, "flow {i} never handed over");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let (mut client, mut server) = (r.client, r.server);
+        let data = stream(i as u64 + 11, 1000 + (i * 7919) % 60_000);
+        SockRef::from(&client).set_tcp_cork(true).unwrap();
+        client.write_all(&data).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        within("the bytes and the end", server.read_to_end(&mut got))
+            .await
+            .unwrap_or_else(|e| panic!("flow {i}: {e}"));
+        assert!(
+            got == data,
+            "flow {i}: {} of {} bytes",
+            got.len(),
+            data.len()
+        );
+        drop(server);
+        let mut rest = Vec::new();
+        within("the server's end", client.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|e| panic!("flow {i}: the client was reset: {e}"));
+        let o = within("the relay's end", r.relay).await.unwrap();
+        assert_eq!(o.close, Close::Closed, "flow {i}");
+        assert_eq!(o.forward, data.len() as u64, "flow {i}");
+    }
+}

@@ -50,6 +50,7 @@ struct Cli {
     /// Record the enforcers with `perf record -g` during each scenario of each mesh
     /// path, one file per scenario in this directory (`perf report -i FILE`); the
     /// figures of such a run are not measurements (perf costs the enforcers CPU).
+    /// `SEGMESH_PERF_CALL_GRAPH=dwarf` records call graphs through Rust code too.
     #[arg(long)]
     perf: Option<PathBuf>,
     #[command(subcommand)]

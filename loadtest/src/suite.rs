@@ -162,7 +162,7 @@ fn udp(
         topo.host(host),
         udp_echo(listen, limit * 2 + Duration::from_secs(5)),
     );
-    std::thread::sleep(Duration::from_millis(100));
+    wait_udp_bound(topo.host(host), listen.port())?;
     in_ns(topo.host("client"), async move {
         let wait = Duration::from_secs(1);
         let s = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
@@ -268,7 +268,7 @@ fn bulk(
         topo.host("server"),
         sink_many(listen, streams, limit + Duration::from_secs(10)),
     );
-    std::thread::sleep(Duration::from_millis(100));
+    wait_listening(topo.host("server"), listen.port())?;
     in_ns(topo.host("client"), async move {
         let per = bytes / streams as u64;
         let mut tx = Vec::new();
@@ -312,7 +312,7 @@ fn rr(
         topo.host("server"),
         echo(listen, limit + Duration::from_secs(5)),
     );
-    std::thread::sleep(Duration::from_millis(100));
+    wait_listening(topo.host("server"), listen.port())?;
     in_ns(topo.host("client"), async move {
         let mut s = TcpStream::connect(to).await?;
         s.set_nodelay(true)?;
@@ -364,7 +364,7 @@ fn conn_rate(
         topo.host("server"),
         greeter(listen, limit + Duration::from_secs(5)),
     );
-    std::thread::sleep(Duration::from_millis(100));
+    wait_listening(topo.host("server"), listen.port())?;
     in_ns(topo.host("client"), async move {
         let start = Instant::now();
         let mut lat = Vec::with_capacity(n as usize);
@@ -414,7 +414,7 @@ fn idle(
         topo.host("server"),
         greeter(listen, hold + Duration::from_secs(5)),
     );
-    std::thread::sleep(Duration::from_millis(100));
+    wait_listening(topo.host("server"), listen.port())?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let client = in_ns(topo.host("client"), async move {
@@ -532,12 +532,21 @@ fn start_relays(topo: &Topology, port_in: u16, hop: u16, out: u16) {
     topo.spawn(s);
 }
 
-/// Waits until something listens on `port` in `h` (asked of the kernel with `ss`, so
-/// that no probe connection goes through a relay).
+/// Waits until something listens on TCP `port` in `h` (asked of the kernel with `ss`,
+/// so that no probe connection goes through a relay).
 pub(crate) fn wait_listening(h: &Host, port: u16) -> anyhow::Result<()> {
+    wait_bound(h, port, "-Hltn")
+}
+
+/// Waits until a UDP socket is bound to `port` in `h`.
+fn wait_udp_bound(h: &Host, port: u16) -> anyhow::Result<()> {
+    wait_bound(h, port, "-Hlun")
+}
+
+fn wait_bound(h: &Host, port: u16, ss_flags: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = h.exec(&["ss", "-Hltn", &format!("sport = :{port}")]);
+        let out = h.exec(&["ss", ss_flags, &format!("sport = :{port}")]);
         if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
             return Ok(());
         }
@@ -571,8 +580,18 @@ impl Profile {
         };
         let pids: Vec<String> = pids.iter().map(|(_, p)| p.to_string()).collect();
         let out = dir.join(format!("{name}.data"));
+        // Rust code has no frame pointers: `SEGMESH_PERF_CALL_GRAPH=dwarf` gives its
+        // callers too, at a lower rate (the files are far larger).
+        let graph: Vec<String> = match std::env::var("SEGMESH_PERF_CALL_GRAPH") {
+            Ok(g) => ["-F", "499", "--call-graph", g.as_str()]
+                .map(String::from)
+                .into(),
+            Err(_) => vec!["-g".into()],
+        };
         let child = std::process::Command::new("perf")
-            .args(["record", "-q", "-g", "-o"])
+            .args(["record", "-q"])
+            .args(&graph)
+            .arg("-o")
             .arg(&out)
             .args(["-p", &pids.join(",")])
             .stdout(std::process::Stdio::null())
@@ -759,7 +778,7 @@ pub fn run(
             Duration::from_secs(900),
         ),
     );
-    std::thread::sleep(Duration::from_millis(100));
+    wait_udp_bound(topo.host("outside"), 53)?;
     let mut dns_figures = serde_json::Map::new();
     let dns_path = |topo: &Topology| -> anyhow::Result<Value> {
         let (per_second, each) = dns_rate(topo, dns_server, sizes.connections as usize, limit)?;

@@ -179,7 +179,8 @@ async fn now<F: std::future::Future>(f: F) -> Option<F::Output> {
 
 /// Relays through TLS until both sides end, `stop` is notified, or no byte moved either
 /// way for `idle` (as spliced flows do); what moved is counted from `app`'s side (app →
-/// peer is forward). A flow stopped by a policy resets the application's connection.
+/// peer is forward). A flow that does not end with both sides' FINs resets the
+/// application's connection (and the stream, at the peer).
 pub(crate) async fn relay(
     app: TcpStream,
     stream: H2Stream,
@@ -223,33 +224,25 @@ pub(crate) async fn relay(
         _ = idled => End::Idle,
     };
     let (f, b) = moved();
-    let copied = match end {
-        End::Copied(r) => Some(r),
-        End::Stopped => None,
-        End::Idle => {
-            return Moved {
-                forward: f,
-                backward: b,
-                path: DataPath::Copied,
-                close: Close::Idle,
-                tls: true,
-            };
-        }
-    };
-    let (forward, backward, close) = match copied {
-        Some(Ok((a, b))) => (a, b, Close::Closed),
-        None => (f, b, Close::Policy),
-        Some(Err(e))
+    let (forward, backward, close) = match end {
+        End::Copied(Ok((a, b))) => (a, b, Close::Closed),
+        End::Stopped => (f, b, Close::Policy),
+        End::Idle => (f, b, Close::Idle),
+        End::Copied(Err(e))
             if matches!(
                 e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
             ) =>
         {
             (f, b, Close::Reset)
         }
-        Some(Err(_)) => (f, b, Close::Error),
+        End::Copied(Err(_)) => (f, b, Close::Error),
     };
-    if close == Close::Policy {
+    // As spliced flows do: a reset (of the application, or of the stream by the peer)
+    // is passed on as a reset, and an idle, failed or stopped flow resets the
+    // application too, so that it does not wait on a half-dead peer. The stream, dropped
+    // unended, is reset at the peer.
+    if close != Close::Closed {
         crate::socket::reset(app);
     }
     Moved {
@@ -378,5 +371,49 @@ mod tests {
             );
         }
         drop(client);
+    }
+
+    /// A reset is passed on as a reset, both ways: the application's reset resets the
+    /// stream at the peer, and the peer's reset of the stream resets the application
+    /// (an encrypted flow passed it on as a FIN before).
+    #[tokio::test]
+    async fn a_reset_is_passed_on_both_ways() {
+        // The application resets.
+        let (client, app) = tcp_pair().await;
+        let (ours, mut theirs) = crate::mesh::stream::tests::pair().await;
+        let stop = tokio::sync::Notify::new();
+        let task = tokio::spawn(async move {
+            relay(app, ours, std::time::Duration::from_secs(30), &stop).await
+        });
+        crate::socket::reset(client);
+        let mut rest = Vec::new();
+        let e = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            theirs.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the peer learns of it")
+        .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+        assert_eq!(task.await.unwrap().close, Close::Reset);
+
+        // The peer resets the stream.
+        let (mut client, app) = tcp_pair().await;
+        let (ours, theirs) = crate::mesh::stream::tests::pair().await;
+        let stop = tokio::sync::Notify::new();
+        let task = tokio::spawn(async move {
+            relay(app, ours, std::time::Duration::from_secs(30), &stop).await
+        });
+        drop(theirs);
+        let mut rest = Vec::new();
+        let e = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the application learns of it")
+        .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+        assert_eq!(task.await.unwrap().close, Close::Reset);
     }
 }

@@ -624,7 +624,9 @@ impl Direction {
 /// bytes moved and whether the queue emptied: a sender that kept it full for
 /// [`QUEUED_MAX`] bytes is spliced.
 async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> std::io::Result<(u64, bool)> {
-    let mut buf = [0u8; super::splice::SMALL];
+    // On the heap: an array here would be part of the relay's future, which every
+    // kernel-relayed flow keeps for as long as it lives (4 KiB of its idle memory).
+    let mut buf = vec![0u8; super::splice::SMALL];
     let mut moved = 0;
     loop {
         if moved >= QUEUED_MAX {

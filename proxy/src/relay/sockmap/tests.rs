@@ -480,3 +480,50 @@ async fn a_kernel_relayed_flow_keeps_little_state() {
     eprintln!("the kernel relay's future: {size} bytes");
     assert!(size < 2048, "the kernel relay's future is {size} bytes");
 }
+
+/// Eight bulk streams at once, each sender writing, half-closing and closing its socket
+/// without waiting for the receiver's end (as the load test's bulk source does), each
+/// receiver reading to the end and closing: every flow ends closed, not reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_bulk_streams_closed_by_their_senders_end_cleanly() {
+    let Some(sm) = load() else { return };
+    let mut set_up = Vec::new();
+    for _ in 0..8 {
+        set_up.push(relayed(&sm, b"", Duration::from_secs(30)).await);
+    }
+    // All in the kernel's hands before any sender starts.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sm.flows() < 8 {
+        assert!(Instant::now() < deadline, "not every flow was handed over");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut flows = Vec::new();
+    for (i, r) in set_up.into_iter().enumerate() {
+        let data = stream(100 + i as u64, 16 << 20);
+        let (mut client, mut server) = (r.client, r.server);
+        let sent = data.clone();
+        let sender = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+        });
+        let receiver = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        flows.push((data, sender, receiver, r.relay));
+    }
+    for (i, (data, sender, receiver, relay)) in flows.into_iter().enumerate() {
+        within("the sender", sender).await.unwrap();
+        let got = within("the receiver", receiver).await.unwrap();
+        assert!(
+            got == data,
+            "flow {i}: {} of {} bytes",
+            got.len(),
+            data.len()
+        );
+        let o = within("the relay", relay).await.unwrap();
+        assert_eq!(o.close, Close::Closed, "flow {i}");
+        assert_eq!(o.forward, data.len() as u64, "flow {i}");
+    }
+}

@@ -348,7 +348,12 @@ impl Sockmap {
                     Ok(Step::Settled) => {}
                     Ok(Step::Waiting) => waiting = true,
                     Err(e) => {
-                        tracing::warn!(error = %e, "a kernel-relayed flow broke; resetting it");
+                        tracing::warn!(
+                            error = %e,
+                            side = ?d.side,
+                            held = d.held,
+                            "a kernel-relayed flow broke; resetting it"
+                        );
                         broken = true;
                     }
                 }
@@ -445,7 +450,9 @@ impl Sockmap {
         let ended = seen & d.side.end() != 0;
         let [_, bytes, cost, _] = self.dir(d.src);
         d.bytes = bytes;
-        let taken = socket::tcp_written(dst)?.wrapping_sub(d.base);
+        let taken = socket::tcp_written(dst)
+            .map_err(context("reading the peer's TCP_INFO"))?
+            .wrapping_sub(d.base);
         // Redirected or forwarded, not yet in the peer's send queue: the kernel backlog.
         let backlog = d.moved().saturating_sub(taken);
         if d.held {
@@ -453,14 +460,15 @@ impl Sockmap {
             if backlog > 0 {
                 return Ok(Step::Waiting);
             }
-            return match forward(d, src, dst)? {
+            return match forward(d, src, dst).map_err(context("forwarding held bytes"))? {
                 Forward::Blocked => Ok(Step::Waiting),
                 // The socket reports its end while held bytes may still wait in the
                 // kernel's queue for its receive buffer: the end is only after them.
                 // (Counted again: bytes and the FIN may have come since `held` was read.)
                 Forward::End if d.read < self.dir(d.src)[3] => Ok(Step::Waiting),
                 Forward::End => {
-                    dst.shutdown(Shutdown::Write)?;
+                    dst.shutdown(Shutdown::Write)
+                        .map_err(context("passing the FIN on"))?;
                     d.done = true;
                     Ok(Step::Settled)
                 }
@@ -505,7 +513,8 @@ impl Sockmap {
         if backlog > 0 {
             return Ok(Step::Waiting);
         }
-        dst.shutdown(Shutdown::Write)?;
+        dst.shutdown(Shutdown::Write)
+            .map_err(context("passing the FIN on"))?;
         d.done = true;
         Ok(Step::Settled)
     }
@@ -654,6 +663,11 @@ async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> std::io::Result<(u6
 
 /// The most moved in user space while handing a flow over.
 const QUEUED_MAX: u64 = 1 << 20;
+
+/// Names what failed in an error (kept of its kind), for the enforcer's log.
+fn context(what: &'static str) -> impl FnOnce(std::io::Error) -> std::io::Error {
+    move |e| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+}
 
 /// How much of a held direction is read at once.
 const HELD_READ: usize = 256 << 10;

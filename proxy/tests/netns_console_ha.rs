@@ -82,7 +82,7 @@ fn netns_console_replicas_on_etcd_survive_a_member_and_a_replica() {
     let api = lab.host("api");
     let api_addr = SocketAddr::new(api.ip4.into(), 8080);
     let seen = Arc::new(AtomicUsize::new(0));
-    let _server = in_ns(&api, greeter(api_addr, seen.clone()));
+    let _server = greet(&api, api_addr, seen.clone());
     wait_until("api's server listens", Duration::from_secs(10), || {
         in_ns(&lab.host("web"), attempt(api_addr)).join().unwrap() == Attempt::Greeted
     });

@@ -93,21 +93,12 @@ fn scenario(v6: bool) {
     let bulk = in_ns(&ext, bulk_server(SocketAddr::new(ip(&ext, v6), 7000)));
     let bad_seen = Arc::new(AtomicUsize::new(0));
     for port in [7000, 7777] {
-        let _ = in_ns(
-            &bad,
-            greeter(SocketAddr::new(ip(&bad, v6), port), bad_seen.clone()),
-        );
+        let _ = greet(&bad, SocketAddr::new(ip(&bad, v6), port), bad_seen.clone());
     }
     let ext_seen = Arc::new(AtomicUsize::new(0));
-    let _ = in_ns(
-        &ext,
-        greeter(SocketAddr::new(ip(&ext, v6), 7003), ext_seen.clone()),
-    );
+    let _ = greet(&ext, SocketAddr::new(ip(&ext, v6), 7003), ext_seen.clone());
     let work_seen = Arc::new(AtomicUsize::new(0));
-    let _ = in_ns(
-        &work,
-        greeter("[::]:8000".parse().unwrap(), work_seen.clone()),
-    );
+    let _ = greet(&work, "[::]:8000".parse().unwrap(), work_seen.clone());
     std::thread::sleep(Duration::from_millis(200)); // listeners bound (bounded: checked below by outcomes)
 
     // 1. Allowed outbound: 100 MB each way, half-closed, intact.
@@ -224,14 +215,8 @@ fn netns_enforcer_stopped_fails_closed() {
     capture(&work);
     let pid = start_enforcer(&topo, "work", &config);
     let seen = Arc::new(AtomicUsize::new(0));
-    let _ = in_ns(
-        &ext,
-        greeter(SocketAddr::new(ext.ip4.into(), 7000), seen.clone()),
-    );
-    let _ = in_ns(
-        &ext,
-        greeter(SocketAddr::new(ext.ip6.into(), 7000), seen.clone()),
-    );
+    let _ = greet(&ext, SocketAddr::new(ext.ip4.into(), 7000), seen.clone());
+    let _ = greet(&ext, SocketAddr::new(ext.ip6.into(), 7000), seen.clone());
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         in_ns(&work, attempt(SocketAddr::new(ext.ip4.into(), 7000)))
@@ -266,10 +251,7 @@ fn netns_enforcer_limits_timeouts_and_registered_pus() {
     capture(&work);
     start_enforcer(&topo, "work", &config);
     let seen = Arc::new(AtomicUsize::new(0));
-    let _ = in_ns(
-        &ext,
-        greeter(SocketAddr::new(ext.ip4.into(), 7000), seen.clone()),
-    );
+    let _ = greet(&ext, SocketAddr::new(ext.ip4.into(), 7000), seen.clone());
     // Port 7002 swallows SYNs: the enforcer's connect times out.
     ext.exec_ok(&[
         "iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "7002", "-j", "DROP",

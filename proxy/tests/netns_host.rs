@@ -99,19 +99,14 @@ fn netns_host_mode_protects_the_hosts_own_processes() {
     // captured), the enforcer in host mode named after the host.
     let seen = Arc::new(AtomicUsize::new(0));
     for port in [8080u16, 9090, 22] {
-        in_ns(
-            &host,
-            greeter(SocketAddr::new(host.ip4.into(), port), seen.clone()),
-        );
+        greet(&host, SocketAddr::new(host.ip4.into(), port), seen.clone());
     }
     let udp_seen = Arc::new(AtomicUsize::new(0));
     for h in [&peer, &other] {
-        in_ns(
+        greet(
             h,
-            greeter(
-                SocketAddr::new(h.ip4.into(), 80),
-                Arc::new(AtomicUsize::new(0)),
-            ),
+            SocketAddr::new(h.ip4.into(), 80),
+            Arc::new(AtomicUsize::new(0)),
         );
         in_ns(
             h,

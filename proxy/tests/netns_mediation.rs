@@ -81,7 +81,7 @@ fn netns_mediation_a_pod_is_no_relay() {
     start_enforcer(&topo, "work", &config);
     let seen = Arc::new(AtomicUsize::new(0));
     let target = SocketAddr::new(beyond.ip4.into(), 7000);
-    let _ = in_ns(&beyond, greeter(target, seen.clone()));
+    let _ = greet(&beyond, target, seen.clone());
     // The control: beyond answers when reached directly.
     wait_until("beyond listens", Duration::from_secs(10), || {
         in_ns(&nbr, short_attempt(target)).join().unwrap() == Attempt::Greeted
@@ -103,7 +103,7 @@ fn netns_mediation_a_pod_is_no_relay() {
     assert_eq!(seen.load(Ordering::SeqCst), 0, "nothing reached beyond");
     // The same over IPv6.
     let target6 = SocketAddr::new(beyond.ip6.into(), 7000);
-    let _ = in_ns(&beyond, greeter(target6, seen.clone()));
+    let _ = greet(&beyond, target6, seen.clone());
     let via6 = work.ip6.to_string();
     let route6 = format!("{}/128", beyond.ip6);
     nbr.exec_ok(&["ip", "-6", "route", "replace", &route6, "via", &via6]);
@@ -165,10 +165,7 @@ fn netns_mediation_the_proxy_uid_alone_is_captured() {
     start_enforcer(&topo, "work", &config);
     let seen = Arc::new(AtomicUsize::new(0));
     for port in [7000, 7001] {
-        let _ = in_ns(
-            &ext,
-            greeter(SocketAddr::new(ext.ip4.into(), port), seen.clone()),
-        );
+        let _ = greet(&ext, SocketAddr::new(ext.ip4.into(), port), seen.clone());
     }
     std::thread::sleep(Duration::from_millis(200)); // listeners bound (checked by outcomes)
 
@@ -288,7 +285,7 @@ fn netns_mediation_icmp_is_dropped_both_ways() {
     let seen = Arc::new(AtomicUsize::new(0));
     for v6 in [false, true] {
         let to = SocketAddr::new(ip(&ext, v6), 7000);
-        let _ = in_ns(&ext, greeter(to, seen.clone()));
+        let _ = greet(&ext, to, seen.clone());
         wait_until("an allowed connection", Duration::from_secs(10), || {
             in_ns(&work, short_attempt(to)).join().unwrap() == Attempt::Greeted
         });
@@ -375,7 +372,7 @@ log: true
     start_enforcer(&topo, "work", &config);
     let seen = Arc::new(AtomicUsize::new(0));
     for (h, v6) in [(&ext, false), (&ext, true), (&far, false), (&far, true)] {
-        let _ = in_ns(h, greeter(SocketAddr::new(ip(h, v6), 7000), seen.clone()));
+        let _ = greet(h, SocketAddr::new(ip(h, v6), 7000), seen.clone());
     }
     let udp_seen = Arc::new(AtomicUsize::new(0));
     for (h, v6) in [(&ext, false), (&ext, true), (&far, false), (&far, true)] {

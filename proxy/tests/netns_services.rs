@@ -81,7 +81,7 @@ fn netns_services_spread_skip_dead_endpoints_and_follow_policy() {
     for (name, s) in &seen {
         let h = lab.host(name);
         let port = if *name == "db" { 5432 } else { 8080 };
-        in_ns(&h, greeter(SocketAddr::new(h.ip4.into(), port), s.clone()));
+        greet(&h, SocketAddr::new(h.ip4.into(), port), s.clone());
     }
     let udp_seen: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     for (name, s) in ["api", "api2"].into_iter().zip(&udp_seen) {

@@ -191,15 +191,12 @@ fn three_tier(encrypt: bool) {
     // Every rejected pair is refused, and nothing reaches the servers.
     let seen = Arc::new(AtomicUsize::new(0));
     for (host, port) in [("web", 8080), ("api", 8080), ("api", 8089), ("db", 5432)] {
-        let _ = in_ns(
+        let _ = greet(
             &m.host(host),
-            greeter(
-                SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port),
-                seen.clone(),
-            ),
+            SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port),
+            seen.clone(),
         );
     }
-    std::thread::sleep(Duration::from_millis(200));
     let ip = |h: &str, p: u16| SocketAddr::new(m.host(h).ip4.into(), p);
     for (from, to) in [
         ("web", ip("db", 5432)),
@@ -758,15 +755,12 @@ fn netns_tunnel_modes_which_end_checks_what() {
     let (web, api) = (m.host("web"), m.host("api"));
     let seen: Vec<Arc<AtomicUsize>> = (0..9).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     for p in 1..=8u16 {
-        let _ = in_ns(
+        let _ = greet(
             &api,
-            greeter(
-                SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 9000 + p),
-                seen[p as usize].clone(),
-            ),
+            SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 9000 + p),
+            seen[p as usize].clone(),
         );
     }
-    std::thread::sleep(Duration::from_millis(200));
     let go = |p: u16| {
         in_ns(&web, attempt(SocketAddr::new(api.ip4.into(), 9000 + p)))
             .join()
@@ -855,10 +849,7 @@ fn netns_tunnel_idle_connections_from_one_address_do_not_block_others() {
     let m = mesh("idle-flood", true, "");
     let (api, db, internet) = (m.host("api"), m.host("db"), m.host("internet"));
     let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    in_ns(
-        &db,
-        greeter(SocketAddr::new(db.ip4.into(), 5432), seen.clone()),
-    );
+    greet(&db, SocketAddr::new(db.ip4.into(), 5432), seen.clone());
     let tunnel = SocketAddr::new(db.ip4.into(), 15008);
     let (opened, hold) = std::sync::mpsc::channel();
     let (release, released) = std::sync::mpsc::channel::<()>();
@@ -1005,10 +996,7 @@ fn netns_tunnel_tickets_are_single_use_and_bound_to_their_holder() {
     let m = mesh("tickets", false, "");
     let (web, api, db) = (m.host("web"), m.host("api"), m.host("db"));
     let seen = Arc::new(AtomicUsize::new(0));
-    let _server = in_ns(
-        &api,
-        greeter(SocketAddr::new(api.ip4.into(), 8080), seen.clone()),
-    );
+    let _server = greet(&api, SocketAddr::new(api.ip4.into(), 8080), seen.clone());
     let tunnel = SocketAddr::new(api.ip4.into(), 15008);
     let web_cfg = m.tls("web").client;
     let (status, headers) = in_ns(&web, async move {

@@ -333,7 +333,7 @@ log: true
     );
     let seen = Arc::new(AtomicUsize::new(0));
     let target = SocketAddr::new(ext.ip4.into(), 7000);
-    let _ = in_ns(&ext, greeter(target, seen.clone()));
+    let _ = greet(&ext, target, seen.clone());
     std::thread::sleep(Duration::from_millis(200)); // servers bound (checked by outcomes)
 
     // Never resolved: the address alone matches no domain entry.

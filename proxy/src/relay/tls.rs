@@ -259,6 +259,18 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// application <-> [app relay ours] <-> theirs (a stream of one HTTP/2 connection):
+    /// the application's end, the peer's stream and the relay's task.
+    async fn relayed() -> (TcpStream, H2Stream, tokio::task::JoinHandle<Moved>) {
+        let (client, app) = tcp_pair().await;
+        let (ours, theirs) = crate::mesh::stream::tests::pair().await;
+        let task = tokio::spawn(async move {
+            let stop = tokio::sync::Notify::new();
+            relay(app, ours, std::time::Duration::from_secs(30), &stop).await
+        });
+        (client, theirs, task)
+    }
+
     /// A connected pair of sockets on loopback.
     async fn tcp_pair() -> (TcpStream, TcpStream) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -291,12 +303,7 @@ mod tests {
     /// end is passed on as the other's EOF while the other direction goes on.
     #[tokio::test]
     async fn a_relayed_stream_is_exact_both_ways_and_passes_the_end_on() {
-        let (mut client, app) = tcp_pair().await;
-        let (ours, mut theirs) = crate::mesh::stream::tests::pair().await;
-        let stop = tokio::sync::Notify::new();
-        let relay = tokio::spawn(async move {
-            relay(app, ours, std::time::Duration::from_secs(30), &stop).await
-        });
+        let (mut client, mut theirs, relay) = relayed().await;
         let up: Vec<u8> = crate::relay::splice::tests::stream(7, 5 << 20);
         let down: Vec<u8> = crate::relay::splice::tests::stream(8, 3 << 20);
         let (up2, down2) = (up.clone(), down.clone());
@@ -344,12 +351,7 @@ mod tests {
     /// does not buffer the stream's bytes without bound.
     #[tokio::test]
     async fn an_application_that_does_not_read_holds_the_peer_back() {
-        let (client, app) = tcp_pair().await;
-        let (ours, mut theirs) = crate::mesh::stream::tests::pair().await;
-        let stop = tokio::sync::Notify::new();
-        let _relay = tokio::spawn(async move {
-            relay(app, ours, std::time::Duration::from_secs(30), &stop).await
-        });
+        let (client, mut theirs, _relay) = relayed().await;
         let chunk = vec![0u8; 64 << 10];
         let mut sent = 0usize;
         // Writes succeed until the stream's window, the socket buffers and what the
@@ -379,12 +381,7 @@ mod tests {
     #[tokio::test]
     async fn a_reset_is_passed_on_both_ways() {
         // The application resets.
-        let (client, app) = tcp_pair().await;
-        let (ours, mut theirs) = crate::mesh::stream::tests::pair().await;
-        let stop = tokio::sync::Notify::new();
-        let task = tokio::spawn(async move {
-            relay(app, ours, std::time::Duration::from_secs(30), &stop).await
-        });
+        let (client, mut theirs, task) = relayed().await;
         crate::socket::reset(client);
         let mut rest = Vec::new();
         let e = tokio::time::timeout(
@@ -398,12 +395,7 @@ mod tests {
         assert_eq!(task.await.unwrap().close, Close::Reset);
 
         // The peer resets the stream.
-        let (mut client, app) = tcp_pair().await;
-        let (ours, theirs) = crate::mesh::stream::tests::pair().await;
-        let stop = tokio::sync::Notify::new();
-        let task = tokio::spawn(async move {
-            relay(app, ours, std::time::Duration::from_secs(30), &stop).await
-        });
+        let (mut client, theirs, task) = relayed().await;
         drop(theirs);
         let mut rest = Vec::new();
         let e = tokio::time::timeout(

@@ -375,37 +375,29 @@ mod tests {
         drop(client);
     }
 
+    /// Reads `r` to its end, which must be a reset within 5 s.
+    async fn reads_a_reset(mut r: impl tokio::io::AsyncRead + Unpin, who: &str) {
+        let mut rest = Vec::new();
+        let e = tokio::time::timeout(std::time::Duration::from_secs(5), r.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("{who} never learned of the reset"))
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{who}: {e}");
+    }
+
     /// A reset is passed on as a reset, both ways: the application's reset resets the
     /// stream at the peer, and the peer's reset of the stream resets the application
     /// (an encrypted flow passed it on as a FIN before).
     #[tokio::test]
     async fn a_reset_is_passed_on_both_ways() {
-        // The application resets.
-        let (client, mut theirs, task) = relayed().await;
+        let (client, theirs, task) = relayed().await;
         crate::socket::reset(client);
-        let mut rest = Vec::new();
-        let e = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            theirs.read_to_end(&mut rest),
-        )
-        .await
-        .expect("the peer learns of it")
-        .unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+        reads_a_reset(theirs, "the peer").await;
         assert_eq!(task.await.unwrap().close, Close::Reset);
 
-        // The peer resets the stream.
-        let (mut client, theirs, task) = relayed().await;
+        let (client, theirs, task) = relayed().await;
         drop(theirs);
-        let mut rest = Vec::new();
-        let e = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            client.read_to_end(&mut rest),
-        )
-        .await
-        .expect("the application learns of it")
-        .unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+        reads_a_reset(client, "the application").await;
         assert_eq!(task.await.unwrap().close, Close::Reset);
     }
 }

@@ -53,8 +53,18 @@ async fn up(
             return Ok(());
         }
         size = if n == size { CHUNK } else { SMALL };
-        buf.truncate(n);
-        send_all(send, buf.freeze()).await?;
+        // A chunk keeps its whole allocation until h2 has written it: a short read into a
+        // large buffer is copied out, so that what the stream's window lets a flow queue
+        // (1 MiB of bytes) never holds more than twice that in memory (a workload writing
+        // 4 KiB, 1 byte, 4 KiB, ... to a peer that does not read would otherwise make
+        // 64 KiB allocations for a few bytes each, up to 32 MiB per flow).
+        let chunk = if n < buf.len() / 2 {
+            Bytes::copy_from_slice(&buf[..n])
+        } else {
+            buf.truncate(n);
+            buf.freeze()
+        };
+        send_all(send, chunk).await?;
         moved.fetch_add(n as u64, Ordering::Relaxed);
     }
 }

@@ -99,7 +99,6 @@ fn scenario(v6: bool) {
     let _ = greet(&ext, SocketAddr::new(ip(&ext, v6), 7003), ext_seen.clone());
     let work_seen = Arc::new(AtomicUsize::new(0));
     let _ = greet(&work, "[::]:8000".parse().unwrap(), work_seen.clone());
-    std::thread::sleep(Duration::from_millis(200)); // listeners bound (bounded: checked below by outcomes)
 
     // 1. Allowed outbound: 100 MB each way, half-closed, intact.
     let to = SocketAddr::new(ip(&ext, v6), 7000);
@@ -217,7 +216,6 @@ fn netns_enforcer_stopped_fails_closed() {
     let seen = Arc::new(AtomicUsize::new(0));
     let _ = greet(&ext, SocketAddr::new(ext.ip4.into(), 7000), seen.clone());
     let _ = greet(&ext, SocketAddr::new(ext.ip6.into(), 7000), seen.clone());
-    std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         in_ns(&work, attempt(SocketAddr::new(ext.ip4.into(), 7000)))
             .join()
@@ -256,7 +254,6 @@ fn netns_enforcer_limits_timeouts_and_registered_pus() {
     ext.exec_ok(&[
         "iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "7002", "-j", "DROP",
     ]);
-    std::thread::sleep(Duration::from_millis(200));
 
     // One connection held open uses the only permit; the next is refused at once.
     let to = SocketAddr::new(ext.ip4.into(), 7000);

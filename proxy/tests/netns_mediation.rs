@@ -167,7 +167,6 @@ fn netns_mediation_the_proxy_uid_alone_is_captured() {
     for port in [7000, 7001] {
         let _ = greet(&ext, SocketAddr::new(ext.ip4.into(), port), seen.clone());
     }
-    std::thread::sleep(Duration::from_millis(200)); // listeners bound (checked by outcomes)
 
     // A process running as uid 1337 without the enforcer's mark: captured and decided
     // like any other (7001 is not allowed: refused; 7000 is: relayed by the enforcer).

@@ -158,7 +158,7 @@ fn bulk(m: &Mesh, from: &str, to: &str, port: u16) {
             port,
         )),
     );
-    std::thread::sleep(Duration::from_millis(100));
+    wait_listening(&m.host(to), port);
     let client = in_ns(&m.host(from), bulk_client(target));
     assert_eq!(
         client.join().unwrap(),
@@ -626,7 +626,7 @@ fn netns_tunnel_attacks_fail_and_are_recorded() {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     });
-    std::thread::sleep(Duration::from_millis(200));
+    wait_listening(&api, 15008);
     refused_fast(
         in_ns(
             &m.host("web"),
@@ -947,7 +947,7 @@ fn netns_tunnel_a_server_cannot_drop_the_encryption_asked_for() {
             });
         }
     });
-    std::thread::sleep(Duration::from_millis(200));
+    wait_listening(&db, 15008);
     let target = SocketAddr::new(db.ip4.into(), 5432);
     let secret = in_ns(&api, async move {
         let Ok(mut s) = TcpStream::connect(target).await else {

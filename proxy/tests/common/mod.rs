@@ -114,21 +114,27 @@ pub async fn greeter(addr: SocketAddr, seen: Arc<AtomicUsize>) {
     }
 }
 
-/// Starts a [`greeter`] at `addr` in `h` and returns once it listens (asked of the kernel
-/// with `ss`, bounded): a connection made before the bind would be refused, and the
-/// enforcer would reset the client as if a policy had.
+/// Starts a [`greeter`] at `addr` in `h` and returns once it listens: a connection made
+/// before the bind would be refused, and the enforcer would reset the client as if a
+/// policy had.
 pub fn greet(h: &Host, addr: SocketAddr, seen: Arc<AtomicUsize>) -> std::thread::JoinHandle<()> {
     let server = in_ns(h, greeter(addr, seen));
-    let port = addr.port();
+    wait_listening(h, addr.port());
+    server
+}
+
+/// Waits until something listens on TCP `port` in `h` (asked of the kernel with `ss`, so
+/// that no probe connection is made), for at most 10 s.
+pub fn wait_listening(h: &Host, port: u16) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let out = h.exec(&["ss", "-Hltn", &format!("sport = :{port}")]);
         if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
-            return server;
+            return;
         }
         assert!(
-            std::time::Instant::now() < deadline && !server.is_finished(),
-            "the greeter at {addr} in {} never listened",
+            std::time::Instant::now() < deadline,
+            "nothing listens on port {port} in {}",
             h.name
         );
         std::thread::sleep(Duration::from_millis(10));

@@ -532,29 +532,26 @@ fn start_relays(topo: &Topology, port_in: u16, hop: u16, out: u16) {
     topo.spawn(s);
 }
 
-/// Waits until something listens on TCP `port` in `h` (asked of the kernel with `ss`,
-/// so that no probe connection goes through a relay).
+/// Waits until something listens on TCP `port` in `h` (no probe connection goes
+/// through a relay: see [`Host::bound`]).
 pub(crate) fn wait_listening(h: &Host, port: u16) -> anyhow::Result<()> {
-    wait_bound(h, port, "-Hltn")
+    wait_bound(h, port, false)
 }
 
 /// Waits until a UDP socket is bound to `port` in `h`.
 fn wait_udp_bound(h: &Host, port: u16) -> anyhow::Result<()> {
-    wait_bound(h, port, "-Hlun")
+    wait_bound(h, port, true)
 }
 
-fn wait_bound(h: &Host, port: u16, ss_flags: &str) -> anyhow::Result<()> {
+fn wait_bound(h: &Host, port: u16, udp: bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = h.exec(&["ss", ss_flags, &format!("sport = :{port}")]);
-        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
-            return Ok(());
-        }
+    while !h.bound(port, udp) {
         if Instant::now() > deadline {
             bail!("nothing listens on port {port} in {}", h.name);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(())
 }
 
 /// Bulk (1 and 8 streams), round trips and new connections, per path.

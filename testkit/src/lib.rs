@@ -107,6 +107,15 @@ impl Host {
             .unwrap_or_else(|e| panic!("{args:?}: {e}"))
     }
 
+    /// Whether something listens on TCP `port` (with `udp`: a UDP socket is bound to it)
+    /// in the namespace, asked of the kernel with `ss`: no probe connection is made (one
+    /// through an enforcer would be decided and recorded like any flow).
+    pub fn bound(&self, port: u16, udp: bool) -> bool {
+        let flags = if udp { "-Hlun" } else { "-Hltn" };
+        let out = self.exec(&["ss", flags, &format!("sport = :{port}")]);
+        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+    }
+
     /// Runs a command in the namespace and panics unless it succeeds.
     pub fn exec_ok(&self, args: &[&str]) -> String {
         let out = self.exec(args);

@@ -39,6 +39,27 @@ impl H2Stream {
     }
 }
 
+/// Waits until the peer's flow-control window has room: how many of `want` bytes may be
+/// sent now (a peer that does not read holds the sender here).
+pub(crate) fn poll_room(
+    send: &mut h2::SendStream<Bytes>,
+    cx: &mut Context<'_>,
+    want: usize,
+) -> Poll<io::Result<usize>> {
+    send.reserve_capacity(want);
+    loop {
+        let room = send.capacity();
+        if room > 0 {
+            return Poll::Ready(Ok(room.min(want)));
+        }
+        match ready!(send.poll_capacity(cx)) {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+            None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+}
+
 /// A stream error as the relays understand it: a reset by the peer is a reset.
 pub(crate) fn io_error(e: h2::Error) -> io::Error {
     if e.is_io() {
@@ -89,15 +110,7 @@ impl AsyncWrite for H2Stream {
             return Poll::Ready(Ok(0));
         }
         let me = self.get_mut();
-        me.send.reserve_capacity(buf.len());
-        while me.send.capacity() == 0 {
-            match ready!(me.send.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            }
-        }
-        let n = me.send.capacity().min(buf.len());
+        let n = ready!(poll_room(&mut me.send, cx, buf.len()))?;
         me.send
             .send_data(Bytes::copy_from_slice(&buf[..n]), false)
             .map_err(io_error)?;

@@ -38,7 +38,7 @@
 use std::collections::HashMap as StdHashMap;
 use std::net::{Shutdown, TcpStream as StdTcpStream};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -636,26 +636,21 @@ async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> std::io::Result<(u6
     // On the heap: an array here would be part of the relay's future, which every
     // kernel-relayed flow keeps for as long as it lives (4 KiB of its idle memory).
     let mut buf = vec![0u8; super::splice::SMALL];
-    let mut moved = 0;
+    let moved = AtomicU64::new(0);
     loop {
-        if moved >= QUEUED_MAX {
-            return Ok((moved, false));
+        let so_far = moved.load(Ordering::Relaxed);
+        if so_far >= QUEUED_MAX {
+            return Ok((so_far, false));
         }
         match src.try_read(&mut buf) {
-            Ok(0) => return Ok((moved, true)),
+            Ok(0) => return Ok((so_far, true)),
             Ok(n) => {
-                let mut done = 0;
-                while done < n {
-                    dst.writable().await?;
-                    match dst.try_write(&buf[done..n]) {
-                        Ok(m) => done += m,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                moved += n as u64;
+                super::splice::write_out(dst, n, &moved, |done, _| {
+                    nix::unistd::write(dst.as_fd(), &buf[done..n]).map_err(std::io::Error::from)
+                })
+                .await?
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok((moved, true)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok((so_far, true)),
             Err(e) => return Err(e),
         }
     }

@@ -192,7 +192,7 @@ fn after_read(r: io::Result<usize>, dst: &TcpStream) -> io::Result<Read> {
 
 /// Writes `n` bytes to `dst` with `write(done, left)` (a non-blocking syscall), waiting
 /// for writability between partial writes; counts them.
-async fn write_out(
+pub(super) async fn write_out(
     dst: &TcpStream,
     n: usize,
     counter: &AtomicU64,

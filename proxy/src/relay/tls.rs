@@ -9,7 +9,7 @@ use std::task::Poll;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
 
-use crate::mesh::stream::{H2Stream, io_error};
+use crate::mesh::stream::{H2Stream, io_error, poll_room};
 
 use super::Moved;
 use super::splice::{Close, DataPath, Progress};
@@ -53,43 +53,33 @@ async fn up(
             return Ok(());
         }
         size = if n == size { CHUNK } else { SMALL };
-        // A chunk keeps its whole allocation until h2 has written it: a short read into a
-        // large buffer is copied out, so that what the stream's window lets a flow queue
-        // (1 MiB of bytes) never holds more than twice that in memory (a workload writing
-        // 4 KiB, 1 byte, 4 KiB, ... to a peer that does not read would otherwise make
-        // 64 KiB allocations for a few bytes each, up to 32 MiB per flow).
-        let chunk = if n < buf.len() / 2 {
-            Bytes::copy_from_slice(&buf[..n])
-        } else {
-            buf.truncate(n);
-            buf.freeze()
-        };
-        send_all(send, chunk).await?;
+        send_all(send, chunk_of(buf, n)).await?;
         moved.fetch_add(n as u64, Ordering::Relaxed);
     }
+}
+
+/// The first `n` bytes read into `buf`, as the chunk queued on the stream. A chunk keeps
+/// its whole allocation until h2 has written it: a short read into a large buffer is
+/// copied out, so that what the stream's window lets a flow queue (1 MiB of bytes) never
+/// holds more than twice that in memory (a workload writing 4 KiB, 1 byte, 4 KiB, ... to
+/// a peer that does not read would otherwise make 64 KiB allocations for a few bytes
+/// each, up to 32 MiB per flow). A read that filled half its buffer or more is the chunk
+/// itself, uncopied.
+fn chunk_of(mut buf: BytesMut, n: usize) -> Bytes {
+    if n < buf.len() / 2 {
+        return Bytes::copy_from_slice(&buf[..n]);
+    }
+    buf.truncate(n);
+    buf.freeze()
 }
 
 /// Hands `data` to the stream as the peer's flow-control window admits it (a peer that
 /// does not read holds us back here, and the application behind us).
 async fn send_all(send: &mut h2::SendStream<Bytes>, mut data: Bytes) -> io::Result<()> {
     while !data.is_empty() {
-        send.reserve_capacity(data.len());
-        let room = std::future::poll_fn(|cx| {
-            loop {
-                let c = send.capacity();
-                if c > 0 {
-                    return Poll::Ready(Ok(c));
-                }
-                match std::task::ready!(send.poll_capacity(cx)) {
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                    None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-                }
-            }
-        })
-        .await?;
-        let chunk = data.split_to(room.min(data.len()));
-        send.send_data(chunk, false).map_err(io_error)?;
+        let room = std::future::poll_fn(|cx| poll_room(send, cx, data.len())).await?;
+        send.send_data(data.split_to(room), false)
+            .map_err(io_error)?;
     }
     Ok(())
 }
@@ -101,37 +91,33 @@ const GATHER: usize = 16;
 /// copy), those already there gathered in one `writev`; their flow-control capacity is
 /// released once the application's socket took them. The end of the stream is a FIN.
 async fn down(recv: &mut h2::RecvStream, app: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
-    let mut chunks: Vec<Bytes> = Vec::new();
     loop {
-        let mut ended = false;
-        // Wait for one frame, then take what else is already there.
-        loop {
-            let next = if chunks.is_empty() {
-                std::future::poll_fn(|cx| recv.poll_data(cx).map(Some)).await
-            } else {
-                now(std::future::poll_fn(|cx| recv.poll_data(cx))).await
-            };
-            match next {
-                None => break,
-                Some(None) => {
-                    ended = true;
-                    break;
-                }
-                Some(Some(Ok(b))) => {
-                    if !b.is_empty() {
-                        chunks.push(b);
+        // Made anew for each write: nothing is kept while waiting for the next frame.
+        let mut chunks: Vec<Bytes> = Vec::new();
+        // Wait for one frame, then take what else is already there: whether the stream
+        // ended.
+        let ended = std::future::poll_fn(|cx| {
+            loop {
+                match recv.poll_data(cx) {
+                    Poll::Pending if chunks.is_empty() => return Poll::Pending,
+                    Poll::Pending => return Poll::Ready(Ok(false)),
+                    Poll::Ready(None) => return Poll::Ready(Ok(true)),
+                    Poll::Ready(Some(Ok(b))) => {
+                        if !b.is_empty() {
+                            chunks.push(b);
+                        }
+                        if chunks.len() == GATHER {
+                            return Poll::Ready(Ok(false));
+                        }
                     }
-                    if chunks.len() == GATHER {
-                        break;
+                    Poll::Ready(Some(Err(e))) if e.reason() == Some(h2::Reason::NO_ERROR) => {
+                        return Poll::Ready(Ok(true));
                     }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(io_error(e))),
                 }
-                Some(Some(Err(e))) if e.reason() == Some(h2::Reason::NO_ERROR) => {
-                    ended = true;
-                    break;
-                }
-                Some(Some(Err(e))) => return Err(io_error(e)),
             }
-        }
+        })
+        .await?;
         let total: usize = chunks.iter().map(Bytes::len).sum();
         write_all_chunks(app, &mut chunks).await?;
         if total > 0 {
@@ -142,13 +128,11 @@ async fn down(recv: &mut h2::RecvStream, app: &TcpStream, moved: &AtomicU64) -> 
             crate::socket::shutdown_write(app)?;
             return Ok(());
         }
-        // Nothing kept while waiting for the next frame.
-        chunks = Vec::new();
     }
 }
 
 /// Writes every chunk to `app`, as many at once as the socket takes.
-async fn write_all_chunks(app: &TcpStream, chunks: &mut Vec<Bytes>) -> io::Result<()> {
+async fn write_all_chunks(app: &TcpStream, chunks: &mut [Bytes]) -> io::Result<()> {
     let mut first = 0;
     while first < chunks.len() {
         app.writable().await?;
@@ -172,19 +156,7 @@ async fn write_all_chunks(app: &TcpStream, chunks: &mut Vec<Bytes>) -> io::Resul
             }
         }
     }
-    chunks.clear();
     Ok(())
-}
-
-/// Polls `f` once: its output if ready now, None if it would wait (the future is then
-/// dropped, so it must be cancel-safe).
-async fn now<F: std::future::Future>(f: F) -> Option<F::Output> {
-    let mut f = std::pin::pin!(f);
-    std::future::poll_fn(|cx| match f.as_mut().poll(cx) {
-        Poll::Ready(v) => Poll::Ready(Some(v)),
-        Poll::Pending => Poll::Ready(None),
-    })
-    .await
 }
 
 /// Relays through TLS until both sides end, `stop` is notified, or no byte moved either
@@ -409,5 +381,25 @@ mod tests {
         drop(theirs);
         reads_a_reset(client, "the application").await;
         assert_eq!(task.await.unwrap().close, Close::Reset);
+    }
+
+    /// A short read is copied out of its large buffer before it is queued (so that a
+    /// workload cannot make its enforcer keep 64 KiB allocations for a few bytes each up
+    /// to the stream's window); a read that filled its buffer is queued uncopied.
+    #[test]
+    fn short_reads_do_not_keep_their_large_buffer() {
+        let big = BytesMut::zeroed(CHUNK);
+        let at = big.as_ptr();
+        let one = chunk_of(big, 1);
+        assert_eq!(one.len(), 1);
+        assert_ne!(one.as_ptr(), at, "a 1-byte chunk holds the 64 KiB buffer");
+        let full = BytesMut::zeroed(CHUNK);
+        let at = full.as_ptr();
+        let chunk = chunk_of(full, CHUNK);
+        assert_eq!(
+            (chunk.len(), chunk.as_ptr()),
+            (CHUNK, at),
+            "bulk is not copied"
+        );
     }
 }

@@ -123,22 +123,11 @@ pub fn greet(h: &Host, addr: SocketAddr, seen: Arc<AtomicUsize>) -> std::thread:
     server
 }
 
-/// Waits until something listens on TCP `port` in `h` (asked of the kernel with `ss`, so
-/// that no probe connection is made), for at most 10 s.
+/// Waits until something listens on TCP `port` in `h` ([`Host::bound`]), for at most
+/// 10 s.
 pub fn wait_listening(h: &Host, port: u16) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = h.exec(&["ss", "-Hltn", &format!("sport = :{port}")]);
-        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nothing listens on port {port} in {}",
-            h.name
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let what = format!("a listener on port {port} in {}", h.name);
+    wait_until(&what, Duration::from_secs(10), || h.bound(port, false));
 }
 
 #[derive(Debug, PartialEq)]

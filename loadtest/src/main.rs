@@ -81,22 +81,40 @@ fn in_ns<T: Send + 'static>(
     h.run(f)
 }
 
-fn http_ok(h: &Host, path: &'static str) -> bool {
+/// The body of a 200 answer to `GET path` from the enforcer's admin port in `h`.
+fn http_get(h: &Host, path: &'static str) -> Option<String> {
     h.thread(move || {
         use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect("127.0.0.1:15020") else {
-            return false;
-        };
-        let _ = write!(
+        let mut s = std::net::TcpStream::connect("127.0.0.1:15020").ok()?;
+        write!(
             s,
             "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        );
+        )
+        .ok()?;
         let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out.starts_with("HTTP/1.1 200")
+        s.read_to_string(&mut out).ok()?;
+        let body = out.strip_prefix("HTTP/1.1 200")?;
+        Some(
+            body.split_once("\r\n\r\n")
+                .map_or("", |(_, b)| b)
+                .to_owned(),
+        )
     })
     .join()
-    .unwrap_or(false)
+    .ok()
+    .flatten()
+}
+
+fn http_ok(h: &Host, path: &'static str) -> bool {
+    http_get(h, path).is_some()
+}
+
+/// The enforcer's heap in use (`segmesh_heap_in_use_bytes`) in `h`, in bytes.
+fn heap_in_use(h: &Host) -> Option<f64> {
+    let body = http_get(h, "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("segmesh_heap_in_use_bytes "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The enforcer binary: the given path, or `segmesh-proxy` beside this one.

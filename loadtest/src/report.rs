@@ -154,7 +154,7 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
                 .into_iter()
                 .flatten(),
         )
-        .map(|e| f(&e["rss_bytes_per_connection"]))
+        .map(|e| f(&e["rss_bytes_per_connection"]).max(f(&e["heap_bytes_per_connection"])))
         .fold(0.0, f64::max);
     let fanout_p99 = figures["fanout"]
         .as_array()
@@ -220,7 +220,7 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
             "×",
         ),
         target(
-            "RSS per idle connection (worst enforcer, either mode)",
+            "memory per idle connection (worst enforcer, either mode; RSS or heap in use, the larger)",
             idle_rss / 1024.0,
             6.0,
             false,
@@ -484,17 +484,18 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
             f(&c["ms_per_1000_connections"])
         ));
     }
-    md.push_str("\n## Idle connections held through both enforcers\n\n| mode | connections | enforcer | RSS before → held | RSS per connection | fds per connection |\n|---|---|---|---|---|---|\n");
+    md.push_str("\n## Idle connections held through both enforcers\n\n| mode | connections | enforcer | RSS before → held | RSS per connection | heap in use per connection | fds per connection |\n|---|---|---|---|---|---|---|\n");
     for mode in ["authenticated-only", "encrypted"] {
         let i = &figures["idle"][mode];
         for e in i["enforcers"].as_array().into_iter().flatten() {
             md.push_str(&format!(
-                "| {mode} | {} | {} | {} → {} KiB | {:.1} KiB | {:.2} |\n",
+                "| {mode} | {} | {} | {} → {} KiB | {:.1} KiB | {:.1} KiB | {:.2} |\n",
                 i["connections"],
                 e["enforcer"].as_str().unwrap_or(""),
                 e["rss_kib_before"],
                 e["rss_kib_held"],
                 f(&e["rss_bytes_per_connection"]) / 1024.0,
+                f(&e["heap_bytes_per_connection"]) / 1024.0,
                 f(&e["fds_per_connection"])
             ));
         }

@@ -405,9 +405,10 @@ fn idle(
     pids: &[(&'static str, u32)],
     limit: Duration,
 ) -> anyhow::Result<Value> {
-    let before: Vec<(u64, usize)> = pids
+    let heap = |name: &str| crate::heap_in_use(topo.host(name)).unwrap_or(0.0);
+    let before: Vec<(u64, usize, f64)> = pids
         .iter()
-        .map(|&(_, p)| (status_kib(p, "VmRSS:"), fds(p)))
+        .map(|&(name, p)| (status_kib(p, "VmRSS:"), fds(p), heap(name)))
         .collect();
     let hold = limit * 4;
     let _srv = in_ns(
@@ -450,13 +451,17 @@ fn idle(
     std::thread::sleep(Duration::from_millis(1500));
     let mut per = Vec::new();
     for (i, &(name, pid)) in pids.iter().enumerate() {
-        let (rss, fd) = (status_kib(pid, "VmRSS:"), fds(pid));
-        let (rss0, fd0) = before[i];
+        let (rss, fd, heap_held) = (status_kib(pid, "VmRSS:"), fds(pid), heap(name));
+        let (rss0, fd0, heap0) = before[i];
         per.push(json!({
             "enforcer": name,
             "rss_kib_before": rss0,
             "rss_kib_held": rss,
             "rss_bytes_per_connection": (rss.saturating_sub(rss0) * 1024) as f64 / opened.max(1) as f64,
+            // RSS grows only by what the allocator did not already hold: connections
+            // opened after a scenario that freed as much reuse its memory. The heap in
+            // use is what they take.
+            "heap_bytes_per_connection": (heap_held - heap0).max(0.0) / opened.max(1) as f64,
             "fds_before": fd0,
             "fds_held": fd,
             "fds_per_connection": fd.saturating_sub(fd0) as f64 / opened.max(1) as f64,
@@ -469,7 +474,7 @@ fn idle(
     while pids
         .iter()
         .zip(&before)
-        .any(|(&(_, p), &(_, fd0))| fds(p) > fd0 + 16)
+        .any(|(&(_, p), &(_, fd0, _))| fds(p) > fd0 + 16)
         && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(50));

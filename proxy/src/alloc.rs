@@ -29,5 +29,23 @@ pub fn keep_freed_memory(bytes: i32) -> bool {
     }
 }
 
+/// Bytes allocated and not freed, heap and separately mapped blocks together (glibc's
+/// `mallinfo2`); `None` where the C library is not glibc. What the enforcer's state
+/// takes, unlike RSS, which also holds freed memory kept for reuse (and so says nothing
+/// of a scenario run after another that freed as much).
+pub fn heap_in_use() -> Option<usize> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2(3) only reads the allocator's statistics (it takes each
+        // arena's lock in turn) and returns them by value.
+        let m = unsafe { libc::mallinfo2() };
+        Some(m.uordblks + m.hblkhd)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
 // Tested in tests/allocator.rs: a process of its own, as the thresholds and the
 // allocator's statistics are the whole process's.

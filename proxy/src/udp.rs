@@ -246,6 +246,36 @@ async fn upstream_socket(to: SocketAddr, mark: u32) -> std::io::Result<UdpSocket
     Ok(sock)
 }
 
+thread_local! {
+    /// Where sessions receive their datagrams (one per runtime thread): a session holds
+    /// no receive buffer of its own while it waits.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_DATAGRAM]);
+}
+
+/// Receives one datagram on `sock` and returns what `f` makes of it, `f` seeing it in
+/// this thread's scratch buffer. Cancel-safe as `UdpSocket::recv` (the receive itself
+/// does not wait). Before, each session kept two 64 KiB buffers for as long as it lived:
+/// a workload sending one datagram to each of many addresses made its enforcer hold
+/// 128 KiB per session (512 MiB at the default session bound).
+pub(crate) async fn recv_with<R>(
+    sock: &UdpSocket,
+    f: impl FnOnce(&[u8]) -> R,
+) -> std::io::Result<R> {
+    let mut f = Some(f);
+    loop {
+        sock.readable().await?;
+        let got: std::io::Result<R> = SCRATCH.with_borrow_mut(|buf| {
+            let n = sock.try_recv(buf)?;
+            let f = f.take().expect("called once: it returns after");
+            Ok(f(&buf[..n]))
+        });
+        match got {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
 /// Receives captured datagrams until the task is aborted.
 pub(crate) async fn serve(shared: Arc<Shared>, sock: UdpSocket) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -582,41 +612,43 @@ async fn relay(
     let dns = key.1.port() == 53;
     let idle = shared.settings.limits.udp_idle_timeout;
     let (mut back, mut back_bytes) = (0u64, 0u64);
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut out = vec![0u8; MAX_DATAGRAM];
     let close = loop {
         let until = s.last() + idle;
         tokio::select! {
             // The workload's later datagrams: TPROXY's socket lookup finds the reply
             // socket first (it is connected to exactly this 4-tuple), so they arrive
             // here rather than on the capture socket.
-            r = reply.recv(&mut out) => match r {
-                Ok(n) => {
+            r = recv_with(&reply, |d| (d.len(), up.try_send(d).is_ok())) => match r {
+                Ok((n, passed)) => {
                     s.touch();
                     s.sent.fetch_add(1, Ordering::Relaxed);
                     s.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    if up.try_send(&out[..n]).is_err() {
+                    if !passed {
                         shared.metrics.udp_dropped.inc();
                     }
                 }
                 // The workload's socket is gone (ICMP port unreachable for an answer).
                 Err(e) => break ended(&e),
             },
-            r = up.recv(&mut buf) => match r {
-                Ok(n) => {
+            r = recv_with(&up, |d| {
+                if dns {
+                    shared.names.learn(d, std::time::Instant::now());
+                }
+                // The workload's port now belongs to one of our upstream sockets:
+                // its socket is gone, and an answer would loop back to us.
+                let passed = (!shared.udp.own_port(key.0)).then(|| reply.try_send(d).is_ok());
+                (d.len(), passed)
+            }) => match r {
+                Ok((n, passed)) => {
                     s.touch();
-                    if dns {
-                        shared.names.learn(&buf[..n], std::time::Instant::now());
-                    }
                     back += 1;
                     back_bytes += n as u64;
-                    // The workload's port now belongs to one of our upstream sockets:
-                    // its socket is gone, and an answer would loop back to us.
-                    if shared.udp.own_port(key.0) {
-                        break Close::Reset;
-                    }
-                    if reply.try_send(&buf[..n]).is_err() {
-                        shared.metrics.udp_dropped.inc();
+                    match passed {
+                        None => break Close::Reset,
+                        Some(false) => {
+                            shared.metrics.udp_dropped.inc();
+                        }
+                        Some(true) => {}
                     }
                 }
                 Err(e) => break ended(&e),

@@ -65,7 +65,8 @@ log: true
             udp_echo(SocketAddr::new(ip(&ext, v6), 7001), refused_seen.clone()),
         );
     }
-    std::thread::sleep(Duration::from_millis(200)); // echo servers bound (checked by outcomes)
+    wait_udp_bound(&ext, 7000, 2);
+    wait_udp_bound(&ext, 7001, 2);
 
     for v6 in [false, true] {
         // Allowed: answered, from the address the workload sent to.
@@ -334,7 +335,8 @@ log: true
     let seen = Arc::new(AtomicUsize::new(0));
     let target = SocketAddr::new(ext.ip4.into(), 7000);
     let _ = greet(&ext, target, seen.clone());
-    std::thread::sleep(Duration::from_millis(200)); // servers bound (checked by outcomes)
+    wait_udp_bound(&dns, 53, 1);
+    wait_listening(&dns, 53);
 
     // Never resolved: the address alone matches no domain entry.
     refused_fast(in_ns(&work, attempt(target)).join().unwrap());
@@ -504,7 +506,9 @@ ports: [udp/7002]
             );
         }
     }
-    std::thread::sleep(Duration::from_millis(200)); // echo servers bound (checked by outcomes)
+    for port in [7000, 7001, 7002] {
+        wait_udp_bound(&api, port, 2);
+    }
 
     for v6 in [false, true] {
         let to = SocketAddr::new(ip(&api, v6), 7000);
@@ -666,7 +670,9 @@ log: true
             );
         }
     }
-    std::thread::sleep(Duration::from_millis(200)); // echo servers bound (checked by outcomes)
+    for port in [7000, 7001] {
+        wait_udp_bound(&work, port, 2);
+    }
     for v6 in [false, true] {
         let to = SocketAddr::new(ip(&work, v6), 7000);
         let (answer, from) = in_ns(&ext, ask(to, b"ping"))
@@ -795,4 +801,74 @@ log: true
             >= 5,
         "{records:#?}"
     );
+}
+
+/// Idle UDP sessions hold no receive buffers: 300 sessions, each answered once and then
+/// left idle, add less than 16 KiB each to the enforcer's heap in use
+/// (`segmesh_heap_in_use_bytes`). Each session kept two 64 KiB buffers before (128 KiB:
+/// a workload sending one datagram to each of many addresses could make its enforcer
+/// hold 512 MiB at the default bound of 4,096 sessions).
+#[test]
+fn netns_udp_idle_sessions_hold_no_buffers() {
+    if !netns_enabled() {
+        return;
+    }
+    const N: usize = 300;
+    let topo = Topology::new(&["work", "ext"]);
+    let (work, ext) = (topo.host("work").clone(), topo.host("ext").clone());
+    let dir = Scratch::new("udp-idle");
+    std::fs::write(
+        dir.0.join("policies.yaml"),
+        format!(
+            "kind: ExternalNetwork\nname: ext\nnamespace: /lab\nentries: [\"{}\"]\n---\n\
+             kind: NetworkPolicy\nname: udp-echo\nnamespace: /lab\naction: Allow\nmode: Outgoing\n\
+             subject: [[app=work]]\nobject: [[ext:name=ext]]\nports: [udp/7000]\n",
+            ext.ip4
+        ),
+    )
+    .unwrap();
+    let config = dir.0.join("enforcer.yaml");
+    std::fs::write(
+        &config,
+        "pu: {name: work, namespace: /lab, tags: [app=work]}\npolicies: [policies.yaml]\nlimits: {udp_idle_timeout: 60s, max_udp_sessions: 1024}\n",
+    )
+    .unwrap();
+    capture(&work);
+    start_enforcer(&topo, "work", &config);
+    let to = SocketAddr::new(ext.ip4.into(), 7000);
+    let _ = in_ns(&ext, udp_echo(to, Arc::new(AtomicUsize::new(0))));
+    wait_udp_bound(&ext, 7000, 1);
+    // One session first: what the first one allocates once (the runtime thread's
+    // scratch buffer among it) is not a session's.
+    assert!(in_ns(&work, ask(to, b"warm")).join().unwrap().is_some());
+    let before = metric(&work, "segmesh_heap_in_use_bytes");
+    assert!(before > 0.0, "no heap figure");
+
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let client = in_ns(&work, async move {
+        let mut held = Vec::with_capacity(N);
+        for i in 0..N {
+            let s = UdpSocket::bind("0.0.0.0:0").await.unwrap();
+            s.connect(to).await.unwrap();
+            s.send(b"x").await.unwrap();
+            let mut b = [0u8; 8];
+            let answer = tokio::time::timeout(Duration::from_secs(2), s.recv(&mut b)).await;
+            assert!(matches!(answer, Ok(Ok(1))), "session {i}: {answer:?}");
+            held.push(s);
+        }
+        held_tx.send(()).unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(60), release_rx).await;
+    });
+    held_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the sessions opened");
+    let sessions = metric(&work, "segmesh_udp_sessions");
+    let during = metric(&work, "segmesh_heap_in_use_bytes");
+    let _ = release_tx.send(());
+    client.join().unwrap();
+    assert!(sessions > N as f64, "{sessions} sessions held");
+    let per = (during - before) / N as f64;
+    eprintln!("heap in use per idle UDP session: {per:.0} bytes");
+    assert!(per < 16.0 * 1024.0, "{per:.0} heap bytes per idle session");
 }

@@ -11,7 +11,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use super::splice::Close;
-use crate::mesh::wire::{MAX_DATAGRAM, frame, frame_len};
+use crate::mesh::wire::{frame, frame_len};
 
 /// What a session moved: datagrams and bytes from our side into the tunnel (`sent`)
 /// and back.
@@ -63,7 +63,6 @@ where
         }
     });
     let mut counts = Counts::default();
-    let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut last = Instant::now();
     let Local { sock, mut early } = local;
     let close = loop {
@@ -93,8 +92,9 @@ where
                 // The other end closed the session.
                 None => break Close::Closed,
             },
-            r = sock.recv(&mut buf) => match r {
-                Ok(n) => Some(buf[..n].to_vec()),
+            // Copied out of the thread's scratch buffer: the session keeps none.
+            r = crate::udp::recv_with(sock, |d| d.to_vec()) => match r {
+                Ok(d) => Some(d),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break Close::Reset,
                 Err(_) => break Close::Error,
             },

@@ -130,6 +130,16 @@ pub fn wait_listening(h: &Host, port: u16) {
     wait_until(&what, Duration::from_secs(10), || h.bound(port, false));
 }
 
+/// Waits until `n` UDP sockets are bound to `port` in `h` (an echo server per address
+/// family), for at most 10 s.
+pub fn wait_udp_bound(h: &Host, port: u16, n: usize) {
+    let what = format!("{n} UDP sockets on port {port} in {}", h.name);
+    wait_until(&what, Duration::from_secs(10), || {
+        let out = h.exec(&["ss", "-Hlun", &format!("sport = :{port}")]);
+        String::from_utf8_lossy(&out.stdout).lines().count() >= n
+    });
+}
+
 #[derive(Debug, PartialEq)]
 pub enum Attempt {
     /// The greeting arrived: the connection reached a server.

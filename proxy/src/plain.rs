@@ -56,16 +56,18 @@ pub(crate) async fn forward(
         .await;
         return rec.finish(Moved::plain(out));
     }
-    let progress = Progress::default();
-    let out = splice::relay_until(
-        app,
-        upstream,
-        limits.idle_timeout,
-        false,
-        &progress,
-        &stop.notify,
-        shared.kernel(),
-    )
-    .await;
-    rec.finish(Moved::plain(out));
+    crate::relay::detach(async move {
+        let progress = Progress::default();
+        let out = splice::relay_until(
+            app,
+            upstream,
+            limits.idle_timeout,
+            false,
+            &progress,
+            &stop.notify,
+            shared.kernel(),
+        )
+        .await;
+        rec.finish(Moved::plain(out));
+    });
 }

@@ -75,7 +75,7 @@ pub(crate) async fn connect(mut rec: Recorder, app: TcpStream, svc: Arc<ServiceT
         ))
         .await
         {
-            Ok(n) => return crate::mesh::client::carry(rec, app, svc.target, n).await,
+            Ok(n) => return crate::mesh::client::carry(rec, app, svc.target, n),
             Err((reason, _)) if skippable(&reason) => {
                 tracing::debug!(service = %svc.name, endpoint = %to, %reason, "endpoint skipped");
                 rec.peer_identity = None;

@@ -236,25 +236,28 @@ pub(crate) async fn connect(
     ))
     .await
     {
-        Ok(n) => carry(rec, app, target.port(), n).await,
+        Ok(n) => carry(rec, app, target.port(), n),
         Err((reason, by)) => rec.reset(app, reason, by),
     }
 }
 
-/// Moves the bytes of a negotiated flow to `port` of the peer's workload until it ends.
-pub(crate) async fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated) {
-    let shared = rec.shared().clone();
+/// Moves the bytes of a negotiated flow to `port` of the peer's workload until it ends,
+/// in a task of its own ([`crate::relay::detach`]).
+pub(crate) fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated) {
     let Negotiated { data, peer, reason } = n;
     let stop = rec.relaying(Peer::Pu(peer_tags(&peer)), port);
-    let idle = shared.settings.limits.idle_timeout;
-    let moved = match data {
-        Data::Stream(s) => tls::relay(app, s, idle, &stop.notify).await,
-        Data::Plain(tcp) => {
-            let p = Progress::default();
-            let k = shared.kernel();
-            Moved::plain(splice::relay_until(app, tcp, idle, false, &p, &stop.notify, k).await)
-        }
-    };
     rec.peer_reason = Some(reason.as_str().into());
-    rec.finish(moved);
+    crate::relay::detach(async move {
+        let shared = rec.shared().clone();
+        let idle = shared.settings.limits.idle_timeout;
+        let moved = match data {
+            Data::Stream(s) => tls::relay(app, s, idle, &stop.notify).await,
+            Data::Plain(tcp) => {
+                let p = Progress::default();
+                let k = shared.kernel();
+                Moved::plain(splice::relay_until(app, tcp, idle, false, &p, &stop.notify, k).await)
+            }
+        };
+        rec.finish(moved);
+    });
 }

@@ -396,15 +396,18 @@ impl Connection {
         let Ok(send) = respond.send_response(accepted.to_http(), false) else {
             return rec.finish(Moved::nothing(Close::Error, true));
         };
-        let _guard = InStream::new(&self);
+        let guard = InStream::new(&self);
         let stream = H2Stream::new(send, req.into_body());
         let stop = rec.relaying(Peer::Pu(peer_tags(&self.peer)), r.port);
         let idle = shared.settings.limits.idle_timeout;
-        // Relayed from the workload's side: the flow's source is the peer.
-        let moved = tls::relay(workload, stream, idle, &stop.notify)
-            .await
-            .reversed();
-        rec.finish(moved);
+        crate::relay::detach(async move {
+            let _guard = guard;
+            // Relayed from the workload's side: the flow's source is the peer.
+            let moved = tls::relay(workload, stream, idle, &stop.notify)
+                .await
+                .reversed();
+            rec.finish(moved);
+        });
     }
 }
 

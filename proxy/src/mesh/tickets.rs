@@ -189,9 +189,11 @@ pub(crate) async fn serve(
     }
     // Decided again here if a snapshot came since the ticket's decision.
     let stop = rec.relaying(Peer::Pu(peer_tags(&peer)), port);
-    let progress = Progress::default();
-    let idle = shared.settings.limits.idle_timeout;
-    let k = shared.kernel();
-    let o = splice::relay_until(tcp, workload, idle, false, &progress, &stop.notify, k).await;
-    rec.finish(Moved::plain(o));
+    crate::relay::detach(async move {
+        let progress = Progress::default();
+        let idle = shared.settings.limits.idle_timeout;
+        let k = shared.kernel();
+        let o = splice::relay_until(tcp, workload, idle, false, &progress, &stop.notify, k).await;
+        rec.finish(Moved::plain(o));
+    });
 }

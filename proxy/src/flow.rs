@@ -528,6 +528,7 @@ mod tests {
             segmesh_policy::TagSet::parse(["app=api"]).unwrap(),
         )
         .tags;
+        let api = Arc::new(api);
         // Allowed and kept relaying under the same snapshot: not stopped.
         let mut ok = Recorder::new(&shared, shared.snapshot(), flow());
         let stop = ok.relaying(Peer::Pu(api.clone()), FlowPort::tcp(8080));

@@ -543,7 +543,7 @@ async fn tunnel(
         }
     };
     rec.peer_reason = Some(n.reason.as_str().into());
-    let stop = rec.relaying(Peer::Pu(crate::mesh::peer_tags(&n.peer)), port);
+    let stop = rec.relaying(Peer::Pu(n.tags.clone()), port);
     let local = crate::relay::datagrams::Local {
         sock: &reply,
         early: Some(&mut early),

@@ -9,15 +9,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use segmesh_api::{FlowReason, Side};
-use segmesh_identity::WorkloadIdentity;
 use segmesh_policy::{Direction, FlowPort, Protocol, Verdict};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::conns::{Conn, EstablishError};
+use super::decide;
 use super::stream::H2Stream;
 use super::wire::{Reason, Request, Response};
-use super::{decide, peer_tags};
 use crate::flow::{Recorder, reason_of};
 use crate::metrics::PoolLabels;
 use crate::open::Peer;
@@ -51,7 +50,8 @@ pub(crate) enum Data {
 /// uses. The error is the refusal and who refused.
 pub(crate) struct Negotiated {
     pub data: Data,
-    pub peer: WorkloadIdentity,
+    /// The peer's tags, shared with its connection.
+    pub tags: Arc<segmesh_policy::TagSet>,
     pub reason: Reason,
 }
 
@@ -205,7 +205,7 @@ pub(crate) async fn negotiate(
     };
     Ok(Negotiated {
         data,
-        peer: conn.peer.clone(),
+        tags: conn.tags.clone(),
         reason: resp.reason,
     })
 }
@@ -244,8 +244,8 @@ pub(crate) async fn connect(
 /// Moves the bytes of a negotiated flow to `port` of the peer's workload until it ends,
 /// in a task of its own ([`crate::relay::detach`]).
 pub(crate) fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated) {
-    let Negotiated { data, peer, reason } = n;
-    let stop = rec.relaying(Peer::Pu(peer_tags(&peer)), port);
+    let Negotiated { data, tags, reason } = n;
+    let stop = rec.relaying(Peer::Pu(tags), port);
     rec.peer_reason = Some(reason.as_str().into());
     crate::relay::detach(async move {
         let shared = rec.shared().clone();

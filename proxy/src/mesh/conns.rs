@@ -54,6 +54,8 @@ pub(crate) struct Conn {
     /// Set when the connection ended (its task finished).
     closed: Arc<AtomicBool>,
     pub peer: WorkloadIdentity,
+    /// The peer's tags ([`super::peer_tags`]), for every flow over this connection.
+    pub tags: Arc<segmesh_policy::TagSet>,
     /// Whether its TLS session was resumed.
     pub resumed: bool,
     created: Instant,
@@ -191,6 +193,7 @@ async fn establish(
     Ok(Conn {
         send,
         closed,
+        tags: Arc::new(super::peer_tags(&peer)),
         peer,
         resumed,
         created: now,

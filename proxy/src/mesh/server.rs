@@ -175,6 +175,7 @@ async fn serve_tls(
         from,
         local,
         peer: peer.clone(),
+        tags: Arc::new(peer_tags(&peer)),
         resumed,
         flows: AtomicUsize::new(0),
         streamed: AtomicBool::new(false),
@@ -262,6 +263,8 @@ struct Connection {
     from: SocketAddr,
     local: SocketAddr,
     peer: WorkloadIdentity,
+    /// The peer's tags ([`super::peer_tags`]), for every flow over this connection.
+    tags: Arc<segmesh_policy::TagSet>,
     resumed: bool,
     /// Flows relaying in streams of this connection.
     flows: AtomicUsize,
@@ -363,7 +366,7 @@ impl Connection {
             };
             let _guard = InStream::new(&self);
             let stream = H2Stream::new(send, req.into_body());
-            return serve_udp(rec, stream, sock, workload_addr, peer_tags(&self.peer)).await;
+            return serve_udp(rec, stream, sock, workload_addr, self.tags.clone()).await;
         }
         let connect = crate::socket::connect(workload_addr, None, shared.settings.socket_mark);
         let workload =
@@ -382,6 +385,7 @@ impl Connection {
                 workload,
                 holder: self.from.ip(),
                 peer: self.peer.clone(),
+                tags: self.tags.clone(),
                 port: r.port,
             };
             let r = match shared.tickets.issue(shared, pending) {
@@ -398,7 +402,7 @@ impl Connection {
         };
         let guard = InStream::new(&self);
         let stream = H2Stream::new(send, req.into_body());
-        let stop = rec.relaying(Peer::Pu(peer_tags(&self.peer)), r.port);
+        let stop = rec.relaying(Peer::Pu(self.tags.clone()), r.port);
         let idle = shared.settings.limits.idle_timeout;
         crate::relay::detach(async move {
             let _guard = guard;
@@ -424,7 +428,7 @@ async fn serve_udp(
     stream: H2Stream,
     sock: tokio::net::UdpSocket,
     target: SocketAddr,
-    peer: segmesh_policy::TagSet,
+    peer: Arc<segmesh_policy::TagSet>,
 ) {
     let shared = rec.shared().clone();
     let limits = shared.settings.limits;

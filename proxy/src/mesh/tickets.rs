@@ -17,8 +17,8 @@ use segmesh_identity::WorkloadIdentity;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use super::server::registered;
 use super::wire::{PREFACE_LEN, Ticket};
-use super::{peer_tags, server::registered};
 use crate::flow::Recorder;
 use crate::metrics::{ErrorKind, PoolLabels};
 use crate::open::Peer;
@@ -40,6 +40,7 @@ pub(crate) struct Pending {
     /// The address the ticket is good from.
     pub holder: IpAddr,
     pub peer: WorkloadIdentity,
+    pub tags: Arc<segmesh_policy::TagSet>,
     pub port: u16,
 }
 
@@ -162,6 +163,7 @@ pub(crate) async fn serve(
         mut rec,
         workload,
         peer,
+        tags,
         port,
         ..
     } = match shared.tickets.redeem(&ticket, from.ip()) {
@@ -188,7 +190,7 @@ pub(crate) async fn serve(
         return rec.refuse(FlowReason::Impersonation, Some(Side::Server));
     }
     // Decided again here if a snapshot came since the ticket's decision.
-    let stop = rec.relaying(Peer::Pu(peer_tags(&peer)), port);
+    let stop = rec.relaying(Peer::Pu(tags), port);
     crate::relay::detach(async move {
         let progress = Progress::default();
         let idle = shared.settings.limits.idle_timeout;

@@ -41,7 +41,8 @@ fn heap_in_use_counts_live_allocations_only() {
         let block = std::hint::black_box(vec![1u8; size]);
         let during = heap_in_use().unwrap();
         assert!(
-            during >= before + size && during < before + size + (64 << 10),
+            // Other threads (the test harness's) may allocate or free a little meanwhile.
+            during + (8 << 10) >= before + size && during < before + size + (64 << 10),
             "{size} bytes allocated: {before} -> {during}"
         );
         drop(block);

@@ -45,16 +45,17 @@ pub(crate) async fn forward(
     let stop = rec.relaying(peer, rec.flow.destination.port);
     if rec.flow.direction == segmesh_policy::Direction::Outgoing && target.port() == 53 {
         // DNS over TCP: read to learn names (see relay::dns).
-        let shared = rec.shared().clone();
-        let out = crate::relay::dns::relay(
-            app,
-            upstream,
-            limits.idle_timeout,
-            &stop.notify,
-            &shared.names,
-        )
-        .await;
-        return rec.finish(Moved::plain(out));
+        return crate::relay::detach(async move {
+            let out = crate::relay::dns::relay(
+                app,
+                upstream,
+                limits.idle_timeout,
+                &stop.notify,
+                &shared.names,
+            )
+            .await;
+            rec.finish(Moved::plain(out));
+        });
     }
     crate::relay::detach(async move {
         let progress = Progress::default();

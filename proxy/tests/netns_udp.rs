@@ -875,10 +875,10 @@ fn netns_udp_idle_sessions_hold_no_buffers() {
 
 /// Idle DNS-over-TCP connections hold no buffers: 200 connections to the resolver's port
 /// 53 (relayed through a buffer to learn names, not spliced), each answered once and then
-/// left idle, add less than 8 KiB each to the enforcer's heap in use (3.4 KiB here; 28.9 KiB before). Each kept 24 KiB
-/// before (a 16 KiB buffer for answers, `tokio::io::copy`'s 8 KiB for queries): a
-/// workload holding connections to its resolver open could make its enforcer hold that
-/// much per connection.
+/// left idle, add less than 8 KiB each to the enforcer's heap in use (3.4 KiB here, 28.9
+/// KiB before: each kept a 16 KiB buffer for answers and `tokio::io::copy`'s 8 KiB for
+/// queries, so a workload holding connections to its resolver open could make its
+/// enforcer hold that much per connection).
 #[test]
 fn netns_udp_idle_dns_tcp_connections_hold_no_buffers() {
     if !netns_enabled() {

@@ -339,7 +339,8 @@ impl Sockmap {
             }
             let mut waiting = false;
             let mut broken = false;
-            for d in &mut dirs {
+            let done = [dirs[0].done, dirs[1].done];
+            for (i, d) in dirs.iter_mut().enumerate() {
                 let (src, dst) = match d.side {
                     Side::A => (&a, &b),
                     Side::B => (&b, &a),
@@ -348,10 +349,23 @@ impl Sockmap {
                     Ok(Step::Settled) => {}
                     Ok(Step::Waiting) => waiting = true,
                     Err(e) => {
+                        // Which flow, in which enforcer: its sockets' addresses (a closed
+                        // socket has no peer any more), and whether the other direction
+                        // had already ended.
+                        let ends = |s: &StdTcpStream| {
+                            let peer = s.peer_addr().map_or("closed".into(), |p| p.to_string());
+                            format!(
+                                "{} -> {peer}",
+                                s.local_addr().map_or("?".into(), |l| l.to_string())
+                            )
+                        };
                         tracing::warn!(
                             error = %e,
                             side = ?d.side,
                             held = d.held,
+                            a = %ends(&a),
+                            b = %ends(&b),
+                            other_done = done[1 - i],
                             "a kernel-relayed flow broke; resetting it"
                         );
                         broken = true;

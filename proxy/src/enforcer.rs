@@ -279,7 +279,9 @@ impl Enforcer {
 
     /// Serves a connection of our PU whose original destination is already known (what
     /// capture finds with `SO_ORIGINAL_DST`): for embedders that capture connections
-    /// themselves, and the in-process tests.
+    /// themselves, and the in-process tests. Returns once the flow is refused, or decided
+    /// and connected: an allowed flow's bytes then move in a task of its own until it
+    /// ends (its record is written then).
     pub async fn proxy_outbound(&self, stream: TcpStream, target: SocketAddr) {
         let peer = stream
             .peer_addr()

@@ -15,25 +15,13 @@ use criterion::Criterion;
 use rustls::client::Resumption;
 use rustls::{ClientConfig, HandshakeKind, ServerConfig};
 use rustls_pki_types::ServerName;
-use segmesh_identity::{Ca, KeyAlgorithm, Sessions, TlsConfigs};
+use segmesh_identity::{Ca, KeyAlgorithm};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 
 mod common;
-use common::TD;
-
-fn configs(ca: &Ca, name: &str, alg: KeyAlgorithm) -> TlsConfigs {
-    let (key, issued) = common::issue(ca, name, alg);
-    TlsConfigs::from_pem(
-        &issued.chain_pem,
-        &key.pem(),
-        &issued.bundle_pem,
-        TD,
-        &Sessions::new().unwrap(),
-    )
-    .unwrap()
-}
+use common::{TD, configs};
 
 async fn tls_server(server: Arc<ServerConfig>) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

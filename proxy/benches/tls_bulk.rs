@@ -10,34 +10,17 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use rustls_pki_types::ServerName;
-use segmesh_identity::{Ca, KeyAlgorithm, Sessions, SpiffeId, TlsConfigs, WorkloadKey};
+use segmesh_identity::{Ca, KeyAlgorithm, TlsConfigs};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const TD: &str = "segmesh.local";
 const BYTES: usize = 64 << 20;
 const CHUNK: usize = 64 << 10;
 
-fn configs(ca: &Ca, name: &str) -> TlsConfigs {
-    let key = WorkloadKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-    let id = SpiffeId::new(TD, "/bench", name).unwrap();
-    let issued = ca
-        .issue(
-            &key.csr_pem(name).unwrap(),
-            &id,
-            &["app=bench".to_owned()],
-            Duration::from_secs(3600),
-        )
-        .unwrap();
-    TlsConfigs::from_pem(
-        &issued.chain_pem,
-        &key.pem(),
-        &issued.bundle_pem,
-        TD,
-        &Sessions::new().unwrap(),
-    )
-    .unwrap()
-}
+// The identity benches' certificate set-up (a bench CA, a workload's configurations).
+#[path = "../../identity/benches/common/mod.rs"]
+mod common;
+use common::configs;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Variant {
@@ -101,8 +84,9 @@ async fn once(variant: Variant, a: &TlsConfigs, b: &TlsConfigs) -> Duration {
 }
 
 fn bench(c: &mut Criterion) {
-    let ca = Ca::new_root(TD, KeyAlgorithm::EcdsaP256).unwrap();
-    let (a, b) = (configs(&ca, "a"), configs(&ca, "b"));
+    let ca = Ca::new_root(common::TD, KeyAlgorithm::EcdsaP256).unwrap();
+    let alg = KeyAlgorithm::EcdsaP256;
+    let (a, b) = (configs(&ca, "a", alg), configs(&ca, "b", alg));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1060,58 +1060,19 @@ fn netns_tunnel_tickets_are_single_use_and_bound_to_their_holder() {
 }
 
 /// Heap in use per flow held idle through both enforcers (`segmesh_heap_in_use_bytes`),
-/// client and server side, after `N` flows from web to api that each got their greeting.
+/// client and server side, while web holds 400 flows to api that each got their greeting.
 fn idle_heap_per_flow(encrypt: bool) -> (f64, f64) {
-    use tokio::io::AsyncReadExt;
-    const N: usize = 400;
     let m = mesh(if encrypt { "idle-enc" } else { "idle-auth" }, encrypt, "");
     let (web, api) = (m.host("web"), m.host("api"));
     let to = SocketAddr::new(api.ip4.into(), 8080);
     let _server = greet(&api, to, Arc::new(AtomicUsize::new(0)));
+    let open = move || greeted(to);
     // A first flow: what the first one allocates once (the pooled tunnel connection,
     // buffers that stay) is not a flow's.
-    let first = in_ns(&web, async move {
-        let mut s = TcpStream::connect(to).await.unwrap();
-        let mut b = [0u8; 6];
-        s.read_exact(&mut b).await.unwrap();
-        s
-    })
-    .join()
-    .unwrap();
-    let heap = |h: &Host| metric(h, "segmesh_heap_in_use_bytes");
-    let before = (heap(&web), heap(&api));
-    let (held_tx, held_rx) = std::sync::mpsc::channel();
-    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let client = in_ns(&web, async move {
-        let mut held = Vec::with_capacity(N);
-        for i in 0..N {
-            let mut s = TcpStream::connect(to).await.unwrap();
-            let mut b = [0u8; 6];
-            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
-                .await
-                .unwrap_or_else(|_| panic!("flow {i}: no greeting"))
-                .unwrap_or_else(|e| panic!("flow {i}: {e}"));
-            held.push(s);
-        }
-        held_tx.send(()).unwrap();
-        let _ = tokio::time::timeout(Duration::from_secs(60), release_rx).await;
-    });
-    held_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the flows opened");
-    // The relays give back what they took while bytes flowed (the greeting) after
-    // 100 ms without bytes.
-    let settled = std::time::Instant::now() + Duration::from_millis(500);
-    let mut during = (heap(&web), heap(&api));
-    while std::time::Instant::now() < settled {
-        std::thread::sleep(Duration::from_millis(50));
-        during = (heap(&web), heap(&api));
-    }
-    let _ = release_tx.send(());
-    client.join().unwrap();
+    let first = in_ns(&web, open()).join().unwrap();
+    let per = heap_per_held(&web, &[&web, &api], 400, open);
     drop(first);
-    let per = |a: f64, b: f64| (b - a) / N as f64;
-    (per(before.0, during.0), per(before.1, during.1))
+    (per[0], per[1])
 }
 
 /// An idle flow's relay runs in a task of its own, without the state of the flow's

@@ -22,9 +22,11 @@ fn netns_udp_sessions_are_decided_answered_recorded_and_bounded() {
     let topo = Topology::new(&["work", "ext"]);
     let (work, ext) = (topo.host("work").clone(), topo.host("ext").clone());
     let dir = Scratch::new("udp");
-    std::fs::write(
-        dir.0.join("policies.yaml"),
-        format!(
+    enforce(
+        &topo,
+        "work",
+        &dir,
+        &format!(
             r#"
 kind: ExternalNetwork
 name: ext
@@ -43,16 +45,8 @@ log: true
 "#,
             ext.ip4, ext.ip6
         ),
-    )
-    .unwrap();
-    let config = dir.0.join("enforcer.yaml");
-    std::fs::write(
-        &config,
         "pu: {name: work, namespace: /lab, tags: [app=work]}\npolicies: [policies.yaml]\nflow_log: flows.jsonl\nlimits: {udp_idle_timeout: 1s, max_udp_sessions: 256}\n",
-    )
-    .unwrap();
-    capture(&work);
-    start_enforcer(&topo, "work", &config);
+    );
     let (allowed_seen, refused_seen) =
         (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     for v6 in [false, true] {
@@ -277,9 +271,11 @@ fn netns_udp_domain_egress_follows_what_the_workload_resolved() {
         topo.host("ext").clone(),
     );
     let dir = Scratch::new("domains");
-    std::fs::write(
-        dir.0.join("policies.yaml"),
-        format!(
+    enforce(
+        &topo,
+        "work",
+        &dir,
+        &format!(
             r#"
 kind: ExternalNetwork
 name: resolver
@@ -313,16 +309,8 @@ log: true
 "#,
             dns.ip4
         ),
-    )
-    .unwrap();
-    let config = dir.0.join("enforcer.yaml");
-    std::fs::write(
-        &config,
         "pu: {name: work, namespace: /lab, tags: [app=work]}\npolicies: [policies.yaml]\nflow_log: flows.jsonl\nlimits: {udp_idle_timeout: 1s}\n",
-    )
-    .unwrap();
-    capture(&work);
-    start_enforcer(&topo, "work", &config);
+    );
     let server = SocketAddr::new(dns.ip4.into(), 53);
     let _ = in_ns(
         &dns,
@@ -817,58 +805,36 @@ fn netns_udp_idle_sessions_hold_no_buffers() {
     let topo = Topology::new(&["work", "ext"]);
     let (work, ext) = (topo.host("work").clone(), topo.host("ext").clone());
     let dir = Scratch::new("udp-idle");
-    std::fs::write(
-        dir.0.join("policies.yaml"),
-        format!(
+    enforce(
+        &topo,
+        "work",
+        &dir,
+        &format!(
             "kind: ExternalNetwork\nname: ext\nnamespace: /lab\nentries: [\"{}\"]\n---\n\
              kind: NetworkPolicy\nname: udp-echo\nnamespace: /lab\naction: Allow\nmode: Outgoing\n\
              subject: [[app=work]]\nobject: [[ext:name=ext]]\nports: [udp/7000]\n",
             ext.ip4
         ),
-    )
-    .unwrap();
-    let config = dir.0.join("enforcer.yaml");
-    std::fs::write(
-        &config,
         "pu: {name: work, namespace: /lab, tags: [app=work]}\npolicies: [policies.yaml]\nlimits: {udp_idle_timeout: 60s, max_udp_sessions: 1024}\n",
-    )
-    .unwrap();
-    capture(&work);
-    start_enforcer(&topo, "work", &config);
+    );
     let to = SocketAddr::new(ext.ip4.into(), 7000);
     let _ = in_ns(&ext, udp_echo(to, Arc::new(AtomicUsize::new(0))));
     wait_udp_bound(&ext, 7000, 1);
     // One session first: what the first one allocates once (the runtime thread's
     // scratch buffer among it) is not a session's.
     assert!(in_ns(&work, ask(to, b"warm")).join().unwrap().is_some());
-    let before = metric(&work, "segmesh_heap_in_use_bytes");
-    assert!(before > 0.0, "no heap figure");
-
-    let (held_tx, held_rx) = std::sync::mpsc::channel();
-    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let client = in_ns(&work, async move {
-        let mut held = Vec::with_capacity(N);
-        for i in 0..N {
-            let s = UdpSocket::bind("0.0.0.0:0").await.unwrap();
-            s.connect(to).await.unwrap();
-            s.send(b"x").await.unwrap();
-            let mut b = [0u8; 8];
-            let answer = tokio::time::timeout(Duration::from_secs(2), s.recv(&mut b)).await;
-            assert!(matches!(answer, Ok(Ok(1))), "session {i}: {answer:?}");
-            held.push(s);
-        }
-        held_tx.send(()).unwrap();
-        let _ = tokio::time::timeout(Duration::from_secs(60), release_rx).await;
-    });
-    held_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the sessions opened");
+    let per = heap_per_held(&work, &[&work], N, move || async move {
+        let s = UdpSocket::bind("0.0.0.0:0").await.unwrap();
+        s.connect(to).await.unwrap();
+        s.send(b"x").await.unwrap();
+        let mut b = [0u8; 8];
+        let answer = tokio::time::timeout(Duration::from_secs(2), s.recv(&mut b)).await;
+        assert!(matches!(answer, Ok(Ok(1))), "no answer: {answer:?}");
+        s
+    })[0];
+    // The sessions outlive their client sockets (60 s idle).
     let sessions = metric(&work, "segmesh_udp_sessions");
-    let during = metric(&work, "segmesh_heap_in_use_bytes");
-    let _ = release_tx.send(());
-    client.join().unwrap();
     assert!(sessions > N as f64, "{sessions} sessions held");
-    let per = (during - before) / N as f64;
     eprintln!("heap in use per idle UDP session: {per:.0} bytes");
     assert!(per < 16.0 * 1024.0, "{per:.0} heap bytes per idle session");
 }
@@ -884,62 +850,29 @@ fn netns_udp_idle_dns_tcp_connections_hold_no_buffers() {
     if !netns_enabled() {
         return;
     }
-    use tokio::io::AsyncReadExt;
     const N: usize = 200;
     let topo = Topology::new(&["work", "dns"]);
     let (work, dns) = (topo.host("work").clone(), topo.host("dns").clone());
     let dir = Scratch::new("dns-idle");
-    std::fs::write(
-        dir.0.join("policies.yaml"),
-        format!(
+    enforce(
+        &topo,
+        "work",
+        &dir,
+        &format!(
             "kind: ExternalNetwork\nname: resolver\nnamespace: /lab\nentries: [\"{}\"]\nports: [tcp/53]\n---\n\
              kind: NetworkPolicy\nname: dns\nnamespace: /lab\naction: Allow\nmode: Outgoing\n\
              subject: [[app=work]]\nobject: [[ext:name=resolver]]\n",
             dns.ip4
         ),
-    )
-    .unwrap();
-    let config = dir.0.join("enforcer.yaml");
-    std::fs::write(
-        &config,
         "pu: {name: work, namespace: /lab, tags: [app=work]}\npolicies: [policies.yaml]\n",
-    )
-    .unwrap();
-    capture(&work);
-    start_enforcer(&topo, "work", &config);
+    );
     let to = SocketAddr::new(dns.ip4.into(), 53);
     // Answers every connection with a greeting and keeps it open.
     let _server = greet(&dns, to, Arc::new(AtomicUsize::new(0)));
-    let open = move || async move {
-        let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
-        let mut b = [0u8; 6];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
-            .await
-            .expect("no greeting")
-            .unwrap();
-        s
-    };
+    let open = move || greeted(to);
     let first = in_ns(&work, open()).join().unwrap();
-    let before = metric(&work, "segmesh_heap_in_use_bytes");
-    assert!(before > 0.0, "no heap figure");
-    let (held_tx, held_rx) = std::sync::mpsc::channel();
-    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let client = in_ns(&work, async move {
-        let mut held = Vec::with_capacity(N);
-        for _ in 0..N {
-            held.push(open().await);
-        }
-        held_tx.send(()).unwrap();
-        let _ = tokio::time::timeout(Duration::from_secs(60), release_rx).await;
-    });
-    held_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the connections opened");
-    let during = metric(&work, "segmesh_heap_in_use_bytes");
-    let _ = release_tx.send(());
-    client.join().unwrap();
+    let per = heap_per_held(&work, &[&work], N, open)[0];
     drop(first);
-    let per = (during - before) / N as f64;
     eprintln!("heap in use per idle DNS-over-TCP connection: {per:.0} bytes");
     assert!(
         per < 8.0 * 1024.0,

@@ -1,9 +1,10 @@
-//! What the identity benches share: a workload certificate from a bench CA.
+//! What the identity benches share: a workload certificate from a bench CA. The
+//! enforcer's TLS bench (`proxy/benches/tls_bulk.rs`) includes this file too.
 
 use std::time::Duration;
 
 use segmesh_identity::Issued;
-use segmesh_identity::{Ca, KeyAlgorithm, SpiffeId, WorkloadKey};
+use segmesh_identity::{Ca, KeyAlgorithm, Sessions, SpiffeId, TlsConfigs, WorkloadKey};
 
 pub const TD: &str = "segmesh.local";
 
@@ -20,4 +21,19 @@ pub fn issue(ca: &Ca, name: &str, alg: KeyAlgorithm) -> (WorkloadKey, Issued) {
         )
         .unwrap();
     (key, issued)
+}
+
+/// The TLS configurations of `name`'s identity (as an enforcer builds them), with the
+/// default cryptography provider.
+#[allow(dead_code)] // not every bench uses it
+pub fn configs(ca: &Ca, name: &str, alg: KeyAlgorithm) -> TlsConfigs {
+    let (key, issued) = issue(ca, name, alg);
+    TlsConfigs::from_pem(
+        &issued.chain_pem,
+        &key.pem(),
+        &issued.bundle_pem,
+        TD,
+        &Sessions::new().unwrap(),
+    )
+    .unwrap()
 }

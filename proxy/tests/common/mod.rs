@@ -319,3 +319,64 @@ pub async fn ask(to: SocketAddr, msg: &'static [u8]) -> Option<(Vec<u8>, SocketA
         .ok()?;
     Some((b[..n].to_vec(), from))
 }
+
+/// Writes `policies` (as `policies.yaml`) and an enforcer configuration into `dir`,
+/// captures `host`'s traffic and starts its enforcer; the enforcer's pid.
+pub fn enforce(topo: &Topology, host: &str, dir: &Scratch, policies: &str, config: &str) -> u32 {
+    std::fs::write(dir.0.join("policies.yaml"), policies).unwrap();
+    let path = dir.0.join("enforcer.yaml");
+    std::fs::write(&path, config).unwrap();
+    capture(topo.host(host));
+    start_enforcer(topo, host, &path)
+}
+
+/// The heap each of `enforcers` takes per item while `client` holds `n` items that
+/// `open` makes there (connections, UDP sessions): `segmesh_heap_in_use_bytes` read
+/// before and while they are held, after the relays' 100 ms idle timers have given back
+/// what they took while bytes flowed.
+pub fn heap_per_held<T, F, Fut>(client: &Host, enforcers: &[&Host], n: usize, open: F) -> Vec<f64>
+where
+    T: Send + 'static,
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send,
+{
+    let heap = |h: &&Host| metric(h, "segmesh_heap_in_use_bytes");
+    let before: Vec<f64> = enforcers.iter().map(heap).collect();
+    assert!(
+        before.iter().all(|b| *b > 0.0),
+        "no heap figure: {before:?}"
+    );
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let holder = in_ns(client, async move {
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            held.push(open().await);
+        }
+        held_tx.send(()).unwrap();
+        let _ = tokio::time::timeout(LIMIT, release_rx).await;
+        drop(held);
+    });
+    held_rx.recv_timeout(LIMIT).expect("the items opened");
+    std::thread::sleep(Duration::from_millis(300));
+    let during: Vec<f64> = enforcers.iter().map(heap).collect();
+    let _ = release_tx.send(());
+    holder.join().unwrap();
+    before
+        .iter()
+        .zip(&during)
+        .map(|(b, d)| (d - b) / n as f64)
+        .collect()
+}
+
+/// Connects to `to` and reads a [`greeter`]'s greeting (within 5 s); the connection,
+/// still open.
+pub async fn greeted(to: SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
+    let mut b = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+        .await
+        .expect("no greeting")
+        .unwrap();
+    s
+}

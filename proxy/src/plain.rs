@@ -43,32 +43,17 @@ pub(crate) async fn forward(
     let _ = upstream.set_nodelay(true);
     let peer = Peer::Address(rec.flow.peer_ip(), names);
     let stop = rec.relaying(peer, rec.flow.destination.port);
-    if rec.flow.direction == segmesh_policy::Direction::Outgoing && target.port() == 53 {
-        // DNS over TCP: read to learn names (see relay::dns).
-        return crate::relay::detach(async move {
-            let out = crate::relay::dns::relay(
-                app,
-                upstream,
-                limits.idle_timeout,
-                &stop.notify,
-                &shared.names,
-            )
-            .await;
-            rec.finish(Moved::plain(out));
-        });
-    }
-    crate::relay::detach(async move {
-        let progress = Progress::default();
-        let out = splice::relay_until(
-            app,
-            upstream,
-            limits.idle_timeout,
-            false,
-            &progress,
-            &stop.notify,
-            shared.kernel(),
-        )
-        .await;
-        rec.finish(Moved::plain(out));
+    // DNS over TCP is read to learn names (see relay::dns); the rest is spliced.
+    let dns = rec.flow.direction == segmesh_policy::Direction::Outgoing && target.port() == 53;
+    rec.finish_after(async move {
+        let idle = limits.idle_timeout;
+        let out = if dns {
+            crate::relay::dns::relay(app, upstream, idle, &stop.notify, &shared.names).await
+        } else {
+            let progress = Progress::default();
+            let k = shared.kernel();
+            splice::relay_until(app, upstream, idle, false, &progress, &stop.notify, k).await
+        };
+        Moved::plain(out)
     });
 }

@@ -10,16 +10,6 @@ pub(crate) mod tls;
 
 use splice::{Close, DataPath, Outcome};
 
-/// Runs a flow's relay phase as a task of its own, the task that set the flow up ending.
-/// A task's allocation is its future's largest state, kept for the task's whole life:
-/// the setup's states (the decision, the tunnel's negotiation, each async layer's copy
-/// of its arguments) made every relaying flow's task 3.5 KiB, of which the relay needs
-/// 1.5 KiB. The relay's own task is about as large as the relay. (Draining follows the
-/// flows, not the tasks: the recorder counts a flow open until it finishes.)
-pub(crate) fn detach(relay: impl std::future::Future<Output = ()> + Send + 'static) {
-    tokio::spawn(relay);
-}
-
 /// What a finished flow moved, from the source's side.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Moved {

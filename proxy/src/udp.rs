@@ -261,19 +261,16 @@ pub(crate) async fn recv_with<R>(
     sock: &UdpSocket,
     f: impl FnOnce(&[u8]) -> R,
 ) -> std::io::Result<R> {
-    let mut f = Some(f);
-    loop {
+    let n = loop {
         sock.readable().await?;
-        let got: std::io::Result<R> = SCRATCH.with_borrow_mut(|buf| {
-            let n = sock.try_recv(buf)?;
-            let f = f.take().expect("called once: it returns after");
-            Ok(f(&buf[..n]))
-        });
-        match got {
+        match SCRATCH.with_borrow_mut(|buf| sock.try_recv(buf)) {
+            Ok(n) => break n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            r => return r,
+            Err(e) => return Err(e),
         }
-    }
+    };
+    // No await since the receive: the datagram is still in this thread's buffer.
+    Ok(SCRATCH.with_borrow(|buf| f(&buf[..n])))
 }
 
 /// Receives captured datagrams until the task is aborted.

@@ -841,7 +841,7 @@ fn netns_udp_idle_sessions_hold_no_buffers() {
 
 /// Idle DNS-over-TCP connections hold no buffers: 200 connections to the resolver's port
 /// 53 (relayed through a buffer to learn names, not spliced), each answered once and then
-/// left idle, add less than 8 KiB each to the enforcer's heap in use (3.4 KiB here, 28.9
+/// left idle, add less than 8 KiB each to the enforcer's heap in use (3.6 KiB here, 28.9
 /// KiB before: each kept a 16 KiB buffer for answers and `tokio::io::copy`'s 8 KiB for
 /// queries, so a workload holding connections to its resolver open could make its
 /// enforcer hold that much per connection).

@@ -242,22 +242,21 @@ pub(crate) async fn connect(
 }
 
 /// Moves the bytes of a negotiated flow to `port` of the peer's workload until it ends,
-/// in a task of its own ([`crate::relay::detach`]).
+/// in a task of its own ([`Recorder::finish_after`]).
 pub(crate) fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated) {
     let Negotiated { data, tags, reason } = n;
     let stop = rec.relaying(Peer::Pu(tags), port);
     rec.peer_reason = Some(reason.as_str().into());
-    crate::relay::detach(async move {
-        let shared = rec.shared().clone();
+    let shared = rec.shared().clone();
+    rec.finish_after(async move {
         let idle = shared.settings.limits.idle_timeout;
-        let moved = match data {
+        match data {
             Data::Stream(s) => tls::relay(app, s, idle, &stop.notify).await,
             Data::Plain(tcp) => {
                 let p = Progress::default();
                 let k = shared.kernel();
                 Moved::plain(splice::relay_until(app, tcp, idle, false, &p, &stop.notify, k).await)
             }
-        };
-        rec.finish(moved);
+        }
     });
 }

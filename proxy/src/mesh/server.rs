@@ -404,13 +404,12 @@ impl Connection {
         let stream = H2Stream::new(send, req.into_body());
         let stop = rec.relaying(Peer::Pu(self.tags.clone()), r.port);
         let idle = shared.settings.limits.idle_timeout;
-        crate::relay::detach(async move {
+        rec.finish_after(async move {
             let _guard = guard;
             // Relayed from the workload's side: the flow's source is the peer.
-            let moved = tls::relay(workload, stream, idle, &stop.notify)
+            tls::relay(workload, stream, idle, &stop.notify)
                 .await
-                .reversed();
-            rec.finish(moved);
+                .reversed()
         });
     }
 }

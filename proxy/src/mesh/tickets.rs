@@ -191,11 +191,11 @@ pub(crate) async fn serve(
     }
     // Decided again here if a snapshot came since the ticket's decision.
     let stop = rec.relaying(Peer::Pu(tags), port);
-    crate::relay::detach(async move {
+    rec.finish_after(async move {
         let progress = Progress::default();
         let idle = shared.settings.limits.idle_timeout;
         let k = shared.kernel();
         let o = splice::relay_until(tcp, workload, idle, false, &progress, &stop.notify, k).await;
-        rec.finish(Moved::plain(o));
+        Moved::plain(o)
     });
 }

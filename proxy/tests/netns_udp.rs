@@ -791,8 +791,8 @@ log: true
     );
 }
 
-/// Idle UDP sessions hold no receive buffers: 300 sessions, each answered once and then
-/// left idle, add less than 16 KiB each to the enforcer's heap in use
+/// Idle UDP sessions hold no receive buffers: 300 sessions per address family, each
+/// answered once and then left idle, add less than 16 KiB each to the enforcer's heap in use
 /// (`segmesh_heap_in_use_bytes`). Each session kept two 64 KiB buffers before (128 KiB:
 /// a workload sending one datagram to each of many addresses could make its enforcer
 /// hold 512 MiB at the default bound of 4,096 sessions).
@@ -810,33 +810,48 @@ fn netns_udp_idle_sessions_hold_no_buffers() {
         "work",
         &dir,
         &format!(
-            "kind: ExternalNetwork\nname: ext\nnamespace: /lab\nentries: [\"{}\"]\n---\n\
+            "kind: ExternalNetwork\nname: ext\nnamespace: /lab\nentries: [\"{}\", \"{}\"]\n---\n\
              kind: NetworkPolicy\nname: udp-echo\nnamespace: /lab\naction: Allow\nmode: Outgoing\n\
              subject: [[app=work]]\nobject: [[ext:name=ext]]\nports: [udp/7000]\n",
-            ext.ip4
+            ext.ip4, ext.ip6
         ),
         "pu: {name: work, namespace: /lab, tags: [app=work]}\npolicies: [policies.yaml]\nlimits: {udp_idle_timeout: 60s, max_udp_sessions: 1024}\n",
     );
-    let to = SocketAddr::new(ext.ip4.into(), 7000);
-    let _ = in_ns(&ext, udp_echo(to, Arc::new(AtomicUsize::new(0))));
-    wait_udp_bound(&ext, 7000, 1);
-    // One session first: what the first one allocates once (the runtime thread's
-    // scratch buffer among it) is not a session's.
-    assert!(in_ns(&work, ask(to, b"warm")).join().unwrap().is_some());
-    let per = heap_per_held(&work, &[&work], N, move || async move {
-        let s = UdpSocket::bind("0.0.0.0:0").await.unwrap();
-        s.connect(to).await.unwrap();
-        s.send(b"x").await.unwrap();
-        let mut b = [0u8; 8];
-        let answer = tokio::time::timeout(Duration::from_secs(2), s.recv(&mut b)).await;
-        assert!(matches!(answer, Ok(Ok(1))), "no answer: {answer:?}");
-        s
-    })[0];
-    // The sessions outlive their client sockets (60 s idle).
-    let sessions = metric(&work, "segmesh_udp_sessions");
-    assert!(sessions > N as f64, "{sessions} sessions held");
-    eprintln!("heap in use per idle UDP session: {per:.0} bytes");
-    assert!(per < 16.0 * 1024.0, "{per:.0} heap bytes per idle session");
+    for v6 in [false, true] {
+        let _ = in_ns(
+            &ext,
+            udp_echo(
+                SocketAddr::new(ip(&ext, v6), 7000),
+                Arc::new(AtomicUsize::new(0)),
+            ),
+        );
+    }
+    wait_udp_bound(&ext, 7000, 2);
+    // Each family: its sessions are held while the next family's are measured.
+    for v6 in [false, true] {
+        let to = SocketAddr::new(ip(&ext, v6), 7000);
+        let any: SocketAddr = if v6 { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap();
+        // One session first: what the first one allocates once (the runtime thread's
+        // scratch buffer among it) is not a session's.
+        assert!(in_ns(&work, ask(to, b"warm")).join().unwrap().is_some());
+        let per = heap_per_held(&work, &[&work], N, move || async move {
+            let s = UdpSocket::bind(any).await.unwrap();
+            s.connect(to).await.unwrap();
+            s.send(b"x").await.unwrap();
+            let mut b = [0u8; 8];
+            let answer = tokio::time::timeout(Duration::from_secs(2), s.recv(&mut b)).await;
+            assert!(matches!(answer, Ok(Ok(1))), "no answer: {answer:?}");
+            s
+        })[0];
+        // The sessions outlive their client sockets (60 s idle).
+        let sessions = metric(&work, "segmesh_udp_sessions");
+        assert!(sessions > N as f64, "{sessions} sessions held");
+        eprintln!("heap in use per idle UDP session (v6: {v6}): {per:.0} bytes");
+        assert!(
+            per < 16.0 * 1024.0,
+            "v6 {v6}: {per:.0} heap bytes per idle session"
+        );
+    }
 }
 
 /// Idle DNS-over-TCP connections hold no buffers: 200 connections to the resolver's port

@@ -10,13 +10,13 @@ use std::sync::Arc;
 
 use segmesh_api::{FlowReason, Side};
 use segmesh_policy::{Direction, FlowPort, Protocol, Verdict};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::conns::{Conn, EstablishError};
 use super::decide;
 use super::stream::H2Stream;
-use super::wire::{Reason, Request, Response};
+use super::wire::{MAX_BOOK, Reason, Request, Response, Ticket, book_from_http, book_request};
 use crate::flow::{Recorder, reason_of};
 use crate::metrics::PoolLabels;
 use crate::open::Peer;
@@ -127,11 +127,39 @@ pub(crate) async fn negotiate(
         return Err((reason, Some(Side::Client)));
     }
     let udp = port.protocol == Protocol::Udp;
-    let request = Request {
+    let mut request = Request {
         port: target.port(),
         encrypt: encrypt || udp,
         udp,
     };
+    // An authenticated-only flow with a ticket from the peer's book: no request on the
+    // connection; the flow is asked for, decided and answered on its data connection.
+    if !request.encrypt {
+        let (ticket, ask) = conn.ticket();
+        if ask {
+            refill(&shared, &conn);
+        }
+        if let Some(t) = ticket {
+            match Box::pin(by_book(&shared, ip, t, target.port())).await {
+                Ok((_, Some(tcp))) => {
+                    return Ok(Negotiated {
+                        data: Data::Plain(tcp),
+                        tags: conn.tags.clone(),
+                        reason: Reason::Accepted,
+                    });
+                }
+                // The server's decision wants encryption: asked again on a stream.
+                Ok((Reason::Encrypt, None)) => request.encrypt = true,
+                // Void (the server lost the connection's state): asked on a stream.
+                Ok((Reason::Ticket, None)) => conn.void_book(),
+                Ok((r, None)) => {
+                    rec.peer_reason = Some(r.as_str().into());
+                    return Err((reason, Some(Side::Server)));
+                }
+                Err(why) => return Err((why, Some(Side::Server))),
+            }
+        }
+    }
     let to_http = || request.to_http(target);
     // An authenticated-only flow will need its data connection: opened while the
     // request is out, so its handshake costs no round trip of its own (dropped unused
@@ -208,6 +236,56 @@ pub(crate) async fn negotiate(
         tags: conn.tags.clone(),
         reason: resp.reason,
     })
+}
+
+/// Opens a flow to the peer's workload `port` with a ticket from its book: the server's
+/// answer, and the data connection when it accepted.
+async fn by_book(
+    shared: &Shared,
+    ip: std::net::IpAddr,
+    t: Ticket,
+    port: u16,
+) -> Result<(Reason, Option<TcpStream>), FlowReason> {
+    let l = &shared.settings.listeners;
+    let limits = &shared.settings.limits;
+    let addr = SocketAddr::new(ip, l.tunnel);
+    let connect = crate::socket::connect(addr, l.address, shared.settings.socket_mark);
+    let mut tcp = match tokio::time::timeout(limits.connect_timeout, connect).await {
+        Ok(Ok(t)) => t,
+        _ => return Err(FlowReason::TunnelUnreachable),
+    };
+    let _ = tcp.set_nodelay(true);
+    let answered = async {
+        tcp.write_all(&t.book_preface(port)).await?;
+        let mut a = [0u8; 1];
+        tcp.read_exact(&mut a).await?;
+        Ok::<_, std::io::Error>(a[0])
+    };
+    let code = match tokio::time::timeout(limits.handshake_timeout, answered).await {
+        Ok(Ok(c)) => c,
+        // Closed, reset or silent: the server would not take the connection.
+        _ => return Err(FlowReason::TunnelUnreachable),
+    };
+    match Reason::from_code(code) {
+        Some(Reason::Accepted) => Ok((Reason::Accepted, Some(tcp))),
+        Some(r) => Ok((r, None)),
+        None => Err(FlowReason::TunnelProtocol),
+    }
+}
+
+/// Asks the peer for a book of tickets on `conn`, in the background.
+fn refill(shared: &Arc<Shared>, conn: &Arc<Conn>) {
+    let (limit, conn) = (shared.settings.limits.handshake_timeout, conn.clone());
+    tokio::spawn(async move {
+        let asked = async {
+            let mut send = conn.send.clone().ready().await.ok()?;
+            let (answer, _) = send.send_request(book_request(MAX_BOOK), true).ok()?;
+            let a = answer.await.ok()?;
+            book_from_http(a.status(), a.headers()).ok()
+        };
+        let got = tokio::time::timeout(limit, asked).await.ok().flatten();
+        conn.refilled(got.unwrap_or_default());
+    });
 }
 
 /// A data connection being opened ahead of the answer; aborted when dropped unused.

@@ -5,7 +5,7 @@
 //! [`CLIENT_IDLE`] (the server closes connections idle for [`SERVER_IDLE`], longer, so a
 //! client never picks a connection the server is closing).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,8 @@ use bytes::Bytes;
 use rustls_pki_types::ServerName;
 use segmesh_identity::{TlsConfigs, WorkloadIdentity, peer_identity};
 
+use super::tickets::BOOK_USE;
+use super::wire::{MAX_BOOK, Ticket};
 use super::{handshake_result, rejection_of};
 use crate::metrics::{ErrorKind, Role};
 use crate::state::Shared;
@@ -62,7 +64,24 @@ pub(crate) struct Conn {
     last_used: Mutex<Instant>,
     /// The configuration it was made with: a rotated certificate retires it.
     tls: Arc<TlsConfigs>,
+    /// Tickets from the peer's books, each good for one authenticated-only flow.
+    book: Mutex<Book>,
 }
+
+/// A connection's unused tickets, oldest first, with when each came.
+#[derive(Default)]
+struct Book {
+    tickets: VecDeque<(Ticket, Instant)>,
+    /// A request for more is out.
+    asking: bool,
+    /// No request before this (the last one got nothing).
+    quiet_until: Option<Instant>,
+}
+
+/// A book is asked for more when it holds fewer tickets than this.
+const BOOK_LOW: usize = MAX_BOOK / 2;
+/// After a request for tickets that got none, how long before the next.
+const BOOK_QUIET: Duration = Duration::from_secs(1);
 
 impl Conn {
     fn usable(&self, tls: &Arc<TlsConfigs>) -> bool {
@@ -75,6 +94,40 @@ impl Conn {
 
     fn touch(&self) {
         *self.last_used.lock().expect("lock poisoned") = Instant::now();
+    }
+
+    /// A ticket from the book if it holds one young enough, and whether the caller
+    /// should ask for more ([`Conn::refilled`] when the answer came; one request at a
+    /// time).
+    pub(crate) fn ticket(&self) -> (Option<Ticket>, bool) {
+        let mut b = self.book.lock().expect("lock poisoned");
+        let now = Instant::now();
+        while b.tickets.front().is_some_and(|(_, at)| now - *at >= BOOK_USE) {
+            b.tickets.pop_front();
+        }
+        let t = b.tickets.pop_front().map(|(t, _)| t);
+        let ask = b.tickets.len() < BOOK_LOW
+            && !b.asking
+            && b.quiet_until.is_none_or(|q| now >= q);
+        if ask {
+            b.asking = true;
+        }
+        (t, ask)
+    }
+
+    /// The answer to a request for tickets (none: it failed or the server had none).
+    pub(crate) fn refilled(&self, tickets: Vec<Ticket>) {
+        let mut b = self.book.lock().expect("lock poisoned");
+        let now = Instant::now();
+        b.asking = false;
+        b.quiet_until = tickets.is_empty().then(|| now + BOOK_QUIET);
+        b.tickets.extend(tickets.into_iter().map(|t| (t, now)));
+    }
+
+    /// The server refused a ticket from the book as unknown: the rest are likely void
+    /// too (its connection state was lost); the next flows ask on streams.
+    pub(crate) fn void_book(&self) {
+        self.book.lock().expect("lock poisoned").tickets.clear();
     }
 }
 
@@ -199,5 +252,6 @@ async fn establish(
         created: now,
         last_used: Mutex::new(now),
         tls: tls.clone(),
+        book: Mutex::default(),
     })
 }

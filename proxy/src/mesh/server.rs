@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 
 use super::conns::{CONNECTION_WINDOW, MAX_AGE, MAX_FRAME, SERVER_IDLE, STREAM_WINDOW};
 use super::stream::H2Stream;
-use super::tickets::Pending;
-use super::wire::{MAGIC, Reason, Request, Response};
+use super::tickets::{Holder, Pending};
+use super::wire::{MAGIC, Reason, Request, Response, book_answer, book_count};
 use super::{decide, handshake_result, peer_tags, rejection_of};
 use crate::flow::{Flow, Recorder, reason_of};
 use crate::metrics::{ErrorKind, Role};
@@ -170,12 +170,15 @@ async fn serve_tls(
     drop(handshake);
     drop(per_source);
 
+    let tags = Arc::new(peer_tags(&peer));
+    let holder = Arc::new(Holder::new(peer.clone(), tags.clone(), from.ip(), resumed));
     let conn = Arc::new(Connection {
         shared: shared.clone(),
         from,
         local,
         peer: peer.clone(),
-        tags: Arc::new(peer_tags(&peer)),
+        tags,
+        holder,
         resumed,
         flows: AtomicUsize::new(0),
         streamed: AtomicBool::new(false),
@@ -226,6 +229,8 @@ async fn serve_tls(
             }
         }
     }
+    // Its tickets' authority was this connection.
+    conn.holder.end();
     if !conn.streamed.load(Ordering::Relaxed) {
         // A connection that never carried a stream: either it said nothing we could
         // read (garbage, not HTTP/2) or nothing at all.
@@ -265,6 +270,8 @@ struct Connection {
     peer: WorkloadIdentity,
     /// The peer's tags ([`super::peer_tags`]), for every flow over this connection.
     tags: Arc<segmesh_policy::TagSet>,
+    /// What the tickets of books issued on this connection stand for.
+    holder: Arc<Holder>,
     resumed: bool,
     /// Flows relaying in streams of this connection.
     flows: AtomicUsize,
@@ -318,6 +325,14 @@ impl Connection {
         rec.peer_identity = Some(self.peer.spiffe_id().to_string());
         rec.flow.source.pu = Some(format!("{}:{}", self.peer.namespace, self.peer.name));
         rec.resumed = Some(self.resumed);
+        match book_count(&req) {
+            Ok(None) => {}
+            Ok(Some(n)) => return self.book(rec, respond, n),
+            Err(_) => {
+                rec.refuse(FlowReason::BadRequest, server);
+                return answer(respond, Response::refused(Reason::BadRequest));
+            }
+        }
         let Ok(r) = Request::from_http(&req) else {
             rec.refuse(FlowReason::BadRequest, server);
             return answer(respond, Response::refused(Reason::BadRequest));
@@ -411,6 +426,22 @@ impl Connection {
                 .await
                 .reversed()
         });
+    }
+}
+
+impl Connection {
+    /// A request for a book of `n` tickets: issued while the peer is still registered
+    /// at the connection's address (not a flow: recorded only when refused).
+    fn book(&self, rec: Recorder, respond: h2::server::SendResponse<Bytes>, n: usize) {
+        let shared = &self.shared;
+        if !registered(&shared.snapshot(), self.from, &self.peer) {
+            rec.refuse(FlowReason::Impersonation, Some(Side::Server));
+            return answer(respond, Response::refused(Reason::Policy));
+        }
+        rec.discard();
+        let tickets = shared.tickets.issue_book(shared, &self.holder, n);
+        let mut respond = respond;
+        let _ = respond.send_response(book_answer(&tickets), true);
     }
 }
 

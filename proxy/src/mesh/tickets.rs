@@ -5,21 +5,32 @@
 //! ticket is good once, for [`TTL`], and only from the address the multiplexed
 //! connection that asked for it came from (the address registered for the client's
 //! certificate): a replayed ticket is unknown, a stolen one comes from the wrong address.
+//!
+//! Books: a client may also ask, on its multiplexed connection, for tickets that stand
+//! for the connection's identity instead of for one flow ([`Tickets::issue_book`]).
+//! One such ticket opens one flow without a request on the connection: presented with
+//! the flow's port on a plain TCP connection ([`serve`]), it is redeemed (single use,
+//! from its holder's address, within [`BOOK_TTL`], while the connection it was issued on
+//! lives) and the flow is decided there, on the tags of that connection's certificate,
+//! with the snapshot of the moment. A connection holds at most [`BOOK_PER_CONNECTION`]
+//! unused tickets and the enforcer [`MAX_BOOKED`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use segmesh_api::{CloseReason, FlowReason, Side};
 use segmesh_identity::WorkloadIdentity;
+use segmesh_policy::{Direction, FlowPort, Verdict};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use super::decide;
 use super::server::registered;
-use super::wire::{PREFACE_LEN, Ticket};
-use crate::flow::Recorder;
+use super::wire::{BOOK_PREFACE_LEN, MAGIC, MAGIC_BOOK, PREFACE_LEN, Reason, Ticket};
+use crate::flow::{Recorder, reason_of};
 use crate::metrics::{ErrorKind, PoolLabels};
 use crate::open::Peer;
 use crate::relay::Moved;
@@ -32,6 +43,50 @@ pub const TTL: Duration = Duration::from_secs(10);
 const SWEEP: Duration = Duration::from_secs(1);
 /// Tickets waiting at most (each also holds a connection permit).
 pub const MAX_PENDING: usize = 8192;
+/// How long a ticket from a book is good for. A client uses its tickets for
+/// [`BOOK_USE`] only, so that one in flight does not expire on the way.
+pub const BOOK_TTL: Duration = Duration::from_secs(60);
+pub const BOOK_USE: Duration = Duration::from_secs(50);
+/// Unused tickets from books, per connection and in all.
+pub const BOOK_PER_CONNECTION: usize = 256;
+pub const MAX_BOOKED: usize = 65_536;
+
+/// What a book's tickets stand for: the identity of the multiplexed connection they
+/// were issued on, checked by its handshake.
+pub(crate) struct Holder {
+    pub peer: WorkloadIdentity,
+    pub tags: Arc<segmesh_policy::TagSet>,
+    /// The address the connection came from (the tickets are good from it only).
+    pub from: IpAddr,
+    pub resumed: bool,
+    /// False once the connection has ended: its tickets are void.
+    alive: AtomicBool,
+    /// Its tickets issued and not yet used, expired or swept.
+    outstanding: AtomicUsize,
+}
+
+impl Holder {
+    pub(crate) fn new(
+        peer: WorkloadIdentity,
+        tags: Arc<segmesh_policy::TagSet>,
+        from: IpAddr,
+        resumed: bool,
+    ) -> Holder {
+        Holder {
+            peer,
+            tags,
+            from,
+            resumed,
+            alive: AtomicBool::new(true),
+            outstanding: AtomicUsize::new(0),
+        }
+    }
+
+    /// The connection ended: its unused tickets are good no more.
+    pub(crate) fn end(&self) {
+        self.alive.store(false, Ordering::Relaxed);
+    }
+}
 
 /// An accepted flow waiting for its data connection.
 pub(crate) struct Pending {
@@ -47,15 +102,20 @@ pub(crate) struct Pending {
 #[derive(Default)]
 pub(crate) struct Tickets {
     pending: Mutex<HashMap<Ticket, (Pending, Instant)>>,
+    booked: Mutex<HashMap<Ticket, (Arc<Holder>, Instant)>>,
     sweeping: AtomicBool,
 }
 
 fn count(shared: &Shared, result: &'static str) {
+    count_n(shared, result, 1);
+}
+
+fn count_n(shared: &Shared, result: &'static str, n: u64) {
     shared
         .metrics
         .tickets
         .get_or_create(&PoolLabels { result })
-        .inc();
+        .inc_by(n);
 }
 
 impl Tickets {
@@ -75,10 +135,68 @@ impl Tickets {
             pending.insert(t, (p, Instant::now() + TTL));
         }
         count(shared, "issued");
+        self.sweep_from(shared);
+        Some(t)
+    }
+
+    fn sweep_from(&self, shared: &Arc<Shared>) {
         if !self.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep(Arc::downgrade(shared)));
         }
-        Some(t)
+    }
+
+    /// Up to `n` new tickets for `holder`'s connection: fewer, or none, at its bound or
+    /// the enforcer's.
+    pub(crate) fn issue_book(
+        &self,
+        shared: &Arc<Shared>,
+        holder: &Arc<Holder>,
+        n: usize,
+    ) -> Vec<Ticket> {
+        let mut out = Vec::new();
+        {
+            let mut booked = self.booked.lock().expect("lock poisoned");
+            let held = holder.outstanding.load(Ordering::Relaxed);
+            let room = BOOK_PER_CONNECTION
+                .saturating_sub(held)
+                .min(MAX_BOOKED.saturating_sub(booked.len()))
+                .min(n);
+            let expires = Instant::now() + BOOK_TTL;
+            while out.len() < room {
+                let t = Ticket::random();
+                if booked.insert(t, (holder.clone(), expires)).is_none() {
+                    out.push(t);
+                }
+            }
+            holder.outstanding.fetch_add(out.len(), Ordering::Relaxed);
+        }
+        if out.len() < n {
+            count(shared, "book-full");
+        }
+        count_n(shared, "book-issued", out.len() as u64);
+        self.sweep_from(shared);
+        out
+    }
+
+    /// Takes the ticket `t` from a book when presented from `from`: what it stands for.
+    fn redeem_book(&self, t: &Ticket, from: IpAddr) -> Result<Arc<Holder>, Refused> {
+        let mut booked = self.booked.lock().expect("lock poisoned");
+        match booked.get(t) {
+            None => Err(Refused::Unknown),
+            // Expired, or its connection gone, but not swept yet: as good as gone.
+            Some((h, expires))
+                if *expires <= Instant::now() || !h.alive.load(Ordering::Relaxed) =>
+            {
+                Err(Refused::Unknown)
+            }
+            // The rightful holder can still use it: a thief cannot burn it.
+            Some((h, _)) if h.from != from => Err(Refused::Address(h.peer.spiffe_id().to_string())),
+            Some(_) => {
+                let (h, _) = booked.remove(t).expect("present");
+                h.outstanding.fetch_sub(1, Ordering::Relaxed);
+                Ok(h)
+            }
+        }
     }
 
     /// Takes the flow of `t` when presented from `from`.
@@ -123,6 +241,21 @@ async fn sweep(shared: Weak<Shared>) {
             // Allowed, but no byte ever came: recorded like a flow that idled out.
             p.rec.ended_unrelayed(CloseReason::Idle);
         }
+        let void = {
+            let mut booked = shared.tickets.booked.lock().expect("lock poisoned");
+            let before = booked.len();
+            booked.retain(|_, (h, e)| {
+                let keep = *e > now && h.alive.load(Ordering::Relaxed);
+                if !keep {
+                    h.outstanding.fetch_sub(1, Ordering::Relaxed);
+                }
+                keep
+            });
+            before - booked.len()
+        };
+        if void > 0 {
+            count_n(&shared, "book-void", void as u64);
+        }
     }
 }
 
@@ -142,21 +275,38 @@ pub(crate) async fn serve(
     local: SocketAddr,
     permits: impl Send,
 ) {
-    let mut p = [0u8; PREFACE_LEN];
-    let read = tokio::time::timeout(
-        shared.settings.limits.handshake_timeout,
-        tcp.read_exact(&mut p),
-    )
+    let mut p = [0u8; BOOK_PREFACE_LEN];
+    let read = tokio::time::timeout(shared.settings.limits.handshake_timeout, async {
+        tcp.read_exact(&mut p[..MAGIC.len()]).await?;
+        let len = if p[..MAGIC.len()] == MAGIC_BOOK {
+            BOOK_PREFACE_LEN
+        } else {
+            PREFACE_LEN
+        };
+        tcp.read_exact(&mut p[MAGIC.len()..len]).await?;
+        Ok::<_, std::io::Error>(len)
+    })
     .await;
     let refuse = |reason: FlowReason, holder: Option<String>| {
         let mut rec = super::server::refusal(&shared, shared.snapshot(), from, local);
         rec.peer_identity = holder;
         rec.refuse(reason, Some(Side::Server));
     };
-    let ticket = match read.map(|r| r.map(|_| Ticket::from_preface(&p))) {
-        Ok(Ok(Ok(t))) => t,
-        Ok(Ok(Err(_))) | Ok(Err(_)) => return refuse(FlowReason::BadRequest, None),
+    let len = match read {
+        Ok(Ok(len)) => len,
+        Ok(Err(_)) => return refuse(FlowReason::BadRequest, None),
         Err(_) => return refuse(FlowReason::HandshakeTimeout, None),
+    };
+    if len == BOOK_PREFACE_LEN {
+        let Ok((ticket, port)) = Ticket::from_book_preface(&p) else {
+            return refuse(FlowReason::BadRequest, None);
+        };
+        drop(permits);
+        return serve_book(shared, tcp, from, local, ticket, port).await;
+    }
+    let ticket = match p.first_chunk::<PREFACE_LEN>().map(Ticket::from_preface) {
+        Some(Ok(t)) => t,
+        _ => return refuse(FlowReason::BadRequest, None),
     };
     drop(permits);
     let Pending {
@@ -190,6 +340,105 @@ pub(crate) async fn serve(
         return rec.refuse(FlowReason::Impersonation, Some(Side::Server));
     }
     // Decided again here if a snapshot came since the ticket's decision.
+    let stop = rec.relaying(Peer::Pu(tags), port);
+    rec.finish_after(async move {
+        let progress = Progress::default();
+        let idle = shared.settings.limits.idle_timeout;
+        let k = shared.kernel();
+        let o = splice::relay_until(tcp, workload, idle, false, &progress, &stop.notify, k).await;
+        Moved::plain(o)
+    });
+}
+
+/// Answers a book ticket's connection with `r` (one byte into an empty send buffer:
+/// never blocks, so never awaited).
+fn answer(tcp: &TcpStream, r: Reason) {
+    let _ = tcp.try_write(&[r.code()]);
+}
+
+/// A flow opened with a ticket from a book, for our workload's `port`: the ticket
+/// redeemed, the flow decided on the tags of the connection it was issued on, our
+/// workload connected, then relayed.
+async fn serve_book(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    from: SocketAddr,
+    local: SocketAddr,
+    ticket: Ticket,
+    port: u16,
+) {
+    let server = Some(Side::Server);
+    let snap = shared.snapshot();
+    let recorder = |holder: Option<&Holder>| {
+        let mut rec = super::server::refusal(&shared, snap.clone(), from, local);
+        rec.flow.destination.port = port;
+        if let Some(h) = holder {
+            rec.peer_identity = Some(h.peer.spiffe_id().to_string());
+            rec.flow.source.pu = Some(format!("{}:{}", h.peer.namespace, h.peer.name));
+            rec.resumed = Some(h.resumed);
+        }
+        rec
+    };
+    let holder = match shared.tickets.redeem_book(&ticket, from.ip()) {
+        Ok(h) => h,
+        Err(Refused::Unknown) => {
+            count(&shared, "book-unknown");
+            answer(&tcp, Reason::Ticket);
+            return recorder(None).refuse(FlowReason::TicketUnknown, server);
+        }
+        Err(Refused::Address(holder)) => {
+            count(&shared, "book-address");
+            answer(&tcp, Reason::Ticket);
+            let mut rec = recorder(None);
+            rec.peer_identity = Some(holder);
+            return rec.refuse(FlowReason::TicketAddress, server);
+        }
+    };
+    count(&shared, "book-redeemed");
+    // Registrations may have changed since the ticket was issued.
+    if !registered(&snap, from, &holder.peer) {
+        answer(&tcp, Reason::Policy);
+        return recorder(Some(&holder)).refuse(FlowReason::Impersonation, server);
+    }
+    let d = decide(&snap, Direction::Incoming, &holder.peer, FlowPort::tcp(port), &shared);
+    if d.verdict == Verdict::Allow && d.encrypt {
+        // Not a refusal: the client asks again on a stream, encrypted, and that flow is
+        // decided and recorded. This connection carried none.
+        answer(&tcp, Reason::Encrypt);
+        return;
+    }
+    let mut rec = recorder(Some(&holder));
+    let tags = holder.tags.clone();
+    drop(holder);
+    let reason = reason_of(&d);
+    let refused = if d.tier.is_some() {
+        Reason::Policy
+    } else {
+        Reason::Default
+    };
+    let verdict = d.verdict;
+    rec.decided(d);
+    if verdict == Verdict::Reject {
+        answer(&tcp, refused);
+        return rec.refuse(reason, server);
+    }
+    if !rec.admit() {
+        answer(&tcp, Reason::Overload);
+        return rec.refuse(FlowReason::Overload, server);
+    }
+    let workload_addr = SocketAddr::new(local.ip(), port);
+    let connect = crate::socket::connect(workload_addr, None, shared.settings.socket_mark);
+    let workload =
+        match tokio::time::timeout(shared.settings.limits.connect_timeout, connect).await {
+            Ok(Ok(w)) => w,
+            _ => {
+                shared.error(ErrorKind::ConnectFailed);
+                answer(&tcp, Reason::Unreachable);
+                return rec.ended_unrelayed(CloseReason::ConnectFailed);
+            }
+        };
+    let _ = workload.set_nodelay(true);
+    answer(&tcp, Reason::Accepted);
     let stop = rec.relaying(Peer::Pu(tags), port);
     rec.finish_after(async move {
         let progress = Progress::default();

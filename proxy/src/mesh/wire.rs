@@ -17,6 +17,20 @@
 //!   [`PREFACE_LEN`]-byte preface `SMT 0x02 | ticket`, after which the bytes of the flow
 //!   follow unframed (spliced at both ends). A ticket in the answer to a request that
 //!   asked for encryption is a protocol violation (the client refuses the flow).
+//! - Ticket books (authenticated-only flows without a request each): `GET
+//!   https://segmesh.tunnel/tickets` with `segmesh-count: N` (1 to [`MAX_BOOK`]) asks
+//!   for up to N single-use tickets; the answer is 200 `accepted` with `segmesh-tickets:`
+//!   their hex digits, concatenated (fewer than asked, or none, when the server's bound
+//!   on a connection's tickets is reached). Such a ticket stands for the connection's
+//!   identity, not for a flow: the client presents it as the [`BOOK_PREFACE_LEN`]-byte
+//!   preface `SMT 0x03 | ticket | port u16 BE` on a new plain TCP connection to the
+//!   tunnel port; the server decides the flow there, on the tags of the certificate the
+//!   ticket was issued to, and answers with one byte, the [`Reason::code`]: `accepted`,
+//!   after which the flow's bytes follow unframed, or a refusal, after which it closes.
+//!   `encrypt` refuses because the server's decision wants encryption (the client asks
+//!   again on a stream, encrypted); `ticket` refuses a ticket that is unknown, used,
+//!   expired, issued on a connection that has ended, or presented from another address
+//!   (the client asks again on a stream).
 //! - UDP sessions: each datagram travels in the stream as a frame `length u16 BE |
 //!   payload` (at most [`MAX_DATAGRAM`] bytes; an empty datagram is a frame of length 0).
 
@@ -36,6 +50,17 @@ pub const H_TICKET: &str = "segmesh-ticket";
 pub const MAGIC: [u8; 4] = *b"SMT\x02";
 pub const TICKET_LEN: usize = 32;
 pub const PREFACE_LEN: usize = MAGIC.len() + TICKET_LEN;
+/// The preface of a ticket from a book: `SMT 0x03 | ticket | port`.
+pub const MAGIC_BOOK: [u8; 4] = *b"SMT\x03";
+pub const BOOK_PREFACE_LEN: usize = MAGIC_BOOK.len() + TICKET_LEN + 2;
+/// Request header: how many tickets a book request asks for.
+pub const H_COUNT: &str = "segmesh-count";
+/// Answer header: a book's tickets, hex, concatenated.
+pub const H_TICKETS: &str = "segmesh-tickets";
+/// The most tickets one book request asks for (and one answer carries).
+pub const MAX_BOOK: usize = 64;
+/// The path of a book request.
+pub const BOOK_PATH: &str = "/tickets";
 
 /// The largest datagram a frame carries.
 pub const MAX_DATAGRAM: usize = 65_507;
@@ -81,6 +106,11 @@ pub enum Reason {
     Overload,
     /// The server could not reach its workload.
     Unreachable,
+    /// (A ticket from a book.) The server's decision wants encryption: ask on a stream.
+    Encrypt,
+    /// (A ticket from a book.) Unknown, used, expired, its connection gone, or not from
+    /// its holder's address: ask on a stream.
+    Ticket,
 }
 
 /// A single-use ticket for an authenticated-only flow.
@@ -115,10 +145,12 @@ pub enum WireError {
     Status,
     #[error("not a ticket preface")]
     Preface,
+    #[error("not a ticket book request")]
+    Book,
 }
 
 impl Reason {
-    const ALL: [(Reason, &'static str, u16); 7] = [
+    const ALL: [(Reason, &'static str, u16); 9] = [
         (Reason::Accepted, "accepted", 200),
         (Reason::Policy, "policy", 403),
         (Reason::Default, "default", 403),
@@ -126,7 +158,18 @@ impl Reason {
         (Reason::BadRequest, "bad-request", 400),
         (Reason::Overload, "overload", 503),
         (Reason::Unreachable, "unreachable", 502),
+        (Reason::Encrypt, "encrypt", 403),
+        (Reason::Ticket, "ticket", 403),
     ];
+
+    /// The one-byte answer on a book ticket's connection.
+    pub fn code(self) -> u8 {
+        Self::ALL.iter().position(|(r, ..)| *r == self).expect("all") as u8
+    }
+
+    pub fn from_code(c: u8) -> Option<Reason> {
+        Self::ALL.get(c as usize).map(|(r, ..)| *r)
+    }
 
     pub fn as_str(self) -> &'static str {
         Self::ALL.iter().find(|(r, ..)| *r == self).expect("all").1
@@ -192,6 +235,89 @@ impl Ticket {
         t.copy_from_slice(&p[MAGIC.len()..]);
         Ok(Ticket(t))
     }
+
+    /// The preface of a book ticket used for a flow to `port`.
+    pub fn book_preface(self, port: u16) -> [u8; BOOK_PREFACE_LEN] {
+        let mut p = [0u8; BOOK_PREFACE_LEN];
+        p[..MAGIC_BOOK.len()].copy_from_slice(&MAGIC_BOOK);
+        p[MAGIC_BOOK.len()..MAGIC_BOOK.len() + TICKET_LEN].copy_from_slice(&self.0);
+        p[MAGIC_BOOK.len() + TICKET_LEN..].copy_from_slice(&port.to_be_bytes());
+        p
+    }
+
+    /// The ticket and the port (not 0) of a book ticket's preface.
+    pub fn from_book_preface(p: &[u8; BOOK_PREFACE_LEN]) -> Result<(Ticket, u16), WireError> {
+        if p[..MAGIC_BOOK.len()] != MAGIC_BOOK {
+            return Err(WireError::Preface);
+        }
+        let mut t = [0u8; TICKET_LEN];
+        t.copy_from_slice(&p[MAGIC_BOOK.len()..MAGIC_BOOK.len() + TICKET_LEN]);
+        let port = u16::from_be_bytes([p[BOOK_PREFACE_LEN - 2], p[BOOK_PREFACE_LEN - 1]]);
+        if port == 0 {
+            return Err(WireError::Port);
+        }
+        Ok((Ticket(t), port))
+    }
+}
+
+/// A request for a book of up to `n` tickets.
+pub fn book_request(n: usize) -> http::Request<()> {
+    http::Request::get(format!("https://segmesh.tunnel{BOOK_PATH}"))
+        .header(H_COUNT, n.clamp(1, MAX_BOOK))
+        .body(())
+        .expect("a valid request")
+}
+
+/// Whether `r` asks for a book (`Ok(None)`: it does not, it is a flow's request) and
+/// for how many tickets.
+pub fn book_count<B>(r: &http::Request<B>) -> Result<Option<usize>, WireError> {
+    if r.method() == http::Method::CONNECT {
+        return Ok(None);
+    }
+    if r.method() != http::Method::GET || r.uri().path() != BOOK_PATH {
+        return Err(WireError::Book);
+    }
+    let n = r
+        .headers()
+        .get(H_COUNT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| (1..=MAX_BOOK).contains(n))
+        .ok_or(WireError::Header(H_COUNT))?;
+    Ok(Some(n))
+}
+
+/// The answer to a book request: the tickets issued (possibly none).
+pub fn book_answer(tickets: &[Ticket]) -> http::Response<()> {
+    let hex: String = tickets.iter().map(|t| t.to_hex()).collect();
+    http::Response::builder()
+        .status(Reason::Accepted.status())
+        .header(H_REASON, Reason::Accepted.as_str())
+        .header(H_TICKETS, hex)
+        .body(())
+        .expect("valid status and headers")
+}
+
+/// The tickets of a book answer; strict (at most [`MAX_BOOK`], each 64 lowercase hex
+/// digits).
+pub fn book_from_http(
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+) -> Result<Vec<Ticket>, WireError> {
+    let r = Response::from_http(status, headers)?;
+    if !r.accept() || r.ticket.is_some() {
+        return Err(WireError::Book);
+    }
+    let hex = headers
+        .get(H_TICKETS)
+        .ok_or(WireError::Header(H_TICKETS))?
+        .as_bytes();
+    if hex.len() % (2 * TICKET_LEN) != 0 || hex.len() > MAX_BOOK * 2 * TICKET_LEN {
+        return Err(WireError::Header(H_TICKETS));
+    }
+    hex.chunks_exact(2 * TICKET_LEN)
+        .map(|h| Ticket::from_hex(h).map_err(|_| WireError::Header(H_TICKETS)))
+        .collect()
 }
 
 impl Request {
@@ -291,12 +417,14 @@ mod tests {
             [t.preface().to_vec(), frame(b"query"), frame(b"")].concat(),
             format!("200\naccepted\n{}", t.to_hex()).into_bytes(),
             b"403\npolicy\n".to_vec(),
+            t.book_preface(443).to_vec(),
+            t.to_hex().repeat(2).into_bytes(),
         ];
         let refs: Vec<&[u8]> = seeds.iter().map(Vec::as_slice).collect();
         segmesh_testkit::fuzz::run(
             "tunnel-header",
             &refs,
-            &[b"CONNECT", b"\n", b":", b"udp", &MAGIC, b"accepted", b"200"],
+            &[b"CONNECT", b"\n", b":", b"udp", &MAGIC, &MAGIC_BOOK, b"accepted", b"200"],
             |input| {
                 let parts: Vec<&[u8]> = input.split(|b| *b == b'\n').collect();
                 let part = |i: usize| parts.get(i).copied().unwrap_or(b"");
@@ -335,6 +463,20 @@ mod tests {
                 if let Some(p) = input.first_chunk::<PREFACE_LEN>() {
                     if let Ok(t) = Ticket::from_preface(p) {
                         assert_eq!(t.preface(), *p);
+                    }
+                }
+                if let Some(p) = input.first_chunk::<BOOK_PREFACE_LEN>() {
+                    if let Ok((t, port)) = Ticket::from_book_preface(p) {
+                        assert_eq!(t.book_preface(port), *p);
+                    }
+                }
+                if let Ok(v) = http::HeaderValue::from_bytes(input) {
+                    let mut h = http::HeaderMap::new();
+                    h.insert(H_REASON, http::HeaderValue::from_static("accepted"));
+                    h.insert(H_TICKETS, v);
+                    if let Ok(ts) = book_from_http(http::StatusCode::OK, &h) {
+                        let back = book_answer(&ts);
+                        assert_eq!(book_from_http(back.status(), back.headers()).unwrap(), ts);
                     }
                 }
                 let mut rest = input;
@@ -425,6 +567,57 @@ mod tests {
         p[0] = 0x16;
         assert_eq!(Ticket::from_preface(&p).unwrap_err(), WireError::Preface);
         assert_eq!(format!("{t:?}"), "Ticket(..)");
+    }
+
+    #[test]
+    fn books_round_trip_and_are_checked() {
+        let ts: Vec<Ticket> = (0..3).map(|_| Ticket::random()).collect();
+        let a = book_answer(&ts);
+        assert_eq!(book_from_http(a.status(), a.headers()).unwrap(), ts);
+        let none = book_answer(&[]);
+        assert!(book_from_http(none.status(), none.headers()).unwrap().is_empty());
+        let refused = Response::refused(Reason::Overload).to_http();
+        assert!(book_from_http(refused.status(), refused.headers()).is_err());
+        let mut h = a.headers().clone();
+        h.insert(H_TICKETS, "ab".repeat(33).parse().unwrap());
+        assert!(book_from_http(a.status(), &h).is_err(), "not whole tickets");
+        h.insert(H_TICKETS, "ab".repeat(32 * (MAX_BOOK + 1)).parse().unwrap());
+        assert!(book_from_http(a.status(), &h).is_err(), "too many");
+
+        assert_eq!(book_count(&book_request(7)).unwrap(), Some(7));
+        assert_eq!(book_count(&book_request(1000)).unwrap(), Some(MAX_BOOK));
+        let target = SocketAddr::from(([10, 0, 0, 2], 80));
+        let flow = Request {
+            port: 80,
+            encrypt: false,
+            udp: false,
+        };
+        assert_eq!(book_count(&flow.to_http(target)).unwrap(), None);
+        let get = |uri: &str, n: &str| {
+            http::Request::get(uri)
+                .header(H_COUNT, n)
+                .body(())
+                .unwrap()
+        };
+        let book = "https://segmesh.tunnel/tickets";
+        assert_eq!(book_count(&get(book, "0")), Err(WireError::Header(H_COUNT)));
+        assert_eq!(book_count(&get(book, "65")), Err(WireError::Header(H_COUNT)));
+        assert_eq!(book_count(&get(book, "x")), Err(WireError::Header(H_COUNT)));
+        assert_eq!(book_count(&get("https://x/other", "1")), Err(WireError::Book));
+
+        let t = ts[0];
+        assert_eq!(Ticket::from_book_preface(&t.book_preface(8080)).unwrap(), (t, 8080));
+        assert_eq!(
+            Ticket::from_book_preface(&t.book_preface(0)).unwrap_err(),
+            WireError::Port
+        );
+        let mut p = t.book_preface(80);
+        p[3] = 0x02;
+        assert_eq!(Ticket::from_book_preface(&p).unwrap_err(), WireError::Preface);
+        for r in Reason::ALL.map(|(r, ..)| r) {
+            assert_eq!(Reason::from_code(r.code()), Some(r));
+        }
+        assert_eq!(Reason::from_code(200), None);
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //! (UDP sessions always, each datagram a frame); otherwise the server answers with a
 //! single-use ticket ([`tickets`]) and the client opens a plain TCP connection to the
 //! tunnel port that presents it; the server checks that it comes from the address of
-//! the PU it issued it to, and both ends splice. docs/design.md gives the threat model.
+//! the PU it issued it to, and both ends splice. Once the client holds a book of
+//! tickets asked for on its connection, an authenticated-only flow skips the stream:
+//! it presents a ticket from the book with its port on the data connection, and the
+//! server decides it there ([`tickets`]). docs/design.md gives the threat model.
 
 pub(crate) mod client;
 pub(crate) mod conns;

@@ -1065,6 +1065,239 @@ fn netns_tunnel_tickets_are_single_use_and_bound_to_their_holder() {
     );
 }
 
+/// A policy pair where web's decision does not ask for encryption and api's does
+/// (port 9000): a ticket from a book is answered `encrypt`, and the flow goes encrypted.
+const WEB_PLAIN_API_ENCRYPTED: &str = "---
+kind: NetworkPolicy
+name: web-out-9000
+namespace: /acme/shop
+action: Allow
+mode: Outgoing
+subject: [[app=web]]
+object: [[app=api]]
+ports: [tcp/9000]
+encrypt: false
+log: true
+---
+kind: NetworkPolicy
+name: api-in-9000
+namespace: /acme/shop
+action: Allow
+mode: Incoming
+subject: [[app=web]]
+object: [[app=api]]
+ports: [tcp/9000]
+log: true
+";
+
+/// The one-byte answers on a book ticket's connection (`Reason::code`).
+const ACCEPTED: u8 = 0;
+const POLICY: u8 = 1;
+const ENCRYPT: u8 = 7;
+const TICKET: u8 = 8;
+
+/// The attacks on tickets from books. web's enforcer key asks api for a book on a
+/// connection it keeps open. A ticket presented from db's address (another registered
+/// PU that learned it) is refused and recorded and stays good for its holder; from web's
+/// address it opens the flow to the port its preface names, decided there on web's
+/// certificate (port 8089: api's debug-port policy refuses it; port 9000: api's decision
+/// wants encryption and says so instead of carrying plaintext); presented again it is
+/// unknown; once the connection it was issued on has ended, an unused ticket is void.
+#[test]
+fn netns_tunnel_book_tickets_are_single_use_bound_and_decided_on_use() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("books", false, WEB_PLAIN_API_ENCRYPTED);
+    let (web, api, db) = (m.host("web"), m.host("api"), m.host("db"));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let _server = greet(&api, SocketAddr::new(api.ip4.into(), 8080), seen.clone());
+    let tunnel = SocketAddr::new(api.ip4.into(), 15008);
+    let web_cfg = m.tls("web").client;
+    let (book_tx, book) = std::sync::mpsc::channel::<(u16, http::HeaderMap)>();
+    let (end_tx, end) = tokio::sync::oneshot::channel::<()>();
+    let holder = in_ns(&web, async move {
+        let mut send = h2_connect(web_cfg, tunnel).await.expect("connected");
+        let req = http::Request::get("https://segmesh.tunnel/tickets")
+            .header("segmesh-count", "5")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        book_tx
+            .send((r.status().as_u16(), r.headers().clone()))
+            .unwrap();
+        // The connection lives until the test says.
+        let _ = tokio::time::timeout(Duration::from_secs(60), end).await;
+        drop(send);
+    });
+    let (status, headers) = book.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(status, 200);
+    let hex = headers["segmesh-tickets"].to_str().unwrap().to_owned();
+    assert_eq!(hex.len(), 5 * 64, "five tickets");
+    let tickets: Vec<Vec<u8>> = hex
+        .as_bytes()
+        .chunks(64)
+        .map(|h| {
+            (0..32)
+                .map(|i| {
+                    u8::from_str_radix(std::str::from_utf8(&h[2 * i..2 * i + 2]).unwrap(), 16)
+                        .unwrap()
+                })
+                .collect()
+        })
+        .collect();
+    // Presents ticket `i` for `port` from `host`: everything the connection then reads.
+    let present = |host: &Host, i: usize, port: u16| {
+        let preface = [b"SMT\x03".as_slice(), &tickets[i], &port.to_be_bytes()].concat();
+        in_ns(host, async move {
+            let mut s = bypass(tunnel).await;
+            s.write_all(&preface).await.unwrap();
+            let mut b = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut b)).await;
+            b
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(
+        present(&db, 0, 8080),
+        [TICKET],
+        "stolen: refused at db's address"
+    );
+    assert_eq!(
+        present(&web, 0, 8080),
+        [&[ACCEPTED][..], b"hello\n"].concat(),
+        "the holder's flow"
+    );
+    assert_eq!(present(&web, 0, 8080), [TICKET], "replayed: unknown");
+    assert_eq!(
+        present(&web, 1, 8089),
+        [POLICY],
+        "decided on web's certificate"
+    );
+    assert_eq!(
+        present(&web, 2, 9000),
+        [ENCRYPT],
+        "api wants this one encrypted"
+    );
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        1,
+        "one flow reached the workload"
+    );
+    // The connection the book was issued on ends; its unused tickets go with it.
+    end_tx.send(()).unwrap();
+    holder.join().unwrap();
+    wait_until(
+        "api to close web's connection",
+        Duration::from_secs(10),
+        || {
+            let out = api.exec(&["ss", "-Htn", "state", "established", "sport = :15008"]);
+            !String::from_utf8_lossy(&out.stdout).contains(&web.ip4.to_string())
+        },
+    );
+    assert_eq!(present(&web, 3, 8080), [TICKET], "void with its connection");
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
+
+    wait_until("api's records", Duration::from_secs(10), || {
+        let log = m.log("api");
+        log.iter()
+            .filter(|l| l["reason"] == "ticket-unknown")
+            .count()
+            >= 2
+            && log.iter().any(|l| l["reason"] == "ticket-address")
+            && log.iter().any(|l| l["destination"]["port"] == 8089)
+    });
+    let log = m.log("api");
+    let stolen = find(&log, |r| r["reason"] == "ticket-address");
+    assert_eq!(stolen["source"]["ip"], db.ip4.to_string());
+    assert_eq!(
+        stolen["peer_identity"], "spiffe://segmesh.local/ns/acme/shop/pu/web",
+        "the record names whose ticket it was"
+    );
+    let closed = find(&log, |r| r["destination"]["port"] == 8089);
+    assert_eq!(closed["rejected_by"], "server");
+    assert_eq!(closed["policies"][0], "/acme/shop:api-debug-port-closed");
+    assert_eq!(
+        closed["peer_identity"],
+        "spiffe://segmesh.local/ns/acme/shop/pu/web"
+    );
+    assert!(
+        !log.iter().any(|r| r["destination"]["port"] == 9000),
+        "the refusal to go plaintext is no flow: {log:?}"
+    );
+    let t = |r: &str| {
+        metric(
+            &api,
+            &format!("segmesh_tunnel_tickets_total{{result=\"{r}\"}}"),
+        )
+    };
+    assert_eq!(t("book-issued"), 5.0);
+    assert_eq!(t("book-redeemed"), 3.0);
+    assert_eq!(t("book-address"), 1.0);
+    assert_eq!(t("book-unknown"), 2.0);
+}
+
+/// Real flows through both enforcers with books: after the first flow to api (which
+/// asks on a stream and gets web's enforcer its first book), flows open with tickets
+/// from the book; where api's decision wants encryption and web's does not, the ticket
+/// is answered `encrypt` and the flow goes encrypted on a stream, recorded once.
+#[test]
+fn netns_tunnel_flows_open_with_book_tickets() {
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("book-flows", false, WEB_PLAIN_API_ENCRYPTED);
+    let (web, api) = (m.host("web"), m.host("api"));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let plain = SocketAddr::new(api.ip4.into(), 8080);
+    let encrypted = SocketAddr::new(api.ip4.into(), 9000);
+    let _a = greet(&api, plain, seen.clone());
+    let _b = greet(&api, encrypted, seen.clone());
+    let t = |r: &str| {
+        metric(
+            &api,
+            &format!("segmesh_tunnel_tickets_total{{result=\"{r}\"}}"),
+        )
+    };
+    drop(in_ns(&web, greeted(plain)).join().unwrap());
+    wait_until("web's first book", Duration::from_secs(10), || {
+        t("book-issued") >= 1.0
+    });
+    for _ in 0..5 {
+        drop(in_ns(&web, greeted(plain)).join().unwrap());
+    }
+    assert_eq!(
+        t("book-redeemed"),
+        5.0,
+        "five flows with tickets from the book"
+    );
+    assert_eq!(t("redeemed"), 1.0, "the first with its own");
+    drop(in_ns(&web, greeted(encrypted)).join().unwrap());
+    assert_eq!(t("book-redeemed"), 6.0);
+    wait_until("api's record", Duration::from_secs(10), || {
+        m.log("api")
+            .iter()
+            .any(|r| r["destination"]["port"] == 9000)
+    });
+    let log = m.log("api");
+    let records: Vec<_> = log
+        .iter()
+        .filter(|r| r["destination"]["port"] == 9000)
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["verdict"], "allow");
+    assert_eq!(
+        records[0]["data_path"], "tls",
+        "encrypted as api's decision asks"
+    );
+    assert_eq!(seen.load(Ordering::SeqCst), 7);
+}
+
 /// Heap in use per flow held idle through both enforcers (`segmesh_heap_in_use_bytes`),
 /// client and server side, while web holds 400 flows to api that each got their greeting.
 fn idle_heap_per_flow(encrypt: bool) -> (f64, f64) {

@@ -102,13 +102,15 @@ impl Conn {
     pub(crate) fn ticket(&self) -> (Option<Ticket>, bool) {
         let mut b = self.book.lock().expect("lock poisoned");
         let now = Instant::now();
-        while b.tickets.front().is_some_and(|(_, at)| now - *at >= BOOK_USE) {
+        while b
+            .tickets
+            .front()
+            .is_some_and(|(_, at)| now - *at >= BOOK_USE)
+        {
             b.tickets.pop_front();
         }
         let t = b.tickets.pop_front().map(|(t, _)| t);
-        let ask = b.tickets.len() < BOOK_LOW
-            && !b.asking
-            && b.quiet_until.is_none_or(|q| now >= q);
+        let ask = b.tickets.len() < BOOK_LOW && !b.asking && b.quiet_until.is_none_or(|q| now >= q);
         if ask {
             b.asking = true;
         }

@@ -400,7 +400,13 @@ async fn serve_book(
         answer(&tcp, Reason::Policy);
         return recorder(Some(&holder)).refuse(FlowReason::Impersonation, server);
     }
-    let d = decide(&snap, Direction::Incoming, &holder.peer, FlowPort::tcp(port), &shared);
+    let d = decide(
+        &snap,
+        Direction::Incoming,
+        &holder.peer,
+        FlowPort::tcp(port),
+        &shared,
+    );
     if d.verdict == Verdict::Allow && d.encrypt {
         // Not a refusal: the client asks again on a stream, encrypted, and that flow is
         // decided and recorded. This connection carried none.
@@ -428,15 +434,15 @@ async fn serve_book(
     }
     let workload_addr = SocketAddr::new(local.ip(), port);
     let connect = crate::socket::connect(workload_addr, None, shared.settings.socket_mark);
-    let workload =
-        match tokio::time::timeout(shared.settings.limits.connect_timeout, connect).await {
-            Ok(Ok(w)) => w,
-            _ => {
-                shared.error(ErrorKind::ConnectFailed);
-                answer(&tcp, Reason::Unreachable);
-                return rec.ended_unrelayed(CloseReason::ConnectFailed);
-            }
-        };
+    let workload = match tokio::time::timeout(shared.settings.limits.connect_timeout, connect).await
+    {
+        Ok(Ok(w)) => w,
+        _ => {
+            shared.error(ErrorKind::ConnectFailed);
+            answer(&tcp, Reason::Unreachable);
+            return rec.ended_unrelayed(CloseReason::ConnectFailed);
+        }
+    };
     let _ = workload.set_nodelay(true);
     answer(&tcp, Reason::Accepted);
     let stop = rec.relaying(Peer::Pu(tags), port);

@@ -164,7 +164,10 @@ impl Reason {
 
     /// The one-byte answer on a book ticket's connection.
     pub fn code(self) -> u8 {
-        Self::ALL.iter().position(|(r, ..)| *r == self).expect("all") as u8
+        Self::ALL
+            .iter()
+            .position(|(r, ..)| *r == self)
+            .expect("all") as u8
     }
 
     pub fn from_code(c: u8) -> Option<Reason> {
@@ -424,7 +427,16 @@ mod tests {
         segmesh_testkit::fuzz::run(
             "tunnel-header",
             &refs,
-            &[b"CONNECT", b"\n", b":", b"udp", &MAGIC, &MAGIC_BOOK, b"accepted", b"200"],
+            &[
+                b"CONNECT",
+                b"\n",
+                b":",
+                b"udp",
+                &MAGIC,
+                &MAGIC_BOOK,
+                b"accepted",
+                b"200",
+            ],
             |input| {
                 let parts: Vec<&[u8]> = input.split(|b| *b == b'\n').collect();
                 let part = |i: usize| parts.get(i).copied().unwrap_or(b"");
@@ -575,7 +587,11 @@ mod tests {
         let a = book_answer(&ts);
         assert_eq!(book_from_http(a.status(), a.headers()).unwrap(), ts);
         let none = book_answer(&[]);
-        assert!(book_from_http(none.status(), none.headers()).unwrap().is_empty());
+        assert!(
+            book_from_http(none.status(), none.headers())
+                .unwrap()
+                .is_empty()
+        );
         let refused = Response::refused(Reason::Overload).to_http();
         assert!(book_from_http(refused.status(), refused.headers()).is_err());
         let mut h = a.headers().clone();
@@ -593,27 +609,34 @@ mod tests {
             udp: false,
         };
         assert_eq!(book_count(&flow.to_http(target)).unwrap(), None);
-        let get = |uri: &str, n: &str| {
-            http::Request::get(uri)
-                .header(H_COUNT, n)
-                .body(())
-                .unwrap()
-        };
+        let get = |uri: &str, n: &str| http::Request::get(uri).header(H_COUNT, n).body(()).unwrap();
         let book = "https://segmesh.tunnel/tickets";
         assert_eq!(book_count(&get(book, "0")), Err(WireError::Header(H_COUNT)));
-        assert_eq!(book_count(&get(book, "65")), Err(WireError::Header(H_COUNT)));
+        assert_eq!(
+            book_count(&get(book, "65")),
+            Err(WireError::Header(H_COUNT))
+        );
         assert_eq!(book_count(&get(book, "x")), Err(WireError::Header(H_COUNT)));
-        assert_eq!(book_count(&get("https://x/other", "1")), Err(WireError::Book));
+        assert_eq!(
+            book_count(&get("https://x/other", "1")),
+            Err(WireError::Book)
+        );
 
         let t = ts[0];
-        assert_eq!(Ticket::from_book_preface(&t.book_preface(8080)).unwrap(), (t, 8080));
+        assert_eq!(
+            Ticket::from_book_preface(&t.book_preface(8080)).unwrap(),
+            (t, 8080)
+        );
         assert_eq!(
             Ticket::from_book_preface(&t.book_preface(0)).unwrap_err(),
             WireError::Port
         );
         let mut p = t.book_preface(80);
         p[3] = 0x02;
-        assert_eq!(Ticket::from_book_preface(&p).unwrap_err(), WireError::Preface);
+        assert_eq!(
+            Ticket::from_book_preface(&p).unwrap_err(),
+            WireError::Preface
+        );
         for r in Reason::ALL.map(|(r, ..)| r) {
             assert_eq!(Reason::from_code(r.code()), Some(r));
         }

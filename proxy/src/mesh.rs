@@ -56,16 +56,17 @@ pub(crate) fn automatic_tags(name: &str, namespace: &str) -> TagSet {
     tags
 }
 
-/// Decides a flow with a peer PU on its certificate's tags (timed).
+/// Decides a flow with a peer PU on its certificate's tags ([`peer_tags`], made once
+/// per connection; timed).
 fn decide(
     snap: &Snapshot,
     dir: Direction,
-    id: &WorkloadIdentity,
+    tags: &TagSet,
     port: impl Into<segmesh_policy::FlowPort>,
     shared: &Shared,
 ) -> Decision {
     let t = std::time::Instant::now();
-    let peer = PreparedPeer::Pu(snap.engine.id_set(&peer_tags(id)));
+    let peer = PreparedPeer::Pu(snap.engine.id_set(tags));
     let d = snap.engine.decide(dir, &snap.prepared, &peer, port);
     shared
         .metrics

@@ -120,7 +120,7 @@ pub(crate) async fn negotiate(
     if impersonated(&conn) {
         return Err((FlowReason::Impersonation, Some(Side::Client)));
     }
-    let d = decide(&snap, Direction::Outgoing, &conn.peer, port, &shared);
+    let d = decide(&snap, Direction::Outgoing, &conn.tags, port, &shared);
     let (verdict, encrypt, reason) = (d.verdict, d.encrypt, reason_of(&d));
     rec.decided(d);
     if verdict == Verdict::Reject {

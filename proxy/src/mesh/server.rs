@@ -171,18 +171,13 @@ async fn serve_tls(
     drop(per_source);
 
     let tags = Arc::new(peer_tags(&peer));
-    let holder = Arc::new(Holder::new(peer.clone(), tags.clone(), from.ip(), resumed));
     let conn = Arc::new(Connection {
         shared: shared.clone(),
         from,
         local,
-        peer: peer.clone(),
-        tags,
-        holder,
-        resumed,
+        holder: Arc::new(Holder::new(peer.clone(), tags, from.ip(), resumed)),
         flows: AtomicUsize::new(0),
         streamed: AtomicBool::new(false),
-        idle: tokio::sync::Notify::new(),
     });
     let mut b = h2::server::Builder::new();
     b.max_concurrent_streams(MAX_STREAMS)
@@ -253,10 +248,10 @@ async fn idle_for(conn: &Connection, mut since: tokio::time::Instant) {
                         return;
                     }
                 }
-                _ = conn.idle.notified() => {}
+                _ = conn.holder.idle.notified() => {}
             }
         } else {
-            conn.idle.notified().await;
+            conn.holder.idle.notified().await;
         }
         since = tokio::time::Instant::now();
     }
@@ -267,18 +262,14 @@ struct Connection {
     shared: Arc<Shared>,
     from: SocketAddr,
     local: SocketAddr,
-    peer: WorkloadIdentity,
-    /// The peer's tags ([`super::peer_tags`]), for every flow over this connection.
-    tags: Arc<segmesh_policy::TagSet>,
-    /// What the tickets of books issued on this connection stand for.
+    /// The peer's identity and tags, for every flow over this connection and for the
+    /// tickets of the books issued on it (its `idle` is notified when a flow starts or
+    /// ends, or a ticket is used).
     holder: Arc<Holder>,
-    resumed: bool,
     /// Flows relaying in streams of this connection.
     flows: AtomicUsize,
     /// Whether any stream arrived.
     streamed: AtomicBool,
-    /// Notified when a flow starts or ends.
-    idle: tokio::sync::Notify,
 }
 
 /// A flow relaying in a stream of the connection (for its idle timer).
@@ -287,7 +278,7 @@ struct InStream(Arc<Connection>);
 impl InStream {
     fn new(c: &Arc<Connection>) -> InStream {
         c.flows.fetch_add(1, Ordering::Relaxed);
-        c.idle.notify_waiters();
+        c.holder.idle.notify_waiters();
         InStream(c.clone())
     }
 }
@@ -295,7 +286,7 @@ impl InStream {
 impl Drop for InStream {
     fn drop(&mut self) {
         self.0.flows.fetch_sub(1, Ordering::Relaxed);
-        self.0.idle.notify_waiters();
+        self.0.holder.idle.notify_waiters();
     }
 }
 
@@ -314,7 +305,7 @@ impl Connection {
     ) {
         self.streamed.store(true, Ordering::Relaxed);
         // Any stream is use: the idle timer starts again.
-        self.idle.notify_waiters();
+        self.holder.idle.notify_waiters();
         let shared = &self.shared;
         let server = Some(Side::Server);
         // Decided with the snapshot of now, not the one of the handshake.
@@ -322,9 +313,12 @@ impl Connection {
         let mut flow = Flow::new(Direction::Incoming, self.from, self.local);
         flow.destination.pu = Some(snap.pu_qualified());
         let mut rec = Recorder::new(shared, snap.clone(), flow);
-        rec.peer_identity = Some(self.peer.spiffe_id().to_string());
-        rec.flow.source.pu = Some(format!("{}:{}", self.peer.namespace, self.peer.name));
-        rec.resumed = Some(self.resumed);
+        rec.peer_identity = Some(self.holder.peer.spiffe_id().to_string());
+        rec.flow.source.pu = Some(format!(
+            "{}:{}",
+            self.holder.peer.namespace, self.holder.peer.name
+        ));
+        rec.resumed = Some(self.holder.resumed);
         match book_count(&req) {
             Ok(None) => {}
             Ok(Some(n)) => return self.book(rec, respond, n),
@@ -338,7 +332,7 @@ impl Connection {
             return answer(respond, Response::refused(Reason::BadRequest));
         };
         rec.flow.destination.port = r.port;
-        if !registered(&snap, self.from, &self.peer) {
+        if !registered(&snap, self.from, &self.holder.peer) {
             rec.refuse(FlowReason::Impersonation, server);
             return answer(respond, Response::refused(Reason::Policy));
         }
@@ -347,7 +341,7 @@ impl Connection {
         } else {
             FlowPort::tcp(r.port)
         };
-        let d = decide(&snap, Direction::Incoming, &self.peer, port, shared);
+        let d = decide(&snap, Direction::Incoming, &self.holder.tags, port, shared);
         let (verdict, reason) = (d.verdict, reason_of(&d));
         let encrypt = r.encrypt || r.udp || d.encrypt;
         let refused = if d.tier.is_some() {
@@ -381,7 +375,7 @@ impl Connection {
             };
             let _guard = InStream::new(&self);
             let stream = H2Stream::new(send, req.into_body());
-            return serve_udp(rec, stream, sock, workload_addr, self.tags.clone()).await;
+            return serve_udp(rec, stream, sock, workload_addr, self.holder.tags.clone()).await;
         }
         let connect = crate::socket::connect(workload_addr, None, shared.settings.socket_mark);
         let workload =
@@ -399,8 +393,8 @@ impl Connection {
                 rec,
                 workload,
                 holder: self.from.ip(),
-                peer: self.peer.clone(),
-                tags: self.tags.clone(),
+                peer: self.holder.peer.clone(),
+                tags: self.holder.tags.clone(),
                 port: r.port,
             };
             let r = match shared.tickets.issue(shared, pending) {
@@ -417,7 +411,7 @@ impl Connection {
         };
         let guard = InStream::new(&self);
         let stream = H2Stream::new(send, req.into_body());
-        let stop = rec.relaying(Peer::Pu(self.tags.clone()), r.port);
+        let stop = rec.relaying(Peer::Pu(self.holder.tags.clone()), r.port);
         let idle = shared.settings.limits.idle_timeout;
         rec.finish_after(async move {
             let _guard = guard;
@@ -434,7 +428,7 @@ impl Connection {
     /// at the connection's address (not a flow: recorded only when refused).
     fn book(&self, rec: Recorder, respond: h2::server::SendResponse<Bytes>, n: usize) {
         let shared = &self.shared;
-        if !registered(&shared.snapshot(), self.from, &self.peer) {
+        if !registered(&shared.snapshot(), self.from, &self.holder.peer) {
             rec.refuse(FlowReason::Impersonation, Some(Side::Server));
             return answer(respond, Response::refused(Reason::Policy));
         }

@@ -63,6 +63,9 @@ pub(crate) struct Holder {
     alive: AtomicBool,
     /// Its tickets issued and not yet used, expired or swept.
     outstanding: AtomicUsize,
+    /// Notified when the connection is used (a flow starts or ends on it, or one of its
+    /// tickets opens a flow): its idle timer starts again.
+    pub idle: tokio::sync::Notify,
 }
 
 impl Holder {
@@ -79,6 +82,7 @@ impl Holder {
             resumed,
             alive: AtomicBool::new(true),
             outstanding: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
         }
     }
 
@@ -194,6 +198,8 @@ impl Tickets {
             Some(_) => {
                 let (h, _) = booked.remove(t).expect("present");
                 h.outstanding.fetch_sub(1, Ordering::Relaxed);
+                // The connection is in use (its idle timer starts again).
+                h.idle.notify_waiters();
                 Ok(h)
             }
         }
@@ -403,7 +409,7 @@ async fn serve_book(
     let d = decide(
         &snap,
         Direction::Incoming,
-        &holder.peer,
+        &holder.tags,
         FlowPort::tcp(port),
         &shared,
     );

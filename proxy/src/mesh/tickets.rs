@@ -16,6 +16,7 @@
 //! unused tickets and the enforcer [`MAX_BOOKED`].
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -166,9 +167,11 @@ impl Tickets {
                 .min(MAX_BOOKED.saturating_sub(booked.len()))
                 .min(n);
             let expires = Instant::now() + BOOK_TTL;
-            while out.len() < room {
-                let t = Ticket::random();
-                if booked.insert(t, (holder.clone(), expires)).is_none() {
+            // 256 random bits each: a collision is not going to happen, and would only
+            // leave one out.
+            for t in Ticket::random_n(room) {
+                if let Entry::Vacant(v) = booked.entry(t) {
+                    v.insert((holder.clone(), expires));
                     out.push(t);
                 }
             }

@@ -201,6 +201,18 @@ impl Ticket {
         Ticket(b)
     }
 
+    /// `n` tickets from one call to the secure random source.
+    pub fn random_n(n: usize) -> Vec<Ticket> {
+        let mut b = vec![0u8; n * TICKET_LEN];
+        segmesh_identity::tls::provider()
+            .secure_random
+            .fill(&mut b)
+            .expect("the system's random source works");
+        b.chunks_exact(TICKET_LEN)
+            .map(|c| Ticket(c.try_into().expect("a ticket's length")))
+            .collect()
+    }
+
     pub fn to_hex(self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -547,6 +559,8 @@ mod tests {
     fn answers_round_trip_and_are_checked() {
         let t = Ticket::random();
         assert_ne!(t, Ticket::random(), "random");
+        let n = Ticket::random_n(3);
+        assert!(n.len() == 3 && n[0] != n[1] && n[1] != n[2], "random");
         for r in [
             Response {
                 reason: Reason::Accepted,

@@ -462,6 +462,28 @@ async fn h2_connect(cfg: Arc<rustls::ClientConfig>, to: SocketAddr) -> Option<H2
     Some(send)
 }
 
+/// Bytes from lowercase hex digits.
+fn unhex(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Sends `preface` to the tunnel port `tunnel` from `host` (bypassing its enforcer):
+/// everything the connection then reads until it closes (5 s at most).
+fn present(host: &Host, tunnel: SocketAddr, preface: Vec<u8>) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    in_ns(host, async move {
+        let mut s = bypass(tunnel).await;
+        s.write_all(&preface).await.unwrap();
+        let mut b = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut b)).await;
+        b
+    })
+    .join()
+    .unwrap()
+}
+
 /// Sends `req` on a new connection as `cfg`: the answer's status and headers.
 async fn h2_request(
     cfg: Arc<rustls::ClientConfig>,
@@ -995,7 +1017,6 @@ fn netns_tunnel_a_server_cannot_drop_the_encryption_asked_for() {
 /// it is unknown.
 #[test]
 fn netns_tunnel_tickets_are_single_use_and_bound_to_their_holder() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if !netns_enabled() {
         return;
     }
@@ -1018,23 +1039,9 @@ fn netns_tunnel_tickets_are_single_use_and_bound_to_their_holder() {
     assert_eq!(headers["segmesh-reason"], "accepted");
     let hex = headers["segmesh-ticket"].to_str().unwrap().to_owned();
     assert_eq!(hex.len(), 64);
-    let ticket: Vec<u8> = (0..32)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-        .collect();
-    let preface = [b"SMT\x02".as_slice(), &ticket].concat();
+    let preface = [b"SMT\x02".as_slice(), &unhex(&hex)].concat();
     // Presents the ticket from `host`: what the connection then reads.
-    let present = |host: &Host| {
-        let preface = preface.clone();
-        in_ns(host, async move {
-            let mut s = bypass(tunnel).await;
-            s.write_all(&preface).await.unwrap();
-            let mut b = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut b)).await;
-            b
-        })
-        .join()
-        .unwrap()
-    };
+    let present = |host: &Host| present(host, tunnel, preface.clone());
     assert!(present(&db).is_empty(), "stolen: nothing from db's address");
     assert_eq!(present(&web), b"hello\n", "the holder's flow");
     assert!(present(&web).is_empty(), "replayed: nothing");
@@ -1105,7 +1112,6 @@ const TICKET: u8 = 8;
 /// unknown; once the connection it was issued on has ended, an unused ticket is void.
 #[test]
 fn netns_tunnel_book_tickets_are_single_use_bound_and_decided_on_use() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if !netns_enabled() {
         return;
     }
@@ -1141,27 +1147,12 @@ fn netns_tunnel_book_tickets_are_single_use_bound_and_decided_on_use() {
     let tickets: Vec<Vec<u8>> = hex
         .as_bytes()
         .chunks(64)
-        .map(|h| {
-            (0..32)
-                .map(|i| {
-                    u8::from_str_radix(std::str::from_utf8(&h[2 * i..2 * i + 2]).unwrap(), 16)
-                        .unwrap()
-                })
-                .collect()
-        })
+        .map(|h| unhex(std::str::from_utf8(h).unwrap()))
         .collect();
     // Presents ticket `i` for `port` from `host`: everything the connection then reads.
     let present = |host: &Host, i: usize, port: u16| {
         let preface = [b"SMT\x03".as_slice(), &tickets[i], &port.to_be_bytes()].concat();
-        in_ns(host, async move {
-            let mut s = bypass(tunnel).await;
-            s.write_all(&preface).await.unwrap();
-            let mut b = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut b)).await;
-            b
-        })
-        .join()
-        .unwrap()
+        present(host, tunnel, preface)
     };
     assert_eq!(
         present(&db, 0, 8080),

@@ -349,7 +349,20 @@ pub(crate) async fn serve(
         return rec.refuse(FlowReason::Impersonation, Some(Side::Server));
     }
     // Decided again here if a snapshot came since the ticket's decision.
+    relay(rec, tcp, workload, tags, port);
+}
+
+/// Splices an accepted flow between its ticket's connection and our workload, in a task
+/// of its own (re-decided from here on, on the peer's `tags`, when snapshots come).
+fn relay(
+    mut rec: Recorder,
+    tcp: TcpStream,
+    workload: TcpStream,
+    tags: Arc<segmesh_policy::TagSet>,
+    port: u16,
+) {
     let stop = rec.relaying(Peer::Pu(tags), port);
+    let shared = rec.shared().clone();
     rec.finish_after(async move {
         let progress = Progress::default();
         let idle = shared.settings.limits.idle_timeout;
@@ -454,12 +467,5 @@ async fn serve_book(
     };
     let _ = workload.set_nodelay(true);
     answer(&tcp, Reason::Accepted);
-    let stop = rec.relaying(Peer::Pu(tags), port);
-    rec.finish_after(async move {
-        let progress = Progress::default();
-        let idle = shared.settings.limits.idle_timeout;
-        let k = shared.kernel();
-        let o = splice::relay_until(tcp, workload, idle, false, &progress, &stop.notify, k).await;
-        Moved::plain(o)
-    });
+    relay(rec, tcp, workload, tags, port);
 }

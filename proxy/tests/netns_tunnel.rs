@@ -1289,6 +1289,57 @@ fn netns_tunnel_flows_open_with_book_tickets() {
     assert_eq!(seen.load(Ordering::SeqCst), 7);
 }
 
+/// A connection whose flows all open with tickets from its book carries no stream after
+/// the first, yet it is in use: the server must not close it as idle (30 s without a
+/// flow), which would void the book and cost a handshake. web opens a flow every 2 s for
+/// 36 s, each with a ticket from the one book: one handshake, one connection throughout.
+#[test]
+fn netns_tunnel_a_connection_used_through_its_book_stays_open() {
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("book-idle", false, "");
+    let (web, api) = (m.host("web"), m.host("api"));
+    let plain = SocketAddr::new(api.ip4.into(), 8080);
+    let _server = greet(&api, plain, Arc::new(AtomicUsize::new(0)));
+    let t = |r: &str| {
+        metric(
+            &api,
+            &format!("segmesh_tunnel_tickets_total{{result=\"{r}\"}}"),
+        )
+    };
+    drop(in_ns(&web, greeted(plain)).join().unwrap());
+    wait_until("web's first book", Duration::from_secs(10), || {
+        t("book-issued") >= 1.0
+    });
+    let start = std::time::Instant::now();
+    let mut flows = 0;
+    while start.elapsed() < Duration::from_secs(36) {
+        // The pause between flows is the point of the test (time passing with no
+        // stream on the connection), not a wait for something to be ready.
+        std::thread::sleep(Duration::from_secs(2));
+        drop(in_ns(&web, greeted(plain)).join().unwrap());
+        flows += 1;
+    }
+    assert_eq!(
+        t("book-redeemed"),
+        flows as f64,
+        "every flow with a ticket from the book"
+    );
+    let handshakes = |r: &str| {
+        metric(
+            &web,
+            &format!("segmesh_tunnel_handshakes_total{{role=\"Client\",result=\"{r}\"}}"),
+        )
+    };
+    assert_eq!(
+        (handshakes("ok"), handshakes("resumed")),
+        (1.0, 0.0),
+        "one connection throughout: {}",
+        http_get(&web, "/metrics").1
+    );
+}
+
 /// Heap in use per flow held idle through both enforcers (`segmesh_heap_in_use_bytes`),
 /// client and server side, while web holds 400 flows to api that each got their greeting.
 fn idle_heap_per_flow(encrypt: bool) -> (f64, f64) {

@@ -72,6 +72,7 @@ pub(crate) async fn connect(mut rec: Recorder, app: TcpStream, svc: Arc<ServiceT
             to,
             pu,
             FlowPort::tcp(svc.target),
+            Some(&app),
         ))
         .await
         {

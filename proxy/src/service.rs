@@ -72,7 +72,6 @@ pub(crate) async fn connect(mut rec: Recorder, app: TcpStream, svc: Arc<ServiceT
             to,
             pu,
             FlowPort::tcp(svc.target),
-            Some(&app),
         ))
         .await
         {

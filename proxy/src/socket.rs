@@ -180,63 +180,9 @@ pub fn shutdown_write(stream: &tokio::net::TcpStream) -> io::Result<()> {
     SockRef::from(stream).shutdown(std::net::Shutdown::Write)
 }
 
-/// Appends to `out` up to `max` bytes queued on `stream` without taking them
-/// (`recv` with `MSG_PEEK | MSG_DONTWAIT`, whatever the runtime believes of the socket's
-/// readiness): how many. None queued, or an error, is 0.
-pub fn peek_into(stream: &TcpStream, out: &mut Vec<u8>, max: usize) -> usize {
-    use nix::sys::socket::{MsgFlags, recv};
-    let at = out.len();
-    out.resize(at + max, 0);
-    let n = recv(
-        stream.as_raw_fd(),
-        &mut out[at..],
-        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-    )
-    .unwrap_or(0);
-    out.truncate(at + n);
-    n
-}
-
-/// Takes `n` bytes that [`peek_into`] saw queued on `stream` off its queue, unread.
-pub fn discard(stream: &TcpStream, mut n: usize) -> io::Result<()> {
-    use nix::sys::socket::{MsgFlags, recv};
-    let mut buf = [0u8; 1024];
-    while n > 0 {
-        let want = n.min(buf.len());
-        match recv(stream.as_raw_fd(), &mut buf[..want], MsgFlags::MSG_DONTWAIT) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(got) => n -= got,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Peeked bytes stay queued until discarded; the rest follows.
-    #[tokio::test]
-    async fn peeked_bytes_stay_until_discarded() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (mut s, _) = l.accept().await.unwrap();
-        let mut out = b"pre".to_vec();
-        assert_eq!(peek_into(&s, &mut out, 16), 0, "nothing sent yet");
-        assert_eq!(out, b"pre");
-        c.write_all(b"hello world").await.unwrap();
-        s.readable().await.unwrap();
-        assert_eq!(peek_into(&s, &mut out, 5), 5);
-        assert_eq!(out, b"prehello");
-        assert_eq!(peek_into(&s, &mut out, 64), 11, "still queued");
-        discard(&s, 6).unwrap();
-        drop(c);
-        let mut rest = Vec::new();
-        s.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest, b"world");
-    }
 
     /// IPV6_TRANSPARENT needs CAP_NET_ADMIN. Its effect is visible: a transparent
     /// socket may bind an address that is not local (RFC 3849 documentation prefix),

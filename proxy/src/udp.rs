@@ -513,11 +513,7 @@ async fn tunnel(
         let port = segmesh_policy::FlowPort::udp(dest.port());
         // Boxed: the negotiation's state (about 4.8 KiB) is freed when it ends instead of
         // staying part of the session's task for as long as the session lives.
-        match Box::pin(crate::mesh::client::negotiate(
-            &mut rec, *dest, pu, port, None,
-        ))
-        .await
-        {
+        match Box::pin(crate::mesh::client::negotiate(&mut rec, *dest, pu, port)).await {
             Ok(n) => {
                 negotiated = Some((n, port));
                 break;

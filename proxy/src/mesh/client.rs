@@ -41,9 +41,8 @@ pub(crate) enum Data {
     /// Encrypted: the flow's own stream on the multiplexed connection.
     Stream(H2Stream),
     /// Authenticated-only: a plain connection to the peer's tunnel port that presented
-    /// the server's ticket, and how many of the application's bytes already went on it
-    /// (sent with a book ticket's preface).
-    Plain(TcpStream, u64),
+    /// the server's ticket.
+    Plain(TcpStream),
 }
 
 /// A flow to the PU registered at `target`, its identity checked, our decision on its
@@ -95,14 +94,12 @@ async fn exchange(
 }
 
 /// Negotiates a flow to `pu` at `target` on `port` (`udp/N`: a UDP session, which stays
-/// encrypted in its stream). `app`: the application's connection of a TCP flow, whose
-/// bytes already sent may go with a book ticket's preface.
+/// encrypted in its stream).
 pub(crate) async fn negotiate(
     rec: &mut Recorder,
     target: SocketAddr,
     pu: &RegisteredPu,
     port: FlowPort,
-    app: Option<&TcpStream>,
 ) -> Result<Negotiated, Refusal> {
     let shared = rec.shared().clone();
     let snap = rec.snapshot().clone();
@@ -143,10 +140,10 @@ pub(crate) async fn negotiate(
             refill(&shared, &conn);
         }
         if let Some(t) = ticket {
-            match Box::pin(by_book(&shared, ip, t, target.port(), app)).await {
-                Ok((_, Some((tcp, early)))) => {
+            match Box::pin(by_book(&shared, ip, t, target.port())).await {
+                Ok((_, Some(tcp))) => {
                     return Ok(Negotiated {
-                        data: Data::Plain(tcp, early),
+                        data: Data::Plain(tcp),
                         tags: conn.tags.clone(),
                         reason: Reason::Accepted,
                     });
@@ -229,7 +226,7 @@ pub(crate) async fn negotiate(
                 Ok::<_, std::io::Error>(tcp)
             };
             match opened.await {
-                Ok(tcp) => Data::Plain(tcp, 0),
+                Ok(tcp) => Data::Plain(tcp),
                 Err(_) => return Err((FlowReason::TunnelUnreachable, Some(Side::Server))),
             }
         }
@@ -242,19 +239,13 @@ pub(crate) async fn negotiate(
 }
 
 /// Opens a flow to the peer's workload `port` with a ticket from its book: the server's
-/// answer, and when it accepted, the data connection and how many of `app`'s bytes went
-/// on it already. What the application has sent by the time the data connection is up
-/// (a client that speaks first) goes with the preface, so that its first bytes do not
-/// wait for the answer's round trip: they are only peeked at, and taken from `app` once
-/// the server accepted (any other answer leaves them for the stream the flow then asks
-/// on, or for nobody).
+/// answer, and the data connection when it accepted.
 async fn by_book(
     shared: &Shared,
     ip: std::net::IpAddr,
     t: Ticket,
     port: u16,
-    app: Option<&TcpStream>,
-) -> Result<(Reason, Option<(TcpStream, u64)>), FlowReason> {
+) -> Result<(Reason, Option<TcpStream>), FlowReason> {
     let l = &shared.settings.listeners;
     let limits = &shared.settings.limits;
     let addr = SocketAddr::new(ip, l.tunnel);
@@ -264,10 +255,8 @@ async fn by_book(
         _ => return Err(FlowReason::TunnelUnreachable),
     };
     let _ = tcp.set_nodelay(true);
-    let mut first = t.book_preface(port).to_vec();
-    let early = app.map_or(0, |a| crate::socket::peek_into(a, &mut first, EARLY));
     let answered = async {
-        tcp.write_all(&first).await?;
+        tcp.write_all(&t.book_preface(port)).await?;
         let mut a = [0u8; 1];
         tcp.read_exact(&mut a).await?;
         Ok::<_, std::io::Error>(a[0])
@@ -278,27 +267,11 @@ async fn by_book(
         _ => return Err(FlowReason::TunnelUnreachable),
     };
     match Reason::from_code(code) {
-        Some(Reason::Accepted) => {
-            // Those bytes are the peer's now: taken from the application's queue.
-            if let Some(a) = app.filter(|_| early > 0) {
-                crate::socket::discard(a, early).map_err(|_| FlowReason::TunnelUnreachable)?;
-                shared
-                    .metrics
-                    .tickets
-                    .get_or_create(&PoolLabels {
-                        result: "book-early",
-                    })
-                    .inc();
-            }
-            Ok((Reason::Accepted, Some((tcp, early as u64))))
-        }
+        Some(Reason::Accepted) => Ok((Reason::Accepted, Some(tcp))),
         Some(r) => Ok((r, None)),
         None => Err(FlowReason::TunnelProtocol),
     }
 }
-
-/// The most of an application's bytes that go with a book ticket's preface.
-const EARLY: usize = splice::SMALL;
 
 /// Asks the peer for a book of tickets on `conn`, in the background.
 fn refill(shared: &Arc<Shared>, conn: &Arc<Conn>) {
@@ -338,7 +311,6 @@ pub(crate) async fn connect(
         target,
         &pu,
         FlowPort::tcp(target.port()),
-        Some(&app),
     ))
     .await
     {
@@ -358,12 +330,10 @@ pub(crate) fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated)
         let idle = shared.settings.limits.idle_timeout;
         match data {
             Data::Stream(s) => tls::relay(app, s, idle, &stop.notify).await,
-            Data::Plain(tcp, early) => {
+            Data::Plain(tcp) => {
                 let p = Progress::default();
                 let k = shared.kernel();
-                let mut o = splice::relay_until(app, tcp, idle, false, &p, &stop.notify, k).await;
-                o.forward += early;
-                Moved::plain(o)
+                Moved::plain(splice::relay_until(app, tcp, idle, false, &p, &stop.notify, k).await)
             }
         }
     });

@@ -1340,6 +1340,125 @@ fn netns_tunnel_a_connection_used_through_its_book_stays_open() {
     );
 }
 
+/// Echoes what each connection to `addr` sends, for 60 s.
+fn echo(h: &Host, addr: SocketAddr) -> std::thread::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = in_ns(h, async move {
+        let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        while let Ok(Ok((mut s, _))) = tokio::time::timeout_at(until, l.accept()).await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 1024];
+                while let Ok(n) = s.read(&mut b).await {
+                    if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    wait_listening(h, addr.port());
+    t
+}
+
+/// A client that speaks first: connects and sends at once, then reads as many bytes
+/// back (5 s at most; nothing on failure).
+async fn speak_first(to: SocketAddr, msg: Vec<u8>) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = TcpStream::connect(to).await else {
+        return Vec::new();
+    };
+    if s.write_all(&msg).await.is_err() {
+        return Vec::new();
+    }
+    let mut got = vec![0u8; msg.len()];
+    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await {
+        Ok(Ok(_)) => got,
+        _ => Vec::new(),
+    }
+}
+
+/// Every frame on the links of `h`'s namespace (an `AF_PACKET` socket, loopback left
+/// out: what a passive observer of its wire sees) until `stop` is set, at most 8 MiB.
+fn sniff(h: &Host, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<Vec<u8>> {
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let t = in_ns(h, async move {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let all = Protocol::from(i32::from((libc::ETH_P_ALL as u16).to_be()));
+        let s = Socket::new(Domain::PACKET, Type::RAW, Some(all)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        ready_tx.send(()).unwrap();
+        // Loopback carries what the enforcer decrypted for its own workload: not a link.
+        let lo = nix::net::if_::if_nametoindex("lo").unwrap() as usize;
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 65_536];
+        while !stop.load(Ordering::SeqCst) && seen.len() < 8 << 20 {
+            use std::os::fd::AsRawFd;
+            let got =
+                nix::sys::socket::recvfrom::<nix::sys::socket::LinkAddr>(s.as_raw_fd(), &mut buf);
+            if let Ok((n, Some(from))) = got {
+                if from.ifindex() != lo {
+                    seen.extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+        seen
+    });
+    ready.recv_timeout(Duration::from_secs(5)).unwrap();
+    t
+}
+
+/// The attack: a passive observer on api's links, while web (whose own decision does not
+/// ask for encryption on port 9000) sends secrets to api's port 9000, where api's
+/// decision wants encryption. Whether the flow asks on a stream (the first) or comes with
+/// a ticket from web's book (answered `encrypt`, then asked again on a stream), no byte
+/// of a secret crosses the wire in plaintext. The observer does see plaintext where both
+/// ends allow it (port 8080, authenticated-only), so it would see a leak.
+#[test]
+fn netns_tunnel_no_plaintext_on_the_wire_where_the_server_wants_encryption() {
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("sniff", false, WEB_PLAIN_API_ENCRYPTED);
+    let (web, api) = (m.host("web"), m.host("api"));
+    let encrypted = SocketAddr::new(api.ip4.into(), 9000);
+    let plain = SocketAddr::new(api.ip4.into(), 8081);
+    let _a = echo(&api, encrypted);
+    let _b = echo(&api, plain);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let observer = sniff(&api, stop.clone());
+    let t = |r: &str| {
+        metric(
+            &api,
+            &format!("segmesh_tunnel_tickets_total{{result=\"{r}\"}}"),
+        )
+    };
+    let send = |to: SocketAddr, msg: String| {
+        let msg = msg.into_bytes();
+        assert_eq!(
+            in_ns(&web, speak_first(to, msg.clone())).join().unwrap(),
+            msg
+        );
+    };
+    send(encrypted, "SECRET-0-first-flow".into());
+    wait_until("web's first book", Duration::from_secs(10), || {
+        t("book-issued") >= 1.0
+    });
+    for i in 1..=5 {
+        send(encrypted, format!("SECRET-{i}-with-a-ticket"));
+    }
+    assert_eq!(t("book-redeemed"), 5.0, "each came with a ticket first");
+    send(plain, "VISIBLE-PLAINTEXT".into());
+    stop.store(true, Ordering::SeqCst);
+    let seen = observer.join().unwrap();
+    let has = |needle: &[u8]| seen.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        has(b"VISIBLE-PLAINTEXT"),
+        "the observer sees plaintext flows"
+    );
+    assert!(!has(b"SECRET-"), "a secret crossed the wire in plaintext");
+}
+
 /// Heap in use per flow held idle through both enforcers (`segmesh_heap_in_use_bytes`),
 /// client and server side, while web holds 400 flows to api that each got their greeting.
 fn idle_heap_per_flow(encrypt: bool) -> (f64, f64) {

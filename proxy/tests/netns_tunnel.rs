@@ -314,12 +314,7 @@ fn three_tier(encrypt: bool) {
         // The first flow on a connection asks on a stream and gets its ticket; later
         // ones take tickets from the book that first flow asked for.
         let api_host = m.host("api");
-        let tickets = |r: &str| {
-            metric(
-                &api_host,
-                &format!("segmesh_tunnel_tickets_total{{result=\"{r}\"}}"),
-            )
-        };
+        let tickets = |r: &str| tickets(&api_host, r);
         assert!(
             tickets("redeemed") >= 1.0 && tickets("redeemed") + tickets("book-redeemed") >= 2.0,
             "authenticated-only flows come with tickets: {}",
@@ -460,6 +455,21 @@ async fn h2_connect(cfg: Arc<rustls::ClientConfig>, to: SocketAddr) -> Option<H2
     .ok()?;
     tokio::spawn(conn);
     Some(send)
+}
+
+/// `segmesh_tunnel_tickets_total{result="<r>"}` at `h`'s enforcer.
+fn tickets(h: &Host, r: &str) -> f64 {
+    metric(
+        h,
+        &format!("segmesh_tunnel_tickets_total{{result=\"{r}\"}}"),
+    )
+}
+
+/// Waits until `server`'s enforcer has issued a book (after a first flow to it).
+fn wait_book(server: &Host) {
+    wait_until("a first book", Duration::from_secs(10), || {
+        tickets(server, "book-issued") >= 1.0
+    });
 }
 
 /// Bytes from lowercase hex digits.
@@ -1221,12 +1231,7 @@ fn netns_tunnel_book_tickets_are_single_use_bound_and_decided_on_use() {
         !log.iter().any(|r| r["destination"]["port"] == 9000),
         "the refusal to go plaintext is no flow: {log:?}"
     );
-    let t = |r: &str| {
-        metric(
-            &api,
-            &format!("segmesh_tunnel_tickets_total{{result=\"{r}\"}}"),
-        )
-    };
+    let t = |r: &str| crate::tickets(&api, r);
     assert_eq!(t("book-issued"), 5.0);
     assert_eq!(t("book-redeemed"), 3.0);
     assert_eq!(t("book-address"), 1.0);
@@ -1249,16 +1254,9 @@ fn netns_tunnel_flows_open_with_book_tickets() {
     let encrypted = SocketAddr::new(api.ip4.into(), 9000);
     let _a = greet(&api, plain, seen.clone());
     let _b = greet(&api, encrypted, seen.clone());
-    let t = |r: &str| {
-        metric(
-            &api,
-            &format!("segmesh_tunnel_tickets_total{{result=\"{r}\"}}"),
-        )
-    };
+    let t = |r: &str| tickets(&api, r);
     drop(in_ns(&web, greeted(plain)).join().unwrap());
-    wait_until("web's first book", Duration::from_secs(10), || {
-        t("book-issued") >= 1.0
-    });
+    wait_book(&api);
     for _ in 0..5 {
         drop(in_ns(&web, greeted(plain)).join().unwrap());
     }
@@ -1302,16 +1300,9 @@ fn netns_tunnel_a_connection_used_through_its_book_stays_open() {
     let (web, api) = (m.host("web"), m.host("api"));
     let plain = SocketAddr::new(api.ip4.into(), 8080);
     let _server = greet(&api, plain, Arc::new(AtomicUsize::new(0)));
-    let t = |r: &str| {
-        metric(
-            &api,
-            &format!("segmesh_tunnel_tickets_total{{result=\"{r}\"}}"),
-        )
-    };
+    let t = |r: &str| tickets(&api, r);
     drop(in_ns(&web, greeted(plain)).join().unwrap());
-    wait_until("web's first book", Duration::from_secs(10), || {
-        t("book-issued") >= 1.0
-    });
+    wait_book(&api);
     let start = std::time::Instant::now();
     let mut flows = 0;
     while start.elapsed() < Duration::from_secs(36) {
@@ -1427,12 +1418,7 @@ fn netns_tunnel_no_plaintext_on_the_wire_where_the_server_wants_encryption() {
     let _b = echo(&api, plain);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let observer = sniff(&api, stop.clone());
-    let t = |r: &str| {
-        metric(
-            &api,
-            &format!("segmesh_tunnel_tickets_total{{result=\"{r}\"}}"),
-        )
-    };
+    let t = |r: &str| tickets(&api, r);
     let send = |to: SocketAddr, msg: String| {
         let msg = msg.into_bytes();
         assert_eq!(
@@ -1441,9 +1427,7 @@ fn netns_tunnel_no_plaintext_on_the_wire_where_the_server_wants_encryption() {
         );
     };
     send(encrypted, "SECRET-0-first-flow".into());
-    wait_until("web's first book", Duration::from_secs(10), || {
-        t("book-issued") >= 1.0
-    });
+    wait_book(&api);
     for i in 1..=5 {
         send(encrypted, format!("SECRET-{i}-with-a-ticket"));
     }

@@ -229,11 +229,6 @@ impl Recorder {
         self.refuse(reason, by);
     }
 
-    /// Not a flow after all (a tunnel request for tickets): no record.
-    pub(crate) fn discard(mut self) {
-        self.done = true;
-    }
-
     /// Allowed, but no bytes moved through the enforcer: the destination could not be
     /// reached, or (queued decisions) the kernel carries the flow. Always recorded.
     pub(crate) fn ended_unrelayed(mut self, close: CloseReason) {

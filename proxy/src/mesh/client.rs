@@ -166,15 +166,9 @@ pub(crate) async fn negotiate(
     // when the answer is a refusal; the server sees a connection that says nothing).
     let early = (!request.encrypt).then(|| {
         let shared = shared.clone();
-        Early(tokio::spawn(async move {
-            let addr = SocketAddr::new(ip, shared.settings.listeners.tunnel);
-            let l = &shared.settings.listeners;
-            let c = crate::socket::connect(addr, l.address, shared.settings.socket_mark);
-            match tokio::time::timeout(shared.settings.limits.connect_timeout, c).await {
-                Ok(r) => r,
-                Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-            }
-        }))
+        Early(tokio::spawn(
+            async move { data_connection(&shared, ip).await },
+        ))
     });
     let (answer, stream) = loop {
         match exchange(&shared, &conn, to_http()).await {
@@ -246,13 +240,8 @@ async fn by_book(
     t: Ticket,
     port: u16,
 ) -> Result<(Reason, Option<TcpStream>), FlowReason> {
-    let l = &shared.settings.listeners;
-    let limits = &shared.settings.limits;
-    let addr = SocketAddr::new(ip, l.tunnel);
-    let connect = crate::socket::connect(addr, l.address, shared.settings.socket_mark);
-    let mut tcp = match tokio::time::timeout(limits.connect_timeout, connect).await {
-        Ok(Ok(t)) => t,
-        _ => return Err(FlowReason::TunnelUnreachable),
+    let Ok(mut tcp) = data_connection(shared, ip).await else {
+        return Err(FlowReason::TunnelUnreachable);
     };
     let _ = tcp.set_nodelay(true);
     let answered = async {
@@ -261,7 +250,8 @@ async fn by_book(
         tcp.read_exact(&mut a).await?;
         Ok::<_, std::io::Error>(a[0])
     };
-    let code = match tokio::time::timeout(limits.handshake_timeout, answered).await {
+    let code = match tokio::time::timeout(shared.settings.limits.handshake_timeout, answered).await
+    {
         Ok(Ok(c)) => c,
         // Closed, reset or silent: the server would not take the connection.
         _ => return Err(FlowReason::TunnelUnreachable),
@@ -270,6 +260,21 @@ async fn by_book(
         Some(Reason::Accepted) => Ok((Reason::Accepted, Some(tcp))),
         Some(r) => Ok((r, None)),
         None => Err(FlowReason::TunnelProtocol),
+    }
+}
+
+/// A plain connection to the tunnel port of the peer at `ip`, for a flow's bytes
+/// (bounded by the connect timeout).
+async fn data_connection(shared: &Shared, ip: std::net::IpAddr) -> std::io::Result<TcpStream> {
+    let l = &shared.settings.listeners;
+    let c = crate::socket::connect(
+        SocketAddr::new(ip, l.tunnel),
+        l.address,
+        shared.settings.socket_mark,
+    );
+    match tokio::time::timeout(shared.settings.limits.connect_timeout, c).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }
 }
 

@@ -110,6 +110,52 @@ pub(crate) fn refusal(
     Recorder::new(shared, snap, flow)
 }
 
+/// Names the peer PU `peer` in `rec` (its SPIFFE ID, and the flow's source PU).
+pub(crate) fn identify(rec: &mut Recorder, peer: &WorkloadIdentity) {
+    rec.peer_identity = Some(peer.spiffe_id().to_string());
+    rec.flow.source.pu = Some(format!("{}:{}", peer.namespace, peer.name));
+}
+
+/// The recorder of a flow from `holder`'s peer (over its connection, or with one of its
+/// tickets) arriving from `from` at `local`, with `snap`.
+pub(crate) fn recorder(
+    shared: &Arc<Shared>,
+    snap: Arc<Snapshot>,
+    from: SocketAddr,
+    local: SocketAddr,
+    holder: &Holder,
+) -> Recorder {
+    let mut rec = refusal(shared, snap, from, local);
+    identify(&mut rec, &holder.peer);
+    rec.resumed = Some(holder.resumed);
+    rec
+}
+
+/// How a rejecting decision is answered: an enforced policy's, or the default's.
+pub(crate) fn rejected_as(d: &segmesh_policy::Decision) -> Reason {
+    if d.tier.is_some() {
+        Reason::Policy
+    } else {
+        Reason::Default
+    }
+}
+
+/// Connects to our workload at `to` for an accepted flow (bounded by the connect
+/// timeout; a failure is counted).
+pub(crate) async fn connect_workload(shared: &Shared, to: SocketAddr) -> Option<TcpStream> {
+    let connect = crate::socket::connect(to, None, shared.settings.socket_mark);
+    match tokio::time::timeout(shared.settings.limits.connect_timeout, connect).await {
+        Ok(Ok(w)) => {
+            let _ = w.set_nodelay(true);
+            Some(w)
+        }
+        _ => {
+            shared.error(ErrorKind::ConnectFailed);
+            None
+        }
+    }
+}
+
 /// TLS, the peer's identity, then HTTP/2 until the connection ends (`per_source`: the
 /// source's share of handshakes in flight, held until the peer is identified).
 async fn serve_tls(
@@ -157,8 +203,7 @@ async fn serve_tls(
     };
     let identified = |snap| {
         let mut rec = refusal(snap);
-        rec.peer_identity = Some(peer.spiffe_id().to_string());
-        rec.flow.source.pu = Some(format!("{}:{}", peer.namespace, peer.name));
+        identify(&mut rec, &peer);
         rec
     };
     if !registered(&snap, from, &peer) {
@@ -310,23 +355,12 @@ impl Connection {
         let server = Some(Side::Server);
         // Decided with the snapshot of now, not the one of the handshake.
         let snap = shared.snapshot();
-        let mut flow = Flow::new(Direction::Incoming, self.from, self.local);
-        flow.destination.pu = Some(snap.pu_qualified());
-        let mut rec = Recorder::new(shared, snap.clone(), flow);
-        rec.peer_identity = Some(self.holder.peer.spiffe_id().to_string());
-        rec.flow.source.pu = Some(format!(
-            "{}:{}",
-            self.holder.peer.namespace, self.holder.peer.name
-        ));
-        rec.resumed = Some(self.holder.resumed);
-        match book_count(&req) {
-            Ok(None) => {}
-            Ok(Some(n)) => return self.book(rec, respond, n),
-            Err(_) => {
-                rec.refuse(FlowReason::BadRequest, server);
-                return answer(respond, Response::refused(Reason::BadRequest));
-            }
+        // A request for a book is no flow (a malformed one is refused as a bad request
+        // below: it is not a CONNECT).
+        if let Ok(Some(n)) = book_count(&req) {
+            return self.book(snap, respond, n);
         }
+        let mut rec = recorder(shared, snap.clone(), self.from, self.local, &self.holder);
         let Ok(r) = Request::from_http(&req) else {
             rec.refuse(FlowReason::BadRequest, server);
             return answer(respond, Response::refused(Reason::BadRequest));
@@ -344,11 +378,7 @@ impl Connection {
         let d = decide(&snap, Direction::Incoming, &self.holder.tags, port, shared);
         let (verdict, reason) = (d.verdict, reason_of(&d));
         let encrypt = r.encrypt || r.udp || d.encrypt;
-        let refused = if d.tier.is_some() {
-            Reason::Policy
-        } else {
-            Reason::Default
-        };
+        let refused = rejected_as(&d);
         rec.decided(d);
         if verdict == Verdict::Reject {
             rec.refuse(reason, server);
@@ -377,17 +407,10 @@ impl Connection {
             let stream = H2Stream::new(send, req.into_body());
             return serve_udp(rec, stream, sock, workload_addr, self.holder.tags.clone()).await;
         }
-        let connect = crate::socket::connect(workload_addr, None, shared.settings.socket_mark);
-        let workload =
-            match tokio::time::timeout(shared.settings.limits.connect_timeout, connect).await {
-                Ok(Ok(w)) => w,
-                _ => {
-                    shared.error(ErrorKind::ConnectFailed);
-                    rec.ended_unrelayed(CloseReason::ConnectFailed);
-                    return answer(respond, Response::refused(Reason::Unreachable));
-                }
-            };
-        let _ = workload.set_nodelay(true);
+        let Some(workload) = connect_workload(shared, workload_addr).await else {
+            rec.ended_unrelayed(CloseReason::ConnectFailed);
+            return answer(respond, Response::refused(Reason::Unreachable));
+        };
         if !encrypt {
             let pending = Pending {
                 rec,
@@ -421,20 +444,17 @@ impl Connection {
                 .reversed()
         });
     }
-}
 
-impl Connection {
     /// A request for a book of `n` tickets: issued while the peer is still registered
     /// at the connection's address (not a flow: recorded only when refused).
-    fn book(&self, rec: Recorder, respond: h2::server::SendResponse<Bytes>, n: usize) {
+    fn book(&self, snap: Arc<Snapshot>, mut respond: h2::server::SendResponse<Bytes>, n: usize) {
         let shared = &self.shared;
-        if !registered(&shared.snapshot(), self.from, &self.holder.peer) {
-            rec.refuse(FlowReason::Impersonation, Some(Side::Server));
+        if !registered(&snap, self.from, &self.holder.peer) {
+            recorder(shared, snap, self.from, self.local, &self.holder)
+                .refuse(FlowReason::Impersonation, Some(Side::Server));
             return answer(respond, Response::refused(Reason::Policy));
         }
-        rec.discard();
         let tickets = shared.tickets.issue_book(shared, &self.holder, n);
-        let mut respond = respond;
         let _ = respond.send_response(book_answer(&tickets), true);
     }
 }

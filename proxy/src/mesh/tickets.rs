@@ -339,7 +339,7 @@ pub(crate) async fn serve(
     count(&shared, "redeemed");
     // The flow's source is the data connection.
     rec.flow.source = crate::flow::endpoint(from);
-    rec.flow.source.pu = Some(format!("{}:{}", peer.namespace, peer.name));
+    super::server::identify(&mut rec, &peer);
     // Registrations may have changed since the ticket was issued.
     let snap = shared.snapshot();
     if !registered(&snap, from, &peer) {
@@ -392,13 +392,11 @@ async fn serve_book(
     let server = Some(Side::Server);
     let snap = shared.snapshot();
     let recorder = |holder: Option<&Holder>| {
-        let mut rec = super::server::refusal(&shared, snap.clone(), from, local);
+        let mut rec = match holder {
+            Some(h) => super::server::recorder(&shared, snap.clone(), from, local, h),
+            None => super::server::refusal(&shared, snap.clone(), from, local),
+        };
         rec.flow.destination.port = port;
-        if let Some(h) = holder {
-            rec.peer_identity = Some(h.peer.spiffe_id().to_string());
-            rec.flow.source.pu = Some(format!("{}:{}", h.peer.namespace, h.peer.name));
-            rec.resumed = Some(h.resumed);
-        }
         rec
     };
     let holder = match shared.tickets.redeem_book(&ticket, from.ip()) {
@@ -439,11 +437,7 @@ async fn serve_book(
     let tags = holder.tags.clone();
     drop(holder);
     let reason = reason_of(&d);
-    let refused = if d.tier.is_some() {
-        Reason::Policy
-    } else {
-        Reason::Default
-    };
+    let refused = super::server::rejected_as(&d);
     let verdict = d.verdict;
     rec.decided(d);
     if verdict == Verdict::Reject {
@@ -454,18 +448,11 @@ async fn serve_book(
         answer(&tcp, Reason::Overload);
         return rec.refuse(FlowReason::Overload, server);
     }
-    let workload_addr = SocketAddr::new(local.ip(), port);
-    let connect = crate::socket::connect(workload_addr, None, shared.settings.socket_mark);
-    let workload = match tokio::time::timeout(shared.settings.limits.connect_timeout, connect).await
-    {
-        Ok(Ok(w)) => w,
-        _ => {
-            shared.error(ErrorKind::ConnectFailed);
-            answer(&tcp, Reason::Unreachable);
-            return rec.ended_unrelayed(CloseReason::ConnectFailed);
-        }
+    let to = SocketAddr::new(local.ip(), port);
+    let Some(workload) = super::server::connect_workload(&shared, to).await else {
+        answer(&tcp, Reason::Unreachable);
+        return rec.ended_unrelayed(CloseReason::ConnectFailed);
     };
-    let _ = workload.set_nodelay(true);
     answer(&tcp, Reason::Accepted);
     relay(rec, tcp, workload, tags, port);
 }

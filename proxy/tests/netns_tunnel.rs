@@ -408,7 +408,12 @@ fn rogue(files: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
 
 /// TCP from inside a PU's namespace that bypasses its capture rules (the mark).
 async fn bypass(to: SocketAddr) -> TcpStream {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    let sock = if to.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .unwrap();
     socket2::SockRef::from(&sock).set_mark(BYPASS_MARK).unwrap();
     tokio::time::timeout(Duration::from_secs(5), sock.connect(to))
         .await
@@ -1441,6 +1446,108 @@ fn netns_tunnel_no_plaintext_on_the_wire_where_the_server_wants_encryption() {
         "the observer sees plaintext flows"
     );
     assert!(!has(b"SECRET-"), "a secret crossed the wire in plaintext");
+}
+
+/// Asks for books of 64 on `send` `rounds` times: the tickets got, each as 32 bytes.
+async fn hoard(send: &mut H2, rounds: usize) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    for _ in 0..rounds {
+        let req = http::Request::get("https://segmesh.tunnel/tickets")
+            .header("segmesh-count", "64")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let hex = r.headers()["segmesh-tickets"].to_str().unwrap().to_owned();
+        got.extend(
+            hex.as_bytes()
+                .chunks(64)
+                .map(|h| unhex(std::str::from_utf8(h).unwrap())),
+        );
+    }
+    got
+}
+
+/// The attacks of a client that holds a valid identity. web's enforcer key asks api for
+/// 10,000 tickets (157 books of 64) on one connection, never using them: api issues 256
+/// and counts the rest as refused (`book-full`), so a hoarder cannot grow api's table
+/// past its bound. Its tickets are bound to the address the connection came from: not
+/// good from an address outside the mesh (the `internet` host), nor from web's own IPv6
+/// address, which the registry lists for web too (the ticket's connection came over
+/// IPv4). Another connection of web's, over IPv6, gets a book of its own, whose tickets
+/// open flows from that address.
+#[test]
+fn netns_tunnel_book_tickets_are_bounded_and_bound_to_their_address_family() {
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("hoard", false, "");
+    let (web, api, internet) = (m.host("web"), m.host("api"), m.host("internet"));
+    let _server = greet(
+        &api,
+        SocketAddr::new(api.ip4.into(), 8080),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let _server6 = greet(
+        &api,
+        SocketAddr::new(api.ip6.into(), 8080),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let tunnel4 = SocketAddr::new(api.ip4.into(), 15008);
+    let tunnel6 = SocketAddr::new(api.ip6.into(), 15008);
+    let (cfg, cfg6) = (m.tls("web").client, m.tls("web").client);
+    let (got_tx, got) = std::sync::mpsc::channel::<(Vec<Vec<u8>>, Vec<Vec<u8>>)>();
+    let (end_tx, end) = tokio::sync::oneshot::channel::<()>();
+    let holder = in_ns(&web, async move {
+        let mut v4 = h2_connect(cfg, tunnel4).await.expect("connected over IPv4");
+        let mut v6 = h2_connect(cfg6, tunnel6)
+            .await
+            .expect("connected over IPv6");
+        let hoarded = hoard(&mut v4, 157).await;
+        let book6 = hoard(&mut v6, 1).await;
+        got_tx.send((hoarded, book6)).unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(60), end).await;
+        drop((v4, v6));
+    });
+    let (hoarded, book6) = got.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        hoarded.len(),
+        256,
+        "at most 256 unused tickets per connection"
+    );
+    assert_eq!(tickets(&api, "book-issued"), 256.0 + 64.0);
+    assert!(
+        tickets(&api, "book-full") >= 153.0,
+        "the refused requests are counted"
+    );
+    let preface = |t: &[u8]| [b"SMT\x03".as_slice(), t, &8080u16.to_be_bytes()].concat();
+    assert_eq!(
+        present(&internet, tunnel4, preface(&hoarded[0])),
+        [TICKET],
+        "not from outside the mesh"
+    );
+    assert_eq!(
+        present(&web, tunnel6, preface(&hoarded[1])),
+        [TICKET],
+        "not from web's IPv6 address: the book came over IPv4"
+    );
+    assert_eq!(
+        present(&web, tunnel6, preface(&book6[0])),
+        [&[ACCEPTED][..], b"hello\n"].concat(),
+        "the IPv6 connection's own book opens flows over IPv6"
+    );
+    assert_eq!(
+        present(&web, tunnel4, preface(&hoarded[2])),
+        [&[ACCEPTED][..], b"hello\n"].concat(),
+        "and the IPv4 one's over IPv4"
+    );
+    assert_eq!(tickets(&api, "book-address"), 2.0);
+    assert_eq!(tickets(&api, "book-redeemed"), 2.0);
+    end_tx.send(()).unwrap();
+    holder.join().unwrap();
 }
 
 /// Heap in use per flow held idle through both enforcers (`segmesh_heap_in_use_bytes`),

@@ -1550,6 +1550,114 @@ fn netns_tunnel_book_tickets_are_bounded_and_bound_to_their_address_family() {
     holder.join().unwrap();
 }
 
+/// The attack: a server that holds db's certificate (db compromised, its enforcer
+/// replaced) hands out books, refuses flows asked on a stream, and stalls every
+/// connection a book ticket opens: it reads the preface and never answers. api's flow
+/// with a ticket from that book does not hang on it: within api's handshake timeout
+/// (1 s here) the application is reset and the flow recorded as `tunnel-unreachable`.
+#[test]
+fn netns_tunnel_a_server_that_stalls_book_flows_does_not_hold_them() {
+    use tokio::io::AsyncReadExt;
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("stall", false, "");
+    let (api, db) = (m.host("api"), m.host("db"));
+    m.topo.kill(m.pids["db"]);
+    let db_cfg = m.tls("db").server;
+    let books = Arc::new(AtomicUsize::new(0));
+    let counted = books.clone();
+    let _rogue = in_ns(&db, async move {
+        let l = tokio::net::TcpListener::bind("0.0.0.0:15008")
+            .await
+            .unwrap();
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        while let Ok(Ok((tcp, _))) = tokio::time::timeout_at(until, l.accept()).await {
+            let (db_cfg, counted) = (db_cfg.clone(), counted.clone());
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if tcp.peek(&mut first).await.is_err() {
+                    return;
+                }
+                if first[0] != 0x16 {
+                    // A ticket's connection: read what comes, answer nothing, hold it.
+                    let mut tcp = tcp;
+                    let mut sink = vec![0u8; 4096];
+                    let hold = tokio::time::sleep(Duration::from_secs(20));
+                    tokio::pin!(hold);
+                    loop {
+                        tokio::select! {
+                            r = tcp.read(&mut sink) => if matches!(r, Ok(0) | Err(_)) { return },
+                            _ = &mut hold => return,
+                        }
+                    }
+                }
+                let Ok(tls) = tokio_rustls::TlsAcceptor::from(db_cfg).accept(tcp).await else {
+                    return;
+                };
+                let answer =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let counted = counted.clone();
+                        async move {
+                            let r = if req.method() == http::Method::GET {
+                                counted.fetch_add(1, Ordering::SeqCst);
+                                http::Response::builder()
+                                    .header("segmesh-reason", "accepted")
+                                    .header("segmesh-tickets", "ab".repeat(32 * 4))
+                            } else {
+                                http::Response::builder()
+                                    .status(403)
+                                    .header("segmesh-reason", "policy")
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                r.body(http_body_util::Empty::<bytes::Bytes>::new())
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), answer)
+                        .await;
+            });
+        }
+    });
+    wait_listening(&db, 15008);
+    let target = SocketAddr::new(db.ip4.into(), 5432);
+    // How long the application waits until its connection ends (reset, or closed).
+    let attempt = || {
+        in_ns(&api, async move {
+            let started = std::time::Instant::now();
+            let mut s = TcpStream::connect(target).await.unwrap();
+            let mut b = [0u8; 16];
+            let r = tokio::time::timeout(Duration::from_secs(15), s.read(&mut b)).await;
+            assert!(
+                matches!(r, Ok(Ok(0) | Err(_))),
+                "ended, with nothing: {r:?}"
+            );
+            started.elapsed()
+        })
+        .join()
+        .unwrap()
+    };
+    // The first flow asks on a stream (refused) and gets api's enforcer a book.
+    attempt();
+    wait_until("api's book", Duration::from_secs(10), || {
+        books.load(Ordering::SeqCst) >= 1
+    });
+    let waited = attempt();
+    assert!(waited < Duration::from_secs(5), "held for {waited:?}");
+    wait_until("api's record", Duration::from_secs(10), || {
+        m.log("api")
+            .iter()
+            .any(|r| r["reason"] == "tunnel-unreachable")
+    });
+    let log = m.log("api");
+    let r = find(&log, |r| r["reason"] == "tunnel-unreachable");
+    assert_eq!(r["destination"]["port"], 5432);
+    assert_eq!(r["rejected_by"], "server");
+}
+
 /// Heap in use per flow held idle through both enforcers (`segmesh_heap_in_use_bytes`),
 /// client and server side, while web holds 400 flows to api that each got their greeting.
 fn idle_heap_per_flow(encrypt: bool) -> (f64, f64) {

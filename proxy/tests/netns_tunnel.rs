@@ -471,9 +471,11 @@ fn tickets(h: &Host, r: &str) -> f64 {
 }
 
 /// Waits until `server`'s enforcer has issued a book (after a first flow to it).
-fn wait_book(server: &Host) {
+/// Waits until `client`'s enforcer holds a first book (counted once it is in the
+/// client's hands: the server counts an issued book before it has crossed the wire).
+fn wait_book(client: &Host) {
     wait_until("a first book", Duration::from_secs(10), || {
-        tickets(server, "book-issued") >= 1.0
+        tickets(client, "book-received") >= 1.0
     });
 }
 
@@ -1261,7 +1263,7 @@ fn netns_tunnel_flows_open_with_book_tickets() {
     let _b = greet(&api, encrypted, seen.clone());
     let t = |r: &str| tickets(&api, r);
     drop(in_ns(&web, greeted(plain)).join().unwrap());
-    wait_book(&api);
+    wait_book(&web);
     for _ in 0..5 {
         drop(in_ns(&web, greeted(plain)).join().unwrap());
     }
@@ -1307,7 +1309,7 @@ fn netns_tunnel_a_connection_used_through_its_book_stays_open() {
     let _server = greet(&api, plain, Arc::new(AtomicUsize::new(0)));
     let t = |r: &str| tickets(&api, r);
     drop(in_ns(&web, greeted(plain)).join().unwrap());
-    wait_book(&api);
+    wait_book(&web);
     let start = std::time::Instant::now();
     let mut flows = 0;
     while start.elapsed() < Duration::from_secs(36) {
@@ -1432,7 +1434,7 @@ fn netns_tunnel_no_plaintext_on_the_wire_where_the_server_wants_encryption() {
         );
     };
     send(encrypted, "SECRET-0-first-flow".into());
-    wait_book(&api);
+    wait_book(&web);
     for i in 1..=5 {
         send(encrypted, format!("SECRET-{i}-with-a-ticket"));
     }
@@ -1645,6 +1647,7 @@ fn netns_tunnel_a_server_that_stalls_book_flows_does_not_hold_them() {
     wait_until("api's book", Duration::from_secs(10), || {
         books.load(Ordering::SeqCst) >= 1
     });
+    wait_book(&api);
     let waited = attempt();
     assert!(waited < Duration::from_secs(5), "held for {waited:?}");
     wait_until("api's record", Duration::from_secs(10), || {

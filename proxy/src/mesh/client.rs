@@ -281,6 +281,7 @@ async fn data_connection(shared: &Shared, ip: std::net::IpAddr) -> std::io::Resu
 /// Asks the peer for a book of tickets on `conn`, in the background.
 fn refill(shared: &Arc<Shared>, conn: &Arc<Conn>) {
     let (limit, conn) = (shared.settings.limits.handshake_timeout, conn.clone());
+    let shared = shared.clone();
     tokio::spawn(async move {
         let asked = async {
             let mut send = conn.send.clone().ready().await.ok()?;
@@ -288,8 +289,13 @@ fn refill(shared: &Arc<Shared>, conn: &Arc<Conn>) {
             let a = answer.await.ok()?;
             book_from_http(a.status(), a.headers()).ok()
         };
-        let got = tokio::time::timeout(limit, asked).await.ok().flatten();
-        conn.refilled(got.unwrap_or_default());
+        let got = tokio::time::timeout(limit, asked)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        super::tickets::count_n(&shared, "book-received", got.len() as u64);
+        conn.refilled(got);
     });
 }
 

@@ -115,7 +115,7 @@ fn count(shared: &Shared, result: &'static str) {
     count_n(shared, result, 1);
 }
 
-fn count_n(shared: &Shared, result: &'static str, n: u64) {
+pub(crate) fn count_n(shared: &Shared, result: &'static str, n: u64) {
     shared
         .metrics
         .tickets

@@ -92,6 +92,7 @@ pub struct Metrics {
     pub tls_bytes: Counter,
     pub pool: Family<PoolLabels, Counter>,
     pub tickets: Family<PoolLabels, Counter>,
+    pub data_connections: Family<PoolLabels, Counter>,
     pub console_flows_dropped: Counter,
     pub console_flows_sent: Counter,
     pub console_requests: Family<ReloadLabels, Counter>,
@@ -127,6 +128,7 @@ impl Default for Metrics {
             tls_bytes: Counter::default(),
             pool: Family::default(),
             tickets: Family::default(),
+            data_connections: Family::default(),
             console_flows_dropped: Counter::default(),
             console_flows_sent: Counter::default(),
             console_requests: Family::default(),
@@ -219,6 +221,11 @@ impl Default for Metrics {
             "tunnel_tickets",
             "Authenticated-only tunnel tickets: `issued`, `redeemed`, `expired`, `unknown` (never issued, used or expired), `address` (presented from another address), `full` (none issued: the table is full); from books: `book-issued`, `book-redeemed`, `book-unknown` (never issued, used, expired or its connection ended), `book-address`, `book-void` (swept unused), `book-full` (fewer issued than asked); on the client: `book-received` (tickets its books got)",
             m.tickets.clone(),
+        );
+        registry.register(
+            "tunnel_data_connections",
+            "Authenticated-only flows opened with book tickets, by how their data connection came: a `spare` opened ahead of the flow, or `opened` on the flow's path; and spares closed unused (`spare-expired`) or found closed by the peer when taken (`spare-closed`)",
+            m.data_connections.clone(),
         );
         registry.register(
             "console_flow_records_dropped",

@@ -470,7 +470,6 @@ fn tickets(h: &Host, r: &str) -> f64 {
     )
 }
 
-/// Waits until `server`'s enforcer has issued a book (after a first flow to it).
 /// Waits until `client`'s enforcer holds a first book (counted once it is in the
 /// client's hands: the server counts an issued book before it has crossed the wire).
 fn wait_book(client: &Host) {
@@ -1292,6 +1291,197 @@ fn netns_tunnel_flows_open_with_book_tickets() {
         "encrypted as api's decision asks"
     );
     assert_eq!(seen.load(Ordering::SeqCst), 7);
+}
+
+/// web's enforcer's book flows by how their data connection came (`spare`, `opened`,
+/// `spare-expired`, `spare-closed`).
+fn data_connections(h: &Host, r: &str) -> f64 {
+    metric(
+        h,
+        &format!("segmesh_tunnel_data_connections_total{{result=\"{r}\"}}"),
+    )
+}
+
+/// Book flows one after another: each after the first takes a data connection web's
+/// enforcer opened ahead (no connection handshake on the flow's path), and the last
+/// spare, unused, is closed by web before api's handshake timeout would record it.
+#[test]
+fn netns_tunnel_book_flows_take_spare_data_connections() {
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("spares", false, "");
+    let (web, api) = (m.host("web"), m.host("api"));
+    let plain = SocketAddr::new(api.ip4.into(), 8080);
+    let seen = Arc::new(AtomicUsize::new(0));
+    let _server = greet(&api, plain, seen.clone());
+    drop(in_ns(&web, greeted(plain)).join().unwrap());
+    wait_book(&web);
+    in_ns(&web, async move {
+        for _ in 0..20 {
+            drop(greeted(plain).await);
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(seen.load(Ordering::SeqCst), 21);
+    assert_eq!(tickets(&api, "book-redeemed"), 20.0);
+    let d = |r: &str| data_connections(&web, r);
+    assert_eq!(d("opened"), 1.0, "the first book flow connects itself");
+    assert_eq!(d("spare"), 19.0, "every later one takes a spare");
+    assert_eq!(d("spare-closed"), 0.0);
+    wait_until("the last spare closed", Duration::from_secs(5), || {
+        d("spare-expired") >= 1.0
+    });
+    // api closes a connection that says nothing after its handshake timeout (1 s here)
+    // and records it; web closed its spare after half that. Past api's timeout:
+    std::thread::sleep(Duration::from_millis(1200));
+    let log = m.log("api");
+    assert!(
+        !log.iter().any(|r| r["reason"] == "handshake-timeout"),
+        "api recorded a spare: {log:?}"
+    );
+    assert_eq!(d("spare-expired"), 1.0);
+}
+
+/// A peer that closes spare data connections: one before it is used (silent for
+/// 150 ms), and one when its preface comes (it answers only connections that present a
+/// ticket at once). Neither ends a flow: the first is dropped when taken (or, if the
+/// close has not been seen yet, fails on use), the second fails on use; each flow then
+/// presents its ticket on a connection of its own and gets its greeting.
+#[test]
+fn netns_tunnel_a_spare_the_peer_closed_is_not_the_flows_end() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("spare-closed", false, "");
+    let (api, db) = (m.host("api"), m.host("db"));
+    m.topo.kill(m.pids["db"]);
+    let db_cfg = m.tls("db").server;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let closed_silent = Arc::new(AtomicUsize::new(0));
+    let closed_on_use = Arc::new(AtomicUsize::new(0));
+    let (a, s, u) = (
+        accepted.clone(),
+        closed_silent.clone(),
+        closed_on_use.clone(),
+    );
+    let _rogue = in_ns(&db, async move {
+        let l = tokio::net::TcpListener::bind("0.0.0.0:15008")
+            .await
+            .unwrap();
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        while let Ok(Ok((tcp, _))) = tokio::time::timeout_at(until, l.accept()).await {
+            let (db_cfg, a, s, u) = (db_cfg.clone(), a.clone(), s.clone(), u.clone());
+            tokio::spawn(async move {
+                let at = std::time::Instant::now();
+                let mut first = [0u8; 1];
+                let wait = if s.load(Ordering::SeqCst) == 0 {
+                    150
+                } else {
+                    5000
+                };
+                let peeked =
+                    tokio::time::timeout(Duration::from_millis(wait), tcp.peek(&mut first)).await;
+                if first[0] != 0x16 {
+                    a.fetch_add(1, Ordering::SeqCst);
+                }
+                let mut tcp = match peeked {
+                    Err(_) => {
+                        s.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    Ok(Ok(1)) if first[0] != 0x16 => tcp,
+                    Ok(_) if first[0] == 0x16 => {
+                        let Ok(tls) = tokio_rustls::TlsAcceptor::from(db_cfg).accept(tcp).await
+                        else {
+                            return;
+                        };
+                        return serve_books(tls).await;
+                    }
+                    Ok(_) => return,
+                };
+                if at.elapsed() > Duration::from_millis(50) {
+                    u.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                let mut p = [0u8; 64];
+                let _ = tcp.read(&mut p).await;
+                if tcp.write_all(b"\0hello\n").await.is_ok() {
+                    let _ = tcp.read(&mut p).await;
+                }
+            });
+        }
+    });
+    wait_listening(&db, 15008);
+    let target = SocketAddr::new(db.ip4.into(), 5432);
+    let flow = || drop(in_ns(&api, greeted(target)).join().unwrap());
+    // The first flow asks on a stream (refused) and gets api's enforcer a book.
+    in_ns(&api, async move {
+        let mut s = TcpStream::connect(target).await.unwrap();
+        let mut b = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+        assert!(matches!(r, Ok(Ok(0) | Err(_))), "refused: {r:?}");
+    })
+    .join()
+    .unwrap();
+    wait_book(&api);
+    let d = |r: &str| data_connections(&api, r);
+    // Connects itself, and opens a spare, which the peer closes after 150 ms.
+    flow();
+    assert_eq!(d("opened"), 1.0);
+    wait_until("the spare closed", Duration::from_secs(5), || {
+        closed_silent.load(Ordering::SeqCst) == 1
+    });
+    flow();
+    assert_eq!(
+        d("spare-closed"),
+        1.0,
+        "the closed spare did not end the flow"
+    );
+    // The spare this flow opened: taken once it is older than 50 ms (and younger than
+    // the 500 ms api keeps a spare here), when the peer closes it on its preface.
+    wait_until("a second spare", Duration::from_secs(5), || {
+        accepted.load(Ordering::SeqCst) >= 4
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    flow();
+    assert_eq!(closed_on_use.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        d("spare-closed"),
+        2.0,
+        "the spare closed on use did not end the flow"
+    );
+    assert_eq!(d("spare"), 1.0);
+}
+
+/// Serves a rogue's HTTP/2 connection: books of made-up tickets for GET, a refusal for
+/// any flow asked on a stream.
+async fn serve_books<T>(tls: T)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let answer = hyper::service::service_fn(
+        move |req: http::Request<hyper::body::Incoming>| async move {
+            let r = if req.method() == http::Method::GET {
+                http::Response::builder()
+                    .header("segmesh-reason", "accepted")
+                    .header("segmesh-tickets", "ab".repeat(32 * 4))
+            } else {
+                http::Response::builder()
+                    .status(403)
+                    .header("segmesh-reason", "policy")
+            };
+            Ok::<_, std::convert::Infallible>(
+                r.body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap(),
+            )
+        },
+    );
+    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(tls), answer)
+        .await;
 }
 
 /// A connection whose flows all open with tickets from its book carries no stream after

@@ -13,7 +13,7 @@ use segmesh_policy::{Direction, FlowPort, Protocol, Verdict};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::conns::{Conn, EstablishError};
+use super::conns::{Conn, EstablishError, SPARE_AGE};
 use super::decide;
 use super::stream::H2Stream;
 use super::wire::{MAX_BOOK, Reason, Request, Response, Ticket, book_from_http, book_request};
@@ -140,7 +140,7 @@ pub(crate) async fn negotiate(
             refill(&shared, &conn);
         }
         if let Some(t) = ticket {
-            match Box::pin(by_book(&shared, ip, t, target.port())).await {
+            match Box::pin(by_book(&shared, &conn, ip, t, target.port())).await {
                 Ok((_, Some(tcp))) => {
                     return Ok(Negotiated {
                         data: Data::Plain(tcp),
@@ -232,26 +232,42 @@ pub(crate) async fn negotiate(
     })
 }
 
-/// Opens a flow to the peer's workload `port` with a ticket from its book: the server's
-/// answer, and the data connection when it accepted.
+/// Opens a flow to the peer's workload `port` with a ticket from its book, on a spare
+/// data connection when one is ready (no connection handshake on the flow's path): the
+/// server's answer, and the data connection when it accepted.
 async fn by_book(
-    shared: &Shared,
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
     ip: std::net::IpAddr,
     t: Ticket,
     port: u16,
 ) -> Result<(Reason, Option<TcpStream>), FlowReason> {
-    let Ok(mut tcp) = data_connection(shared, ip).await else {
-        return Err(FlowReason::TunnelUnreachable);
+    let (spare, closed) = conn.spare();
+    count_data_n(shared, "spare-closed", closed);
+    add_spare(shared, conn, ip);
+    let (mut tcp, spared) = match spare {
+        Some(tcp) => (tcp, true),
+        None => match data_connection(shared, ip).await {
+            Ok(tcp) => (tcp, false),
+            Err(_) => return Err(FlowReason::TunnelUnreachable),
+        },
     };
+    count_data(shared, if spared { "spare" } else { "opened" });
     let _ = tcp.set_nodelay(true);
-    let answered = async {
-        tcp.write_all(&t.book_preface(port)).await?;
-        let mut a = [0u8; 1];
-        tcp.read_exact(&mut a).await?;
-        Ok::<_, std::io::Error>(a[0])
-    };
-    let code = match tokio::time::timeout(shared.settings.limits.handshake_timeout, answered).await
-    {
+    let limit = shared.settings.limits.handshake_timeout;
+    let mut code = tokio::time::timeout(limit, ask_with(&mut tcp, &t, port)).await;
+    if spared && matches!(code, Ok(Err(_))) {
+        // The peer closed the spare as we took it (before it read a byte: the ticket
+        // is unused): once more on a connection of the flow's own.
+        count_data(shared, "spare-closed");
+        tcp = match data_connection(shared, ip).await {
+            Ok(tcp) => tcp,
+            Err(_) => return Err(FlowReason::TunnelUnreachable),
+        };
+        let _ = tcp.set_nodelay(true);
+        code = tokio::time::timeout(limit, ask_with(&mut tcp, &t, port)).await;
+    }
+    let code = match code {
         Ok(Ok(c)) => c,
         // Closed, reset or silent: the server would not take the connection.
         _ => return Err(FlowReason::TunnelUnreachable),
@@ -261,6 +277,56 @@ async fn by_book(
         Some(r) => Ok((r, None)),
         None => Err(FlowReason::TunnelProtocol),
     }
+}
+
+/// Presents book ticket `t` for `port` on `tcp`: the server's one-byte answer.
+async fn ask_with(tcp: &mut TcpStream, t: &Ticket, port: u16) -> std::io::Result<u8> {
+    tcp.write_all(&t.book_preface(port)).await?;
+    let mut a = [0u8; 1];
+    tcp.read_exact(&mut a).await?;
+    Ok(a[0])
+}
+
+/// Opens a spare data connection to the peer at `ip` for one of `conn`'s next book
+/// flows (unless [`MAX_SPARES`](super::conns::MAX_SPARES) are ready or being opened), in the background. One
+/// that no flow takes within [`SPARE_AGE`] (or half our handshake timeout, if shorter)
+/// is closed: before a byte, which the server does not record.
+fn add_spare(shared: &Arc<Shared>, conn: &Arc<Conn>, ip: std::net::IpAddr) {
+    let Some(id) = conn.want_spare() else {
+        return;
+    };
+    let (shared, conn) = (shared.clone(), Arc::downgrade(conn));
+    tokio::spawn(async move {
+        let tcp = data_connection(&shared, ip).await.ok();
+        let opened = tcp.is_some();
+        match conn.upgrade() {
+            Some(c) => c.spare_opened(id, tcp),
+            None => return,
+        }
+        if !opened {
+            return;
+        }
+        let age = SPARE_AGE.min(shared.settings.limits.handshake_timeout / 2);
+        tokio::time::sleep(age).await;
+        if conn.upgrade().is_some_and(|c| !c.spare_expired(id)) {
+            count_data(&shared, "spare-expired");
+        }
+    });
+}
+
+/// Counts a book flow's data connection by how it came (`spare`, `opened`), and spares
+/// that went unused (`spare-expired`) or were found closed when taken or used
+/// (`spare-closed`).
+fn count_data(shared: &Shared, result: &'static str) {
+    count_data_n(shared, result, 1);
+}
+
+fn count_data_n(shared: &Shared, result: &'static str, n: u64) {
+    shared
+        .metrics
+        .data_connections
+        .get_or_create(&PoolLabels { result })
+        .inc_by(n);
 }
 
 /// A plain connection to the tunnel port of the peer at `ip`, for a flow's bytes

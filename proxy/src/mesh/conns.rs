@@ -66,7 +66,27 @@ pub(crate) struct Conn {
     tls: Arc<TlsConfigs>,
     /// Tickets from the peer's books, each good for one authenticated-only flow.
     book: Mutex<Book>,
+    /// Plain connections to the peer's tunnel port opened ahead of the book flows that
+    /// will take them.
+    spares: Mutex<Spares>,
 }
+
+/// Data connections opened ahead of use, newest last, each with its number.
+#[derive(Default)]
+struct Spares {
+    ready: Vec<(u64, tokio::net::TcpStream)>,
+    /// Being connected.
+    opening: usize,
+    next: u64,
+}
+
+/// At most this many spare data connections per peer, ready or being opened: one flow
+/// after another keeps one; flows that start together keep as many as started at once.
+pub const MAX_SPARES: usize = 8;
+/// A spare unused for this long is closed. The server closes a connection that said
+/// nothing after its handshake timeout (and records that): a spare is kept for at most
+/// half of ours, which meshes configure alike.
+pub const SPARE_AGE: Duration = Duration::from_secs(1);
 
 /// A connection's unused tickets, oldest first, with when each came.
 #[derive(Default)]
@@ -130,6 +150,54 @@ impl Conn {
     /// too (its connection state was lost); the next flows ask on streams.
     pub(crate) fn void_book(&self) {
         self.book.lock().expect("lock poisoned").tickets.clear();
+    }
+
+    /// The newest spare data connection that the peer has not closed, and how many
+    /// were dropped to find it (a spare the peer wrote to or closed: an honest server
+    /// says nothing first).
+    pub(crate) fn spare(&self) -> (Option<tokio::net::TcpStream>, u64) {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut s = self.spares.lock().expect("lock poisoned");
+        let mut dropped = 0;
+        while let Some((_, tcp)) = s.ready.pop() {
+            // The reactor's readiness, no syscall: nothing arrived on a live spare.
+            if tcp.poll_read_ready(&mut cx).is_pending() {
+                return (Some(tcp), dropped);
+            }
+            dropped += 1;
+        }
+        (None, dropped)
+    }
+
+    /// A number for a spare to open, unless [`MAX_SPARES`] are ready or being opened.
+    pub(crate) fn want_spare(&self) -> Option<u64> {
+        let mut s = self.spares.lock().expect("lock poisoned");
+        if s.ready.len() + s.opening >= MAX_SPARES || self.closed.load(Ordering::Relaxed) {
+            return None;
+        }
+        s.opening += 1;
+        s.next += 1;
+        Some(s.next)
+    }
+
+    /// Spare `id` was connected (or could not be).
+    pub(crate) fn spare_opened(&self, id: u64, tcp: Option<tokio::net::TcpStream>) {
+        let mut s = self.spares.lock().expect("lock poisoned");
+        s.opening -= 1;
+        if let Some(tcp) = tcp {
+            s.ready.push((id, tcp));
+        }
+    }
+
+    /// Spare `id` has aged out: closed if no flow took it (whether one did).
+    pub(crate) fn spare_expired(&self, id: u64) -> bool {
+        let mut s = self.spares.lock().expect("lock poisoned");
+        let unused = s.ready.iter().position(|(i, _)| *i == id);
+        let taken = unused.is_none();
+        if let Some(i) = unused {
+            drop(s.ready.remove(i));
+        }
+        taken
     }
 }
 
@@ -255,5 +323,6 @@ async fn establish(
         last_used: Mutex::new(now),
         tls: tls.clone(),
         book: Mutex::default(),
+        spares: Mutex::default(),
     })
 }

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use super::conns::{CONNECTION_WINDOW, MAX_AGE, MAX_FRAME, SERVER_IDLE, STREAM_WINDOW};
 use super::stream::H2Stream;
 use super::tickets::{Holder, Pending};
-use super::wire::{MAGIC, Reason, Request, Response, book_answer, book_count};
+use super::wire::{BOOK_PREFACE_LEN, MAGIC, Reason, Request, Response, book_answer, book_count};
 use super::{decide, handshake_result, peer_tags, rejection_of};
 use crate::flow::{Flow, Recorder, reason_of};
 use crate::metrics::{ErrorKind, Role};
@@ -69,13 +69,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, from: SocketAddr)
         return;
     };
     let limit = shared.settings.limits.handshake_timeout;
-    // A ticket or a TLS handshake: the first byte tells.
-    let mut first = [0u8; 1];
+    // A ticket or a TLS handshake: the first byte tells. Peeked as far as a ticket's
+    // preface goes, so that the preface is then read with one syscall.
+    let mut first = [0u8; BOOK_PREFACE_LEN];
     match tokio::time::timeout(limit, tcp.peek(&mut first)).await {
-        Ok(Ok(1)) if first[0] == MAGIC[0] => {
-            return super::tickets::serve(shared.clone(), tcp, from, local, undecided).await;
+        Ok(Ok(n)) if n > 0 && first[0] == MAGIC[0] => {
+            let seen = &first[..n];
+            return super::tickets::serve(shared.clone(), tcp, from, local, seen, undecided).await;
         }
-        Ok(Ok(1)) => {}
+        Ok(Ok(n)) if n > 0 => {}
         // Closed before a byte: nothing was asked (an unused early data connection).
         Ok(_) => return,
         Err(_) => return refusal(snap).refuse(FlowReason::HandshakeTimeout, server),

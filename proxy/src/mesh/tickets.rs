@@ -282,17 +282,29 @@ pub(crate) async fn serve(
     mut tcp: TcpStream,
     from: SocketAddr,
     local: SocketAddr,
+    seen: &[u8],
     permits: impl Send,
 ) {
     let mut p = [0u8; BOOK_PREFACE_LEN];
     let read = tokio::time::timeout(shared.settings.limits.handshake_timeout, async {
-        tcp.read_exact(&mut p[..MAGIC.len()]).await?;
-        let len = if p[..MAGIC.len()] == MAGIC_BOOK {
+        // The magic tells the preface's length; when the peek saw it, the whole
+        // preface is read at once.
+        let mut at = 0;
+        if seen.len() < MAGIC.len() {
+            tcp.read_exact(&mut p[..MAGIC.len()]).await?;
+            at = MAGIC.len();
+        }
+        let magic = if at == 0 {
+            &seen[..MAGIC.len()]
+        } else {
+            &p[..MAGIC.len()]
+        };
+        let len = if magic == MAGIC_BOOK {
             BOOK_PREFACE_LEN
         } else {
             PREFACE_LEN
         };
-        tcp.read_exact(&mut p[MAGIC.len()..len]).await?;
+        tcp.read_exact(&mut p[at..len]).await?;
         Ok::<_, std::io::Error>(len)
     })
     .await;

@@ -11,7 +11,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -119,7 +119,12 @@ pub const SMALL: usize = 4096;
 /// Moves bytes from `src` to `dst` until EOF (then sends a FIN on `dst`): short reads
 /// through a buffer taken for the read, bulk through a pipe taken when a read fills that
 /// buffer and given back after `PIPE_IDLE` without bytes.
-async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
+async fn pump_splice(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &AtomicU64,
+    ended: &AtomicBool,
+) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut held: Option<Pipe> = None;
     loop {
@@ -136,7 +141,7 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> i
             src.readable().await?;
         }
         let Some(pipe) = &held else {
-            let n = match copy_once(src, dst, &mut vec![0u8; SMALL], counter).await? {
+            let n = match copy_once(src, dst, &mut vec![0u8; SMALL], counter, ended).await? {
                 Read::Bytes(n) => n,
                 Read::Again => continue,
                 Read::End => return Ok(()),
@@ -157,7 +162,7 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> i
             )
             .map_err(io::Error::from)
         });
-        let n = match after_read(read, dst)? {
+        let n = match after_read(read, dst, ended)? {
             Read::Bytes(n) => n,
             Read::Again => continue,
             Read::End => return Ok(()),
@@ -178,10 +183,16 @@ enum Read {
     End,
 }
 
-fn after_read(r: io::Result<usize>, dst: &TcpStream) -> io::Result<Read> {
+/// `ended` is shared by a relay's two directions: the first to end passes its FIN on
+/// with `shutdown`; the second leaves it to the `close` that follows at once (its
+/// destination's own end was read, so nothing unread makes `close` reset it), one
+/// syscall less per flow.
+fn after_read(r: io::Result<usize>, dst: &TcpStream, ended: &AtomicBool) -> io::Result<Read> {
     match r {
         Ok(0) => {
-            socket::shutdown_write(dst)?;
+            if !ended.swap(true, Ordering::Relaxed) {
+                socket::shutdown_write(dst)?;
+            }
             Ok(Read::End)
         }
         Ok(n) => Ok(Read::Bytes(n)),
@@ -241,8 +252,9 @@ async fn copy_once(
     dst: &TcpStream,
     buf: &mut [u8],
     counter: &AtomicU64,
+    ended: &AtomicBool,
 ) -> io::Result<Read> {
-    let read = after_read(read_draining(src, buf), dst)?;
+    let read = after_read(read_draining(src, buf), dst, ended)?;
     if let Read::Bytes(n) = read {
         write_out(dst, n, counter, |done, _| {
             nix::unistd::write(dst.as_fd(), &buf[done..n]).map_err(io::Error::from)
@@ -253,11 +265,16 @@ async fn copy_once(
 }
 
 /// The same through a user-space buffer.
-async fn pump_copy(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
+async fn pump_copy(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &AtomicU64,
+    ended: &AtomicBool,
+) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
         src.readable().await?;
-        if let Read::End = copy_once(src, dst, &mut buf, counter).await? {
+        if let Read::End = copy_once(src, dst, &mut buf, counter, ended).await? {
             return Ok(());
         }
     }
@@ -339,19 +356,20 @@ pub(crate) async fn relay_until(
     };
 
     // The pumps borrow both streams; they end with this block, before the resets.
+    let ended = AtomicBool::new(false);
     let close = {
         let fwd = async {
             if spliced {
-                pump_splice(&a, &b, &progress.forward).await
+                pump_splice(&a, &b, &progress.forward, &ended).await
             } else {
-                pump_copy(&a, &b, &progress.forward).await
+                pump_copy(&a, &b, &progress.forward, &ended).await
             }
         };
         let bwd = async {
             if spliced {
-                pump_splice(&b, &a, &progress.backward).await
+                pump_splice(&b, &a, &progress.backward, &ended).await
             } else {
-                pump_copy(&b, &a, &progress.backward).await
+                pump_copy(&b, &a, &progress.backward, &ended).await
             }
         };
         // Checks four times per idle period (as encrypted relays do): a flow idle for

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use segmesh_api::{FlowReason, Side};
 use segmesh_policy::{Direction, FlowPort, Protocol, Verdict};
@@ -288,28 +289,35 @@ async fn ask_with(tcp: &mut TcpStream, t: &Ticket, port: u16) -> std::io::Result
 }
 
 /// Opens a spare data connection to the peer at `ip` for one of `conn`'s next book
-/// flows (unless [`MAX_SPARES`](super::conns::MAX_SPARES) are ready or being opened), in the background. One
-/// that no flow takes within [`SPARE_AGE`] (or half our handshake timeout, if shorter)
-/// is closed: before a byte, which the server does not record.
+/// flows (unless [`MAX_SPARES`](super::conns::MAX_SPARES) are ready or being opened),
+/// in the background. One that no flow takes within [`SPARE_AGE`] (or half our
+/// handshake timeout, if shorter) is closed: before a byte, which the server does not
+/// record. One task per connection closes them, while any is ready.
 fn add_spare(shared: &Arc<Shared>, conn: &Arc<Conn>, ip: std::net::IpAddr) {
-    let Some(id) = conn.want_spare() else {
+    if !conn.want_spare() {
         return;
-    };
+    }
     let (shared, conn) = (shared.clone(), Arc::downgrade(conn));
     tokio::spawn(async move {
         let tcp = data_connection(&shared, ip).await.ok();
-        let opened = tcp.is_some();
-        match conn.upgrade() {
-            Some(c) => c.spare_opened(id, tcp),
-            None => return,
-        }
-        if !opened {
+        let Some(start) = conn.upgrade().map(|c| c.spare_opened(tcp)) else {
+            return;
+        };
+        if !start {
             return;
         }
         let age = SPARE_AGE.min(shared.settings.limits.handshake_timeout / 2);
-        tokio::time::sleep(age).await;
-        if conn.upgrade().is_some_and(|c| !c.spare_expired(id)) {
-            count_data(&shared, "spare-expired");
+        let mut until = Instant::now() + age;
+        loop {
+            tokio::time::sleep_until(until.into()).await;
+            let Some((closed, next)) = conn.upgrade().map(|c| c.sweep(age)) else {
+                return;
+            };
+            count_data_n(&shared, "spare-expired", closed);
+            match next {
+                Some(n) => until = n,
+                None => return,
+            }
         }
     });
 }

@@ -71,13 +71,14 @@ pub(crate) struct Conn {
     spares: Mutex<Spares>,
 }
 
-/// Data connections opened ahead of use, newest last, each with its number.
+/// Data connections opened ahead of use, oldest first, each with when it connected.
 #[derive(Default)]
 struct Spares {
-    ready: Vec<(u64, tokio::net::TcpStream)>,
+    ready: VecDeque<(Instant, tokio::net::TcpStream)>,
     /// Being connected.
     opening: usize,
-    next: u64,
+    /// A task closes spares as they age out (one per connection, while any is ready).
+    sweeping: bool,
 }
 
 /// At most this many spare data connections per peer, ready or being opened: one flow
@@ -159,7 +160,7 @@ impl Conn {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         let mut s = self.spares.lock().expect("lock poisoned");
         let mut dropped = 0;
-        while let Some((_, tcp)) = s.ready.pop() {
+        while let Some((_, tcp)) = s.ready.pop_back() {
             // The reactor's readiness, no syscall: nothing arrived on a live spare.
             if tcp.poll_read_ready(&mut cx).is_pending() {
                 return (Some(tcp), dropped);
@@ -169,35 +170,40 @@ impl Conn {
         (None, dropped)
     }
 
-    /// A number for a spare to open, unless [`MAX_SPARES`] are ready or being opened.
-    pub(crate) fn want_spare(&self) -> Option<u64> {
+    /// Whether to open a spare: fewer than [`MAX_SPARES`] are ready or being opened
+    /// (counted as being opened from here on; [`Conn::spare_opened`] when done).
+    pub(crate) fn want_spare(&self) -> bool {
         let mut s = self.spares.lock().expect("lock poisoned");
         if s.ready.len() + s.opening >= MAX_SPARES || self.closed.load(Ordering::Relaxed) {
-            return None;
+            return false;
         }
         s.opening += 1;
-        s.next += 1;
-        Some(s.next)
+        true
     }
 
-    /// Spare `id` was connected (or could not be).
-    pub(crate) fn spare_opened(&self, id: u64, tcp: Option<tokio::net::TcpStream>) {
+    /// A spare was connected (or could not be): whether the caller is to start the
+    /// sweeper ([`Conn::sweep`]), which no task runs yet.
+    pub(crate) fn spare_opened(&self, tcp: Option<tokio::net::TcpStream>) -> bool {
         let mut s = self.spares.lock().expect("lock poisoned");
         s.opening -= 1;
-        if let Some(tcp) = tcp {
-            s.ready.push((id, tcp));
-        }
+        let Some(tcp) = tcp else { return false };
+        s.ready.push_back((Instant::now(), tcp));
+        !std::mem::replace(&mut s.sweeping, true)
     }
 
-    /// Spare `id` has aged out: closed if no flow took it (whether one did).
-    pub(crate) fn spare_expired(&self, id: u64) -> bool {
+    /// Closes the spares older than `age`: how many, and when the oldest left will be
+    /// that old (none: the sweeper stops, and the next spare starts another).
+    pub(crate) fn sweep(&self, age: Duration) -> (u64, Option<Instant>) {
         let mut s = self.spares.lock().expect("lock poisoned");
-        let unused = s.ready.iter().position(|(i, _)| *i == id);
-        let taken = unused.is_none();
-        if let Some(i) = unused {
-            drop(s.ready.remove(i));
+        let now = Instant::now();
+        let mut closed = 0;
+        while s.ready.front().is_some_and(|(at, _)| now - *at >= age) {
+            s.ready.pop_front();
+            closed += 1;
         }
-        taken
+        let next = s.ready.front().map(|(at, _)| *at + age);
+        s.sweeping = next.is_some();
+        (closed, next)
     }
 }
 

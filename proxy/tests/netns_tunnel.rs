@@ -1357,8 +1357,6 @@ fn netns_tunnel_a_spare_the_peer_closed_is_not_the_flows_end() {
     }
     let m = mesh("spare-closed", false, "");
     let (api, db) = (m.host("api"), m.host("db"));
-    m.topo.kill(m.pids["db"]);
-    let db_cfg = m.tls("db").server;
     let accepted = Arc::new(AtomicUsize::new(0));
     let closed_silent = Arc::new(AtomicUsize::new(0));
     let closed_on_use = Arc::new(AtomicUsize::new(0));
@@ -1367,54 +1365,40 @@ fn netns_tunnel_a_spare_the_peer_closed_is_not_the_flows_end() {
         closed_silent.clone(),
         closed_on_use.clone(),
     );
-    let _rogue = in_ns(&db, async move {
-        let l = tokio::net::TcpListener::bind("0.0.0.0:15008")
-            .await
-            .unwrap();
-        let until = tokio::time::Instant::now() + Duration::from_secs(30);
-        while let Ok(Ok((tcp, _))) = tokio::time::timeout_at(until, l.accept()).await {
-            let (db_cfg, a, s, u) = (db_cfg.clone(), a.clone(), s.clone(), u.clone());
-            tokio::spawn(async move {
-                let at = std::time::Instant::now();
-                let mut first = [0u8; 1];
-                let wait = if s.load(Ordering::SeqCst) == 0 {
-                    150
-                } else {
-                    5000
-                };
-                let peeked =
-                    tokio::time::timeout(Duration::from_millis(wait), tcp.peek(&mut first)).await;
-                if first[0] != 0x16 {
-                    a.fetch_add(1, Ordering::SeqCst);
+    let _rogue = rogue_db(&m, Arc::new(AtomicUsize::new(0)), move |mut tcp| {
+        let (a, s, u) = (a.clone(), s.clone(), u.clone());
+        async move {
+            let at = std::time::Instant::now();
+            let wait = if s.load(Ordering::SeqCst) == 0 {
+                150
+            } else {
+                5000
+            };
+            let mut p = [0u8; 64];
+            let peeked = tokio::time::timeout(Duration::from_millis(wait), tcp.peek(&mut p)).await;
+            if matches!(peeked, Ok(Ok(n)) if n > 0) && p[0] == 0x16 {
+                return Some(tcp);
+            }
+            a.fetch_add(1, Ordering::SeqCst);
+            match peeked {
+                Err(_) => {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    return None;
                 }
-                let mut tcp = match peeked {
-                    Err(_) => {
-                        s.fetch_add(1, Ordering::SeqCst);
-                        return;
-                    }
-                    Ok(Ok(1)) if first[0] != 0x16 => tcp,
-                    Ok(_) if first[0] == 0x16 => {
-                        let Ok(tls) = tokio_rustls::TlsAcceptor::from(db_cfg).accept(tcp).await
-                        else {
-                            return;
-                        };
-                        return serve_books(tls).await;
-                    }
-                    Ok(_) => return,
-                };
-                if at.elapsed() > Duration::from_millis(50) {
-                    u.fetch_add(1, Ordering::SeqCst);
-                    return;
-                }
-                let mut p = [0u8; 64];
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return None,
+            }
+            if at.elapsed() > Duration::from_millis(50) {
+                u.fetch_add(1, Ordering::SeqCst);
+                return None;
+            }
+            let _ = tcp.read(&mut p).await;
+            if tcp.write_all(b"\0hello\n").await.is_ok() {
                 let _ = tcp.read(&mut p).await;
-                if tcp.write_all(b"\0hello\n").await.is_ok() {
-                    let _ = tcp.read(&mut p).await;
-                }
-            });
+            }
+            None
         }
     });
-    wait_listening(&db, 15008);
     let target = SocketAddr::new(db.ip4.into(), 5432);
     let flow = || drop(in_ns(&api, greeted(target)).join().unwrap());
     // The first flow asks on a stream (refused) and gets api's enforcer a book.
@@ -1456,15 +1440,49 @@ fn netns_tunnel_a_spare_the_peer_closed_is_not_the_flows_end() {
     assert_eq!(d("spare"), 1.0);
 }
 
-/// Serves a rogue's HTTP/2 connection: books of made-up tickets for GET, a refusal for
-/// any flow asked on a stream.
-async fn serve_books<T>(tls: T)
+/// Replaces db's enforcer with a rogue that holds db's certificate, for 30 s: each
+/// connection to its tunnel port goes first to `plain`, which gives back one that
+/// begins a TLS handshake; such connections get books of made-up tickets (each request
+/// counted in `books`) and a refusal for any flow asked on a stream.
+fn rogue_db<F, Fut>(m: &Mesh, books: Arc<AtomicUsize>, plain: F) -> std::thread::JoinHandle<()>
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Option<TcpStream>> + Send + 'static,
+{
+    let db = m.host("db");
+    m.topo.kill(m.pids["db"]);
+    let cfg = m.tls("db").server;
+    let rogue = in_ns(&db, async move {
+        let l = tokio::net::TcpListener::bind("0.0.0.0:15008")
+            .await
+            .unwrap();
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        while let Ok(Ok((tcp, _))) = tokio::time::timeout_at(until, l.accept()).await {
+            let (cfg, books, plain) = (cfg.clone(), books.clone(), plain(tcp));
+            tokio::spawn(async move {
+                let Some(tcp) = plain.await else { return };
+                let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
+                    return;
+                };
+                serve_books(tls, books).await
+            });
+        }
+    });
+    wait_listening(&db, 15008);
+    rogue
+}
+
+/// Serves a rogue's HTTP/2 connection: books of made-up tickets for GET (counted in
+/// `books`), a refusal for any flow asked on a stream.
+async fn serve_books<T>(tls: T, books: Arc<AtomicUsize>)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let answer = hyper::service::service_fn(
-        move |req: http::Request<hyper::body::Incoming>| async move {
+    let answer = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let books = books.clone();
+        async move {
             let r = if req.method() == http::Method::GET {
+                books.fetch_add(1, Ordering::SeqCst);
                 http::Response::builder()
                     .header("segmesh-reason", "accepted")
                     .header("segmesh-tickets", "ab".repeat(32 * 4))
@@ -1477,8 +1495,8 @@ where
                 r.body(http_body_util::Empty::<bytes::Bytes>::new())
                     .unwrap(),
             )
-        },
-    );
+        }
+    });
     let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
         .serve_connection(hyper_util::rt::TokioIo::new(tls), answer)
         .await;
@@ -1755,66 +1773,26 @@ fn netns_tunnel_a_server_that_stalls_book_flows_does_not_hold_them() {
     }
     let m = mesh("stall", false, "");
     let (api, db) = (m.host("api"), m.host("db"));
-    m.topo.kill(m.pids["db"]);
-    let db_cfg = m.tls("db").server;
     let books = Arc::new(AtomicUsize::new(0));
-    let counted = books.clone();
-    let _rogue = in_ns(&db, async move {
-        let l = tokio::net::TcpListener::bind("0.0.0.0:15008")
-            .await
-            .unwrap();
-        let until = tokio::time::Instant::now() + Duration::from_secs(30);
-        while let Ok(Ok((tcp, _))) = tokio::time::timeout_at(until, l.accept()).await {
-            let (db_cfg, counted) = (db_cfg.clone(), counted.clone());
-            tokio::spawn(async move {
-                let mut first = [0u8; 1];
-                if tcp.peek(&mut first).await.is_err() {
-                    return;
-                }
-                if first[0] != 0x16 {
-                    // A ticket's connection: read what comes, answer nothing, hold it.
-                    let mut tcp = tcp;
-                    let mut sink = vec![0u8; 4096];
-                    let hold = tokio::time::sleep(Duration::from_secs(20));
-                    tokio::pin!(hold);
-                    loop {
-                        tokio::select! {
-                            r = tcp.read(&mut sink) => if matches!(r, Ok(0) | Err(_)) { return },
-                            _ = &mut hold => return,
-                        }
-                    }
-                }
-                let Ok(tls) = tokio_rustls::TlsAcceptor::from(db_cfg).accept(tcp).await else {
-                    return;
-                };
-                let answer =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let counted = counted.clone();
-                        async move {
-                            let r = if req.method() == http::Method::GET {
-                                counted.fetch_add(1, Ordering::SeqCst);
-                                http::Response::builder()
-                                    .header("segmesh-reason", "accepted")
-                                    .header("segmesh-tickets", "ab".repeat(32 * 4))
-                            } else {
-                                http::Response::builder()
-                                    .status(403)
-                                    .header("segmesh-reason", "policy")
-                            };
-                            Ok::<_, std::convert::Infallible>(
-                                r.body(http_body_util::Empty::<bytes::Bytes>::new())
-                                    .unwrap(),
-                            )
-                        }
-                    });
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), answer)
-                        .await;
-            });
+    let _rogue = rogue_db(&m, books.clone(), |mut tcp| async move {
+        let mut first = [0u8; 1];
+        if !matches!(tcp.peek(&mut first).await, Ok(1)) {
+            return None;
+        }
+        if first[0] == 0x16 {
+            return Some(tcp);
+        }
+        // A ticket's connection: read what comes, answer nothing, hold it.
+        let mut sink = vec![0u8; 4096];
+        let hold = tokio::time::sleep(Duration::from_secs(20));
+        tokio::pin!(hold);
+        loop {
+            tokio::select! {
+                r = tcp.read(&mut sink) => if matches!(r, Ok(0) | Err(_)) { return None },
+                _ = &mut hold => return None,
+            }
         }
     });
-    wait_listening(&db, 15008);
     let target = SocketAddr::new(db.ip4.into(), 5432);
     // How long the application waits until its connection ends (reset, or closed).
     let attempt = || {

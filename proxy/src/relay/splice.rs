@@ -11,7 +11,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -116,15 +116,10 @@ const PIPE_IDLE: Duration = Duration::from_millis(100);
 /// bulk, and the direction takes a pipe and splices until it idles for [`PIPE_IDLE`].
 pub const SMALL: usize = 4096;
 
-/// Moves bytes from `src` to `dst` until EOF (then sends a FIN on `dst`): short reads
+/// Moves bytes from `src` to `dst` until EOF (the relay passes the FIN on): short reads
 /// through a buffer taken for the read, bulk through a pipe taken when a read fills that
 /// buffer and given back after `PIPE_IDLE` without bytes.
-async fn pump_splice(
-    src: &TcpStream,
-    dst: &TcpStream,
-    counter: &AtomicU64,
-    ended: &AtomicBool,
-) -> io::Result<()> {
+async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut held: Option<Pipe> = None;
     loop {
@@ -141,7 +136,7 @@ async fn pump_splice(
             src.readable().await?;
         }
         let Some(pipe) = &held else {
-            let n = match copy_once(src, dst, &mut vec![0u8; SMALL], counter, ended).await? {
+            let n = match copy_once(src, dst, &mut vec![0u8; SMALL], counter).await? {
                 Read::Bytes(n) => n,
                 Read::Again => continue,
                 Read::End => return Ok(()),
@@ -162,7 +157,7 @@ async fn pump_splice(
             )
             .map_err(io::Error::from)
         });
-        let n = match after_read(read, dst, ended)? {
+        let n = match after_read(read)? {
             Read::Bytes(n) => n,
             Read::Again => continue,
             Read::End => return Ok(()),
@@ -183,18 +178,9 @@ enum Read {
     End,
 }
 
-/// `ended` is shared by a relay's two directions: the first to end passes its FIN on
-/// with `shutdown`; the second leaves it to the `close` that follows at once (its
-/// destination's own end was read, so nothing unread makes `close` reset it), one
-/// syscall less per flow.
-fn after_read(r: io::Result<usize>, dst: &TcpStream, ended: &AtomicBool) -> io::Result<Read> {
+fn after_read(r: io::Result<usize>) -> io::Result<Read> {
     match r {
-        Ok(0) => {
-            if !ended.swap(true, Ordering::Relaxed) {
-                socket::shutdown_write(dst)?;
-            }
-            Ok(Read::End)
-        }
+        Ok(0) => Ok(Read::End),
         Ok(n) => Ok(Read::Bytes(n)),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Read::Again),
         Err(e) => Err(e),
@@ -252,9 +238,8 @@ async fn copy_once(
     dst: &TcpStream,
     buf: &mut [u8],
     counter: &AtomicU64,
-    ended: &AtomicBool,
 ) -> io::Result<Read> {
-    let read = after_read(read_draining(src, buf), dst, ended)?;
+    let read = after_read(read_draining(src, buf))?;
     if let Read::Bytes(n) = read {
         write_out(dst, n, counter, |done, _| {
             nix::unistd::write(dst.as_fd(), &buf[done..n]).map_err(io::Error::from)
@@ -265,16 +250,11 @@ async fn copy_once(
 }
 
 /// The same through a user-space buffer.
-async fn pump_copy(
-    src: &TcpStream,
-    dst: &TcpStream,
-    counter: &AtomicU64,
-    ended: &AtomicBool,
-) -> io::Result<()> {
+async fn pump_copy(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
         src.readable().await?;
-        if let Read::End = copy_once(src, dst, &mut buf, counter, ended).await? {
+        if let Read::End = copy_once(src, dst, &mut buf, counter).await? {
             return Ok(());
         }
     }
@@ -294,6 +274,18 @@ fn splice_supported(s: &TcpStream, p: &Pipe) -> bool {
         ),
         Err(Errno::EINVAL) | Err(Errno::ENOSYS)
     )
+}
+
+/// A direction's pump has ended (`r`): on its source's end of stream, the FIN is passed
+/// on to `dst`, with `shutdown` while the other direction still runs, and left to the
+/// `close` that follows at once when that one has ended too (its own end was read, so
+/// nothing unread makes the close a reset): one syscall less per flow.
+fn ended(r: io::Result<()>, other_done: bool, dst: &TcpStream) -> io::Result<()> {
+    r?;
+    if !other_done {
+        socket::shutdown_write(dst)?;
+    }
+    Ok(())
 }
 
 /// Relays until both directions end, one side resets, or both stay idle past `idle`.
@@ -356,20 +348,19 @@ pub(crate) async fn relay_until(
     };
 
     // The pumps borrow both streams; they end with this block, before the resets.
-    let ended = AtomicBool::new(false);
     let close = {
         let fwd = async {
             if spliced {
-                pump_splice(&a, &b, &progress.forward, &ended).await
+                pump_splice(&a, &b, &progress.forward).await
             } else {
-                pump_copy(&a, &b, &progress.forward, &ended).await
+                pump_copy(&a, &b, &progress.forward).await
             }
         };
         let bwd = async {
             if spliced {
-                pump_splice(&b, &a, &progress.backward, &ended).await
+                pump_splice(&b, &a, &progress.backward).await
             } else {
-                pump_copy(&b, &a, &progress.backward, &ended).await
+                pump_copy(&b, &a, &progress.backward).await
             }
         };
         // Checks four times per idle period (as encrypted relays do): a flow idle for
@@ -400,11 +391,11 @@ pub(crate) async fn relay_until(
             tokio::select! {
                 r = &mut fwd, if !fwd_done => {
                     fwd_done = true;
-                    if let Err(e) = r { close = if is_reset(&e) { Close::Reset } else { Close::Error }; break; }
+                    if let Err(e) = ended(r, bwd_done, &b) { close = if is_reset(&e) { Close::Reset } else { Close::Error }; break; }
                 }
                 r = &mut bwd, if !bwd_done => {
                     bwd_done = true;
-                    if let Err(e) = r { close = if is_reset(&e) { Close::Reset } else { Close::Error }; break; }
+                    if let Err(e) = ended(r, fwd_done, &a) { close = if is_reset(&e) { Close::Reset } else { Close::Error }; break; }
                 }
                 _ = &mut watchdog => { close = Close::Idle; break; }
                 _ = stop.notified() => { close = Close::Policy; break; }

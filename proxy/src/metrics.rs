@@ -224,7 +224,7 @@ impl Default for Metrics {
         );
         registry.register(
             "tunnel_data_connections",
-            "Authenticated-only flows opened with book tickets, by how their data connection came: a `spare` opened ahead of the flow, or `opened` on the flow's path; and spares closed unused (`spare-expired`) or found closed by the peer when taken (`spare-closed`)",
+            "Authenticated-only flows opened with book tickets, by how their data connection came: a `spare` opened ahead of the flow, or `opened` on the flow's path; and spares closed unused (`spare-expired`) or found closed by the peer when taken or used (`spare-closed`)",
             m.data_connections.clone(),
         );
         registry.register(

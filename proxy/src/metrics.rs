@@ -65,8 +65,13 @@ pub struct HandshakeLabels {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
-    /// `hit` (a pre-established tunnel connection was used) or `miss`.
+    /// What happened (each family's help lists its results).
     pub result: &'static str,
+}
+
+/// Adds `n` to `family`'s count of `result`.
+pub fn count(family: &Family<PoolLabels, Counter>, result: &'static str, n: u64) {
+    family.get_or_create(&PoolLabels { result }).inc_by(n);
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -1141,14 +1141,7 @@ fn netns_tunnel_book_tickets_are_single_use_bound_and_decided_on_use() {
     let (end_tx, end) = tokio::sync::oneshot::channel::<()>();
     let holder = in_ns(&web, async move {
         let mut send = h2_connect(web_cfg, tunnel).await.expect("connected");
-        let req = http::Request::get("https://segmesh.tunnel/tickets")
-            .header("segmesh-count", "5")
-            .body(http_body_util::Empty::new())
-            .unwrap();
-        let r = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
-            .await
-            .unwrap()
-            .unwrap();
+        let r = ask_book(&mut send, 5).await;
         book_tx
             .send((r.status().as_u16(), r.headers().clone()))
             .unwrap();
@@ -1553,19 +1546,11 @@ fn netns_tunnel_a_connection_used_through_its_book_stays_open() {
 
 /// Echoes what each connection to `addr` sends, for 60 s.
 fn echo(h: &Host, addr: SocketAddr) -> std::thread::JoinHandle<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let t = in_ns(h, async move {
         let l = tokio::net::TcpListener::bind(addr).await.unwrap();
         let until = tokio::time::Instant::now() + Duration::from_secs(60);
         while let Ok(Ok((mut s, _))) = tokio::time::timeout_at(until, l.accept()).await {
-            tokio::spawn(async move {
-                let mut b = [0u8; 1024];
-                while let Ok(n) = s.read(&mut b).await {
-                    if n == 0 || s.write_all(&b[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            tokio::spawn(async move { echo_back(&mut s).await });
         }
     });
     wait_listening(h, addr.port());
@@ -1663,18 +1648,24 @@ fn netns_tunnel_no_plaintext_on_the_wire_where_the_server_wants_encryption() {
     assert!(!has(b"SECRET-"), "a secret crossed the wire in plaintext");
 }
 
+/// Asks for a book of `n` tickets on `send` (the tunnel's own request; 5 s at most):
+/// the answer.
+async fn ask_book(send: &mut H2, n: usize) -> http::Response<hyper::body::Incoming> {
+    let req = http::Request::get("https://segmesh.tunnel/tickets")
+        .header("segmesh-count", n.to_string())
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 /// Asks for books of 64 on `send` `rounds` times: the tickets got, each as 32 bytes.
 async fn hoard(send: &mut H2, rounds: usize) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
     for _ in 0..rounds {
-        let req = http::Request::get("https://segmesh.tunnel/tickets")
-            .header("segmesh-count", "64")
-            .body(http_body_util::Empty::new())
-            .unwrap();
-        let r = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
-            .await
-            .unwrap()
-            .unwrap();
+        let r = ask_book(send, 64).await;
         assert_eq!(r.status(), 200);
         let hex = r.headers()["segmesh-tickets"].to_str().unwrap().to_owned();
         got.extend(

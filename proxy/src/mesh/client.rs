@@ -19,7 +19,6 @@ use super::decide;
 use super::stream::H2Stream;
 use super::wire::{MAX_BOOK, Reason, Request, Response, Ticket, book_from_http, book_request};
 use crate::flow::{Recorder, reason_of};
-use crate::metrics::PoolLabels;
 use crate::open::Peer;
 use crate::relay::splice::{self, Progress};
 use crate::relay::{Moved, tls};
@@ -66,13 +65,8 @@ async fn connection(
 ) -> Result<(Arc<Conn>, bool), EstablishError> {
     let got = shared.conns.get(shared, tls, ip).await;
     if let Ok((_, new)) = &got {
-        shared
-            .metrics
-            .pool
-            .get_or_create(&PoolLabels {
-                result: if *new { "new" } else { "reused" },
-            })
-            .inc();
+        let result = if *new { "new" } else { "reused" };
+        crate::metrics::count(&shared.metrics.pool, result, 1);
     }
     got
 }
@@ -244,7 +238,7 @@ async fn by_book(
     port: u16,
 ) -> Result<(Reason, Option<TcpStream>), FlowReason> {
     let (spare, closed) = conn.spare();
-    count_data_n(shared, "spare-closed", closed);
+    count_data(shared, "spare-closed", closed);
     add_spare(shared, conn, ip);
     let (mut tcp, spared) = match spare {
         Some(tcp) => (tcp, true),
@@ -253,14 +247,14 @@ async fn by_book(
             Err(_) => return Err(FlowReason::TunnelUnreachable),
         },
     };
-    count_data(shared, if spared { "spare" } else { "opened" });
+    count_data(shared, if spared { "spare" } else { "opened" }, 1);
     let _ = tcp.set_nodelay(true);
     let limit = shared.settings.limits.handshake_timeout;
     let mut code = tokio::time::timeout(limit, ask_with(&mut tcp, &t, port)).await;
     if spared && matches!(code, Ok(Err(_))) {
         // The peer closed the spare as we took it (before it read a byte: the ticket
         // is unused): once more on a connection of the flow's own.
-        count_data(shared, "spare-closed");
+        count_data(shared, "spare-closed", 1);
         tcp = match data_connection(shared, ip).await {
             Ok(tcp) => tcp,
             Err(_) => return Err(FlowReason::TunnelUnreachable),
@@ -313,7 +307,7 @@ fn add_spare(shared: &Arc<Shared>, conn: &Arc<Conn>, ip: std::net::IpAddr) {
             let Some((closed, next)) = conn.upgrade().map(|c| c.sweep(age)) else {
                 return;
             };
-            count_data_n(&shared, "spare-expired", closed);
+            count_data(&shared, "spare-expired", closed);
             match next {
                 Some(n) => until = n,
                 None => return,
@@ -325,16 +319,8 @@ fn add_spare(shared: &Arc<Shared>, conn: &Arc<Conn>, ip: std::net::IpAddr) {
 /// Counts a book flow's data connection by how it came (`spare`, `opened`), and spares
 /// that went unused (`spare-expired`) or were found closed when taken or used
 /// (`spare-closed`).
-fn count_data(shared: &Shared, result: &'static str) {
-    count_data_n(shared, result, 1);
-}
-
-fn count_data_n(shared: &Shared, result: &'static str, n: u64) {
-    shared
-        .metrics
-        .data_connections
-        .get_or_create(&PoolLabels { result })
-        .inc_by(n);
+fn count_data(shared: &Shared, result: &'static str, n: u64) {
+    crate::metrics::count(&shared.metrics.data_connections, result, n);
 }
 
 /// A plain connection to the tunnel port of the peer at `ip`, for a flow's bytes

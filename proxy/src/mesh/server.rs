@@ -417,9 +417,7 @@ impl Connection {
             let pending = Pending {
                 rec,
                 workload,
-                holder: self.from.ip(),
-                peer: self.holder.peer.clone(),
-                tags: self.holder.tags.clone(),
+                holder: self.holder.clone(),
                 port: r.port,
             };
             let r = match shared.tickets.issue(shared, pending) {

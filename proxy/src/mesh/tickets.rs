@@ -32,7 +32,7 @@ use super::decide;
 use super::server::registered;
 use super::wire::{BOOK_PREFACE_LEN, MAGIC, MAGIC_BOOK, PREFACE_LEN, Reason, Ticket};
 use crate::flow::{Recorder, reason_of};
-use crate::metrics::{ErrorKind, PoolLabels};
+use crate::metrics::ErrorKind;
 use crate::open::Peer;
 use crate::relay::Moved;
 use crate::relay::splice::{self, Progress};
@@ -97,10 +97,9 @@ impl Holder {
 pub(crate) struct Pending {
     pub rec: Recorder,
     pub workload: TcpStream,
-    /// The address the ticket is good from.
-    pub holder: IpAddr,
-    pub peer: WorkloadIdentity,
-    pub tags: Arc<segmesh_policy::TagSet>,
+    /// The connection that asked: its peer, tags and address (the ticket is good from
+    /// that address only).
+    pub holder: Arc<Holder>,
     pub port: u16,
 }
 
@@ -116,11 +115,7 @@ fn count(shared: &Shared, result: &'static str) {
 }
 
 pub(crate) fn count_n(shared: &Shared, result: &'static str, n: u64) {
-    shared
-        .metrics
-        .tickets
-        .get_or_create(&PoolLabels { result })
-        .inc_by(n);
+    crate::metrics::count(&shared.metrics.tickets, result, n);
 }
 
 impl Tickets {
@@ -216,8 +211,8 @@ impl Tickets {
             None => Err(Refused::Unknown),
             Some((_, expires)) if *expires <= Instant::now() => Err(Refused::Unknown),
             // The rightful holder can still use it: a thief cannot burn it.
-            Some((p, _)) if p.holder != from => {
-                Err(Refused::Address(p.peer.spiffe_id().to_string()))
+            Some((p, _)) if p.holder.from != from => {
+                Err(Refused::Address(p.holder.peer.spiffe_id().to_string()))
             }
             Some(_) => Ok(pending.remove(t).expect("present").0),
         }
@@ -287,19 +282,19 @@ pub(crate) async fn serve(
 ) {
     let mut p = [0u8; BOOK_PREFACE_LEN];
     let read = tokio::time::timeout(shared.settings.limits.handshake_timeout, async {
-        // The magic tells the preface's length; when the peek saw it, the whole
-        // preface is read at once.
-        let mut at = 0;
-        if seen.len() < MAGIC.len() {
-            tcp.read_exact(&mut p[..MAGIC.len()]).await?;
-            at = MAGIC.len();
-        }
-        let magic = if at == 0 {
-            &seen[..MAGIC.len()]
-        } else {
-            &p[..MAGIC.len()]
+        // The magic tells the preface's length: when the peek saw it, the whole
+        // preface is read at once; otherwise the magic first.
+        let at = match seen.first_chunk::<{ MAGIC.len() }>() {
+            Some(magic) => {
+                p[..MAGIC.len()].copy_from_slice(magic);
+                0
+            }
+            None => {
+                tcp.read_exact(&mut p[..MAGIC.len()]).await?;
+                MAGIC.len()
+            }
         };
-        let len = if magic == MAGIC_BOOK {
+        let len = if p[..MAGIC.len()] == MAGIC_BOOK {
             BOOK_PREFACE_LEN
         } else {
             PREFACE_LEN
@@ -333,10 +328,8 @@ pub(crate) async fn serve(
     let Pending {
         mut rec,
         workload,
-        peer,
-        tags,
+        holder,
         port,
-        ..
     } = match shared.tickets.redeem(&ticket, from.ip()) {
         Ok(p) => p,
         Err(Refused::Unknown) => {
@@ -351,17 +344,17 @@ pub(crate) async fn serve(
     count(&shared, "redeemed");
     // The flow's source is the data connection.
     rec.flow.source = crate::flow::endpoint(from);
-    super::server::identify(&mut rec, &peer);
+    super::server::identify(&mut rec, &holder.peer);
     // Registrations may have changed since the ticket was issued.
     let snap = shared.snapshot();
-    if !registered(&snap, from, &peer) {
+    if !registered(&snap, from, &holder.peer) {
         rec.use_snapshot(snap);
         shared.error(ErrorKind::Reset);
         crate::socket::reset(workload);
         return rec.refuse(FlowReason::Impersonation, Some(Side::Server));
     }
     // Decided again here if a snapshot came since the ticket's decision.
-    relay(rec, tcp, workload, tags, port);
+    relay(rec, tcp, workload, holder.tags.clone(), port);
 }
 
 /// Splices an accepted flow between its ticket's connection and our workload, in a task

@@ -190,24 +190,26 @@ impl Reason {
     }
 }
 
+/// Fills `b` from the TLS provider's secure random source.
+fn fill_random(b: &mut [u8]) {
+    segmesh_identity::tls::provider()
+        .secure_random
+        .fill(b)
+        .expect("the system's random source works");
+}
+
 impl Ticket {
     /// 32 bytes from the TLS provider's secure random source.
     pub fn random() -> Ticket {
         let mut b = [0u8; TICKET_LEN];
-        segmesh_identity::tls::provider()
-            .secure_random
-            .fill(&mut b)
-            .expect("the system's random source works");
+        fill_random(&mut b);
         Ticket(b)
     }
 
     /// `n` tickets from one call to the secure random source.
     pub fn random_n(n: usize) -> Vec<Ticket> {
         let mut b = vec![0u8; n * TICKET_LEN];
-        segmesh_identity::tls::provider()
-            .secure_random
-            .fill(&mut b)
-            .expect("the system's random source works");
+        fill_random(&mut b);
         b.chunks_exact(TICKET_LEN)
             .map(|c| Ticket(c.try_into().expect("a ticket's length")))
             .collect()

@@ -96,6 +96,16 @@ pub async fn bulk_server(addr: SocketAddr) -> usize {
     got.unwrap()
 }
 
+/// Sends back what `s` reads until it ends or fails.
+pub async fn echo_back(s: &mut tokio::net::TcpStream) {
+    let mut b = [0u8; 1024];
+    while let Ok(n) = s.read(&mut b).await {
+        if n == 0 || s.write_all(&b[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Greets every connection; counts them. Runs for `LIMIT`.
 pub async fn greeter(addr: SocketAddr, seen: Arc<AtomicUsize>) {
     let l = TcpListener::bind(addr).await.unwrap();
@@ -104,12 +114,7 @@ pub async fn greeter(addr: SocketAddr, seen: Arc<AtomicUsize>) {
         seen.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             let _ = s.write_all(b"hello\n").await;
-            let mut b = [0u8; 64];
-            while let Ok(n) = s.read(&mut b).await {
-                if n == 0 || s.write_all(&b[..n]).await.is_err() {
-                    break;
-                }
-            }
+            echo_back(&mut s).await;
         });
     }
 }

@@ -269,6 +269,18 @@ pub struct Settings {
     pub app_probes: segmesh_api::AppProbes,
     /// Whether spliced flows are handed to the kernel (BPF sockmap). Default `off`.
     pub sockmap: SockmapMode,
+    /// Authenticated-only flows to a PU start in their tunnel stream and move to a
+    /// spliced connection of their own after this many bytes (both ways together); `0`:
+    /// each has its own connection from its first byte. Default 256 KiB.
+    pub move_after: u64,
+}
+
+/// Bytes after which an authenticated-only flow moves from its stream to a spliced
+/// connection of its own, unless configured otherwise.
+pub const DEFAULT_MOVE_AFTER: u64 = 256 * 1024;
+
+fn d_move_after() -> u64 {
+    DEFAULT_MOVE_AFTER
 }
 
 impl Default for Settings {
@@ -281,6 +293,7 @@ impl Default for Settings {
             log_all_flows: false,
             app_probes: Default::default(),
             sockmap: SockmapMode::default(),
+            move_after: DEFAULT_MOVE_AFTER,
             mode: Mode::default(),
             socket_mark: DEFAULT_SOCKET_MARK,
             echo_queue: d_echo_queue(),
@@ -401,6 +414,12 @@ pub struct LocalConfig {
     /// do not start).
     #[serde(default)]
     pub sockmap: SockmapMode,
+    /// Authenticated-only flows to a PU start in their tunnel stream (multiplexed, in
+    /// TLS: no connection of their own to set up) and move to a spliced connection of
+    /// their own after this many bytes, both ways together. `0`: each has its own
+    /// connection from its first byte. Default 262144 (256 KiB).
+    #[serde(default = "d_move_after")]
+    pub move_after: u64,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -452,6 +471,7 @@ impl LocalConfig {
             echo_queue: self.echo_queue,
             app_probes: self.app_probes.clone(),
             sockmap: self.sockmap,
+            move_after: self.move_after,
         }
     }
 

@@ -315,6 +315,7 @@ impl Recorder {
                 (false, DataPath::Datagrams) => "datagrams",
                 (false, DataPath::Inspected) => "inspected",
                 (false, DataPath::Kernel) => "kernel",
+                (false, DataPath::Moved) => "moved",
             }
             .into(),
         );

@@ -80,6 +80,11 @@ struct Cli {
     /// (else it says why and splices), `require` (or do not start).
     #[arg(long, env = "SEGMESH_SOCKMAP", value_enum, default_value = "off")]
     sockmap: segmesh_proxy::config::SockmapMode,
+    /// Authenticated-only flows to a PU start in their tunnel stream and move to a
+    /// spliced connection of their own after this many bytes (console mode; the file's
+    /// `move_after:` otherwise); `0`: their own connection from the first byte.
+    #[arg(long, env = "SEGMESH_MOVE_AFTER", default_value_t = segmesh_proxy::config::DEFAULT_MOVE_AFTER)]
+    move_after: u64,
     /// `plain` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "plain")]
     log_format: String,
@@ -126,6 +131,7 @@ impl Cli {
             socket_mark: self.socket_mark,
             app_probes: self.app_probes.clone().unwrap_or_default(),
             sockmap: self.sockmap,
+            move_after: self.move_after,
             ..Settings::default()
         };
         Ok(ConfigSource::Console(Box::new(ConsoleSource {

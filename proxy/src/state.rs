@@ -245,7 +245,9 @@ impl Shared {
             .inc_by(total);
         if tls {
             m.tls_bytes.inc_by(total);
-        } else if path == DataPath::Spliced {
+        } else if matches!(path, DataPath::Spliced | DataPath::Moved) {
+            // A moved flow's first bytes (up to the move) went through TLS, its bulk
+            // spliced: counted as spliced.
             m.spliced_bytes.inc_by(total);
         } else if path == DataPath::Kernel {
             m.kernel_bytes.inc_by(total);

@@ -43,6 +43,9 @@ pub(crate) enum Data {
     /// Authenticated-only: a plain connection to the peer's tunnel port that presented
     /// the server's ticket.
     Plain(TcpStream),
+    /// Authenticated-only, started in its stream: the ticket that moves it to a
+    /// connection of its own, to the peer at the address.
+    Movable(H2Stream, Ticket, std::net::IpAddr),
 }
 
 /// A flow to the PU registered at `target`, its identity checked, our decision on its
@@ -126,10 +129,12 @@ pub(crate) async fn negotiate(
         port: target.port(),
         encrypt: encrypt || udp,
         udp,
+        // Starts in its stream (no connection of its own to set up for a short flow).
+        movable: !(encrypt || udp) && shared.settings.move_after > 0,
     };
     // An authenticated-only flow with a ticket from the peer's book: no request on the
     // connection; the flow is asked for, decided and answered on its data connection.
-    if !request.encrypt {
+    if !request.encrypt && !request.movable {
         let (ticket, ask) = conn.ticket();
         if ask {
             refill(&shared, &conn);
@@ -159,7 +164,7 @@ pub(crate) async fn negotiate(
     // An authenticated-only flow will need its data connection: opened while the
     // request is out, so its handshake costs no round trip of its own (dropped unused
     // when the answer is a refusal; the server sees a connection that says nothing).
-    let early = (!request.encrypt).then(|| {
+    let early = (!request.encrypt && !request.movable).then(|| {
         let shared = shared.clone();
         Early(tokio::spawn(
             async move { data_connection(&shared, ip).await },
@@ -193,8 +198,17 @@ pub(crate) async fn negotiate(
         rec.peer_reason = Some(resp.reason.as_str().into());
         return Err((reason, Some(Side::Server)));
     }
+    if resp.moves.is_some() && !request.movable {
+        // Only a flow that asked may move; a move would take an encrypted one out of TLS.
+        rec.peer_reason = Some("dropped-encryption".into());
+        return Err((FlowReason::TunnelProtocol, Some(Side::Server)));
+    }
     let data = match resp.ticket {
-        None => Data::Stream(H2Stream::new(stream, answer.into_body())),
+        // Without a move ticket the server's decision wants encryption: the flow stays.
+        None => match resp.moves {
+            None => Data::Stream(H2Stream::new(stream, answer.into_body())),
+            Some(t) => Data::Movable(H2Stream::new(stream, answer.into_body()), t, ip),
+        },
         // Our decision asked for encryption: a server that answers with a ticket (an
         // honest one never does: it encrypts when either end asks) would get the flow in
         // plaintext.
@@ -203,8 +217,9 @@ pub(crate) async fn negotiate(
             return Err((FlowReason::TunnelProtocol, Some(Side::Server)));
         }
         Some(ticket) => {
+            // A ticket of its own for a flow that asked to start in its stream.
             let Some(mut early) = early else {
-                return Err((FlowReason::Internal, None));
+                return Err((FlowReason::TunnelProtocol, Some(Side::Server)));
             };
             let opened = async {
                 let mut tcp = (&mut early.0)
@@ -338,6 +353,29 @@ async fn data_connection(shared: &Shared, ip: std::net::IpAddr) -> std::io::Resu
     }
 }
 
+/// Opens the connection a movable flow moves to: `ticket` presented to the peer at
+/// `ip` and accepted (else the flow stays in its stream).
+async fn move_to(shared: Arc<Shared>, ip: std::net::IpAddr, ticket: Ticket) -> Option<TcpStream> {
+    let mut tcp = data_connection(&shared, ip).await.ok()?;
+    let _ = tcp.set_nodelay(true);
+    let asked = async {
+        tcp.write_all(&ticket.move_preface()).await?;
+        let mut a = [0u8; 1];
+        tcp.read_exact(&mut a).await?;
+        Ok::<_, std::io::Error>(a[0])
+    };
+    let limit = shared.settings.limits.handshake_timeout;
+    let code = tokio::time::timeout(limit, asked).await;
+    let accepted = matches!(code, Ok(Ok(c)) if Reason::from_code(c) == Some(Reason::Accepted));
+    let result = if accepted {
+        "move-accepted"
+    } else {
+        "move-refused"
+    };
+    super::tickets::count_n(&shared, result, 1);
+    accepted.then_some(tcp)
+}
+
 /// Asks the peer for a book of tickets on `conn`, in the background.
 fn refill(shared: &Arc<Shared>, conn: &Arc<Conn>) {
     let (limit, conn) = (shared.settings.limits.handshake_timeout, conn.clone());
@@ -400,7 +438,14 @@ pub(crate) fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated)
     rec.finish_after(async move {
         let idle = shared.settings.limits.idle_timeout;
         match data {
-            Data::Stream(s) => tls::relay(app, s, idle, &stop.notify).await,
+            Data::Stream(s) => tls::relay(app, s, idle, &stop.notify, None).await,
+            Data::Movable(s, ticket, ip) => {
+                let mover = tls::Mover {
+                    after: shared.settings.move_after,
+                    open: Box::pin(move_to(shared.clone(), ip, ticket)),
+                };
+                tls::relay(app, s, idle, &stop.notify, Some(mover)).await
+            }
             Data::Plain(tcp) => {
                 let p = Progress::default();
                 let k = shared.kernel();

@@ -413,7 +413,7 @@ impl Connection {
             rec.ended_unrelayed(CloseReason::ConnectFailed);
             return answer(respond, Response::refused(Reason::Unreachable));
         };
-        if !encrypt {
+        if !encrypt && !r.movable {
             let pending = Pending {
                 rec,
                 workload,
@@ -424,12 +424,34 @@ impl Connection {
                 Some(ticket) => Response {
                     reason: Reason::Accepted,
                     ticket: Some(ticket),
+                    moves: None,
                 },
                 None => Response::refused(Reason::Overload),
             };
             return answer(respond, r);
         }
-        let Ok(send) = respond.send_response(accepted.to_http(), false) else {
+        // Neither end wants encryption (else `encrypt`): the flow starts in the stream
+        // and its client may move it to a connection of its own.
+        let (answer, mover) = if encrypt {
+            (accepted, None)
+        } else {
+            let (ticket, guard, to) = shared.tickets.issue_move(shared, &self.holder);
+            let open = async move {
+                // Withdrawn when the flow ends unmoved (this future is dropped).
+                let _guard = guard;
+                to.await.ok()
+            };
+            let mover = tls::Mover {
+                after: 0,
+                open: Box::pin(open),
+            };
+            let moves = Response {
+                moves: Some(ticket),
+                ..accepted
+            };
+            (moves, Some(mover))
+        };
+        let Ok(send) = respond.send_response(answer.to_http(), false) else {
             return rec.finish(Moved::nothing(Close::Error, true));
         };
         let guard = InStream::new(&self);
@@ -439,7 +461,7 @@ impl Connection {
         rec.finish_after(async move {
             let _guard = guard;
             // Relayed from the workload's side: the flow's source is the peer.
-            tls::relay(workload, stream, idle, &stop.notify)
+            tls::relay(workload, stream, idle, &stop.notify, mover)
                 .await
                 .reversed()
         });

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 
 use super::decide;
 use super::server::registered;
-use super::wire::{BOOK_PREFACE_LEN, MAGIC, MAGIC_BOOK, PREFACE_LEN, Reason, Ticket};
+use super::wire::{BOOK_PREFACE_LEN, MAGIC, MAGIC_BOOK, MAGIC_MOVE, PREFACE_LEN, Reason, Ticket};
 use crate::flow::{Recorder, reason_of};
 use crate::metrics::ErrorKind;
 use crate::open::Peer;
@@ -103,11 +103,34 @@ pub(crate) struct Pending {
     pub port: u16,
 }
 
+/// A flow relaying in a stream whose client may move it to a connection of its own.
+struct Movable {
+    /// The connection the stream is on (the move is good from its address only).
+    holder: Arc<Holder>,
+    to: tokio::sync::oneshot::Sender<TcpStream>,
+}
+
 #[derive(Default)]
 pub(crate) struct Tickets {
     pending: Mutex<HashMap<Ticket, (Pending, Instant)>>,
     booked: Mutex<HashMap<Ticket, (Arc<Holder>, Instant)>>,
+    /// One per movable flow, for as long as it relays in its stream (bounded by the
+    /// flows admitted).
+    moving: Mutex<HashMap<Ticket, Movable>>,
     sweeping: AtomicBool,
+}
+
+/// A movable flow's ticket: withdrawn when dropped (the flow ended, or moved).
+pub(crate) struct MoveTicket {
+    shared: Arc<Shared>,
+    ticket: Ticket,
+}
+
+impl Drop for MoveTicket {
+    fn drop(&mut self) {
+        let mut moving = self.shared.tickets.moving.lock().expect("lock poisoned");
+        moving.remove(&self.ticket);
+    }
 }
 
 fn count(shared: &Shared, result: &'static str) {
@@ -203,6 +226,50 @@ impl Tickets {
         }
     }
 
+    /// A ticket that moves a flow relaying in a stream of `holder`'s connection to the
+    /// connection it is presented on: the ticket, its guard (the flow keeps it while it
+    /// relays) and where the connection will come.
+    pub(crate) fn issue_move(
+        &self,
+        shared: &Arc<Shared>,
+        holder: &Arc<Holder>,
+    ) -> (
+        Ticket,
+        MoveTicket,
+        tokio::sync::oneshot::Receiver<TcpStream>,
+    ) {
+        let (to, rx) = tokio::sync::oneshot::channel();
+        let ticket = Ticket::random();
+        let m = Movable {
+            holder: holder.clone(),
+            to,
+        };
+        self.moving.lock().expect("lock poisoned").insert(ticket, m);
+        count(shared, "move-issued");
+        let guard = MoveTicket {
+            shared: shared.clone(),
+            ticket,
+        };
+        (ticket, guard, rx)
+    }
+
+    /// Takes the movable flow of `t` when presented from `from`.
+    fn redeem_move(
+        &self,
+        t: &Ticket,
+        from: IpAddr,
+    ) -> Result<tokio::sync::oneshot::Sender<TcpStream>, Refused> {
+        let mut moving = self.moving.lock().expect("lock poisoned");
+        match moving.get(t) {
+            None => Err(Refused::Unknown),
+            // The rightful holder can still use it: a thief cannot burn it.
+            Some(m) if m.holder.from != from => {
+                Err(Refused::Address(m.holder.peer.spiffe_id().to_string()))
+            }
+            Some(_) => Ok(moving.remove(t).expect("present").to),
+        }
+    }
+
     /// Takes the flow of `t` when presented from `from`.
     fn redeem(&self, t: &Ticket, from: IpAddr) -> Result<Pending, Refused> {
         let mut pending = self.pending.lock().expect("lock poisoned");
@@ -294,7 +361,7 @@ pub(crate) async fn serve(
                 MAGIC.len()
             }
         };
-        let len = if p[..MAGIC.len()] == MAGIC_BOOK {
+        let len = if p[..MAGIC_BOOK.len()] == MAGIC_BOOK {
             BOOK_PREFACE_LEN
         } else {
             PREFACE_LEN
@@ -319,6 +386,34 @@ pub(crate) async fn serve(
         };
         drop(permits);
         return serve_book(shared, tcp, from, local, ticket, port).await;
+    }
+    if p[..MAGIC_MOVE.len()] == MAGIC_MOVE {
+        let Some(Ok(ticket)) = p
+            .first_chunk::<PREFACE_LEN>()
+            .map(Ticket::from_move_preface)
+        else {
+            return refuse(FlowReason::BadRequest, None);
+        };
+        return match shared.tickets.redeem_move(&ticket, from.ip()) {
+            Ok(to) => {
+                let _ = tcp.set_nodelay(true);
+                // The flow may have ended since: its end reaches the client through the
+                // stream, and this connection closes unused.
+                answer(&tcp, Reason::Accepted);
+                count(&shared, "move-redeemed");
+                let _ = to.send(tcp);
+            }
+            Err(Refused::Unknown) => {
+                count(&shared, "move-unknown");
+                answer(&tcp, Reason::Ticket);
+                refuse(FlowReason::TicketUnknown, None)
+            }
+            Err(Refused::Address(holder)) => {
+                count(&shared, "move-address");
+                answer(&tcp, Reason::Ticket);
+                refuse(FlowReason::TicketAddress, Some(holder))
+            }
+        };
     }
     let ticket = match p.first_chunk::<PREFACE_LEN>().map(Ticket::from_preface) {
         Some(Ok(t)) => t,

@@ -31,6 +31,18 @@
 //!   again on a stream, encrypted); `ticket` refuses a ticket that is unknown, used,
 //!   expired, issued on a connection that has ended, or presented from another address
 //!   (the client asks again on a stream).
+//! - Moving flows (authenticated-only flows that start on their stream): the request
+//!   carries `segmesh-movable: 1` (never with encryption or UDP). Where the server's
+//!   decision does not want encryption either, its `accepted` answer carries
+//!   `segmesh-move: <64 hex digits>`, a single-use ticket for *this stream's flow*; the
+//!   flow's bytes start in the stream (inside TLS), and the client may later present the
+//!   ticket as the [`PREFACE_LEN`]-byte preface `SMT 0x04 | ticket` on a new plain TCP
+//!   connection to the tunnel port. The server answers with one byte (`accepted`, or
+//!   `ticket` for an unknown, used or foreign one); after `accepted` each end finishes
+//!   its sending direction of the stream with the trailer `segmesh-moved: 1` and sends
+//!   the rest of that direction on the new connection, unframed; each end reads a
+//!   direction from the stream until that trailer, then from the connection. A direction
+//!   that ended (a FIN) before the move ends its stream without the trailer, as always.
 //! - UDP sessions: each datagram travels in the stream as a frame `length u16 BE |
 //!   payload` (at most [`MAX_DATAGRAM`] bytes; an empty datagram is a frame of length 0).
 
@@ -44,6 +56,13 @@ pub const H_PROTOCOL: &str = "segmesh-protocol";
 pub const H_REASON: &str = "segmesh-reason";
 /// Answer header: the single-use ticket of an authenticated-only flow.
 pub const H_TICKET: &str = "segmesh-ticket";
+/// Request header: an authenticated-only flow that starts on its stream and may move to
+/// a connection of its own (`1`).
+pub const H_MOVABLE: &str = "segmesh-movable";
+/// Answer header: the ticket that moves this stream's flow to a connection of its own.
+pub const H_MOVE: &str = "segmesh-move";
+/// Trailer: the rest of this direction of the flow follows on its moved connection.
+pub const H_MOVED: &str = "segmesh-moved";
 
 /// The ticket preface's first four bytes. The first is not a TLS record type (0x16),
 /// which is how the tunnel port tells a ticket from a TLS handshake.
@@ -53,6 +72,8 @@ pub const PREFACE_LEN: usize = MAGIC.len() + TICKET_LEN;
 /// The preface of a ticket from a book: `SMT 0x03 | ticket | port`.
 pub const MAGIC_BOOK: [u8; 4] = *b"SMT\x03";
 pub const BOOK_PREFACE_LEN: usize = MAGIC_BOOK.len() + TICKET_LEN + 2;
+/// The preface that moves a flow: `SMT 0x04 | ticket` ([`PREFACE_LEN`] bytes).
+pub const MAGIC_MOVE: [u8; 4] = *b"SMT\x04";
 /// Request header: how many tickets a book request asks for.
 pub const H_COUNT: &str = "segmesh-count";
 /// Answer header: a book's tickets, hex, concatenated.
@@ -89,6 +110,8 @@ pub struct Request {
     pub encrypt: bool,
     /// A UDP session (datagrams framed inside the stream).
     pub udp: bool,
+    /// Authenticated-only, starting on the stream (may move to a connection of its own).
+    pub movable: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +152,8 @@ pub struct Response {
     pub reason: Reason,
     /// Authenticated-only: the flow's bytes go on a new connection with this ticket.
     pub ticket: Option<Ticket>,
+    /// Authenticated-only, started on the stream: the ticket that moves it.
+    pub moves: Option<Ticket>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -238,18 +263,35 @@ impl Ticket {
     }
 
     pub fn preface(self) -> [u8; PREFACE_LEN] {
-        let mut p = [0u8; PREFACE_LEN];
-        p[..MAGIC.len()].copy_from_slice(&MAGIC);
-        p[MAGIC.len()..].copy_from_slice(&self.0);
-        p
+        self.preface_with(MAGIC)
     }
 
     pub fn from_preface(p: &[u8; PREFACE_LEN]) -> Result<Ticket, WireError> {
-        if p[..MAGIC.len()] != MAGIC {
+        Self::from_preface_with(MAGIC, p)
+    }
+
+    /// The preface that moves this ticket's flow to the connection it opens.
+    pub fn move_preface(self) -> [u8; PREFACE_LEN] {
+        self.preface_with(MAGIC_MOVE)
+    }
+
+    pub fn from_move_preface(p: &[u8; PREFACE_LEN]) -> Result<Ticket, WireError> {
+        Self::from_preface_with(MAGIC_MOVE, p)
+    }
+
+    fn preface_with(self, magic: [u8; 4]) -> [u8; PREFACE_LEN] {
+        let mut p = [0u8; PREFACE_LEN];
+        p[..magic.len()].copy_from_slice(&magic);
+        p[magic.len()..].copy_from_slice(&self.0);
+        p
+    }
+
+    fn from_preface_with(magic: [u8; 4], p: &[u8; PREFACE_LEN]) -> Result<Ticket, WireError> {
+        if p[..magic.len()] != magic {
             return Err(WireError::Preface);
         }
         let mut t = [0u8; TICKET_LEN];
-        t.copy_from_slice(&p[MAGIC.len()..]);
+        t.copy_from_slice(&p[magic.len()..]);
         Ok(Ticket(t))
     }
 
@@ -322,7 +364,7 @@ pub fn book_from_http(
     headers: &http::HeaderMap,
 ) -> Result<Vec<Ticket>, WireError> {
     let r = Response::from_http(status, headers)?;
-    if !r.accept() || r.ticket.is_some() {
+    if !r.accept() || r.ticket.is_some() || r.moves.is_some() {
         return Err(WireError::Book);
     }
     let hex = headers
@@ -349,6 +391,9 @@ impl Request {
         if self.udp {
             b = b.header(H_PROTOCOL, "udp");
         }
+        if self.movable {
+            b = b.header(H_MOVABLE, "1");
+        }
         b.body(()).expect("a socket address is a valid authority")
     }
 
@@ -366,10 +411,17 @@ impl Request {
             Some(v) if v.as_bytes() == yes => Ok(true),
             Some(_) => Err(WireError::Header(name)),
         };
+        let (encrypt, udp) = (flag(H_ENCRYPT, b"1")?, flag(H_PROTOCOL, b"udp")?);
+        let movable = flag(H_MOVABLE, b"1")?;
+        // Only an authenticated-only TCP flow moves.
+        if movable && (encrypt || udp) {
+            return Err(WireError::Header(H_MOVABLE));
+        }
         Ok(Request {
             port,
-            encrypt: flag(H_ENCRYPT, b"1")?,
-            udp: flag(H_PROTOCOL, b"udp")?,
+            encrypt,
+            udp,
+            movable,
         })
     }
 }
@@ -379,6 +431,7 @@ impl Response {
         Response {
             reason,
             ticket: None,
+            moves: None,
         }
     }
 
@@ -393,10 +446,14 @@ impl Response {
         if let Some(t) = self.ticket {
             b = b.header(H_TICKET, t.to_hex());
         }
+        if let Some(t) = self.moves {
+            b = b.header(H_MOVE, t.to_hex());
+        }
         b.body(()).expect("valid status and headers")
     }
 
-    /// Strict: a known reason that matches the status; a ticket only with an accept.
+    /// Strict: a known reason that matches the status; a ticket only with an accept, and
+    /// not both kinds.
     pub fn from_http(
         status: http::StatusCode,
         headers: &http::HeaderMap,
@@ -408,12 +465,22 @@ impl Response {
         if status.as_u16() != reason.status() {
             return Err(WireError::Status);
         }
-        let ticket = match headers.get(H_TICKET) {
-            None => None,
-            Some(_) if reason != Reason::Accepted => return Err(WireError::Header(H_TICKET)),
-            Some(v) => Some(Ticket::from_hex(v.as_bytes())?),
+        let ticket_in = |name: &'static str| match headers.get(name) {
+            None => Ok(None),
+            Some(_) if reason != Reason::Accepted => Err(WireError::Header(name)),
+            Some(v) => Ticket::from_hex(v.as_bytes())
+                .map(Some)
+                .map_err(|_| WireError::Header(name)),
         };
-        Ok(Response { reason, ticket })
+        let (ticket, moves) = (ticket_in(H_TICKET)?, ticket_in(H_MOVE)?);
+        if ticket.is_some() && moves.is_some() {
+            return Err(WireError::Header(H_MOVE));
+        }
+        Ok(Response {
+            reason,
+            ticket,
+            moves,
+        })
     }
 }
 
@@ -490,6 +557,9 @@ mod tests {
                     if let Ok(t) = Ticket::from_preface(p) {
                         assert_eq!(t.preface(), *p);
                     }
+                    if let Ok(t) = Ticket::from_move_preface(p) {
+                        assert_eq!(t.move_preface(), *p);
+                    }
                 }
                 if let Some(p) = input.first_chunk::<BOOK_PREFACE_LEN>() {
                     if let Ok((t, port)) = Ticket::from_book_preface(p) {
@@ -525,16 +595,25 @@ mod tests {
                 port: 8080,
                 encrypt: true,
                 udp: false,
+                movable: false,
             },
             Request {
                 port: 53,
                 encrypt: true,
                 udp: true,
+                movable: false,
             },
             Request {
                 port: 1,
                 encrypt: false,
                 udp: false,
+                movable: false,
+            },
+            Request {
+                port: 5201,
+                encrypt: false,
+                udp: false,
+                movable: true,
             },
         ] {
             let to = SocketAddr::from(([10, 1, 2, 3], r.port));
@@ -555,6 +634,14 @@ mod tests {
             bad(connect().uri("10.0.0.1:80").header(H_PROTOCOL, "sctp")),
             WireError::Header(H_PROTOCOL)
         );
+        for (name, v) in [(H_ENCRYPT, "1"), (H_PROTOCOL, "udp")] {
+            let both = connect().uri("10.0.0.1:80").header(H_MOVABLE, "1");
+            assert_eq!(
+                bad(both.header(name, v)),
+                WireError::Header(H_MOVABLE),
+                "only an authenticated-only TCP flow moves ({name})"
+            );
+        }
     }
 
     #[test]
@@ -567,6 +654,12 @@ mod tests {
             Response {
                 reason: Reason::Accepted,
                 ticket: Some(t),
+                moves: None,
+            },
+            Response {
+                reason: Reason::Accepted,
+                ticket: None,
+                moves: Some(t),
             },
             Response::refused(Reason::Accepted),
             Response::refused(Reason::Policy),
@@ -588,9 +681,34 @@ mod tests {
             "no ticket with a refusal"
         );
         h.insert(H_REASON, "accepted".parse().unwrap());
+        h.insert(H_MOVE, t.to_hex().parse().unwrap());
+        assert_eq!(
+            Response::from_http(http::StatusCode::OK, &h).unwrap_err(),
+            WireError::Header(H_MOVE),
+            "a flow moves or has a connection of its own, not both"
+        );
+        h.remove(H_MOVE);
         h.insert(H_TICKET, t.to_hex().to_uppercase().parse().unwrap());
         assert!(Response::from_http(http::StatusCode::OK, &h).is_err());
+        let mut refused = http::HeaderMap::new();
+        refused.insert(H_REASON, "policy".parse().unwrap());
+        refused.insert(H_MOVE, t.to_hex().parse().unwrap());
+        assert_eq!(
+            Response::from_http(http::StatusCode::FORBIDDEN, &refused).unwrap_err(),
+            WireError::Header(H_MOVE),
+            "no move ticket with a refusal"
+        );
         assert_eq!(Ticket::from_preface(&t.preface()).unwrap(), t);
+        assert_eq!(Ticket::from_move_preface(&t.move_preface()).unwrap(), t);
+        assert_eq!(
+            Ticket::from_preface(&t.move_preface()).unwrap_err(),
+            WireError::Preface,
+            "a move ticket opens no flow of its own"
+        );
+        assert_eq!(
+            Ticket::from_move_preface(&t.preface()).unwrap_err(),
+            WireError::Preface
+        );
         let mut p = t.preface();
         p[0] = 0x16;
         assert_eq!(Ticket::from_preface(&p).unwrap_err(), WireError::Preface);
@@ -623,6 +741,7 @@ mod tests {
             port: 80,
             encrypt: false,
             udp: false,
+            movable: false,
         };
         assert_eq!(book_count(&flow.to_http(target)).unwrap(), None);
         let get = |uri: &str, n: &str| http::Request::get(uri).header(H_COUNT, n).body(()).unwrap();

@@ -37,6 +37,9 @@ pub enum DataPath {
     Inspected,
     /// Redirected by the kernel (BPF sockmap), never waking the enforcer.
     Kernel,
+    /// An authenticated-only flow that started in its tunnel stream and moved to a
+    /// spliced connection of its own.
+    Moved,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +122,11 @@ pub const SMALL: usize = 4096;
 /// Moves bytes from `src` to `dst` until EOF (the relay passes the FIN on): short reads
 /// through a buffer taken for the read, bulk through a pipe taken when a read fills that
 /// buffer and given back after `PIPE_IDLE` without bytes.
-async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
+pub(crate) async fn pump_splice(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &AtomicU64,
+) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut held: Option<Pipe> = None;
     loop {

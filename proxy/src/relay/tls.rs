@@ -3,11 +3,12 @@
 //! user-space copies; this build only detects it ([`ktls_available`], logged at start).
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
+use tokio::sync::{Notify, SetOnce};
 
 use crate::mesh::stream::{H2Stream, io_error, poll_room};
 
@@ -29,18 +30,75 @@ pub fn ktls_available() -> bool {
 const CHUNK: usize = 64 * 1024;
 use super::splice::SMALL;
 
+/// An authenticated-only flow that starts on its stream and may move to a spliced
+/// connection of its own (`mesh/wire.rs`, "Moving flows").
+pub(crate) struct Mover {
+    /// Bytes moved (both ways together) after which the connection is opened; `0` at
+    /// the server, which takes the connection whenever the client brings it.
+    pub after: u64,
+    /// The flow's connection: opened and accepted (client), or handed over by the
+    /// tunnel port (server). `None`: the flow stays on its stream.
+    pub open: std::pin::Pin<Box<dyn Future<Output = Option<TcpStream>> + Send>>,
+}
+
+/// A relay's view of its flow's move.
+struct Moving<'a> {
+    after: u64,
+    progress: &'a Progress,
+    /// Notified once `after` bytes have moved.
+    crossed: Notify,
+    asked: AtomicBool,
+    /// The connection, once accepted: each direction moves to it in turn.
+    conn: SetOnce<TcpStream>,
+}
+
+impl Moving<'_> {
+    /// Counts what a direction moved towards `after`.
+    fn count(&self) {
+        let total = self.progress.forward.load(Ordering::Relaxed)
+            + self.progress.backward.load(Ordering::Relaxed);
+        if total >= self.after && !self.asked.swap(true, Ordering::Relaxed) {
+            self.crossed.notify_one();
+        }
+    }
+}
+
+/// The trailer that ends a direction of a stream whose rest follows on the flow's
+/// moved connection.
+fn moved_trailer() -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        crate::mesh::wire::H_MOVED,
+        http::HeaderValue::from_static("1"),
+    );
+    h
+}
+
 /// Application → tunnel: each read is a chunk handed to the stream as it is (no copy:
 /// h2 frames it from the buffer the socket was read into). The buffer is taken when
 /// bytes wait and given back when none do, so an idle direction holds none. The end of
-/// the application's stream ends ours.
+/// the application's stream ends ours. A flow that moves ends this direction of the
+/// stream with the moved trailer after the last byte read, and splices the rest.
 async fn up(
     app: &TcpStream,
     send: &mut h2::SendStream<Bytes>,
     moved: &AtomicU64,
+    mv: Option<&Moving<'_>>,
 ) -> io::Result<()> {
     let mut size = SMALL;
     loop {
-        app.readable().await?;
+        match mv {
+            Some(m) => tokio::select! {
+                biased;
+                tcp = m.conn.wait() => {
+                    send.send_trailers(moved_trailer()).map_err(io_error)?;
+                    super::splice::pump_splice(app, tcp, moved).await?;
+                    return crate::socket::shutdown_write(tcp);
+                }
+                r = app.readable() => r?,
+            },
+            None => app.readable().await?,
+        }
         let mut buf = BytesMut::zeroed(size);
         let n = match super::splice::read_draining(app, &mut buf) {
             Ok(n) => n,
@@ -55,6 +113,9 @@ async fn up(
         size = if n == size { CHUNK } else { SMALL };
         send_all(send, chunk_of(buf, n)).await?;
         moved.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(m) = mv {
+            m.count();
+        }
     }
 }
 
@@ -89,8 +150,15 @@ const GATHER: usize = 16;
 
 /// Tunnel → application: the frames received are written from h2's own buffers (no
 /// copy), those already there gathered in one `writev`; their flow-control capacity is
-/// released once the application's socket took them. The end of the stream is a FIN.
-async fn down(recv: &mut h2::RecvStream, app: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
+/// released once the application's socket took them. The end of the stream is a FIN,
+/// unless it carries the moved trailer: then the rest is spliced from the flow's moved
+/// connection.
+async fn down(
+    recv: &mut h2::RecvStream,
+    app: &TcpStream,
+    moved: &AtomicU64,
+    mv: Option<&Moving<'_>>,
+) -> io::Result<()> {
     loop {
         // Made anew for each write: nothing is kept while waiting for the next frame.
         let mut chunks: Vec<Bytes> = Vec::new();
@@ -123,8 +191,19 @@ async fn down(recv: &mut h2::RecvStream, app: &TcpStream, moved: &AtomicU64) -> 
         if total > 0 {
             let _ = recv.flow_control().release_capacity(total);
             moved.fetch_add(total as u64, Ordering::Relaxed);
+            if let Some(m) = mv {
+                m.count();
+            }
         }
         if ended {
+            if let Some(m) = mv {
+                let trailers = recv.trailers().await.ok().flatten();
+                if trailers.is_some_and(|t| t.get(crate::mesh::wire::H_MOVED).is_some()) {
+                    // The peer has the connection: it is ours too, or soon will be.
+                    let tcp = m.conn.wait().await;
+                    super::splice::pump_splice(tcp, app, moved).await?;
+                }
+            }
             crate::socket::shutdown_write(app)?;
             return Ok(());
         }
@@ -162,15 +241,45 @@ async fn write_all_chunks(app: &TcpStream, chunks: &mut [Bytes]) -> io::Result<(
 /// Relays through TLS until both sides end, `stop` is notified, or no byte moved either
 /// way for `idle` (as spliced flows do); what moved is counted from `app`'s side (app →
 /// peer is forward). A flow that does not end with both sides' FINs resets the
-/// application's connection (and the stream, at the peer).
+/// application's connection (and the stream, at the peer). With a [`Mover`], the flow
+/// moves to its own connection when that is there, each direction after its last byte
+/// in the stream, and is spliced from then on.
 pub(crate) async fn relay(
     app: TcpStream,
     stream: H2Stream,
     idle: std::time::Duration,
     stop: &tokio::sync::Notify,
+    mover: Option<Mover>,
 ) -> Moved {
     let (mut send, mut recv) = stream.into_parts();
     let progress = Progress::default();
+    let (moving, open) = match mover {
+        Some(m) => (
+            Some(Moving {
+                after: m.after,
+                progress: &progress,
+                crossed: Notify::new(),
+                asked: AtomicBool::new(false),
+                conn: SetOnce::new(),
+            }),
+            Some(m.open),
+        ),
+        None => (None, None),
+    };
+    let mv = moving.as_ref();
+    // Opens (or waits for) the flow's connection once enough has moved; then nothing.
+    let arrival = async {
+        if let (Some(m), Some(open)) = (mv, open) {
+            if m.after > 0 {
+                m.crossed.notified().await;
+            }
+            if let Some(tcp) = open.await {
+                let _ = tcp.set_nodelay(true);
+                let _ = m.conn.set(tcp);
+            }
+        }
+        std::future::pending::<()>().await
+    };
     let moved = || {
         (
             progress.forward.load(Ordering::Relaxed),
@@ -198,12 +307,13 @@ pub(crate) async fn relay(
     let end = tokio::select! {
         r = async {
             tokio::try_join!(
-                up(&app, &mut send, &progress.forward),
-                down(&mut recv, &app, &progress.backward),
+                up(&app, &mut send, &progress.forward, mv),
+                down(&mut recv, &app, &progress.backward, mv),
             )
         } => End::Copied(r.map(|_| moved())),
         _ = stop.notified() => End::Stopped,
         _ = idled => End::Idle,
+        _ = arrival => unreachable!("never ends"),
     };
     let (f, b) = moved();
     let (forward, backward, close) = match end {
@@ -224,15 +334,25 @@ pub(crate) async fn relay(
     // is passed on as a reset, and an idle, failed or stopped flow resets the
     // application too, so that it does not wait on a half-dead peer. The stream, dropped
     // unended, is reset at the peer.
+    let conn = moving.and_then(|m| m.conn.into_inner());
+    let was_moved = conn.is_some();
     if close != Close::Closed {
         crate::socket::reset(app);
+        if let Some(tcp) = conn {
+            crate::socket::reset(tcp);
+        }
     }
     Moved {
         forward,
         backward,
-        path: DataPath::Copied,
+        // A moved flow: its first bytes went in the stream, the rest spliced.
+        path: if was_moved {
+            DataPath::Moved
+        } else {
+            DataPath::Copied
+        },
         close,
-        tls: true,
+        tls: !was_moved,
     }
 }
 
@@ -248,7 +368,7 @@ mod tests {
         let (ours, theirs) = crate::mesh::stream::tests::pair().await;
         let task = tokio::spawn(async move {
             let stop = tokio::sync::Notify::new();
-            relay(app, ours, std::time::Duration::from_secs(30), &stop).await
+            relay(app, ours, std::time::Duration::from_secs(30), &stop, None).await
         });
         (client, theirs, task)
     }
@@ -271,7 +391,13 @@ mod tests {
         let started = std::time::Instant::now();
         let m = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            relay(app, ours, std::time::Duration::from_millis(200), &stop),
+            relay(
+                app,
+                ours,
+                std::time::Duration::from_millis(200),
+                &stop,
+                None,
+            ),
         )
         .await
         .expect("ended by itself");

@@ -296,6 +296,7 @@ fn probe(d: &Demo, from: &str, to: &str, port: u16) -> anyhow::Result<Row> {
         .map_or("-", |p| match p {
             "tls" => "encrypted",
             "spliced" => "spliced",
+            "moved" => "moved, spliced",
             other => other,
         })
         .to_owned();

@@ -224,7 +224,7 @@ impl Default for Metrics {
         );
         registry.register(
             "tunnel_tickets",
-            "Authenticated-only tunnel tickets: `issued`, `redeemed`, `expired`, `unknown` (never issued, used or expired), `address` (presented from another address), `full` (none issued: the table is full); from books: `book-issued`, `book-redeemed`, `book-unknown` (never issued, used, expired or its connection ended), `book-address`, `book-void` (swept unused), `book-full` (fewer issued than asked); on the client: `book-received` (tickets its books got)",
+            "Authenticated-only tunnel tickets: `issued`, `redeemed`, `expired`, `unknown` (never issued, used or expired), `address` (presented from another address), `full` (none issued: the table is full); from books: `book-issued`, `book-redeemed`, `book-unknown` (never issued, used, expired or its connection ended), `book-address`, `book-void` (swept unused), `book-full` (fewer issued than asked); on the client: `book-received` (tickets its books got); moving flows: `move-issued`, `move-redeemed`, `move-unknown` (never issued, used, or its flow ended), `move-address` (presented from another address), and on the client `move-accepted`, `move-refused`",
             m.tickets.clone(),
         );
         registry.register(

@@ -1991,3 +1991,295 @@ fn netns_tunnel_idle_udp_sessions_hold_little_heap() {
         );
     }
 }
+
+/// A server at `addr` in `h` for one connection: reads until the client's FIN, then
+/// sends `n` bytes of the pattern and closes.
+fn downloads(h: &Host, addr: SocketAddr, n: usize) -> std::thread::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = in_ns(h, async move {
+        let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (mut s, _) = tokio::time::timeout(LIMIT, l.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut asked = Vec::new();
+        s.read_to_end(&mut asked).await.unwrap();
+        assert_eq!(asked, b"get", "the request, then the client's FIN");
+        s.write_all(&pattern(n)).await.unwrap();
+    });
+    wait_listening(h, addr.port());
+    server
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+/// Authenticated-only flows start in their tunnel stream and move to a spliced
+/// connection of their own once they carry bulk (`move_after`, 256 KiB by default). A
+/// short flow stays in its stream: no ticket, book or data connection of its own. A bulk
+/// flow both ways moves, every byte in order and each end passed on (the bulk helper
+/// half-closes after sending). A download whose client sent its FIN before the move
+/// moves its other direction only. A reset after the move is passed on as a reset.
+#[test]
+fn netns_tunnel_authenticated_only_flows_start_in_their_stream_and_move_when_bulk() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh_with("moves", false, "", "log_all_flows: true\n");
+    let (web, api) = (m.host("web"), m.host("api"));
+    let any = |port: u16| SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+    let api_ip = api.ip4;
+    let at = move |port: u16| SocketAddr::new(api_ip.into(), port);
+
+    let _greeter = greet(&api, any(8081), Arc::new(AtomicUsize::new(0)));
+    assert_eq!(
+        in_ns(&web, attempt(at(8081))).join().unwrap(),
+        Attempt::Greeted
+    );
+    bulk(&m, "web", "api", 8080);
+
+    let server = downloads(&api, any(8082), 4 << 20);
+    let got = in_ns(&web, async move {
+        let mut s = TcpStream::connect(at(8082)).await.unwrap();
+        s.write_all(b"get").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(LIMIT, s.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        got
+    })
+    .join()
+    .unwrap();
+    server.join().unwrap();
+    assert!(
+        got == pattern(4 << 20),
+        "the download, whole ({} bytes)",
+        got.len()
+    );
+
+    // A reset once the flow has moved: the server sees a reset, not an end.
+    let moved_before = tickets(&api, "move-redeemed");
+    let server = in_ns(&api, async move {
+        let l = tokio::net::TcpListener::bind(any(8083)).await.unwrap();
+        let (mut s, _) = tokio::time::timeout(LIMIT, l.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut b = vec![0u8; 64 << 10];
+        let mut total = 0;
+        loop {
+            match tokio::time::timeout(LIMIT, s.read(&mut b)).await.unwrap() {
+                Ok(0) => return (total, None),
+                Ok(n) => total += n,
+                Err(e) => return (total, Some(e.kind())),
+            }
+        }
+    });
+    wait_listening(&api, 8083);
+    let api2 = api.clone();
+    in_ns(&web, async move {
+        let mut s = TcpStream::connect(at(8083)).await.unwrap();
+        s.write_all(&pattern(1 << 20)).await.unwrap();
+        let moved = || tickets(&api2, "move-redeemed") > moved_before;
+        // Bounded: the move follows the first 256 KiB.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !moved() {
+            assert!(std::time::Instant::now() < deadline, "the flow never moved");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.write_all(&pattern(64 << 10)).await.unwrap();
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    })
+    .join()
+    .unwrap();
+    let (read, end) = server.join().unwrap();
+    assert_eq!(
+        end,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "the reset passed on ({read} bytes read before it)"
+    );
+
+    wait_until("api's records", Duration::from_secs(10), || {
+        (8080..=8083).all(|p| {
+            m.log("api")
+                .iter()
+                .any(|r| r["destination"]["port"] == p && r["verdict"] == "allow")
+        })
+    });
+    let log = m.log("api");
+    let of = |port: u16| find(&log, |r| r["destination"]["port"] == port).clone();
+    let short = of(8081);
+    assert_eq!(
+        (short["data_path"].as_str(), short["encrypt"].as_bool()),
+        (Some("tls"), Some(true)),
+        "a short flow's bytes stayed in the stream (inside TLS)"
+    );
+    for port in [8080, 8082, 8083] {
+        assert_eq!(of(port)["data_path"], "moved", "port {port}");
+        assert_eq!(of(port)["encrypt"], false, "port {port}");
+    }
+    let b = of(8080);
+    assert_eq!(
+        (b["bytes_sent"].as_u64(), b["bytes_received"].as_u64()),
+        (Some(BULK as u64), Some(BULK as u64))
+    );
+    assert_eq!(of(8082)["bytes_received"], 4 << 20);
+    assert_eq!(of(8083)["close_reason"], "reset");
+    assert_eq!(tickets(&api, "move-redeemed"), 3.0);
+    assert_eq!(tickets(&web, "move-accepted"), 3.0);
+    for (h, r) in [
+        (&api, "issued"),
+        (&api, "book-issued"),
+        (&web, "book-received"),
+    ] {
+        assert_eq!(
+            tickets(h, r),
+            0.0,
+            "{r}: no connection of its own from the start, no book"
+        );
+    }
+}
+
+/// The attacks on move tickets, with web's enforcer key on a connection of its own to
+/// api's tunnel port. A move ticket stands for one flow in one stream: presented from
+/// db's address (a registered PU that learned it) it is refused, recorded and stays good
+/// for its holder; from web's address it moves the flow once; presented again, or after
+/// its flow ended, or as a ticket that opens a flow of its own (`SMT 0x02`), it is
+/// unknown. A flow whose server decision wants encryption gets no move ticket (port
+/// 9000), and a request cannot ask to move and to be encrypted at once.
+#[test]
+fn netns_tunnel_move_tickets_are_single_use_and_bound_to_their_flow() {
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("move-attacks", false, WEB_PLAIN_API_ENCRYPTED);
+    let (web, api, db) = (m.host("web"), m.host("api"), m.host("db"));
+    let any = |port: u16| SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+    let _g1 = greet(&api, any(8080), Arc::new(AtomicUsize::new(0)));
+    let _g2 = greet(&api, any(9000), Arc::new(AtomicUsize::new(0)));
+    let tunnel = SocketAddr::new(api.ip4.into(), 15008);
+    let web_cfg = m.tls("web").client;
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<(u16, http::HeaderMap)>>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let holder = in_ns(&web, async move {
+        let mut send = h2_connect(web_cfg, tunnel).await.expect("connected");
+        let connect = |port: u16, movable: bool, encrypt: bool| {
+            let mut b = http::Request::connect(SocketAddr::new(tunnel.ip(), port).to_string());
+            if movable {
+                b = b.header("segmesh-movable", "1");
+            }
+            if encrypt {
+                b = b.header("segmesh-encrypt", "1");
+            }
+            b.body(http_body_util::Empty::new()).unwrap()
+        };
+        let mut answers = Vec::new();
+        let mut keep = Vec::new();
+        for (port, movable, encrypt) in [
+            (8080, true, false),
+            (8080, true, false),
+            (9000, true, false),
+            (8080, true, true),
+        ] {
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                send.send_request(connect(port, movable, encrypt)),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            answers.push((r.status().as_u16(), r.headers().clone()));
+            keep.push(r);
+        }
+        tx.send(answers).unwrap();
+        // The flows stay open (their streams with them) until the test is done.
+        let _ = done_rx.await;
+        drop(keep);
+    });
+    let answers = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let ticket = |i: usize| {
+        let (status, h) = &answers[i];
+        assert_eq!(*status, 200, "flow {i}: {h:?}");
+        assert!(h.get("segmesh-ticket").is_none(), "flow {i}: {h:?}");
+        unhex(h["segmesh-move"].to_str().unwrap())
+    };
+    let (first, second) = (ticket(0), ticket(1));
+    assert!(
+        answers[2].1.get("segmesh-move").is_none(),
+        "api's decision wants port 9000 encrypted: that flow may not move ({:?})",
+        answers[2].1
+    );
+    assert_eq!(answers[2].1["segmesh-reason"], "accepted");
+    assert_eq!(
+        (
+            answers[3].0,
+            answers[3].1["segmesh-reason"].to_str().unwrap()
+        ),
+        (400, "bad-request"),
+        "moving and encrypted at once"
+    );
+    let moving = |t: &[u8]| [b"SMT\x04".as_slice(), t].concat();
+    let first_byte = |host: &Host, preface: Vec<u8>| present_for_answer(host, tunnel, preface);
+    assert_eq!(first_byte(&db, moving(&first)), Some(TICKET), "stolen");
+    assert_eq!(
+        first_byte(&web, moving(&first)),
+        Some(ACCEPTED),
+        "the holder"
+    );
+    assert_eq!(first_byte(&web, moving(&first)), Some(TICKET), "replayed");
+    assert_eq!(
+        first_byte(&web, [b"SMT\x02".as_slice(), &second].concat()),
+        None,
+        "a move ticket opens no flow of its own"
+    );
+    assert_eq!(
+        first_byte(&web, moving(&[0x5a; 32])),
+        Some(TICKET),
+        "forged"
+    );
+    // The flows end with their connection: the second flow's ticket, never used, is
+    // withdrawn with it.
+    done_tx.send(()).unwrap();
+    holder.join().unwrap();
+    wait_until("the second flow's end", Duration::from_secs(10), || {
+        first_byte(&web, moving(&second)) == Some(TICKET)
+    });
+    assert_eq!(tickets(&api, "move-redeemed"), 1.0);
+    assert_eq!(tickets(&api, "move-address"), 1.0);
+    wait_until("api's records", Duration::from_secs(10), || {
+        let log = m.log("api");
+        ["ticket-address", "ticket-unknown"]
+            .iter()
+            .all(|r| log.iter().any(|l| l["reason"] == *r))
+    });
+    let log = m.log("api");
+    let stolen = find(&log, |r| r["reason"] == "ticket-address");
+    assert_eq!(stolen["source"]["ip"], db.ip4.to_string());
+    assert_eq!(
+        stolen["peer_identity"],
+        "spiffe://segmesh.local/ns/acme/shop/pu/web"
+    );
+}
+
+/// Sends `preface` to `tunnel` from `host` (bypassing its enforcer): the first byte the
+/// connection answers with, `None` when it closes without one (5 s at most).
+fn present_for_answer(host: &Host, tunnel: SocketAddr, preface: Vec<u8>) -> Option<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    in_ns(host, async move {
+        let mut s = bypass(tunnel).await;
+        s.write_all(&preface).await.unwrap();
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+            Ok(Ok(1)) => Some(b[0]),
+            _ => None,
+        }
+    })
+    .join()
+    .unwrap()
+}

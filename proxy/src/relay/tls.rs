@@ -57,7 +57,10 @@ impl Moving<'_> {
     fn count(&self) {
         let total = self.progress.forward.load(Ordering::Relaxed)
             + self.progress.backward.load(Ordering::Relaxed);
-        if total >= self.after && !self.asked.swap(true, Ordering::Relaxed) {
+        if total >= self.after
+            && !self.asked.load(Ordering::Relaxed)
+            && !self.asked.swap(true, Ordering::Relaxed)
+        {
             self.crossed.notify_one();
         }
     }

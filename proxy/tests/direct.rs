@@ -4,7 +4,10 @@
 //! the application's connection and hands it to the enforcer with its original
 //! destination ([`Enforcer::proxy_outbound`]). Tested here: the tunnel protocol at both
 //! ends, impersonation, one multiplexed connection for every flow, tickets, reloads, the re-decision of open flows, graceful
-//! shutdown, and the flow records' shape.
+//! shutdown, and the flow records' shape. Authenticated-only flows here have a
+//! connection of their own from their first byte (`move_after: 0`: tickets, books, the
+//! kernel relay); flows that start in their stream and move are tested in
+//! `netns_tunnel.rs`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -122,7 +125,8 @@ impl Lab {
              policies: [policies.yaml]\n\
              flow_log: {name}.jsonl\n\
              listeners: {{outbound: 0, inbound: 0, admin: 0, tunnel: {tunnel}, address: {addr}}}\n\
-             limits: {{handshake_timeout: 2s{limits}}}\n",
+             limits: {{handshake_timeout: 2s{limits}}}\n\
+             move_after: 0\n",
             tags = tags.join(", "),
             tunnel = self.tunnel,
         );

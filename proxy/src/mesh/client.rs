@@ -440,9 +440,13 @@ pub(crate) fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated)
         match data {
             Data::Stream(s) => tls::relay(app, s, idle, &stop.notify, None).await,
             Data::Movable(s, ticket, ip) => {
+                let sh = shared.clone();
                 let mover = tls::Mover {
                     after: shared.settings.move_after,
-                    open: Box::pin(move_to(shared.clone(), ip, ticket)),
+                    moving: Default::default(),
+                    open: Some(Box::new(move || -> tls::Opening {
+                        Box::pin(move_to(sh, ip, ticket))
+                    })),
                 };
                 tls::relay(app, s, idle, &stop.notify, Some(mover)).await
             }

@@ -435,21 +435,18 @@ impl Connection {
         let (answer, mover) = if encrypt {
             (accepted, None)
         } else {
-            let (ticket, guard, to) = shared.tickets.issue_move(shared, &self.holder);
-            let open = async move {
-                // Withdrawn when the flow ends unmoved (this future is dropped).
-                let _guard = guard;
-                to.await.ok()
-            };
+            let moving = Arc::new(tls::Moving::default());
+            let (ticket, guard) = shared.tickets.issue_move(shared, &self.holder, &moving);
             let mover = tls::Mover {
                 after: 0,
-                open: Box::pin(open),
+                moving,
+                open: None,
             };
             let moves = Response {
                 moves: Some(ticket),
                 ..accepted
             };
-            (moves, Some(mover))
+            (moves, Some((mover, guard)))
         };
         let Ok(send) = respond.send_response(answer.to_http(), false) else {
             return rec.finish(Moved::nothing(Close::Error, true));
@@ -460,6 +457,8 @@ impl Connection {
         let idle = shared.settings.limits.idle_timeout;
         rec.finish_after(async move {
             let _guard = guard;
+            // The move ticket is withdrawn when the flow ends.
+            let (mover, _ticket) = mover.unzip();
             // Relayed from the workload's side: the flow's source is the peer.
             tls::relay(workload, stream, idle, &stop.notify, mover)
                 .await

@@ -36,6 +36,7 @@ use crate::metrics::ErrorKind;
 use crate::open::Peer;
 use crate::relay::Moved;
 use crate::relay::splice::{self, Progress};
+use crate::relay::tls::Moving;
 use crate::state::Shared;
 
 /// How long a ticket waits for its connection (expired ones are swept every
@@ -107,7 +108,8 @@ pub(crate) struct Pending {
 struct Movable {
     /// The connection the stream is on (the move is good from its address only).
     holder: Arc<Holder>,
-    to: tokio::sync::oneshot::Sender<TcpStream>,
+    /// Where the flow takes its connection (gone once the flow has ended).
+    to: Weak<Moving>,
 }
 
 #[derive(Default)]
@@ -227,22 +229,18 @@ impl Tickets {
     }
 
     /// A ticket that moves a flow relaying in a stream of `holder`'s connection to the
-    /// connection it is presented on: the ticket, its guard (the flow keeps it while it
-    /// relays) and where the connection will come.
+    /// connection it is presented on, which goes to `to`: the ticket and its guard (the
+    /// flow keeps it while it relays).
     pub(crate) fn issue_move(
         &self,
         shared: &Arc<Shared>,
         holder: &Arc<Holder>,
-    ) -> (
-        Ticket,
-        MoveTicket,
-        tokio::sync::oneshot::Receiver<TcpStream>,
-    ) {
-        let (to, rx) = tokio::sync::oneshot::channel();
+        to: &Arc<Moving>,
+    ) -> (Ticket, MoveTicket) {
         let ticket = Ticket::random();
         let m = Movable {
             holder: holder.clone(),
-            to,
+            to: Arc::downgrade(to),
         };
         self.moving.lock().expect("lock poisoned").insert(ticket, m);
         count(shared, "move-issued");
@@ -250,15 +248,11 @@ impl Tickets {
             shared: shared.clone(),
             ticket,
         };
-        (ticket, guard, rx)
+        (ticket, guard)
     }
 
     /// Takes the movable flow of `t` when presented from `from`.
-    fn redeem_move(
-        &self,
-        t: &Ticket,
-        from: IpAddr,
-    ) -> Result<tokio::sync::oneshot::Sender<TcpStream>, Refused> {
+    fn redeem_move(&self, t: &Ticket, from: IpAddr) -> Result<Arc<Moving>, Refused> {
         let mut moving = self.moving.lock().expect("lock poisoned");
         match moving.get(t) {
             None => Err(Refused::Unknown),
@@ -266,7 +260,11 @@ impl Tickets {
             Some(m) if m.holder.from != from => {
                 Err(Refused::Address(m.holder.peer.spiffe_id().to_string()))
             }
-            Some(_) => Ok(moving.remove(t).expect("present").to),
+            // Its flow has ended (its guard is being dropped): as good as gone.
+            Some(_) => {
+                let m = moving.remove(t).expect("present");
+                m.to.upgrade().ok_or(Refused::Unknown)
+            }
         }
     }
 
@@ -397,11 +395,10 @@ pub(crate) async fn serve(
         return match shared.tickets.redeem_move(&ticket, from.ip()) {
             Ok(to) => {
                 let _ = tcp.set_nodelay(true);
-                // The flow may have ended since: its end reaches the client through the
-                // stream, and this connection closes unused.
                 answer(&tcp, Reason::Accepted);
                 count(&shared, "move-redeemed");
-                let _ = to.send(tcp);
+                // The flow's relay takes it from here.
+                let _ = to.conn.set(tcp);
             }
             Err(Refused::Unknown) => {
                 count(&shared, "move-unknown");

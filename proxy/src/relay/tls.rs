@@ -3,6 +3,7 @@
 //! user-space copies; this build only detects it ([`ktls_available`], logged at start).
 
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 
@@ -33,35 +34,48 @@ use super::splice::SMALL;
 /// An authenticated-only flow that starts on its stream and may move to a spliced
 /// connection of its own (`mesh/wire.rs`, "Moving flows").
 pub(crate) struct Mover {
-    /// Bytes moved (both ways together) after which the connection is opened; `0` at
-    /// the server, which takes the connection whenever the client brings it.
+    /// Bytes moved (both ways together) after which the connection is opened (client).
     pub after: u64,
-    /// The flow's connection: opened and accepted (client), or handed over by the
-    /// tunnel port (server). `None`: the flow stays on its stream.
-    pub open: std::pin::Pin<Box<dyn Future<Output = Option<TcpStream>> + Send>>,
+    /// Where the connection arrives; shared with the server's ticket table, which puts
+    /// it there.
+    pub moving: Arc<Moving>,
+    /// The client's: makes the future that opens the connection and has it accepted
+    /// (`None`: refused, the flow stays on its stream), once `after` bytes have moved, so
+    /// that an idle flow holds no connect's state. The server has none.
+    pub open: Option<Box<dyn FnOnce() -> Opening + Send>>,
 }
 
-/// A relay's view of its flow's move.
-struct Moving<'a> {
-    after: u64,
-    progress: &'a Progress,
+/// The connection a flow moves to, on its way.
+pub(crate) type Opening = std::pin::Pin<Box<dyn Future<Output = Option<TcpStream>> + Send>>;
+
+/// A movable flow's connection, once it is there.
+#[derive(Default)]
+pub(crate) struct Moving {
     /// Notified once `after` bytes have moved.
     crossed: Notify,
     asked: AtomicBool,
-    /// The connection, once accepted: each direction moves to it in turn.
-    conn: SetOnce<TcpStream>,
+    /// The connection, accepted: each direction moves to it in turn.
+    pub conn: SetOnce<TcpStream>,
 }
 
-impl Moving<'_> {
+/// A relay's view of its flow's move.
+struct Mv<'a> {
+    m: &'a Moving,
+    after: u64,
+    progress: &'a Progress,
+}
+
+impl Mv<'_> {
     /// Counts what a direction moved towards `after`.
     fn count(&self) {
         let total = self.progress.forward.load(Ordering::Relaxed)
             + self.progress.backward.load(Ordering::Relaxed);
+        let asked = &self.m.asked;
         if total >= self.after
-            && !self.asked.load(Ordering::Relaxed)
-            && !self.asked.swap(true, Ordering::Relaxed)
+            && !asked.load(Ordering::Relaxed)
+            && !asked.swap(true, Ordering::Relaxed)
         {
-            self.crossed.notify_one();
+            self.m.crossed.notify_one();
         }
     }
 }
@@ -86,17 +100,18 @@ async fn up(
     app: &TcpStream,
     send: &mut h2::SendStream<Bytes>,
     moved: &AtomicU64,
-    mv: Option<&Moving<'_>>,
+    mv: Option<&Mv<'_>>,
 ) -> io::Result<()> {
     let mut size = SMALL;
+    // Boxed, as everything about a move: an encrypted flow holds none of its state.
+    let mut arrived = mv.map(|m| Box::pin(m.m.conn.wait()));
     loop {
-        match mv {
-            Some(m) => tokio::select! {
+        match arrived.as_mut() {
+            Some(arrived) => tokio::select! {
                 biased;
-                tcp = m.conn.wait() => {
+                tcp = arrived => {
                     send.send_trailers(moved_trailer()).map_err(io_error)?;
-                    super::splice::pump_splice(app, tcp, moved).await?;
-                    return crate::socket::shutdown_write(tcp);
+                    return Box::pin(spliced(app, tcp, moved)).await;
                 }
                 r = app.readable() => r?,
             },
@@ -160,7 +175,7 @@ async fn down(
     recv: &mut h2::RecvStream,
     app: &TcpStream,
     moved: &AtomicU64,
-    mv: Option<&Moving<'_>>,
+    mv: Option<&Mv<'_>>,
 ) -> io::Result<()> {
     loop {
         // Made anew for each write: nothing is kept while waiting for the next frame.
@@ -199,18 +214,36 @@ async fn down(
             }
         }
         if ended {
-            if let Some(m) = mv {
-                let trailers = recv.trailers().await.ok().flatten();
-                if trailers.is_some_and(|t| t.get(crate::mesh::wire::H_MOVED).is_some()) {
-                    // The peer has the connection: it is ours too, or soon will be.
-                    let tcp = m.conn.wait().await;
-                    super::splice::pump_splice(tcp, app, moved).await?;
-                }
-            }
-            crate::socket::shutdown_write(app)?;
-            return Ok(());
+            return match mv {
+                Some(m) => Box::pin(moved_down(recv, app, moved, m.m)).await,
+                None => crate::socket::shutdown_write(app),
+            };
         }
     }
+}
+
+/// The end of a movable flow's stream, inbound: with the moved trailer the rest comes
+/// on the flow's connection (the peer has it: it is ours too, or soon will be), else it
+/// is the end.
+async fn moved_down(
+    recv: &mut h2::RecvStream,
+    app: &TcpStream,
+    moved: &AtomicU64,
+    m: &Moving,
+) -> io::Result<()> {
+    let trailers = recv.trailers().await.ok().flatten();
+    if trailers.is_some_and(|t| t.get(crate::mesh::wire::H_MOVED).is_some()) {
+        let tcp = m.conn.wait().await;
+        return spliced(tcp, app, moved).await;
+    }
+    crate::socket::shutdown_write(app)
+}
+
+/// The rest of a moved flow's direction: spliced from `src` to `dst` until `src`'s end,
+/// then passed on.
+async fn spliced(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
+    super::splice::pump_splice(src, dst, moved).await?;
+    crate::socket::shutdown_write(dst)
 }
 
 /// Writes every chunk to `app`, as many at once as the socket takes.
@@ -256,30 +289,30 @@ pub(crate) async fn relay(
 ) -> Moved {
     let (mut send, mut recv) = stream.into_parts();
     let progress = Progress::default();
-    let (moving, open) = match mover {
-        Some(m) => (
-            Some(Moving {
-                after: m.after,
-                progress: &progress,
-                crossed: Notify::new(),
-                asked: AtomicBool::new(false),
-                conn: SetOnce::new(),
-            }),
-            Some(m.open),
-        ),
-        None => (None, None),
+    let (moving, open, after) = match mover {
+        Some(m) => (Some(m.moving), m.open, m.after),
+        None => (None, None, 0),
     };
-    let mv = moving.as_ref();
-    // Opens (or waits for) the flow's connection once enough has moved; then nothing.
-    let arrival = async {
-        if let (Some(m), Some(open)) = (mv, open) {
-            if m.after > 0 {
-                m.crossed.notified().await;
-            }
-            if let Some(tcp) = open.await {
+    let mv = moving.as_deref().map(|m| Mv {
+        m,
+        after,
+        progress: &progress,
+    });
+    let mv = mv.as_ref();
+    // The client opens the flow's connection once enough has moved; then nothing.
+    let opening = match (mv, open) {
+        (Some(mv), Some(open)) => Some(Box::pin(async move {
+            mv.m.crossed.notified().await;
+            if let Some(tcp) = open().await {
                 let _ = tcp.set_nodelay(true);
-                let _ = m.conn.set(tcp);
+                let _ = mv.m.conn.set(tcp);
             }
+        })),
+        _ => None,
+    };
+    let arrival = async {
+        if let Some(o) = opening {
+            o.await;
         }
         std::future::pending::<()>().await
     };
@@ -337,7 +370,10 @@ pub(crate) async fn relay(
     // is passed on as a reset, and an idle, failed or stopped flow resets the
     // application too, so that it does not wait on a half-dead peer. The stream, dropped
     // unended, is reset at the peer.
-    let conn = moving.and_then(|m| m.conn.into_inner());
+    // The ticket table holds no more than a weak reference: the connection is ours.
+    let conn = moving
+        .and_then(Arc::into_inner)
+        .and_then(|m| m.conn.into_inner());
     let was_moved = conn.is_some();
     if close != Close::Closed {
         crate::socket::reset(app);

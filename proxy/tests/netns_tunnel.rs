@@ -2290,3 +2290,31 @@ fn present_for_answer(host: &Host, tunnel: SocketAddr, preface: Vec<u8>) -> Opti
     .join()
     .unwrap()
 }
+
+/// Where the kernel relay loaded (`sockmap: require`), authenticated-only flows do not
+/// start in their stream: the kernel moves a flow with a connection of its own without
+/// waking the enforcer at all, so each has one from its first byte (and no move ticket).
+#[test]
+fn netns_tunnel_with_the_kernel_relay_flows_do_not_move() {
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh_with(
+        "moves-kernel",
+        false,
+        "",
+        "sockmap: require\nlog_all_flows: true\n",
+    );
+    let (web, api) = (m.host("web"), m.host("api"));
+    let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 8081);
+    let _greeter = greet(&api, any, Arc::new(AtomicUsize::new(0)));
+    let to = SocketAddr::new(api.ip4.into(), 8081);
+    assert_eq!(in_ns(&web, attempt(to)).join().unwrap(), Attempt::Greeted);
+    wait_until("api's record", Duration::from_secs(10), || {
+        m.log("api").iter().any(|r| r["verdict"] == "allow")
+    });
+    let log = m.log("api");
+    let r = find(&log, |r| r["verdict"] == "allow");
+    assert_eq!(r["data_path"], "kernel", "{r}");
+    assert_eq!(tickets(&api, "move-issued"), 0.0);
+}

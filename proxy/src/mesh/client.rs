@@ -3,7 +3,8 @@
 //! certificate must name the PU registered at the address; our decision on its
 //! certificate tags; the request and the server's answer on a new stream; then the bytes,
 //! encrypted in that stream or, with the server's ticket, spliced on a connection of
-//! their own.
+//! their own. An authenticated-only flow starts in its stream and moves to a spliced
+//! connection of its own once `move_after` bytes have moved ([`move_to`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -129,8 +130,10 @@ pub(crate) async fn negotiate(
         port: target.port(),
         encrypt: encrypt || udp,
         udp,
-        // Starts in its stream (no connection of its own to set up for a short flow).
-        movable: !(encrypt || udp) && shared.settings.move_after > 0,
+        // Starts in its stream (no connection of its own to set up for a short flow),
+        // unless the kernel relays plaintext flows: it moves theirs with no wake-up at
+        // all, from the first byte.
+        movable: !(encrypt || udp) && shared.settings.move_after > 0 && shared.kernel().is_none(),
     };
     // An authenticated-only flow with a ticket from the peer's book: no request on the
     // connection; the flow is asked for, decided and answered on its data connection.

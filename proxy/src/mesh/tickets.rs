@@ -14,6 +14,10 @@
 //! lives) and the flow is decided there, on the tags of that connection's certificate,
 //! with the snapshot of the moment. A connection holds at most [`BOOK_PER_CONNECTION`]
 //! unused tickets and the enforcer [`MAX_BOOKED`].
+//!
+//! Moves: an authenticated-only flow relaying in its stream has a ticket that moves it
+//! to the plain connection it is presented on ([`Tickets::issue_move`]): once, from the
+//! address of the connection the stream is on, while the flow relays.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -122,7 +126,7 @@ pub(crate) struct Tickets {
     sweeping: AtomicBool,
 }
 
-/// A movable flow's ticket: withdrawn when dropped (the flow ended, or moved).
+/// A movable flow's ticket: withdrawn when dropped (the flow has ended).
 pub(crate) struct MoveTicket {
     shared: Arc<Shared>,
     ticket: Ticket,

@@ -1078,20 +1078,7 @@ fn netns_tunnel_tickets_are_single_use_and_bound_to_their_holder() {
         1,
         "one connection reached the server"
     );
-    wait_until("api's records", Duration::from_secs(10), || {
-        let log = m.log("api");
-        ["ticket-address", "ticket-unknown"]
-            .iter()
-            .all(|r| log.iter().any(|l| l["reason"] == *r))
-    });
-    let log = m.log("api");
-    let stolen = find(&log, |r| r["reason"] == "ticket-address");
-    assert_eq!(stolen["source"]["ip"], db.ip4.to_string());
-    assert_eq!(
-        stolen["peer_identity"], "spiffe://segmesh.local/ns/acme/shop/pu/web",
-        "the record names whose ticket it was"
-    );
-    assert_eq!(stolen["rejected_by"], "server");
+    let log = stolen_and_replayed(&m, &db);
     let replayed = find(&log, |r| r["reason"] == "ticket-unknown");
     assert_eq!(replayed["source"]["ip"], web.ip4.to_string());
     assert_eq!(
@@ -1528,6 +1515,21 @@ where
     F: Fn(TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Option<TcpStream>> + Send + 'static,
 {
+    rogue_db_with(m, books, false, plain)
+}
+
+/// [`rogue_db`] that answers every flow asked on a stream with a ticket of its own
+/// (`FLOW_TICKET`) when `tickets` is set, as a server that does not move flows does.
+fn rogue_db_with<F, Fut>(
+    m: &Mesh,
+    books: Arc<AtomicUsize>,
+    tickets: bool,
+    plain: F,
+) -> std::thread::JoinHandle<()>
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Option<TcpStream>> + Send + 'static,
+{
     let db = m.host("db");
     m.topo.kill(m.pids["db"]);
     let cfg = m.tls("db").server;
@@ -1543,7 +1545,7 @@ where
                 let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
                     return;
                 };
-                serve_books(tls, books).await
+                serve_books(tls, books, tickets).await
             });
         }
     });
@@ -1551,9 +1553,13 @@ where
     rogue
 }
 
+/// The ticket of its own a rogue answers flows asked on a stream with.
+const FLOW_TICKET: [u8; 32] = [0xcd; 32];
+
 /// Serves a rogue's HTTP/2 connection: books of made-up tickets for GET (counted in
-/// `books`), a refusal for any flow asked on a stream.
-async fn serve_books<T>(tls: T, books: Arc<AtomicUsize>)
+/// `books`); for any flow asked on a stream, a refusal, or with `tickets` an accept with
+/// [`FLOW_TICKET`].
+async fn serve_books<T>(tls: T, books: Arc<AtomicUsize>, tickets: bool)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -1565,6 +1571,10 @@ where
                 http::Response::builder()
                     .header("segmesh-reason", "accepted")
                     .header("segmesh-tickets", "ab".repeat(32 * 4))
+            } else if tickets {
+                http::Response::builder()
+                    .header("segmesh-reason", "accepted")
+                    .header("segmesh-ticket", "cd".repeat(32))
             } else {
                 http::Response::builder()
                     .status(403)
@@ -2259,6 +2269,12 @@ fn netns_tunnel_move_tickets_are_single_use_and_bound_to_their_flow() {
     });
     assert_eq!(tickets(&api, "move-redeemed"), 1.0);
     assert_eq!(tickets(&api, "move-address"), 1.0);
+    stolen_and_replayed(&m, &db);
+}
+
+/// api's records of web's tickets refused: once `ticket-address` (presented from
+/// `thief`'s address, naming whose ticket it was) and once `ticket-unknown`; api's log.
+fn stolen_and_replayed(m: &Mesh, thief: &Host) -> Vec<serde_json::Value> {
     wait_until("api's records", Duration::from_secs(10), || {
         let log = m.log("api");
         ["ticket-address", "ticket-unknown"]
@@ -2267,11 +2283,13 @@ fn netns_tunnel_move_tickets_are_single_use_and_bound_to_their_flow() {
     });
     let log = m.log("api");
     let stolen = find(&log, |r| r["reason"] == "ticket-address");
-    assert_eq!(stolen["source"]["ip"], db.ip4.to_string());
+    assert_eq!(stolen["source"]["ip"], thief.ip4.to_string());
     assert_eq!(
-        stolen["peer_identity"],
-        "spiffe://segmesh.local/ns/acme/shop/pu/web"
+        stolen["peer_identity"], "spiffe://segmesh.local/ns/acme/shop/pu/web",
+        "the record names whose ticket it was"
     );
+    assert_eq!(stolen["rejected_by"], "server");
+    log
 }
 
 /// Sends `preface` to `tunnel` from `host` (bypassing its enforcer): the first byte the
@@ -2317,4 +2335,45 @@ fn netns_tunnel_with_the_kernel_relay_flows_do_not_move() {
     let r = find(&log, |r| r["verdict"] == "allow");
     assert_eq!(r["data_path"], "kernel", "{r}");
     assert_eq!(tickets(&api, "move-issued"), 0.0);
+}
+
+/// A server that does not move flows (an earlier build of `segmesh/2`, met during an
+/// upgrade) answers a flow that asked to start in its stream with a ticket of its own:
+/// the client opens the flow's connection then and presents it, and the flow goes through
+/// (it was refused as a protocol error before). A rogue in db's place plays that server.
+#[test]
+fn netns_tunnel_a_server_that_does_not_move_flows_still_gets_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("old-server", false, "");
+    let (api, db) = (m.host("api"), m.host("db"));
+    let presented = Arc::new(AtomicUsize::new(0));
+    let p = presented.clone();
+    let _rogue = rogue_db_with(&m, Arc::new(AtomicUsize::new(0)), true, move |mut tcp| {
+        let p = p.clone();
+        async move {
+            let mut first = [0u8; 1];
+            tcp.peek(&mut first).await.ok()?;
+            if first[0] == 0x16 {
+                return Some(tcp);
+            }
+            let mut preface = [0u8; 36];
+            tcp.read_exact(&mut preface).await.ok()?;
+            if preface[..4] == *b"SMT\x02" && preface[4..] == FLOW_TICKET {
+                p.fetch_add(1, Ordering::SeqCst);
+                let _ = tcp.write_all(b"hello\n").await;
+                let _ = tcp.shutdown().await;
+            }
+            None
+        }
+    });
+    let to = SocketAddr::new(db.ip4.into(), 5432);
+    assert_eq!(in_ns(&api, attempt(to)).join().unwrap(), Attempt::Greeted);
+    assert_eq!(
+        presented.load(Ordering::SeqCst),
+        1,
+        "the ticket came on its own connection"
+    );
 }

@@ -220,14 +220,16 @@ pub(crate) async fn negotiate(
             return Err((FlowReason::TunnelProtocol, Some(Side::Server)));
         }
         Some(ticket) => {
-            // A ticket of its own for a flow that asked to start in its stream.
-            let Some(mut early) = early else {
-                return Err((FlowReason::TunnelProtocol, Some(Side::Server)));
-            };
             let opened = async {
-                let mut tcp = (&mut early.0)
-                    .await
-                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::Interrupted))??;
+                let mut tcp = match early {
+                    Some(mut early) => (&mut early.0)
+                        .await
+                        .map_err(|_| std::io::Error::from(std::io::ErrorKind::Interrupted))??,
+                    // A flow that asked to start in its stream got a ticket of its own
+                    // instead: a server that does not move flows (an earlier build of
+                    // `segmesh/2`, during an upgrade). Its connection is opened now.
+                    None => data_connection(&shared, ip).await?,
+                };
                 let _ = tcp.set_nodelay(true);
                 tcp.write_all(&ticket.preface()).await?;
                 Ok::<_, std::io::Error>(tcp)

@@ -2333,7 +2333,11 @@ fn netns_tunnel_with_the_kernel_relay_flows_do_not_move() {
     });
     let log = m.log("api");
     let r = find(&log, |r| r["verdict"] == "allow");
-    assert_eq!(r["data_path"], "kernel", "{r}");
+    // Handed to the kernel, or spliced where the client's FIN came before the hand-off
+    // (the kernel takes no socket past ESTABLISHED): in either case a connection of its
+    // own, never the stream.
+    let path = r["data_path"].as_str().unwrap();
+    assert!(["kernel", "spliced"].contains(&path), "{r}");
     assert_eq!(tickets(&api, "move-issued"), 0.0);
 }
 

@@ -945,16 +945,24 @@ fn netns_tunnel_idle_connections_from_one_address_do_not_block_others() {
 }
 
 /// The attack: a server holding db's own certificate (db compromised, its enforcer
-/// replaced) accepts api's flow but answers with a ticket, hoping to get the bytes in
-/// plaintext on a ticket connection. api's decision asked for encryption: it refuses the
-/// answer, sends nothing in plaintext, and records why.
+/// replaced) accepts api's flow but answers with a ticket of its own, hoping to get the
+/// bytes in plaintext on a ticket connection, or with a move ticket, hoping to have the
+/// flow moved out of TLS once it carries bulk. api's decision asked for encryption: it
+/// refuses the answer, sends nothing in plaintext, and records why.
 #[test]
 fn netns_tunnel_a_server_cannot_drop_the_encryption_asked_for() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if !netns_enabled() {
         return;
     }
-    let m = mesh("downgrade", true, "");
+    downgrade("downgrade", "segmesh-ticket");
+    downgrade("downgrade-move", "segmesh-move");
+}
+
+/// A rogue in db's place answers every flow with `header` (a ticket) and api's
+/// encrypted flow must refuse it.
+fn downgrade(tag: &str, header: &'static str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = mesh(tag, true, "");
     let (api, db) = (m.host("api"), m.host("db"));
     m.topo.kill(m.pids["db"]);
     let db_cfg = m.tls("db").server;
@@ -987,11 +995,11 @@ fn netns_tunnel_a_server_cannot_drop_the_encryption_asked_for() {
                     return;
                 };
                 // Every flow accepted, with a ticket: "no encryption".
-                let answer = hyper::service::service_fn(|_req| async {
+                let answer = hyper::service::service_fn(move |_req| async move {
                     Ok::<_, std::convert::Infallible>(
                         http::Response::builder()
                             .header("segmesh-reason", "accepted")
-                            .header("segmesh-ticket", "ab".repeat(32))
+                            .header(header, "ab".repeat(32))
                             .body(http_body_util::Empty::<bytes::Bytes>::new())
                             .unwrap(),
                     )
@@ -1033,9 +1041,9 @@ fn netns_tunnel_a_server_cannot_drop_the_encryption_asked_for() {
     );
     let log = m.log("api");
     let r = find(&log, |r| r["peer_reason"] == "dropped-encryption");
-    assert_eq!(r["reason"], "tunnel-protocol");
-    assert_eq!(r["rejected_by"], "server");
-    assert_eq!(r["verdict"], "reject");
+    assert_eq!(r["reason"], "tunnel-protocol", "{header}");
+    assert_eq!(r["rejected_by"], "server", "{header}");
+    assert_eq!(r["verdict"], "reject", "{header}");
 }
 
 /// The attacks on tickets. web's enforcer key (what web's enforcer holds) asks api for

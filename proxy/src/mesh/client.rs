@@ -270,7 +270,8 @@ async fn by_book(
     count_data(shared, if spared { "spare" } else { "opened" }, 1);
     let _ = tcp.set_nodelay(true);
     let limit = shared.settings.limits.handshake_timeout;
-    let mut code = tokio::time::timeout(limit, ask_with(&mut tcp, &t, port)).await;
+    let preface = t.book_preface(port);
+    let mut code = tokio::time::timeout(limit, ask_with(&mut tcp, &preface)).await;
     if spared && matches!(code, Ok(Err(_))) {
         // The peer closed the spare as we took it (before it read a byte: the ticket
         // is unused): once more on a connection of the flow's own.
@@ -280,7 +281,7 @@ async fn by_book(
             Err(_) => return Err(FlowReason::TunnelUnreachable),
         };
         let _ = tcp.set_nodelay(true);
-        code = tokio::time::timeout(limit, ask_with(&mut tcp, &t, port)).await;
+        code = tokio::time::timeout(limit, ask_with(&mut tcp, &preface)).await;
     }
     let code = match code {
         Ok(Ok(c)) => c,
@@ -294,9 +295,10 @@ async fn by_book(
     }
 }
 
-/// Presents book ticket `t` for `port` on `tcp`: the server's one-byte answer.
-async fn ask_with(tcp: &mut TcpStream, t: &Ticket, port: u16) -> std::io::Result<u8> {
-    tcp.write_all(&t.book_preface(port)).await?;
+/// Presents a ticket's `preface` (from a book, or a move) on `tcp`: the server's
+/// one-byte answer.
+async fn ask_with(tcp: &mut TcpStream, preface: &[u8]) -> std::io::Result<u8> {
+    tcp.write_all(preface).await?;
     let mut a = [0u8; 1];
     tcp.read_exact(&mut a).await?;
     Ok(a[0])
@@ -363,14 +365,9 @@ async fn data_connection(shared: &Shared, ip: std::net::IpAddr) -> std::io::Resu
 async fn move_to(shared: Arc<Shared>, ip: std::net::IpAddr, ticket: Ticket) -> Option<TcpStream> {
     let mut tcp = data_connection(&shared, ip).await.ok()?;
     let _ = tcp.set_nodelay(true);
-    let asked = async {
-        tcp.write_all(&ticket.move_preface()).await?;
-        let mut a = [0u8; 1];
-        tcp.read_exact(&mut a).await?;
-        Ok::<_, std::io::Error>(a[0])
-    };
     let limit = shared.settings.limits.handshake_timeout;
-    let code = tokio::time::timeout(limit, asked).await;
+    let preface = ticket.move_preface();
+    let code = tokio::time::timeout(limit, ask_with(&mut tcp, &preface)).await;
     let accepted = matches!(code, Ok(Ok(c)) if Reason::from_code(c) == Some(Reason::Accepted));
     let result = if accepted {
         "move-accepted"

@@ -437,8 +437,10 @@ impl Connection {
         } else {
             let moving = Arc::new(tls::Moving::default());
             let (ticket, guard) = shared.tickets.issue_move(shared, &self.holder, &moving);
+            // The client opens the connection (never `after` anything here); it arrives
+            // in `moving`.
             let mover = tls::Mover {
-                after: 0,
+                after: u64::MAX,
                 moving,
                 open: None,
             };

@@ -212,24 +212,16 @@ impl Tickets {
     /// Takes the ticket `t` from a book when presented from `from`: what it stands for.
     fn redeem_book(&self, t: &Ticket, from: IpAddr) -> Result<Arc<Holder>, Refused> {
         let mut booked = self.booked.lock().expect("lock poisoned");
-        match booked.get(t) {
-            None => Err(Refused::Unknown),
-            // Expired, or its connection gone, but not swept yet: as good as gone.
-            Some((h, expires))
-                if *expires <= Instant::now() || !h.alive.load(Ordering::Relaxed) =>
-            {
-                Err(Refused::Unknown)
-            }
-            // The rightful holder can still use it: a thief cannot burn it.
-            Some((h, _)) if h.from != from => Err(Refused::Address(h.peer.spiffe_id().to_string())),
-            Some(_) => {
-                let (h, _) = booked.remove(t).expect("present");
-                h.outstanding.fetch_sub(1, Ordering::Relaxed);
-                // The connection is in use (its idle timer starts again).
-                h.idle.notify_waiters();
-                Ok(h)
-            }
-        }
+        let now = Instant::now();
+        // Expired, or its connection gone, but not swept yet: as good as gone.
+        let good = |(h, expires): &(Arc<Holder>, Instant)| {
+            *expires > now && h.alive.load(Ordering::Relaxed)
+        };
+        let (h, _) = take(&mut booked, t, from, |(h, _)| h, good)?;
+        h.outstanding.fetch_sub(1, Ordering::Relaxed);
+        // The connection is in use (its idle timer starts again).
+        h.idle.notify_waiters();
+        Ok(h)
     }
 
     /// A ticket that moves a flow relaying in a stream of `holder`'s connection to the
@@ -258,32 +250,50 @@ impl Tickets {
     /// Takes the movable flow of `t` when presented from `from`.
     fn redeem_move(&self, t: &Ticket, from: IpAddr) -> Result<Arc<Moving>, Refused> {
         let mut moving = self.moving.lock().expect("lock poisoned");
-        match moving.get(t) {
-            None => Err(Refused::Unknown),
-            // The rightful holder can still use it: a thief cannot burn it.
-            Some(m) if m.holder.from != from => {
-                Err(Refused::Address(m.holder.peer.spiffe_id().to_string()))
-            }
-            // Its flow has ended (its guard is being dropped): as good as gone.
-            Some(_) => {
-                let m = moving.remove(t).expect("present");
-                m.to.upgrade().ok_or(Refused::Unknown)
-            }
-        }
+        let m = take(&mut moving, t, from, |m| &m.holder, |_| true)?;
+        // Its flow has ended (its guard is being dropped): as good as gone.
+        m.to.upgrade().ok_or(Refused::Unknown)
     }
 
     /// Takes the flow of `t` when presented from `from`.
     fn redeem(&self, t: &Ticket, from: IpAddr) -> Result<Pending, Refused> {
         let mut pending = self.pending.lock().expect("lock poisoned");
-        match pending.get(t) {
-            // Expired but not swept yet: as good as gone.
-            None => Err(Refused::Unknown),
-            Some((_, expires)) if *expires <= Instant::now() => Err(Refused::Unknown),
-            // The rightful holder can still use it: a thief cannot burn it.
-            Some((p, _)) if p.holder.from != from => {
-                Err(Refused::Address(p.holder.peer.spiffe_id().to_string()))
-            }
-            Some(_) => Ok(pending.remove(t).expect("present").0),
+        let now = Instant::now();
+        // Expired but not swept yet: as good as gone.
+        let good = |(_, expires): &(Pending, Instant)| *expires > now;
+        Ok(take(&mut pending, t, from, |(p, _)| &p.holder, good)?.0)
+    }
+}
+
+/// Takes ticket `t` out of `table` when presented from `from`: unknown when absent or
+/// no longer `good`; refused, and left in place, when its `holder` is at another
+/// address (the rightful holder can still use it: a thief cannot burn it).
+fn take<V>(
+    table: &mut HashMap<Ticket, V>,
+    t: &Ticket,
+    from: IpAddr,
+    holder: impl Fn(&V) -> &Holder,
+    good: impl Fn(&V) -> bool,
+) -> Result<V, Refused> {
+    let v = table.get(t).filter(|v| good(v)).ok_or(Refused::Unknown)?;
+    let h = holder(v);
+    if h.from != from {
+        return Err(Refused::Address(h.peer.spiffe_id().to_string()));
+    }
+    Ok(table.remove(t).expect("present"))
+}
+
+/// A refused ticket counted as `names`' unknown or address result: the reason to
+/// record, and the SPIFFE ID of the ticket's holder where it was someone else's.
+fn refused(shared: &Shared, r: Refused, names: [&'static str; 2]) -> (FlowReason, Option<String>) {
+    match r {
+        Refused::Unknown => {
+            count(shared, names[0]);
+            (FlowReason::TicketUnknown, None)
+        }
+        Refused::Address(holder) => {
+            count(shared, names[1]);
+            (FlowReason::TicketAddress, Some(holder))
         }
     }
 }
@@ -404,15 +414,10 @@ pub(crate) async fn serve(
                 // The flow's relay takes it from here.
                 let _ = to.conn.set(tcp);
             }
-            Err(Refused::Unknown) => {
-                count(&shared, "move-unknown");
+            Err(r) => {
                 answer(&tcp, Reason::Ticket);
-                refuse(FlowReason::TicketUnknown, None)
-            }
-            Err(Refused::Address(holder)) => {
-                count(&shared, "move-address");
-                answer(&tcp, Reason::Ticket);
-                refuse(FlowReason::TicketAddress, Some(holder))
+                let (why, holder) = refused(&shared, r, ["move-unknown", "move-address"]);
+                refuse(why, holder)
             }
         };
     }
@@ -428,13 +433,9 @@ pub(crate) async fn serve(
         port,
     } = match shared.tickets.redeem(&ticket, from.ip()) {
         Ok(p) => p,
-        Err(Refused::Unknown) => {
-            count(&shared, "unknown");
-            return refuse(FlowReason::TicketUnknown, None);
-        }
-        Err(Refused::Address(holder)) => {
-            count(&shared, "address");
-            return refuse(FlowReason::TicketAddress, Some(holder));
+        Err(r) => {
+            let (why, holder) = refused(&shared, r, ["unknown", "address"]);
+            return refuse(why, holder);
         }
     };
     count(&shared, "redeemed");
@@ -502,17 +503,12 @@ async fn serve_book(
     };
     let holder = match shared.tickets.redeem_book(&ticket, from.ip()) {
         Ok(h) => h,
-        Err(Refused::Unknown) => {
-            count(&shared, "book-unknown");
+        Err(r) => {
             answer(&tcp, Reason::Ticket);
-            return recorder(None).refuse(FlowReason::TicketUnknown, server);
-        }
-        Err(Refused::Address(holder)) => {
-            count(&shared, "book-address");
-            answer(&tcp, Reason::Ticket);
+            let (why, holder) = refused(&shared, r, ["book-unknown", "book-address"]);
             let mut rec = recorder(None);
-            rec.peer_identity = Some(holder);
-            return rec.refuse(FlowReason::TicketAddress, server);
+            rec.peer_identity = holder;
+            return rec.refuse(why, server);
         }
     };
     count(&shared, "book-redeemed");

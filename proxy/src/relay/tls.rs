@@ -4,7 +4,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -34,7 +34,8 @@ use super::splice::SMALL;
 /// An authenticated-only flow that starts on its stream and may move to a spliced
 /// connection of its own (`mesh/wire.rs`, "Moving flows").
 pub(crate) struct Mover {
-    /// Bytes moved (both ways together) after which the connection is opened (client).
+    /// Bytes moved (both ways together) after which the client opens the connection;
+    /// `u64::MAX` at the server, which never does.
     pub after: u64,
     /// Where the connection arrives; shared with the server's ticket table, which puts
     /// it there.
@@ -51,9 +52,9 @@ pub(crate) type Opening = std::pin::Pin<Box<dyn Future<Output = Option<TcpStream
 /// A movable flow's connection, once it is there.
 #[derive(Default)]
 pub(crate) struct Moving {
-    /// Notified once `after` bytes have moved.
+    /// Notified once `after` bytes have moved (it keeps one permit: notifying again
+    /// changes nothing).
     crossed: Notify,
-    asked: AtomicBool,
     /// The connection, accepted: each direction moves to it in turn.
     pub conn: SetOnce<TcpStream>,
 }
@@ -70,11 +71,7 @@ impl Mv<'_> {
     fn count(&self) {
         let total = self.progress.forward.load(Ordering::Relaxed)
             + self.progress.backward.load(Ordering::Relaxed);
-        let asked = &self.m.asked;
-        if total >= self.after
-            && !asked.load(Ordering::Relaxed)
-            && !asked.swap(true, Ordering::Relaxed)
-        {
+        if total >= self.after {
             self.m.crossed.notify_one();
         }
     }
@@ -291,7 +288,7 @@ pub(crate) async fn relay(
     let progress = Progress::default();
     let (moving, open, after) = match mover {
         Some(m) => (Some(m.moving), m.open, m.after),
-        None => (None, None, 0),
+        None => (None, None, u64::MAX),
     };
     let mv = moving.as_deref().map(|m| Mv {
         m,

@@ -2173,8 +2173,8 @@ fn netns_tunnel_authenticated_only_flows_start_in_their_stream_and_move_when_bul
 
 /// The attacks on move tickets, with web's enforcer key on a connection of its own to
 /// api's tunnel port. A move ticket stands for one flow in one stream: presented from
-/// db's address (a registered PU that learned it) it is refused, recorded and stays good
-/// for its holder; from web's address it moves the flow once; presented again, or after
+/// db's address (a registered PU that learned it), or from web's own IPv6 address (the
+/// stream is on IPv4), it is refused, recorded and stays good for its holder; from web's address it moves the flow once; presented again, or after
 /// its flow ended, or as a ticket that opens a flow of its own (`SMT 0x02`), it is
 /// unknown. A flow whose server decision wants encryption gets no move ticket (port
 /// 9000), and a request cannot ask to move and to be encrypted at once.
@@ -2252,6 +2252,14 @@ fn netns_tunnel_move_tickets_are_single_use_and_bound_to_their_flow() {
     let moving = |t: &[u8]| [b"SMT\x04".as_slice(), t].concat();
     let first_byte = |host: &Host, preface: Vec<u8>| present_for_answer(host, tunnel, preface);
     assert_eq!(first_byte(&db, moving(&first)), Some(TICKET), "stolen");
+    // The holder's own host, but the other address family: not the address of the
+    // connection the stream is on.
+    let tunnel6 = SocketAddr::new(api.ip6.into(), 15008);
+    assert_eq!(
+        present_for_answer(&web, tunnel6, moving(&first)),
+        Some(TICKET),
+        "from web's IPv6 address"
+    );
     assert_eq!(
         first_byte(&web, moving(&first)),
         Some(ACCEPTED),
@@ -2276,7 +2284,7 @@ fn netns_tunnel_move_tickets_are_single_use_and_bound_to_their_flow() {
         first_byte(&web, moving(&second)) == Some(TICKET)
     });
     assert_eq!(tickets(&api, "move-redeemed"), 1.0);
-    assert_eq!(tickets(&api, "move-address"), 1.0);
+    assert_eq!(tickets(&api, "move-address"), 2.0);
     stolen_and_replayed(&m, &db);
 }
 

@@ -2087,7 +2087,9 @@ fn netns_tunnel_authenticated_only_flows_start_in_their_stream_and_move_when_bul
     );
 
     // A reset once the flow has moved: the server sees a reset, not an end.
-    let moved_before = tickets(&api, "move-redeemed");
+    // Waited for at the client, which counts a move once it has the server's answer (the
+    // server counts it before sending that answer): by then both ends have it.
+    let moved_before = tickets(&web, "move-accepted");
     let server = in_ns(&api, async move {
         let l = tokio::net::TcpListener::bind(any(8083)).await.unwrap();
         let (mut s, _) = tokio::time::timeout(LIMIT, l.accept())
@@ -2105,11 +2107,11 @@ fn netns_tunnel_authenticated_only_flows_start_in_their_stream_and_move_when_bul
         }
     });
     wait_listening(&api, 8083);
-    let api2 = api.clone();
+    let web2 = web.clone();
     in_ns(&web, async move {
         let mut s = TcpStream::connect(at(8083)).await.unwrap();
         s.write_all(&pattern(1 << 20)).await.unwrap();
-        let moved = || tickets(&api2, "move-redeemed") > moved_before;
+        let moved = || tickets(&web2, "move-accepted") > moved_before;
         // Bounded: the move follows the first 256 KiB.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !moved() {

@@ -203,11 +203,14 @@ fn spread(v: &[f64]) -> Value {
 }
 
 /// Runs every scenario on every path, alternating; the figures by scenario and path.
+/// With `perf`, the first round's HTTP and redis SET scenarios of each mesh path are
+/// recorded there too (`{path}-http-keepalive.data`, `-http-close`, `-redis-set`).
 pub fn measure(
     topo: &Topology,
     server_ip: Ipv4Addr,
     paths: &[Path3],
     sizes: &Sizes,
+    perf: Option<&std::path::Path>,
 ) -> anyhow::Result<Value> {
     let client = topo.host("client");
     let secs = sizes.wrk.as_secs().max(1);
@@ -215,8 +218,15 @@ pub fn measure(
     // Scenario → path → the values of each round; and CPU per unit.
     let mut values: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
     let mut cpu: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
-    for _ in 0..sizes.rounds {
+    for round in 0..sizes.rounds {
         for p in paths {
+            let profile = |scenario: &str| {
+                crate::suite::Profile::start(
+                    perf.filter(|_| round == 0),
+                    &format!("{}-{scenario}", p.name),
+                    &p.pids,
+                )
+            };
             let url = format!("http://{server_ip}:{}/", p.http_port);
             let wrk = |extra: &[&str]| -> anyhow::Result<(f64, f64, f64, f64, u64, f64)> {
                 let mut args: Vec<String> = ["-t1", "-c10", &format!("-d{secs}s"), "--latency"]
@@ -231,7 +241,9 @@ pub fn measure(
                 let (rps, mean, p50, p99, errors) = parse_wrk(&out)?;
                 Ok((rps, mean, p50, p99, errors, used))
             };
+            let recording = profile("http-keepalive");
             let (rps, mean, p50, p99, errors, used) = wrk(&[])?;
+            drop(recording);
             if errors > 0 {
                 bail!("wrk keep-alive on {}: {errors} errors", p.name);
             }
@@ -255,7 +267,9 @@ pub fn measure(
             cpu.entry(("ms per 1,000 http requests", p.name))
                 .or_default()
                 .push(used / (requests / 1000.0).max(1e-9));
+            let recording = profile("http-close");
             let (rps, _, _, _, errors, used) = wrk(&["-H", "Connection: close"])?;
+            drop(recording);
             if errors > 0 {
                 bail!("wrk Connection: close on {}: {errors} errors", p.name);
             }
@@ -297,9 +311,11 @@ pub fn measure(
                 if let Some(depth) = extra {
                     args.extend(["-P".to_string(), depth.to_string()]);
                 }
+                let recording = (extra.is_none() && test == "SET").then(|| profile("redis-set"));
                 let c0 = cpu_ms(&p.pids);
                 let out = run(client, bound, "redis-benchmark", &args)?;
                 let used = cpu_ms(&p.pids) - c0;
+                drop(recording);
                 values
                     .entry((scenario, p.name))
                     .or_default()

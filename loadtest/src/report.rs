@@ -409,6 +409,23 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
             f(&c["connect"]["p99_us"])
         ));
     }
+    let first = &figures["connections_client_first"];
+    if first["direct"].is_object() {
+        md.push_str("\n## New connections where the client speaks first (sequential; connect, send 6 bytes, read them echoed, close)\n\n| path | per second | vs direct | first answer p50 | p99 |\n|---|---|---|---|---|\n");
+        for k in &conn_keys {
+            let c = &first[k];
+            if !c.is_object() {
+                continue;
+            }
+            md.push_str(&format!(
+                "| {k} | {:.0} | {:.3}× | {:.0} µs | {:.0} µs |\n",
+                f(&c["per_second"]),
+                f(&c["per_second"]) / f(&first["direct"]["per_second"]).max(1e-9),
+                f(&c["connect"]["p50_us"]),
+                f(&c["connect"]["p99_us"])
+            ));
+        }
+    }
     let udp = &figures["udp"];
     if udp["direct"].is_object() && udp["enforcer"].is_object() {
         md.push_str("\n## UDP (64-byte datagrams: to a host outside the mesh through the client's enforcer, and between the two PUs through both enforcers' tunnel)\n\n| path | round trip p50 | p99 | mean | added mean vs direct | new sessions/s (a new socket per query) | vs direct | new session p50 |\n|---|---|---|---|---|---|---|---|\n");

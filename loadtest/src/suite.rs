@@ -351,19 +351,25 @@ async fn greeter(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sequential new connections (connect, read the greeting, close): per second, and
-/// each one's time from connect to greeting.
+/// Sequential new connections (connect, read the greeting, close; or with
+/// `client_first`, connect, send 6 bytes and read them echoed, close): per second, and
+/// each one's time from connect to the server's first 6 bytes.
 fn conn_rate(
     topo: &Topology,
     listen: SocketAddr,
     to: SocketAddr,
     n: u32,
     limit: Duration,
+    client_first: bool,
 ) -> anyhow::Result<(f64, Vec<Duration>)> {
-    let _srv = in_ns(
-        topo.host("server"),
-        greeter(listen, limit + Duration::from_secs(5)),
-    );
+    let serve = limit + Duration::from_secs(5);
+    let _srv = in_ns(topo.host("server"), async move {
+        if client_first {
+            echo(listen, serve).await
+        } else {
+            greeter(listen, serve).await
+        }
+    });
     wait_listening(topo.host("server"), listen.port())?;
     in_ns(topo.host("client"), async move {
         let start = Instant::now();
@@ -372,6 +378,9 @@ fn conn_rate(
         while lat.len() < n as usize && start.elapsed() < limit {
             let t = Instant::now();
             let mut s = TcpStream::connect(to).await?;
+            if client_first {
+                s.write_all(b"hello\n").await?;
+            }
             s.read_exact(&mut b).await?;
             lat.push(t.elapsed());
         }
@@ -566,6 +575,8 @@ struct PathFigures {
     bulk8: serde_json::Map<String, Value>,
     latency: serde_json::Map<String, Value>,
     rate: serde_json::Map<String, Value>,
+    /// New connections where the client speaks first.
+    rate_first: serde_json::Map<String, Value>,
     cpu: serde_json::Map<String, Value>,
     /// Where `perf record` writes a profile of the enforcers per scenario, if asked.
     perf: Option<PathBuf>,
@@ -573,10 +584,10 @@ struct PathFigures {
 
 /// `perf record -g` of some processes while it lives (stopped with SIGINT when dropped,
 /// and waited for, so that the file is complete).
-struct Profile(Option<std::process::Child>);
+pub(crate) struct Profile(Option<std::process::Child>);
 
 impl Profile {
-    fn start(dir: Option<&Path>, name: &str, pids: &[(&'static str, u32)]) -> Profile {
+    pub(crate) fn start(dir: Option<&Path>, name: &str, pids: &[(&'static str, u32)]) -> Profile {
         let Some(dir) = dir.filter(|_| !pids.is_empty()) else {
             return Profile(None);
         };
@@ -687,10 +698,16 @@ impl PathFigures {
         let (listen, to) = endpoints()?;
         let c0 = cpu_ms(pids);
         let p = profile("connections");
-        let (r, lat) = conn_rate(topo, listen, to, sizes.connections, limit)?;
+        let (r, lat) = conn_rate(topo, listen, to, sizes.connections, limit, false)?;
         drop(p);
         let per_1000_connections = (cpu_ms(pids) - c0) / (lat.len().max(1) as f64 / 1000.0);
         self.rate.insert(
+            name.into(),
+            json!({ "per_second": r, "connect": quantiles(&lat) }),
+        );
+        let (listen, to) = endpoints()?;
+        let (r, lat) = conn_rate(topo, listen, to, sizes.connections, limit, true)?;
+        self.rate_first.insert(
             name.into(),
             json!({ "per_second": r, "connect": quantiles(&lat) }),
         );
@@ -885,7 +902,13 @@ pub fn run(
             },
         ];
         crate::clients::start_servers(&topo, &dir, &paths)?;
-        clients = crate::clients::measure(&topo, server.ip4, &paths, &sizes.clients)?;
+        clients = crate::clients::measure(
+            &topo,
+            server.ip4,
+            &paths,
+            &sizes.clients,
+            figures.perf.as_deref(),
+        )?;
     } else {
         notes.push(format!(
             "real clients not measured: {} missing (scripts/install-deps installs them)",
@@ -968,6 +991,7 @@ pub fn run(
         "bulk_gbps": { "1": figures.bulk1, "8": figures.bulk8 },
         "latency": figures.latency,
         "connections": figures.rate,
+        "connections_client_first": figures.rate_first,
         "enforcer_cpu": figures.cpu,
         "clients": clients,
         "idle": idle_results,

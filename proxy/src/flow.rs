@@ -279,7 +279,13 @@ impl Recorder {
         self.relaying = None;
         self.permit = None;
         let shared = self.shared.clone();
-        shared.count_bytes(self.flow.direction, m.forward + m.backward, m.path, m.tls);
+        shared.count_bytes(
+            self.flow.direction,
+            m.forward + m.backward,
+            m.path,
+            m.tls,
+            m.in_tls,
+        );
         let close = match m.close {
             Close::Policy if shutdown => CloseReason::Shutdown,
             c => CloseReason::from(c),

@@ -95,6 +95,7 @@ pub struct Metrics {
     pub reloads: Family<ReloadLabels, Counter>,
     pub handshakes: Family<HandshakeLabels, Counter>,
     pub tls_bytes: Counter,
+    pub first_bytes: Counter,
     pub pool: Family<PoolLabels, Counter>,
     pub tickets: Family<PoolLabels, Counter>,
     pub data_connections: Family<PoolLabels, Counter>,
@@ -131,6 +132,7 @@ impl Default for Metrics {
             reloads: Family::default(),
             handshakes: Family::default(),
             tls_bytes: Counter::default(),
+            first_bytes: Counter::default(),
             pool: Family::default(),
             tickets: Family::default(),
             data_connections: Family::default(),
@@ -216,6 +218,11 @@ impl Default for Metrics {
             "tls_bytes",
             "Bytes moved encrypted through the mesh tunnel (rustls in user space)",
             m.tls_bytes.clone(),
+        );
+        registry.register(
+            "tunnel_first_bytes",
+            "Bytes applications had sent when their flow's request went out on a tunnel stream, sent right behind it (the client's first request waits for no answer); the server holds them until both ends decided",
+            m.first_bytes.clone(),
         );
         registry.register(
             "tunnel_connections",

@@ -20,6 +20,9 @@ pub(crate) struct Moved {
     pub close: Close,
     /// Encrypted through TLS (else spliced or copied plaintext).
     pub tls: bool,
+    /// Of a moved flow (not `tls`): its bytes that went through TLS, in its stream
+    /// before the move.
+    pub in_tls: u64,
 }
 
 impl Moved {
@@ -31,6 +34,7 @@ impl Moved {
             path: DataPath::Copied,
             close,
             tls,
+            in_tls: 0,
         }
     }
 
@@ -42,6 +46,7 @@ impl Moved {
             path: o.path,
             close: o.close,
             tls: false,
+            in_tls: 0,
         }
     }
 

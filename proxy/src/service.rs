@@ -63,6 +63,8 @@ pub(crate) async fn connect(mut rec: Recorder, app: TcpStream, svc: Arc<ServiceT
         }
         return;
     }
+    // Sent to each endpoint tried: read once.
+    let mut first = crate::mesh::client::First::of(&app);
     for ep in &order {
         let Some(pu) = &ep.pu else { continue };
         let to = SocketAddr::new(ep.ip, svc.target);
@@ -72,6 +74,7 @@ pub(crate) async fn connect(mut rec: Recorder, app: TcpStream, svc: Arc<ServiceT
             to,
             pu,
             FlowPort::tcp(svc.target),
+            Some(&mut first),
         ))
         .await
         {

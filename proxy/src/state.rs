@@ -235,8 +235,16 @@ impl Shared {
     }
 
     /// Counts a finished flow's bytes by how they moved: through TLS (`tls`), spliced,
-    /// or copied (a copy fallback).
-    pub(crate) fn count_bytes(&self, direction: Direction, total: u64, path: DataPath, tls: bool) {
+    /// or copied (a copy fallback); a moved flow's `in_tls` first ones through TLS, the
+    /// rest spliced.
+    pub(crate) fn count_bytes(
+        &self,
+        direction: Direction,
+        total: u64,
+        path: DataPath,
+        tls: bool,
+        in_tls: u64,
+    ) {
         let m = &self.metrics;
         m.bytes
             .get_or_create(&DirLabels {
@@ -245,9 +253,11 @@ impl Shared {
             .inc_by(total);
         if tls {
             m.tls_bytes.inc_by(total);
-        } else if matches!(path, DataPath::Spliced | DataPath::Moved) {
-            // A moved flow's first bytes (up to the move) went through TLS, its bulk
-            // spliced: counted as spliced.
+        } else if path == DataPath::Moved {
+            let in_tls = in_tls.min(total);
+            m.tls_bytes.inc_by(in_tls);
+            m.spliced_bytes.inc_by(total - in_tls);
+        } else if path == DataPath::Spliced {
             m.spliced_bytes.inc_by(total);
         } else if path == DataPath::Kernel {
             m.kernel_bytes.inc_by(total);

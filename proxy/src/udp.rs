@@ -513,7 +513,11 @@ async fn tunnel(
         let port = segmesh_policy::FlowPort::udp(dest.port());
         // Boxed: the negotiation's state (about 4.8 KiB) is freed when it ends instead of
         // staying part of the session's task for as long as the session lives.
-        match Box::pin(crate::mesh::client::negotiate(&mut rec, *dest, pu, port)).await {
+        match Box::pin(crate::mesh::client::negotiate(
+            &mut rec, *dest, pu, port, None,
+        ))
+        .await
+        {
             Ok(n) => {
                 negotiated = Some((n, port));
                 break;
@@ -563,6 +567,7 @@ async fn tunnel(
         path: DataPath::Datagrams,
         close,
         tls: true,
+        in_tls: 0,
     });
 }
 
@@ -673,6 +678,7 @@ async fn relay(
         path: DataPath::Datagrams,
         close,
         tls: false,
+        in_tls: 0,
     });
 }
 

@@ -338,8 +338,18 @@ fn three_tier(encrypt: bool) {
         assert!(metric(&db_host, "segmesh_tls_bytes_total") >= 2.0 * BULK as f64);
         assert_eq!(metric(&db_host, "segmesh_spliced_bytes_total"), 0.0);
     } else {
-        assert!(metric(&db_host, "segmesh_spliced_bytes_total") >= 2.0 * BULK as f64);
-        assert_eq!(metric(&db_host, "segmesh_tls_bytes_total"), 0.0);
+        // The first bytes of each moved flow (up to its move, at least `move_after`)
+        // went through TLS, the rest spliced.
+        let (spliced, in_tls) = (
+            metric(&db_host, "segmesh_spliced_bytes_total"),
+            metric(&db_host, "segmesh_tls_bytes_total"),
+        );
+        assert!(
+            spliced + in_tls >= 2.0 * BULK as f64
+                && (256 << 10) as f64 <= in_tls
+                && in_tls <= (16 << 20) as f64,
+            "spliced {spliced}, through TLS {in_tls}"
+        );
     }
 }
 
@@ -2160,6 +2170,23 @@ fn netns_tunnel_authenticated_only_flows_start_in_their_stream_and_move_when_bul
     assert_eq!(of(8083)["close_reason"], "reset");
     assert_eq!(tickets(&api, "move-redeemed"), 3.0);
     assert_eq!(tickets(&web, "move-accepted"), 3.0);
+    // The moved flows' bytes are counted by how they went: the first (at least
+    // `move_after`, 256 KiB, each) through TLS, the rest spliced; every byte once.
+    let total: u64 = (8080..=8083)
+        .map(|p| {
+            let r = of(p);
+            r["bytes_sent"].as_u64().unwrap() + r["bytes_received"].as_u64().unwrap()
+        })
+        .sum();
+    let (in_tls, spliced) = (
+        metric(&api, "segmesh_tls_bytes_total"),
+        metric(&api, "segmesh_spliced_bytes_total"),
+    );
+    assert_eq!(in_tls + spliced, total as f64, "every byte counted once");
+    assert!(
+        in_tls >= 3.0 * (256 << 10) as f64 && spliced > 2.0 * BULK as f64,
+        "through TLS {in_tls}, spliced {spliced}"
+    );
     for (h, r) in [
         (&api, "issued"),
         (&api, "book-issued"),
@@ -2386,6 +2413,13 @@ fn netns_tunnel_a_server_that_does_not_move_flows_still_gets_them() {
             if preface[..4] == *b"SMT\x02" && preface[4..] == FLOW_TICKET {
                 p.fetch_add(1, Ordering::SeqCst);
                 let _ = tcp.write_all(b"hello\n").await;
+                // Then echoes what the client says, until its end.
+                let mut b = [0u8; 64];
+                while let Ok(Ok(n @ 1..)) =
+                    tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut b)).await
+                {
+                    let _ = tcp.write_all(&b[..n]).await;
+                }
                 let _ = tcp.shutdown().await;
             }
             None
@@ -2398,4 +2432,234 @@ fn netns_tunnel_a_server_that_does_not_move_flows_still_gets_them() {
         1,
         "the ticket came on its own connection"
     );
+    // A client that speaks first: its first bytes went in the stream the server does not
+    // read, and come again on the connection (tried until a flow's did, 20 at most).
+    let mut took = false;
+    for i in 0..20 {
+        let before = first_bytes(&api);
+        let msg = format!("first-old-{i:02}").into_bytes();
+        let m2 = msg.clone();
+        let got = in_ns(&api, async move {
+            let mut s = TcpStream::connect(to).await.unwrap();
+            s.write_all(&m2).await.unwrap();
+            let mut got = vec![0u8; 6 + m2.len()];
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await;
+            got
+        })
+        .join()
+        .unwrap();
+        assert_eq!(got, [b"hello\n".as_slice(), &msg].concat(), "flow {i}");
+        if first_bytes(&api) > before {
+            took = true;
+            break;
+        }
+    }
+    assert!(took, "no flow's first bytes went with its request");
+}
+
+/// `segmesh_tunnel_first_bytes_total` at `h`'s enforcer.
+fn first_bytes(h: &Host) -> f64 {
+    metric(h, "segmesh_tunnel_first_bytes_total")
+}
+
+/// An application that speaks first has what it sent before its flow's request went out
+/// sent right behind the request (no round trip between the enforcers waited for), in
+/// both modes; every byte arrives once, in order, and counts as the flow's. A flow's
+/// first bytes depend on timing (sent before the client's enforcer asked): each port is
+/// tried until one flow took that path (20 flows at most), each flow checked.
+/// As an attacker holding web's key: a request to a port api refuses, with data right
+/// behind it, reaches no workload (nothing connects to the port, no byte is read); 20
+/// refused requests with 1 MiB each (more than the connection's 16 MiB window) leave
+/// the connection able to carry an accepted flow's bytes (the refused streams' data is
+/// dropped and its window given back).
+#[test]
+fn netns_tunnel_first_bytes_travel_with_the_request_and_wait_for_both_decisions() {
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh_with(
+        "first",
+        false,
+        WEB_PLAIN_API_ENCRYPTED,
+        "log_all_flows: true\n",
+    );
+    let (web, api) = (m.host("web"), m.host("api"));
+    let any = |port: u16| SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+    let api_ip = api.ip4;
+    let at = move |port: u16| SocketAddr::new(api_ip.into(), port);
+    let _e1 = echo(&api, any(8080));
+    let _e2 = echo(&api, any(9000));
+    // 8080: authenticated-only (a movable flow, in its stream); 9000: encrypted.
+    for port in [8080u16, 9000] {
+        let mut took = false;
+        for i in 0..20 {
+            let before = first_bytes(&web);
+            let msg = format!("first-{port}-{i:02}").into_bytes();
+            let m2 = msg.clone();
+            let got = in_ns(&web, speak_first(at(port), m2)).join().unwrap();
+            assert_eq!(got, msg, "port {port}, flow {i}: echoed whole");
+            if first_bytes(&web) > before {
+                took = true;
+                break;
+            }
+        }
+        assert!(
+            took,
+            "port {port}: no flow's first bytes went with its request"
+        );
+    }
+    // Counted as the flows': every flow's record says what it sent.
+    wait_until("web's records", Duration::from_secs(10), || {
+        let log = m.log("web");
+        [8080, 9000].iter().all(|p| {
+            log.iter()
+                .any(|r| r["destination"]["port"] == *p && r["bytes_sent"].is_u64())
+        })
+    });
+    for r in m.log("web") {
+        if r["destination"]["port"] == 8080 || r["destination"]["port"] == 9000 {
+            assert_eq!(r["bytes_sent"], 13, "{r}");
+            assert_eq!(r["bytes_received"], 13, "{r}");
+        }
+    }
+
+    // The attacker, from web's address with web's key, straight to api's tunnel port.
+    let refused_port = 7000;
+    let seen = Arc::new(AtomicUsize::new(0));
+    let _g = greet(&api, any(refused_port), seen.clone());
+    let tunnel = SocketAddr::new(api.ip4.into(), 15008);
+    let cfg = rogue(Some((&m.path("web.crt"), &m.path("web.key"))));
+    let written = Arc::new(AtomicUsize::new(0));
+    let (wrote, counted) = (written.clone(), written.clone());
+    let (statuses, echoed) = in_ns(&web, async move {
+        let tcp = bypass(tunnel).await;
+        let name = rustls_pki_types::ServerName::IpAddress(tunnel.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (send, conn) = h2::client::handshake(Counted(tls, counted)).await.unwrap();
+        tokio::spawn(conn);
+        let request = |port: u16| {
+            http::Request::connect(SocketAddr::new(tunnel.ip(), port).to_string())
+                .header("segmesh-movable", "1")
+                .body(())
+                .unwrap()
+        };
+        // Batches of 20, all sent before any answer is read, until more data than the
+        // connection's window went out behind refused requests (the refusal resets each
+        // stream, after which h2 sends no more of its data: a batch delivers about 1
+        // MiB). 200 batches at most.
+        let mut statuses = Vec::new();
+        for _ in 0..200 {
+            if wrote.load(Ordering::SeqCst) > 17 << 20 {
+                break;
+            }
+            let mut answers = Vec::new();
+            for _ in 0..20 {
+                let mut send = send.clone().ready().await.unwrap();
+                let (answer, mut stream) = send.send_request(request(refused_port), false).unwrap();
+                stream
+                    .send_data(bytes::Bytes::from(vec![b'x'; 1 << 20]), false)
+                    .unwrap();
+                answers.push((answer, stream));
+            }
+            for (answer, _stream) in answers {
+                let a = tokio::time::timeout(Duration::from_secs(5), answer)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                statuses.push(a.status().as_u16());
+            }
+        }
+        // Then a flow api accepts, its bytes right behind its request.
+        let mut send = send.ready().await.unwrap();
+        let (answer, mut stream) = send.send_request(request(8080), false).unwrap();
+        stream
+            .send_data(bytes::Bytes::from_static(b"after the refusals"), false)
+            .unwrap();
+        let a = tokio::time::timeout(Duration::from_secs(5), answer)
+            .await
+            .unwrap()
+            .unwrap();
+        statuses.push(a.status().as_u16());
+        let mut body = a.into_body();
+        let mut echoed = Vec::new();
+        while echoed.len() < 18 {
+            match tokio::time::timeout(Duration::from_secs(5), body.data()).await {
+                Ok(Some(Ok(b))) => {
+                    let _ = body.flow_control().release_capacity(b.len());
+                    echoed.extend_from_slice(&b);
+                }
+                _ => break,
+            }
+        }
+        (statuses, echoed)
+    })
+    .join()
+    .unwrap();
+    assert!(
+        written.load(Ordering::SeqCst) > 17 << 20,
+        "more than the connection's window went out: {}",
+        written.load(Ordering::SeqCst)
+    );
+    eprintln!(
+        "refused requests: {}, bytes written: {}",
+        statuses.len() - 1,
+        written.load(Ordering::SeqCst)
+    );
+    let (last, refused) = statuses.split_last().unwrap();
+    assert!(
+        refused.iter().all(|s| *s == 403),
+        "refused by api's policy: {refused:?}"
+    );
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "a refused flow's bytes reached no workload"
+    );
+    assert_eq!(*last, 200);
+    assert_eq!(
+        echoed, b"after the refusals",
+        "the connection still carries bytes"
+    );
+}
+
+/// A stream that counts the bytes written to it.
+struct Counted<T>(T, Arc<AtomicUsize>);
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.0).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.1.fetch_add(*n, Ordering::SeqCst);
+        }
+        r
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }

@@ -7,9 +7,11 @@
 //! connection of its own once `move_after` bytes have moved ([`move_to`]).
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use segmesh_api::{FlowReason, Side};
 use segmesh_policy::{Direction, FlowPort, Protocol, Verdict};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,6 +56,9 @@ pub(crate) enum Data {
 /// uses. The error is the refusal and who refused.
 pub(crate) struct Negotiated {
     pub data: Data,
+    /// Bytes of the application's already on their way (its first bytes, sent with the
+    /// request): counted as the flow's.
+    pub sent: u64,
     /// The peer's tags, shared with its connection.
     pub tags: Arc<segmesh_policy::TagSet>,
     pub reason: Reason,
@@ -75,30 +80,84 @@ async fn connection(
     got
 }
 
-/// Sends `request` on a new stream of `conn` and reads the answer (bounded by the
-/// handshake timeout): the answer and the stream's send half.
+/// Sends `request` on a new stream of `conn`, the application's `first` bytes right
+/// behind it, and reads the answer (bounded by the handshake timeout): the answer and the
+/// stream's send half.
 async fn exchange(
     shared: &Shared,
     conn: &Conn,
     request: http::Request<()>,
-) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<bytes::Bytes>), ()> {
+    first: Option<&Bytes>,
+) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), ()> {
     let send = conn.send.clone();
     let limit = shared.settings.limits.handshake_timeout;
     let sent = async {
         let mut send = send.ready().await.map_err(|_| ())?;
-        let (answer, stream) = send.send_request(request, false).map_err(|_| ())?;
+        let (answer, mut stream) = send.send_request(request, false).map_err(|_| ())?;
+        if let Some(b) = first {
+            // Within the stream's window: h2 sends it with the request's frame.
+            stream.send_data(b.clone(), false).map_err(|_| ())?;
+        }
         Ok((answer.await.map_err(|_| ())?, stream))
     };
     tokio::time::timeout(limit, sent).await.map_err(|_| ())?
 }
 
+/// The most of an application's first bytes that go out with its flow's request.
+/// Within the stream's window ([`STREAM_WINDOW`](super::conns::STREAM_WINDOW)); one
+/// request of most client-speaks-first protocols (HTTP, a TLS ClientHello, redis).
+pub(crate) const FIRST: usize = 16 * 1024;
+
+/// A TCP flow's application socket and what it sent before its flow's request went out.
+/// Those bytes travel in the stream right behind the request, so that a client that
+/// speaks first does not wait a round trip between the enforcers for the answer: the
+/// server holds them, unread, until both ends decided and its workload is connected, and
+/// drops them with a refusal (docs/design.md, "First bytes"). Read once, when a flow's
+/// request is about to go out on a stream; a flow tried on several endpoints (a
+/// Service's) sends the same bytes to each.
+pub(crate) struct First<'a> {
+    app: &'a TcpStream,
+    read: Option<Bytes>,
+}
+
+impl<'a> First<'a> {
+    pub(crate) fn of(app: &'a TcpStream) -> First<'a> {
+        First { app, read: None }
+    }
+
+    /// The bytes already waiting on the application's socket (at most [`FIRST`]; none if
+    /// it has sent nothing yet, or only its end), read without waiting, once.
+    fn bytes(&mut self) -> Option<&Bytes> {
+        if self.read.is_none() {
+            let mut buf = [0u8; FIRST];
+            // Straight on the socket: tokio's readiness of a socket accepted a moment
+            // ago says nothing yet. Copied out at their size (h2 holds them until
+            // written).
+            let n = nix::sys::socket::recv(
+                self.app.as_raw_fd(),
+                &mut buf,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            )
+            .unwrap_or(0);
+            self.read = Some(Bytes::copy_from_slice(&buf[..n]));
+        }
+        self.read.as_ref().filter(|b| !b.is_empty())
+    }
+
+    fn sent(&self) -> u64 {
+        self.read.as_ref().map_or(0, |b| b.len() as u64)
+    }
+}
+
 /// Negotiates a flow to `pu` at `target` on `port` (`udp/N`: a UDP session, which stays
-/// encrypted in its stream).
+/// encrypted in its stream). A TCP flow's `first` bytes go with its request when its
+/// bytes are to travel in the stream.
 pub(crate) async fn negotiate(
     rec: &mut Recorder,
     target: SocketAddr,
     pu: &RegisteredPu,
     port: FlowPort,
+    first: Option<&mut First<'_>>,
 ) -> Result<Negotiated, Refusal> {
     let shared = rec.shared().clone();
     let snap = rec.snapshot().clone();
@@ -147,6 +206,7 @@ pub(crate) async fn negotiate(
                 Ok((_, Some(tcp))) => {
                     return Ok(Negotiated {
                         data: Data::Plain(tcp),
+                        sent: 0,
                         tags: conn.tags.clone(),
                         reason: Reason::Accepted,
                     });
@@ -173,8 +233,15 @@ pub(crate) async fn negotiate(
             async move { data_connection(&shared, ip).await },
         ))
     });
+    // The flow's bytes go in its stream (a movable one's too, until it moves): its first
+    // ones with the request.
+    let mut first = first.filter(|_| request.encrypt || request.movable);
     let (answer, stream) = loop {
-        match exchange(&shared, &conn, to_http()).await {
+        let bytes = first.as_mut().and_then(|f| f.bytes());
+        if let Some(b) = bytes {
+            shared.metrics.first_bytes.inc_by(b.len() as u64);
+        }
+        match exchange(&shared, &conn, to_http(), bytes).await {
             Ok(a) => break a,
             // A reused connection the server was closing as we sent: once more on a
             // new one (the server never saw the stream).
@@ -232,6 +299,10 @@ pub(crate) async fn negotiate(
                 };
                 let _ = tcp.set_nodelay(true);
                 tcp.write_all(&ticket.preface()).await?;
+                // The first bytes went in a stream this server does not read: again here.
+                if let Some(b) = first.as_mut().and_then(|f| f.bytes()) {
+                    tcp.write_all(b).await?;
+                }
                 Ok::<_, std::io::Error>(tcp)
             };
             match opened.await {
@@ -242,6 +313,7 @@ pub(crate) async fn negotiate(
     };
     Ok(Negotiated {
         data,
+        sent: first.map_or(0, |f| f.sent()),
         tags: conn.tags.clone(),
         reason: resp.reason,
     })
@@ -417,11 +489,13 @@ pub(crate) async fn connect(
 ) {
     // Boxed: the negotiation's state (the request's futures, several KiB) is freed when
     // it ends instead of staying part of the flow's task for as long as it relays.
+    let mut first = First::of(&app);
     match Box::pin(negotiate(
         &mut rec,
         target,
         &pu,
         FlowPort::tcp(target.port()),
+        Some(&mut first),
     ))
     .await
     {
@@ -433,13 +507,18 @@ pub(crate) async fn connect(
 /// Moves the bytes of a negotiated flow to `port` of the peer's workload until it ends,
 /// in a task of its own ([`Recorder::finish_after`]).
 pub(crate) fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated) {
-    let Negotiated { data, tags, reason } = n;
+    let Negotiated {
+        data,
+        sent,
+        tags,
+        reason,
+    } = n;
     let stop = rec.relaying(Peer::Pu(tags), port);
     rec.peer_reason = Some(reason.as_str().into());
     let shared = rec.shared().clone();
     rec.finish_after(async move {
         let idle = shared.settings.limits.idle_timeout;
-        match data {
+        let mut moved = match data {
             Data::Stream(s) => tls::relay(app, s, idle, &stop.notify, None).await,
             Data::Movable(s, ticket, ip) => {
                 let sh = shared.clone();
@@ -457,6 +536,8 @@ pub(crate) fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated)
                 let k = shared.kernel();
                 Moved::plain(splice::relay_until(app, tcp, idle, false, &p, &stop.notify, k).await)
             }
-        }
+        };
+        moved.forward += sent;
+        moved
     });
 }

@@ -519,5 +519,6 @@ async fn serve_udp(
         path: crate::relay::splice::DataPath::Datagrams,
         close,
         tls: true,
+        in_tls: 0,
     });
 }

@@ -57,6 +57,9 @@ pub(crate) struct Moving {
     crossed: Notify,
     /// The connection, accepted: each direction moves to it in turn.
     pub conn: SetOnce<TcpStream>,
+    /// What each direction (sent, received) had moved in the stream when it moved to the
+    /// connection: those bytes went through TLS.
+    switched: [std::sync::OnceLock<u64>; 2],
 }
 
 /// A relay's view of its flow's move.
@@ -108,6 +111,9 @@ async fn up(
                 biased;
                 tcp = arrived => {
                     send.send_trailers(moved_trailer()).map_err(io_error)?;
+                    if let Some(m) = mv {
+                        let _ = m.m.switched[0].set(moved.load(Ordering::Relaxed));
+                    }
                     return Box::pin(spliced(app, tcp, moved)).await;
                 }
                 r = app.readable() => r?,
@@ -230,6 +236,7 @@ async fn moved_down(
 ) -> io::Result<()> {
     let trailers = recv.trailers().await.ok().flatten();
     if trailers.is_some_and(|t| t.get(crate::mesh::wire::H_MOVED).is_some()) {
+        let _ = m.switched[1].set(moved.load(Ordering::Relaxed));
         let tcp = m.conn.wait().await;
         return spliced(tcp, app, moved).await;
     }
@@ -368,9 +375,13 @@ pub(crate) async fn relay(
     // application too, so that it does not wait on a half-dead peer. The stream, dropped
     // unended, is reset at the peer.
     // The ticket table holds no more than a weak reference: the connection is ours.
-    let conn = moving
-        .and_then(Arc::into_inner)
-        .and_then(|m| m.conn.into_inner());
+    let moving = moving.and_then(Arc::into_inner);
+    // A direction that never moved (it had ended before) went through TLS whole.
+    let in_tls = moving.as_ref().map_or(0, |m| {
+        let at = |i: usize, total: u64| m.switched[i].get().map_or(total, |&n| n.min(total));
+        at(0, f) + at(1, b)
+    });
+    let conn = moving.and_then(|m| m.conn.into_inner());
     let was_moved = conn.is_some();
     if close != Close::Closed {
         crate::socket::reset(app);
@@ -389,6 +400,7 @@ pub(crate) async fn relay(
         },
         close,
         tls: !was_moved,
+        in_tls: if was_moved { in_tls } else { 0 },
     }
 }
 

@@ -398,67 +398,22 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
             f(&l["mean_us"]) - f(&lat["direct"]["mean_us"])
         ));
     }
-    md.push_str("\n## New connections (sequential; connect, 6-byte greeting, close)\n\n![connections](connections.svg)\n\n| path | per second | vs direct | connect p50 | connect p99 |\n|---|---|---|---|---|\n");
-    for k in &conn_keys {
-        let c = &conn[k];
-        md.push_str(&format!(
-            "| {k} | {:.0} | {:.3}× | {:.0} µs | {:.0} µs |\n",
-            f(&c["per_second"]),
-            f(&c["per_second"]) / f(&conn["direct"]["per_second"]).max(1e-9),
-            f(&c["connect"]["p50_us"]),
-            f(&c["connect"]["p99_us"])
-        ));
-    }
+    conn_table(
+        &mut md,
+        "New connections (sequential; connect, 6-byte greeting, close)\n\n![connections](connections.svg)",
+        "connect p50 | connect p99",
+        conn,
+        &conn_keys,
+    );
     let first = &figures["connections_client_first"];
     if first["direct"].is_object() {
-        md.push_str("\n## New connections where the client speaks first (sequential; connect, send 6 bytes, read them echoed, close)\n\n| path | per second | vs direct | first answer p50 | p99 |\n|---|---|---|---|---|\n");
-        for k in &conn_keys {
-            let c = &first[k];
-            if !c.is_object() {
-                continue;
-            }
-            md.push_str(&format!(
-                "| {k} | {:.0} | {:.3}× | {:.0} µs | {:.0} µs |\n",
-                f(&c["per_second"]),
-                f(&c["per_second"]) / f(&first["direct"]["per_second"]).max(1e-9),
-                f(&c["connect"]["p50_us"]),
-                f(&c["connect"]["p99_us"])
-            ));
-        }
-    }
-    let udp = &figures["udp"];
-    if udp["direct"].is_object() && udp["enforcer"].is_object() {
-        md.push_str("\n## UDP (64-byte datagrams: to a host outside the mesh through the client's enforcer, and between the two PUs through both enforcers' tunnel)\n\n| path | round trip p50 | p99 | mean | added mean vs direct | new sessions/s (a new socket per query) | vs direct | new session p50 |\n|---|---|---|---|---|---|---|---|\n");
-        for p in ["direct", "enforcer", "both enforcers (tunnel)"] {
-            let u = &udp[p];
-            if !u.is_object() {
-                continue;
-            }
-            md.push_str(&format!(
-                "| {p} | {:.1} µs | {:.1} µs | {:.1} µs | {:+.1} µs | {:.0} | {:.2}× | {:.1} µs |\n",
-                f(&u["round_trip"]["p50_us"]),
-                f(&u["round_trip"]["p99_us"]),
-                f(&u["round_trip"]["mean_us"]),
-                f(&u["round_trip"]["mean_us"]) - f(&udp["direct"]["round_trip"]["mean_us"]),
-                f(&u["sessions_per_second"]),
-                f(&u["sessions_per_second"]) / f(&udp["direct"]["sessions_per_second"]).max(1e-9),
-                f(&u["new_session"]["p50_us"])
-            ));
-        }
-    }
-    let dns = &figures["dns"];
-    if dns["direct"].is_object() && dns["enforcer"].is_object() {
-        md.push_str("\n## DNS over UDP (a new socket and a distinct name per query, one after another)\n\n| path | queries/s | vs direct | query p50 | p99 |\n|---|---|---|---|---|\n");
-        for p in ["direct", "enforcer"] {
-            let q = &dns[p];
-            md.push_str(&format!(
-                "| {p} | {:.0} | {:.2}× | {:.1} µs | {:.1} µs |\n",
-                f(&q["per_second"]),
-                f(&q["per_second"]) / f(&dns["direct"]["per_second"]).max(1e-9),
-                f(&q["query"]["p50_us"]),
-                f(&q["query"]["p99_us"])
-            ));
-        }
+        conn_table(
+            &mut md,
+            "New connections where the client speaks first (sequential; connect, send 6 bytes, read them echoed, close)",
+            "first answer p50 | p99",
+            first,
+            &conn_keys,
+        );
     }
     if real.is_object() {
         let rounds = &figures["clients"]["rounds"];
@@ -548,4 +503,25 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
     }
     std::fs::write(out.join("report.md"), md)?;
     Ok(())
+}
+
+/// A table of sequential new connections by path: rate, its ratio to direct, and the
+/// latency quantiles (`latency` names their two columns).
+fn conn_table(md: &mut String, title: &str, latency: &str, conn: &Value, keys: &[String]) {
+    md.push_str(&format!(
+        "\n## {title}\n\n| path | per second | vs direct | {latency} |\n|---|---|---|---|---|\n"
+    ));
+    for k in keys {
+        let c = &conn[k];
+        if !c.is_object() {
+            continue;
+        }
+        md.push_str(&format!(
+            "| {k} | {:.0} | {:.3}× | {:.0} µs | {:.0} µs |\n",
+            f(&c["per_second"]),
+            f(&c["per_second"]) / f(&conn["direct"]["per_second"]).max(1e-9),
+            f(&c["connect"]["p50_us"]),
+            f(&c["connect"]["p99_us"])
+        ));
+    }
 }

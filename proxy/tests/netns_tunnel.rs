@@ -2468,10 +2468,10 @@ fn first_bytes(h: &Host) -> f64 {
 /// first bytes depend on timing (sent before the client's enforcer asked): each port is
 /// tried until one flow took that path (20 flows at most), each flow checked.
 /// As an attacker holding web's key: a request to a port api refuses, with data right
-/// behind it, reaches no workload (nothing connects to the port, no byte is read); 20
-/// refused requests with 1 MiB each (more than the connection's 16 MiB window) leave
-/// the connection able to carry an accepted flow's bytes (the refused streams' data is
-/// dropped and its window given back).
+/// behind it, reaches no workload (nothing connects to the port, no byte is read);
+/// refused requests with 1 MiB behind each, until more than the connection's 16 MiB
+/// window went out, leave the connection able to carry an accepted flow's bytes (the
+/// refused streams' data is dropped and its window given back).
 #[test]
 fn netns_tunnel_first_bytes_travel_with_the_request_and_wait_for_both_decisions() {
     if !netns_enabled() {

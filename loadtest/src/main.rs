@@ -111,9 +111,14 @@ fn http_ok(h: &Host, path: &'static str) -> bool {
 
 /// The enforcer's heap in use (`segmesh_heap_in_use_bytes`) in `h`, in bytes.
 fn heap_in_use(h: &Host) -> Option<f64> {
+    metric(h, "segmesh_heap_in_use_bytes")
+}
+
+/// The value of the enforcer's metric `name` (no labels) in `h`, if it has it.
+fn metric(h: &Host, name: &str) -> Option<f64> {
     let body = http_get(h, "/metrics")?;
     body.lines()
-        .find_map(|l| l.strip_prefix("segmesh_heap_in_use_bytes "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
 }
 

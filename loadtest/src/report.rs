@@ -414,6 +414,19 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
             first,
             &conn_keys,
         );
+        let shares: Vec<String> = conn_keys
+            .iter()
+            .filter_map(|k| {
+                let s = first[k]["first_bytes_share"].as_f64()?;
+                Some(format!("{k} {:.0} %", 100.0 * s))
+            })
+            .collect();
+        if !shares.is_empty() {
+            md.push_str(&format!(
+                "\nFlows whose first bytes went with their request (sent before the client's enforcer asked): {}.\n",
+                shares.join(", ")
+            ));
+        }
     }
     if real.is_object() {
         let rounds = &figures["clients"]["rounds"];

@@ -705,11 +705,22 @@ impl PathFigures {
             name.into(),
             json!({ "per_second": r, "connect": quantiles(&lat) }),
         );
+        // How many of those flows had their first bytes sent with their request (6 bytes
+        // each, counted by the client's enforcer; not by builds without the counter).
+        let first_bytes = || {
+            (!pids.is_empty())
+                .then(|| crate::metric(topo.host("client"), "segmesh_tunnel_first_bytes_total"))
+                .flatten()
+        };
         let (listen, to) = endpoints()?;
+        let before = first_bytes();
         let (r, lat) = conn_rate(topo, listen, to, sizes.connections, limit, true)?;
+        let share = before
+            .zip(first_bytes())
+            .map(|(b, a)| (a - b) / 6.0 / lat.len().max(1) as f64);
         self.rate_first.insert(
             name.into(),
-            json!({ "per_second": r, "connect": quantiles(&lat) }),
+            json!({ "per_second": r, "connect": quantiles(&lat), "first_bytes_share": share }),
         );
         if !pids.is_empty() {
             self.cpu.insert(

@@ -81,24 +81,49 @@ async fn connection(
 }
 
 /// Sends `request` on a new stream of `conn`, the application's `first` bytes right
-/// behind it, and reads the answer (bounded by the handshake timeout): the answer and the
+/// behind it (and what it sends while the answer is on its way, up to [`FIRST`] in
+/// all), and reads the answer (bounded by the handshake timeout): the answer and the
 /// stream's send half.
 async fn exchange(
     shared: &Shared,
     conn: &Conn,
     request: http::Request<()>,
-    first: Option<&Bytes>,
+    first: Option<&mut First<'_>>,
 ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), ()> {
     let send = conn.send.clone();
     let limit = shared.settings.limits.handshake_timeout;
     let sent = async {
         let mut send = send.ready().await.map_err(|_| ())?;
         let (answer, mut stream) = send.send_request(request, false).map_err(|_| ())?;
-        if let Some(b) = first {
+        let Some(f) = first else {
+            return Ok((answer.await.map_err(|_| ())?, stream));
+        };
+        let data = |stream: &mut h2::SendStream<Bytes>, b: Bytes| {
+            shared.metrics.first_bytes.inc_by(b.len() as u64);
             // Within the stream's window: h2 sends it with the request's frame.
-            stream.send_data(b.clone(), false).map_err(|_| ())?;
+            stream.send_data(b, false).map_err(|_| ())
+        };
+        // What an earlier try read goes again, then what waits now.
+        f.look();
+        for b in &f.read {
+            data(&mut stream, b.clone())?;
         }
-        Ok((answer.await.map_err(|_| ())?, stream))
+        let mut answer = std::pin::pin!(answer);
+        loop {
+            tokio::select! {
+                biased;
+                a = &mut answer => return Ok((a.map_err(|_| ())?, stream)),
+                r = f.app.readable(), if f.wants_more() => match r {
+                    Ok(()) => {
+                        if let Some(b) = f.read_ready() {
+                            data(&mut stream, b)?;
+                        }
+                    }
+                    // Left for the relay to meet.
+                    Err(_) => f.done = true,
+                },
+            }
+        }
     };
     tokio::time::timeout(limit, sent).await.map_err(|_| ())?
 }
@@ -117,35 +142,84 @@ pub(crate) const FIRST: usize = 16 * 1024;
 /// Service's) sends the same bytes to each.
 pub(crate) struct First<'a> {
     app: &'a TcpStream,
-    read: Option<Bytes>,
+    /// What was read, in order: sent on each stream the flow's request goes out on.
+    read: Vec<Bytes>,
+    /// Bytes read (at most [`FIRST`]).
+    total: usize,
+    /// The socket was looked at once (its first bytes taken, if there were any).
+    looked: bool,
+    /// The application's end, an error, or [`FIRST`] bytes: no more reads (the relay
+    /// meets the end or the error itself: a socket's end reads as 0 again).
+    done: bool,
 }
 
 impl<'a> First<'a> {
     pub(crate) fn of(app: &'a TcpStream) -> First<'a> {
-        First { app, read: None }
+        First {
+            app,
+            read: Vec::new(),
+            total: 0,
+            looked: false,
+            done: false,
+        }
     }
 
-    /// The bytes already waiting on the application's socket (at most [`FIRST`]; none if
-    /// it has sent nothing yet, or only its end), read without waiting, once.
-    fn bytes(&mut self) -> Option<&Bytes> {
-        if self.read.is_none() {
-            let mut buf = [0u8; FIRST];
+    /// Takes the bytes already waiting on the application's socket, without waiting,
+    /// the first time only.
+    fn look(&mut self) {
+        if !self.looked {
+            self.looked = true;
             // Straight on the socket: tokio's readiness of a socket accepted a moment
-            // ago says nothing yet. Copied out at their size (h2 holds them until
-            // written).
-            let n = nix::sys::socket::recv(
-                self.app.as_raw_fd(),
-                &mut buf,
-                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-            )
-            .unwrap_or(0);
-            self.read = Some(Bytes::copy_from_slice(&buf[..n]));
+            // ago says nothing yet.
+            let r = self.recv();
+            self.took(r);
         }
-        self.read.as_ref().filter(|b| !b.is_empty())
+    }
+
+    fn wants_more(&self) -> bool {
+        !self.done && self.total < FIRST
+    }
+
+    /// After the socket said it is readable: what it had (tokio's readiness cleared
+    /// when it had nothing).
+    fn read_ready(&mut self) -> Option<Bytes> {
+        let r = self
+            .app
+            .try_io(tokio::io::Interest::READABLE, || self.recv());
+        self.took(r)
+    }
+
+    /// One read without waiting, of what room is left, copied out at its size (h2
+    /// holds it until written).
+    fn recv(&self) -> std::io::Result<Bytes> {
+        let mut buf = [0u8; FIRST];
+        let room = FIRST - self.total;
+        let n = nix::sys::socket::recv(
+            self.app.as_raw_fd(),
+            &mut buf[..room],
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(std::io::Error::from)?;
+        Ok(Bytes::copy_from_slice(&buf[..n]))
+    }
+
+    fn took(&mut self, r: std::io::Result<Bytes>) -> Option<Bytes> {
+        match r {
+            Ok(b) if b.is_empty() => self.done = true,
+            Ok(b) => {
+                self.total += b.len();
+                self.done = self.total >= FIRST;
+                self.read.push(b.clone());
+                return Some(b);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => self.done = true,
+        }
+        None
     }
 
     fn sent(&self) -> u64 {
-        self.read.as_ref().map_or(0, |b| b.len() as u64)
+        self.total as u64
     }
 }
 
@@ -237,11 +311,7 @@ pub(crate) async fn negotiate(
     // ones with the request.
     let mut first = first.filter(|_| request.encrypt || request.movable);
     let (answer, stream) = loop {
-        let bytes = first.as_mut().and_then(|f| f.bytes());
-        if let Some(b) = bytes {
-            shared.metrics.first_bytes.inc_by(b.len() as u64);
-        }
-        match exchange(&shared, &conn, to_http(), bytes).await {
+        match exchange(&shared, &conn, to_http(), first.as_deref_mut()).await {
             Ok(a) => break a,
             // A reused connection the server was closing as we sent: once more on a
             // new one (the server never saw the stream).
@@ -300,7 +370,7 @@ pub(crate) async fn negotiate(
                 let _ = tcp.set_nodelay(true);
                 tcp.write_all(&ticket.preface()).await?;
                 // The first bytes went in a stream this server does not read: again here.
-                if let Some(b) = first.as_mut().and_then(|f| f.bytes()) {
+                for b in first.as_ref().map_or(&[][..], |f| &f.read[..]) {
                     tcp.write_all(b).await?;
                 }
                 Ok::<_, std::io::Error>(tcp)

@@ -454,7 +454,7 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
             .collect();
         if !shares.is_empty() {
             md.push_str(&format!(
-                "\nFlows whose first bytes went with their request (sent before the client's enforcer asked): {}.\n",
+                "\nFlows whose first bytes went in their stream before their request's answer came back: {}.\n",
                 shares.join(", ")
             ));
         }

@@ -705,8 +705,9 @@ impl PathFigures {
             name.into(),
             json!({ "per_second": r, "connect": quantiles(&lat) }),
         );
-        // How many of those flows had their first bytes sent with their request (6 bytes
-        // each, counted by the client's enforcer; not by builds without the counter).
+        // How many of those flows had their first bytes sent before their request's
+        // answer (6 bytes each, counted by the client's enforcer; not by builds without
+        // the counter).
         let first_bytes = || {
             (!pids.is_empty())
                 .then(|| crate::metric(topo.host("client"), "segmesh_tunnel_first_bytes_total"))

@@ -20,8 +20,8 @@ pub(crate) struct Moved {
     pub close: Close,
     /// Encrypted through TLS (else spliced or copied plaintext).
     pub tls: bool,
-    /// Of a moved flow (not `tls`): its bytes that went through TLS, in its stream
-    /// before the move.
+    /// Of a flow that could move: its bytes that went through TLS, in its stream
+    /// (before the move, if it moved; counted apart only for a moved one, `tls` false).
     pub in_tls: u64,
 }
 

@@ -142,10 +142,9 @@ pub(crate) const FIRST: usize = 16 * 1024;
 /// Service's) sends the same bytes to each.
 pub(crate) struct First<'a> {
     app: &'a TcpStream,
-    /// What was read, in order: sent on each stream the flow's request goes out on.
+    /// What was read, in order (at most [`FIRST`] bytes): sent on each stream the
+    /// flow's request goes out on.
     read: Vec<Bytes>,
-    /// Bytes read (at most [`FIRST`]).
-    total: usize,
     /// The socket was looked at once (its first bytes taken, if there were any).
     looked: bool,
     /// The application's end, an error, or [`FIRST`] bytes: no more reads (the relay
@@ -158,7 +157,6 @@ impl<'a> First<'a> {
         First {
             app,
             read: Vec::new(),
-            total: 0,
             looked: false,
             done: false,
         }
@@ -177,7 +175,12 @@ impl<'a> First<'a> {
     }
 
     fn wants_more(&self) -> bool {
-        !self.done && self.total < FIRST
+        !self.done
+    }
+
+    /// Bytes read so far.
+    fn sent(&self) -> u64 {
+        self.read.iter().map(|b| b.len() as u64).sum()
     }
 
     /// After the socket said it is readable: what it had (tokio's readiness cleared
@@ -193,7 +196,7 @@ impl<'a> First<'a> {
     /// holds it until written).
     fn recv(&self) -> std::io::Result<Bytes> {
         let mut buf = [0u8; FIRST];
-        let room = FIRST - self.total;
+        let room = FIRST - self.sent() as usize;
         let n = nix::sys::socket::recv(
             self.app.as_raw_fd(),
             &mut buf[..room],
@@ -207,19 +210,14 @@ impl<'a> First<'a> {
         match r {
             Ok(b) if b.is_empty() => self.done = true,
             Ok(b) => {
-                self.total += b.len();
-                self.done = self.total >= FIRST;
                 self.read.push(b.clone());
+                self.done = self.sent() >= FIRST as u64;
                 return Some(b);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => self.done = true,
         }
         None
-    }
-
-    fn sent(&self) -> u64 {
-        self.total as u64
     }
 }
 

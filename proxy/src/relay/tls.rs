@@ -400,7 +400,7 @@ pub(crate) async fn relay(
         },
         close,
         tls: !was_moved,
-        in_tls: if was_moved { in_tls } else { 0 },
+        in_tls,
     }
 }
 

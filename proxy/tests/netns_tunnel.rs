@@ -2663,3 +2663,70 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
         std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
+
+/// A peer that stalls: a rogue in db's place (db's certificate) takes api's encrypted
+/// flows on streams and never answers, while api's application writes 64 MiB at once
+/// (4,096 times what may go ahead). On IPv4 and on IPv6 alike, api's enforcer sends
+/// exactly 16 KiB ahead of the answer in each stream (the rest never leaves the
+/// application's socket), then gives up at its handshake timeout and resets the
+/// application.
+#[test]
+fn netns_tunnel_a_server_that_stalls_its_answer_gets_16_kib_ahead_and_no_more() {
+    use tokio::io::AsyncWriteExt;
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh("stall-answer", true, "");
+    let (api, db) = (m.host("api"), m.host("db"));
+    m.topo.kill(m.pids["db"]);
+    let cfg = m.tls("db").server;
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    let _rogue = in_ns(&db, async move {
+        let l = tokio::net::TcpListener::bind("[::]:15008").await.unwrap();
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        while let Ok(Ok((tcp, _))) = tokio::time::timeout_at(until, l.accept()).await {
+            let (cfg, tx) = (cfg.clone(), tx.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        // Never answered: held until the stream ends.
+                        let _respond = respond;
+                        let mut body = req.into_body();
+                        let mut n = 0;
+                        while let Ok(Some(Ok(b))) =
+                            tokio::time::timeout(Duration::from_secs(3), body.data()).await
+                        {
+                            n += b.len();
+                            let _ = body.flow_control().release_capacity(b.len());
+                        }
+                        let _ = tx.send(n);
+                    });
+                }
+            });
+        }
+    });
+    wait_listening(&db, 15008);
+    for to in [
+        SocketAddr::new(db.ip4.into(), 5432),
+        SocketAddr::new(db.ip6.into(), 5432),
+    ] {
+        let reset = in_ns(&api, async move {
+            let mut s = TcpStream::connect(to).await.unwrap();
+            let big = vec![7u8; 64 << 20];
+            let r = tokio::time::timeout(Duration::from_secs(20), s.write_all(&big)).await;
+            matches!(r, Ok(Err(_)))
+        })
+        .join()
+        .unwrap();
+        assert!(reset, "{to}: the application's connection was reset");
+        let ahead = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(ahead, 16 << 10, "{to}: bytes sent ahead of the answer");
+    }
+}

@@ -1,12 +1,16 @@
-//! Bulk bytes through one TLS connection on loopback, both ends in this process (a
+//! Bytes through one TLS connection on loopback, both ends in this process (a
 //! figure is the CPU of both ends), against plain TCP in the same run.
 //!
 //! `tls` is the mesh tunnel's transport alone (tokio-rustls with the enforcer's TLS
 //! configuration: TLS 1.3, the default provider, mTLS), with no HTTP/2, relay or capture:
 //! the most an encrypted flow could move on this machine with TLS in user space. `tcp`
-//! is the baseline. Run: `cargo bench -p segmesh-proxy --bench tls_bulk`.
+//! is the baseline. Two workloads: 64 MiB one way (`bulk-64MiB`), and 2,000 round trips
+//! of 64 bytes one after another (`round-trips-2000x64B`). A figure's "time" is the
+//! process's CPU time (both ends, user and system, from `getrusage`) per run, not its
+//! wall time: far steadier on a shared machine, and what an enforcer pays. Run: `cargo
+//! bench -p segmesh-proxy --bench tls_bulk`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{Criterion, Throughput};
 use rustls_pki_types::ServerName;
@@ -56,19 +60,75 @@ async fn receive(mut r: impl AsyncRead + AsyncWrite + Unpin) -> usize {
     got
 }
 
-/// One transfer of `BYTES` from a client to a server over `variant`.
-async fn once(variant: Variant, a: &TlsConfigs, b: &TlsConfigs) -> Duration {
+/// Round trips of 64 bytes, one after another.
+const TRIPS: usize = 2_000;
+
+/// Sends `TRIPS` messages of 64 bytes, each after the previous one's echo.
+async fn ping(mut w: impl AsyncRead + AsyncWrite + Unpin) {
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    for _ in 0..TRIPS {
+        w.write_all(&msg).await.unwrap();
+        w.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg);
+    }
+    w.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    w.read_to_end(&mut rest).await.unwrap();
+}
+
+/// Echoes until the end; what it echoed.
+async fn echo(mut r: impl AsyncRead + AsyncWrite + Unpin) -> usize {
+    let mut buf = [0u8; 64];
+    let mut got = 0;
+    loop {
+        match r.read(&mut buf).await.unwrap() {
+            0 => break,
+            n => {
+                r.write_all(&buf[..n]).await.unwrap();
+                got += n;
+            }
+        }
+    }
+    r.shutdown().await.unwrap();
+    got
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Work {
+    /// `BYTES` one way.
+    Bulk,
+    /// `TRIPS` round trips of 64 bytes.
+    Trips,
+}
+
+async fn client(work: Work, s: impl AsyncRead + AsyncWrite + Unpin) {
+    match work {
+        Work::Bulk => send(s).await,
+        Work::Trips => ping(s).await,
+    }
+}
+
+async fn server(work: Work, s: impl AsyncRead + AsyncWrite + Unpin) -> usize {
+    match work {
+        Work::Bulk => receive(s).await,
+        Work::Trips => echo(s).await,
+    }
+}
+
+/// One run of `work` from a client to a server over `variant`: the CPU it took.
+async fn once(work: Work, variant: Variant, a: &TlsConfigs, b: &TlsConfigs) -> Duration {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let server_cfg = b.server.clone();
-    let start = Instant::now();
+    let start = cpu();
     let server = tokio::spawn(async move {
         let (tcp, _) = l.accept().await.unwrap();
         tcp.set_nodelay(true).unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
         match variant {
-            Variant::Tcp => receive(tcp).await,
-            Variant::Tls => receive(acceptor.accept(tcp).await.unwrap()).await,
+            Variant::Tcp => server(work, tcp).await,
+            Variant::Tls => server(work, acceptor.accept(tcp).await.unwrap()).await,
         }
     });
     let tcp = TcpStream::connect(addr).await.unwrap();
@@ -76,14 +136,30 @@ async fn once(variant: Variant, a: &TlsConfigs, b: &TlsConfigs) -> Duration {
     let connector = tokio_rustls::TlsConnector::from(a.client.clone());
     let name = ServerName::IpAddress(addr.ip().into());
     match variant {
-        Variant::Tcp => send(tcp).await,
-        Variant::Tls => send(connector.connect(name, tcp).await.unwrap()).await,
+        Variant::Tcp => client(work, tcp).await,
+        Variant::Tls => client(work, connector.connect(name, tcp).await.unwrap()).await,
     }
-    assert_eq!(server.await.unwrap(), BYTES);
-    start.elapsed()
+    let expected = match work {
+        Work::Bulk => BYTES,
+        Work::Trips => TRIPS * 64,
+    };
+    assert_eq!(server.await.unwrap(), expected);
+    cpu() - start
+}
+
+/// CPU time this process has used, user and system.
+fn cpu() -> Duration {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+    let d = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    d(u.user_time()) + d(u.system_time())
 }
 
 fn bench(c: &mut Criterion) {
+    // As the enforcer does at start: freed memory is kept, not given back per record.
+    segmesh_proxy::alloc::keep_freed_memory(segmesh_proxy::alloc::KEEP);
     let ca = Ca::new_root(common::TD, KeyAlgorithm::EcdsaP256).unwrap();
     let alg = KeyAlgorithm::EcdsaP256;
     let (a, b) = (configs(&ca, "a", alg), configs(&ca, "b", alg));
@@ -92,23 +168,31 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let mut g = c.benchmark_group("bulk-64MiB");
-    g.throughput(Throughput::Bytes(BYTES as u64));
-    g.sample_size(10);
-    for (name, v) in [("tcp", Variant::Tcp), ("tls", Variant::Tls)] {
-        g.bench_function(name, |bch| {
-            bch.iter_custom(|iters| {
-                rt.block_on(async {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        total += once(v, &a, &b).await;
-                    }
-                    total
-                })
-            })
+    for (group, work, n) in [
+        ("bulk-64MiB", Work::Bulk, BYTES),
+        ("round-trips-2000x64B", Work::Trips, TRIPS),
+    ] {
+        let mut g = c.benchmark_group(group);
+        g.throughput(match work {
+            Work::Bulk => Throughput::Bytes(n as u64),
+            Work::Trips => Throughput::Elements(n as u64),
         });
+        g.sample_size(10);
+        for (name, v) in [("tcp", Variant::Tcp), ("tls", Variant::Tls)] {
+            g.bench_function(name, |bch| {
+                bch.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            total += once(work, v, &a, &b).await;
+                        }
+                        total
+                    })
+                })
+            });
+        }
+        g.finish();
     }
-    g.finish();
 }
 
 fn main() {

@@ -29,7 +29,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     let mut flow = Flow::new(Direction::Incoming, peer, target);
     flow.destination.pu = Some(snap.pu_qualified());
     let since = Instant::now();
-    let local = socket::is_local(target.ip());
+    let local = shared.is_local(target.ip());
     let planned = plan::inbound(&snap, &shared.settings.listeners, peer, target, local);
     crate::dispatch::carry_out(shared, snap, flow, planned, since, stream, target).await;
 }

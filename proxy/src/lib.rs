@@ -40,6 +40,7 @@ mod dns;
 pub mod enforcer;
 mod flow;
 mod inbound;
+pub mod local;
 mod mesh;
 pub mod metrics;
 mod open;

@@ -100,23 +100,6 @@ pub async fn connect(
     sock.connect(to).await
 }
 
-/// Whether `ip` is an address of one of this network namespace's interfaces (a
-/// TPROXYed connection's local address is its original destination, which may be any
-/// address the capture rules diverted).
-pub fn is_local(ip: std::net::IpAddr) -> bool {
-    let ip = ip.to_canonical();
-    nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
-        addrs.any(|a| {
-            let Some(a) = a.address else { return false };
-            let found = a
-                .as_sockaddr_in()
-                .map(|s| std::net::IpAddr::from(s.ip()))
-                .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::from(s.ip())));
-            found == Some(ip)
-        })
-    })
-}
-
 /// Sets `SO_MARK` (socket(7)); without CAP_NET_ADMIN the socket stays unmarked, which
 /// is said once (an enforcer without the capability cannot TPROXY either; the
 /// in-process tests run so).
@@ -202,15 +185,6 @@ mod tests {
                 .expect("a transparent socket binds a foreign address"),
             Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
         }
-    }
-
-    #[test]
-    fn local_addresses_are_known() {
-        assert!(is_local("127.0.0.1".parse().unwrap()));
-        assert!(is_local("::ffff:127.0.0.1".parse().unwrap()));
-        // RFC 5737 documentation addresses are nobody's.
-        assert!(!is_local("192.0.2.80".parse().unwrap()));
-        assert!(!is_local("2001:db8::80".parse().unwrap()));
     }
 
     /// The enforcer's connections carry its mark where the kernel lets it set one

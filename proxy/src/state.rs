@@ -55,6 +55,9 @@ pub struct Shared {
     kernel: std::sync::OnceLock<Arc<crate::relay::sockmap::Sockmap>>,
     /// Set when the enforcer starts shutting down.
     draining: watch::Sender<bool>,
+    /// This namespace's own addresses; made at the first inbound connection, on the
+    /// enforcer's runtime (in the namespace it enforces).
+    local: std::sync::OnceLock<crate::local::LocalAddrs>,
     /// Why the newest snapshot offered could not be built (the previous one is
     /// enforced meanwhile); None once a snapshot is installed.
     rejected: std::sync::Mutex<Option<String>>,
@@ -85,8 +88,16 @@ impl Shared {
             draining: watch::channel(false).0,
             rejected: std::sync::Mutex::new(None),
             kernel: std::sync::OnceLock::new(),
+            local: std::sync::OnceLock::new(),
             settings,
         }
+    }
+
+    /// Whether `ip` is one of this namespace's own addresses (`local.rs`).
+    pub(crate) fn is_local(&self, ip: std::net::IpAddr) -> bool {
+        self.local
+            .get_or_init(crate::local::LocalAddrs::new)
+            .contains(ip)
     }
 
     /// The kernel relay spliced flows are handed to, if it was loaded.

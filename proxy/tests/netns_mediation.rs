@@ -152,6 +152,93 @@ fn netns_mediation_a_pod_is_no_relay() {
     assert_eq!(r["source"]["ip"], nbr.ip4.to_string(), "{r}");
 }
 
+/// The enforcer keeps its namespace's list of addresses (`proxy/src/local.rs`) instead of
+/// listing them per connection: an address the pod had, and the enforcer saw as its own,
+/// must stop being its own the moment it is taken off, or the pod relays to whoever has
+/// it now.
+#[test]
+fn netns_mediation_an_address_taken_off_the_pod_is_no_longer_its_own() {
+    if !netns_enabled() {
+        return;
+    }
+    let topo = Topology::new(&["work", "nbr", "beyond"]);
+    let (work, nbr, beyond) = (
+        topo.host("work").clone(),
+        topo.host("nbr").clone(),
+        topo.host("beyond").clone(),
+    );
+    let dir = Scratch::new("taken-off");
+    let config = permissive(&dir);
+    capture(&work);
+    start_enforcer(&topo, "work", &config);
+    // What a relay would reach (beyond), and the pod's own server on the same port.
+    let target = SocketAddr::new(beyond.ip4.into(), 7000);
+    let seen_beyond = Arc::new(AtomicUsize::new(0));
+    let _b = greet(&beyond, target, seen_beyond.clone());
+    let seen_pod = Arc::new(AtomicUsize::new(0));
+    let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 7000);
+    let _w = greet(&work, any, seen_pod.clone());
+
+    // The pod gets beyond's address as a second address of its own; the neighbour
+    // routes it through the pod.
+    let host_route = format!("{}/32", beyond.ip4);
+    work.exec_ok(&["ip", "addr", "add", &host_route, "dev", "eth0"]);
+    nbr.exec_ok(&[
+        "ip",
+        "route",
+        "replace",
+        &host_route,
+        "via",
+        &work.ip4.to_string(),
+    ]);
+    // While it is the pod's, the enforcer takes it as its own (its list now holds it)
+    // and the pod's server answers.
+    assert_eq!(
+        in_ns(&nbr, short_attempt(target)).join().unwrap(),
+        Attempt::Greeted
+    );
+    assert_eq!(seen_pod.swap(0, Ordering::SeqCst), 1);
+    assert_eq!(seen_beyond.load(Ordering::SeqCst), 0);
+
+    // Taken off; a hand-made rule keeps diverting it to the enforcer (as in
+    // `netns_mediation_a_pod_is_no_relay`).
+    work.exec_ok(&["ip", "addr", "del", &host_route, "dev", "eth0"]);
+    work.exec_ok(&[
+        "iptables",
+        "-w",
+        "-t",
+        "mangle",
+        "-I",
+        "SEGMESH_INBOUND",
+        "1",
+        "-p",
+        "tcp",
+        "-d",
+        &beyond.ip4.to_string(),
+        "-j",
+        "TPROXY",
+        "--on-port",
+        "15006",
+        "--on-ip",
+        "0.0.0.0",
+        "--tproxy-mark",
+        "0x539/0xffffffff",
+    ]);
+    // At once, with no wait: refused as not the pod's, and nothing reaches beyond.
+    refused_fast(in_ns(&nbr, short_attempt(target)).join().unwrap());
+    assert_eq!(
+        seen_beyond.load(Ordering::SeqCst),
+        0,
+        "the pod relayed to an address it no longer has"
+    );
+    assert_eq!(seen_pod.load(Ordering::SeqCst), 0);
+    wait_until("the refusal's record", Duration::from_secs(10), || {
+        flow_records(&dir)
+            .iter()
+            .any(|r| r["reason"] == "not-local")
+    });
+}
+
 #[test]
 fn netns_mediation_the_proxy_uid_alone_is_captured() {
     if !netns_enabled() {

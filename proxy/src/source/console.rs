@@ -261,15 +261,9 @@ fn addresses(cfg: &ConsoleConfig) -> Vec<IpAddr> {
     if !cfg.ips.is_empty() {
         return cfg.ips.clone();
     }
-    let mut out: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+    let mut out: Vec<IpAddr> = crate::local::addresses()
+        .unwrap_or_default()
         .into_iter()
-        .flatten()
-        .filter_map(|a| {
-            let a = a.address?;
-            a.as_sockaddr_in()
-                .map(|s| IpAddr::from(s.ip()))
-                .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::from(s.ip())))
-        })
         .filter(|ip| {
             !ip.is_loopback()
                 && !matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)

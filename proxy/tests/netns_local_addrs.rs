@@ -1,0 +1,68 @@
+//! The enforcer's list of its namespace's own addresses (`proxy/src/local.rs`): listed
+//! once, listed again only after the kernel says something changed, and never stale.
+//! "Never a relay" (`plan::inbound`) rests on it: an address just taken off the pod must
+//! not be taken for the pod's own by the next connection. Needs root (namespaces).
+
+use std::net::IpAddr;
+
+use segmesh_proxy::local::LocalAddrs;
+use segmesh_testkit::{Topology, netns_enabled};
+
+#[test]
+fn netns_local_addrs_follow_each_change_at_once_and_list_only_after_one() {
+    if !netns_enabled() {
+        return;
+    }
+    let topo = Topology::new(&["pod"]);
+    let pod = topo.host("pod").clone();
+    let inside = pod.clone();
+    pod.thread(move || {
+        let pod = inside;
+        let local = LocalAddrs::new();
+        let other: IpAddr = "198.51.100.250".parse().unwrap();
+        assert!(local.contains(pod.ip4.into()));
+        assert!(local.contains(pod.ip6.into()));
+        assert!(!local.contains(other));
+        let first = local.listings();
+        assert_eq!(first, 1);
+        for _ in 0..1_000 {
+            assert!(local.contains(pod.ip4.into()));
+            assert!(!local.contains(other));
+        }
+        assert_eq!(local.listings(), first, "listed again with nothing changed");
+
+        // Each change is seen by the very next check, with no wait: added, then taken
+        // off (the case that matters: a stale "ours" would make the enforcer a relay).
+        let rounds = 25;
+        for i in 1..=rounds {
+            let v4 = format!("198.51.100.{i}");
+            let v6 = format!("2001:db8::{i}");
+            let (ip4, ip6): (IpAddr, IpAddr) = (v4.parse().unwrap(), v6.parse().unwrap());
+            assert!(!local.contains(ip4) && !local.contains(ip6));
+            pod.exec_ok(&["ip", "addr", "add", &format!("{v4}/32"), "dev", "lo"]);
+            assert!(local.contains(ip4), "{v4}: added, not seen as ours");
+            pod.exec_ok(&["ip", "-6", "addr", "add", &format!("{v6}/128"), "dev", "lo"]);
+            assert!(local.contains(ip6), "{v6}: added, not seen as ours");
+            pod.exec_ok(&["ip", "addr", "del", &format!("{v4}/32"), "dev", "lo"]);
+            assert!(!local.contains(ip4), "{v4}: taken off, still seen as ours");
+            pod.exec_ok(&["ip", "-6", "addr", "del", &format!("{v6}/128"), "dev", "lo"]);
+            assert!(!local.contains(ip6), "{v6}: taken off, still seen as ours");
+            // The pod's own address stays ours through the changes around it.
+            assert!(local.contains(pod.ip4.into()));
+        }
+        let listed = local.listings() - first;
+        assert!(
+            listed >= 4 * rounds,
+            "{listed} listings for {} changes",
+            4 * rounds
+        );
+        // And quiet again: no listing without a change.
+        let now = local.listings();
+        for _ in 0..1_000 {
+            assert!(!local.contains(other));
+        }
+        assert_eq!(local.listings(), now, "listed again with nothing changed");
+    })
+    .join()
+    .unwrap();
+}

@@ -459,6 +459,20 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
             ));
         }
     }
+    let inbound = &figures["connections_inbound_external"];
+    if inbound["enforcer"].is_object() {
+        conn_table(
+            &mut md,
+            "Inbound external connections (sequential, from a host outside the mesh to the server's PU: its enforcer alone; connect, 6-byte greeting, close)",
+            "connect p50 | connect p99",
+            inbound,
+            &["direct".to_string(), "enforcer".to_string()],
+        );
+        md.push_str(&format!(
+            "\nThe server's enforcer: {:.0} ms of CPU per 1,000 inbound external connections.\n",
+            f(&inbound["enforcer"]["ms_per_1000_connections"])
+        ));
+    }
     if real.is_object() {
         let rounds = &figures["clients"]["rounds"];
         md.push_str(&format!("\n## Real clients (wrk against nginx, redis-benchmark against redis-server; paths alternating, {rounds} rounds: median, range, and the medians' ratio to direct)\n\n| scenario | path | median | range | vs direct |\n|---|---|---|---|---|\n"));

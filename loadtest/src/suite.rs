@@ -81,6 +81,10 @@ const UDP_MESH: u16 = 15600;
 /// The real clients' direct path (HTTP, Redis): ports the capture rules leave alone, so
 /// that direct runs can alternate with the enforcers' paths.
 const DIRECT_HTTP: u16 = 16100;
+/// Inbound external connections (from `outside`, a host outside the mesh, to the
+/// server's PU): straight to the server before capture, then through its enforcer.
+const EXT_DIRECT: u16 = 17000;
+const EXT_IN: u16 = 17500;
 const DIRECT_REDIS: u16 = 16101;
 
 /// Answers every A query with one address (TTL 60 s) until `limit`.
@@ -351,11 +355,12 @@ async fn greeter(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sequential new connections (connect, read the greeting, close; or with
+/// Sequential new connections from host `from` (connect, read the greeting, close; or with
 /// `client_first`, connect, send 6 bytes and read them echoed, close): per second, and
 /// each one's time from connect to the server's first 6 bytes.
 fn conn_rate(
     topo: &Topology,
+    from: &str,
     listen: SocketAddr,
     to: SocketAddr,
     n: u32,
@@ -371,7 +376,7 @@ fn conn_rate(
         }
     });
     wait_listening(topo.host("server"), listen.port())?;
-    in_ns(topo.host("client"), async move {
+    in_ns(topo.host(from), async move {
         let start = Instant::now();
         let mut lat = Vec::with_capacity(n as usize);
         let mut b = [0u8; 6];
@@ -698,7 +703,7 @@ impl PathFigures {
         let (listen, to) = endpoints()?;
         let c0 = cpu_ms(pids);
         let p = profile("connections");
-        let (r, lat) = conn_rate(topo, listen, to, sizes.connections, limit, false)?;
+        let (r, lat) = conn_rate(topo, "client", listen, to, sizes.connections, limit, false)?;
         drop(p);
         let per_1000_connections = (cpu_ms(pids) - c0) / (lat.len().max(1) as f64 / 1000.0);
         self.rate.insert(
@@ -715,7 +720,7 @@ impl PathFigures {
         };
         let (listen, to) = endpoints()?;
         let before = first_bytes();
-        let (r, lat) = conn_rate(topo, listen, to, sizes.connections, limit, true)?;
+        let (r, lat) = conn_rate(topo, "client", listen, to, sizes.connections, limit, true)?;
         let share = before
             .zip(first_bytes())
             .map(|(b, a)| (a - b) / 6.0 / lat.len().max(1) as f64);
@@ -777,6 +782,21 @@ pub fn run(
         Ok((any(p), at_server(p)))
     })?;
     let outside = topo.host("outside").ip4;
+    let mut inbound = serde_json::Map::new();
+    let p = EXT_DIRECT + next();
+    let (r, lat) = conn_rate(
+        &topo,
+        "outside",
+        any(p),
+        at_server(p),
+        sizes.connections,
+        limit,
+        false,
+    )?;
+    inbound.insert(
+        "direct".into(),
+        json!({ "per_second": r, "connect": quantiles(&lat) }),
+    );
     let mut udp_figures = serde_json::Map::new();
     // UDP echo on `host` at port `p`, asked from the client.
     let udp_path = |topo: &Topology, host: &str, p: u16| -> anyhow::Result<Value> {
@@ -850,11 +870,13 @@ pub fn run(
             "kind: NetworkPolicy\nname: encrypted\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [tcp/{ENCRYPTED}-{}]\n---\n\
              kind: NetworkPolicy\nname: plain\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [tcp/{PLAIN}-{}]\nencrypt: false\n---\n\
              kind: ExternalNetwork\nname: outside\nnamespace: /lt\nentries: [{outside}]\n---\n\
+             kind: NetworkPolicy\nname: ext-in\nnamespace: /lt\naction: Allow\nmode: Incoming\nsubject: [[ext:name=outside]]\nobject: [[app=server]]\nports: [tcp/{EXT_IN}-{}]\n---\n\
              kind: NetworkPolicy\nname: udp-out\nnamespace: /lt\naction: Allow\nmode: Outgoing\nsubject: [[app=client]]\nobject: [[ext:name=outside]]\nports: [udp/{UDP_PORTS}-{}]\n---\n\
              kind: NetworkPolicy\nname: dns-out\nnamespace: /lt\naction: Allow\nmode: Outgoing\nsubject: [[app=client]]\nobject: [[ext:name=outside]]\nports: [udp/53]\n---\n\
              kind: NetworkPolicy\nname: udp-mesh\nnamespace: /lt\naction: Allow\nmode: Bidirectional\nsubject: [[app=client]]\nobject: [[app=server]]\nports: [udp/{UDP_MESH}-{}]\n",
             ENCRYPTED + 999,
             PLAIN + 999,
+            EXT_IN + 99,
             UDP_PORTS + 99,
             UDP_MESH + 99
         ),
@@ -889,6 +911,30 @@ pub fn run(
             Ok((any(p), at_server(p)))
         })?;
     }
+    // Inbound external connections through the server's enforcer alone: captured
+    // (TPROXY), checked to be for one of the namespace's own addresses, decided on the
+    // external network, connected to the workload.
+    let server_pid: Vec<(&'static str, u32)> = pids
+        .iter()
+        .filter(|(n, _)| *n == "server")
+        .copied()
+        .collect();
+    let p = EXT_IN + next();
+    let c0 = cpu_ms(&server_pid);
+    let (r, lat) = conn_rate(
+        &topo,
+        "outside",
+        any(p),
+        at_server(p),
+        sizes.connections,
+        limit,
+        false,
+    )?;
+    let per_1000 = (cpu_ms(&server_pid) - c0) / (lat.len().max(1) as f64 / 1000.0);
+    inbound.insert(
+        "enforcer".into(),
+        json!({ "per_second": r, "connect": quantiles(&lat), "ms_per_1000_connections": per_1000 }),
+    );
     // Real clients, the paths alternating.
     let mut clients = Value::Null;
     let missing = crate::clients::missing();
@@ -1004,6 +1050,7 @@ pub fn run(
         "latency": figures.latency,
         "connections": figures.rate,
         "connections_client_first": figures.rate_first,
+        "connections_inbound_external": inbound,
         "enforcer_cpu": figures.cpu,
         "clients": clients,
         "idle": idle_results,

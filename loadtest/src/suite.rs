@@ -395,6 +395,21 @@ fn conn_rate(
     .expect("client thread")
 }
 
+/// [`conn_rate`] from `outside` (a host outside the mesh) to the server's PU at `port`.
+fn from_outside(topo: &Topology, port: u16, sizes: &Sizes) -> anyhow::Result<(f64, Vec<Duration>)> {
+    let listen = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
+    let to = SocketAddr::new(topo.host("server").ip4.into(), port);
+    conn_rate(
+        topo,
+        "outside",
+        listen,
+        to,
+        sizes.connections,
+        sizes.limit,
+        false,
+    )
+}
+
 fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -783,16 +798,7 @@ pub fn run(
     })?;
     let outside = topo.host("outside").ip4;
     let mut inbound = serde_json::Map::new();
-    let p = EXT_DIRECT + next();
-    let (r, lat) = conn_rate(
-        &topo,
-        "outside",
-        any(p),
-        at_server(p),
-        sizes.connections,
-        limit,
-        false,
-    )?;
+    let (r, lat) = from_outside(&topo, EXT_DIRECT + next(), sizes)?;
     inbound.insert(
         "direct".into(),
         json!({ "per_second": r, "connect": quantiles(&lat) }),
@@ -919,17 +925,8 @@ pub fn run(
         .filter(|(n, _)| *n == "server")
         .copied()
         .collect();
-    let p = EXT_IN + next();
     let c0 = cpu_ms(&server_pid);
-    let (r, lat) = conn_rate(
-        &topo,
-        "outside",
-        any(p),
-        at_server(p),
-        sizes.connections,
-        limit,
-        false,
-    )?;
+    let (r, lat) = from_outside(&topo, EXT_IN + next(), sizes)?;
     let per_1000 = (cpu_ms(&server_pid) - c0) / (lat.len().max(1) as f64 / 1000.0);
     inbound.insert(
         "enforcer".into(),

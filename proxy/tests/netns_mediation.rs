@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use segmesh_testkit::{Topology, netns_enabled, wait_until};
+use segmesh_testkit::{Host, Topology, netns_enabled, wait_until};
 
 /// Allows everything in and out, so that only capture and the enforcer's own checks can
 /// stop a relay.
@@ -53,6 +53,32 @@ log: true
     )
     .unwrap();
     path
+}
+
+/// A hand-made capture rule (as older rules or an operator's mistake might make) that
+/// diverts TCP for `to`, an address not the pod's own, to the enforcer's inbound port.
+fn divert_to_enforcer(work: &Host, to: std::net::Ipv4Addr) {
+    work.exec_ok(&[
+        "iptables",
+        "-w",
+        "-t",
+        "mangle",
+        "-I",
+        "SEGMESH_INBOUND",
+        "1",
+        "-p",
+        "tcp",
+        "-d",
+        &to.to_string(),
+        "-j",
+        "TPROXY",
+        "--on-port",
+        "15006",
+        "--on-ip",
+        "0.0.0.0",
+        "--tproxy-mark",
+        "0x539/0xffffffff",
+    ]);
 }
 
 /// A connection attempt that gives up after 3 s (a relay that drops packets never
@@ -117,27 +143,7 @@ fn netns_mediation_a_pod_is_no_relay() {
 
     // Even if capture diverted it (older rules, a hand-made rule), the enforcer refuses
     // a connection for an address that is not the pod's own, and records it.
-    work.exec_ok(&[
-        "iptables",
-        "-w",
-        "-t",
-        "mangle",
-        "-I",
-        "SEGMESH_INBOUND",
-        "1",
-        "-p",
-        "tcp",
-        "-d",
-        &beyond.ip4.to_string(),
-        "-j",
-        "TPROXY",
-        "--on-port",
-        "15006",
-        "--on-ip",
-        "0.0.0.0",
-        "--tproxy-mark",
-        "0x539/0xffffffff",
-    ]);
+    divert_to_enforcer(&work, beyond.ip4);
     refused_fast(in_ns(&nbr, short_attempt(target)).join().unwrap());
     assert_eq!(seen.load(Ordering::SeqCst), 0, "nothing reached beyond");
     wait_until("the refusal's record", Duration::from_secs(10), || {
@@ -203,27 +209,7 @@ fn netns_mediation_an_address_taken_off_the_pod_is_no_longer_its_own() {
     // Taken off; a hand-made rule keeps diverting it to the enforcer (as in
     // `netns_mediation_a_pod_is_no_relay`).
     work.exec_ok(&["ip", "addr", "del", &host_route, "dev", "eth0"]);
-    work.exec_ok(&[
-        "iptables",
-        "-w",
-        "-t",
-        "mangle",
-        "-I",
-        "SEGMESH_INBOUND",
-        "1",
-        "-p",
-        "tcp",
-        "-d",
-        &beyond.ip4.to_string(),
-        "-j",
-        "TPROXY",
-        "--on-port",
-        "15006",
-        "--on-ip",
-        "0.0.0.0",
-        "--tproxy-mark",
-        "0x539/0xffffffff",
-    ]);
+    divert_to_enforcer(&work, beyond.ip4);
     // At once, with no wait: refused as not the pod's, and nothing reaches beyond.
     refused_fast(in_ns(&nbr, short_attempt(target)).join().unwrap());
     assert_eq!(

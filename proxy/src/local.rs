@@ -91,8 +91,9 @@ impl LocalAddrs {
                 Ok(_) => any = true,
                 Err(Errno::EAGAIN) => return any,
                 Err(Errno::EINTR) => {}
-                // ENOBUFS: notifications were lost; anything else: assume the worst.
-                Err(_) => any = true,
+                // ENOBUFS: notifications were lost (what still waits is read next
+                // time); anything else: assume the worst, without looping on it.
+                Err(_) => return true,
             }
         }
     }

@@ -926,7 +926,9 @@ pub fn run(
         .copied()
         .collect();
     let c0 = cpu_ms(&server_pid);
+    let p = Profile::start(figures.perf.as_deref(), "inbound-external", &server_pid);
     let (r, lat) = from_outside(&topo, EXT_IN + next(), sizes)?;
+    drop(p);
     let per_1000 = (cpu_ms(&server_pid) - c0) / (lat.len().max(1) as f64 / 1000.0);
     inbound.insert(
         "enforcer".into(),

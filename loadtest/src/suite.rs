@@ -81,11 +81,11 @@ const UDP_MESH: u16 = 15600;
 /// The real clients' direct path (HTTP, Redis): ports the capture rules leave alone, so
 /// that direct runs can alternate with the enforcers' paths.
 const DIRECT_HTTP: u16 = 16100;
+const DIRECT_REDIS: u16 = 16101;
 /// Inbound external connections (from `outside`, a host outside the mesh, to the
 /// server's PU): straight to the server before capture, then through its enforcer.
 const EXT_DIRECT: u16 = 17000;
 const EXT_IN: u16 = 17500;
-const DIRECT_REDIS: u16 = 16101;
 
 /// Answers every A query with one address (TTL 60 s) until `limit`.
 async fn dns_responder(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {

@@ -66,11 +66,7 @@ impl LocalAddrs {
             self.listings.fetch_add(1, Ordering::Relaxed);
             *list = addresses().ok();
         }
-        let found = list.as_ref().is_some_and(|l| l.contains(&ip));
-        if self.changes.is_none() {
-            *list = None;
-        }
-        found
+        list.as_ref().is_some_and(|l| l.contains(&ip))
     }
 
     /// Listings made so far (the first check makes one; then one per change).
@@ -91,8 +87,10 @@ impl LocalAddrs {
                 Ok(_) => any = true,
                 Err(Errno::EAGAIN) => return any,
                 Err(Errno::EINTR) => {}
-                // ENOBUFS: notifications were lost (what still waits is read next
-                // time); anything else: assume the worst, without looping on it.
+                // Notifications were lost: a change. Said once; the rest waiting is
+                // read on.
+                Err(Errno::ENOBUFS) => any = true,
+                // Anything else: assume the worst, without looping on it.
                 Err(_) => return true,
             }
         }

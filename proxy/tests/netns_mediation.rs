@@ -57,9 +57,14 @@ log: true
 
 /// A hand-made capture rule (as older rules or an operator's mistake might make) that
 /// diverts TCP for `to`, an address not the pod's own, to the enforcer's inbound port.
-fn divert_to_enforcer(work: &Host, to: std::net::Ipv4Addr) {
+fn divert_to_enforcer(work: &Host, to: std::net::IpAddr) {
+    let (tables, on_ip) = if to.is_ipv6() {
+        ("ip6tables", "::")
+    } else {
+        ("iptables", "0.0.0.0")
+    };
     work.exec_ok(&[
-        "iptables",
+        tables,
         "-w",
         "-t",
         "mangle",
@@ -75,7 +80,7 @@ fn divert_to_enforcer(work: &Host, to: std::net::Ipv4Addr) {
         "--on-port",
         "15006",
         "--on-ip",
-        "0.0.0.0",
+        on_ip,
         "--tproxy-mark",
         "0x539/0xffffffff",
     ]);
@@ -143,7 +148,7 @@ fn netns_mediation_a_pod_is_no_relay() {
 
     // Even if capture diverted it (older rules, a hand-made rule), the enforcer refuses
     // a connection for an address that is not the pod's own, and records it.
-    divert_to_enforcer(&work, beyond.ip4);
+    divert_to_enforcer(&work, beyond.ip4.into());
     refused_fast(in_ns(&nbr, short_attempt(target)).join().unwrap());
     assert_eq!(seen.load(Ordering::SeqCst), 0, "nothing reached beyond");
     wait_until("the refusal's record", Duration::from_secs(10), || {
@@ -161,7 +166,7 @@ fn netns_mediation_a_pod_is_no_relay() {
 /// The enforcer keeps its namespace's list of addresses (`proxy/src/local.rs`) instead of
 /// listing them per connection: an address the pod had, and the enforcer saw as its own,
 /// must stop being its own the moment it is taken off, or the pod relays to whoever has
-/// it now.
+/// it now. IPv4, then IPv6.
 #[test]
 fn netns_mediation_an_address_taken_off_the_pod_is_no_longer_its_own() {
     if !netns_enabled() {
@@ -177,52 +182,59 @@ fn netns_mediation_an_address_taken_off_the_pod_is_no_longer_its_own() {
     let config = permissive(&dir);
     capture(&work);
     start_enforcer(&topo, "work", &config);
-    // What a relay would reach (beyond), and the pod's own server on the same port.
-    let target = SocketAddr::new(beyond.ip4.into(), 7000);
-    let seen_beyond = Arc::new(AtomicUsize::new(0));
-    let _b = greet(&beyond, target, seen_beyond.clone());
+    // The pod's own server (both families), on the port a relay would reach beyond on.
     let seen_pod = Arc::new(AtomicUsize::new(0));
-    let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 7000);
+    let any = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 7000);
     let _w = greet(&work, any, seen_pod.clone());
+    for v6 in [false, true] {
+        let taken = ip(&beyond, v6);
+        let target = SocketAddr::new(taken, 7000);
+        let seen_beyond = Arc::new(AtomicUsize::new(0));
+        let _b = greet(&beyond, target, seen_beyond.clone());
 
-    // The pod gets beyond's address as a second address of its own; the neighbour
-    // routes it through the pod.
-    let host_route = format!("{}/32", beyond.ip4);
-    work.exec_ok(&["ip", "addr", "add", &host_route, "dev", "eth0"]);
-    nbr.exec_ok(&[
-        "ip",
-        "route",
-        "replace",
-        &host_route,
-        "via",
-        &work.ip4.to_string(),
-    ]);
-    // While it is the pod's, the enforcer takes it as its own (its list now holds it)
-    // and the pod's server answers.
-    assert_eq!(
-        in_ns(&nbr, short_attempt(target)).join().unwrap(),
-        Attempt::Greeted
-    );
-    assert_eq!(seen_pod.swap(0, Ordering::SeqCst), 1);
-    assert_eq!(seen_beyond.load(Ordering::SeqCst), 0);
+        // The pod gets beyond's address as a second address of its own; the neighbour
+        // routes it through the pod.
+        let (family, host_route) = if v6 {
+            ("-6", format!("{taken}/128"))
+        } else {
+            ("-4", format!("{taken}/32"))
+        };
+        // `nodad`: beyond has the address on the same link.
+        let mut add = vec!["ip", family, "addr", "add", &host_route, "dev", "eth0"];
+        if v6 {
+            add.push("nodad");
+        }
+        work.exec_ok(&add);
+        let via = ip(&work, v6).to_string();
+        nbr.exec_ok(&["ip", family, "route", "replace", &host_route, "via", &via]);
+        // While it is the pod's, the enforcer takes it as its own (its list now holds
+        // it) and the pod's server answers.
+        assert_eq!(
+            in_ns(&nbr, short_attempt(target)).join().unwrap(),
+            Attempt::Greeted,
+            "{taken} while the pod's"
+        );
+        assert_eq!(seen_pod.swap(0, Ordering::SeqCst), 1);
+        assert_eq!(seen_beyond.load(Ordering::SeqCst), 0);
 
-    // Taken off; a hand-made rule keeps diverting it to the enforcer (as in
-    // `netns_mediation_a_pod_is_no_relay`).
-    work.exec_ok(&["ip", "addr", "del", &host_route, "dev", "eth0"]);
-    divert_to_enforcer(&work, beyond.ip4);
-    // At once, with no wait: refused as not the pod's, and nothing reaches beyond.
-    refused_fast(in_ns(&nbr, short_attempt(target)).join().unwrap());
-    assert_eq!(
-        seen_beyond.load(Ordering::SeqCst),
-        0,
-        "the pod relayed to an address it no longer has"
-    );
-    assert_eq!(seen_pod.load(Ordering::SeqCst), 0);
-    wait_until("the refusal's record", Duration::from_secs(10), || {
-        flow_records(&dir)
-            .iter()
-            .any(|r| r["reason"] == "not-local")
-    });
+        // Taken off; a hand-made rule keeps diverting it to the enforcer (as in
+        // `netns_mediation_a_pod_is_no_relay`).
+        work.exec_ok(&["ip", family, "addr", "del", &host_route, "dev", "eth0"]);
+        divert_to_enforcer(&work, taken);
+        // At once, with no wait: refused as not the pod's, and nothing reaches beyond.
+        refused_fast(in_ns(&nbr, short_attempt(target)).join().unwrap());
+        assert_eq!(
+            seen_beyond.load(Ordering::SeqCst),
+            0,
+            "the pod relayed to {taken}, an address it no longer has"
+        );
+        assert_eq!(seen_pod.load(Ordering::SeqCst), 0);
+        wait_until("the refusal's record", Duration::from_secs(10), || {
+            flow_records(&dir)
+                .iter()
+                .any(|r| r["reason"] == "not-local" && r["destination"]["ip"] == taken.to_string())
+        });
+    }
 }
 
 #[test]

@@ -338,7 +338,7 @@ impl Sockmap {
                 break Close::Reset;
             }
             let mut waiting = false;
-            let mut broken = false;
+            let mut broken = None;
             let done = [dirs[0].done, dirs[1].done];
             for (i, d) in dirs.iter_mut().enumerate() {
                 let (src, dst) = match d.side {
@@ -348,6 +348,13 @@ impl Sockmap {
                 match self.step(d, seen, src, dst) {
                     Ok(Step::Settled) => {}
                     Ok(Step::Waiting) => waiting = true,
+                    Err(e) if super::splice::is_reset(&e) => {
+                        // A side reset between the wake-up and the step (passing a FIN on
+                        // to a socket reset meanwhile fails with ENOTCONN): the flow ends
+                        // as a reset, as when the watcher sees it first.
+                        tracing::debug!(error = %e, side = ?d.side, "a kernel-relayed flow was reset");
+                        broken.get_or_insert(Close::Reset);
+                    }
                     Err(e) => {
                         // Which flow, in which enforcer: its sockets' addresses (a closed
                         // socket has no peer any more), and whether the other direction
@@ -368,12 +375,12 @@ impl Sockmap {
                             other_done = done[1 - i],
                             "a kernel-relayed flow broke; resetting it"
                         );
-                        broken = true;
+                        broken.get_or_insert(Close::Error);
                     }
                 }
             }
-            if broken {
-                break Close::Reset;
+            if let Some(close) = broken {
+                break close;
             }
             // A held direction's source is watched for bytes to forward, its peer for
             // write space.

@@ -99,12 +99,16 @@ fn pipe() -> io::Result<Pipe> {
     Ok(Pipe { r, w })
 }
 
-fn is_reset(e: &io::Error) -> bool {
+/// An error that says the socket's peer reset the connection. `NotConnected` too: a
+/// socket reset while its flow was passing a FIN to it answers the `shutdown` that way
+/// (the reset came between the relay's wake-up and its call).
+pub(crate) fn is_reset(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionReset
             | io::ErrorKind::BrokenPipe
             | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected
     )
 }
 

@@ -360,14 +360,7 @@ pub(crate) async fn relay(
         End::Copied(Ok((a, b))) => (a, b, Close::Closed),
         End::Stopped => (f, b, Close::Policy),
         End::Idle => (f, b, Close::Idle),
-        End::Copied(Err(e))
-            if matches!(
-                e.kind(),
-                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-            ) =>
-        {
-            (f, b, Close::Reset)
-        }
+        End::Copied(Err(e)) if super::splice::is_reset(&e) => (f, b, Close::Reset),
         End::Copied(Err(_)) => (f, b, Close::Error),
     };
     // As spliced flows do: a reset (of the application, or of the stream by the peer)

@@ -198,3 +198,24 @@ async fn a_draining_read_misses_neither_later_bytes_nor_the_end() {
     .expect("the end of stream is seen after a draining read");
     assert_eq!(end, 0);
 }
+
+/// Passing a FIN on to a side whose peer reset it meanwhile fails with ENOTCONN: that is
+/// the side's reset, not an error of the relay (the kernel relay logged it as a broken
+/// flow and recorded it so; the splice relay recorded `error`).
+#[tokio::test]
+async fn a_fin_towards_a_socket_reset_meanwhile_is_its_reset() {
+    let (client, a) = pair().await;
+    crate::socket::reset(client);
+    // The reset has arrived once `a` is ready (readable, with its error and hang-up).
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        a.ready(tokio::io::Interest::READABLE),
+    )
+    .await
+    .expect("the reset arrives")
+    .unwrap();
+    let e = crate::socket::shutdown_write(&a).expect_err("no FIN on a reset socket");
+    assert_eq!(e.kind(), io::ErrorKind::NotConnected, "{e}");
+    assert!(is_reset(&e), "{e}: taken for a reset");
+    assert!(!is_reset(&io::Error::from(io::ErrorKind::PermissionDenied)));
+}

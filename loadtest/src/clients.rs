@@ -49,10 +49,11 @@ pub struct Sizes {
     pub redis: u32,
 }
 
-/// One path: where its servers listen in the server namespace, and the enforcers whose
-/// CPU time counts (none for direct).
+/// One path: the host its clients run on, where its servers listen in the server
+/// namespace, and the enforcers whose CPU time counts (none for direct).
 pub struct Path3 {
     pub name: &'static str,
+    pub from: &'static str,
     pub http_port: u16,
     pub redis_port: u16,
     pub pids: Vec<(&'static str, u32)>,
@@ -212,7 +213,6 @@ pub fn measure(
     sizes: &Sizes,
     perf: Option<&std::path::Path>,
 ) -> anyhow::Result<Value> {
-    let client = topo.host("client");
     let secs = sizes.wrk.as_secs().max(1);
     let bound = sizes.wrk + Duration::from_secs(30);
     // Scenario → path → the values of each round; and CPU per unit.
@@ -220,10 +220,11 @@ pub fn measure(
     let mut cpu: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
     for round in 0..sizes.rounds {
         for p in paths {
+            let client = topo.host(p.from);
             let profile = |scenario: &str| {
                 crate::suite::Profile::start(
                     perf.filter(|_| round == 0),
-                    &format!("{}-{scenario}", p.name),
+                    &format!("{}-{scenario}", p.name.replace(' ', "-")),
                     &p.pids,
                 )
             };

@@ -472,12 +472,34 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
             "\nThe server's enforcer: {:.0} ms of CPU per 1,000 inbound external connections.\n",
             f(&inbound["enforcer"]["ms_per_1000_connections"])
         ));
+        let (d, e) = (&inbound["direct"], &inbound["enforcer"]);
+        if e["bulk_gbps_1"].is_number() {
+            md.push_str(&format!(
+                "\n### Inbound external bulk and round trips (the same host, the same enforcer alone)\n\n\
+                 | measure | direct | through the server's enforcer | vs direct | enforcer CPU |\n|---|---|---|---|---|\n\
+                 | one bulk stream | {:.2} Gbit/s | {:.2} Gbit/s | {:.2}× | {:.0} ms per GB |\n\
+                 | 64 B round trip, mean | {:.1} µs | {:.1} µs | {:.2}× | {:.1} ms per 1,000 |\n",
+                f(&d["bulk_gbps_1"]),
+                f(&e["bulk_gbps_1"]),
+                f(&e["bulk_gbps_1"]) / f(&d["bulk_gbps_1"]).max(1e-9),
+                f(&e["ms_per_gb_1_stream"]),
+                f(&d["round_trip"]["mean_us"]),
+                f(&e["round_trip"]["mean_us"]),
+                f(&e["round_trip"]["mean_us"]) / f(&d["round_trip"]["mean_us"]).max(1e-9),
+                f(&e["ms_per_1000_requests"]),
+            ));
+        }
     }
     if real.is_object() {
         let rounds = &figures["clients"]["rounds"];
         md.push_str(&format!("\n## Real clients (wrk against nginx, redis-benchmark against redis-server; paths alternating, {rounds} rounds: median, range, and the medians' ratio to direct)\n\n| scenario | path | median | range | vs direct |\n|---|---|---|---|---|\n"));
         for (scenario, by_path) in real.as_object().into_iter().flatten() {
-            for path in ["direct", "authenticated-only", "encrypted"] {
+            for path in [
+                "direct",
+                "authenticated-only",
+                "encrypted",
+                "inbound external",
+            ] {
                 let v = &by_path[path];
                 if !v.is_object() {
                     continue;
@@ -491,7 +513,7 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
                 ));
             }
         }
-        md.push_str("\n| enforcer CPU (both) | path | median | range |\n|---|---|---|---|\n");
+        md.push_str("\n| enforcer CPU (both; inbound external: the server's alone) | path | median | range |\n|---|---|---|---|\n");
         let cpu = &figures["clients"]["enforcer_cpu"];
         for (unit, by_path) in cpu.as_object().into_iter().flatten() {
             for (path, v) in by_path.as_object().into_iter().flatten() {

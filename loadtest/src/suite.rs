@@ -262,6 +262,7 @@ async fn source(to: SocketAddr, bytes: u64, limit: Duration) -> anyhow::Result<(
 /// `listen`); bytes are split between the streams.
 fn bulk(
     topo: &Topology,
+    from: &str,
     listen: SocketAddr,
     to: SocketAddr,
     streams: usize,
@@ -273,7 +274,7 @@ fn bulk(
         sink_many(listen, streams, limit + Duration::from_secs(10)),
     );
     wait_listening(topo.host("server"), listen.port())?;
-    in_ns(topo.host("client"), async move {
+    in_ns(topo.host(from), async move {
         let per = bytes / streams as u64;
         let mut tx = Vec::new();
         for _ in 0..streams {
@@ -307,6 +308,7 @@ async fn echo(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
 /// warm-up rounds); the round-trip times.
 fn rr(
     topo: &Topology,
+    from: &str,
     listen: SocketAddr,
     to: SocketAddr,
     rounds: usize,
@@ -317,7 +319,7 @@ fn rr(
         echo(listen, limit + Duration::from_secs(5)),
     );
     wait_listening(topo.host("server"), listen.port())?;
-    in_ns(topo.host("client"), async move {
+    in_ns(topo.host(from), async move {
         let mut s = TcpStream::connect(to).await?;
         s.set_nodelay(true)?;
         let msg = [0x42u8; 64];
@@ -395,19 +397,57 @@ fn conn_rate(
     .expect("client thread")
 }
 
-/// [`conn_rate`] from `outside` (a host outside the mesh) to the server's PU at `port`.
-fn from_outside(topo: &Topology, port: u16, sizes: &Sizes) -> anyhow::Result<(f64, Vec<Duration>)> {
-    let listen = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
-    let to = SocketAddr::new(topo.host("server").ip4.into(), port);
-    conn_rate(
-        topo,
-        "outside",
-        listen,
-        to,
-        sizes.connections,
-        sizes.limit,
-        false,
-    )
+/// From `outside` (a host outside the mesh) to the server's PU: sequential new
+/// connections ([`conn_rate`]), one bulk stream and 64-byte round trips, each to a port
+/// of its own from `port()`; with `pids` (the server's enforcer), its CPU per unit of
+/// work, and with `perf`, a profile of each (`inbound-external-*.data`).
+fn from_outside(
+    topo: &Topology,
+    mut port: impl FnMut() -> u16,
+    sizes: &Sizes,
+    pids: &[(&'static str, u32)],
+    perf: Option<&Path>,
+) -> anyhow::Result<Value> {
+    let ends = |p: u16| {
+        (
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), p),
+            SocketAddr::new(topo.host("server").ip4.into(), p),
+        )
+    };
+    let limit = sizes.limit;
+    let profile =
+        |scenario: &str| Profile::start(perf, &format!("inbound-external-{scenario}"), pids);
+    let (listen, to) = ends(port());
+    let c0 = cpu_ms(pids);
+    let p = profile("connections");
+    let (r, lat) = conn_rate(topo, "outside", listen, to, sizes.connections, limit, false)?;
+    drop(p);
+    let per_1000_connections = (cpu_ms(pids) - c0) / (lat.len().max(1) as f64 / 1000.0);
+    let (listen, to) = ends(port());
+    let c0 = cpu_ms(pids);
+    let p = profile("bulk1");
+    let gbps = bulk(topo, "outside", listen, to, 1, sizes.bulk_bytes, limit)?;
+    drop(p);
+    let per_gb = (cpu_ms(pids) - c0) / (sizes.bulk_bytes as f64 / 1e9);
+    let (listen, to) = ends(port());
+    let c0 = cpu_ms(pids);
+    let p = profile("rr");
+    let rounds = rr(topo, "outside", listen, to, sizes.rr_rounds, limit)?;
+    drop(p);
+    // The warm-up rounds count: the enforcer did that work too.
+    let per_1000_requests = (cpu_ms(pids) - c0) / ((rounds.len() + 100) as f64 / 1000.0);
+    let mut v = json!({
+        "per_second": r,
+        "connect": quantiles(&lat),
+        "bulk_gbps_1": gbps,
+        "round_trip": quantiles(&rounds),
+    });
+    if !pids.is_empty() {
+        v["ms_per_1000_connections"] = json!(per_1000_connections);
+        v["ms_per_gb_1_stream"] = json!(per_gb);
+        v["ms_per_1000_requests"] = json!(per_1000_requests);
+    }
+    Ok(v)
 }
 
 fn status_kib(pid: u32, field: &str) -> u64 {
@@ -700,17 +740,21 @@ impl PathFigures {
         let (listen, to) = endpoints()?;
         let c0 = cpu_ms(pids);
         let p = profile("bulk1");
-        self.bulk1
-            .insert(name.into(), json!(bulk(topo, listen, to, 1, bytes, limit)?));
+        self.bulk1.insert(
+            name.into(),
+            json!(bulk(topo, "client", listen, to, 1, bytes, limit)?),
+        );
         drop(p);
         let per_gb = (cpu_ms(pids) - c0) / (bytes as f64 / 1e9);
         let (listen, to) = endpoints()?;
-        self.bulk8
-            .insert(name.into(), json!(bulk(topo, listen, to, 8, bytes, limit)?));
+        self.bulk8.insert(
+            name.into(),
+            json!(bulk(topo, "client", listen, to, 8, bytes, limit)?),
+        );
         let (listen, to) = endpoints()?;
         let c0 = cpu_ms(pids);
         let p = profile("rr");
-        let rounds = rr(topo, listen, to, sizes.rr_rounds, limit)?;
+        let rounds = rr(topo, "client", listen, to, sizes.rr_rounds, limit)?;
         drop(p);
         // The warm-up rounds count: the enforcers did that work too.
         let per_1000_requests = (cpu_ms(pids) - c0) / ((rounds.len() + 100) as f64 / 1000.0);
@@ -798,10 +842,9 @@ pub fn run(
     })?;
     let outside = topo.host("outside").ip4;
     let mut inbound = serde_json::Map::new();
-    let (r, lat) = from_outside(&topo, EXT_DIRECT + next(), sizes)?;
     inbound.insert(
         "direct".into(),
-        json!({ "per_second": r, "connect": quantiles(&lat) }),
+        from_outside(&topo, || EXT_DIRECT + next(), sizes, &[], None)?,
     );
     let mut udp_figures = serde_json::Map::new();
     // UDP echo on `host` at port `p`, asked from the client.
@@ -925,14 +968,15 @@ pub fn run(
         .filter(|(n, _)| *n == "server")
         .copied()
         .collect();
-    let c0 = cpu_ms(&server_pid);
-    let p = Profile::start(figures.perf.as_deref(), "inbound-external", &server_pid);
-    let (r, lat) = from_outside(&topo, EXT_IN + next(), sizes)?;
-    drop(p);
-    let per_1000 = (cpu_ms(&server_pid) - c0) / (lat.len().max(1) as f64 / 1000.0);
     inbound.insert(
         "enforcer".into(),
-        json!({ "per_second": r, "connect": quantiles(&lat), "ms_per_1000_connections": per_1000 }),
+        from_outside(
+            &topo,
+            || EXT_IN + next(),
+            sizes,
+            &server_pid,
+            figures.perf.as_deref(),
+        )?,
     );
     // Real clients, the paths alternating.
     let mut clients = Value::Null;
@@ -941,21 +985,34 @@ pub fn run(
         let paths = [
             crate::clients::Path3 {
                 name: "direct",
+                from: "client",
                 http_port: DIRECT_HTTP,
                 redis_port: DIRECT_REDIS,
                 pids: Vec::new(),
             },
             crate::clients::Path3 {
                 name: "authenticated-only",
+                from: "client",
                 http_port: PLAIN + next(),
                 redis_port: PLAIN + next(),
                 pids: pids.clone(),
             },
             crate::clients::Path3 {
                 name: "encrypted",
+                from: "client",
                 http_port: ENCRYPTED + next(),
                 redis_port: ENCRYPTED + next(),
                 pids: pids.clone(),
+            },
+            // Clients outside the mesh: the server's enforcer alone (TPROXY, the
+            // external decision), against direct from the client's host (the same
+            // bridge, one hop to the server either way).
+            crate::clients::Path3 {
+                name: "inbound external",
+                from: "outside",
+                http_port: EXT_IN + next(),
+                redis_port: EXT_IN + next(),
+                pids: server_pid.clone(),
             },
         ];
         crate::clients::start_servers(&topo, &dir, &paths)?;

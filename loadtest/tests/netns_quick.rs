@@ -76,7 +76,12 @@ fn netns_loadtest_quick_runs_every_scenario_and_writes_the_report() {
         "redis GET, 10 clients, requests/s",
         "redis SET, 10 clients, pipeline 16, requests/s",
     ] {
-        for path in ["direct", "authenticated-only", "encrypted"] {
+        for path in [
+            "direct",
+            "authenticated-only",
+            "encrypted",
+            "inbound external",
+        ] {
             assert!(
                 real[scenario][path]["median"].as_f64().unwrap_or(0.0) > 0.0,
                 "{scenario} {path}: {real}"
@@ -89,6 +94,38 @@ fn netns_loadtest_quick_runs_every_scenario_and_writes_the_report() {
             .unwrap()
             > 0.0
     );
+    // Clients outside the mesh, through the server's enforcer alone.
+    assert!(
+        fig["clients"]["enforcer_cpu"]["ms per 1,000 http requests"]["inbound external"]["median"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let inbound = &fig["connections_inbound_external"];
+    for path in ["direct", "enforcer"] {
+        assert!(
+            inbound[path]["per_second"].as_f64().unwrap() > 0.0,
+            "{inbound}"
+        );
+        assert!(
+            inbound[path]["bulk_gbps_1"].as_f64().unwrap() > 0.0,
+            "{inbound}"
+        );
+        assert!(
+            inbound[path]["round_trip"]["samples"].as_u64().unwrap() > 0,
+            "{inbound}"
+        );
+    }
+    for unit in [
+        "ms_per_1000_connections",
+        "ms_per_gb_1_stream",
+        "ms_per_1000_requests",
+    ] {
+        assert!(
+            inbound["enforcer"][unit].as_f64().unwrap() > 0.0,
+            "{unit}: {inbound}"
+        );
+    }
     assert_eq!(fig["fanout"][0]["missed"], 0);
     assert!(report["machine"]["cores"].as_u64().unwrap() > 0);
     assert!(report["targets"].as_array().unwrap().len() >= 5);

@@ -17,7 +17,7 @@ use crate::state::Shared;
 
 /// Serves one captured connection.
 pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
-    match socket::original_dst(&stream) {
+    match socket::original_dst(&stream, peer) {
         Ok(target) => proxy(shared, stream, peer, target).await,
         Err(e) => {
             tracing::debug!(error = %e, "no original destination (connected to the capture port directly?)");

@@ -11,11 +11,12 @@ use tokio::net::TcpStream;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
-/// The destination a REDIRECTed connection was going to (`SO_ORIGINAL_DST` /
-/// `IP6T_SO_ORIGINAL_DST`, netfilter's conntrack lookup).
-pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
+/// The destination a REDIRECTed connection from `peer` (as `accept` gave it: its family
+/// is the connection's) was going to (`SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`,
+/// netfilter's conntrack lookup).
+pub fn original_dst(stream: &tokio::net::TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
     let sock = SockRef::from(stream);
-    let addr = match stream.local_addr()? {
+    let addr = match peer {
         SocketAddr::V4(_) => sock.original_dst_v4()?,
         SocketAddr::V6(_) => sock.original_dst_v6()?,
     };

@@ -167,10 +167,11 @@ impl<'a> First<'a> {
     fn look(&mut self) {
         if !self.looked {
             self.looked = true;
-            // Straight on the socket: tokio's readiness of a socket accepted a moment
-            // ago says nothing yet.
-            let r = self.recv();
-            self.took(r);
+            // Through tokio's readiness, which takes a socket registered a moment ago for
+            // ready (nothing told it otherwise yet): the read is made, and when it finds
+            // nothing, that readiness is cleared, so the wait for more that follows does
+            // not read the empty socket a second time (it did, one syscall per flow).
+            self.read_ready();
         }
     }
 

@@ -167,8 +167,8 @@ impl<'a> First<'a> {
     fn look(&mut self) {
         if !self.looked {
             self.looked = true;
-            // Through tokio's readiness, which takes a socket registered a moment ago for
-            // ready (nothing told it otherwise yet): the read is made, and when it finds
+            // Through tokio's readiness, which takes a socket its listener accepted for
+            // ready (`TcpStream::new_accepted`): the read is made, and when it finds
             // nothing, that readiness is cleared, so the wait for more that follows does
             // not read the empty socket a second time (it did, one syscall per flow).
             self.read_ready();
@@ -609,4 +609,59 @@ pub(crate) fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated)
         moved.forward += sent;
         moved
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A socket accepted by tokio, as the enforcer's listeners accept, with `sent`
+    /// already waiting on it (looked for without touching tokio's readiness).
+    async fn fresh(sent: &[u8]) -> (std::net::TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        app.write_all(sent).unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let peek = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        while !sent.is_empty()
+            && nix::sys::socket::recv(s.as_raw_fd(), &mut [0u8; 1], peek).unwrap_or(0) == 0
+        {
+            assert!(std::time::Instant::now() < deadline, "the bytes never came");
+            std::thread::yield_now();
+        }
+        (app, s)
+    }
+
+    /// The look at a flow's first bytes relies on tokio taking a socket its listener
+    /// accepted for readable (tokio 1.54 does: `TcpStream::new_accepted`): what the application sent before is
+    /// read at once, and an empty socket is read once, its readiness then cleared, so
+    /// that the wait for more does not read it again. A tokio that stops doing so fails
+    /// here (the look would then be skipped, and the bytes would follow the request a
+    /// moment later instead of going with it).
+    #[tokio::test]
+    async fn the_first_look_reads_a_fresh_socket_once() {
+        let (_app, s) = fresh(b"GET / HTTP/1.1\r\n\r\n").await;
+        let mut f = First::of(&s);
+        f.look();
+        assert_eq!(
+            f.read.concat(),
+            b"GET / HTTP/1.1\r\n\r\n",
+            "the waiting bytes"
+        );
+        let (_app, s) = fresh(b"").await;
+        let mut f = First::of(&s);
+        f.look();
+        assert!(
+            f.read.is_empty() && !f.done,
+            "nothing was sent, nothing ended"
+        );
+        let mut again = false;
+        let _ = s.try_io(tokio::io::Interest::READABLE, || {
+            again = true;
+            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+        });
+        assert!(!again, "the empty socket would be read a second time");
+    }
 }

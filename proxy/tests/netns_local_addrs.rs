@@ -91,3 +91,66 @@ fn netns_local_addrs_follow_each_change_at_once_and_list_only_after_one() {
     .join()
     .unwrap();
 }
+
+/// An interface that leaves the namespace takes its addresses with it: moved to another
+/// namespace (as a CNI or an operator might do), its addresses stop being ours at the
+/// next check; brought back and deleted, likewise. Both families.
+#[test]
+fn netns_local_addrs_an_interface_moved_away_takes_its_addresses() {
+    if !netns_enabled() {
+        return;
+    }
+    let topo = Topology::new(&["pod", "away"]);
+    let (pod, away) = (topo.host("pod").clone(), topo.host("away").clone());
+    let inside = pod.clone();
+    pod.thread(move || {
+        let pod = inside;
+        let local = LocalAddrs::new();
+        let (v4, v6): (IpAddr, IpAddr) = (
+            "198.51.100.77".parse().unwrap(),
+            "2001:db8::77".parse().unwrap(),
+        );
+        let add = || {
+            // A veth pair inside the pod (no dummy module on every kernel).
+            pod.exec_ok(&[
+                "ip", "link", "add", "smv0", "type", "veth", "peer", "name", "smv1",
+            ]);
+            pod.exec_ok(&["ip", "addr", "add", "198.51.100.77/32", "dev", "smv0"]);
+            pod.exec_ok(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                "2001:db8::77/128",
+                "dev",
+                "smv0",
+                "nodad",
+            ]);
+            pod.exec_ok(&["ip", "link", "set", "smv0", "up"]);
+            assert!(
+                local.contains(v4) && local.contains(v6),
+                "added, not seen as ours"
+            );
+        };
+        add();
+        pod.exec_ok(&["ip", "link", "set", "smv0", "netns", &away.ns]);
+        assert!(
+            !local.contains(v4),
+            "{v4}: its interface left, still seen as ours"
+        );
+        assert!(
+            !local.contains(v6),
+            "{v6}: its interface left, still seen as ours"
+        );
+        assert!(local.contains(pod.ip4.into()));
+        away.exec_ok(&["ip", "link", "del", "smv0"]);
+        add();
+        pod.exec_ok(&["ip", "link", "del", "smv0"]);
+        assert!(
+            !local.contains(v4) && !local.contains(v6),
+            "deleted, still seen as ours"
+        );
+    })
+    .join()
+    .unwrap();
+}

@@ -55,6 +55,29 @@ log: true
     path
 }
 
+/// `work` captured, its enforcer started with [`permissive`] policies: the scratch
+/// directory (its flow records).
+fn permissive_enforcer(topo: &Topology, tag: &str) -> Scratch {
+    let dir = Scratch::new(tag);
+    let config = permissive(&dir);
+    capture(topo.host("work"));
+    start_enforcer(topo, "work", &config);
+    dir
+}
+
+/// The relay lab: `work` (captured, [`permissive_enforcer`]), its neighbour `nbr` and
+/// `beyond`, a host a relay would reach.
+fn relay_lab(tag: &str) -> (Topology, Host, Host, Host, Scratch) {
+    let topo = Topology::new(&["work", "nbr", "beyond"]);
+    let (work, nbr, beyond) = (
+        topo.host("work").clone(),
+        topo.host("nbr").clone(),
+        topo.host("beyond").clone(),
+    );
+    let dir = permissive_enforcer(&topo, tag);
+    (topo, work, nbr, beyond, dir)
+}
+
 /// A hand-made capture rule (as older rules or an operator's mistake might make) that
 /// diverts TCP for `to`, an address not the pod's own, to the enforcer's inbound port.
 fn divert_to_enforcer(work: &Host, to: std::net::IpAddr) {
@@ -100,16 +123,7 @@ fn netns_mediation_a_pod_is_no_relay() {
     if !netns_enabled() {
         return;
     }
-    let topo = Topology::new(&["work", "nbr", "beyond"]);
-    let (work, nbr, beyond) = (
-        topo.host("work").clone(),
-        topo.host("nbr").clone(),
-        topo.host("beyond").clone(),
-    );
-    let dir = Scratch::new("relay");
-    let config = permissive(&dir);
-    capture(&work);
-    start_enforcer(&topo, "work", &config);
+    let (_topo, work, nbr, beyond, dir) = relay_lab("relay");
     let seen = Arc::new(AtomicUsize::new(0));
     let target = SocketAddr::new(beyond.ip4.into(), 7000);
     let _ = greet(&beyond, target, seen.clone());
@@ -172,16 +186,7 @@ fn netns_mediation_an_address_taken_off_the_pod_is_no_longer_its_own() {
     if !netns_enabled() {
         return;
     }
-    let topo = Topology::new(&["work", "nbr", "beyond"]);
-    let (work, nbr, beyond) = (
-        topo.host("work").clone(),
-        topo.host("nbr").clone(),
-        topo.host("beyond").clone(),
-    );
-    let dir = Scratch::new("taken-off");
-    let config = permissive(&dir);
-    capture(&work);
-    start_enforcer(&topo, "work", &config);
+    let (_topo, work, nbr, beyond, dir) = relay_lab("taken-off");
     // The pod's own server (both families), on the port a relay would reach beyond on.
     let seen_pod = Arc::new(AtomicUsize::new(0));
     let any = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 7000);
@@ -244,10 +249,7 @@ fn netns_mediation_the_proxy_uid_alone_is_captured() {
     }
     let topo = Topology::new(&["work", "ext"]);
     let (work, ext) = (topo.host("work").clone(), topo.host("ext").clone());
-    let dir = Scratch::new("uid");
-    let config = permissive(&dir);
-    capture(&work);
-    start_enforcer(&topo, "work", &config);
+    let dir = permissive_enforcer(&topo, "uid");
     let seen = Arc::new(AtomicUsize::new(0));
     for port in [7000, 7001] {
         let _ = greet(&ext, SocketAddr::new(ext.ip4.into(), port), seen.clone());
@@ -349,10 +351,7 @@ fn netns_mediation_icmp_is_dropped_both_ways() {
         topo.host("ext").clone(),
         topo.host("other").clone(),
     );
-    let dir = Scratch::new("icmp");
-    let config = permissive(&dir);
-    capture(&work);
-    start_enforcer(&topo, "work", &config);
+    let _dir = permissive_enforcer(&topo, "icmp");
     for v6 in [false, true] {
         // The control: ext and other ping each other.
         assert!(ping(&ext, ip(&other, v6)), "ext reaches other (v6: {v6})");

@@ -415,27 +415,23 @@ fn from_outside(
         )
     };
     let limit = sizes.limit;
-    let profile =
-        |scenario: &str| Profile::start(perf, &format!("inbound-external-{scenario}"), pids);
+    let name = |scenario: &str| format!("inbound-external-{scenario}");
     let (listen, to) = ends(port());
-    let c0 = cpu_ms(pids);
-    let p = profile("connections");
-    let (r, lat) = conn_rate(topo, "outside", listen, to, sizes.connections, limit, false)?;
-    drop(p);
-    let per_1000_connections = (cpu_ms(pids) - c0) / (lat.len().max(1) as f64 / 1000.0);
+    let ((r, lat), used) = costed(pids, perf, &name("connections"), || {
+        conn_rate(topo, "outside", listen, to, sizes.connections, limit, false)
+    })?;
+    let per_1000_connections = used / (lat.len().max(1) as f64 / 1000.0);
     let (listen, to) = ends(port());
-    let c0 = cpu_ms(pids);
-    let p = profile("bulk1");
-    let gbps = bulk(topo, "outside", listen, to, 1, sizes.bulk_bytes, limit)?;
-    drop(p);
-    let per_gb = (cpu_ms(pids) - c0) / (sizes.bulk_bytes as f64 / 1e9);
+    let (gbps, used) = costed(pids, perf, &name("bulk1"), || {
+        bulk(topo, "outside", listen, to, 1, sizes.bulk_bytes, limit)
+    })?;
+    let per_gb = used / (sizes.bulk_bytes as f64 / 1e9);
     let (listen, to) = ends(port());
-    let c0 = cpu_ms(pids);
-    let p = profile("rr");
-    let rounds = rr(topo, "outside", listen, to, sizes.rr_rounds, limit)?;
-    drop(p);
+    let (rounds, used) = costed(pids, perf, &name("rr"), || {
+        rr(topo, "outside", listen, to, sizes.rr_rounds, limit)
+    })?;
     // The warm-up rounds count: the enforcer did that work too.
-    let per_1000_requests = (cpu_ms(pids) - c0) / ((rounds.len() + 100) as f64 / 1000.0);
+    let per_1000_requests = used / ((rounds.len() + 100) as f64 / 1000.0);
     let mut v = json!({
         "per_second": r,
         "connect": quantiles(&lat),
@@ -695,6 +691,21 @@ impl Drop for Profile {
     }
 }
 
+/// Runs `scenario` with the processes `pids` recorded by `perf record` as `name` (when
+/// `perf` names a directory): its result and the CPU time (ms) they used meanwhile.
+pub(crate) fn costed<T>(
+    pids: &[(&'static str, u32)],
+    perf: Option<&Path>,
+    name: &str,
+    scenario: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, f64)> {
+    let c0 = cpu_ms(pids);
+    let p = Profile::start(perf, name, pids);
+    let r = scenario()?;
+    drop(p);
+    Ok((r, cpu_ms(pids) - c0))
+}
+
 /// CPU time (user and system, every thread) the processes `pids` used so far, in ms.
 /// Far steadier on a shared machine than any rate: it is what the work cost.
 pub(crate) fn cpu_ms(pids: &[(&'static str, u32)]) -> f64 {
@@ -735,36 +746,31 @@ impl PathFigures {
     ) -> anyhow::Result<()> {
         let (bytes, limit) = (sizes.bulk_bytes, sizes.limit);
         let perf = self.perf.clone();
-        let profile =
-            |scenario: &str| Profile::start(perf.as_deref(), &format!("{name}-{scenario}"), pids);
+        let perf = perf.as_deref();
+        let scenario = |s: &str| format!("{name}-{s}");
         let (listen, to) = endpoints()?;
-        let c0 = cpu_ms(pids);
-        let p = profile("bulk1");
-        self.bulk1.insert(
-            name.into(),
-            json!(bulk(topo, "client", listen, to, 1, bytes, limit)?),
-        );
-        drop(p);
-        let per_gb = (cpu_ms(pids) - c0) / (bytes as f64 / 1e9);
+        let (gbps, used) = costed(pids, perf, &scenario("bulk1"), || {
+            bulk(topo, "client", listen, to, 1, bytes, limit)
+        })?;
+        self.bulk1.insert(name.into(), json!(gbps));
+        let per_gb = used / (bytes as f64 / 1e9);
         let (listen, to) = endpoints()?;
         self.bulk8.insert(
             name.into(),
             json!(bulk(topo, "client", listen, to, 8, bytes, limit)?),
         );
         let (listen, to) = endpoints()?;
-        let c0 = cpu_ms(pids);
-        let p = profile("rr");
-        let rounds = rr(topo, "client", listen, to, sizes.rr_rounds, limit)?;
-        drop(p);
+        let (rounds, used) = costed(pids, perf, &scenario("rr"), || {
+            rr(topo, "client", listen, to, sizes.rr_rounds, limit)
+        })?;
         // The warm-up rounds count: the enforcers did that work too.
-        let per_1000_requests = (cpu_ms(pids) - c0) / ((rounds.len() + 100) as f64 / 1000.0);
+        let per_1000_requests = used / ((rounds.len() + 100) as f64 / 1000.0);
         self.latency.insert(name.into(), quantiles(&rounds));
         let (listen, to) = endpoints()?;
-        let c0 = cpu_ms(pids);
-        let p = profile("connections");
-        let (r, lat) = conn_rate(topo, "client", listen, to, sizes.connections, limit, false)?;
-        drop(p);
-        let per_1000_connections = (cpu_ms(pids) - c0) / (lat.len().max(1) as f64 / 1000.0);
+        let ((r, lat), used) = costed(pids, perf, &scenario("connections"), || {
+            conn_rate(topo, "client", listen, to, sizes.connections, limit, false)
+        })?;
+        let per_1000_connections = used / (lat.len().max(1) as f64 / 1000.0);
         self.rate.insert(
             name.into(),
             json!({ "per_second": r, "connect": quantiles(&lat) }),

@@ -116,15 +116,18 @@ fn netns_loadtest_quick_runs_every_scenario_and_writes_the_report() {
             "{inbound}"
         );
     }
+    // Present for the enforcer (not for direct); CPU time comes in clock ticks (10 ms),
+    // so a quick run's small bulk can cost "0", as for the mesh paths above.
     for unit in [
         "ms_per_1000_connections",
         "ms_per_gb_1_stream",
         "ms_per_1000_requests",
     ] {
         assert!(
-            inbound["enforcer"][unit].as_f64().unwrap() > 0.0,
+            inbound["enforcer"][unit].as_f64().unwrap() >= 0.0,
             "{unit}: {inbound}"
         );
+        assert!(inbound["direct"][unit].is_null(), "{unit}: {inbound}");
     }
     assert_eq!(fig["fanout"][0]["missed"], 0);
     assert!(report["machine"]["cores"].as_u64().unwrap() > 0);

@@ -2306,12 +2306,19 @@ fn netns_tunnel_move_tickets_are_single_use_and_bound_to_their_flow() {
         "forged"
     );
     // The flows end with their connection: the second flow's ticket, never used, is
-    // withdrawn with it.
+    // withdrawn with it. (Waited for on api's gauge of open flows, which falls after a
+    // flow's move ticket is dropped: presenting the ticket until it is refused would
+    // move the flow whenever the ticket wins the race with the flow's end.)
     done_tx.send(()).unwrap();
     holder.join().unwrap();
-    wait_until("the second flow's end", Duration::from_secs(10), || {
-        first_byte(&web, moving(&second)) == Some(TICKET)
+    wait_until("the flows' end", Duration::from_secs(10), || {
+        metric(&api, "segmesh_open_connections{direction=\"Inbound\"}") == 0.0
     });
+    assert_eq!(
+        first_byte(&web, moving(&second)),
+        Some(TICKET),
+        "the second flow's ticket, after its flow ended"
+    );
     assert_eq!(tickets(&api, "move-redeemed"), 1.0);
     assert_eq!(tickets(&api, "move-address"), 2.0);
     stolen_and_replayed(&m, &db);

@@ -310,9 +310,19 @@ impl Config {
         let mut mangle = vec![
             format!("-A {CHAIN_DIVERT} -j MARK --set-xmark {mark}"),
             format!("-A {CHAIN_DIVERT} -j ACCEPT"),
-            format!("-A {CHAIN_INBOUND} -p tcp -m socket --transparent -j {CHAIN_DIVERT}"),
-            format!("-A {CHAIN_INBOUND} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"),
+            // Cheapest first: every TCP packet the namespace receives walks this chain,
+            // most of them on `lo` (the application's and the workload's hops to their
+            // enforcer) or of established connections. Neither is ever diverted, so
+            // they leave before the socket match, which looks the packet's socket up
+            // (an established and a listener lookup) for each packet it sees. What the
+            // socket match still catches: packets of a transparent socket that
+            // conntrack does not call established (a retransmitted SYN before the
+            // SYN-ACK); packets of transparent sockets are always for a local address
+            // (only those are diverted), so established ones are delivered to their
+            // socket without the mark.
             format!("-A {CHAIN_INBOUND} -i lo -j RETURN"),
+            format!("-A {CHAIN_INBOUND} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"),
+            format!("-A {CHAIN_INBOUND} -p tcp -m socket --transparent -j {CHAIN_DIVERT}"),
             // Only our own addresses, in both modes: no relay to anywhere else.
             format!("-A {CHAIN_INBOUND} -m addrtype ! --dst-type LOCAL -j RETURN"),
         ];

@@ -34,9 +34,11 @@ fn sidecar_v4_rules() {
         vec![
             "-A SEGMESH_DIVERT -j MARK --set-xmark 0x539/0xffffffff",
             "-A SEGMESH_DIVERT -j ACCEPT",
-            "-A SEGMESH_INBOUND -p tcp -m socket --transparent -j SEGMESH_DIVERT",
-            "-A SEGMESH_INBOUND -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+            // Loopback and established traffic leave before the per-packet socket
+            // lookup.
             "-A SEGMESH_INBOUND -i lo -j RETURN",
+            "-A SEGMESH_INBOUND -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+            "-A SEGMESH_INBOUND -p tcp -m socket --transparent -j SEGMESH_DIVERT",
             // Sidecar mode too: nothing for another address is diverted (no relay).
             "-A SEGMESH_INBOUND -m addrtype ! --dst-type LOCAL -j RETURN",
             "-A SEGMESH_INBOUND -s 192.0.2.0/24 -j RETURN",

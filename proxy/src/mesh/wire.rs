@@ -240,8 +240,16 @@ impl Ticket {
             .collect()
     }
 
+    /// 64 lowercase hex digits, in one allocation (the server writes one into the
+    /// answer of every movable flow, and a book holds many).
     pub fn to_hex(self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(2 * TICKET_LEN);
+        for b in self.0 {
+            s.push(char::from(DIGITS[usize::from(b >> 4)]));
+            s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+        }
+        s
     }
 
     /// Exactly 64 lowercase hex digits.
@@ -713,6 +721,17 @@ mod tests {
         p[0] = 0x16;
         assert_eq!(Ticket::from_preface(&p).unwrap_err(), WireError::Preface);
         assert_eq!(format!("{t:?}"), "Ticket(..)");
+    }
+
+    #[test]
+    fn tickets_are_written_as_lowercase_hex_and_read_back() {
+        let t = Ticket(std::array::from_fn(|i| (i as u8) * 8 + 7));
+        let hex = t.to_hex();
+        assert_eq!(
+            hex,
+            "070f171f272f373f474f575f676f777f878f979fa7afb7bfc7cfd7dfe7eff7ff"
+        );
+        assert!(Ticket::from_hex(hex.as_bytes()).unwrap() == t);
     }
 
     #[test]

@@ -24,15 +24,43 @@ fn main() {
         .args(["-c", src, "-o"])
         .arg(&out)
         .status();
-    let failure = match built {
+    // What to watch for the build to be tried again (below): the headers' directory
+    // when clang ran and failed (libbpf-dev missing), clang's when it could not run.
+    let (failure, watch) = match built {
         Ok(s) if s.success() => return,
-        Ok(s) => format!("{clang} failed on {src} ({s})"),
-        Err(e) => format!("cannot run {clang} ({e}); install clang and libbpf-dev"),
+        Ok(s) => (
+            format!("{clang} failed on {src} ({s})"),
+            vec![PathBuf::from("/usr/include")],
+        ),
+        Err(e) => (
+            format!("cannot run {clang} ({e}); install clang and libbpf-dev"),
+            clang_dirs(&clang),
+        ),
     };
     if std::env::var_os("SEGMESH_REQUIRE_BPF").is_some_and(|v| v == "1") {
         panic!("BPF program not built: {failure}");
     }
     println!("cargo:warning=BPF sockmap data plane not built: {failure}");
+    // Built again once clang or the headers arrive (`scripts/install-deps` after a
+    // first build): cargo reruns this script when a watched directory changes, and
+    // installing a package changes the directories it lands in. Only here, on the
+    // fallback: a build that has its BPF object watches nothing more.
+    println!("cargo:rerun-if-env-changed=PATH");
+    for dir in watch.iter().filter(|d| d.is_dir()) {
+        println!("cargo:rerun-if-changed={}", dir.display());
+    }
     // An empty object: the enforcer reports BPF as unavailable and splices.
     std::fs::write(&out, b"").expect("write empty BPF object");
+}
+
+/// Where `clang` would be found: the directory of a path (`CLANG=/opt/llvm/bin/clang`),
+/// or each directory of `PATH` for a bare name. (Only existing ones are watched: a
+/// missing path would make cargo rerun this script on every build.)
+fn clang_dirs(clang: &str) -> Vec<PathBuf> {
+    match std::path::Path::new(clang).parent() {
+        Some(p) if !p.as_os_str().is_empty() => vec![p.to_path_buf()],
+        _ => std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect())
+            .unwrap_or_default(),
+    }
 }

@@ -745,8 +745,7 @@ impl PathFigures {
         mut endpoints: impl FnMut() -> anyhow::Result<(SocketAddr, SocketAddr)>,
     ) -> anyhow::Result<()> {
         let (bytes, limit) = (sizes.bulk_bytes, sizes.limit);
-        let perf = self.perf.clone();
-        let perf = perf.as_deref();
+        let perf = self.perf.as_deref();
         let scenario = |s: &str| format!("{name}-{s}");
         let (listen, to) = endpoints()?;
         let (gbps, used) = costed(pids, perf, &scenario("bulk1"), || {

@@ -526,6 +526,22 @@ pub fn write(out: &Path, figures: &Value, title: &str) -> anyhow::Result<()> {
             }
         }
     }
+    let machine = &figures["clients"]["machine_cpu"];
+    if machine.as_object().is_some_and(|m| !m.is_empty()) {
+        md.push_str("\nThe whole machine's CPU per unit of work (`/proc/stat`: every process and the kernel's work outside any, such as softirqs and the worker that sends what BPF sockmap redirects; clients and servers included, so the mesh's cost is what a path adds to direct):\n\n| machine CPU | path | median | range | added to direct |\n|---|---|---|---|---|\n");
+        for (unit, by_path) in machine.as_object().into_iter().flatten() {
+            let direct = f(&by_path["direct"]["median"]);
+            for (path, v) in by_path.as_object().into_iter().flatten() {
+                md.push_str(&format!(
+                    "| {unit} | {path} | {:.1} ms | {:.1}–{:.1} ms | {:+.1} ms |\n",
+                    f(&v["median"]),
+                    f(&v["min"]),
+                    f(&v["max"]),
+                    f(&v["median"]) - direct
+                ));
+            }
+        }
+    }
     md.push_str("\n## Enforcer CPU time per unit of work (both enforcers, user + system, from /proc/<pid>/stat)\n\n| mode | per GB (1 stream) | per 1,000 requests (64 B round trips) | per 1,000 new connections |\n|---|---|---|---|\n");
     for mode in modes {
         let c = &cpu[mode];

@@ -708,6 +708,46 @@ pub(crate) fn costed<T>(
 
 /// CPU time (user and system, every thread) the processes `pids` used so far, in ms.
 /// Far steadier on a shared machine than any rate: it is what the work cost.
+/// The whole machine's busy CPU time so far, in ms: every process and the kernel's
+/// work outside any process (softirqs, kernel workers such as the one that sends what
+/// BPF sockmap redirects), all CPUs together; idle, I/O wait and time stolen by the
+/// hypervisor are not busy. From the first line of `/proc/stat`.
+pub(crate) fn machine_busy_ms() -> f64 {
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    busy_ticks(&stat) as f64 * 1000.0 / tick
+}
+
+/// Busy ticks of `/proc/stat`'s `cpu` line: user, nice, system, irq and softirq (guest
+/// time is already in user; idle, iowait and steal are not busy).
+fn busy_ticks(stat: &str) -> u64 {
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| v.get(i).copied().unwrap_or(0))
+        .sum()
+}
+
+/// The enforcers' files (configurations, keys, flow logs, nginx's), removed when the
+/// run ends, however it ends.
+struct RunDir(std::path::PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub(crate) fn cpu_ms(pids: &[(&'static str, u32)]) -> f64 {
     let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
@@ -905,9 +945,11 @@ pub fn run(
     }
 
     // The enforcer pair.
-    let dir = std::env::temp_dir().join(format!("segmesh-loadtest-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let run_dir =
+        RunDir(std::env::temp_dir().join(format!("segmesh-loadtest-run-{}", std::process::id())));
+    let dir = &run_dir.0;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
     let ca = Ca::new_root("segmesh.local", KeyAlgorithm::EcdsaP256)?;
     let registry: String = ["client", "server"]
         .iter()
@@ -1020,7 +1062,7 @@ pub fn run(
                 pids: server_pid.clone(),
             },
         ];
-        crate::clients::start_servers(&topo, &dir, &paths)?;
+        crate::clients::start_servers(&topo, dir, &paths)?;
         clients = crate::clients::measure(
             &topo,
             server.ip4,
@@ -1069,7 +1111,7 @@ pub fn run(
         udp_path(&topo, "server", UDP_MESH)?,
     );
     drop(topo);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(run_dir);
 
     let mut fanout = Vec::new();
     for setup in [
@@ -1121,4 +1163,18 @@ pub fn run(
         "notes": notes,
         "sockmap": sockmap,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn busy_time_is_user_nice_system_irq_and_softirq() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let stat = "cpu  100 2 30 5000 7 1 20 9 4 0\ncpu0 50 1 15 2500 3 0 10 4 2 0\nintr 1\n";
+        assert_eq!(super::busy_ticks(stat), 100 + 2 + 30 + 1 + 20);
+        assert_eq!(super::busy_ticks("intr 1\n"), 0);
+        // This machine's counter only grows.
+        let (a, b) = (super::machine_busy_ms(), super::machine_busy_ms());
+        assert!(a > 0.0 && b >= a, "{a} then {b}");
+    }
 }

@@ -94,6 +94,19 @@ fn netns_loadtest_quick_runs_every_scenario_and_writes_the_report() {
             .unwrap()
             > 0.0
     );
+    // The whole machine's CPU per unit, every path, direct included.
+    for unit in [
+        "ms per 1,000 http requests",
+        "ms per 1,000 new connections (http)",
+        "ms per 1,000 redis SETs",
+    ] {
+        for path in ["direct", "authenticated-only", "encrypted"] {
+            let v = fig["clients"]["machine_cpu"][unit][path]["median"]
+                .as_f64()
+                .unwrap_or(0.0);
+            assert!(v > 0.0, "machine CPU {unit} {path}: {v}");
+        }
+    }
     // Clients outside the mesh, through the server's enforcer alone.
     assert!(
         fig["clients"]["enforcer_cpu"]["ms per 1,000 http requests"]["inbound external"]["median"]

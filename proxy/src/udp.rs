@@ -534,7 +534,7 @@ async fn tunnel(
         // Every endpoint's tunnel failed.
         return refuse(rec, segmesh_api::FlowReason::NoEndpoint, None);
     };
-    let crate::mesh::client::Data::Stream(stream) = n.data else {
+    let crate::mesh::client::Data::Stream(stream, _) = n.data else {
         // A UDP request is always encrypted: negotiate refuses a ticket for it.
         return refuse(rec, segmesh_api::FlowReason::Internal, None);
     };

@@ -2200,6 +2200,81 @@ fn netns_tunnel_authenticated_only_flows_start_in_their_stream_and_move_when_bul
     }
 }
 
+/// `rounds` requests of 1 KiB to `to`'s echo, each answer read before the next request.
+async fn converse(to: SocketAddr, rounds: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(to).await.unwrap();
+    let (ask, mut back) = (pattern(1024), vec![0u8; 1024]);
+    for _ in 0..rounds {
+        s.write_all(&ask).await.unwrap();
+        tokio::time::timeout(LIMIT, s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(back == ask, "the echo came back changed");
+    }
+    s.shutdown().await.unwrap();
+    let end = tokio::time::timeout(LIMIT, s.read(&mut back))
+        .await
+        .unwrap();
+    assert_eq!(end.unwrap(), 0);
+}
+
+/// Short messages of authenticated-only flows that share their tunnel connection stay
+/// in their streams however much they add up to (several flows' messages go in one TLS
+/// write and wake-up there: less per message than a spliced connection each); the same
+/// conversation alone on the connection moves once `move_after` (256 KiB) has passed,
+/// as bulk does (`relay/tls.rs`, `Mv::count`).
+#[test]
+fn netns_tunnel_chatty_flows_sharing_a_connection_stay_in_their_streams() {
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh_with("chatty", false, "", "log_all_flows: true\n");
+    let (web, api) = (m.host("web"), m.host("api"));
+    let any = |port: u16| SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+    let at = |port: u16| SocketAddr::new(api.ip4.into(), port);
+    let _echoes = (echo(&api, any(8084)), echo(&api, any(8085)));
+    // The tunnel connection first, so that both flows below share it.
+    let _greeter = greet(&api, any(8081), Arc::new(AtomicUsize::new(0)));
+    assert_eq!(
+        in_ns(&web, attempt(at(8081))).join().unwrap(),
+        Attempt::Greeted
+    );
+    // 300 rounds: 600 KiB through each flow, both ways together.
+    let (a, b) = (at(8084), at(8084));
+    in_ns(&web, async move {
+        tokio::join!(converse(a, 300), converse(b, 300));
+    })
+    .join()
+    .unwrap();
+    wait_until("web's records of both", Duration::from_secs(10), || {
+        m.log("web")
+            .iter()
+            .filter(|r| r["destination"]["port"] == 8084)
+            .count()
+            == 2
+    });
+    let alone = at(8085);
+    in_ns(&web, async move { converse(alone, 300).await })
+        .join()
+        .unwrap();
+    wait_until("api's records", Duration::from_secs(10), || {
+        let log = m.log("api");
+        let n = |p: u16| log.iter().filter(|r| r["destination"]["port"] == p).count();
+        n(8084) == 2 && n(8085) == 1
+    });
+    for r in m.log("api") {
+        let path = r["data_path"].as_str().unwrap_or("").to_owned();
+        match r["destination"]["port"].as_u64() {
+            Some(8084) => assert_eq!(path, "tls", "sharing, in their streams: {r}"),
+            Some(8085) => assert_eq!(path, "moved", "alone, moved: {r}"),
+            _ => {}
+        }
+    }
+    assert_eq!(tickets(&web, "move-accepted"), 1.0);
+}
+
 /// The attacks on move tickets, with web's enforcer key on a connection of its own to
 /// api's tunnel port. A move ticket stands for one flow in one stream: presented from
 /// db's address (a registered PU that learned it), or from web's own IPv6 address (the

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -17,7 +18,7 @@ use segmesh_policy::{Direction, FlowPort, Protocol, Verdict};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::conns::{Conn, EstablishError, SPARE_AGE};
+use super::conns::{Conn, EstablishError, InStream, SPARE_AGE};
 use super::decide;
 use super::stream::H2Stream;
 use super::wire::{MAX_BOOK, Reason, Request, Response, Ticket, book_from_http, book_request};
@@ -41,14 +42,16 @@ impl EstablishError {
 
 /// Where a negotiated flow's bytes go.
 pub(crate) enum Data {
-    /// Encrypted: the flow's own stream on the multiplexed connection.
-    Stream(H2Stream),
+    /// Encrypted: the flow's own stream on the multiplexed connection (and that
+    /// connection's count of flows in streams).
+    Stream(H2Stream, Arc<AtomicUsize>),
     /// Authenticated-only: a plain connection to the peer's tunnel port that presented
     /// the server's ticket.
     Plain(TcpStream),
     /// Authenticated-only, started in its stream: the ticket that moves it to a
-    /// connection of its own, to the peer at the address.
-    Movable(H2Stream, Ticket, std::net::IpAddr),
+    /// connection of its own, to the peer at the address (and the connection's count of
+    /// flows in streams).
+    Movable(H2Stream, Ticket, std::net::IpAddr, Arc<AtomicUsize>),
 }
 
 /// A flow to the PU registered at `target`, its identity checked, our decision on its
@@ -345,8 +348,16 @@ pub(crate) async fn negotiate(
     let data = match resp.ticket {
         // Without a move ticket the server's decision wants encryption: the flow stays.
         None => match resp.moves {
-            None => Data::Stream(H2Stream::new(stream, answer.into_body())),
-            Some(t) => Data::Movable(H2Stream::new(stream, answer.into_body()), t, ip),
+            None => Data::Stream(
+                H2Stream::new(stream, answer.into_body()),
+                conn.streams.clone(),
+            ),
+            Some(t) => Data::Movable(
+                H2Stream::new(stream, answer.into_body()),
+                t,
+                ip,
+                conn.streams.clone(),
+            ),
         },
         // Our decision asked for encryption: a server that answers with a ticket (an
         // honest one never does: it encrypts when either end asks) would get the flow in
@@ -588,8 +599,12 @@ pub(crate) fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated)
     rec.finish_after(async move {
         let idle = shared.settings.limits.idle_timeout;
         let mut moved = match data {
-            Data::Stream(s) => tls::relay(app, s, idle, &stop.notify, None).await,
-            Data::Movable(s, ticket, ip) => {
+            Data::Stream(s, streams) => {
+                let _in = InStream::new(streams);
+                tls::relay(app, s, idle, &stop.notify, None).await
+            }
+            Data::Movable(s, ticket, ip, streams) => {
+                let _in = InStream::new(streams.clone());
                 let sh = shared.clone();
                 let mover = tls::Mover {
                     after: shared.settings.move_after,
@@ -597,6 +612,7 @@ pub(crate) fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated)
                     open: Some(Box::new(move || -> tls::Opening {
                         Box::pin(move_to(sh, ip, ticket))
                     })),
+                    company: Some(streams),
                 };
                 tls::relay(app, s, idle, &stop.notify, Some(mover)).await
             }

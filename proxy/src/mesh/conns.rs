@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,25 @@ pub(crate) struct Conn {
     /// Plain connections to the peer's tunnel port opened ahead of the book flows that
     /// will take them.
     spares: Mutex<Spares>,
+    /// Flows relaying in their streams on this connection now ([`InStream`]).
+    pub streams: Arc<AtomicUsize>,
+}
+
+/// A flow relaying in its stream on a connection: counted in the connection's
+/// [`Conn::streams`] for as long as it lives.
+pub(crate) struct InStream(Arc<AtomicUsize>);
+
+impl InStream {
+    pub(crate) fn new(streams: Arc<AtomicUsize>) -> InStream {
+        streams.fetch_add(1, Ordering::Relaxed);
+        InStream(streams)
+    }
+}
+
+impl Drop for InStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Data connections opened ahead of use, oldest first, each with when it connected.
@@ -330,5 +349,6 @@ async fn establish(
         tls: tls.clone(),
         book: Mutex::default(),
         spares: Mutex::default(),
+        streams: Arc::default(),
     })
 }

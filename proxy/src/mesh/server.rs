@@ -443,6 +443,7 @@ impl Connection {
                 after: u64::MAX,
                 moving,
                 open: None,
+                company: None,
             };
             let moves = Response {
                 moves: Some(ticket),

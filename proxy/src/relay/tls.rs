@@ -4,7 +4,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -44,6 +44,9 @@ pub(crate) struct Mover {
     /// (`None`: refused, the flow stays on its stream), once `after` bytes have moved, so
     /// that an idle flow holds no connect's state. The server has none.
     pub open: Option<Box<dyn FnOnce() -> Opening + Send>>,
+    /// The client's: how many flows relay in streams on the flow's connection, this one
+    /// included ([`Mv::count`]).
+    pub company: Option<Arc<AtomicUsize>>,
 }
 
 /// The connection a flow moves to, on its way.
@@ -66,14 +69,26 @@ pub(crate) struct Moving {
 struct Mv<'a> {
     m: &'a Moving,
     after: u64,
-    progress: &'a Progress,
+    /// Flows in streams on the connection, this one included.
+    company: Option<&'a AtomicUsize>,
+    /// Bytes counted towards `after` so far, both ways.
+    counted: AtomicU64,
 }
 
 impl Mv<'_> {
-    /// Counts what a direction moved towards `after`.
-    fn count(&self) {
-        let total = self.progress.forward.load(Ordering::Relaxed)
-            + self.progress.backward.load(Ordering::Relaxed);
+    /// Counts `n` bytes a direction moved towards `after`: bytes of bulk (a read that
+    /// filled its buffer, frames that filled one), or any bytes while the flow is alone
+    /// on its connection. Short messages of a flow that shares its connection do not
+    /// count: several flows' messages go in one TLS write and wake-up there, which
+    /// costs less per message than a spliced connection of each flow's own (and a
+    /// flow alone gains nothing by staying: it moves, as bulk does). docs/design.md,
+    /// "Moving flows".
+    fn count(&self, n: usize, full: bool) {
+        let alone = self.company.is_none_or(|c| c.load(Ordering::Relaxed) <= 1);
+        if !(full || alone) {
+            return;
+        }
+        let total = self.counted.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
         if total >= self.after {
             self.m.crossed.notify_one();
         }
@@ -131,11 +146,12 @@ async fn up(
             send.send_data(Bytes::new(), true).map_err(io_error)?;
             return Ok(());
         }
-        size = if n == size { CHUNK } else { SMALL };
+        let full = n == size;
+        size = if full { CHUNK } else { SMALL };
         send_all(send, chunk_of(buf, n)).await?;
         moved.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(m) = mv {
-            m.count();
+            m.count(n, full);
         }
     }
 }
@@ -213,7 +229,8 @@ async fn down(
             let _ = recv.flow_control().release_capacity(total);
             moved.fetch_add(total as u64, Ordering::Relaxed);
             if let Some(m) = mv {
-                m.count();
+                // Frames that took a read's worth or more arrived together: bulk.
+                m.count(total, total >= SMALL);
             }
         }
         if ended {
@@ -293,14 +310,15 @@ pub(crate) async fn relay(
 ) -> Moved {
     let (mut send, mut recv) = stream.into_parts();
     let progress = Progress::default();
-    let (moving, open, after) = match mover {
-        Some(m) => (Some(m.moving), m.open, m.after),
-        None => (None, None, u64::MAX),
+    let (moving, open, after, company) = match mover {
+        Some(m) => (Some(m.moving), m.open, m.after, m.company),
+        None => (None, None, u64::MAX, None),
     };
     let mv = moving.as_deref().map(|m| Mv {
         m,
         after,
-        progress: &progress,
+        company: company.as_deref(),
+        counted: AtomicU64::new(0),
     });
     let mv = mv.as_ref();
     // The client opens the flow's connection once enough has moved; then nothing.

@@ -270,8 +270,9 @@ pub struct Settings {
     /// Whether spliced flows are handed to the kernel (BPF sockmap). Default `off`.
     pub sockmap: SockmapMode,
     /// Authenticated-only flows to a PU start in their tunnel stream and move to a
-    /// spliced connection of their own after this many bytes (both ways together); `0`:
-    /// each has its own connection from its first byte. Default 256 KiB.
+    /// spliced connection of their own after this many bytes of bulk (both ways
+    /// together; any bytes while the flow is alone on its tunnel connection); `0`: each
+    /// has its own connection from its first byte. Default 256 KiB.
     pub move_after: u64,
 }
 
@@ -416,8 +417,10 @@ pub struct LocalConfig {
     pub sockmap: SockmapMode,
     /// Authenticated-only flows to a PU start in their tunnel stream (multiplexed, in
     /// TLS: no connection of their own to set up) and move to a spliced connection of
-    /// their own after this many bytes, both ways together. `0`: each has its own
-    /// connection from its first byte. Default 262144 (256 KiB).
+    /// their own after this many bytes of bulk (reads that filled their buffer), both
+    /// ways together, or of any bytes while the flow is alone on its tunnel connection:
+    /// short messages of flows sharing a connection stay in their streams. `0`: each has
+    /// its own connection from its first byte. Default 262144 (256 KiB).
     #[serde(default = "d_move_after")]
     pub move_after: u64,
 }

@@ -81,7 +81,8 @@ struct Cli {
     #[arg(long, env = "SEGMESH_SOCKMAP", value_enum, default_value = "off")]
     sockmap: segmesh_proxy::config::SockmapMode,
     /// Authenticated-only flows to a PU start in their tunnel stream and move to a
-    /// spliced connection of their own after this many bytes (console mode; the file's
+    /// spliced connection of their own after this many bytes of bulk, or of any while
+    /// alone on their tunnel connection (console mode; the file's
     /// `move_after:` otherwise); `0`: their own connection from the first byte.
     #[arg(long, env = "SEGMESH_MOVE_AFTER", default_value_t = segmesh_proxy::config::DEFAULT_MOVE_AFTER)]
     move_after: u64,

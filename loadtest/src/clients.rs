@@ -203,6 +203,25 @@ fn spread(v: &[f64]) -> Value {
     json!({ "median": s[s.len() / 2], "min": s[0], "max": s[s.len() - 1], "runs": s.len() })
 }
 
+/// Rounds' values by (figure, path) as `{figure: {path: spread}}`, for the paths `keep`
+/// takes.
+fn by_figure(
+    rounds: &std::collections::BTreeMap<(&str, &str), Vec<f64>>,
+    keep: impl Fn(&str) -> bool,
+) -> serde_json::Map<String, Value> {
+    let mut out = serde_json::Map::new();
+    for ((figure, path), v) in rounds {
+        if keep(path) {
+            out.entry(figure.to_string())
+                .or_insert_with(|| json!({}))
+                .as_object_mut()
+                .expect("object")
+                .insert(path.to_string(), spread(v));
+        }
+    }
+    out
+}
+
 /// One wrk run: requests/s, mean, p50 and p99 latency (µs), socket errors, the
 /// enforcers' CPU and the whole machine's busy time meanwhile (ms).
 struct WrkRun {
@@ -270,15 +289,9 @@ pub fn measure(
                 })
             };
             let recording = profile("http-keepalive");
-            let WrkRun {
-                rps,
-                mean,
-                p50,
-                p99,
-                errors,
-                used,
-                busy,
-            } = wrk(&[])?;
+            let w = wrk(&[])?;
+            let (rps, mean, p50, p99, errors) = (w.rps, w.mean, w.p50, w.p99, w.errors);
+            let (used, busy) = (w.used, w.busy);
             drop(recording);
             if errors > 0 {
                 bail!("wrk keep-alive on {}: {errors} errors", p.name);
@@ -308,13 +321,8 @@ pub fn measure(
                 .or_default()
                 .push(busy / (requests / 1000.0).max(1e-9));
             let recording = profile("http-close");
-            let WrkRun {
-                rps,
-                errors,
-                used,
-                busy,
-                ..
-            } = wrk(&["-H", "Connection: close"])?;
+            let w = wrk(&["-H", "Connection: close"])?;
+            let (rps, errors, used, busy) = (w.rps, w.errors, w.used, w.busy);
             drop(recording);
             if errors > 0 {
                 bail!("wrk Connection: close on {}: {errors} errors", p.name);
@@ -382,34 +390,13 @@ pub fn measure(
             }
         }
     }
-    let mut out = serde_json::Map::new();
-    for ((scenario, path), v) in &values {
-        out.entry(scenario.to_string())
-            .or_insert_with(|| json!({}))
-            .as_object_mut()
-            .expect("object")
-            .insert(path.to_string(), spread(v));
-    }
-    let mut per_unit = serde_json::Map::new();
-    for ((unit, path), v) in &cpu {
-        if paths.iter().any(|p| p.name == *path && !p.pids.is_empty()) {
-            per_unit
-                .entry(unit.to_string())
-                .or_insert_with(|| json!({}))
-                .as_object_mut()
-                .expect("object")
-                .insert(path.to_string(), spread(v));
-        }
-    }
-    let mut whole = serde_json::Map::new();
-    for ((unit, path), v) in &machine {
-        whole
-            .entry(unit.to_string())
-            .or_insert_with(|| json!({}))
-            .as_object_mut()
-            .expect("object")
-            .insert(path.to_string(), spread(v));
-    }
+    // Only paths with enforcers have an enforcer CPU figure (direct has none).
+    let enforced = |path: &str| paths.iter().any(|p| p.name == path && !p.pids.is_empty());
+    let (out, per_unit, whole) = (
+        by_figure(&values, |_| true),
+        by_figure(&cpu, enforced),
+        by_figure(&machine, |_| true),
+    );
     Ok(json!({
         "rounds": sizes.rounds,
         "figures": out,

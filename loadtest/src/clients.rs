@@ -222,16 +222,59 @@ fn by_figure(
     out
 }
 
-/// One wrk run: requests/s, mean, p50 and p99 latency (µs), socket errors, the
-/// enforcers' CPU and the whole machine's busy time meanwhile (ms).
+/// What a run cost: the enforcers' CPU and the whole machine's busy time, in ms.
+#[derive(Clone, Copy)]
+struct Cost {
+    enforcers: f64,
+    machine: f64,
+}
+
+/// Runs `f`, and what it cost (`pids`: the enforcers).
+fn cost_of<T>(
+    pids: &[(&'static str, u32)],
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Cost)> {
+    let (c0, m0) = (cpu_ms(pids), machine_busy_ms());
+    let r = f()?;
+    let cost = Cost {
+        enforcers: cpu_ms(pids) - c0,
+        machine: machine_busy_ms() - m0,
+    };
+    Ok((r, cost))
+}
+
+/// The rounds' costs per 1,000 units of work, by (figure, path): the enforcers' and the
+/// whole machine's.
+#[derive(Default)]
+struct PerUnit<'a> {
+    enforcers: std::collections::BTreeMap<(&'a str, &'a str), Vec<f64>>,
+    machine: std::collections::BTreeMap<(&'a str, &'a str), Vec<f64>>,
+}
+
+impl<'a> PerUnit<'a> {
+    fn record(&mut self, figure: &'a str, path: &'a str, cost: Cost, units: f64) {
+        let thousands = (units / 1000.0).max(1e-9);
+        let key = (figure, path);
+        self.enforcers
+            .entry(key)
+            .or_default()
+            .push(cost.enforcers / thousands);
+        self.machine
+            .entry(key)
+            .or_default()
+            .push(cost.machine / thousands);
+    }
+}
+
+/// One wrk run: requests/s, mean, p50 and p99 latency (µs), socket errors, and what it
+/// cost.
 struct WrkRun {
     rps: f64,
     mean: f64,
     p50: f64,
     p99: f64,
     errors: u64,
-    used: f64,
-    busy: f64,
+    cost: Cost,
 }
 
 /// Runs every scenario on every path, alternating; the figures by scenario and path.
@@ -252,10 +295,9 @@ pub fn measure(
     let redis_bound = Duration::from_secs(30) + Duration::from_millis(sizes.redis as u64);
     // Scenario → path → the values of each round; and CPU per unit.
     let mut values: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
-    let mut cpu: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
-    // The whole machine's CPU per unit, every path (direct too): clients, servers,
-    // enforcers and the kernel's work wherever it ran.
-    let mut machine: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
+    // The whole machine's CPU per unit is kept for every path (direct too): clients,
+    // servers, enforcers and the kernel's work wherever it ran.
+    let mut per_unit = PerUnit::default();
     for round in 0..sizes.rounds {
         for p in paths {
             let client = topo.host(p.from);
@@ -274,9 +316,7 @@ pub fn measure(
                     .collect();
                 args.extend(extra.iter().map(|s| s.to_string()));
                 args.push(url.clone());
-                let (c0, m0) = (cpu_ms(&p.pids), machine_busy_ms());
-                let out = run(client, bound, "wrk", &args)?;
-                let (used, busy) = (cpu_ms(&p.pids) - c0, machine_busy_ms() - m0);
+                let (out, cost) = cost_of(&p.pids, || run(client, bound, "wrk", &args))?;
                 let (rps, mean, p50, p99, errors) = parse_wrk(&out)?;
                 Ok(WrkRun {
                     rps,
@@ -284,14 +324,18 @@ pub fn measure(
                     p50,
                     p99,
                     errors,
-                    used,
-                    busy,
+                    cost,
                 })
             };
             let recording = profile("http-keepalive");
-            let w = wrk(&[])?;
-            let (rps, mean, p50, p99, errors) = (w.rps, w.mean, w.p50, w.p99, w.errors);
-            let (used, busy) = (w.used, w.busy);
+            let WrkRun {
+                rps,
+                mean,
+                p50,
+                p99,
+                errors,
+                cost,
+            } = wrk(&[])?;
             drop(recording);
             if errors > 0 {
                 bail!("wrk keep-alive on {}: {errors} errors", p.name);
@@ -312,17 +356,16 @@ pub fn measure(
                 .entry(("http keep-alive p99 µs", p.name))
                 .or_default()
                 .push(p99);
-            let requests = rps * secs as f64;
-            cpu.entry(("ms per 1,000 http requests", p.name))
-                .or_default()
-                .push(used / (requests / 1000.0).max(1e-9));
-            machine
-                .entry(("ms per 1,000 http requests", p.name))
-                .or_default()
-                .push(busy / (requests / 1000.0).max(1e-9));
+            per_unit.record(
+                "ms per 1,000 http requests",
+                p.name,
+                cost,
+                rps * secs as f64,
+            );
             let recording = profile("http-close");
-            let w = wrk(&["-H", "Connection: close"])?;
-            let (rps, errors, used, busy) = (w.rps, w.errors, w.used, w.busy);
+            let WrkRun {
+                rps, errors, cost, ..
+            } = wrk(&["-H", "Connection: close"])?;
             drop(recording);
             if errors > 0 {
                 bail!("wrk Connection: close on {}: {errors} errors", p.name);
@@ -331,13 +374,12 @@ pub fn measure(
                 .entry(("http new connections/s", p.name))
                 .or_default()
                 .push(rps);
-            cpu.entry(("ms per 1,000 new connections (http)", p.name))
-                .or_default()
-                .push(used / ((rps * secs as f64) / 1000.0).max(1e-9));
-            machine
-                .entry(("ms per 1,000 new connections (http)", p.name))
-                .or_default()
-                .push(busy / ((rps * secs as f64) / 1000.0).max(1e-9));
+            per_unit.record(
+                "ms per 1,000 new connections (http)",
+                p.name,
+                cost,
+                rps * secs as f64,
+            );
             let n = sizes.redis.to_string();
             let port = p.redis_port.to_string();
             let ip = server_ip.to_string();
@@ -370,38 +412,27 @@ pub fn measure(
                     args.extend(["-P".to_string(), depth.to_string()]);
                 }
                 let recording = (extra.is_none() && test == "SET").then(|| profile("redis-set"));
-                let (c0, m0) = (cpu_ms(&p.pids), machine_busy_ms());
-                let out = run(client, redis_bound, "redis-benchmark", &args)?;
-                let (used, busy) = (cpu_ms(&p.pids) - c0, machine_busy_ms() - m0);
+                let (out, cost) = cost_of(&p.pids, || {
+                    run(client, redis_bound, "redis-benchmark", &args)
+                })?;
                 drop(recording);
                 values
                     .entry((scenario, p.name))
                     .or_default()
                     .push(parse_redis(&out, test)?);
                 if extra.is_none() && test == "SET" {
-                    cpu.entry(("ms per 1,000 redis SETs", p.name))
-                        .or_default()
-                        .push(used / (sizes.redis as f64 / 1000.0));
-                    machine
-                        .entry(("ms per 1,000 redis SETs", p.name))
-                        .or_default()
-                        .push(busy / (sizes.redis as f64 / 1000.0));
+                    per_unit.record("ms per 1,000 redis SETs", p.name, cost, sizes.redis as f64);
                 }
             }
         }
     }
     // Only paths with enforcers have an enforcer CPU figure (direct has none).
     let enforced = |path: &str| paths.iter().any(|p| p.name == path && !p.pids.is_empty());
-    let (out, per_unit, whole) = (
-        by_figure(&values, |_| true),
-        by_figure(&cpu, enforced),
-        by_figure(&machine, |_| true),
-    );
     Ok(json!({
         "rounds": sizes.rounds,
-        "figures": out,
-        "enforcer_cpu": per_unit,
-        "machine_cpu": whole,
+        "figures": by_figure(&values, |_| true),
+        "enforcer_cpu": by_figure(&per_unit.enforcers, enforced),
+        "machine_cpu": by_figure(&per_unit.machine, |_| true),
     }))
 }
 

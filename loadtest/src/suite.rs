@@ -706,19 +706,22 @@ pub(crate) fn costed<T>(
     Ok((r, cpu_ms(pids) - c0))
 }
 
-/// CPU time (user and system, every thread) the processes `pids` used so far, in ms.
-/// Far steadier on a shared machine than any rate: it is what the work cost.
 /// The whole machine's busy CPU time so far, in ms: every process and the kernel's
 /// work outside any process (softirqs, kernel workers such as the one that sends what
 /// BPF sockmap redirects), all CPUs together; idle, I/O wait and time stolen by the
 /// hypervisor are not busy. From the first line of `/proc/stat`.
 pub(crate) fn machine_busy_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    busy_ticks(&stat) as f64 * ms_per_tick()
+}
+
+/// Milliseconds per clock tick, the unit of `/proc`'s CPU times.
+fn ms_per_tick() -> f64 {
     let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
         .unwrap_or(100) as f64;
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    busy_ticks(&stat) as f64 * 1000.0 / tick
+    1000.0 / tick
 }
 
 /// Busy ticks of `/proc/stat`'s `cpu` line: user, nice, system, irq and softirq (guest
@@ -748,11 +751,10 @@ impl Drop for RunDir {
     }
 }
 
+/// CPU time (user and system, every thread) the processes `pids` used so far, in ms.
+/// Far steadier on a shared machine than any rate: it is what the work cost.
 pub(crate) fn cpu_ms(pids: &[(&'static str, u32)]) -> f64 {
-    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
+    let ms = ms_per_tick();
     pids.iter()
         .map(|&(_, p)| {
             let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
@@ -766,7 +768,7 @@ pub(crate) fn cpu_ms(pids: &[(&'static str, u32)]) -> f64 {
                     .and_then(|v| v.parse::<u64>().ok())
                     .unwrap_or(0)
             };
-            (ticks(11) + ticks(12)) as f64 * 1000.0 / tick
+            (ticks(11) + ticks(12)) as f64 * ms
         })
         .sum()
 }

@@ -534,10 +534,12 @@ async fn tunnel(
         // Every endpoint's tunnel failed.
         return refuse(rec, segmesh_api::FlowReason::NoEndpoint, None);
     };
-    let crate::mesh::client::Data::Stream(stream, _) = n.data else {
+    let crate::mesh::client::Data::Stream(stream, in_stream) = n.data else {
         // A UDP request is always encrypted: negotiate refuses a ticket for it.
         return refuse(rec, segmesh_api::FlowReason::Internal, None);
     };
+    // Company for moving TCP flows counts TCP flows only (`relay/tls.rs`, `Mv::count`).
+    drop(in_stream);
     let reply = match reply_socket(from, to, shared.settings.socket_mark) {
         Ok(r) => r,
         Err(e) => {

@@ -9,7 +9,6 @@
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -42,16 +41,16 @@ impl EstablishError {
 
 /// Where a negotiated flow's bytes go.
 pub(crate) enum Data {
-    /// Encrypted: the flow's own stream on the multiplexed connection (and that
-    /// connection's count of flows in streams).
-    Stream(H2Stream, Arc<AtomicUsize>),
+    /// Encrypted: the flow's own stream on the multiplexed connection (counted there
+    /// while it lives).
+    Stream(H2Stream, InStream),
     /// Authenticated-only: a plain connection to the peer's tunnel port that presented
     /// the server's ticket.
     Plain(TcpStream),
     /// Authenticated-only, started in its stream: the ticket that moves it to a
-    /// connection of its own, to the peer at the address (and the connection's count of
-    /// flows in streams).
-    Movable(H2Stream, Ticket, std::net::IpAddr, Arc<AtomicUsize>),
+    /// connection of its own, to the peer at the address (counted on the multiplexed
+    /// connection while it lives).
+    Movable(H2Stream, Ticket, std::net::IpAddr, InStream),
 }
 
 /// A flow to the PU registered at `target`, its identity checked, our decision on its
@@ -350,13 +349,13 @@ pub(crate) async fn negotiate(
         None => match resp.moves {
             None => Data::Stream(
                 H2Stream::new(stream, answer.into_body()),
-                conn.streams.clone(),
+                InStream::new(&conn),
             ),
             Some(t) => Data::Movable(
                 H2Stream::new(stream, answer.into_body()),
                 t,
                 ip,
-                conn.streams.clone(),
+                InStream::new(&conn),
             ),
         },
         // Our decision asked for encryption: a server that answers with a ticket (an
@@ -599,12 +598,8 @@ pub(crate) fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated)
     rec.finish_after(async move {
         let idle = shared.settings.limits.idle_timeout;
         let mut moved = match data {
-            Data::Stream(s, streams) => {
-                let _in = InStream::new(streams);
-                tls::relay(app, s, idle, &stop.notify, None).await
-            }
-            Data::Movable(s, ticket, ip, streams) => {
-                let _in = InStream::new(streams.clone());
+            Data::Stream(s, _in_stream) => tls::relay(app, s, idle, &stop.notify, None).await,
+            Data::Movable(s, ticket, ip, in_stream) => {
                 let sh = shared.clone();
                 let mover = tls::Mover {
                     after: shared.settings.move_after,
@@ -612,7 +607,7 @@ pub(crate) fn carry(mut rec: Recorder, app: TcpStream, port: u16, n: Negotiated)
                     open: Some(Box::new(move || -> tls::Opening {
                         Box::pin(move_to(sh, ip, ticket))
                     })),
-                    company: Some(streams),
+                    company: Some(in_stream),
                 };
                 tls::relay(app, s, idle, &stop.notify, Some(mover)).await
             }

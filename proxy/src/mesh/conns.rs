@@ -69,18 +69,23 @@ pub(crate) struct Conn {
     /// Plain connections to the peer's tunnel port opened ahead of the book flows that
     /// will take them.
     spares: Mutex<Spares>,
-    /// Flows relaying in their streams on this connection now ([`InStream`]).
-    pub streams: Arc<AtomicUsize>,
+    /// Flows in their streams on this connection now ([`InStream`]).
+    streams: Arc<AtomicUsize>,
 }
 
-/// A flow relaying in its stream on a connection: counted in the connection's
+/// A flow in its stream on a connection: counted in the connection's
 /// [`Conn::streams`] for as long as it lives.
 pub(crate) struct InStream(Arc<AtomicUsize>);
 
 impl InStream {
-    pub(crate) fn new(streams: Arc<AtomicUsize>) -> InStream {
-        streams.fetch_add(1, Ordering::Relaxed);
-        InStream(streams)
+    pub(crate) fn new(conn: &Conn) -> InStream {
+        conn.streams.fetch_add(1, Ordering::Relaxed);
+        InStream(conn.streams.clone())
+    }
+
+    /// Flows in streams on the connection now, this one included.
+    pub(crate) fn company(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
     }
 }
 

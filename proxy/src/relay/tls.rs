@@ -4,13 +4,14 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, SetOnce};
 
+use crate::mesh::conns::InStream;
 use crate::mesh::stream::{H2Stream, io_error, poll_room};
 
 use super::Moved;
@@ -44,9 +45,9 @@ pub(crate) struct Mover {
     /// (`None`: refused, the flow stays on its stream), once `after` bytes have moved, so
     /// that an idle flow holds no connect's state. The server has none.
     pub open: Option<Box<dyn FnOnce() -> Opening + Send>>,
-    /// The client's: how many flows relay in streams on the flow's connection, this one
-    /// included ([`Mv::count`]).
-    pub company: Option<Arc<AtomicUsize>>,
+    /// The client's: the flow counted among those in streams on its connection
+    /// ([`Mv::count`]).
+    pub company: Option<InStream>,
 }
 
 /// The connection a flow moves to, on its way.
@@ -69,8 +70,8 @@ pub(crate) struct Moving {
 struct Mv<'a> {
     m: &'a Moving,
     after: u64,
-    /// Flows in streams on the connection, this one included.
-    company: Option<&'a AtomicUsize>,
+    /// The flow among those in streams on its connection.
+    company: Option<&'a InStream>,
     /// Bytes counted towards `after` so far, both ways.
     counted: AtomicU64,
 }
@@ -84,8 +85,7 @@ impl Mv<'_> {
     /// flow alone gains nothing by staying: it moves, as bulk does). docs/design.md,
     /// "Moving flows".
     fn count(&self, n: usize, full: bool) {
-        let alone = self.company.is_none_or(|c| c.load(Ordering::Relaxed) <= 1);
-        if !(full || alone) {
+        if !full && self.company.is_some_and(|c| c.company() > 1) {
             return;
         }
         let total = self.counted.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
@@ -317,7 +317,7 @@ pub(crate) async fn relay(
     let mv = moving.as_deref().map(|m| Mv {
         m,
         after,
-        company: company.as_deref(),
+        company: company.as_ref(),
         counted: AtomicU64::new(0),
     });
     let mv = mv.as_ref();

@@ -2273,6 +2273,39 @@ fn netns_tunnel_chatty_flows_sharing_a_connection_stay_in_their_streams() {
         }
     }
     assert_eq!(tickets(&web, "move-accepted"), 1.0);
+
+    // The same over IPv6: flows sharing a tunnel connection to api's IPv6 address stay
+    // in their streams too (the count is the connection's, whatever its family).
+    let any6 = |port: u16| SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port);
+    let at6 = |port: u16| SocketAddr::new(api.ip6.into(), port);
+    let _echo6 = echo(&api, any6(8086));
+    let _greeter6 = greet(&api, any6(8087), Arc::new(AtomicUsize::new(0)));
+    assert_eq!(
+        in_ns(&web, attempt(at6(8087))).join().unwrap(),
+        Attempt::Greeted
+    );
+    let (a, b) = (at6(8086), at6(8086));
+    in_ns(&web, async move {
+        tokio::join!(converse(a, 300), converse(b, 300));
+    })
+    .join()
+    .unwrap();
+    wait_until("api's IPv6 records", Duration::from_secs(10), || {
+        m.log("api")
+            .iter()
+            .filter(|r| r["destination"]["port"] == 8086)
+            .count()
+            == 2
+    });
+    for r in m.log("api") {
+        if r["destination"]["port"] == 8086 {
+            assert_eq!(
+                r["data_path"], "tls",
+                "sharing over IPv6, in their streams: {r}"
+            );
+        }
+    }
+    assert_eq!(tickets(&web, "move-accepted"), 1.0);
 }
 
 /// The attacks on move tickets, with web's enforcer key on a connection of its own to

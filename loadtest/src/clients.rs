@@ -155,7 +155,7 @@ fn wrk_us(s: &str) -> Option<f64> {
 
 /// What a wrk run printed: requests per second, mean latency, p50 and p99 (µs), and
 /// its error count (socket errors and non-2xx answers).
-pub fn parse_wrk(out: &str) -> anyhow::Result<(f64, f64, f64, f64, u64)> {
+pub fn parse_wrk(out: &str) -> anyhow::Result<WrkFigures> {
     let mut rps = None;
     let (mut mean, mut p50, mut p99) = (None, None, None);
     let mut errors = 0u64;
@@ -222,6 +222,9 @@ fn by_figure(
     out
 }
 
+/// What `parse_wrk` reads: requests/s, mean, p50 and p99 latency (µs), socket errors.
+type WrkFigures = (f64, f64, f64, f64, u64);
+
 /// What a run cost: the enforcers' CPU and the whole machine's busy time, in ms.
 #[derive(Clone, Copy)]
 struct Cost {
@@ -266,17 +269,6 @@ impl<'a> PerUnit<'a> {
     }
 }
 
-/// One wrk run: requests/s, mean, p50 and p99 latency (µs), socket errors, and what it
-/// cost.
-struct WrkRun {
-    rps: f64,
-    mean: f64,
-    p50: f64,
-    p99: f64,
-    errors: u64,
-    cost: Cost,
-}
-
 /// Runs every scenario on every path, alternating; the figures by scenario and path.
 /// With `perf`, the first round's HTTP and redis SET scenarios of each mesh path are
 /// recorded there too (`{path}-http-keepalive.data`, `-http-close`, `-redis-set`).
@@ -309,7 +301,8 @@ pub fn measure(
                 )
             };
             let url = format!("http://{server_ip}:{}/", p.http_port);
-            let wrk = |extra: &[&str]| -> anyhow::Result<WrkRun> {
+            // wrk's figures and what the run cost.
+            let wrk = |extra: &[&str]| -> anyhow::Result<(WrkFigures, Cost)> {
                 let mut args: Vec<String> = ["-t1", "-c10", &format!("-d{secs}s"), "--latency"]
                     .iter()
                     .map(|s| s.to_string())
@@ -317,25 +310,10 @@ pub fn measure(
                 args.extend(extra.iter().map(|s| s.to_string()));
                 args.push(url.clone());
                 let (out, cost) = cost_of(&p.pids, || run(client, bound, "wrk", &args))?;
-                let (rps, mean, p50, p99, errors) = parse_wrk(&out)?;
-                Ok(WrkRun {
-                    rps,
-                    mean,
-                    p50,
-                    p99,
-                    errors,
-                    cost,
-                })
+                Ok((parse_wrk(&out)?, cost))
             };
             let recording = profile("http-keepalive");
-            let WrkRun {
-                rps,
-                mean,
-                p50,
-                p99,
-                errors,
-                cost,
-            } = wrk(&[])?;
+            let ((rps, mean, p50, p99, errors), cost) = wrk(&[])?;
             drop(recording);
             if errors > 0 {
                 bail!("wrk keep-alive on {}: {errors} errors", p.name);
@@ -363,9 +341,7 @@ pub fn measure(
                 rps * secs as f64,
             );
             let recording = profile("http-close");
-            let WrkRun {
-                rps, errors, cost, ..
-            } = wrk(&["-H", "Connection: close"])?;
+            let ((rps, _, _, _, errors), cost) = wrk(&["-H", "Connection: close"])?;
             drop(recording);
             if errors > 0 {
                 bail!("wrk Connection: close on {}: {errors} errors", p.name);

@@ -1714,8 +1714,8 @@ fn sniff(h: &Host, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::Joi
                     }
                 }
                 Ok(_) => {}
-                // The read timed out: nothing queued (any longer).
-                Err(_) if stopping => break,
+                // The read timed out (SO_RCVTIMEO: EAGAIN): nothing queued any longer.
+                Err(nix::errno::Errno::EAGAIN) if stopping => break,
                 Err(_) => {}
             }
         }

@@ -630,22 +630,27 @@ fn run(d: &mut Demo) -> anyhow::Result<()> {
         .map(|&(f, t, p)| probe(d, f, t, p))
         .collect::<anyhow::Result<Vec<_>>>()?;
     table(d, &rows);
+    // Every end's record: lab-client's two (outgoing) and lab-store's (incoming). The
+    // suggestions are made of what each end saw, and lab-store's Incoming half is what
+    // lets the flow in once discovery is off; suggested without it (its record still
+    // on its way), the flow was refused at lab-store (a failed demo test saw it).
     wait_for(
-        "the discovered flows at the console",
+        "the discovered flows at the console, from both ends",
         Duration::from_secs(10),
         || {
             ctl_quiet(d, &["flows", "--pu", "lab-client", "-o", "json"]).is_some_and(|o| {
-                serde_json::from_str::<serde_json::Value>(&o)
-                    .ok()
-                    .and_then(|v| {
-                        v.as_array().map(|a| {
-                            a.iter()
-                                .filter(|f| f["record"]["reason"] == "discovered")
-                                .count()
-                        })
+                let v = serde_json::from_str::<serde_json::Value>(&o).unwrap_or_default();
+                let discovered = |direction: &str| {
+                    v.as_array().map_or(0, |a| {
+                        a.iter()
+                            .filter(|f| {
+                                f["record"]["reason"] == "discovered"
+                                    && f["record"]["direction"] == direction
+                            })
+                            .count()
                     })
-                    .unwrap_or(0)
-                    >= 2
+                };
+                discovered("outgoing") >= 2 && discovered("incoming") >= 1
             })
         },
     )?;

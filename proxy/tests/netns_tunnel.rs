@@ -2246,27 +2246,8 @@ fn netns_tunnel_chatty_flows_sharing_a_connection_stay_in_their_streams() {
     let (web, api) = (m.host("web"), m.host("api"));
     let any = |port: u16| SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
     let at = |port: u16| SocketAddr::new(api.ip4.into(), port);
-    let _echoes = (echo(&api, any(8084)), echo(&api, any(8085)));
-    // The tunnel connection first, so that both flows below share it.
-    let _greeter = greet(&api, any(8081), Arc::new(AtomicUsize::new(0)));
-    assert_eq!(
-        in_ns(&web, attempt(at(8081))).join().unwrap(),
-        Attempt::Greeted
-    );
-    // 300 rounds: 600 KiB through each flow, both ways together.
-    let (a, b) = (at(8084), at(8084));
-    in_ns(&web, async move {
-        tokio::join!(converse(a, 300), converse(b, 300));
-    })
-    .join()
-    .unwrap();
-    wait_until("web's records of both", Duration::from_secs(10), || {
-        m.log("web")
-            .iter()
-            .filter(|r| r["destination"]["port"] == 8084)
-            .count()
-            == 2
-    });
+    let _echo = echo(&api, any(8085));
+    two_sharing_a_connection(&m, any, at, 8084, 8081);
     let alone = at(8085);
     in_ns(&web, async move { converse(alone, 300).await })
         .join()
@@ -2290,25 +2271,7 @@ fn netns_tunnel_chatty_flows_sharing_a_connection_stay_in_their_streams() {
     // in their streams too (the count is the connection's, whatever its family).
     let any6 = |port: u16| SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port);
     let at6 = |port: u16| SocketAddr::new(api.ip6.into(), port);
-    let _echo6 = echo(&api, any6(8086));
-    let _greeter6 = greet(&api, any6(8087), Arc::new(AtomicUsize::new(0)));
-    assert_eq!(
-        in_ns(&web, attempt(at6(8087))).join().unwrap(),
-        Attempt::Greeted
-    );
-    let (a, b) = (at6(8086), at6(8086));
-    in_ns(&web, async move {
-        tokio::join!(converse(a, 300), converse(b, 300));
-    })
-    .join()
-    .unwrap();
-    wait_until("api's IPv6 records", Duration::from_secs(10), || {
-        m.log("api")
-            .iter()
-            .filter(|r| r["destination"]["port"] == 8086)
-            .count()
-            == 2
-    });
+    two_sharing_a_connection(&m, any6, at6, 8086, 8087);
     for r in m.log("api") {
         if r["destination"]["port"] == 8086 {
             assert_eq!(
@@ -2318,6 +2281,39 @@ fn netns_tunnel_chatty_flows_sharing_a_connection_stay_in_their_streams() {
         }
     }
     assert_eq!(tickets(&web, "move-accepted"), 1.0);
+}
+
+/// Two conversations of 300 rounds (600 KiB each, both ways) at once from web to api's
+/// `port` (`at`), after a first flow to a greeter on `greeting` opened the tunnel
+/// connection they then share (api's servers listen on `any`); returns once api
+/// recorded both.
+fn two_sharing_a_connection(
+    m: &Mesh,
+    any: impl Fn(u16) -> SocketAddr,
+    at: impl Fn(u16) -> SocketAddr,
+    port: u16,
+    greeting: u16,
+) {
+    let (web, api) = (m.host("web"), m.host("api"));
+    let _echo = echo(&api, any(port));
+    let _greeter = greet(&api, any(greeting), Arc::new(AtomicUsize::new(0)));
+    assert_eq!(
+        in_ns(&web, attempt(at(greeting))).join().unwrap(),
+        Attempt::Greeted
+    );
+    let (a, b) = (at(port), at(port));
+    in_ns(&web, async move {
+        tokio::join!(converse(a, 300), converse(b, 300));
+    })
+    .join()
+    .unwrap();
+    wait_until("api's records of both", Duration::from_secs(10), || {
+        m.log("api")
+            .iter()
+            .filter(|r| r["destination"]["port"] == port)
+            .count()
+            == 2
+    });
 }
 
 /// The attacks on move tickets, with web's enforcer key on a connection of its own to

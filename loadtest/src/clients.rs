@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use segmesh_testkit::{Host, Topology};
 use serde_json::{Value, json};
 
-use crate::suite::{cpu_ms, machine_busy_ms};
+use crate::suite::{Cost, cost_of};
 
 /// The packages these scenarios need, by the program each provides.
 pub const TOOLS: [(&str, &str); 4] = [
@@ -224,27 +224,6 @@ fn by_figure(
 
 /// What `parse_wrk` reads: requests/s, mean, p50 and p99 latency (µs), socket errors.
 type WrkFigures = (f64, f64, f64, f64, u64);
-
-/// What a run cost: the enforcers' CPU and the whole machine's busy time, in ms.
-#[derive(Clone, Copy)]
-struct Cost {
-    enforcers: f64,
-    machine: f64,
-}
-
-/// Runs `f`, and what it cost (`pids`: the enforcers).
-fn cost_of<T>(
-    pids: &[(&'static str, u32)],
-    f: impl FnOnce() -> anyhow::Result<T>,
-) -> anyhow::Result<(T, Cost)> {
-    let (c0, m0) = (cpu_ms(pids), machine_busy_ms());
-    let r = f()?;
-    let cost = Cost {
-        enforcers: cpu_ms(pids) - c0,
-        machine: machine_busy_ms() - m0,
-    };
-    Ok((r, cost))
-}
 
 /// The rounds' costs per 1,000 units of work, by (figure, path): the enforcers' and the
 /// whole machine's.

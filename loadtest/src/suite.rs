@@ -699,11 +699,30 @@ pub(crate) fn costed<T>(
     name: &str,
     scenario: impl FnOnce() -> anyhow::Result<T>,
 ) -> anyhow::Result<(T, f64)> {
-    let c0 = cpu_ms(pids);
-    let p = Profile::start(perf, name, pids);
-    let r = scenario()?;
-    drop(p);
-    Ok((r, cpu_ms(pids) - c0))
+    let _recording = Profile::start(perf, name, pids);
+    let (r, cost) = cost_of(pids, scenario)?;
+    Ok((r, cost.enforcers))
+}
+
+/// What a run cost: the enforcers' CPU and the whole machine's busy time, in ms.
+#[derive(Clone, Copy)]
+pub(crate) struct Cost {
+    pub(crate) enforcers: f64,
+    pub(crate) machine: f64,
+}
+
+/// Runs `f`, and what it cost (`pids`: the enforcers).
+pub(crate) fn cost_of<T>(
+    pids: &[(&'static str, u32)],
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Cost)> {
+    let (c0, m0) = (cpu_ms(pids), machine_busy_ms());
+    let r = f()?;
+    let cost = Cost {
+        enforcers: cpu_ms(pids) - c0,
+        machine: machine_busy_ms() - m0,
+    };
+    Ok((r, cost))
 }
 
 /// The whole machine's busy CPU time so far, in ms: every process and the kernel's
@@ -739,16 +758,6 @@ fn busy_ticks(stat: &str) -> u64 {
         .iter()
         .map(|&i| v.get(i).copied().unwrap_or(0))
         .sum()
-}
-
-/// The enforcers' files (configurations, keys, flow logs, nginx's), removed when the
-/// run ends, however it ends.
-struct RunDir(std::path::PathBuf);
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// CPU time (user and system, every thread) the processes `pids` used so far, in ms.
@@ -849,6 +858,16 @@ impl PathFigures {
 }
 
 /// The paths measured, in report order.
+/// The enforcers' files (configurations, keys, flow logs, nginx's), removed when the
+/// run ends, however it ends.
+struct RunDir(std::path::PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub const PATHS: [&str; 4] = ["direct", "relay", "authenticated-only", "encrypted"];
 
 /// Runs everything; returns the report's figures.

@@ -2283,6 +2283,67 @@ fn netns_tunnel_chatty_flows_sharing_a_connection_stay_in_their_streams() {
     assert_eq!(tickets(&web, "move-accepted"), 1.0);
 }
 
+/// A flow that moved to a connection of its own no longer counts among its tunnel
+/// connection's flows in streams: a conversation that starts while a moved flow is still
+/// open is alone in the streams, and moves as well (it stayed in its stream, kept
+/// company by a flow that was no longer there, when moved flows stayed counted).
+#[test]
+fn netns_tunnel_a_moved_flow_no_longer_counts_as_company() {
+    if !netns_enabled() {
+        return;
+    }
+    let m = mesh_with("company", false, "", "log_all_flows: true\n");
+    let (web, api) = (m.host("web"), m.host("api"));
+    let any = |port: u16| SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+    let at = |port: u16| SocketAddr::new(api.ip4.into(), port);
+    let _echoes = (echo(&api, any(8084)), echo(&api, any(8085)));
+    // The first conversation, alone: it moves, and stays open until told.
+    let (moved_tx, moved) = std::sync::mpsc::channel();
+    let (close_tx, close) = std::sync::mpsc::channel::<()>();
+    let first = at(8084);
+    let held = in_ns(&web, async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(first).await.unwrap();
+        let (ask, mut back) = (pattern(1024), vec![0u8; 1024]);
+        for _ in 0..300 {
+            s.write_all(&ask).await.unwrap();
+            tokio::time::timeout(LIMIT, s.read_exact(&mut back))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        moved_tx.send(()).unwrap();
+        let _ = tokio::task::spawn_blocking(move || close.recv_timeout(LIMIT)).await;
+    });
+    moved.recv_timeout(LIMIT).unwrap();
+    wait_until("the first flow's move", Duration::from_secs(10), || {
+        tickets(&web, "move-accepted") == 1.0
+    });
+    // The second, while the first is open on its own connection.
+    let second = at(8085);
+    in_ns(&web, async move { converse(second, 300).await })
+        .join()
+        .unwrap();
+    close_tx.send(()).unwrap();
+    held.join().unwrap();
+    wait_until("api's records", Duration::from_secs(10), || {
+        let log = m.log("api");
+        let n = |p: u16| log.iter().filter(|r| r["destination"]["port"] == p).count();
+        n(8084) == 1 && n(8085) == 1
+    });
+    for r in m.log("api") {
+        match r["destination"]["port"].as_u64() {
+            Some(8084) => assert_eq!(r["data_path"], "moved", "alone, moved: {r}"),
+            Some(8085) => assert_eq!(
+                r["data_path"], "moved",
+                "alone in the streams beside a moved flow, moved: {r}"
+            ),
+            _ => {}
+        }
+    }
+    assert_eq!(tickets(&web, "move-accepted"), 2.0);
+}
+
 /// Two conversations of 300 rounds (600 KiB each, both ways) at once from web to api's
 /// `port` (`at`), after a first flow to a greeter on `greeting` opened the tunnel
 /// connection they then share (api's servers listen on `any`); returns once api

@@ -74,24 +74,38 @@ pub(crate) struct Conn {
 }
 
 /// A flow in its stream on a connection: counted in the connection's
-/// [`Conn::streams`] for as long as it lives.
-pub(crate) struct InStream(Arc<AtomicUsize>);
+/// [`Conn::streams`] until it ends or moves to a connection of its own
+/// ([`InStream::leave`]).
+pub(crate) struct InStream {
+    streams: Arc<AtomicUsize>,
+    left: AtomicBool,
+}
 
 impl InStream {
     pub(crate) fn new(conn: &Conn) -> InStream {
         conn.streams.fetch_add(1, Ordering::Relaxed);
-        InStream(conn.streams.clone())
+        InStream {
+            streams: conn.streams.clone(),
+            left: AtomicBool::new(false),
+        }
     }
 
-    /// Flows in streams on the connection now, this one included.
+    /// Flows in streams on the connection now, this one included (unless it left).
     pub(crate) fn company(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.streams.load(Ordering::Relaxed)
+    }
+
+    /// The flow is no longer in its stream (it moved): no longer counted.
+    pub(crate) fn leave(&self) {
+        if !self.left.swap(true, Ordering::Relaxed) {
+            self.streams.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
 impl Drop for InStream {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.leave();
     }
 }
 

@@ -328,6 +328,10 @@ pub(crate) async fn relay(
             if let Some(tcp) = open().await {
                 let _ = tcp.set_nodelay(true);
                 let _ = mv.m.conn.set(tcp);
+                // Spliced from here on: the flows still in streams are without it.
+                if let Some(c) = mv.company {
+                    c.leave();
+                }
             }
         })),
         _ => None,
